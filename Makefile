@@ -1,0 +1,54 @@
+# Tabadol: every target sets up what it needs. `make run` and `make test` are all a fresh machine needs.
+PYTHON_BOOT ?= python3.11
+VENV        := .venv
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.installed
+PROTOS      := $(shell find protos -name '*.proto' | sort)
+CONTRACTS   := build/contracts.pb
+GEN_STAMP   := build/.protos
+
+.PHONY: setup protos run test lint fmt typecheck clean
+
+setup: $(STAMP) $(GEN_STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+protos: $(GEN_STAMP)
+
+# Messages, gRPC stubs and their .pyi type stubs (protoc's for messages, mypy-protobuf's for
+# services) into clients/ (import path = proto package), and one FileDescriptorSet with
+# imports and comments for the broker.
+$(GEN_STAMP): $(STAMP) $(PROTOS)
+	mkdir -p build
+	find clients/tabadol -name '*_pb2*.py*' -delete
+	$(PY) -m grpc_tools.protoc -Iprotos \
+	  --python_out=clients --pyi_out=clients --grpc_python_out=clients \
+	  --plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc --mypy_grpc_out=quiet:clients \
+	  --include_imports --include_source_info --descriptor_set_out=$(CONTRACTS) \
+	  $(PROTOS)
+	touch $@
+
+run: setup
+	$(VENV)/bin/tabadol demo
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+fmt: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+typecheck: setup
+	$(VENV)/bin/mypy server/tabadol clients/tabadol
+
+test: setup lint typecheck
+	$(VENV)/bin/pytest -q
+
+clean:
+	rm -rf build $(VENV)
+	find clients/tabadol -name '*_pb2*.py*' -delete

@@ -1,0 +1,20 @@
+"""What an agency's microservice needs to use Tabadol, as consumer or as provider.
+
+Consumer::
+
+    channel = tabadol.client.connect("broker.example:7443", "credentials/")
+    stub = person_registry_pb2_grpc.PersonRegistryStub(channel)
+
+Provider::
+
+    provider = tabadol.client.ProviderServer("credentials/", listen="0.0.0.0:9101")
+    person_registry_pb2_grpc.add_PersonRegistryServicer_to_server(Servicer(), provider.server)
+    await provider.start()
+    # in a handler: tabadol.client.consumer_agency(context) -> "post"
+"""
+
+from tabadol.client.consumer import connect
+from tabadol.client.credentials import AgencyCredentials
+from tabadol.client.provider import ProviderServer, consumer_agency, request_id
+
+__all__ = ["AgencyCredentials", "ProviderServer", "connect", "consumer_agency", "request_id"]

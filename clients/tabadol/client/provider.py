@@ -1,0 +1,132 @@
+"""The provider side: serve an agency's servicers over mTLS to the broker, and only to it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from tabadol.client.credentials import AgencyCredentials
+from tabadol.spiffe import broker_spiffe_id
+
+CONSUMER_KEY = "x-tabadol-consumer"
+REQUEST_ID_KEY = "x-tabadol-request-id"
+
+
+def _metadata_value(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str:
+    for k, v in context.invocation_metadata() or ():
+        if k == key and isinstance(v, str):
+            return v
+    raise LookupError(f"no {key} in the call metadata (is this call from the Tabadol broker?)")
+
+
+def consumer_agency(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The agency id of the consumer behind this call, as the broker proved it."""
+    return _metadata_value(context, CONSUMER_KEY)
+
+
+def request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The broker's id for this exchange, for correlating logs with the exchange's ledger."""
+    return _metadata_value(context, REQUEST_ID_KEY)
+
+
+class _BrokerOnly(grpc.aio.ServerInterceptor):
+    """Admit calls only from the broker's certificate; any other agency gets PERMISSION_DENIED.
+
+    Every agency certificate comes from the same CA, so TLS alone would admit any agency;
+    and the ``x-tabadol-consumer`` header is only meaningful when the broker set it.
+    """
+
+    def __init__(self, broker_id: str) -> None:
+        self._broker_id = broker_id.encode()
+
+    async def intercept_service(  # type: ignore[override]  # the stubs' generic base
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED itself
+            return handler
+        return _guard(handler, self._check)
+
+    async def _check(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if context.auth_context().get("peer_spiffe_id") != [self._broker_id]:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "this provider endpoint accepts calls only from the Tabadol broker",
+            )
+
+
+def _guard(
+    handler: grpc.RpcMethodHandler[Any, Any],
+    check: Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[None]],
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """The same handler with ``check`` run before its behaviour."""
+    if handler.unary_unary or handler.stream_unary:
+        inner: Any = handler.unary_unary or handler.stream_unary
+
+        async def respond(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await check(context)
+            return await inner(request, context)
+
+        field = "unary_unary" if handler.unary_unary else "stream_unary"
+        return handler._replace(**{field: respond})  # type: ignore[attr-defined, no-any-return]
+
+    inner_stream: Any = handler.unary_stream or handler.stream_stream
+
+    async def stream(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        await check(context)
+        result = inner_stream(request, context)
+        if hasattr(result, "__aiter__"):
+            async for message in result:
+                yield message
+        else:  # a coroutine that writes with context.write()
+            await result
+
+    field = "unary_stream" if handler.unary_stream else "stream_stream"
+    return handler._replace(**{field: stream})  # type: ignore[attr-defined, no-any-return]
+
+
+class ProviderServer:
+    """A ``grpc.aio.Server`` for an agency's services, reachable only through the broker.
+
+    Register servicers on ``.server`` with the generated ``add_*Servicer_to_server``, then
+    ``await start()``. ``port`` is the bound port (useful with ``listen="127.0.0.1:0"``).
+    """
+
+    def __init__(
+        self,
+        credentials_dir: str | Path,
+        listen: str = "127.0.0.1:0",
+        *,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.credentials = AgencyCredentials.load(credentials_dir)
+        self.server = grpc.aio.server(
+            interceptors=[_BrokerOnly(broker_spiffe_id(self.credentials.trust_domain))],
+            options=list(options),
+        )
+        server_creds = grpc.ssl_server_credentials(
+            [(self.credentials.key_pem, self.credentials.cert_pem)],
+            root_certificates=self.credentials.ca_pem,
+            require_client_auth=True,
+        )
+        self.port = self.server.add_secure_port(listen, server_creds)
+        self.address = f"{listen.rsplit(':', 1)[0]}:{self.port}"
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.server.stop(grace)
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()

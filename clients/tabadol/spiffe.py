@@ -1,0 +1,33 @@
+"""Names shared by both sides of the wire: SPIFFE IDs and the DNS names TLS verifies."""
+
+import re
+
+AGENCY_ID_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+
+
+def agency_spiffe_id(trust_domain: str, agency_id: str) -> str:
+    return f"spiffe://{trust_domain}/agency/{agency_id}"
+
+
+def broker_spiffe_id(trust_domain: str) -> str:
+    return f"spiffe://{trust_domain}/broker"
+
+
+def agency_dns_name(trust_domain: str, agency_id: str) -> str:
+    """The name TLS verifies when the broker dials an agency's provider endpoint."""
+    return f"{agency_id}.agency.{trust_domain}"
+
+
+def broker_dns_name(trust_domain: str) -> str:
+    """The name TLS verifies when an agency dials the broker."""
+    return f"broker.{trust_domain}"
+
+
+def trust_domain_of_agency(spiffe_id: str) -> tuple[str, str]:
+    """Split ``spiffe://<domain>/agency/<id>`` into (domain, id); ValueError otherwise."""
+    rest = spiffe_id.removeprefix("spiffe://")
+    domain, _, path = rest.partition("/")
+    kind, _, agency_id = path.partition("/")
+    if rest == spiffe_id or kind != "agency" or not AGENCY_ID_PATTERN.match(agency_id):
+        raise ValueError(f"{spiffe_id!r} is not a Tabadol agency identity")
+    return domain, agency_id

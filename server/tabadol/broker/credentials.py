@@ -1,0 +1,75 @@
+"""The broker's own PKI material, loaded and checked once per (re)load."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from tabadol.errors import ConfigError, PkiError
+from tabadol.identity import spiffe_ids
+from tabadol.pki import load_crl, trust_domain_of
+from tabadol.spiffe import broker_spiffe_id
+
+
+@dataclass(frozen=True)
+class BrokerCredentials:
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+    revoked: frozenset[int]
+
+    @classmethod
+    def load(cls, pki_dir: Path, trust_domain: str, config_path: Path) -> BrokerCredentials:
+        """Load ca.crt, broker.crt, broker.key and crl.pem; ConfigError names the bad file."""
+
+        def fail(file: Path, problem: str) -> ConfigError:
+            return ConfigError(f"{config_path}: [broker] pki_dir: {file}: {problem}")
+
+        def read(name: str) -> bytes:
+            file = pki_dir / name
+            try:
+                return file.read_bytes()
+            except OSError as e:
+                raise fail(file, f"cannot read: {e.strerror}") from e
+
+        ca_pem, cert_pem, key_pem = read("ca.crt"), read("broker.crt"), read("broker.key")
+        try:
+            ca = x509.load_pem_x509_certificate(ca_pem)
+        except ValueError as e:
+            raise fail(pki_dir / "ca.crt", f"not a PEM certificate ({e})") from e
+        try:
+            cert = x509.load_pem_x509_certificate(cert_pem)
+        except ValueError as e:
+            raise fail(pki_dir / "broker.crt", f"not a PEM certificate ({e})") from e
+        try:
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except (ValueError, TypeError) as e:
+            # Never echo key material: the exception text is cryptography's, not the key's.
+            raise fail(pki_dir / "broker.key", "not an unencrypted PEM private key") from e
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
+            raise fail(pki_dir / "broker.key", "does not match broker.crt")
+        try:
+            ca_domain = trust_domain_of(ca)
+            crl = load_crl(pki_dir / "crl.pem", ca)
+        except PkiError as e:
+            raise ConfigError(f"{config_path}: [broker] pki_dir: {e}") from e
+        if ca_domain != trust_domain:
+            raise fail(
+                pki_dir / "ca.crt",
+                f"CA is for trust domain {ca_domain!r}, configuration says {trust_domain!r}",
+            )
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature) as e:
+            raise fail(pki_dir / "broker.crt", "not signed by the CA in ca.crt") from e
+        if broker_spiffe_id(trust_domain) not in spiffe_ids(cert):
+            raise fail(
+                pki_dir / "broker.crt",
+                f"not a broker certificate: expected {broker_spiffe_id(trust_domain)}",
+            )
+        return cls(ca_pem, cert_pem, key_pem, frozenset(r.serial_number for r in crl))

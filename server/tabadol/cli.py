@@ -1,0 +1,230 @@
+"""The ``tabadol`` command: broker, PKI, configuration checks and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tabadol.client.credentials import CredentialsError
+from tabadol.errors import TabadolError
+
+EPILOG = "Documentation: README.md and docs/ in the Tabadol repository."
+
+
+def _cmd_broker(args: argparse.Namespace) -> int:
+    from tabadol.broker import run
+
+    asyncio.run(run(args.config))
+    return 0
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    from tabadol.broker.credentials import BrokerCredentials
+    from tabadol.config import load
+
+    cfg = load(args.config)
+    BrokerCredentials.load(cfg.broker.pki_dir, cfg.broker.trust_domain, cfg.path)
+    print(
+        f"{cfg.path}: OK: {len(cfg.agencies)} agencies, {len(cfg.services)} services, "
+        f"{len(cfg.grants)} grants, {len(cfg.contracts.services)} services in the contracts"
+    )
+    return 0
+
+
+def _cmd_pki_init(args: argparse.Namespace) -> int:
+    from tabadol.pki import CertificateAuthority
+
+    ca = CertificateAuthority.init(args.dir, args.trust_domain, days=args.days)
+    print(f"created the platform CA for {ca.trust_domain} in {args.dir} (ca.key is mode 0600)")
+    return 0
+
+
+def _cmd_pki_issue(args: argparse.Namespace) -> int:
+    from tabadol.pki import CertificateAuthority
+
+    ca = CertificateAuthority(args.dir)
+    if args.broker:
+        path = ca.issue_broker(
+            dns_names=args.dns or ["localhost"],
+            ips=args.ip or ["127.0.0.1", "::1"],
+            days=args.days,
+            force=args.force,
+        )
+        print(f"issued the broker certificate: {path} (key: {path.with_suffix('.key')})")
+    else:
+        bundle = ca.issue_agency(args.agency, days=args.days, force=args.force)
+        print(
+            f"issued agency {args.agency!r}: {bundle}/ holds ca.crt, agency.crt and agency.key; "
+            "hand this directory to the agency over a secure channel"
+        )
+    return 0
+
+
+def _cmd_pki_revoke(args: argparse.Namespace) -> int:
+    from tabadol.pki import CertificateAuthority
+
+    serials = CertificateAuthority(args.dir).revoke_agency(args.agency)
+    print(
+        f"revoked {len(serials)} certificate(s) of agency {args.agency!r} in {args.dir / 'crl.pem'}; "
+        "send SIGHUP to the broker to apply"
+    )
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from tabadol.demo import prepare, run_demo
+
+    root, contracts = prepare(args.dir, args.contracts)
+    asyncio.run(run_demo(root, listen=args.listen, contracts=contracts, once=args.once))
+    return 0
+
+
+def _cmd_call(args: argparse.Namespace) -> int:
+    import grpc.aio
+
+    from tabadol.client import connect
+    from tabadol.client.dynamic import DynamicContracts, call_json
+
+    requests = list(args.json) or ["{}"]
+    if requests == ["-"]:
+        requests = [line for line in sys.stdin.read().splitlines() if line.strip()]
+
+    async def run() -> int:
+        contracts = DynamicContracts(args.contracts)
+        async with connect(args.broker, args.credentials) as channel:
+            try:
+                async for response in call_json(
+                    channel, contracts, args.method, requests, timeout=args.timeout
+                ):
+                    print(response, flush=True)
+            except grpc.aio.AioRpcError as e:
+                print(f"tabadol: {e.code().name}: {e.details()}", file=sys.stderr)
+                return 1
+        return 0
+
+    try:
+        return asyncio.run(run())
+    except (LookupError, ValueError, OSError) as e:
+        raise TabadolError(str(e)) from e
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tabadol",
+        description="Tabadol: the national information-exchange platform.",
+        epilog=EPILOG,
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    broker = sub.add_parser(
+        "broker",
+        help="run the broker",
+        description="Run the broker. SIGHUP reloads the configuration file and the CRL; "
+        "SIGTERM drains in-flight calls and stops.",
+    )
+    broker.add_argument("--config", type=Path, required=True, help="broker TOML configuration")
+    broker.set_defaults(func=_cmd_broker)
+
+    config = sub.add_parser("config", help="work with broker configuration files")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    check = config_sub.add_parser(
+        "check", help="validate a configuration and its PKI files without starting a broker"
+    )
+    check.add_argument("--config", type=Path, required=True)
+    check.set_defaults(func=_cmd_config_check)
+
+    pki = sub.add_parser("pki", help="run the national PKI (CA, certificates, CRL)")
+    pki_sub = pki.add_subparsers(dest="pki_command", required=True, metavar="ACTION")
+    init = pki_sub.add_parser("init", help="create the platform CA (refuses to overwrite one)")
+    init.add_argument("--dir", type=Path, required=True, help="PKI directory")
+    init.add_argument("--trust-domain", required=True, help="e.g. tabadol.example")
+    init.add_argument("--days", type=int, default=3650, help="CA lifetime (default 3650)")
+    init.set_defaults(func=_cmd_pki_init)
+
+    issue = pki_sub.add_parser("issue", help="issue an agency's or the broker's certificate")
+    issue.add_argument("--dir", type=Path, required=True, help="PKI directory")
+    who = issue.add_mutually_exclusive_group(required=True)
+    who.add_argument("--agency", metavar="ID", help="agency id, e.g. nocr")
+    who.add_argument("--broker", action="store_true", help="the broker's certificate")
+    issue.add_argument("--dns", action="append", help="extra DNS name (broker only; repeatable)")
+    issue.add_argument("--ip", action="append", help="extra IP address (broker only; repeatable)")
+    issue.add_argument("--days", type=int, default=365, help="lifetime (default 365)")
+    issue.add_argument("--force", action="store_true", help="replace an existing certificate")
+    issue.set_defaults(func=_cmd_pki_issue)
+
+    revoke = pki_sub.add_parser("revoke", help="revoke every certificate of an agency")
+    revoke.add_argument("--dir", type=Path, required=True, help="PKI directory")
+    revoke.add_argument("--agency", metavar="ID", required=True)
+    revoke.set_defaults(func=_cmd_pki_revoke)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run a broker and four demo agencies with sample traffic",
+        description="Create a PKI and a configuration under DIR (once), start the broker and "
+        "the nocr, post, cra and tax agencies, send sample traffic of every RPC kind and keep "
+        "running until Ctrl-C.",
+    )
+    demo.add_argument("--dir", type=Path, default=Path("var"), help="state directory (default var)")
+    demo.add_argument("--listen", default="127.0.0.1:7443", help="broker address")
+    demo.add_argument(
+        "--contracts",
+        type=Path,
+        default=Path("build/contracts.pb"),
+        help="FileDescriptorSet from `make protos` (default build/contracts.pb)",
+    )
+    demo.add_argument("--once", action="store_true", help="send the traffic, then stop")
+    demo.set_defaults(func=_cmd_demo)
+
+    call = sub.add_parser(
+        "call",
+        help="call a method through the broker with JSON (like grpcurl)",
+        description="Call METHOD (pkg.Service/Method) through the broker as the agency whose "
+        "credentials are given. Each JSON argument is one request message (several for a "
+        "client-streaming method; '-' reads one JSON object per line from stdin). Each "
+        "response is printed as JSON.",
+    )
+    call.add_argument("--broker", required=True, help="broker address, e.g. 127.0.0.1:7443")
+    call.add_argument("--credentials", type=Path, required=True, help="agency credentials dir")
+    call.add_argument(
+        "--contracts",
+        type=Path,
+        action="append",
+        default=None,
+        help="FileDescriptorSet(s) (default build/contracts.pb)",
+    )
+    call.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
+    call.add_argument("method", help="e.g. tabadol.agencies.nocr.v1.PersonRegistry/InquirePerson")
+    call.add_argument("json", nargs="*", help="request message(s) as JSON")
+    call.set_defaults(func=_cmd_call)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if getattr(args, "contracts", None) is None and args.command == "call":
+        args.contracts = [Path("build/contracts.pb")]
+    try:
+        code: int = args.func(args)
+    except (TabadolError, CredentialsError) as e:
+        print(f"tabadol: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

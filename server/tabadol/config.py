@@ -1,0 +1,215 @@
+"""The broker configuration: one TOML file, validated once at load into typed objects.
+
+Relative paths in the file are relative to the file's own directory, so a configuration
+means the same thing whatever directory the broker is started from.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from tabadol.contracts import Contracts
+from tabadol.errors import ConfigError, ContractError
+from tabadol.spiffe import AGENCY_ID_PATTERN
+
+_HOST_PORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(?P<port>\d{1,5})$")
+DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+def _address(value: str, *, allow_zero: bool) -> str:
+    match = _HOST_PORT.match(value)
+    if not match:
+        raise ValueError(f"{value!r} is not a host:port address")
+    port = int(match["port"])
+    if not (0 if allow_zero else 1) <= port <= 65535:
+        raise ValueError(f"{value!r} has port {port} outside 1-65535")
+    return value
+
+
+ListenAddress = Annotated[str, AfterValidator(lambda v: _address(v, allow_zero=True))]
+Endpoint = Annotated[str, AfterValidator(lambda v: _address(v, allow_zero=False))]
+
+
+def _agency_id(value: str) -> str:
+    if not AGENCY_ID_PATTERN.match(value):
+        raise ValueError(
+            f"{value!r} is not an agency id (lower-case letters, digits and '-', "
+            "starting with a letter)"
+        )
+    return value
+
+
+AgencyId = Annotated[str, AfterValidator(_agency_id)]
+LoosePath = Annotated[Path, Field(strict=False)]  # TOML has no path type: accept strings
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class BrokerSection(_Strict):
+    listen: ListenAddress = "127.0.0.1:7443"
+    trust_domain: str
+    pki_dir: LoosePath
+    contracts: list[LoosePath] = Field(min_length=1)
+    max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024, le=2**31 - 1)
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+
+
+class AgencyEntry(_Strict):
+    id: AgencyId
+    name: str = Field(min_length=1)
+
+
+class ServiceEntry(_Strict):
+    name: str = Field(min_length=1)
+    provider: AgencyId
+    endpoints: list[Endpoint] = Field(min_length=1)
+
+
+class GrantEntry(_Strict):
+    consumer: AgencyId
+    service: str = Field(min_length=1)
+    methods: list[str] = Field(min_length=1)
+
+
+class ConfigFile(_Strict):
+    broker: BrokerSection
+    agency: list[AgencyEntry] = []
+    service: list[ServiceEntry] = []
+    grant: list[GrantEntry] = []
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """A configuration that has passed every check, with its contracts loaded."""
+
+    path: Path
+    broker: BrokerSection
+    agencies: dict[str, AgencyEntry]
+    services: dict[str, ServiceEntry]
+    grants: tuple[GrantEntry, ...]
+    contracts: Contracts
+
+
+def _describe_location(loc: tuple[Any, ...], data: dict[str, Any]) -> str:
+    """Turn a pydantic location like ('grant', 2, 'methods') into '[[grant]] #3 (...) methods'."""
+    if len(loc) >= 2 and loc[0] in ("agency", "service", "grant") and isinstance(loc[1], int):
+        section, index = loc[0], loc[1]
+        entry = data.get(section, [])[index] if index < len(data.get(section, [])) else {}
+        return f"{_entry_label(section, index, entry)}{' ' + '.'.join(map(str, loc[2:])) if loc[2:] else ''}"
+    if loc and loc[0] == "broker":
+        return "[broker]" + (f" {'.'.join(map(str, loc[1:]))}" if loc[1:] else "")
+    return ".".join(map(str, loc)) or "(top level)"
+
+
+def _entry_label(section: str, index: int, entry: Any) -> str:
+    key = {"agency": "id", "service": "name", "grant": "consumer"}[section]
+    name = entry.get(key) if isinstance(entry, dict) else None
+    suffix = f" ({key} {name!r})" if isinstance(name, str) else ""
+    return f"[[{section}]] #{index + 1}{suffix}"
+
+
+def parse(text: str, path: Path) -> ConfigFile:
+    """Parse and shape-check the TOML text; ConfigError lists every problem found."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    try:
+        return ConfigFile.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            where = _describe_location(tuple(err["loc"]), data)
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (a typo?)"
+            problems.append(f"{path}: {where}: {msg}")
+        raise ConfigError("\n".join(problems)) from None
+
+
+def check(cfg: ConfigFile, path: Path, contracts: Contracts) -> list[str]:
+    """Cross-entry checks against each other and the contracts; returns the problems."""
+    problems: list[str] = []
+
+    def problem(section: str, index: int, entry: BaseModel, text: str) -> None:
+        label = _entry_label(section, index, entry.model_dump())
+        problems.append(f"{path}: {label}: {text}")
+
+    for dup, n in Counter(a.id for a in cfg.agency).items():
+        if n > 1:
+            problems.append(f"{path}: [[agency]] id {dup!r} is defined {n} times")
+    for dup, n in Counter(s.name for s in cfg.service).items():
+        if n > 1:
+            problems.append(f"{path}: [[service]] {dup!r} is defined {n} times")
+    agencies = {a.id for a in cfg.agency}
+    for i, svc in enumerate(cfg.service):
+        if svc.provider not in agencies:
+            problem("service", i, svc, f"provider {svc.provider!r} is not a declared [[agency]]")
+        if svc.name not in contracts.services:
+            problem("service", i, svc, f"service {svc.name!r} is not in the loaded contracts")
+        for dup, n in Counter(svc.endpoints).items():
+            if n > 1:
+                problem("service", i, svc, f"endpoint {dup!r} is listed {n} times")
+    services = {s.name for s in cfg.service}
+    for i, grant in enumerate(cfg.grant):
+        if grant.consumer not in agencies:
+            problem("grant", i, grant, f"consumer {grant.consumer!r} is not a declared [[agency]]")
+        if grant.service not in services:
+            problem("grant", i, grant, f"service {grant.service!r} is not a declared [[service]]")
+            continue
+        contract = contracts.services.get(grant.service)
+        if contract is None:
+            continue
+        for method in grant.methods:
+            if method != "*" and method not in contract.methods:
+                problem(
+                    "grant",
+                    i,
+                    grant,
+                    f"method {method!r} is not in service {grant.service!r} "
+                    f"(it has: {', '.join(sorted(contract.methods))})",
+                )
+    return problems
+
+
+def load(path: Path) -> BrokerConfig:
+    """Read, validate and resolve a broker configuration file."""
+    path = path.resolve()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the configuration: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text: {e}") from e
+    cfg = parse(text, path)
+    base = path.parent
+    broker = cfg.broker.model_copy(
+        update={
+            "pki_dir": base / cfg.broker.pki_dir,
+            "contracts": [base / p for p in cfg.broker.contracts],
+        }
+    )
+    try:
+        contracts = Contracts.load(broker.contracts)
+    except ContractError as e:
+        raise ConfigError(f"{path}: [broker] contracts: {e}") from e
+    problems = check(cfg, path, contracts)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return BrokerConfig(
+        path=path,
+        broker=broker,
+        agencies={a.id: a for a in cfg.agency},
+        services={s.name: s for s in cfg.service},
+        grants=tuple(cfg.grant),
+        contracts=contracts,
+    )

@@ -1,0 +1,99 @@
+"""The contracts the broker knows: services and methods read from FileDescriptorSets."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import descriptor_pb2
+from google.protobuf.message import DecodeError
+
+from tabadol.errors import ContractError
+
+
+class RpcKind(enum.Enum):
+    UNARY = "unary"
+    SERVER_STREAMING = "server_streaming"
+    CLIENT_STREAMING = "client_streaming"
+    BIDI_STREAMING = "bidi_streaming"
+
+    @classmethod
+    def of(cls, client_streaming: bool, server_streaming: bool) -> RpcKind:
+        if client_streaming and server_streaming:
+            return cls.BIDI_STREAMING
+        if client_streaming:
+            return cls.CLIENT_STREAMING
+        if server_streaming:
+            return cls.SERVER_STREAMING
+        return cls.UNARY
+
+
+@dataclass(frozen=True)
+class MethodContract:
+    service: str
+    name: str
+    kind: RpcKind
+
+    @property
+    def path(self) -> str:
+        """The HTTP/2 path gRPC uses for this method: ``/pkg.Service/Method``."""
+        return f"/{self.service}/{self.name}"
+
+
+@dataclass(frozen=True)
+class ServiceContract:
+    name: str
+    file: str
+    methods: Mapping[str, MethodContract]
+
+
+@dataclass(frozen=True)
+class Contracts:
+    """Every service in the loaded FileDescriptorSets, by fully-qualified name."""
+
+    services: Mapping[str, ServiceContract]
+    files: Mapping[str, descriptor_pb2.FileDescriptorProto]
+
+    @classmethod
+    def from_files(cls, files: Iterable[descriptor_pb2.FileDescriptorProto]) -> Contracts:
+        by_name: dict[str, descriptor_pb2.FileDescriptorProto] = {}
+        services: dict[str, ServiceContract] = {}
+        for fd in files:
+            known = by_name.get(fd.name)
+            if known is not None:
+                if known != fd:
+                    raise ContractError(f"{fd.name} is defined twice with different contents")
+                continue
+            by_name[fd.name] = fd
+            for svc in fd.service:
+                full = f"{fd.package}.{svc.name}" if fd.package else svc.name
+                methods = {
+                    m.name: MethodContract(
+                        full, m.name, RpcKind.of(m.client_streaming, m.server_streaming)
+                    )
+                    for m in svc.method
+                }
+                services[full] = ServiceContract(full, fd.name, methods)
+        return cls(services, by_name)
+
+    @classmethod
+    def load(cls, paths: Iterable[Path]) -> Contracts:
+        files: list[descriptor_pb2.FileDescriptorProto] = []
+        for path in paths:
+            fds = descriptor_pb2.FileDescriptorSet()
+            try:
+                fds.ParseFromString(path.read_bytes())
+            except OSError as e:
+                raise ContractError(f"{path}: cannot read contracts: {e.strerror}") from e
+            except DecodeError as e:
+                raise ContractError(f"{path}: not a FileDescriptorSet: {e}") from e
+            files.extend(fds.file)
+        return cls.from_files(files)
+
+    def method(self, path: str) -> MethodContract | None:
+        """The method at a gRPC path such as ``/pkg.Service/Method``, if it exists."""
+        service, _, name = path.lstrip("/").partition("/")
+        svc = self.services.get(service)
+        return svc.methods.get(name) if svc else None

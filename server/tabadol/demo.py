@@ -1,0 +1,302 @@
+"""``tabadol demo``: a whole exchange on one machine, a broker and four agencies.
+
+Everything real: a PKI under ``DIR/pki``, a broker configuration at ``DIR/demo.toml``,
+each agency a provider over mTLS, and traffic of every RPC kind sent through the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import shlex
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import grpc.aio
+
+from tabadol import config as config_module
+from tabadol.agencies.cra.v1 import (
+    mobile_ownership_pb2 as cra_pb,
+)
+from tabadol.agencies.cra.v1 import (
+    mobile_ownership_pb2_grpc as cra_grpc,
+)
+from tabadol.agencies.nocr.v1 import (
+    person_registry_pb2 as nocr_pb,
+)
+from tabadol.agencies.nocr.v1 import (
+    person_registry_pb2_grpc as nocr_grpc,
+)
+from tabadol.agencies.post.v1 import (
+    address_directory_pb2 as post_pb,
+)
+from tabadol.agencies.post.v1 import (
+    address_directory_pb2_grpc as post_grpc,
+)
+from tabadol.agencies.tax.v1 import (
+    invoice_registry_pb2_grpc as tax_grpc,
+)
+from tabadol.broker import Broker
+from tabadol.client import ProviderServer, connect
+from tabadol.demo_agencies import (
+    AGENCIES,
+    SERVICES,
+    sample_invoice,
+    sample_person,
+    sample_postal_code,
+)
+from tabadol.errors import TabadolError
+from tabadol.pki import CertificateAuthority
+from tabadol.type.v1 import date_pb2
+
+log = logging.getLogger("tabadol.demo")
+
+TRUST_DOMAIN = "tabadol.example"
+AGENCY_NAMES = {
+    "nocr": "National Organization for Civil Registration",
+    "post": "National Post Company",
+    "cra": "Communications Regulatory Authority",
+    "tax": "Iranian National Tax Administration",
+}
+# Who may call what: each grant is a real inter-agency need.
+GRANTS: list[tuple[str, str, list[str]]] = [
+    ("post", "nocr", ["InquirePerson"]),  # the post checks a recipient's identity
+    ("tax", "nocr", ["*"]),  # the tax office verifies sellers and buyers, in batches
+    ("tax", "cra", ["MatchMobile"]),  # and that a taxpayer owns the mobile they registered
+    ("tax", "post", ["LookupPostalCode"]),  # and their business address
+    ("nocr", "post", ["*"]),  # the registry lists addresses by region
+    ("post", "tax", ["SubmitInvoices"]),  # the post submits its own sales invoices
+    ("cra", "nocr", ["InquirePerson"]),  # operators identify a subscriber
+]
+
+
+def prepare(root: Path, contracts: Path) -> tuple[Path, Path]:
+    """Absolute paths for the state directory and the contracts, which must exist."""
+    if not contracts.exists():
+        raise TabadolError(f"{contracts}: contracts not built; run `make protos` first")
+    return root.resolve(), contracts.resolve()
+
+
+def ensure_pki(pki_dir: Path) -> CertificateAuthority:
+    """Create the demo PKI once; later runs reuse it."""
+    if (pki_dir / "ca.key").exists():
+        ca = CertificateAuthority(pki_dir)
+    else:
+        ca = CertificateAuthority.init(pki_dir, TRUST_DOMAIN)
+    if not (pki_dir / "broker.key").exists():
+        ca.issue_broker()
+    for agency in AGENCIES:
+        if not (pki_dir / "agencies" / agency / "agency.key").exists():
+            ca.issue_agency(agency)
+    return ca
+
+
+def demo_config(listen: str, pki_dir: Path, contracts: Path, endpoints: dict[str, str]) -> str:
+    lines = [
+        "# Written by `tabadol demo`; rewritten on every run.",
+        "[broker]",
+        f'listen = "{listen}"',
+        f'trust_domain = "{TRUST_DOMAIN}"',
+        f'pki_dir = "{pki_dir}"',
+        f'contracts = ["{contracts}"]',
+        "",
+    ]
+    for agency, name in AGENCY_NAMES.items():
+        lines += ["[[agency]]", f'id = "{agency}"', f'name = "{name}"', ""]
+    for agency, service in SERVICES.items():
+        lines += [
+            "[[service]]",
+            f'name = "{service}"',
+            f'provider = "{agency}"',
+            f'endpoints = ["{endpoints[agency]}"]',
+            "",
+        ]
+    for consumer, provider, methods in GRANTS:
+        quoted = ", ".join(f'"{m}"' for m in methods)
+        lines += [
+            "[[grant]]",
+            f'consumer = "{consumer}"',
+            f'service = "{SERVICES[provider]}"',
+            f"methods = [{quoted}]",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+async def send_traffic(broker_address: str, pki_dir: Path, rng: random.Random) -> list[str]:
+    """One exchange of every RPC kind, plus two that the platform refuses; returns a report."""
+    report: list[str] = []
+
+    def channel(agency: str) -> grpc.aio.Channel:
+        return connect(broker_address, pki_dir / "agencies" / agency)
+
+    async def attempt(label: str, action: Callable[[], Awaitable[str]]) -> None:
+        try:
+            report.append(f"  {'OK':<17} {label}: {await action()}")
+        except grpc.aio.AioRpcError as e:
+            report.append(f"  {e.code().name:<17} {label}: {e.details()}")
+
+    person = sample_person(rng)
+    birth = date_pb2.Date(
+        year=person.birth_date.year, month=person.birth_date.month, day=person.birth_date.day
+    )
+    async with (
+        channel("post") as post,
+        channel("tax") as tax,
+        channel("nocr") as nocr,
+        channel("cra") as cra,
+    ):
+        registry_for_post = nocr_grpc.PersonRegistryStub(post)
+
+        async def inquire() -> str:
+            found = await registry_for_post.InquirePerson(
+                nocr_pb.InquirePersonRequest(national_id=person.national_id, birth_date=birth),
+                timeout=5,
+            )
+            return f"{found.first_name} {found.last_name}, born in {found.birth_place}"
+
+        async def verify_batch() -> str:
+            people = [sample_person(rng) for _ in range(5)]
+            queries = [
+                nocr_pb.VerifyPersonRequest(
+                    reference=f"q{i}",
+                    national_id=p.national_id,
+                    birth_date=date_pb2.Date(
+                        year=p.birth_date.year, month=p.birth_date.month, day=p.birth_date.day
+                    ),
+                )
+                for i, p in enumerate(people)
+            ]
+            queries.append(nocr_pb.VerifyPersonRequest(reference="bad", national_id="0012345678"))
+            call = nocr_grpc.PersonRegistryStub(tax).VerifyPeople(iter(queries), timeout=10)
+            verdicts = [nocr_pb.Verdict.Name(r.verdict) async for r in call]
+            return f"{len(verdicts)} verdicts: {', '.join(verdicts)}"
+
+        async def lookup() -> str:
+            address = await post_grpc.AddressDirectoryStub(tax).LookupPostalCode(
+                post_pb.LookupPostalCodeRequest(postal_code=sample_postal_code(rng)), timeout=5
+            )
+            return f"{address.postal_code}: {address.street}, {address.city}"
+
+        async def list_addresses() -> str:
+            call = post_grpc.AddressDirectoryStub(nocr).ListAddresses(
+                post_pb.ListAddressesRequest(
+                    region=post_pb.Region(province="Fars", city="Shiraz"), max_results=250
+                ),
+                timeout=10,
+            )
+            count = sum([1 async for _ in call])
+            return f"{count} addresses streamed for Shiraz"
+
+        async def match_mobile() -> str:
+            result = await cra_grpc.MobileOwnershipStub(tax).MatchMobile(
+                cra_pb.MatchMobileRequest(national_id=person.national_id, mobile=person.mobile),
+                timeout=5,
+            )
+            return cra_pb.MatchResult.Name(result.result)
+
+        async def submit() -> str:
+            invoices = [sample_invoice(rng) for _ in range(20)]
+            receipt = await tax_grpc.InvoiceRegistryStub(post).SubmitInvoices(
+                iter(invoices), timeout=10
+            )
+            return f"receipt {receipt.receipt_id[:8]}: {receipt.accepted_count} accepted"
+
+        async def bad_national_id() -> str:
+            await registry_for_post.InquirePerson(
+                nocr_pb.InquirePersonRequest(national_id="0012345678", birth_date=birth), timeout=5
+            )
+            return "unexpectedly accepted"
+
+        async def not_granted() -> str:
+            call = post_grpc.AddressDirectoryStub(cra).ListAddresses(
+                post_pb.ListAddressesRequest(region=post_pb.Region(province="Tehran")), timeout=5
+            )
+            return f"{sum([1 async for _ in call])} addresses (unexpected)"
+
+        await attempt("post -> nocr InquirePerson (unary)", inquire)
+        await attempt("tax  -> nocr VerifyPeople (bidi stream)", verify_batch)
+        await attempt("tax  -> post LookupPostalCode (unary)", lookup)
+        await attempt("nocr -> post ListAddresses (server stream)", list_addresses)
+        await attempt("tax  -> cra  MatchMobile (unary)", match_mobile)
+        await attempt("post -> tax  SubmitInvoices (client stream)", submit)
+        await attempt("post -> nocr InquirePerson with a bad check digit", bad_national_id)
+        await attempt("cra  -> post ListAddresses without a grant", not_granted)
+    return report
+
+
+def example_call(
+    broker_address: str, root: Path, contracts: Path, person_id: str, birth: str
+) -> str:
+    y, m, d = birth.split("/")
+    body = f'{{"national_id": "{person_id}", "birth_date": {{"year": {int(y)}, "month": {int(m)}, "day": {int(d)}}}}}'
+    argv = [
+        ".venv/bin/tabadol",
+        "call",
+        "--broker",
+        broker_address,
+        "--credentials",
+        str(root / "pki" / "agencies" / "post"),
+        "--contracts",
+        str(contracts),
+        "tabadol.agencies.nocr.v1.PersonRegistry/InquirePerson",
+        body,
+    ]
+    return shlex.join(argv)
+
+
+async def run_demo(root: Path, *, listen: str, contracts: Path, once: bool = False) -> None:
+    """Start everything, send traffic, print where things are, and run until stopped.
+
+    ``root`` and ``contracts`` are absolute paths (see `prepare`)."""
+    pki_dir = root / "pki"
+    ensure_pki(pki_dir)
+
+    providers: dict[str, ProviderServer] = {}
+    for agency, register in AGENCIES.items():
+        provider = ProviderServer(pki_dir / "agencies" / agency)
+        register(provider.server)
+        await provider.start()
+        providers[agency] = provider
+
+    config_path = root / "demo.toml"
+    config_path.write_text(
+        demo_config(listen, pki_dir, contracts, {a: p.address for a, p in providers.items()})
+    )
+    broker = Broker(config_module.load(config_path))
+    await broker.start()
+    broker_address = f"{listen.rsplit(':', 1)[0]}:{broker.port}"
+    try:
+        rng = random.Random()
+        report = await send_traffic(broker_address, pki_dir, rng)
+        person = sample_person(rng)
+        print("Tabadol demo is running.\n")
+        print(f"  broker     {broker_address}  (config {config_path})")
+        for agency, provider in providers.items():
+            print(f"  {agency:<10} {provider.address}  provides {SERVICES[agency]}")
+        print(f"  PKI        {pki_dir}  (agency credentials in {pki_dir / 'agencies'}/<id>/)")
+        print("\nSample traffic through the broker:")
+        print("\n".join(report))
+        print("\nTry a call yourself, as the National Post asking the civil registry:\n")
+        print(
+            "  "
+            + example_call(
+                broker_address, root, contracts, person.national_id, str(person.birth_date)
+            )
+        )
+        print("\nPress Ctrl-C to stop.", flush=True)
+        if not once:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+    finally:
+        await broker.stop(1)
+        for provider in providers.values():
+            with contextlib.suppress(Exception):
+                await provider.stop(1)

@@ -1,0 +1,53 @@
+"""Which metadata crosses the broker. Pure functions over (key, value) pairs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+Metadata = tuple[tuple[str, str | bytes], ...]
+
+PLATFORM_PREFIX = "x-tabadol-"
+CONSUMER_KEY = "x-tabadol-consumer"
+REQUEST_ID_KEY = "x-tabadol-request-id"
+
+# Connection-level HTTP headers describe one hop, never the exchange.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+        "te",
+        "host",
+        "content-type",
+        "content-length",
+        "user-agent",
+    }
+)
+# The one reserved key a provider may legitimately send end to end: the rich error status.
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def _crosses(key: str) -> bool:
+    return not (key in HOP_BY_HOP or key.startswith((":", "grpc-")))
+
+
+def request_metadata(
+    incoming: Iterable[tuple[str, str | bytes]], consumer: str, request_id: str
+) -> Metadata:
+    """What the provider receives: the caller's metadata without hop-by-hop, reserved and
+    caller-supplied ``x-tabadol-*`` keys, plus the broker's own identity headers."""
+    kept = tuple((k, v) for k, v in incoming if _crosses(k) and not k.startswith(PLATFORM_PREFIX))
+    return (*kept, (CONSUMER_KEY, consumer), (REQUEST_ID_KEY, request_id))
+
+
+def response_metadata(incoming: Iterable[tuple[str, str | bytes]] | None) -> Metadata:
+    """What the consumer receives from the provider's initial or trailing metadata."""
+    if not incoming:
+        return ()
+    return tuple(
+        (k, v)
+        for k, v in incoming
+        if (_crosses(k) and not k.startswith(PLATFORM_PREFIX)) or k == STATUS_DETAILS_KEY
+    )

@@ -1,0 +1,357 @@
+"""The national PKI: one platform CA that certifies the broker and every agency.
+
+Identities are SPIFFE IDs in the URI SAN: ``spiffe://<trust-domain>/agency/<id>`` for an
+agency and ``spiffe://<trust-domain>/broker`` for the broker. Each certificate also carries
+the DNS name ``<id>.agency.<trust-domain>`` (or ``broker.<trust-domain>``), which is the name
+TLS checks when one side dials the other, so a dialer verifies *who* answers, not where.
+
+Layout of a PKI directory::
+
+    ca.crt ca.key crl.pem issued.jsonl     the CA (keys mode 0600)
+    broker.crt broker.key                  the broker's identity
+    agencies/<id>/ca.crt agency.crt agency.key   the bundle handed to one agency
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tabadol.errors import PkiError
+from tabadol.spiffe import (
+    AGENCY_ID_PATTERN,
+    agency_dns_name,
+    agency_spiffe_id,
+    broker_dns_name,
+    broker_spiffe_id,
+)
+
+CA_DAYS = 3650
+LEAF_DAYS = 365
+CRL_DAYS = 7
+_TRUST_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,253}[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """One line of ``issued.jsonl``: what the CA signed, so it can be revoked later."""
+
+    serial: int
+    spiffe_id: str
+    not_after: str
+    path: str
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a private key readable by its owner only, from the moment it exists."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+class CertificateAuthority:
+    """The platform CA in one PKI directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        try:
+            self.cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
+            key = serialization.load_pem_private_key(
+                (directory / "ca.key").read_bytes(), password=None
+            )
+        except FileNotFoundError as e:
+            raise PkiError(
+                f"{directory}: no CA here ({e.filename} missing); run `tabadol pki init`"
+            ) from e
+        except ValueError as e:
+            raise PkiError(f"{directory}: cannot load the CA: {e}") from e
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise PkiError(f"{directory / 'ca.key'}: not an EC private key")
+        self.key = key
+        self.trust_domain = trust_domain_of(self.cert)
+
+    @classmethod
+    def init(cls, directory: Path, trust_domain: str, days: int = CA_DAYS) -> CertificateAuthority:
+        """Create a new CA; refuse if one already exists in ``directory``."""
+        if not _TRUST_DOMAIN.match(trust_domain):
+            raise PkiError(f"trust domain {trust_domain!r} is not a lower-case DNS-style name")
+        if (directory / "ca.key").exists() or (directory / "ca.crt").exists():
+            raise PkiError(f"{directory}: a CA already exists here; refusing to overwrite it")
+        directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(directory, 0o700)
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Tabadol"),
+                x509.NameAttribute(NameOID.COMMON_NAME, f"Tabadol Root CA ({trust_domain})"),
+            ]
+        )
+        now = _now()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
+            # The trust domain's own SPIFFE ID, as the X.509-SVID spec allows on a signing cert.
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]
+                ),
+                critical=False,
+            )
+            .sign(key, hashes.SHA256())
+        )
+        _write_private(directory / "ca.key", _key_pem(key))
+        _write_public(directory / "ca.crt", _cert_pem(cert))
+        ca = cls(directory)
+        ca.write_crl()
+        return ca
+
+    def cert_pem(self) -> bytes:
+        return _cert_pem(self.cert)
+
+    def issue_agency(
+        self,
+        agency_id: str,
+        *,
+        days: int = LEAF_DAYS,
+        force: bool = False,
+        not_before: dt.datetime | None = None,
+    ) -> Path:
+        """Issue an agency's bundle (ca.crt, agency.crt, agency.key) under agencies/<id>/."""
+        if not AGENCY_ID_PATTERN.match(agency_id):
+            raise PkiError(
+                f"agency id {agency_id!r} must be lower-case letters, digits and '-' "
+                "(1-63 characters, starting with a letter)"
+            )
+        bundle = self.dir / "agencies" / agency_id
+        if (bundle / "agency.key").exists() and not force:
+            raise PkiError(
+                f"{bundle}: agency {agency_id!r} already has a certificate; "
+                "pass --force to issue a new one (the old one stays valid until revoked)"
+            )
+        bundle.mkdir(parents=True, exist_ok=True)
+        os.chmod(bundle, 0o700)
+        self._issue(
+            spiffe_id=agency_spiffe_id(self.trust_domain, agency_id),
+            dns_names=[agency_dns_name(self.trust_domain, agency_id)],
+            ips=[],
+            common_name=agency_id,
+            cert_path=bundle / "agency.crt",
+            key_path=bundle / "agency.key",
+            days=days,
+            not_before=not_before,
+        )
+        _write_public(bundle / "ca.crt", _cert_pem(self.cert))
+        return bundle
+
+    def issue_broker(
+        self,
+        *,
+        dns_names: Iterable[str] = ("localhost",),
+        ips: Iterable[str] = ("127.0.0.1", "::1"),
+        days: int = LEAF_DAYS,
+        force: bool = False,
+    ) -> Path:
+        """Issue the broker's certificate; extra DNS names and IPs let generic tools dial it."""
+        cert_path = self.dir / "broker.crt"
+        if (self.dir / "broker.key").exists() and not force:
+            raise PkiError(f"{cert_path}: the broker already has a certificate; pass --force")
+        self._issue(
+            spiffe_id=broker_spiffe_id(self.trust_domain),
+            dns_names=[broker_dns_name(self.trust_domain), *dns_names],
+            ips=list(ips),
+            common_name="broker",
+            cert_path=cert_path,
+            key_path=self.dir / "broker.key",
+            days=days,
+            not_before=None,
+        )
+        return cert_path
+
+    def _issue(
+        self,
+        *,
+        spiffe_id: str,
+        dns_names: list[str],
+        ips: list[str],
+        common_name: str,
+        cert_path: Path,
+        key_path: Path,
+        days: int,
+        not_before: dt.datetime | None,
+    ) -> None:
+        try:
+            ip_sans = [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+        except ValueError as e:
+            raise PkiError(f"bad IP address for the certificate: {e}") from e
+        key = ec.generate_private_key(ec.SECP256R1())
+        start = not_before or _now() - dt.timedelta(minutes=5)
+        serial = x509.random_serial_number()
+        sans: list[x509.GeneralName] = [
+            x509.UniformResourceIdentifier(spiffe_id),
+            *(x509.DNSName(n) for n in dns_names),
+            *ip_sans,
+        ]
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(
+                x509.Name(
+                    [
+                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Tabadol"),
+                        x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+                    ]
+                )
+            )
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(serial)
+            .not_valid_before(start)
+            .not_valid_after(start + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        _write_private(key_path, _key_pem(key))
+        _write_public(cert_path, _cert_pem(cert))
+        with (self.dir / "issued.jsonl").open("a") as f:
+            record = {
+                "serial": serial,
+                "spiffe_id": spiffe_id,
+                "not_after": cert.not_valid_after_utc.isoformat(),
+                "path": str(cert_path.relative_to(self.dir)),
+            }
+            f.write(json.dumps(record) + "\n")
+
+    def issued(self) -> Iterator[IssuedCertificate]:
+        """Every certificate this CA has signed, oldest first."""
+        path = self.dir / "issued.jsonl"
+        if not path.exists():
+            return
+        for line in path.read_text().splitlines():
+            if line.strip():
+                yield IssuedCertificate(**json.loads(line))
+
+    def revoke_agency(self, agency_id: str) -> list[int]:
+        """Revoke every certificate ever issued to an agency and rewrite the CRL."""
+        spiffe_id = agency_spiffe_id(self.trust_domain, agency_id)
+        serials = [c.serial for c in self.issued() if c.spiffe_id == spiffe_id]
+        if not serials:
+            raise PkiError(f"{self.dir}: no certificate was ever issued to agency {agency_id!r}")
+        self.write_crl(add=serials)
+        return serials
+
+    def revoked_serials(self) -> set[int]:
+        crl = load_crl(self.dir / "crl.pem", self.cert)
+        return {r.serial_number for r in crl}
+
+    def write_crl(self, add: Iterable[int] = ()) -> None:
+        """(Re)write crl.pem with what it already lists plus ``add``."""
+        existing = self.revoked_serials() if (self.dir / "crl.pem").exists() else set()
+        now = _now()
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.cert.subject)
+            .last_update(now)
+            .next_update(now + dt.timedelta(days=CRL_DAYS))
+        )
+        for serial in sorted(existing | set(add)):
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
+            )
+        crl = builder.sign(self.key, hashes.SHA256())
+        _write_public(self.dir / "crl.pem", crl.public_bytes(serialization.Encoding.PEM))
+
+
+def trust_domain_of(ca_cert: x509.Certificate) -> str:
+    """The trust domain a Tabadol CA speaks for: the ``spiffe://<domain>`` URI in its SAN."""
+    try:
+        san = ca_cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound as e:
+        raise PkiError("the CA certificate names no trust domain (no SAN)") from e
+    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+        if uri.startswith("spiffe://") and "/" not in uri[len("spiffe://") :]:
+            return uri[len("spiffe://") :]
+    raise PkiError("the CA certificate names no trust domain (no spiffe:// URI)")
+
+
+def load_crl(path: Path, ca_cert: x509.Certificate) -> x509.CertificateRevocationList:
+    """Load a CRL and check that the platform CA signed it."""
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+    except FileNotFoundError as e:
+        raise PkiError(f"{path}: CRL missing") from e
+    except ValueError as e:
+        raise PkiError(f"{path}: not a PEM CRL: {e}") from e
+    public_key = ca_cert.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not crl.is_signature_valid(
+        public_key
+    ):
+        raise PkiError(f"{path}: CRL is not signed by the platform CA")
+    return crl

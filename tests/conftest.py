@@ -1,0 +1,145 @@
+"""Shared fixtures: one PKI, an echo provider and a broker, all real, on loopback ports."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc.aio
+import pytest
+
+from tabadol import config
+from tabadol.broker import Broker
+from tabadol.client import ProviderServer, connect
+from tabadol.pki import CertificateAuthority
+from tests.support.echo import SERVICE, EchoProvider, write_echo_contracts
+
+TRUST_DOMAIN = "tabadol.example"
+LARGE_MESSAGES = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
+AGENCIES = ("echo", "post", "nocr", "cra", "tax")
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
+    ca = CertificateAuthority.init(tmp_path_factory.mktemp("pki") / "pki", TRUST_DOMAIN)
+    ca.issue_broker()
+    for agency in AGENCIES:
+        ca.issue_agency(agency)
+    return ca
+
+
+@pytest.fixture(scope="session")
+def echo_contracts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_echo_contracts(tmp_path_factory.mktemp("contracts") / "echo.pb")
+
+
+@dataclass
+class RunningProvider:
+    echo: EchoProvider
+    server: ProviderServer
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+
+@pytest.fixture(scope="session")
+async def echo_provider(pki: CertificateAuthority) -> AsyncIterator[RunningProvider]:
+    server = ProviderServer(pki.dir / "agencies" / "echo", options=LARGE_MESSAGES)
+    echo = EchoProvider()
+    server.server.add_generic_rpc_handlers((echo,))
+    await server.start()
+    yield RunningProvider(echo, server)
+    await server.stop(0)
+
+
+def broker_toml(
+    *,
+    pki_dir: Path,
+    contracts: Path,
+    endpoints: list[str],
+    grants: str,
+    listen: str = "127.0.0.1:0",
+    extra_broker: str = "",
+) -> str:
+    agencies = "".join(f'[[agency]]\nid = "{a}"\nname = "Agency {a}"\n\n' for a in AGENCIES)
+    endpoint_list = ", ".join(f'"{e}"' for e in endpoints)
+    return f"""[broker]
+listen = "{listen}"
+trust_domain = "{TRUST_DOMAIN}"
+pki_dir = "{pki_dir}"
+contracts = ["{contracts}"]
+{extra_broker}
+
+{agencies}
+[[service]]
+name = "{SERVICE}"
+provider = "echo"
+endpoints = [{endpoint_list}]
+
+{grants}
+"""
+
+
+# post may call everything; nocr only the unary method; cra and tax nothing.
+DEFAULT_GRANTS = f"""
+[[grant]]
+consumer = "post"
+service = "{SERVICE}"
+methods = ["*"]
+
+[[grant]]
+consumer = "nocr"
+service = "{SERVICE}"
+methods = ["Unary"]
+"""
+
+
+async def start_broker(
+    directory: Path,
+    pki_dir: Path,
+    contracts: Path,
+    endpoints: list[str],
+    grants: str = DEFAULT_GRANTS,
+) -> Broker:
+    """A broker on a free loopback port with a config file written to ``directory``."""
+    path = directory / "broker.toml"
+    path.write_text(
+        broker_toml(pki_dir=pki_dir, contracts=contracts, endpoints=endpoints, grants=grants)
+    )
+    broker = Broker(config.load(path))
+    await broker.start()
+    return broker
+
+
+@pytest.fixture(scope="session")
+async def broker(
+    tmp_path_factory: pytest.TempPathFactory,
+    pki: CertificateAuthority,
+    echo_contracts: Path,
+    echo_provider: RunningProvider,
+) -> AsyncIterator[Broker]:
+    broker = await start_broker(
+        tmp_path_factory.mktemp("broker"), pki.dir, echo_contracts, [echo_provider.address]
+    )
+    yield broker
+    await broker.stop(0)
+
+
+@pytest.fixture(scope="session")
+def channel_for(broker: Broker, pki: CertificateAuthority) -> Callable[[str], grpc.aio.Channel]:
+    """A channel to the broker as the given agency (cached per agency for the session)."""
+    channels: dict[str, grpc.aio.Channel] = {}
+
+    def make(agency: str) -> grpc.aio.Channel:
+        if agency not in channels:
+            channels[agency] = connect(
+                f"127.0.0.1:{broker.port}", pki.dir / "agencies" / agency, options=LARGE_MESSAGES
+            )
+        return channels[agency]
+
+    return make

@@ -1,0 +1,220 @@
+"""The broker forwards every RPC kind transparently: bytes, metadata, deadlines, status."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import uuid
+from collections.abc import Callable
+
+import grpc
+import grpc.aio
+import pytest
+
+from tabadol.broker import Broker
+from tests.conftest import RunningProvider
+from tests.support.echo import BIDI, CLIENT_STREAM, SERVER_STREAM, UNARY, Seen
+
+Channel = Callable[[str], grpc.aio.Channel]
+
+
+def tagged(*pairs: tuple[str, str | bytes]) -> tuple[str, tuple[tuple[str, str | bytes], ...]]:
+    tag = uuid.uuid4().hex
+    return tag, (("x-test-id", tag), *pairs)
+
+
+def seen(provider: RunningProvider, tag: str) -> Seen:
+    matches = [c for c in provider.echo.calls if c.metadata.get("x-test-id") == tag]
+    assert len(matches) == 1, f"provider saw {len(matches)} calls tagged {tag}"
+    return matches[0]
+
+
+async def test_unary_payload_arrives_byte_identical_both_ways(channel_for: Channel) -> None:
+    # Not protobuf at all: a broker that parsed or re-serialized would mangle it.
+    payload = os.urandom(70_000) + b"\xff\x00\x80"
+    response = await channel_for("post").unary_unary(UNARY)(payload, timeout=10)
+    assert response == payload
+
+
+async def test_message_of_four_mib_passes_through(channel_for: Channel) -> None:
+    payload = os.urandom(4 * 1024 * 1024 + 17)
+    assert await channel_for("post").unary_unary(UNARY)(payload, timeout=30) == payload
+
+
+async def test_message_over_the_configured_limit_is_refused(channel_for: Channel) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await channel_for("post").unary_unary(UNARY)(b"x" * (9 * 1024 * 1024), timeout=30)
+    assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_server_stream_of_ten_thousand_messages_arrives_in_order(
+    channel_for: Channel,
+) -> None:
+    _, md = tagged(("x-test-count", "10000"))
+    call = channel_for("post").unary_stream(SERVER_STREAM)(b"addr", metadata=md, timeout=60)
+    received = [message async for message in call]
+    assert received == [i.to_bytes(4, "big") + b"addr" for i in range(10_000)]
+    assert await call.code() is grpc.StatusCode.OK
+
+
+async def test_client_stream_of_ten_thousand_messages_arrives_whole(channel_for: Channel) -> None:
+    messages = [os.urandom(100) for _ in range(10_000)]
+    response = await channel_for("post").stream_unary(CLIENT_STREAM)(iter(messages), timeout=60)
+    digest = hashlib.sha256(b"".join(messages)).hexdigest()
+    assert response == f"10000:{digest}".encode()
+
+
+async def test_bidi_stream_of_ten_thousand_messages_echoes_each(channel_for: Channel) -> None:
+    messages = [i.to_bytes(3, "big") + os.urandom(50) for i in range(10_000)]
+    call = channel_for("post").stream_stream(BIDI)(iter(messages), timeout=60)
+    assert [m async for m in call] == messages
+
+
+async def test_bidi_stream_flows_message_by_message(channel_for: Channel) -> None:
+    # Each answer must arrive before the next question is sent: nothing is buffered whole.
+    call = channel_for("post").stream_stream(BIDI)(timeout=30)
+    for i in range(5):
+        await call.write(f"q{i}".encode())
+        assert await call.read() == f"q{i}".encode()
+    await call.done_writing()
+    assert await call.read() is grpc.aio.EOF
+    assert await call.code() is grpc.StatusCode.OK
+
+
+async def test_provider_sees_the_consumers_deadline(
+    channel_for: Channel, echo_provider: RunningProvider
+) -> None:
+    tag, md = tagged()
+    await channel_for("post").unary_unary(UNARY)(b"", metadata=md, timeout=7)
+    remaining = seen(echo_provider, tag).time_remaining
+    assert remaining is not None
+    # gRPC re-encodes the timeout per hop with coarse units, so allow rounding, not a bogus
+    # far-future deadline.
+    assert 0 < remaining < 7.5
+
+
+async def test_no_deadline_stays_no_deadline(
+    channel_for: Channel, echo_provider: RunningProvider
+) -> None:
+    tag, md = tagged()
+    await channel_for("post").unary_unary(UNARY)(b"", metadata=md)
+    assert seen(echo_provider, tag).time_remaining is None
+
+
+async def test_slow_provider_gives_deadline_exceeded(channel_for: Channel) -> None:
+    _, md = tagged(("x-test-sleep", "5"))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await channel_for("post").unary_unary(UNARY)(b"", metadata=md, timeout=0.3)
+    assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+@pytest.mark.parametrize("method", [UNARY, SERVER_STREAM])
+async def test_consumer_cancel_reaches_the_provider_within_a_second(
+    channel_for: Channel, echo_provider: RunningProvider, method: str
+) -> None:
+    tag, md = tagged(("x-test-sleep", "30"), ("x-test-count", "1"), ("x-test-fail-after", "0"))
+    echo_provider.echo.call_started.clear()
+    channel = channel_for("post")
+    multi = channel.unary_unary(method) if method == UNARY else channel.unary_stream(method)
+    call = multi(b"", metadata=md, timeout=60)
+    while not any(c.metadata.get("x-test-id") == tag for c in echo_provider.echo.calls):
+        await echo_provider.echo.call_started.wait()
+        echo_provider.echo.call_started.clear()
+    call.cancel()
+    await asyncio.wait_for(seen(echo_provider, tag).cancelled.wait(), timeout=1)
+
+
+async def test_status_details_and_trailers_come_back_unchanged(channel_for: Channel) -> None:
+    rich_status = b"\x08\x05\x12\x04nope\x1a\x00"  # opaque to the broker
+    _, md = tagged(
+        ("x-test-status", "NOT_FOUND"),
+        ("x-test-details", "no person with national id 0012345679"),
+        ("x-test-trailer-bin", b"\x00\x01\x02"),
+        ("x-test-status-details-bin", rich_status),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await channel_for("post").unary_unary(UNARY)(b"", metadata=md, timeout=10)
+    error = err.value
+    assert error.code() is grpc.StatusCode.NOT_FOUND
+    assert error.details() == "no person with national id 0012345679"
+    trailers = dict(error.trailing_metadata() or ())
+    assert trailers["x-test-trailer-bin"] == b"\x00\x01\x02"
+    assert trailers["grpc-status-details-bin"] == rich_status
+    assert len(trailers["x-tabadol-request-id"]) == 32
+
+
+async def test_stream_failure_mid_way_keeps_messages_and_status(channel_for: Channel) -> None:
+    _, md = tagged(
+        ("x-test-count", "10"),
+        ("x-test-fail-after", "3"),
+        ("x-test-status", "ABORTED"),
+        ("x-test-details", "ledger conflict"),
+    )
+    call = channel_for("post").unary_stream(SERVER_STREAM)(b"m", metadata=md, timeout=10)
+    received = []
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for message in call:
+            received.append(message)
+    assert len(received) == 3
+    assert err.value.code() is grpc.StatusCode.ABORTED
+    assert err.value.details() == "ledger conflict"
+
+
+async def test_initial_metadata_comes_back(channel_for: Channel) -> None:
+    _, md = tagged(("x-test-initial", "from-provider"))
+    call = channel_for("post").unary_unary(UNARY)(b"", metadata=md, timeout=10)
+    await call
+    assert dict(await call.initial_metadata())["x-test-initial"] == "from-provider"
+
+
+async def test_request_metadata_crosses_but_platform_keys_are_the_brokers(
+    channel_for: Channel, echo_provider: RunningProvider
+) -> None:
+    tag, md = tagged(
+        ("x-agency-trace", "abc"),
+        ("x-blob-bin", b"\xde\xad"),
+        ("x-tabadol-consumer", "nocr"),
+        ("x-tabadol-request-id", "forged"),
+        ("x-tabadol-anything", "forged"),
+    )
+    await channel_for("post").unary_unary(UNARY)(b"", metadata=md, timeout=10)
+    metadata = seen(echo_provider, tag).metadata
+    assert metadata["x-agency-trace"] == "abc"
+    assert metadata["x-blob-bin"] == b"\xde\xad"
+    assert metadata["x-tabadol-consumer"] == "post"
+    assert metadata["x-tabadol-request-id"] != "forged"
+    assert "x-tabadol-anything" not in metadata
+
+
+async def test_each_call_gets_its_own_request_id(
+    channel_for: Channel, echo_provider: RunningProvider
+) -> None:
+    ids = set()
+    for _ in range(3):
+        tag, md = tagged()
+        await channel_for("post").unary_unary(UNARY)(b"", metadata=md, timeout=10)
+        ids.add(seen(echo_provider, tag).metadata["x-tabadol-request-id"])
+    assert len(ids) == 3
+
+
+async def test_unknown_service_is_unimplemented_and_named(channel_for: Channel) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await channel_for("post").unary_unary("/tabadol.nope.v1.Ghost/Haunt")(b"", timeout=10)
+    assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    assert "tabadol.nope.v1.Ghost" in (err.value.details() or "")
+
+
+async def test_unknown_method_of_a_known_service_is_unimplemented(channel_for: Channel) -> None:
+    call = channel_for("post").stream_stream("/tabadol.test.v1.Echo/Nope")(iter([b""]), timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call.read()
+    assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    assert "'Nope'" in (err.value.details() or "")
+
+
+async def test_broker_keeps_serving_after_errors(channel_for: Channel, broker: Broker) -> None:
+    for path in ("/x/y", "/tabadol.test.v1.Echo/Nope", "garbage"):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await channel_for("post").unary_unary(path)(b"", timeout=10)
+    assert await channel_for("post").unary_unary(UNARY)(b"ok", timeout=10) == b"ok"
