@@ -179,7 +179,9 @@ async def test_request_metadata_crosses_but_platform_keys_are_the_brokers(
         ("x-tabadol-anything", "forged"),
     )
     await channel_for("post").unary_unary(UNARY)(b"", metadata=md, timeout=10)
-    metadata = seen(echo_provider, tag).metadata
+    call = seen(echo_provider, tag)
+    assert call.consumer == "post"
+    metadata = call.metadata
     assert metadata["x-agency-trace"] == "abc"
     assert metadata["x-blob-bin"] == b"\xde\xad"
     assert metadata["x-tabadol-consumer"] == "post"

@@ -2,7 +2,9 @@
 
 import re
 
-AGENCY_ID_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+# Both are used with fullmatch: `$` would let a trailing newline through into logs and paths.
+AGENCY_ID_PATTERN = re.compile(r"[a-z][a-z0-9-]{0,62}")
+TRUST_DOMAIN_PATTERN = re.compile(r"[a-z0-9]([a-z0-9.-]{0,253}[a-z0-9])?")
 
 
 def agency_spiffe_id(trust_domain: str, agency_id: str) -> str:
@@ -28,6 +30,6 @@ def trust_domain_of_agency(spiffe_id: str) -> tuple[str, str]:
     rest = spiffe_id.removeprefix("spiffe://")
     domain, _, path = rest.partition("/")
     kind, _, agency_id = path.partition("/")
-    if rest == spiffe_id or kind != "agency" or not AGENCY_ID_PATTERN.match(agency_id):
+    if rest == spiffe_id or kind != "agency" or not AGENCY_ID_PATTERN.fullmatch(agency_id):
         raise ValueError(f"{spiffe_id!r} is not a Tabadol agency identity")
     return domain, agency_id

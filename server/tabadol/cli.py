@@ -75,6 +75,14 @@ def _cmd_pki_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pki_crl(args: argparse.Namespace) -> int:
+    from tabadol.pki import CRL_DAYS, CertificateAuthority
+
+    CertificateAuthority(args.dir).write_crl()
+    print(f"re-signed {args.dir / 'crl.pem'}, valid {CRL_DAYS} days; SIGHUP the broker to load it")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from tabadol.demo import prepare, run_demo
 
@@ -163,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("--dir", type=Path, required=True, help="PKI directory")
     revoke.add_argument("--agency", metavar="ID", required=True)
     revoke.set_defaults(func=_cmd_pki_revoke)
+
+    crl = pki_sub.add_parser("crl", help="re-sign the CRL with a fresh validity period")
+    crl.add_argument("--dir", type=Path, required=True, help="PKI directory")
+    crl.set_defaults(func=_cmd_pki_crl)
 
     demo = sub.add_parser(
         "demo",

@@ -17,14 +17,14 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from tabadol.contracts import Contracts
 from tabadol.errors import ConfigError, ContractError
-from tabadol.spiffe import AGENCY_ID_PATTERN
+from tabadol.spiffe import AGENCY_ID_PATTERN, TRUST_DOMAIN_PATTERN
 
-_HOST_PORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(?P<port>\d{1,5})$")
+_HOST_PORT = re.compile(r"(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(?P<port>\d{1,5})")
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
 def _address(value: str, *, allow_zero: bool) -> str:
-    match = _HOST_PORT.match(value)
+    match = _HOST_PORT.fullmatch(value)
     if not match:
         raise ValueError(f"{value!r} is not a host:port address")
     port = int(match["port"])
@@ -38,7 +38,7 @@ Endpoint = Annotated[str, AfterValidator(lambda v: _address(v, allow_zero=False)
 
 
 def _agency_id(value: str) -> str:
-    if not AGENCY_ID_PATTERN.match(value):
+    if not AGENCY_ID_PATTERN.fullmatch(value):
         raise ValueError(
             f"{value!r} is not an agency id (lower-case letters, digits and '-', "
             "starting with a letter)"
@@ -47,6 +47,15 @@ def _agency_id(value: str) -> str:
 
 
 AgencyId = Annotated[str, AfterValidator(_agency_id)]
+
+
+def _trust_domain(value: str) -> str:
+    if not TRUST_DOMAIN_PATTERN.fullmatch(value):
+        raise ValueError(f"{value!r} is not a lower-case DNS-style trust domain")
+    return value
+
+
+TrustDomain = Annotated[str, AfterValidator(_trust_domain)]
 LoosePath = Annotated[Path, Field(strict=False)]  # TOML has no path type: accept strings
 
 
@@ -56,7 +65,7 @@ class _Strict(BaseModel):
 
 class BrokerSection(_Strict):
     listen: ListenAddress = "127.0.0.1:7443"
-    trust_domain: str
+    trust_domain: TrustDomain
     pki_dir: LoosePath
     contracts: list[LoosePath] = Field(min_length=1)
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024, le=2**31 - 1)

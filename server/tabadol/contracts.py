@@ -75,6 +75,10 @@ class Contracts:
                     )
                     for m in svc.method
                 }
+                if full in services:
+                    raise ContractError(
+                        f"service {full} is defined in both {services[full].file} and {fd.name}"
+                    )
                 services[full] = ServiceContract(full, fd.name, methods)
         return cls(services, by_name)
 

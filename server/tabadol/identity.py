@@ -32,7 +32,7 @@ def agency_id_from_spiffe(spiffe_id: str, trust_domain: str) -> str:
             f"certificate identity {spiffe_id!r} is not an agency of {trust_domain}"
         )
     agency_id = spiffe_id[len(prefix) :]
-    if not AGENCY_ID_PATTERN.match(agency_id):
+    if not AGENCY_ID_PATTERN.fullmatch(agency_id):
         raise IdentityRejected(f"certificate identity {spiffe_id!r} has a malformed agency id")
     return agency_id
 

@@ -18,7 +18,6 @@ import datetime as dt
 import ipaddress
 import json
 import os
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from tabadol.errors import PkiError
 from tabadol.spiffe import (
     AGENCY_ID_PATTERN,
+    TRUST_DOMAIN_PATTERN,
     agency_dns_name,
     agency_spiffe_id,
     broker_dns_name,
@@ -40,7 +40,6 @@ from tabadol.spiffe import (
 CA_DAYS = 3650
 LEAF_DAYS = 365
 CRL_DAYS = 7
-_TRUST_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,253}[a-z0-9])?$")
 
 
 @dataclass(frozen=True)
@@ -108,7 +107,7 @@ class CertificateAuthority:
     @classmethod
     def init(cls, directory: Path, trust_domain: str, days: int = CA_DAYS) -> CertificateAuthority:
         """Create a new CA; refuse if one already exists in ``directory``."""
-        if not _TRUST_DOMAIN.match(trust_domain):
+        if not TRUST_DOMAIN_PATTERN.fullmatch(trust_domain):
             raise PkiError(f"trust domain {trust_domain!r} is not a lower-case DNS-style name")
         if (directory / "ca.key").exists() or (directory / "ca.crt").exists():
             raise PkiError(f"{directory}: a CA already exists here; refusing to overwrite it")
@@ -175,7 +174,7 @@ class CertificateAuthority:
         not_before: dt.datetime | None = None,
     ) -> Path:
         """Issue an agency's bundle (ca.crt, agency.crt, agency.key) under agencies/<id>/."""
-        if not AGENCY_ID_PATTERN.match(agency_id):
+        if not AGENCY_ID_PATTERN.fullmatch(agency_id):
             raise PkiError(
                 f"agency id {agency_id!r} must be lower-case letters, digits and '-' "
                 "(1-63 characters, starting with a letter)"

@@ -18,6 +18,8 @@ import grpc
 import grpc.aio
 from google.protobuf import descriptor_pb2
 
+from tabadol.client import consumer_agency
+
 SERVICE = "tabadol.test.v1.Echo"
 UNARY = f"/{SERVICE}/Unary"
 SERVER_STREAM = f"/{SERVICE}/ServerStream"
@@ -60,6 +62,7 @@ class Seen:
     """What the provider saw of one call."""
 
     method: str
+    consumer: str  # as the provider-side helper reports it
     metadata: dict[str, Any]
     time_remaining: float | None
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
@@ -71,7 +74,12 @@ class EchoProvider(grpc.GenericRpcHandler):
         self.call_started = asyncio.Event()
 
     def _begin(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Seen:
-        seen = Seen(method, dict(context.invocation_metadata() or ()), context.time_remaining())
+        seen = Seen(
+            method,
+            consumer_agency(context),
+            dict(context.invocation_metadata() or ()),
+            context.time_remaining(),
+        )
         self.calls.append(seen)
         self.call_started.set()
         return seen

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ class BrokerCredentials:
     cert_pem: bytes
     key_pem: bytes
     revoked: frozenset[int]
+    crl_next_update: dt.datetime | None
 
     @classmethod
     def load(cls, pki_dir: Path, trust_domain: str, config_path: Path) -> BrokerCredentials:
@@ -72,4 +74,10 @@ class BrokerCredentials:
                 pki_dir / "broker.crt",
                 f"not a broker certificate: expected {broker_spiffe_id(trust_domain)}",
             )
-        return cls(ca_pem, cert_pem, key_pem, frozenset(r.serial_number for r in crl))
+        revoked = frozenset(r.serial_number for r in crl)
+        return cls(ca_pem, cert_pem, key_pem, revoked, crl.next_update_utc)
+
+    def crl_is_stale(self, now: dt.datetime | None = None) -> bool:
+        """Past its next-update time: the CA may have revoked more since."""
+        now = now or dt.datetime.now(dt.UTC)
+        return self.crl_next_update is not None and self.crl_next_update < now

@@ -180,6 +180,15 @@ def _bytes_stub(channel: grpc.aio.Channel, method: MethodContract) -> Any:
             return channel.stream_stream(method.path)
 
 
+def _warn_if_crl_stale(broker: Broker) -> None:
+    if broker.credentials.crl_is_stale():
+        log.warning(
+            "the CRL in %s was due for renewal at %s; run `tabadol pki crl` and SIGHUP the broker",
+            broker.config.broker.pki_dir,
+            broker.credentials.crl_next_update,
+        )
+
+
 async def run(config_path: Path) -> None:
     """Run a broker until SIGTERM or SIGINT; SIGHUP reloads the configuration and CRL."""
     broker = Broker(config_module.load(config_path))
@@ -193,6 +202,7 @@ async def run(config_path: Path) -> None:
         len(cfg.services),
         len(cfg.grants),
     )
+    _warn_if_crl_stale(broker)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
 
@@ -205,6 +215,7 @@ async def run(config_path: Path) -> None:
                 "configuration reload refused; the previous configuration keeps serving:\n%s", e
             )
             return
+        _warn_if_crl_stale(broker)
         log.info(
             "configuration reloaded from %s: %d agencies, %d services, %d grants, %d revoked certificates",
             new.path,
