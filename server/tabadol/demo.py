@@ -7,7 +7,6 @@ each agency a provider over mTLS, and traffic of every RPC kind sent through the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import shlex
@@ -257,20 +256,21 @@ async def run_demo(root: Path, *, listen: str, contracts: Path, once: bool = Fal
     ensure_pki(pki_dir)
 
     providers: dict[str, ProviderServer] = {}
-    for agency, register in AGENCIES.items():
-        provider = ProviderServer(pki_dir / "agencies" / agency)
-        register(provider.server)
-        await provider.start()
-        providers[agency] = provider
-
-    config_path = root / "demo.toml"
-    config_path.write_text(
-        demo_config(listen, pki_dir, contracts, {a: p.address for a, p in providers.items()})
-    )
-    broker = Broker(config_module.load(config_path))
-    await broker.start()
-    broker_address = f"{listen.rsplit(':', 1)[0]}:{broker.port}"
+    broker: Broker | None = None
     try:
+        for agency, register in AGENCIES.items():
+            provider = ProviderServer(pki_dir / "agencies" / agency)
+            register(provider.server)
+            await provider.start()
+            providers[agency] = provider
+
+        config_path = root / "demo.toml"
+        config_path.write_text(
+            demo_config(listen, pki_dir, contracts, {a: p.address for a, p in providers.items()})
+        )
+        broker = Broker(config_module.load(config_path))
+        await broker.start()
+        broker_address = f"{listen.rsplit(':', 1)[0]}:{broker.port}"
         rng = random.Random()
         report = await send_traffic(broker_address, pki_dir, rng)
         person = sample_person(rng)
@@ -296,7 +296,7 @@ async def run_demo(root: Path, *, listen: str, contracts: Path, once: bool = Fal
                 loop.add_signal_handler(sig, stop.set)
             await stop.wait()
     finally:
-        await broker.stop(1)
+        if broker is not None:
+            await broker.stop(1)
         for provider in providers.values():
-            with contextlib.suppress(Exception):
-                await provider.stop(1)
+            await provider.stop(1)

@@ -59,9 +59,9 @@ def _now() -> dt.datetime:
 def _write_private(path: Path, data: bytes) -> None:
     """Write a private key readable by its owner only, from the moment it exists."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_CREAT: fix it first
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-    os.chmod(path, 0o600)
 
 
 def _write_public(path: Path, data: bytes) -> None:

@@ -80,6 +80,7 @@ class Broker:
         try:
             self.port = self._server.add_secure_port(listen, self._server_credentials())
         except RuntimeError as e:
+            await self._server.stop(None)
             raise ConfigError(
                 f"{self.config.path}: [broker] listen: cannot bind {listen}: {e}"
             ) from e
