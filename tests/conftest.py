@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import grpc.aio
 import pytest
 
@@ -65,6 +66,7 @@ def broker_toml(
     grants: str,
     listen: str = "127.0.0.1:0",
     extra_broker: str = "",
+    tracing: str = 'exporter = "none"',
 ) -> str:
     agencies = "".join(f'[[agency]]\nid = "{a}"\nname = "Agency {a}"\n\n' for a in AGENCIES)
     endpoint_list = ", ".join(f'"{e}"' for e in endpoints)
@@ -74,6 +76,9 @@ trust_domain = "{TRUST_DOMAIN}"
 pki_dir = "{pki_dir}"
 contracts = ["{contracts}"]
 {extra_broker}
+
+[tracing]
+{tracing}
 
 {agencies}
 [[service]]
@@ -143,3 +148,16 @@ def channel_for(broker: Broker, pki: CertificateAuthority) -> Callable[[str], gr
         return channels[agency]
 
     return make
+
+
+def plain_channel(broker: Broker, pki: CertificateAuthority, agency: str) -> grpc.aio.Channel:
+    """A channel as a hostile or non-Tabadol client would open it: mTLS, no helpers."""
+    bundle = pki.dir / "agencies" / agency
+    creds = grpc.ssl_channel_credentials(
+        pki.cert_pem(), (bundle / "agency.key").read_bytes(), (bundle / "agency.crt").read_bytes()
+    )
+    return grpc.aio.secure_channel(
+        f"127.0.0.1:{broker.port}",
+        creds,
+        options=[("grpc.ssl_target_name_override", f"broker.{TRUST_DOMAIN}")],
+    )

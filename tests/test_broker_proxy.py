@@ -13,7 +13,8 @@ import grpc.aio
 import pytest
 
 from tabadol.broker import Broker
-from tests.conftest import RunningProvider
+from tabadol.pki import CertificateAuthority
+from tests.conftest import RunningProvider, plain_channel
 from tests.support.echo import BIDI, CLIENT_STREAM, SERVER_STREAM, UNARY, Seen
 
 Channel = Callable[[str], grpc.aio.Channel]
@@ -215,8 +216,12 @@ async def test_unknown_method_of_a_known_service_is_unimplemented(channel_for: C
     assert "'Nope'" in (err.value.details() or "")
 
 
-async def test_broker_keeps_serving_after_errors(channel_for: Channel, broker: Broker) -> None:
-    for path in ("/x/y", "/tabadol.test.v1.Echo/Nope", "garbage"):
-        with pytest.raises(grpc.aio.AioRpcError):
-            await channel_for("post").unary_unary(path)(b"", timeout=10)
+async def test_broker_keeps_serving_after_errors(
+    channel_for: Channel, broker: Broker, pki: CertificateAuthority
+) -> None:
+    async with plain_channel(broker, pki, "post") as hostile:
+        for path in ("/x/y", "/tabadol.test.v1.Echo/Nope", "garbage", "//", "/a/b/c"):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await hostile.unary_unary(path)(b"", timeout=10)
+            assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED
     assert await channel_for("post").unary_unary(UNARY)(b"ok", timeout=10) == b"ok"

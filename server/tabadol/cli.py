@@ -11,6 +11,8 @@ from pathlib import Path
 
 from tabadol.client.credentials import CredentialsError
 from tabadol.errors import TabadolError
+from tabadol.ops.server import DEFAULT_HTTP, DEFAULT_OTLP
+from tabadol.ops.store.base import DEFAULT_MAX_AGE_SECONDS, DEFAULT_MAX_BYTES
 
 EPILOG = "Documentation: README.md and docs/ in the Tabadol repository."
 
@@ -87,7 +89,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from tabadol.demo import prepare, run_demo
 
     root, contracts = prepare(args.dir, args.contracts)
-    asyncio.run(run_demo(root, listen=args.listen, contracts=contracts, once=args.once))
+    asyncio.run(
+        run_demo(
+            root,
+            listen=args.listen,
+            contracts=contracts,
+            ops_http=args.ops_http,
+            ops_otlp=args.ops_otlp,
+            traffic_every=args.traffic_every,
+            once=args.once,
+        )
+    )
+    return 0
+
+
+def _cmd_ops(args: argparse.Namespace) -> int:
+    from tabadol.ops.server import run
+    from tabadol.ops.store import StoreLimits
+
+    limits = StoreLimits(
+        max_age_seconds=args.retention_hours * 3600, max_bytes=args.max_db_mb * 1024**2
+    )
+    asyncio.run(run(args.db, args.http, args.otlp, limits))
     return 0
 
 
@@ -192,7 +215,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="FileDescriptorSet from `make protos` (default build/contracts.pb)",
     )
     demo.add_argument("--once", action="store_true", help="send the traffic, then stop")
+    demo.add_argument(
+        "--traffic-every",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="send another round of traffic this often (default 30; 0 = only at start)",
+    )
+    demo.add_argument(
+        "--ops-http", default=DEFAULT_HTTP, help=f"trace viewer (default {DEFAULT_HTTP})"
+    )
+    demo.add_argument(
+        "--ops-otlp", default=DEFAULT_OTLP, help=f"OTLP collector (default {DEFAULT_OTLP})"
+    )
     demo.set_defaults(func=_cmd_demo)
+
+    ops = sub.add_parser(
+        "ops",
+        help="run the trace viewer (OTLP collector, web UI, Jaeger-compatible API)",
+        description="Run the trace viewer: an OTLP/gRPC collector endpoint that any "
+        "OpenTelemetry SDK can send spans to, a web UI, and a Jaeger-compatible JSON API "
+        "(see docs/tracing.md). Spans are kept in SQLite, removed by age and by size.",
+    )
+    ops.add_argument(
+        "--http", default=DEFAULT_HTTP, help=f"web UI and API (default {DEFAULT_HTTP})"
+    )
+    ops.add_argument(
+        "--otlp", default=DEFAULT_OTLP, help=f"OTLP/gRPC collector (default {DEFAULT_OTLP})"
+    )
+    ops.add_argument(
+        "--db",
+        type=Path,
+        default=Path("var/ops/traces.db"),
+        help="span store (default var/ops/traces.db)",
+    )
+    ops.add_argument(
+        "--retention-hours",
+        type=float,
+        default=DEFAULT_MAX_AGE_SECONDS / 3600,
+        help=f"drop traces older than this (default {DEFAULT_MAX_AGE_SECONDS // 3600})",
+    )
+    ops.add_argument(
+        "--max-db-mb",
+        type=int,
+        default=DEFAULT_MAX_BYTES // 1024**2,
+        help=f"drop the oldest traces past this size (default {DEFAULT_MAX_BYTES // 1024**2})",
+    )
+    ops.set_defaults(func=_cmd_ops)
 
     call = sub.add_parser(
         "call",

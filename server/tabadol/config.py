@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tabadol.client.tracing import SAMPLERS
 from tabadol.contracts import Contracts
 from tabadol.errors import ConfigError, ContractError
 from tabadol.spiffe import AGENCY_ID_PATTERN, TRUST_DOMAIN_PATTERN
@@ -72,6 +73,31 @@ class BrokerSection(_Strict):
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
 
 
+class TracingSection(_Strict):
+    """OpenTelemetry settings; any left out come from the standard OTEL_* variables."""
+
+    enabled: bool = True
+    service_name: str | None = None
+    sampler: str | None = None
+    sampler_arg: str | None = None
+    exporter: str | None = None
+    otlp_endpoint: str | None = None
+
+    @field_validator("sampler")
+    @classmethod
+    def _known_sampler(cls, value: str | None) -> str | None:
+        if value is not None and value.strip().lower() not in SAMPLERS:
+            raise ValueError(f"unknown sampler {value!r}; expected one of {', '.join(SAMPLERS)}")
+        return value
+
+    @field_validator("exporter")
+    @classmethod
+    def _known_exporter(cls, value: str | None) -> str | None:
+        if value is not None and value not in ("otlp", "console", "none"):
+            raise ValueError(f"unknown exporter {value!r}; expected otlp, console or none")
+        return value
+
+
 class AgencyEntry(_Strict):
     id: AgencyId
     name: str = Field(min_length=1)
@@ -91,6 +117,7 @@ class GrantEntry(_Strict):
 
 class ConfigFile(_Strict):
     broker: BrokerSection
+    tracing: TracingSection = TracingSection()
     agency: list[AgencyEntry] = []
     service: list[ServiceEntry] = []
     grant: list[GrantEntry] = []
@@ -102,6 +129,7 @@ class BrokerConfig:
 
     path: Path
     broker: BrokerSection
+    tracing: TracingSection
     agencies: dict[str, AgencyEntry]
     services: dict[str, ServiceEntry]
     grants: tuple[GrantEntry, ...]
@@ -114,8 +142,8 @@ def _describe_location(loc: tuple[Any, ...], data: dict[str, Any]) -> str:
         section, index = loc[0], loc[1]
         entry = data.get(section, [])[index] if index < len(data.get(section, [])) else {}
         return f"{_entry_label(section, index, entry)}{' ' + '.'.join(map(str, loc[2:])) if loc[2:] else ''}"
-    if loc and loc[0] == "broker":
-        return "[broker]" + (f" {'.'.join(map(str, loc[1:]))}" if loc[1:] else "")
+    if loc and loc[0] in ("broker", "tracing"):
+        return f"[{loc[0]}]" + (f" {'.'.join(map(str, loc[1:]))}" if loc[1:] else "")
     return ".".join(map(str, loc)) or "(top level)"
 
 
@@ -217,6 +245,7 @@ def load(path: Path) -> BrokerConfig:
     return BrokerConfig(
         path=path,
         broker=broker,
+        tracing=cfg.tracing,
         agencies={a.id: a for a in cfg.agency},
         services={s.name: s for s in cfg.service},
         grants=tuple(cfg.grant),

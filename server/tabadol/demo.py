@@ -11,11 +11,12 @@ import logging
 import random
 import shlex
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 import grpc
 import grpc.aio
+from opentelemetry.sdk.trace import TracerProvider
 
 from tabadol import config as config_module
 from tabadol.agencies.cra.v1 import (
@@ -41,6 +42,7 @@ from tabadol.agencies.tax.v1 import (
 )
 from tabadol.broker import Broker
 from tabadol.client import ProviderServer, connect
+from tabadol.client.tracing import tracer_provider
 from tabadol.demo_agencies import (
     AGENCIES,
     SERVICES,
@@ -49,6 +51,7 @@ from tabadol.demo_agencies import (
     sample_postal_code,
 )
 from tabadol.errors import TabadolError
+from tabadol.ops.server import OpsServer
 from tabadol.pki import CertificateAuthority
 from tabadol.type.v1 import date_pb2
 
@@ -94,7 +97,9 @@ def ensure_pki(pki_dir: Path) -> CertificateAuthority:
     return ca
 
 
-def demo_config(listen: str, pki_dir: Path, contracts: Path, endpoints: dict[str, str]) -> str:
+def demo_config(
+    listen: str, pki_dir: Path, contracts: Path, endpoints: dict[str, str], otlp: str
+) -> str:
     lines = [
         "# Written by `tabadol demo`; rewritten on every run.",
         "[broker]",
@@ -102,6 +107,9 @@ def demo_config(listen: str, pki_dir: Path, contracts: Path, endpoints: dict[str
         f'trust_domain = "{TRUST_DOMAIN}"',
         f'pki_dir = "{pki_dir}"',
         f'contracts = ["{contracts}"]',
+        "",
+        "[tracing]",
+        f'otlp_endpoint = "http://{otlp}"',
         "",
     ]
     for agency, name in AGENCY_NAMES.items():
@@ -126,12 +134,19 @@ def demo_config(listen: str, pki_dir: Path, contracts: Path, endpoints: dict[str
     return "\n".join(lines)
 
 
-async def send_traffic(broker_address: str, pki_dir: Path, rng: random.Random) -> list[str]:
+async def send_traffic(
+    broker_address: str,
+    pki_dir: Path,
+    rng: random.Random,
+    tracers: Mapping[str, TracerProvider | None],
+) -> list[str]:
     """One exchange of every RPC kind, plus two that the platform refuses; returns a report."""
     report: list[str] = []
 
     def channel(agency: str) -> grpc.aio.Channel:
-        return connect(broker_address, pki_dir / "agencies" / agency)
+        return connect(
+            broker_address, pki_dir / "agencies" / agency, tracer_provider=tracers[agency]
+        )
 
     async def attempt(label: str, action: Callable[[], Awaitable[str]]) -> None:
         try:
@@ -248,55 +263,95 @@ def example_call(
     return shlex.join(argv)
 
 
-async def run_demo(root: Path, *, listen: str, contracts: Path, once: bool = False) -> None:
+def _agency_tracers(otlp: str) -> dict[str, TracerProvider | None]:
+    """One tracer provider per agency, so each shows as its own service in the viewer."""
+    tracers: dict[str, TracerProvider | None] = {}
+    for agency in AGENCIES:
+        built = tracer_provider(agency, service_name=agency, otlp_endpoint=f"http://{otlp}")
+        tracers[agency] = built[0] if built else None
+    return tracers
+
+
+async def run_demo(
+    root: Path,
+    *,
+    listen: str,
+    contracts: Path,
+    ops_http: str,
+    ops_otlp: str,
+    traffic_every: float = 30.0,
+    once: bool = False,
+) -> None:
     """Start everything, send traffic, print where things are, and run until stopped.
 
     ``root`` and ``contracts`` are absolute paths (see `prepare`)."""
     pki_dir = root / "pki"
     ensure_pki(pki_dir)
-
+    ops = OpsServer(root / "ops" / "traces.db", http=ops_http, otlp=ops_otlp)
+    await ops.start()
+    tracers = _agency_tracers(ops.otlp_address)
     providers: dict[str, ProviderServer] = {}
     broker: Broker | None = None
     try:
         for agency, register in AGENCIES.items():
-            provider = ProviderServer(pki_dir / "agencies" / agency)
+            provider = ProviderServer(
+                pki_dir / "agencies" / agency, tracer_provider=tracers[agency]
+            )
             register(provider.server)
             await provider.start()
             providers[agency] = provider
 
         config_path = root / "demo.toml"
-        config_path.write_text(
-            demo_config(listen, pki_dir, contracts, {a: p.address for a, p in providers.items()})
-        )
+        endpoints = {a: p.address for a, p in providers.items()}
+        config_path.write_text(demo_config(listen, pki_dir, contracts, endpoints, ops.otlp_address))
         broker = Broker(config_module.load(config_path))
         await broker.start()
         broker_address = f"{listen.rsplit(':', 1)[0]}:{broker.port}"
         rng = random.Random()
-        report = await send_traffic(broker_address, pki_dir, rng)
+        report = await send_traffic(broker_address, pki_dir, rng, tracers)
         person = sample_person(rng)
         print("Tabadol demo is running.\n")
-        print(f"  broker     {broker_address}  (config {config_path})")
+        print(f"  broker       {broker_address}  (config {config_path})")
         for agency, provider in providers.items():
-            print(f"  {agency:<10} {provider.address}  provides {SERVICES[agency]}")
-        print(f"  PKI        {pki_dir}  (agency credentials in {pki_dir / 'agencies'}/<id>/)")
+            print(f"  {agency:<12} {provider.address}  provides {SERVICES[agency]}")
+        print(f"  PKI          {pki_dir}  (agency credentials in {pki_dir / 'agencies'}/<id>/)")
+        print(f"  trace viewer {ops.http_url}  (OTLP/gRPC collector on {ops.otlp_address})")
         print("\nSample traffic through the broker:")
         print("\n".join(report))
         print("\nTry a call yourself, as the National Post asking the civil registry:\n")
-        print(
-            "  "
-            + example_call(
-                broker_address, root, contracts, person.national_id, str(person.birth_date)
-            )
+        example = example_call(
+            broker_address, root, contracts, person.national_id, str(person.birth_date)
         )
+        print(f"  {example}")
+        print(f"\nThen find it in the trace viewer: {ops.http_url}/search?service=post")
         print("\nPress Ctrl-C to stop.", flush=True)
         if not once:
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
+            await _keep_running(broker_address, pki_dir, rng, tracers, traffic_every)
     finally:
         if broker is not None:
             await broker.stop(1)
         for provider in providers.values():
             await provider.stop(1)
+        for tracer in tracers.values():
+            if tracer is not None:
+                await asyncio.to_thread(tracer.shutdown)
+        await ops.stop()
+
+
+async def _keep_running(
+    broker_address: str,
+    pki_dir: Path,
+    rng: random.Random,
+    tracers: Mapping[str, TracerProvider | None],
+    traffic_every: float,
+) -> None:
+    """Until SIGINT or SIGTERM; a round of traffic every ``traffic_every`` seconds (0: none)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), traffic_every if traffic_every > 0 else None)
+        except TimeoutError:
+            await send_traffic(broker_address, pki_dir, rng, tracers)

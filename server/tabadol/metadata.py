@@ -25,6 +25,8 @@ HOP_BY_HOP = frozenset(
         "user-agent",
     }
 )
+# W3C trace context: the broker replaces it with its own span's when it traces.
+TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 # The one reserved key a provider may legitimately send end to end: the rich error status.
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
@@ -34,12 +36,26 @@ def _crosses(key: str) -> bool:
 
 
 def request_metadata(
-    incoming: Iterable[tuple[str, str | bytes]], consumer: str, request_id: str
+    incoming: Iterable[tuple[str, str | bytes]],
+    consumer: str,
+    request_id: str,
+    trace_headers: Metadata = (),
 ) -> Metadata:
     """What the provider receives: the caller's metadata without hop-by-hop, reserved and
-    caller-supplied ``x-tabadol-*`` keys, plus the broker's own identity headers."""
-    kept = tuple((k, v) for k, v in incoming if _crosses(k) and not k.startswith(PLATFORM_PREFIX))
-    return (*kept, (CONSUMER_KEY, consumer), (REQUEST_ID_KEY, request_id))
+    caller-supplied ``x-tabadol-*`` keys, plus the broker's own identity headers.
+
+    With ``trace_headers`` (the broker's own span context) the caller's trace context is
+    replaced, so the provider's span is the child of the broker's.
+    """
+    replace_trace = bool(trace_headers)
+    kept = tuple(
+        (k, v)
+        for k, v in incoming
+        if _crosses(k)
+        and not k.startswith(PLATFORM_PREFIX)
+        and not (replace_trace and k in TRACE_HEADERS)
+    )
+    return (*kept, *trace_headers, (CONSUMER_KEY, consumer), (REQUEST_ID_KEY, request_id))
 
 
 def response_metadata(incoming: Iterable[tuple[str, str | bytes]] | None) -> Metadata:

@@ -8,6 +8,8 @@ from typing import Any
 
 import grpc
 import grpc.aio
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from opentelemetry.trace import TracerProvider
 
 from tabadol.client.credentials import AgencyCredentials
 from tabadol.spiffe import broker_spiffe_id
@@ -100,6 +102,8 @@ class ProviderServer:
 
     Register servicers on ``.server`` with the generated ``add_*Servicer_to_server``, then
     ``await start()``. ``port`` is the bound port (useful with ``listen="127.0.0.1:0"``).
+    Calls are traced with OpenTelemetry, continuing the broker's trace, through
+    ``tracer_provider`` or the global one.
     """
 
     def __init__(
@@ -108,10 +112,15 @@ class ProviderServer:
         listen: str = "127.0.0.1:0",
         *,
         options: Sequence[tuple[str, Any]] = (),
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.credentials = AgencyCredentials.load(credentials_dir)
         self.server = grpc.aio.server(
-            interceptors=[_BrokerOnly(broker_spiffe_id(self.credentials.trust_domain))],
+            interceptors=[
+                # Outermost, so that refused calls are traced too.
+                aio_server_interceptor(tracer_provider=tracer_provider),  # type: ignore[no-untyped-call]
+                _BrokerOnly(broker_spiffe_id(self.credentials.trust_domain)),
+            ],
             options=list(options),
         )
         server_creds = grpc.ssl_server_credentials(

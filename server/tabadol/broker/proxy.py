@@ -18,6 +18,8 @@ from typing import Any, NoReturn, cast
 import grpc
 import grpc.aio
 
+from tabadol.broker.exchange import Exchange
+from tabadol.broker.tracing import BrokerTracing
 from tabadol.contracts import Contracts, MethodContract, RpcKind
 from tabadol.identity import ConsumerIdentity, IdentityRejected, identify_consumer
 from tabadol.metadata import REQUEST_ID_KEY, Metadata, request_metadata, response_metadata
@@ -94,11 +96,13 @@ class Proxy:
         identities: Identities,
         routes: Mapping[str, Route],
         agencies: frozenset[str],
+        tracing: BrokerTracing | None = None,
     ) -> None:
         self.contracts = contracts
         self.policy = policy
         self.identities = identities
         self.agencies = agencies
+        self.tracing = tracing
         self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
             path: self._handler(route) for path, route in routes.items()
         }
@@ -118,51 +122,66 @@ class Proxy:
 
         return grpc.stream_stream_rpc_method_handler(refuse)
 
-    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any], route: Route) -> str:
+    async def _prepare(
+        self, exchange: Exchange, route: Route, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tuple[Any, dict[str, Any]]:
+        """Identity, policy and route for one call: the stub to call and how to call it."""
+        incoming = cast(Metadata, context.invocation_metadata() or ())
+        if self.tracing is not None:
+            self.tracing.start(exchange, incoming)
+        exchange.consumer = await self._admit(exchange, context)
+        exchange.endpoint, stub = route.pick()
+        exchange.request_id = uuid.uuid4().hex
+        trace_headers = (
+            self.tracing.start_provider_hop(exchange) if self.tracing is not None else ()
+        )
+        metadata = request_metadata(incoming, exchange.consumer, exchange.request_id, trace_headers)
+        return stub, {"metadata": metadata, "timeout": context.time_remaining()}
+
+    async def _admit(self, exchange: Exchange, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         """Identity, then policy. Returns the consumer's agency id or aborts the call."""
+        method = exchange.method
         try:
             consumer = self.identities.identify(context).agency_id
         except IdentityRejected as e:
-            log.warning("refused a call to %s: %s", route.method.path, e)
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"Tabadol broker: {e}")
-        if not self.policy.allows(consumer, route.method.path):
-            log.warning("denied %s calling %s", consumer, route.method.path)
+            log.warning("refused a call to %s: %s", method.path, e)
+            await _abort(exchange, context, grpc.StatusCode.UNAUTHENTICATED, f"Tabadol broker: {e}")
+        exchange.consumer = consumer
+        if not self.policy.allows(consumer, method.path):
+            log.warning("denied %s calling %s", consumer, method.path)
             why = (
                 "has no grant"
                 if consumer in self.agencies
                 else "is not a registered agency and has no grant"
             )
-            await context.abort(
+            await _abort(
+                exchange,
+                context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"Tabadol broker: agency {consumer!r} {why} for method "
-                f"{route.method.name!r} of service {route.method.service!r}",
+                f"{method.name!r} of service {method.service!r}",
             )
         return consumer
 
-    def _handler(self, route: Route) -> grpc.RpcMethodHandler[Any, Any]:
-        kind = route.method.kind
+    def _finish(self, exchange: Exchange) -> None:
+        exchange.ended_ns = time.time_ns()
+        if self.tracing is not None:
+            self.tracing.finish(exchange)
 
-        def outbound(
-            consumer: str, context: grpc.aio.ServicerContext[Any, Any]
-        ) -> tuple[Any, dict[str, Any], str]:
-            _endpoint, stub = route.pick()
-            request_id = uuid.uuid4().hex
-            options = {
-                "metadata": request_metadata(
-                    context.invocation_metadata() or (), consumer, request_id
-                ),
-                "timeout": context.time_remaining(),
-            }
-            return stub, options, request_id
+    def _handler(self, route: Route) -> grpc.RpcMethodHandler[Any, Any]:
+        """The handler for one method, matching its RPC kind."""
+        kind = route.method.kind
 
         if kind is RpcKind.UNARY:
 
             async def unary_unary(
                 request: bytes, context: grpc.aio.ServicerContext[Any, Any]
             ) -> bytes:
-                consumer = await self._admit(context, route)
-                stub, options, request_id = outbound(consumer, context)
-                return await forward_unary(stub(request, **options), context, route, request_id)
+                exchange = Exchange(route.method, route.provider)
+                with _Outcome(self, exchange, context):
+                    stub, options = await self._prepare(exchange, route, context)
+                    call = stub(exchange.request(request), **options)
+                    return exchange.response(await forward_unary(call, context, exchange))
 
             return grpc.unary_unary_rpc_method_handler(unary_unary)
 
@@ -171,12 +190,12 @@ class Proxy:
             async def unary_stream(
                 request: bytes, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[bytes]:
-                consumer = await self._admit(context, route)
-                stub, options, request_id = outbound(consumer, context)
-                async for message in forward_stream(
-                    stub(request, **options), context, route, request_id
-                ):
-                    yield message
+                exchange = Exchange(route.method, route.provider)
+                with _Outcome(self, exchange, context):
+                    stub, options = await self._prepare(exchange, route, context)
+                    call = stub(exchange.request(request), **options)
+                    async for message in forward_stream(call, context, exchange):
+                        yield exchange.response(message)
 
             return grpc.unary_stream_rpc_method_handler(unary_stream)
 
@@ -185,23 +204,74 @@ class Proxy:
             async def stream_unary(
                 requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
             ) -> bytes:
-                consumer = await self._admit(context, route)
-                stub, options, request_id = outbound(consumer, context)
-                return await forward_unary(stub(requests, **options), context, route, request_id)
+                exchange = Exchange(route.method, route.provider)
+                with _Outcome(self, exchange, context):
+                    stub, options = await self._prepare(exchange, route, context)
+                    call = stub(_counted(requests, exchange), **options)
+                    return exchange.response(await forward_unary(call, context, exchange))
 
             return grpc.stream_unary_rpc_method_handler(stream_unary)
 
         async def stream_stream(
             requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[bytes]:
-            consumer = await self._admit(context, route)
-            stub, options, request_id = outbound(consumer, context)
-            async for message in forward_stream(
-                stub(requests, **options), context, route, request_id
-            ):
-                yield message
+            exchange = Exchange(route.method, route.provider)
+            with _Outcome(self, exchange, context):
+                stub, options = await self._prepare(exchange, route, context)
+                call = stub(_counted(requests, exchange), **options)
+                async for message in forward_stream(call, context, exchange):
+                    yield exchange.response(message)
 
         return grpc.stream_stream_rpc_method_handler(stream_stream)
+
+
+class _Outcome:
+    """Records how a call ended, whatever way it ends, and then finishes its exchange."""
+
+    __slots__ = ("context", "exchange", "proxy")
+
+    def __init__(
+        self, proxy: Proxy, exchange: Exchange, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        self.proxy, self.exchange, self.context = proxy, exchange, context
+
+    def __enter__(self) -> Exchange:
+        return self.exchange
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
+        exchange = self.exchange
+        if exc_type is not None and exchange.code is None:
+            if issubclass(exc_type, asyncio.CancelledError | GeneratorExit):
+                remaining = self.context.time_remaining()
+                expired = remaining is not None and remaining <= 0
+                exchange.ended(
+                    grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED,
+                    "deadline exceeded" if expired else "cancelled by the consumer",
+                )
+            elif not issubclass(exc_type, grpc.aio.AbortError):
+                log.error("unexpected error in %s", exchange.method.path, exc_info=exc)
+                exchange.ended(
+                    grpc.StatusCode.UNKNOWN, f"internal broker error: {exc_type.__name__}"
+                )
+        self.proxy._finish(exchange)
+
+
+async def _counted(requests: AsyncIterator[bytes], exchange: Exchange) -> AsyncIterator[bytes]:
+    async for message in requests:
+        yield exchange.request(message)
+
+
+async def _abort(
+    exchange: Exchange,
+    context: grpc.aio.ServicerContext[Any, Any],
+    code: grpc.StatusCode,
+    details: str,
+    trailing: Metadata = (),
+) -> NoReturn:
+    exchange.ended(code, details)
+    await context.abort(code, details, trailing)
 
 
 def unknown_method_message(contracts: Contracts, path: str) -> str:
@@ -214,7 +284,7 @@ def unknown_method_message(contracts: Contracts, path: str) -> str:
 
 
 async def forward_unary(
-    call: Any, context: grpc.aio.ServicerContext[Any, Any], route: Route, request_id: str
+    call: Any, context: grpc.aio.ServicerContext[Any, Any], exchange: Exchange
 ) -> bytes:
     """Await a unary-response call and relay its metadata and status to the consumer."""
     try:
@@ -222,17 +292,18 @@ async def forward_unary(
         initial = response_metadata(await call.initial_metadata())
         if initial:
             await context.send_initial_metadata(initial)
-        context.set_trailing_metadata(_trailers(await call.trailing_metadata(), request_id))
+        context.set_trailing_metadata(_trailers(await call.trailing_metadata(), exchange))
+        exchange.ended(grpc.StatusCode.OK)
         return response
     except grpc.aio.AioRpcError as e:
-        await relay_error(e, context, route, request_id, headers_sent=False)
+        await relay_error(e, context, exchange, headers_sent=False)
     except asyncio.CancelledError:
         call.cancel()
         raise
 
 
 async def forward_stream(
-    call: Any, context: grpc.aio.ServicerContext[Any, Any], route: Route, request_id: str
+    call: Any, context: grpc.aio.ServicerContext[Any, Any], exchange: Exchange
 ) -> AsyncIterator[bytes]:
     """Relay a streaming-response call message by message, then its trailers and status."""
     headers_sent = False
@@ -244,26 +315,27 @@ async def forward_stream(
         while (message := await call.read()) is not grpc.aio.EOF:
             headers_sent = True
             yield message
-        context.set_trailing_metadata(_trailers(await call.trailing_metadata(), request_id))
+        trailers = _trailers(await call.trailing_metadata(), exchange)
+        context.set_trailing_metadata(trailers)
         code = await call.code()
         if code is not grpc.StatusCode.OK:
-            await context.abort(code, await call.details(), context.trailing_metadata())
+            await _abort(exchange, context, code, await call.details() or "", trailers)
+        exchange.ended(grpc.StatusCode.OK)
     except grpc.aio.AioRpcError as e:
-        await relay_error(e, context, route, request_id, headers_sent=headers_sent)
+        await relay_error(e, context, exchange, headers_sent=headers_sent)
     except (asyncio.CancelledError, GeneratorExit):
         call.cancel()
         raise
 
 
-def _trailers(trailing: Metadata | None, request_id: str) -> Metadata:
-    return (*response_metadata(trailing), (REQUEST_ID_KEY, request_id))
+def _trailers(trailing: Metadata | None, exchange: Exchange) -> Metadata:
+    return (*response_metadata(trailing), (REQUEST_ID_KEY, exchange.request_id))
 
 
 async def relay_error(
     error: grpc.aio.AioRpcError,
     context: grpc.aio.ServicerContext[Any, Any],
-    route: Route,
-    request_id: str,
+    exchange: Exchange,
     *,
     headers_sent: bool,
 ) -> NoReturn:
@@ -274,8 +346,8 @@ async def relay_error(
         if initial:
             await context.send_initial_metadata(initial)
     if code is grpc.StatusCode.UNAVAILABLE and not error.initial_metadata():
-        # The provider never answered: say which agency and where, so the consumer's ops
-        # team knows it is not their own link to the broker.
-        details = f"Tabadol broker: provider {route.provider!r} unavailable: {details}"
+        # The provider never answered: say which agency, so the consumer's ops team knows
+        # it is not their own link to the broker.
+        details = f"Tabadol broker: provider {exchange.provider!r} unavailable: {details}"
     trailing = cast(Metadata | None, error.trailing_metadata())
-    await context.abort(code, details, _trailers(trailing, request_id))
+    await _abort(exchange, context, code, details, _trailers(trailing, exchange))

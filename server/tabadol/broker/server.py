@@ -15,6 +15,8 @@ import grpc.aio
 from tabadol import config as config_module
 from tabadol.broker.credentials import BrokerCredentials
 from tabadol.broker.proxy import Identities, Proxy, Route
+from tabadol.broker.tracing import BrokerTracing
+from tabadol.client.tracing import SpanPipelineStats, TracingConfigError, tracer_provider
 from tabadol.config import BrokerConfig
 from tabadol.contracts import MethodContract, RpcKind
 from tabadol.errors import ConfigError
@@ -51,6 +53,7 @@ class Broker:
         self.credentials = self._load_credentials(cfg)
         self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self.tracing, self.span_stats = _tracing(cfg)
         self._dispatch = _Dispatch(self._build_proxy(cfg, self.credentials))
         self._server_cert_update: grpc.ServerCertificateConfiguration | None = None
         self._server = grpc.aio.server(options=_message_options(cfg.broker.max_message_bytes))
@@ -121,6 +124,7 @@ class Broker:
             identities=Identities(cfg.broker.trust_domain, creds.revoked),
             routes=routes,
             agencies=frozenset(cfg.agencies),
+            tracing=self.tracing,
         )
 
     def reload(self, cfg: BrokerConfig) -> None:
@@ -130,6 +134,8 @@ class Broker:
                 raise ConfigError(
                     f"{cfg.path}: [broker] {setting} cannot change on reload; restart the broker"
                 )
+        if cfg.tracing != self.config.tracing:
+            raise ConfigError(f"{cfg.path}: [tracing] cannot change on reload; restart the broker")
         creds = self._load_credentials(cfg)
         previous = self._channels
         if _identity(creds) != _identity(self.credentials):
@@ -153,9 +159,33 @@ class Broker:
         )
         await asyncio.gather(*(ch.close() for ch in self._channels.values()))
         self._channels.clear()
+        if self.tracing is not None:
+            # Flush what is queued; bounded by the exporter's own timeout.
+            await asyncio.to_thread(self.tracing.provider.shutdown)
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
+
+
+def _tracing(cfg: BrokerConfig) -> tuple[BrokerTracing | None, SpanPipelineStats | None]:
+    settings = cfg.tracing
+    if not settings.enabled:
+        return None, None
+    try:
+        built = tracer_provider(
+            "tabadol-broker",
+            service_name=settings.service_name,
+            sampler=settings.sampler,
+            sampler_arg=settings.sampler_arg,
+            exporter=settings.exporter,
+            otlp_endpoint=settings.otlp_endpoint,
+        )
+    except TracingConfigError as e:
+        raise ConfigError(f"{cfg.path}: [tracing] (or OTEL_* variables): {e}") from e
+    if built is None:  # OTEL_SDK_DISABLED
+        return None, None
+    provider, stats = built
+    return BrokerTracing(provider), stats
 
 
 def _identity(creds: BrokerCredentials) -> tuple[bytes, bytes, bytes]:

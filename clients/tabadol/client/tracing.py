@@ -1,0 +1,156 @@
+"""OpenTelemetry tracing set-up, configured the standard way (``OTEL_*`` variables).
+
+Explicit arguments win over the environment; the environment wins over the defaults:
+service name ``OTEL_SERVICE_NAME``, sampler ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG``
+(default ``parentbased_always_on``), exporter ``OTEL_TRACES_EXPORTER`` (``otlp``, ``console``
+or ``none``), OTLP endpoint and friends ``OTEL_EXPORTER_OTLP_*`` (default localhost:4317),
+batching ``OTEL_BSP_*``. ``OTEL_SDK_DISABLED=true`` turns tracing off.
+
+Export runs on the SDK's batch processor thread with a bounded queue: a slow or dead
+collector never blocks a call; spans that do not fit are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Mapping
+
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
+
+DEFAULT_SAMPLER = "parentbased_always_on"
+SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
+# The SDK's own switch for counting what its processors drop and its exporters fail.
+_INTERNAL_METRICS = "OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED"
+
+
+class TracingConfigError(ValueError):
+    """A sampler, ratio or exporter setting that the SDK would not understand."""
+
+
+def make_sampler(name: str, arg: str | None) -> Sampler:
+    """The sampler the OpenTelemetry spec names ``name`` (as in ``OTEL_TRACES_SAMPLER``)."""
+    name = name.strip().lower()
+    if name not in SAMPLERS:
+        raise TracingConfigError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
+    ratio = 1.0
+    if name.endswith("traceidratio"):
+        try:
+            ratio = float(arg) if arg not in (None, "") else 1.0
+        except ValueError:
+            raise TracingConfigError(f"sampler ratio {arg!r} is not a number") from None
+        if not 0.0 <= ratio <= 1.0:
+            raise TracingConfigError(f"sampler ratio {ratio} is outside 0..1")
+    root: Sampler = {
+        "always_on": ALWAYS_ON,
+        "always_off": ALWAYS_OFF,
+        "traceidratio": TraceIdRatioBased(ratio),
+    }[name.removeprefix("parentbased_")]
+    return ParentBased(root) if name.startswith("parentbased_") else root
+
+
+class SpanPipelineStats:
+    """What the SDK's processor and exporter report about themselves: exported, dropped."""
+
+    def __init__(self, reader: InMemoryMetricReader) -> None:
+        self._reader = reader
+
+    def _sum(self, metric_name: str, errors: bool) -> int:
+        data = self._reader.get_metrics_data()
+        total = 0
+        for resource_metrics in data.resource_metrics if data else ():
+            for scope in resource_metrics.scope_metrics:
+                for metric in scope.metrics:
+                    if metric.name != metric_name:
+                        continue
+                    for point in metric.data.data_points:
+                        if ("error.type" in (point.attributes or {})) == errors:
+                            total += int(getattr(point, "value", 0))
+        return total
+
+    def dropped(self) -> int:
+        """Spans the batch processor dropped because its queue was full."""
+        return self._sum("otel.sdk.processor.span.processed", errors=True)
+
+    def exported(self) -> int:
+        return self._sum("otel.sdk.exporter.span.exported", errors=False)
+
+    def export_failed(self) -> int:
+        """Spans the exporter gave up on (collector down or refusing)."""
+        return self._sum("otel.sdk.exporter.span.exported", errors=True)
+
+
+def _exporter(
+    name: str, otlp_endpoint: str | None, meter_provider: MeterProvider
+) -> SpanExporter | None:
+    if name == "none":
+        return None
+    if name == "console":
+        return ConsoleSpanExporter()
+    if name != "otlp":
+        raise TracingConfigError(
+            f"unknown traces exporter {name!r}; expected otlp, console or none"
+        )
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    insecure = True if otlp_endpoint and otlp_endpoint.startswith("http://") else None
+    return OTLPSpanExporter(
+        endpoint=otlp_endpoint, insecure=insecure, meter_provider=meter_provider
+    )
+
+
+def tracer_provider(
+    default_service_name: str,
+    *,
+    service_name: str | None = None,
+    sampler: str | None = None,
+    sampler_arg: str | None = None,
+    exporter: str | None = None,
+    otlp_endpoint: str | None = None,
+    resource_attributes: Mapping[str, str] | None = None,
+    env: Mapping[str, str] = os.environ,
+) -> tuple[TracerProvider, SpanPipelineStats] | None:
+    """A TracerProvider exporting in the background, or None when tracing is disabled."""
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    name = service_name or env.get("OTEL_SERVICE_NAME") or default_service_name
+    resource = Resource.create(
+        {
+            "service.name": name,
+            "service.instance.id": uuid.uuid4().hex,
+            **(resource_attributes or {}),
+        }
+    )
+    chosen = make_sampler(
+        sampler or env.get("OTEL_TRACES_SAMPLER") or DEFAULT_SAMPLER,
+        sampler_arg if sampler_arg is not None else env.get("OTEL_TRACES_SAMPLER_ARG"),
+    )
+    provider = TracerProvider(resource=resource, sampler=chosen)
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    os.environ.setdefault(_INTERNAL_METRICS, "true")
+    exporter_name = (exporter or env.get("OTEL_TRACES_EXPORTER") or "otlp").strip().lower()
+    span_exporter = _exporter(exporter_name, otlp_endpoint, meter_provider)
+    if span_exporter is not None:
+        provider.add_span_processor(
+            BatchSpanProcessor(span_exporter, meter_provider=meter_provider)
+        )
+    return provider, SpanPipelineStats(reader)

@@ -1,0 +1,103 @@
+"""The broker's spans: a server span per call and a client span for the provider hop.
+
+Attributes follow the OpenTelemetry RPC conventions (rpc.system, rpc.service, rpc.method,
+rpc.grpc.status_code) plus the exchange's own: consumer, provider, endpoint, request id,
+bytes and message counts each way.
+"""
+
+from __future__ import annotations
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from tabadol.broker.exchange import Exchange
+from tabadol.metadata import Metadata
+
+
+class _MetadataGetter(Getter[Metadata]):
+    def get(self, carrier: Metadata, key: str) -> list[str] | None:
+        values = [v for k, v in carrier if k == key and isinstance(v, str)]
+        return values or None
+
+    def keys(self, carrier: Metadata) -> list[str]:
+        return [k for k, _ in carrier]
+
+
+_GETTER = _MetadataGetter()
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+class BrokerTracing:
+    """Starts and ends the broker's spans for an Exchange."""
+
+    def __init__(self, provider: TracerProvider) -> None:
+        self.provider = provider
+        self._tracer = provider.get_tracer("tabadol.broker")
+
+    def start(self, exchange: Exchange, incoming: Metadata) -> None:
+        parent = _PROPAGATOR.extract(incoming, getter=_GETTER)
+        method = exchange.method
+        exchange.span = self._tracer.start_span(
+            method.path[1:],
+            context=parent,
+            kind=SpanKind.SERVER,
+            start_time=exchange.started_ns,
+            attributes={
+                "rpc.system": "grpc",
+                "rpc.service": method.service,
+                "rpc.method": method.name,
+                "tabadol.provider": exchange.provider,
+                "tabadol.rpc_kind": method.kind.value,
+            },
+        )
+
+    def start_provider_hop(self, exchange: Exchange) -> Metadata:
+        """Start the client span; returns the trace headers the provider must receive."""
+        method = exchange.method
+        host, _, port = exchange.endpoint.rpartition(":")
+        span = self._tracer.start_span(
+            method.path[1:],
+            context=trace.set_span_in_context(exchange.span, Context()),
+            kind=SpanKind.CLIENT,
+            attributes={
+                "rpc.system": "grpc",
+                "rpc.service": method.service,
+                "rpc.method": method.name,
+                "server.address": host.strip("[]"),
+                "server.port": int(port) if port.isdigit() else 0,
+                "tabadol.consumer": exchange.consumer,
+                "tabadol.provider": exchange.provider,
+                "tabadol.endpoint": exchange.endpoint,
+                "tabadol.request_id": exchange.request_id,
+            },
+        )
+        exchange.client_span = span
+        carrier: dict[str, str] = {}
+        _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span, Context()))
+        return tuple(carrier.items())
+
+    def finish(self, exchange: Exchange) -> None:
+        code = exchange.code or grpc.StatusCode.UNKNOWN
+        for span in (exchange.client_span, exchange.span):
+            if span is None:
+                continue
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        "rpc.grpc.status_code": code.value[0],
+                        "tabadol.consumer": exchange.consumer,
+                        "tabadol.request_id": exchange.request_id,
+                        "tabadol.request.bytes": exchange.request_bytes,
+                        "tabadol.request.messages": exchange.request_messages,
+                        "tabadol.response.bytes": exchange.response_bytes,
+                        "tabadol.response.messages": exchange.response_messages,
+                    }
+                )
+                if code is not grpc.StatusCode.OK:
+                    span.set_status(Status(StatusCode.ERROR, f"{code.name}: {exchange.details}"))
+            span.end(end_time=exchange.ended_ns or None)

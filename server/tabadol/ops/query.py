@@ -1,0 +1,150 @@
+"""Jaeger query-API parameters to a TraceQuery. Pure: strings in, values or ValueError out."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+
+from tabadol.ops.model import TraceQuery
+
+GRPC_CODES = {
+    "OK": 0,
+    "CANCELLED": 1,
+    "UNKNOWN": 2,
+    "INVALID_ARGUMENT": 3,
+    "DEADLINE_EXCEEDED": 4,
+    "NOT_FOUND": 5,
+    "ALREADY_EXISTS": 6,
+    "PERMISSION_DENIED": 7,
+    "RESOURCE_EXHAUSTED": 8,
+    "FAILED_PRECONDITION": 9,
+    "ABORTED": 10,
+    "OUT_OF_RANGE": 11,
+    "UNIMPLEMENTED": 12,
+    "INTERNAL": 13,
+    "UNAVAILABLE": 14,
+    "DATA_LOSS": 15,
+    "UNAUTHENTICATED": 16,
+}
+MAX_LIMIT = 1500  # Jaeger's UI offers up to 1500 results
+_UNITS_NS = {
+    "ns": 1,
+    "us": 1_000,
+    "µs": 1_000,
+    "ms": 1_000_000,
+    "s": 10**9,
+    "m": 60 * 10**9,
+    "h": 3600 * 10**9,
+    "d": 86400 * 10**9,
+}
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s|m|h|d)\s*")
+
+
+def parse_duration_ns(text: str) -> int:
+    """'1.5s', '250ms', '300us', '2h' (Go duration style, one unit) to nanoseconds."""
+    match = _DURATION.fullmatch(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a duration such as 250ms, 1.5s or 2h")
+    return int(float(match[1]) * _UNITS_NS[match[2]])
+
+
+def parse_tags(values: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """Tags as Jaeger's API takes them: ``tags={"k":"v"}`` (JSON) or ``tag=k:v`` (repeated)."""
+    tags: list[tuple[str, str]] = []
+    for value in values:
+        value = value.strip()
+        if value.startswith("{"):
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"tags is not a JSON object: {e}") from None
+            if not isinstance(parsed, dict):
+                raise ValueError("tags must be a JSON object of key: value")
+            tags += [(str(k), _tag_text(v)) for k, v in parsed.items()]
+        elif value:
+            key, sep, text = value.partition(":") if ":" in value else value.partition("=")
+            if not sep or not key:
+                raise ValueError(f"tag {value!r} is not key:value")
+            tags.append((key.strip(), text.strip()))
+    return tuple(tags)
+
+
+def _tag_text(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def parse_status(text: str | None) -> str | None:
+    if not text:
+        return None
+    status = text.strip().upper()
+    if status in ("OK", "ERROR") and text.strip().lower() in ("ok", "error"):
+        return text.strip().lower()
+    if status not in GRPC_CODES:
+        raise ValueError(f"status {text!r} is not ok, error or a gRPC code name")
+    return status
+
+
+def trace_query(params: Mapping[str, Sequence[str]], now_ns: int) -> TraceQuery:
+    """Build a query from multi-valued URL parameters, Jaeger's names and units (µs)."""
+
+    def one(name: str) -> str | None:
+        values = params.get(name)
+        return values[-1] if values else None
+
+    def micros(name: str) -> int | None:
+        text = one(name)
+        if text in (None, ""):
+            return None
+        try:
+            return int(text) * 1000
+        except ValueError:
+            raise ValueError(f"{name} must be microseconds since the epoch, got {text!r}") from None
+
+    start, end = micros("start"), micros("end")
+    lookback = one("lookback")
+    if start is None and lookback not in (None, "", "custom"):
+        start = (end or now_ns) - parse_duration_ns(lookback)
+    limit_text = one("limit") or "20"
+    offset_text = one("offset") or "0"
+    try:
+        limit, offset = int(limit_text), int(offset_text)
+    except ValueError:
+        raise ValueError("limit and offset must be whole numbers") from None
+    if not 1 <= limit <= MAX_LIMIT or offset < 0:
+        raise ValueError(f"limit must be 1-{MAX_LIMIT} and offset at least 0")
+    operation = one("operation") or None
+    min_d, max_d = one("minDuration"), one("maxDuration")
+    return TraceQuery(
+        service=one("service") or None,
+        operation=operation,
+        tags=parse_tags([*params.get("tags", ()), *params.get("tag", ())]),
+        min_duration_ns=parse_duration_ns(min_d) if min_d else None,
+        max_duration_ns=parse_duration_ns(max_d) if max_d else None,
+        start_ns=start,
+        end_ns=end,
+        status=parse_status(one("status")),
+        limit=limit,
+        offset=offset,
+    )
+
+
+def window_ns(
+    params: Mapping[str, Sequence[str]], now_ns: int, default_lookback_ms: int
+) -> tuple[int, int]:
+    """The (start, end) of ``endTs`` and ``lookback``, both in milliseconds as Jaeger has them."""
+
+    def millis(name: str, default: int) -> int:
+        values = params.get(name)
+        if not values or values[-1] == "":
+            return default
+        try:
+            return int(values[-1])
+        except ValueError:
+            raise ValueError(f"{name} must be milliseconds, got {values[-1]!r}") from None
+
+    end_ms = millis("endTs", now_ns // 1_000_000)
+    lookback_ms = millis("lookback", default_lookback_ms)
+    return (end_ms - lookback_ms) * 1_000_000, end_ms * 1_000_000

@@ -1,0 +1,207 @@
+"""One exchange is one trace: consumer, broker and provider spans, found through the viewer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import httpx
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+
+from tabadol import config
+from tabadol.broker import Broker
+from tabadol.client import ProviderServer, connect
+from tabadol.client.tracing import tracer_provider
+from tabadol.ops.server import OpsServer
+from tabadol.pki import CertificateAuthority
+from tests.conftest import DEFAULT_GRANTS, broker_toml
+from tests.support.echo import BIDI, SERVICE, UNARY, EchoProvider
+
+
+@dataclass
+class TracedExchange:
+    ops: OpsServer
+    broker: Broker
+    consumer: grpc.aio.Channel
+    tracers: list[TracerProvider]
+
+    async def flush(self) -> None:
+        for provider in [*self.tracers, self.broker.tracing.provider]:  # type: ignore[union-attr]
+            await asyncio.to_thread(provider.force_flush)
+
+    async def find_trace(self, tags: dict[str, str]) -> dict[str, Any]:
+        """The one trace with these tags, once the viewer has ingested all three services."""
+        await self.flush()
+        async with httpx.AsyncClient(base_url=self.ops.http_url) as http:
+            for _ in range(200):  # ingest is asynchronous: wait for it, boundedly
+                found = (await http.get("/api/traces", params={"tags": _json(tags)})).json()
+                if found["data"] and len(found["data"][0]["processes"]) == 3:
+                    assert found["total"] == 1
+                    return found["data"][0]  # type: ignore[no-any-return]
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"no complete trace with {tags} reached the viewer")
+
+
+def _json(tags: dict[str, str]) -> str:
+    import json
+
+    return json.dumps(tags)
+
+
+@pytest.fixture
+async def traced(
+    tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path
+) -> AsyncIterator[TracedExchange]:
+    ops = OpsServer(tmp_path / "traces.db", http="127.0.0.1:0", otlp="127.0.0.1:0")
+    await ops.start()
+    endpoint = f"http://{ops.otlp_address}"
+    tracers = []
+    for name in ("echo", "post"):
+        built = tracer_provider(name, service_name=name, otlp_endpoint=endpoint)
+        assert built is not None
+        tracers.append(built[0])
+    provider = ProviderServer(pki.dir / "agencies" / "echo", tracer_provider=tracers[0])
+    provider.server.add_generic_rpc_handlers((EchoProvider(),))
+    await provider.start()
+    path = tmp_path / "broker.toml"
+    path.write_text(
+        broker_toml(
+            pki_dir=pki.dir,
+            contracts=echo_contracts,
+            endpoints=[provider.address],
+            grants=DEFAULT_GRANTS,
+            tracing=f'otlp_endpoint = "{endpoint}"',
+        )
+    )
+    broker = Broker(config.load(path))
+    await broker.start()
+    consumer = connect(
+        f"127.0.0.1:{broker.port}", pki.dir / "agencies" / "post", tracer_provider=tracers[1]
+    )
+    yield TracedExchange(ops, broker, consumer, tracers)
+    await consumer.close()
+    await broker.stop(0)
+    await provider.stop(0)
+    for tracer in tracers:
+        tracer.shutdown()
+    await ops.stop()
+
+
+def _by_kind(trace: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Spans keyed by (service, span.kind)."""
+    spans = {}
+    for span in trace["spans"]:
+        service = trace["processes"][span["processID"]]["serviceName"]
+        kind = next(t["value"] for t in span["tags"] if t["key"] == "span.kind")
+        spans[(service, kind)] = span
+    return spans
+
+
+def _tags(span: dict[str, Any]) -> dict[str, Any]:
+    return {t["key"]: t["value"] for t in span["tags"]}
+
+
+def _parent(span: dict[str, Any]) -> str:
+    return str(span["references"][0]["spanID"]) if span["references"] else ""
+
+
+async def test_one_exchange_is_one_trace_across_consumer_broker_and_provider(
+    traced: TracedExchange,
+) -> None:
+    md = (("x-test-id", "trace-one"),)
+    assert await traced.consumer.unary_unary(UNARY)(b"hello", metadata=md, timeout=10) == b"hello"
+
+    trace = await traced.find_trace({"tabadol.consumer": "post", "rpc.method": "Unary"})
+    spans = _by_kind(trace)
+    assert set(spans) == {
+        ("post", "client"),
+        ("tabadol-broker", "server"),
+        ("tabadol-broker", "client"),
+        ("echo", "server"),
+    }
+    assert len({s["traceID"] for s in trace["spans"]}) == 1
+    consumer, broker_in = spans[("post", "client")], spans[("tabadol-broker", "server")]
+    broker_out, provider = spans[("tabadol-broker", "client")], spans[("echo", "server")]
+    assert _parent(consumer) == ""
+    assert _parent(broker_in) == consumer["spanID"]
+    assert _parent(broker_out) == broker_in["spanID"]
+    assert _parent(provider) == broker_out["spanID"]
+
+    attributes = _tags(broker_in)
+    assert attributes["rpc.system"] == "grpc"
+    assert attributes["rpc.service"] == SERVICE
+    assert attributes["rpc.method"] == "Unary"
+    assert attributes["rpc.grpc.status_code"] == 0
+    assert attributes["tabadol.consumer"] == "post"
+    assert attributes["tabadol.provider"] == "echo"
+    assert attributes["tabadol.request.bytes"] == 5
+    assert attributes["tabadol.response.bytes"] == 5
+    assert attributes["tabadol.request.messages"] == 1
+    assert _tags(broker_out)["tabadol.endpoint"] == traced.broker.config.services[SERVICE].endpoints[0]
+
+
+async def test_failed_call_marks_the_broker_span_as_error_with_the_grpc_status(
+    traced: TracedExchange,
+) -> None:
+    md = (("x-test-status", "NOT_FOUND"), ("x-test-details", "no such person"))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await traced.consumer.unary_unary(UNARY)(b"", metadata=md, timeout=10)
+
+    trace = await traced.find_trace({"tabadol.consumer": "post", "error": "true"})
+    broker_in = _tags(_by_kind(trace)[("tabadol-broker", "server")])
+    assert broker_in["rpc.grpc.status_code"] == 5
+    assert broker_in["otel.status_code"] == "ERROR"
+    assert broker_in["otel.status_description"] == "NOT_FOUND: no such person"
+
+
+async def test_stream_spans_count_messages_each_way(traced: TracedExchange) -> None:
+    messages = [b"a" * 10, b"b" * 20, b"c" * 30]
+    call = traced.consumer.stream_stream(BIDI)(iter(messages), timeout=10)
+    assert [m async for m in call] == messages
+
+    trace = await traced.find_trace({"rpc.method": "Bidi"})
+    broker_in = _tags(_by_kind(trace)[("tabadol-broker", "server")])
+    assert broker_in["tabadol.request.messages"] == 3
+    assert broker_in["tabadol.response.messages"] == 3
+    assert broker_in["tabadol.request.bytes"] == 60
+
+
+async def test_calls_keep_flowing_with_the_collector_down_and_dropped_spans_are_counted(
+    tmp_path: Path,
+    pki: CertificateAuthority,
+    echo_contracts: Path,
+    echo_provider: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A tiny queue and batch, so that spans must be dropped while the exporter is stuck
+    # retrying a collector that is not there.
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "8")
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "2")
+    path = tmp_path / "broker.toml"
+    path.write_text(
+        broker_toml(
+            pki_dir=pki.dir,
+            contracts=echo_contracts,
+            endpoints=[echo_provider.address],
+            grants=DEFAULT_GRANTS,
+            tracing='otlp_endpoint = "http://127.0.0.1:1"',
+        )
+    )
+    broker = Broker(config.load(path))
+    await broker.start()
+    try:
+        async with connect(f"127.0.0.1:{broker.port}", pki.dir / "agencies" / "post") as channel:
+            for i in range(100):
+                payload = str(i).encode()
+                assert await channel.unary_unary(UNARY)(payload, timeout=10) == payload
+        assert broker.span_stats is not None
+        assert broker.span_stats.dropped() > 0
+    finally:
+        await broker.stop(0)
