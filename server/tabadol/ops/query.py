@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from decimal import Decimal
 from collections.abc import Mapping, Sequence
 
 from tabadol.ops.model import TraceQuery
@@ -38,7 +39,7 @@ _UNITS_NS = {
     "h": 3600 * 10**9,
     "d": 86400 * 10**9,
 }
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s|m|h|d)\s*")
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|μs|ms|s|m|h|d)\s*")
 
 
 def parse_duration_ns(text: str) -> int:
@@ -46,7 +47,7 @@ def parse_duration_ns(text: str) -> int:
     match = _DURATION.fullmatch(text)
     if not match:
         raise ValueError(f"{text!r} is not a duration such as 250ms, 1.5s or 2h")
-    return int(float(match[1]) * _UNITS_NS[match[2]])
+    return int(Decimal(match[1]) * _UNITS_NS[match[2]])
 
 
 def parse_tags(values: Sequence[str]) -> tuple[tuple[str, str], ...]:
@@ -54,7 +55,7 @@ def parse_tags(values: Sequence[str]) -> tuple[tuple[str, str], ...]:
     tags: list[tuple[str, str]] = []
     for value in values:
         value = value.strip()
-        if value.startswith("{"):
+        if value.startswith(("{", "[")):
             try:
                 parsed = json.loads(value)
             except json.JSONDecodeError as e:
@@ -117,12 +118,21 @@ def trace_query(params: Mapping[str, Sequence[str]], now_ns: int) -> TraceQuery:
         raise ValueError(f"limit must be 1-{MAX_LIMIT} and offset at least 0")
     operation = one("operation") or None
     min_d, max_d = one("minDuration"), one("maxDuration")
+
+    def duration(name: str, text: str | None) -> int | None:
+        if not text:
+            return None
+        try:
+            return parse_duration_ns(text)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+
     return TraceQuery(
         service=one("service") or None,
         operation=operation,
         tags=parse_tags([*params.get("tags", ()), *params.get("tag", ())]),
-        min_duration_ns=parse_duration_ns(min_d) if min_d else None,
-        max_duration_ns=parse_duration_ns(max_d) if max_d else None,
+        min_duration_ns=duration("minDuration", min_d),
+        max_duration_ns=duration("maxDuration", max_d),
         start_ns=start,
         end_ns=end,
         status=parse_status(one("status")),

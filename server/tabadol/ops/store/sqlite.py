@@ -84,6 +84,7 @@ class SqliteSpanStore:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._write_lock = threading.Lock()
         self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []  # one per reading thread, closed with us
         self._writer = self._connect()
         with self._write_lock:
             self._writer.execute("PRAGMA auto_vacuum = INCREMENTAL")
@@ -103,10 +104,15 @@ class SqliteSpanStore:
         if conn is None:
             conn = self._connect()
             self._local.conn = conn
+            with self._write_lock:
+                self._readers.append(conn)
         return conn
 
     def close(self) -> None:
         with self._write_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
             self._writer.close()
 
     # -- ingest -------------------------------------------------------------------------
