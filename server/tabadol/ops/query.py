@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import re
-from decimal import Decimal
 from collections.abc import Mapping, Sequence
+from decimal import Decimal
 
 from tabadol.ops.model import TraceQuery
 
