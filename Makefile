@@ -7,7 +7,9 @@ PROTOS      := $(shell find protos -name '*.proto' | sort)
 CONTRACTS   := build/contracts.pb
 GEN_STAMP   := build/.protos
 
-.PHONY: setup protos run test lint fmt typecheck clean
+CHROMIUM    := /usr/bin/chromium
+
+.PHONY: setup protos run test lint fmt typecheck clean browser
 
 setup: $(STAMP) $(GEN_STAMP)
 
@@ -32,6 +34,17 @@ $(GEN_STAMP): $(STAMP) $(PROTOS)
 	  $(PROTOS)
 	touch $@
 
+# The browser tests drive Debian's Chromium with Playwright; Playwright's own browser
+# download is never used (and would fail without internet).
+browser: $(CHROMIUM)
+
+$(CHROMIUM):
+	@command -v apt-get >/dev/null || { echo "error: the browser tests need Debian's chromium at $(CHROMIUM); install it"; exit 1; }
+	@[ "$$(id -u)" = 0 ] || { echo "error: installing chromium needs root: run 'sudo apt-get install chromium'"; exit 1; }
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+	test -x $@
+
 run: setup
 	$(VENV)/bin/tabadol demo
 
@@ -46,7 +59,7 @@ fmt: setup
 typecheck: setup
 	$(VENV)/bin/mypy server/tabadol clients/tabadol
 
-test: setup lint typecheck
+test: setup browser lint typecheck
 	$(VENV)/bin/pytest -q
 
 clean:

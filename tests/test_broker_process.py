@@ -11,6 +11,7 @@ import grpc
 import grpc.aio
 import pytest
 
+from tabadol import config
 from tabadol.client import connect
 from tabadol.pki import CertificateAuthority
 from tests.conftest import DEFAULT_GRANTS, RunningProvider, broker_toml, start_broker
@@ -117,3 +118,38 @@ async def test_broker_refuses_to_start_on_a_bad_file_and_says_why(tmp_path: Path
         r"tabadol: error: .*broker\.toml: \[broker\] trust_domain: Field required"
     )
     assert await broker.proc.wait() == 2
+
+
+async def test_reload_that_moves_a_service_lets_calls_in_flight_finish_on_the_old_endpoint(
+    tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path, echo_provider: RunningProvider
+) -> None:
+    from tabadol.client import ProviderServer
+    from tests.support.echo import EchoProvider
+
+    second = ProviderServer(pki.dir / "agencies" / "echo")
+    second_echo = EchoProvider()
+    second.server.add_generic_rpc_handlers((second_echo,))
+    await second.start()
+    broker = await start_broker(tmp_path, pki.dir, echo_contracts, [echo_provider.address])
+    try:
+        async with connect(f"127.0.0.1:{broker.port}", pki.dir / "agencies" / "post") as channel:
+            echo_provider.echo.call_started.clear()
+            in_flight = asyncio.ensure_future(
+                channel.unary_unary(UNARY)(b"slow", metadata=(("x-test-sleep", "1"),))
+            )
+            await echo_provider.echo.call_started.wait()
+            (tmp_path / "broker.toml").write_text(
+                broker_toml(
+                    pki_dir=pki.dir, contracts=echo_contracts, endpoints=[second.address],
+                    grants=DEFAULT_GRANTS,
+                )
+            )  # fmt: skip
+            broker.reload(config.load(tmp_path / "broker.toml"))
+            # No deadline on the slow call: if the old channel were closed under it, this
+            # would hang or fail instead.
+            assert await asyncio.wait_for(in_flight, timeout=30) == b"slow"
+            assert await channel.unary_unary(UNARY)(b"new", timeout=10) == b"new"
+            assert len(second_echo.calls) == 1
+    finally:
+        await broker.stop(0)
+        await second.stop(0)

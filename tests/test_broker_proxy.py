@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import grpc.aio
@@ -225,3 +225,62 @@ async def test_broker_keeps_serving_after_errors(
                 await hostile.unary_unary(path)(b"", timeout=10)
             assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED
     assert await channel_for("post").unary_unary(UNARY)(b"ok", timeout=10) == b"ok"
+
+
+async def test_consumer_cancel_mid_client_stream_reaches_the_provider(
+    channel_for: Channel, echo_provider: RunningProvider
+) -> None:
+    tag, md = tagged(("x-test-sleep", "30"))  # the provider then works on what it got
+    call = channel_for("post").stream_unary(CLIENT_STREAM)(metadata=md, timeout=60)
+    await call.write(b"invoice-1")
+    await call.write(b"invoice-2")
+    while not any(c.metadata.get("x-test-id") == tag for c in echo_provider.echo.calls):
+        echo_provider.echo.call_started.clear()
+        await echo_provider.echo.call_started.wait()
+    call.cancel()
+    await asyncio.wait_for(seen(echo_provider, tag).cancelled.wait(), timeout=5)
+
+
+async def test_a_request_stream_cut_by_a_cancel_ends_in_a_cancel_not_a_half_close() -> None:
+    # gRPC ends a server's request iterator alike for a half-close and a cancel; the broker
+    # must pass a cancel on as a cancel, or a provider could commit an abandoned batch.
+    from tabadol.broker.exchange import Exchange
+    from tabadol.broker.proxy import _requests
+    from tabadol.contracts import MethodContract, RpcKind
+
+    async def two() -> AsyncIterator[bytes]:
+        yield b"a"
+        yield b"b"
+
+    def exchange() -> Exchange:
+        return Exchange(MethodContract("s.S", "M", RpcKind.CLIENT_STREAMING), "p")
+
+    async def relay(handler: asyncio.Task[None] | None) -> list[bytes]:
+        return [m async for m in _requests(two(), exchange(), handler)]
+
+    calm = asyncio.create_task(asyncio.sleep(3600))
+    assert await relay(calm) == [b"a", b"b"]  # a genuine half-close stays one
+
+    cancelled = asyncio.create_task(asyncio.sleep(3600))
+    cancelled.cancel()  # as gRPC does to the handler when the consumer goes away
+    with pytest.raises(asyncio.CancelledError):
+        await relay(cancelled)
+    calm.cancel()
+
+
+async def test_providers_own_unavailable_details_pass_unchanged(channel_for: Channel) -> None:
+    _, md = tagged(
+        ("x-test-status", "UNAVAILABLE"),
+        ("x-test-details", "our registry database is down for maintenance"),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await channel_for("post").unary_unary(UNARY)(b"", metadata=md, timeout=10)
+    assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert err.value.details() == "our registry database is down for maintenance"
+
+
+async def test_broker_refusals_carry_a_request_id(channel_for: Channel) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await channel_for("cra").unary_unary(UNARY)(b"", timeout=10)
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert len(dict(err.value.trailing_metadata() or ())["x-tabadol-request-id"]) == 32

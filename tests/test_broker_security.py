@@ -88,6 +88,16 @@ async def test_broker_certificate_cannot_be_used_to_call_as_a_consumer(
     assert "not an agency" in (error.details() or "")
 
 
+async def test_unknown_methods_are_not_revealed_to_an_identity_that_is_refused(
+    broker: Broker, pki: CertificateAuthority
+) -> None:
+    key, cert = (pki.dir / "broker.key").read_bytes(), (pki.dir / "broker.crt").read_bytes()
+    async with raw_channel(broker, pki.cert_pem(), key, cert) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await channel.unary_unary("/tabadol.test.v1.Echo/Nope")(b"", timeout=10)
+    assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
 async def test_agency_without_a_grant_is_denied_with_a_message_naming_everything(
     channel_for: Channel,
 ) -> None:

@@ -37,15 +37,19 @@ class TracedExchange:
 
     async def find_trace(self, tags: dict[str, str]) -> dict[str, Any]:
         """The one trace with these tags, once the viewer has ingested all three services."""
-        await self.flush()
+        found: dict[str, Any] = {}
         async with httpx.AsyncClient(base_url=self.ops.http_url) as http:
-            for _ in range(200):  # ingest is asynchronous: wait for it, boundedly
+            for _ in range(100):  # spans end and ingest asynchronously: wait, boundedly
+                await self.flush()
                 found = (await http.get("/api/traces", params={"tags": _json(tags)})).json()
                 if found["data"] and len(found["data"][0]["processes"]) == 3:
                     assert found["total"] == 1
                     return found["data"][0]  # type: ignore[no-any-return]
                 await asyncio.sleep(0.05)
-        raise AssertionError(f"no complete trace with {tags} reached the viewer")
+        services = [
+            sorted(p["serviceName"] for p in t["processes"].values()) for t in found.get("data", [])
+        ]
+        raise AssertionError(f"no complete trace with {tags} reached the viewer: {services}")
 
 
 def _json(tags: dict[str, str]) -> str:
@@ -143,7 +147,9 @@ async def test_one_exchange_is_one_trace_across_consumer_broker_and_provider(
     assert attributes["tabadol.request.bytes"] == 5
     assert attributes["tabadol.response.bytes"] == 5
     assert attributes["tabadol.request.messages"] == 1
-    assert _tags(broker_out)["tabadol.endpoint"] == traced.broker.config.services[SERVICE].endpoints[0]
+    assert (
+        _tags(broker_out)["tabadol.endpoint"] == traced.broker.config.services[SERVICE].endpoints[0]
+    )
 
 
 async def test_failed_call_marks_the_broker_span_as_error_with_the_grpc_status(

@@ -49,6 +49,8 @@ def _cmd_pki_issue(args: argparse.Namespace) -> int:
     from tabadol.pki import CertificateAuthority
 
     ca = CertificateAuthority(args.dir)
+    if args.agency and (args.dns or args.ip):
+        raise TabadolError("--dns and --ip are for the broker's certificate only")
     if args.broker:
         path = ca.issue_broker(
             dns_names=args.dns or ["localhost"],
@@ -116,6 +118,8 @@ def _cmd_ops(args: argparse.Namespace) -> int:
 
 def _cmd_call(args: argparse.Namespace) -> int:
     import grpc.aio
+    from google.protobuf import json_format
+    from google.protobuf.message import DecodeError
 
     from tabadol.client import connect
     from tabadol.client.dynamic import DynamicContracts, call_json
@@ -139,7 +143,7 @@ def _cmd_call(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(run())
-    except (LookupError, ValueError, OSError) as e:
+    except (LookupError, ValueError, OSError, json_format.ParseError, DecodeError) as e:
         raise TabadolError(str(e)) from e
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-Metadata = tuple[tuple[str, str | bytes], ...]
+from tabadol.protocol import CONSUMER_KEY, PLATFORM_PREFIX, REQUEST_ID_KEY
 
-PLATFORM_PREFIX = "x-tabadol-"
-CONSUMER_KEY = "x-tabadol-consumer"
-REQUEST_ID_KEY = "x-tabadol-request-id"
+__all__ = ["CONSUMER_KEY", "PLATFORM_PREFIX", "REQUEST_ID_KEY", "Metadata"]
+
+Metadata = tuple[tuple[str, str | bytes], ...]
 
 # Connection-level HTTP headers describe one hop, never the exchange.
 HOP_BY_HOP = frozenset(

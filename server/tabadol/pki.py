@@ -56,12 +56,23 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write a private key readable by its owner only, from the moment it exists."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_CREAT: fix it first
+def _write_private(path: Path, data: bytes, *, exclusive: bool = False) -> None:
+    """Write a private key readable by its owner only, from the moment it exists.
+
+    Written to a temporary file and renamed, so a crash never leaves a truncated key;
+    ``exclusive`` refuses to replace an existing file (FileExistsError).
+    """
+    if exclusive:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a leftover temporary file keeps its old mode through O_CREAT
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+    os.replace(tmp, path)
 
 
 def _write_public(path: Path, data: bytes) -> None:
@@ -109,10 +120,13 @@ class CertificateAuthority:
         """Create a new CA; refuse if one already exists in ``directory``."""
         if not TRUST_DOMAIN_PATTERN.fullmatch(trust_domain):
             raise PkiError(f"trust domain {trust_domain!r} is not a lower-case DNS-style name")
+        if days <= 0:
+            raise PkiError(f"a CA lifetime of {days} days would be expired at birth")
         if (directory / "ca.key").exists() or (directory / "ca.crt").exists():
             raise PkiError(f"{directory}: a CA already exists here; refusing to overwrite it")
-        directory.mkdir(parents=True, exist_ok=True)
-        os.chmod(directory, 0o700)
+        if not directory.exists():
+            directory.mkdir(parents=True)
+            os.chmod(directory, 0o700)  # only a directory we made: never tighten someone's /srv
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name(
             [
@@ -156,7 +170,12 @@ class CertificateAuthority:
             )
             .sign(key, hashes.SHA256())
         )
-        _write_private(directory / "ca.key", _key_pem(key))
+        try:
+            _write_private(directory / "ca.key", _key_pem(key), exclusive=True)
+        except FileExistsError as e:
+            raise PkiError(
+                f"{directory}: a CA already exists here; refusing to overwrite it"
+            ) from e
         _write_public(directory / "ca.crt", _cert_pem(cert))
         ca = cls(directory)
         ca.write_crl()
@@ -174,6 +193,7 @@ class CertificateAuthority:
         not_before: dt.datetime | None = None,
     ) -> Path:
         """Issue an agency's bundle (ca.crt, agency.crt, agency.key) under agencies/<id>/."""
+        _check_days(days)
         if not AGENCY_ID_PATTERN.fullmatch(agency_id):
             raise PkiError(
                 f"agency id {agency_id!r} must be lower-case letters, digits and '-' "
@@ -209,6 +229,7 @@ class CertificateAuthority:
         force: bool = False,
     ) -> Path:
         """Issue the broker's certificate; extra DNS names and IPs let generic tools dial it."""
+        _check_days(days)
         cert_path = self.dir / "broker.crt"
         if (self.dir / "broker.key").exists() and not force:
             raise PkiError(f"{cert_path}: the broker already has a certificate; pass --force")
@@ -328,6 +349,11 @@ class CertificateAuthority:
         _write_public(self.dir / "crl.pem", crl.public_bytes(serialization.Encoding.PEM))
 
 
+def _check_days(days: int) -> None:
+    if days <= 0:
+        raise PkiError(f"a certificate lifetime of {days} days would be expired at birth")
+
+
 def trust_domain_of(ca_cert: x509.Certificate) -> str:
     """The trust domain a Tabadol CA speaks for: the ``spiffe://<domain>`` URI in its SAN."""
     try:
@@ -346,6 +372,8 @@ def load_crl(path: Path, ca_cert: x509.Certificate) -> x509.CertificateRevocatio
         crl = x509.load_pem_x509_crl(path.read_bytes())
     except FileNotFoundError as e:
         raise PkiError(f"{path}: CRL missing") from e
+    except OSError as e:
+        raise PkiError(f"{path}: cannot read the CRL: {e.strerror}") from e
     except ValueError as e:
         raise PkiError(f"{path}: not a PEM CRL: {e}") from e
     public_key = ca_cert.public_key()

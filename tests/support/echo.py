@@ -133,9 +133,13 @@ class EchoProvider(grpc.GenericRpcHandler):
     ) -> bytes:
         seen = self._begin(CLIENT_STREAM, context)
         digest, count = hashlib.sha256(), 0
-        async for message in requests:
-            digest.update(message)
-            count += 1
+        try:
+            async for message in requests:
+                digest.update(message)
+                count += 1
+        except asyncio.CancelledError:
+            seen.cancelled.set()
+            raise
         await self._steer(seen, context)
         return f"{count}:{digest.hexdigest()}".encode()
 

@@ -2,47 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 import grpc.aio
-from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from opentelemetry.trace import TracerProvider
 
 from tabadol.client.credentials import AgencyCredentials
+from tabadol.client.tracing_interceptor import tracing_interceptors
+from tabadol.protocol import KEEPALIVE_DIAL
 from tabadol.spiffe import broker_dns_name
-
-
-class _PropagateCancel(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.StreamUnaryClientInterceptor):
-    """Await unary responses here, so that cancelling the caller's call cancels the RPC.
-
-    OpenTelemetry's aio client interceptors swallow a cancel of unary-response calls
-    (opentelemetry-python-contrib issue 3271): without this, the provider would go on
-    working for a consumer that has given up.
-    """
-
-    async def _settle(self, call: Any) -> Any:
-        try:
-            await call
-        except asyncio.CancelledError:
-            call.cancel()
-            raise
-        except grpc.aio.AioRpcError:
-            pass  # the caller sees it when it awaits the call we return
-        return call
-
-    async def intercept_unary_unary(
-        self, continuation: Any, client_call_details: Any, request: Any
-    ) -> Any:
-        return await self._settle(await continuation(client_call_details, request))
-
-    async def intercept_stream_unary(
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
-    ) -> Any:
-        return await self._settle(await continuation(client_call_details, request_iterator))
 
 
 def connect(
@@ -64,10 +35,10 @@ def connect(
     return grpc.aio.secure_channel(
         broker_address,
         channel_creds,
-        options=[("grpc.ssl_target_name_override", broker_dns_name(creds.trust_domain)), *options],
-        interceptors=[
-            *aio_client_interceptors(tracer_provider=tracer_provider),  # type: ignore[no-untyped-call]
-            _PropagateCancel(),
-            *interceptors,
+        options=[
+            ("grpc.ssl_target_name_override", broker_dns_name(creds.trust_domain)),
+            *KEEPALIVE_DIAL,
+            *options,
         ],
+        interceptors=[*tracing_interceptors(tracer_provider), *interceptors],
     )

@@ -12,10 +12,8 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.trace import TracerProvider
 
 from tabadol.client.credentials import AgencyCredentials
+from tabadol.protocol import CONSUMER_KEY, KEEPALIVE_LISTEN, REQUEST_ID_KEY
 from tabadol.spiffe import broker_spiffe_id
-
-CONSUMER_KEY = "x-tabadol-consumer"
-REQUEST_ID_KEY = "x-tabadol-request-id"
 
 
 def _metadata_value(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str:
@@ -121,7 +119,7 @@ class ProviderServer:
                 aio_server_interceptor(tracer_provider=tracer_provider),  # type: ignore[no-untyped-call]
                 _BrokerOnly(broker_spiffe_id(self.credentials.trust_domain)),
             ],
-            options=list(options),
+            options=[*KEEPALIVE_LISTEN, *options],
         )
         server_creds = grpc.ssl_server_credentials(
             [(self.credentials.key_pem, self.credentials.cert_pem)],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -21,7 +21,7 @@ from tabadol.spiffe import broker_spiffe_id
 class BrokerCredentials:
     ca_pem: bytes
     cert_pem: bytes
-    key_pem: bytes
+    key_pem: bytes = field(repr=False)  # never in a log line or a traceback
     revoked: frozenset[int]
     crl_next_update: dt.datetime | None
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 
+from tabadol.broker.upstream import Upstream
 from tabadol.contracts import MethodContract
 
 
@@ -26,6 +27,7 @@ class Exchange:
     request_messages: int = 0
     response_bytes: int = 0
     response_messages: int = 0
+    upstream: Upstream | None = None  # the provider endpoint, once routed
     span: Any = None  # the broker's server span, when tracing
     client_span: Any = None  # the provider hop's span, when tracing
 

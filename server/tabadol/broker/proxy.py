@@ -7,12 +7,10 @@ what the consumer sent is exactly what the provider receives, and back.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, NoReturn, cast
 
 import grpc
@@ -20,7 +18,8 @@ import grpc.aio
 
 from tabadol.broker.exchange import Exchange
 from tabadol.broker.tracing import BrokerTracing
-from tabadol.contracts import Contracts, MethodContract, RpcKind
+from tabadol.broker.upstream import Route
+from tabadol.contracts import Contracts, RpcKind
 from tabadol.identity import ConsumerIdentity, IdentityRejected, identify_consumer
 from tabadol.metadata import REQUEST_ID_KEY, Metadata, request_metadata, response_metadata
 from tabadol.policy import Policy
@@ -28,25 +27,8 @@ from tabadol.policy import Policy
 log = logging.getLogger("tabadol.broker")
 
 _IDENTITY_CACHE_LIMIT = 10_000
-
-
-@dataclass
-class Route:
-    """Where one method's calls go: the provider agency and its endpoints, round robin."""
-
-    method: MethodContract
-    provider: str
-    endpoints: tuple[str, ...]
-    stubs: tuple[Any, ...]  # one bytes-in/bytes-out multicallable per endpoint
-    _next: Callable[[], int] = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        counter = itertools.cycle(range(len(self.stubs)))
-        self._next = counter.__next__
-
-    def pick(self) -> tuple[str, Any]:
-        i = self._next()
-        return self.endpoints[i], self.stubs[i]
+_REFUSAL_LOG_INTERVAL_S = 10.0
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class Identities:
@@ -55,9 +37,11 @@ class Identities:
     def __init__(self, trust_domain: str, revoked: frozenset[int]) -> None:
         self._trust_domain = trust_domain
         self._revoked = revoked
-        self._cache: dict[bytes, ConsumerIdentity | IdentityRejected] = {}
+        # An identity, or why the certificate was refused (a string: a cached exception
+        # would grow its traceback with every re-raise).
+        self._cache: dict[bytes, ConsumerIdentity | str] = {}
 
-    def identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> ConsumerIdentity:
+    def identify(self, context: Context) -> ConsumerIdentity:
         pems = cast(list[bytes] | None, context.auth_context().get("x509_pem_cert"))
         if not pems:
             raise IdentityRejected("no client certificate")
@@ -65,24 +49,50 @@ class Identities:
         known = self._cache.get(pem)
         if isinstance(known, ConsumerIdentity) and time.time() < known.expires_at:
             return known
-        if isinstance(known, IdentityRejected):
-            raise known
+        if isinstance(known, str):
+            raise IdentityRejected(known)
         try:
             identity = identify_consumer(
                 pem, trust_domain=self._trust_domain, revoked=self._revoked
             )
         except IdentityRejected as e:
-            self._remember(pem, e)
+            self._remember(pem, str(e))
             raise
         except ValueError as e:
             raise IdentityRejected(f"unreadable client certificate: {e}") from e
         self._remember(pem, identity)
         return identity
 
-    def _remember(self, pem: bytes, outcome: ConsumerIdentity | IdentityRejected) -> None:
+    def _remember(self, pem: bytes, outcome: ConsumerIdentity | str) -> None:
         if len(self._cache) >= _IDENTITY_CACHE_LIMIT:
             self._cache.clear()
         self._cache[pem] = outcome
+
+
+class RefusalLog:
+    """Warn about refused calls, at most once per interval for the same kind of refusal.
+
+    A misconfigured or hostile agency can be refused thousands of times a second; the log
+    must stay readable and cheap. Suppressed repeats are counted into the next line.
+    """
+
+    def __init__(self, interval_s: float = _REFUSAL_LOG_INTERVAL_S) -> None:
+        self._interval = interval_s
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def warn(self, key: tuple[str, str], message: str, *args: object) -> None:
+        now = time.monotonic()
+        last, suppressed = self._last.get(key, (0.0, 0))
+        if now - last < self._interval:
+            self._last[key] = (last, suppressed + 1)
+            return
+        if len(self._last) > _IDENTITY_CACHE_LIMIT:
+            self._last.clear()
+        self._last[key] = (now, 0)
+        if suppressed:
+            log.warning(message + " (and %d more like it)", *args, suppressed)
+        else:
+            log.warning(message, *args)
 
 
 class Proxy:
@@ -92,17 +102,20 @@ class Proxy:
         self,
         *,
         contracts: Contracts,
-        policy: Policy,
         identities: Identities,
+        policy: Policy,
         routes: Mapping[str, Route],
         agencies: frozenset[str],
         tracing: BrokerTracing | None = None,
+        refusals: RefusalLog | None = None,
     ) -> None:
         self.contracts = contracts
-        self.policy = policy
         self.identities = identities
+        self.policy = policy
         self.agencies = agencies
         self.tracing = tracing
+        self.refusals = refusals or RefusalLog()
+        self.offered = frozenset(route.method.service for route in routes.values())
         self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
             path: self._handler(route) for path, route in routes.items()
         }
@@ -112,43 +125,56 @@ class Proxy:
         return handler if handler is not None else self._unknown(method_path)
 
     def _unknown(self, method_path: str) -> grpc.RpcMethodHandler[Any, Any]:
-        """A handler that refuses any RPC kind with a message naming what does not exist."""
-        message = unknown_method_message(self.contracts, method_path)
+        """Refuse any RPC kind: UNAUTHENTICATED for a bad identity, else UNIMPLEMENTED."""
 
-        async def refuse(
-            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
-        ) -> None:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+        async def refuse(requests: AsyncIterator[bytes], context: Context) -> None:
+            request_id = uuid.uuid4().hex
+            trailers = ((REQUEST_ID_KEY, request_id),)
+            try:
+                self.identities.identify(context)
+            except IdentityRejected as e:
+                await context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED, f"Tabadol broker: {e}", trailers
+                )
+            message = unknown_method_message(self.contracts, self.offered, method_path)
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, message, trailers)
 
         return grpc.stream_stream_rpc_method_handler(refuse)
 
     async def _prepare(
-        self, exchange: Exchange, route: Route, context: grpc.aio.ServicerContext[Any, Any]
+        self, exchange: Exchange, route: Route, context: Context
     ) -> tuple[Any, dict[str, Any]]:
         """Identity, policy and route for one call: the stub to call and how to call it."""
         incoming = cast(Metadata, context.invocation_metadata() or ())
         if self.tracing is not None:
             self.tracing.start(exchange, incoming)
         exchange.consumer = await self._admit(exchange, context)
-        exchange.endpoint, stub = route.pick()
-        exchange.request_id = uuid.uuid4().hex
+        upstream, stub = route.pick()
+        upstream.acquire()
+        exchange.upstream, exchange.endpoint = upstream, upstream.endpoint
         trace_headers = (
             self.tracing.start_provider_hop(exchange) if self.tracing is not None else ()
         )
         metadata = request_metadata(incoming, exchange.consumer, exchange.request_id, trace_headers)
         return stub, {"metadata": metadata, "timeout": context.time_remaining()}
 
-    async def _admit(self, exchange: Exchange, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    async def _admit(self, exchange: Exchange, context: Context) -> str:
         """Identity, then policy. Returns the consumer's agency id or aborts the call."""
         method = exchange.method
         try:
             consumer = self.identities.identify(context).agency_id
         except IdentityRejected as e:
-            log.warning("refused a call to %s: %s", method.path, e)
+            self.refusals.warn(
+                ("identity", str(e)), "refused a call to %s: %s (request %s)",
+                method.path, e, exchange.request_id,
+            )  # fmt: skip
             await _abort(exchange, context, grpc.StatusCode.UNAUTHENTICATED, f"Tabadol broker: {e}")
         exchange.consumer = consumer
         if not self.policy.allows(consumer, method.path):
-            log.warning("denied %s calling %s", consumer, method.path)
+            self.refusals.warn(
+                (consumer, method.path), "denied %s calling %s (request %s)",
+                consumer, method.path, exchange.request_id,
+            )  # fmt: skip
             why = (
                 "has no grant"
                 if consumer in self.agencies
@@ -165,6 +191,8 @@ class Proxy:
 
     def _finish(self, exchange: Exchange) -> None:
         exchange.ended_ns = time.time_ns()
+        if exchange.upstream is not None:
+            exchange.upstream.release()
         if self.tracing is not None:
             self.tracing.finish(exchange)
 
@@ -172,12 +200,13 @@ class Proxy:
         """The handler for one method, matching its RPC kind."""
         kind = route.method.kind
 
+        def begin() -> Exchange:
+            return Exchange(route.method, route.provider, request_id=uuid.uuid4().hex)
+
         if kind is RpcKind.UNARY:
 
-            async def unary_unary(
-                request: bytes, context: grpc.aio.ServicerContext[Any, Any]
-            ) -> bytes:
-                exchange = Exchange(route.method, route.provider)
+            async def unary_unary(request: bytes, context: Context) -> bytes:
+                exchange = begin()
                 with _Outcome(self, exchange, context):
                     stub, options = await self._prepare(exchange, route, context)
                     call = stub(exchange.request(request), **options)
@@ -187,40 +216,36 @@ class Proxy:
 
         if kind is RpcKind.SERVER_STREAMING:
 
-            async def unary_stream(
-                request: bytes, context: grpc.aio.ServicerContext[Any, Any]
-            ) -> AsyncIterator[bytes]:
-                exchange = Exchange(route.method, route.provider)
+            async def unary_stream(request: bytes, context: Context) -> AsyncIterator[bytes]:
+                exchange = begin()
                 with _Outcome(self, exchange, context):
                     stub, options = await self._prepare(exchange, route, context)
                     call = stub(exchange.request(request), **options)
                     async for message in forward_stream(call, context, exchange):
-                        yield exchange.response(message)
+                        yield message
 
             return grpc.unary_stream_rpc_method_handler(unary_stream)
 
         if kind is RpcKind.CLIENT_STREAMING:
 
-            async def stream_unary(
-                requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
-            ) -> bytes:
-                exchange = Exchange(route.method, route.provider)
+            async def stream_unary(requests: AsyncIterator[bytes], context: Context) -> bytes:
+                exchange = begin()
                 with _Outcome(self, exchange, context):
                     stub, options = await self._prepare(exchange, route, context)
-                    call = stub(_counted(requests, exchange), **options)
+                    call = stub(_requests(requests, exchange, asyncio.current_task()), **options)
                     return exchange.response(await forward_unary(call, context, exchange))
 
             return grpc.stream_unary_rpc_method_handler(stream_unary)
 
         async def stream_stream(
-            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
+            requests: AsyncIterator[bytes], context: Context
         ) -> AsyncIterator[bytes]:
-            exchange = Exchange(route.method, route.provider)
+            exchange = begin()
             with _Outcome(self, exchange, context):
                 stub, options = await self._prepare(exchange, route, context)
-                call = stub(_counted(requests, exchange), **options)
+                call = stub(_requests(requests, exchange, asyncio.current_task()), **options)
                 async for message in forward_stream(call, context, exchange):
-                    yield exchange.response(message)
+                    yield message
 
         return grpc.stream_stream_rpc_method_handler(stream_stream)
 
@@ -230,9 +255,7 @@ class _Outcome:
 
     __slots__ = ("context", "exchange", "proxy")
 
-    def __init__(
-        self, proxy: Proxy, exchange: Exchange, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> None:
+    def __init__(self, proxy: Proxy, exchange: Exchange, context: Context) -> None:
         self.proxy, self.exchange, self.context = proxy, exchange, context
 
     def __enter__(self) -> Exchange:
@@ -251,41 +274,68 @@ class _Outcome:
                     "deadline exceeded" if expired else "cancelled by the consumer",
                 )
             elif not issubclass(exc_type, grpc.aio.AbortError):
-                log.error("unexpected error in %s", exchange.method.path, exc_info=exc)
+                log.error(
+                    "unexpected error in %s (request %s)",
+                    exchange.method.path,
+                    exchange.request_id,
+                    exc_info=exc,
+                )
                 exchange.ended(
                     grpc.StatusCode.UNKNOWN, f"internal broker error: {exc_type.__name__}"
                 )
         self.proxy._finish(exchange)
 
 
-async def _counted(requests: AsyncIterator[bytes], exchange: Exchange) -> AsyncIterator[bytes]:
+async def _requests(
+    requests: AsyncIterator[bytes], exchange: Exchange, handler: asyncio.Task[Any] | None
+) -> AsyncIterator[bytes]:
+    """The consumer's messages, counted, ending in a cancel (not a half-close) if it cancelled.
+
+    gRPC ends a server's request iterator the same way whether the consumer half-closed or
+    went away. Passing that on as a half-close would tell the provider the stream was
+    complete; a provider might then commit a batch the consumer abandoned.
+    """
     async for message in requests:
         yield exchange.request(message)
+    # The consumer's cancel reaches the handler's task a loop turn or two after the iterator
+    # ends; raising here makes gRPC cancel the provider call instead of half-closing it.
+    for _ in range(3):
+        if handler is not None and (handler.cancelling() or handler.done()):
+            raise asyncio.CancelledError("the consumer cancelled mid-stream")
+        await asyncio.sleep(0)
 
 
-async def _abort(
-    exchange: Exchange,
-    context: grpc.aio.ServicerContext[Any, Any],
-    code: grpc.StatusCode,
-    details: str,
-    trailing: Metadata = (),
-) -> NoReturn:
-    exchange.ended(code, details)
-    await context.abort(code, details, trailing)
-
-
-def unknown_method_message(contracts: Contracts, path: str) -> str:
+def unknown_method_message(contracts: Contracts, offered: frozenset[str], path: str) -> str:
     service, _, method = path.lstrip("/").partition("/")
     if not service or not method or "/" in method:
         return f"Tabadol broker: {path!r} is not a gRPC method path (/package.Service/Method)"
     if service not in contracts.services:
         return f"Tabadol broker: unknown service {service!r}"
+    if service not in offered:
+        return f"Tabadol broker: service {service!r} is not offered on this exchange"
     return f"Tabadol broker: service {service!r} has no method {method!r}"
 
 
-async def forward_unary(
-    call: Any, context: grpc.aio.ServicerContext[Any, Any], exchange: Exchange
-) -> bytes:
+async def _abort(
+    exchange: Exchange,
+    context: Context,
+    code: grpc.StatusCode,
+    details: str,
+    trailing: Metadata | None = None,
+) -> NoReturn:
+    exchange.ended(code, details)
+    if trailing is None:
+        trailing = ((REQUEST_ID_KEY, exchange.request_id),)
+    await context.abort(code, details, trailing)
+
+
+def _cancelled_by_broker() -> bool:
+    """The provider call was cancelled, but not because our own task was (a channel closed)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
+
+
+async def forward_unary(call: Any, context: Context, exchange: Exchange) -> bytes:
     """Await a unary-response call and relay its metadata and status to the consumer."""
     try:
         response: bytes = await call
@@ -299,12 +349,12 @@ async def forward_unary(
         await relay_error(e, context, exchange, headers_sent=False)
     except asyncio.CancelledError:
         call.cancel()
+        if _cancelled_by_broker():
+            await _provider_lost(exchange, context)
         raise
 
 
-async def forward_stream(
-    call: Any, context: grpc.aio.ServicerContext[Any, Any], exchange: Exchange
-) -> AsyncIterator[bytes]:
+async def forward_stream(call: Any, context: Context, exchange: Exchange) -> AsyncIterator[bytes]:
     """Relay a streaming-response call message by message, then its trailers and status."""
     headers_sent = False
     try:
@@ -314,7 +364,7 @@ async def forward_stream(
             headers_sent = True
         while (message := await call.read()) is not grpc.aio.EOF:
             headers_sent = True
-            yield message
+            yield exchange.response(message)
         trailers = _trailers(await call.trailing_metadata(), exchange)
         context.set_trailing_metadata(trailers)
         code = await call.code()
@@ -323,18 +373,35 @@ async def forward_stream(
         exchange.ended(grpc.StatusCode.OK)
     except grpc.aio.AioRpcError as e:
         await relay_error(e, context, exchange, headers_sent=headers_sent)
-    except (asyncio.CancelledError, GeneratorExit):
+    except (asyncio.CancelledError, GeneratorExit) as e:
         call.cancel()
+        if isinstance(e, asyncio.CancelledError) and _cancelled_by_broker():
+            await _provider_lost(exchange, context)
         raise
+
+
+async def _provider_lost(exchange: Exchange, context: Context) -> NoReturn:
+    await _abort(
+        exchange,
+        context,
+        grpc.StatusCode.UNAVAILABLE,
+        f"Tabadol broker: the call to provider {exchange.provider!r} was cut off on the "
+        "broker's side (its channel closed); it is safe to retry only if the method is idempotent",
+    )
 
 
 def _trailers(trailing: Metadata | None, exchange: Exchange) -> Metadata:
     return (*response_metadata(trailing), (REQUEST_ID_KEY, exchange.request_id))
 
 
+# gRPC's own words when the broker could not reach the provider at all: then, and only then,
+# the broker names the provider agency (a provider's own UNAVAILABLE passes unchanged).
+_UNREACHABLE = ("failed to connect to all addresses", "DNS resolution failed")
+
+
 async def relay_error(
     error: grpc.aio.AioRpcError,
-    context: grpc.aio.ServicerContext[Any, Any],
+    context: Context,
     exchange: Exchange,
     *,
     headers_sent: bool,
@@ -345,9 +412,7 @@ async def relay_error(
         initial = response_metadata(error.initial_metadata())
         if initial:
             await context.send_initial_metadata(initial)
-    if code is grpc.StatusCode.UNAVAILABLE and not error.initial_metadata():
-        # The provider never answered: say which agency, so the consumer's ops team knows
-        # it is not their own link to the broker.
-        details = f"Tabadol broker: provider {exchange.provider!r} unavailable: {details}"
+    if code is grpc.StatusCode.UNAVAILABLE and details.startswith(_UNREACHABLE):
+        details = f"Tabadol broker: provider {exchange.provider!r} unreachable: {details}"
     trailing = cast(Metadata | None, error.trailing_metadata())
     await _abort(exchange, context, code, details, _trailers(trailing, exchange))

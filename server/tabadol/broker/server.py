@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -14,16 +14,19 @@ import grpc.aio
 
 from tabadol import config as config_module
 from tabadol.broker.credentials import BrokerCredentials
-from tabadol.broker.proxy import Identities, Proxy, Route
+from tabadol.broker.proxy import Identities, Proxy, RefusalLog
 from tabadol.broker.tracing import BrokerTracing
+from tabadol.broker.upstream import Route, Upstream
 from tabadol.client.tracing import SpanPipelineStats, TracingConfigError, tracer_provider
 from tabadol.config import BrokerConfig
-from tabadol.contracts import MethodContract, RpcKind
-from tabadol.errors import ConfigError
+from tabadol.errors import ConfigError, TabadolError
 from tabadol.policy import GrantRule, Policy
+from tabadol.protocol import KEEPALIVE_DIAL, KEEPALIVE_LISTEN
 from tabadol.spiffe import agency_dns_name
 
 log = logging.getLogger("tabadol.broker")
+
+UpstreamKey = tuple[str, str]  # (provider agency, endpoint)
 
 
 def _message_options(max_bytes: int) -> list[tuple[str, Any]]:
@@ -51,12 +54,15 @@ class Broker:
     def __init__(self, cfg: BrokerConfig) -> None:
         self.config = cfg
         self.credentials = self._load_credentials(cfg)
-        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._refusals = RefusalLog()
         self.tracing, self.span_stats = _tracing(cfg)
-        self._dispatch = _Dispatch(self._build_proxy(cfg, self.credentials))
+        self._upstreams = self._plan_upstreams(cfg, self.credentials, {})
+        self._dispatch = _Dispatch(self._build_proxy(cfg, self.credentials, self._upstreams))
         self._server_cert_update: grpc.ServerCertificateConfiguration | None = None
-        self._server = grpc.aio.server(options=_message_options(cfg.broker.max_message_bytes))
+        self._server = grpc.aio.server(
+            options=[*_message_options(cfg.broker.max_message_bytes), *KEEPALIVE_LISTEN]
+        )
         self._server.add_generic_rpc_handlers((self._dispatch,))
         self.port = 0
 
@@ -72,9 +78,7 @@ class Broker:
 
         return grpc.dynamic_ssl_server_credentials(
             _certificate_configuration(self.credentials),
-            cast(
-                Callable[[], grpc.ServerCertificateConfiguration], fetch_update
-            ),  # None = no change
+            cast(Callable[[], grpc.ServerCertificateConfiguration], fetch_update),  # None: same
             require_client_authentication=True,
         )
 
@@ -89,46 +93,71 @@ class Broker:
             ) from e
         await self._server.start()
 
-    def _channel(self, provider: str, endpoint: str, creds: BrokerCredentials) -> grpc.aio.Channel:
-        key = (provider, endpoint)
-        channel = self._channels.get(key)
-        if channel is None:
-            channel_creds = grpc.ssl_channel_credentials(
-                creds.ca_pem, creds.key_pem, creds.cert_pem
-            )
-            options = [
-                *_message_options(self.config.broker.max_message_bytes),
-                # TLS checks that the endpoint holds *this* agency's certificate.
-                (
-                    "grpc.ssl_target_name_override",
-                    agency_dns_name(self.config.broker.trust_domain, provider),
-                ),
-            ]
-            channel = grpc.aio.secure_channel(endpoint, channel_creds, options=options)
-            self._channels[key] = channel
-        return channel
+    def _plan_upstreams(
+        self,
+        cfg: BrokerConfig,
+        creds: BrokerCredentials,
+        current: Mapping[UpstreamKey, Upstream],
+    ) -> dict[UpstreamKey, Upstream]:
+        """The provider endpoints ``cfg`` needs: kept from ``current`` where unchanged, else new.
 
-    def _build_proxy(self, cfg: BrokerConfig, creds: BrokerCredentials) -> Proxy:
+        Nothing is closed here, so a configuration that fails later changes nothing.
+        """
+        channel_creds = grpc.ssl_channel_credentials(creds.ca_pem, creds.key_pem, creds.cert_pem)
+        planned: dict[UpstreamKey, Upstream] = {}
+        for svc in cfg.services.values():
+            for endpoint in svc.endpoints:
+                key = (svc.provider, endpoint)
+                if key in planned:
+                    continue
+                if key in current:
+                    planned[key] = current[key]
+                    continue
+                options = [
+                    *_message_options(cfg.broker.max_message_bytes),
+                    *KEEPALIVE_DIAL,
+                    # TLS checks that the endpoint holds *this* agency's certificate.
+                    (
+                        "grpc.ssl_target_name_override",
+                        agency_dns_name(cfg.broker.trust_domain, svc.provider),
+                    ),
+                ]
+                channel = grpc.aio.secure_channel(endpoint, channel_creds, options=options)
+                planned[key] = Upstream(svc.provider, endpoint, channel, self._closing)
+        return planned
+
+    def _build_proxy(
+        self,
+        cfg: BrokerConfig,
+        creds: BrokerCredentials,
+        upstreams: Mapping[UpstreamKey, Upstream],
+    ) -> Proxy:
         routes: dict[str, Route] = {}
         for svc in cfg.services.values():
-            channels = [self._channel(svc.provider, e, creds) for e in svc.endpoints]
+            targets = [upstreams[(svc.provider, e)] for e in svc.endpoints]
             for method in cfg.contracts.services[svc.name].methods.values():
-                stubs = tuple(_bytes_stub(ch, method) for ch in channels)
-                routes[method.path] = Route(method, svc.provider, tuple(svc.endpoints), stubs)
+                stubs = tuple((upstream, upstream.stub(method)) for upstream in targets)
+                routes[method.path] = Route(method, svc.provider, stubs)
         policy = Policy.from_grants(
-            (GrantRule(g.consumer, g.service, tuple(g.methods)) for g in cfg.grants), cfg.contracts
+            (GrantRule(g.consumer, g.service, tuple(g.methods)) for g in cfg.grants),
+            cfg.contracts,
         )
         return Proxy(
             contracts=cfg.contracts,
-            policy=policy,
             identities=Identities(cfg.broker.trust_domain, creds.revoked),
+            policy=policy,
             routes=routes,
             agencies=frozenset(cfg.agencies),
             tracing=self.tracing,
+            refusals=self._refusals,
         )
 
     def reload(self, cfg: BrokerConfig) -> None:
-        """Switch to a new, already validated configuration; in-flight calls finish on the old."""
+        """Switch to a new, already validated configuration; in-flight calls finish on the old.
+
+        Provider channels that the new configuration no longer uses close once their last
+        call has ended, however long that takes.
+        """
         for setting in ("listen", "trust_domain", "max_message_bytes"):
             if getattr(cfg.broker, setting) != getattr(self.config.broker, setting):
                 raise ConfigError(
@@ -137,28 +166,30 @@ class Broker:
         if cfg.tracing != self.config.tracing:
             raise ConfigError(f"{cfg.path}: [tracing] cannot change on reload; restart the broker")
         creds = self._load_credentials(cfg)
-        previous = self._channels
-        if _identity(creds) != _identity(self.credentials):
-            self._channels = {}  # a new broker identity: dial the providers afresh
+        identity_changed = _identity(creds) != _identity(self.credentials)
+        # A new broker identity means dialing every provider afresh with it.
+        upstreams = self._plan_upstreams(cfg, creds, {} if identity_changed else self._upstreams)
+        proxy = self._build_proxy(cfg, creds, upstreams)
+        # Everything is built: commit in one step.
+        retired = [u for key, u in self._upstreams.items() if upstreams.get(key) is not u]
+        self.config, self.credentials, self._upstreams = cfg, creds, upstreams
+        self._dispatch.proxy = proxy
+        if identity_changed:
             self._server_cert_update = _certificate_configuration(creds)
-        proxy = self._build_proxy(cfg, creds)
-        in_use = {(s.provider, e) for s in cfg.services.values() for e in s.endpoints}
-        self._channels = {k: ch for k, ch in self._channels.items() if k in in_use}
-        self.config, self.credentials, self._dispatch.proxy = cfg, creds, proxy
-        grace = cfg.broker.shutdown_grace_seconds
-        for key, channel in previous.items():
-            if self._channels.get(key) is not channel:
-                task = asyncio.get_running_loop().create_task(channel.close(grace))
-                self._closing.add(task)
-                task.add_done_callback(self._closing.discard)
+        for upstream in retired:
+            upstream.retire()
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls, let in-flight ones finish within ``grace``, close channels."""
-        await self._server.stop(
-            self.config.broker.shutdown_grace_seconds if grace is None else grace
-        )
-        await asyncio.gather(*(ch.close() for ch in self._channels.values()))
-        self._channels.clear()
+        if grace is None:
+            grace = self.config.broker.shutdown_grace_seconds
+        await self._server.stop(grace)
+        for upstream in self._upstreams.values():
+            upstream.retire()
+        await asyncio.gather(*list(self._closing))
+        # Calls the server cut off at the end of the grace period may not have released
+        # their endpoint yet; the process is ending, so close what is left regardless.
+        await asyncio.gather(*(u.channel.close() for u in self._upstreams.values() if u.in_flight))
         if self.tracing is not None:
             # Flush what is queued; bounded by the exporter's own timeout.
             await asyncio.to_thread(self.tracing.provider.shutdown)
@@ -198,19 +229,6 @@ def _certificate_configuration(creds: BrokerCredentials) -> grpc.ServerCertifica
     )
 
 
-def _bytes_stub(channel: grpc.aio.Channel, method: MethodContract) -> Any:
-    """A multicallable with no serializers: payloads cross as the bytes they arrived as."""
-    match method.kind:
-        case RpcKind.UNARY:
-            return channel.unary_unary(method.path)
-        case RpcKind.SERVER_STREAMING:
-            return channel.unary_stream(method.path)
-        case RpcKind.CLIENT_STREAMING:
-            return channel.stream_unary(method.path)
-        case RpcKind.BIDI_STREAMING:
-            return channel.stream_stream(method.path)
-
-
 def _warn_if_crl_stale(broker: Broker) -> None:
     if broker.credentials.crl_is_stale():
         log.warning(
@@ -241,14 +259,18 @@ async def run(config_path: Path) -> None:
         try:
             new = config_module.load(config_path)
             broker.reload(new)
-        except ConfigError as e:
+        except TabadolError as e:
             log.error(
                 "configuration reload refused; the previous configuration keeps serving:\n%s", e
             )
             return
+        except Exception:
+            log.exception("configuration reload failed; the previous configuration keeps serving")
+            return
         _warn_if_crl_stale(broker)
         log.info(
-            "configuration reloaded from %s: %d agencies, %d services, %d grants, %d revoked certificates",
+            "configuration reloaded from %s: %d agencies, %d services, %d grants, "
+            "%d revoked certificates",
             new.path,
             len(new.agencies),
             len(new.services),
@@ -260,8 +282,8 @@ async def run(config_path: Path) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
-    log.info(
-        "stopping: draining in-flight calls for up to %.0fs", cfg.broker.shutdown_grace_seconds
-    )
+    loop.remove_signal_handler(signal.SIGHUP)  # no reload can open channels mid-shutdown
+    grace = cfg.broker.shutdown_grace_seconds
+    log.info("stopping: draining in-flight calls for up to %.0fs", grace)
     await broker.stop()
     log.info("broker stopped")

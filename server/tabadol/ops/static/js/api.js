@@ -1,0 +1,59 @@
+// The viewer's JSON API. Every failure becomes an ApiError carrying the server's own message
+// (errors[0].msg), because that message names what is wrong, e.g. which filter.
+
+export class ApiError extends Error {
+  constructor(message, status) {
+    super(message);
+    this.name = 'ApiError';
+    this.status = status;
+  }
+}
+
+async function getJSON(path, params, signal) {
+  const url = new URL(path, location.origin);
+  for (const [key, value] of new URLSearchParams(params ?? {})) {
+    if (value !== '') url.searchParams.append(key, value);
+  }
+  let response;
+  try {
+    response = await fetch(url, { signal, headers: { Accept: 'application/json' } });
+  } catch (error) {
+    if (error.name === 'AbortError') throw error;
+    throw new ApiError(`Cannot reach the trace viewer at ${url.origin}: ${error.message}`, 0);
+  }
+  let body = null;
+  try {
+    body = await response.json();
+  } catch {
+    // Not JSON (a proxy's error page, say): fall through to the HTTP status below.
+  }
+  const message = body?.errors?.[0]?.msg;
+  if (!response.ok || message) {
+    throw new ApiError(message || `${url.pathname}: HTTP ${response.status} ${response.statusText}`, response.status);
+  }
+  return body;
+}
+
+export async function fetchServices(signal) {
+  return (await getJSON('/api/services', null, signal)).data ?? [];
+}
+
+export async function fetchOperations(service, signal) {
+  return (await getJSON(`/api/services/${encodeURIComponent(service)}/operations`, null, signal)).data ?? [];
+}
+
+/** One page of trace summaries: {data, total, limit, offset}. */
+export function searchTraces(params, signal) {
+  return getJSON('/api/tabadol/search', params, signal);
+}
+
+export const traceJsonUrl = (traceId) => `/api/traces/${encodeURIComponent(traceId)}`;
+
+export async function fetchTrace(traceId, signal) {
+  return (await getJSON(traceJsonUrl(traceId), null, signal)).data[0];
+}
+
+/** Consumer agency → provider agency calls in [endTs - lookback, endTs], both in ms. */
+export async function fetchAgencyCalls({ endTs, lookback }, signal) {
+  return (await getJSON('/api/tabadol/agencies', { endTs, lookback }, signal)).data ?? [];
+}
