@@ -45,9 +45,13 @@ function edgeGeometry(from, to, curved) {
   // Calls both ways between two agencies: bend each edge to its own side so both stay visible.
   const bend = curved ? 40 : 0;
   const control = { x: (start.x + end.x) / 2 - uy * bend, y: (start.y + end.y) / 2 + ux * bend };
+  // The label sits a third of the way from the consumer, not at the middle: in a circle
+  // layout, crossing edges meet at the centre and their labels would overlap there.
+  const t = 0.35;
+  const along = (a, b, c) => (1 - t) ** 2 * a + 2 * (1 - t) * t * b + t ** 2 * c;
   return {
     path: `M ${start.x} ${start.y} Q ${control.x} ${control.y} ${end.x} ${end.y}`,
-    label: { x: (start.x + 2 * control.x + end.x) / 4, y: (start.y + 2 * control.y + end.y) / 4 - 8 },
+    label: { x: along(start.x, control.x, end.x), y: along(start.y, control.y, end.y) - 8 },
   };
 }
 
