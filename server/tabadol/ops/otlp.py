@@ -81,12 +81,17 @@ class TraceCollector(trace_service_pb2_grpc.TraceServiceServicer):
         request: trace_service_pb2.ExportTraceServiceRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> trace_service_pb2.ExportTraceServiceResponse:
-        records = spans_from_request(request)
         try:
-            await asyncio.to_thread(self.store.add, records)
+            # Decoding and storing both happen off the event loop.
+            count = await asyncio.to_thread(self._ingest, request)
         except Exception as e:
             # The SDK retries UNAVAILABLE; the message says what went wrong with the store.
-            log.error("could not store %d spans: %s", len(records), e)
+            log.error("could not store spans: %s", e)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"trace store: {e}")
-        self.received += len(records)
+        self.received += count
         return trace_service_pb2.ExportTraceServiceResponse()
+
+    def _ingest(self, request: trace_service_pb2.ExportTraceServiceRequest) -> int:
+        records = spans_from_request(request)
+        self.store.add(records)
+        return len(records)

@@ -55,10 +55,10 @@ CREATE TABLE IF NOT EXISTS span_tags (
     span_id TEXT NOT NULL,
     key TEXT NOT NULL,
     value TEXT NOT NULL,
-    service TEXT NOT NULL,
-    PRIMARY KEY (trace_id, span_id, key)
-) WITHOUT ROWID;
+    service TEXT NOT NULL
+);
 CREATE INDEX IF NOT EXISTS span_tags_by_value ON span_tags (key, value);
+CREATE INDEX IF NOT EXISTS span_tags_by_trace ON span_tags (trace_id);
 """
 
 # Only short scalar attributes are searchable; the rest is still stored and shown.
@@ -93,7 +93,7 @@ class SqliteSpanStore:
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA synchronous = OFF")
         conn.execute("PRAGMA busy_timeout = 5000")
         return conn
 
@@ -185,7 +185,7 @@ class SqliteSpanStore:
         ]
         if span.is_error:
             tags.append((span.trace_id, span.span_id, "error", "true", span.service))
-        conn.executemany("INSERT OR IGNORE INTO span_tags VALUES (?,?,?,?,?)", tags)
+        conn.executemany("INSERT INTO span_tags VALUES (?,?,?,?,?)", tags)
 
     # -- queries ------------------------------------------------------------------------
 
