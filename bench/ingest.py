@@ -85,8 +85,8 @@ async def main(args: argparse.Namespace) -> None:
         for _ in procs:
             await asyncio.to_thread(ready.acquire)
         go.set()
-        while any(p.is_alive() for p in procs):
-            await asyncio.sleep(0.05)
+        for p in procs:
+            await asyncio.to_thread(p.join)
         elapsed = max(t.value for t in times)
         stored = ops.collector.received
         await ops.stop()
