@@ -110,12 +110,16 @@ async def start_broker(
     contracts: Path,
     endpoints: list[str],
     grants: str = DEFAULT_GRANTS,
+    tracing: str = 'exporter = "none"',
 ) -> Broker:
     """A broker on a free loopback port with a config file written to ``directory``."""
     path = directory / "broker.toml"
     path.write_text(
-        broker_toml(pki_dir=pki_dir, contracts=contracts, endpoints=endpoints, grants=grants)
-    )
+        broker_toml(
+            pki_dir=pki_dir, contracts=contracts, endpoints=endpoints, grants=grants,
+            tracing=tracing,
+        )
+    )  # fmt: skip
     broker = Broker(config.load(path))
     await broker.start()
     return broker

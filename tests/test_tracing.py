@@ -14,13 +14,12 @@ import httpx
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from tabadol import config
 from tabadol.broker import Broker
 from tabadol.client import ProviderServer, connect
 from tabadol.client.tracing import tracer_provider
 from tabadol.ops.server import OpsServer
 from tabadol.pki import CertificateAuthority
-from tests.conftest import DEFAULT_GRANTS, broker_toml
+from tests.conftest import start_broker
 from tests.support.echo import BIDI, SERVICE, UNARY, EchoProvider
 
 
@@ -73,18 +72,13 @@ async def traced(
     provider = ProviderServer(pki.dir / "agencies" / "echo", tracer_provider=tracers[0])
     provider.server.add_generic_rpc_handlers((EchoProvider(),))
     await provider.start()
-    path = tmp_path / "broker.toml"
-    path.write_text(
-        broker_toml(
-            pki_dir=pki.dir,
-            contracts=echo_contracts,
-            endpoints=[provider.address],
-            grants=DEFAULT_GRANTS,
-            tracing=f'otlp_endpoint = "{endpoint}"',
-        )
+    broker = await start_broker(
+        tmp_path,
+        pki.dir,
+        echo_contracts,
+        [provider.address],
+        tracing=f'otlp_endpoint = "{endpoint}"',
     )
-    broker = Broker(config.load(path))
-    await broker.start()
     consumer = connect(
         f"127.0.0.1:{broker.port}", pki.dir / "agencies" / "post", tracer_provider=tracers[1]
     )
@@ -190,18 +184,13 @@ async def test_calls_keep_flowing_with_the_collector_down_and_dropped_spans_are_
     monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "8")
     monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "2")
-    path = tmp_path / "broker.toml"
-    path.write_text(
-        broker_toml(
-            pki_dir=pki.dir,
-            contracts=echo_contracts,
-            endpoints=[echo_provider.address],
-            grants=DEFAULT_GRANTS,
-            tracing='otlp_endpoint = "http://127.0.0.1:1"',
-        )
+    broker = await start_broker(
+        tmp_path,
+        pki.dir,
+        echo_contracts,
+        [echo_provider.address],
+        tracing='otlp_endpoint = "http://127.0.0.1:1"',
     )
-    broker = Broker(config.load(path))
-    await broker.start()
     try:
         async with connect(f"127.0.0.1:{broker.port}", pki.dir / "agencies" / "post") as channel:
             for i in range(100):
