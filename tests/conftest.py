@@ -75,6 +75,7 @@ listen = "{listen}"
 trust_domain = "{TRUST_DOMAIN}"
 pki_dir = "{pki_dir}"
 contracts = ["{contracts}"]
+metrics_listen = "127.0.0.1:0"
 {extra_broker}
 
 [tracing]

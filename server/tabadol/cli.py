@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
 
 from tabadol.client.credentials import CredentialsError
 from tabadol.errors import TabadolError
@@ -98,10 +102,87 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             contracts=contracts,
             ops_http=args.ops_http,
             ops_otlp=args.ops_otlp,
+            metrics_listen=args.metrics_listen,
             traffic_every=args.traffic_every,
             once=args.once,
         )
     )
+    return 0
+
+
+def _trusted_broker(pki_dir: Path, trust_domain: str) -> Callable[[bytes], bool]:
+    """Seals count only when signed by a broker certificate of this exchange's CA."""
+    from cryptography import x509
+
+    from tabadol.identity import spiffe_ids
+    from tabadol.spiffe import broker_spiffe_id
+
+    try:
+        ca = x509.load_pem_x509_certificate((pki_dir / "ca.crt").read_bytes())
+    except (OSError, ValueError) as e:
+        raise TabadolError(f"{pki_dir / 'ca.crt'}: cannot load the CA certificate: {e}") from e
+
+    def trusted(cert_pem: bytes) -> bool:
+        try:
+            cert = x509.load_pem_x509_certificate(cert_pem)
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+        return broker_spiffe_id(trust_domain) in spiffe_ids(cert)
+
+    return trusted
+
+
+def _open_ledger(config: Path) -> tuple[Any, Any]:
+    from tabadol.config import load
+    from tabadol.ledger.store import LedgerWriteError, SqliteLedgerStore
+
+    cfg = load(config)
+    try:
+        return cfg, SqliteLedgerStore(cfg.ledger.path, readonly=True)
+    except LedgerWriteError as e:
+        raise TabadolError(str(e)) from e
+
+
+def _cmd_ledger_verify(args: argparse.Namespace) -> int:
+    from tabadol.ledger.verify import anchor_path, read_anchor, verify
+
+    cfg, store = _open_ledger(args.config)
+    verdict = verify(
+        store.records(),
+        store.seals(),
+        store.signers(),
+        _trusted_broker(cfg.broker.pki_dir, cfg.broker.trust_domain),
+        read_anchor(anchor_path(cfg.ledger.path)),
+    )
+    print(f"{cfg.ledger.path}: {verdict}")
+    return 0 if verdict.ok else 1
+
+
+def _parse_time(text: str, option: str) -> int:
+    """ISO 8601 date or date-time (UTC unless it says otherwise) to epoch nanoseconds."""
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise TabadolError(f"{option}: {text!r} is not an ISO 8601 date or date-time") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return int(moment.timestamp() * 1e9)
+
+
+def _cmd_ledger_export(args: argparse.Namespace) -> int:
+    from tabadol.ledger.export import export
+
+    _, store = _open_ledger(args.config)
+    start = _parse_time(args.start, "--from") if args.start else 0
+    end = _parse_time(args.end, "--to") if args.end else 2**63 - 1
+    out = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115
+    try:
+        count = export(store.records_between(start, end), out, args.format)
+    finally:
+        if args.out:
+            out.close()
+    print(f"exported {count} records", file=sys.stderr)
     return 0
 
 
@@ -227,12 +308,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="send another round of traffic this often (default 30; 0 = only at start)",
     )
     demo.add_argument(
+        "--metrics-listen",
+        default="127.0.0.1:9464",
+        help="the broker's Prometheus /metrics (default 127.0.0.1:9464)",
+    )
+    demo.add_argument(
         "--ops-http", default=DEFAULT_HTTP, help=f"trace viewer (default {DEFAULT_HTTP})"
     )
     demo.add_argument(
         "--ops-otlp", default=DEFAULT_OTLP, help=f"OTLP collector (default {DEFAULT_OTLP})"
     )
     demo.set_defaults(func=_cmd_demo)
+
+    ledger = sub.add_parser("ledger", help="check and export the transaction ledger")
+    ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True, metavar="ACTION")
+    lverify = ledger_sub.add_parser(
+        "verify",
+        help="check every record, link and seal; prints OK with the count or the first break",
+        description="Check the ledger named by the configuration's [ledger] path: positions, "
+        "the hash chain, every seal's signature (a broker certificate of this exchange's CA) "
+        "and the anchor file beside the ledger. Exit status 0 when intact, 1 when broken.",
+    )
+    lverify.add_argument("--config", type=Path, required=True, help="broker configuration")
+    lverify.set_defaults(func=_cmd_ledger_verify)
+    lexport = ledger_sub.add_parser("export", help="write records as CSV or JSON lines")
+    lexport.add_argument("--config", type=Path, required=True, help="broker configuration")
+    lexport.add_argument("--from", dest="start", help="ISO date or date-time (UTC by default)")
+    lexport.add_argument("--to", dest="end", help="ISO date or date-time, exclusive")
+    lexport.add_argument("--format", choices=["csv", "jsonl"], default="csv")
+    lexport.add_argument("--out", type=Path, help="file to write (default: standard output)")
+    lexport.set_defaults(func=_cmd_ledger_export)
 
     ops = sub.add_parser(
         "ops",

@@ -11,7 +11,7 @@ import tomllib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -71,6 +71,18 @@ class BrokerSection(_Strict):
     contracts: list[LoosePath] = Field(min_length=1)
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024, le=2**31 - 1)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    metrics_listen: ListenAddress | None = "127.0.0.1:9464"
+    instance: str | None = None  # names this broker in ledger records; default host:pid
+
+
+class LedgerSection(_Strict):
+    """Where and how the broker accounts for every call (docs/ledger.md)."""
+
+    path: LoosePath = Path("var/ledger.db")
+    mode: Literal["batched", "strict"] = "batched"
+    batch_interval_ms: int = Field(default=100, ge=1, le=60_000)
+    buffer_records: int = Field(default=100_000, ge=1)
+    payload_digests: bool = False
 
 
 class TracingSection(_Strict):
@@ -101,6 +113,10 @@ class TracingSection(_Strict):
 class AgencyEntry(_Strict):
     id: AgencyId
     name: str = Field(min_length=1)
+    # For the quarterly e-service assessment (docs/reports.md):
+    government_services: int | None = Field(default=None, ge=0)  # all its services, e- or not
+    visits_per_exchange: float = Field(default=0.0, ge=0)  # in-person visits one exchange replaces
+    in_person_visits_per_quarter: int | None = Field(default=None, ge=0)  # the baseline
 
 
 class ServiceEntry(_Strict):
@@ -118,6 +134,7 @@ class GrantEntry(_Strict):
 class ConfigFile(_Strict):
     broker: BrokerSection
     tracing: TracingSection = TracingSection()
+    ledger: LedgerSection = LedgerSection()
     agency: list[AgencyEntry] = []
     service: list[ServiceEntry] = []
     grant: list[GrantEntry] = []
@@ -130,6 +147,7 @@ class BrokerConfig:
     path: Path
     broker: BrokerSection
     tracing: TracingSection
+    ledger: LedgerSection
     agencies: dict[str, AgencyEntry]
     services: dict[str, ServiceEntry]
     grants: tuple[GrantEntry, ...]
@@ -142,7 +160,7 @@ def _describe_location(loc: tuple[Any, ...], data: dict[str, Any]) -> str:
         section, index = loc[0], loc[1]
         entry = data.get(section, [])[index] if index < len(data.get(section, [])) else {}
         return f"{_entry_label(section, index, entry)}{' ' + '.'.join(map(str, loc[2:])) if loc[2:] else ''}"
-    if loc and loc[0] in ("broker", "tracing"):
+    if loc and loc[0] in ("broker", "tracing", "ledger"):
         return f"[{loc[0]}]" + (f" {'.'.join(map(str, loc[1:]))}" if loc[1:] else "")
     return ".".join(map(str, loc)) or "(top level)"
 
@@ -246,6 +264,7 @@ def load(path: Path) -> BrokerConfig:
         path=path,
         broker=broker,
         tracing=cfg.tracing,
+        ledger=cfg.ledger.model_copy(update={"path": base / cfg.ledger.path}),
         agencies={a.id: a for a in cfg.agency},
         services={s.name: s for s in cfg.service},
         grants=tuple(cfg.grant),

@@ -98,7 +98,12 @@ def ensure_pki(pki_dir: Path) -> CertificateAuthority:
 
 
 def demo_config(
-    listen: str, pki_dir: Path, contracts: Path, endpoints: dict[str, str], otlp: str
+    listen: str,
+    pki_dir: Path,
+    contracts: Path,
+    endpoints: dict[str, str],
+    otlp: str,
+    metrics_listen: str,
 ) -> str:
     lines = [
         "# Written by `tabadol demo`; rewritten on every run.",
@@ -107,6 +112,10 @@ def demo_config(
         f'trust_domain = "{TRUST_DOMAIN}"',
         f'pki_dir = "{pki_dir}"',
         f'contracts = ["{contracts}"]',
+        f'metrics_listen = "{metrics_listen}"',
+        "",
+        "[ledger]",
+        'path = "ledger.db"',
         "",
         "[tracing]",
         f'otlp_endpoint = "http://{otlp}"',
@@ -279,6 +288,7 @@ async def run_demo(
     contracts: Path,
     ops_http: str,
     ops_otlp: str,
+    metrics_listen: str = "127.0.0.1:9464",
     traffic_every: float = 30.0,
     once: bool = False,
 ) -> None:
@@ -303,7 +313,9 @@ async def run_demo(
 
         config_path = root / "demo.toml"
         endpoints = {a: p.address for a, p in providers.items()}
-        config_path.write_text(demo_config(listen, pki_dir, contracts, endpoints, ops.otlp_address))
+        config_path.write_text(
+            demo_config(listen, pki_dir, contracts, endpoints, ops.otlp_address, metrics_listen)
+        )
         broker = Broker(config_module.load(config_path))
         await broker.start()
         broker_address = f"{listen.rsplit(':', 1)[0]}:{broker.port}"
@@ -316,6 +328,9 @@ async def run_demo(
             print(f"  {agency:<12} {provider.address}  provides {SERVICES[agency]}")
         print(f"  PKI          {pki_dir}  (agency credentials in {pki_dir / 'agencies'}/<id>/)")
         print(f"  trace viewer {ops.http_url}  (OTLP/gRPC collector on {ops.otlp_address})")
+        metrics_host = metrics_listen.rsplit(":", 1)[0]
+        print(f"  metrics      http://{metrics_host}:{broker.metrics.port}/metrics")
+        print(f"  ledger       {broker.config.ledger.path}")
         print("\nSample traffic through the broker:")
         print("\n".join(report))
         print("\nTry a call yourself, as the National Post asking the civil registry:\n")

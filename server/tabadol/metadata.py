@@ -67,3 +67,17 @@ def response_metadata(incoming: Iterable[tuple[str, str | bytes]] | None) -> Met
         for k, v in incoming
         if (_crosses(k) and not k.startswith(PLATFORM_PREFIX)) or k == STATUS_DETAILS_KEY
     )
+
+
+def trace_id_of(metadata: Iterable[tuple[str, str | bytes]]) -> str:
+    """The trace id in a W3C ``traceparent`` header (version 00), or ""."""
+    for key, value in metadata:
+        if key == "traceparent" and isinstance(value, str):
+            parts = value.split("-")
+            if len(parts) == 4 and len(parts[1]) == 32 and parts[1] != "0" * 32:
+                try:
+                    int(parts[1], 16)
+                except ValueError:
+                    return ""
+                return parts[1].lower()
+    return ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +11,7 @@ import grpc
 
 from tabadol.broker.upstream import Upstream
 from tabadol.contracts import MethodContract
+from tabadol.ledger.record import LedgerRecord
 
 
 @dataclass(slots=True)
@@ -28,8 +30,14 @@ class Exchange:
     response_bytes: int = 0
     response_messages: int = 0
     upstream: Upstream | None = None  # the provider endpoint, once routed
+    trace_id: str = ""  # 32 hex digits when the call carries a trace context
     span: Any = None  # the broker's server span, when tracing
     client_span: Any = None  # the provider hop's span, when tracing
+    request_hash: Any = None  # hashlib.sha256 objects, with [ledger] payload_digests
+    response_hash: Any = None
+    # Strict ledger mode: awaited before the consumer hears the outcome.
+    durable: Callable[[Exchange], Awaitable[None]] | None = None
+    recorded: bool = False  # its ledger record has been handed over
 
     def ended(self, code: grpc.StatusCode, details: str = "") -> None:
         """Record the final status (the first one recorded wins)."""
@@ -39,9 +47,41 @@ class Exchange:
     def request(self, message: bytes) -> bytes:
         self.request_messages += 1
         self.request_bytes += len(message)
+        if self.request_hash is not None:
+            self.request_hash.update(message)
         return message
 
     def response(self, message: bytes) -> bytes:
         self.response_messages += 1
         self.response_bytes += len(message)
+        if self.response_hash is not None:
+            self.response_hash.update(message)
         return message
+
+    async def settle(self) -> None:
+        """In strict ledger mode, wait until this call's record is on disk."""
+        if self.durable is not None:
+            await self.durable(self)
+
+    def ledger_record(self, instance: str) -> LedgerRecord:
+        code = self.code or grpc.StatusCode.UNKNOWN
+        return LedgerRecord(
+            start_ns=self.started_ns,
+            end_ns=self.ended_ns or time.time_ns(),
+            trace_id=self.trace_id,
+            request_id=self.request_id,
+            consumer=self.consumer,
+            provider=self.provider,
+            service=self.method.service,
+            method=self.method.name,
+            kind=self.method.kind.value,
+            status_code=code.value[0],
+            request_bytes=self.request_bytes,
+            request_messages=self.request_messages,
+            response_bytes=self.response_bytes,
+            response_messages=self.response_messages,
+            endpoint=self.endpoint,
+            broker_instance=instance,
+            request_sha256=self.request_hash.hexdigest() if self.request_hash else "",
+            response_sha256=self.response_hash.hexdigest() if self.response_hash else "",
+        )

@@ -7,21 +7,31 @@ what the consumer sent is exactly what the provider receives, and back.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any, NoReturn, cast
 
 import grpc
 import grpc.aio
 
 from tabadol.broker.exchange import Exchange
+from tabadol.broker.metrics import BrokerMetrics
 from tabadol.broker.tracing import BrokerTracing
 from tabadol.broker.upstream import Route
 from tabadol.contracts import Contracts, RpcKind
 from tabadol.identity import ConsumerIdentity, IdentityRejected, identify_consumer
-from tabadol.metadata import REQUEST_ID_KEY, Metadata, request_metadata, response_metadata
+from tabadol.ledger import LedgerWriter
+from tabadol.metadata import (
+    REQUEST_ID_KEY,
+    Metadata,
+    request_metadata,
+    response_metadata,
+    trace_id_of,
+)
 from tabadol.policy import Policy
 
 log = logging.getLogger("tabadol.broker")
@@ -95,6 +105,17 @@ class RefusalLog:
             log.warning(message, *args)
 
 
+@dataclass(frozen=True)
+class Accounting:
+    """What the broker does with every finished call, besides answering it."""
+
+    instance: str  # this broker, as ledger records name it
+    metrics: BrokerMetrics
+    tracing: BrokerTracing | None = None
+    ledger: LedgerWriter | None = None
+    payload_digests: bool = False
+
+
 class Proxy:
     """One configuration's worth of request handling; replaced whole on reload."""
 
@@ -106,14 +127,17 @@ class Proxy:
         policy: Policy,
         routes: Mapping[str, Route],
         agencies: frozenset[str],
-        tracing: BrokerTracing | None = None,
+        accounting: Accounting,
         refusals: RefusalLog | None = None,
     ) -> None:
         self.contracts = contracts
         self.identities = identities
         self.policy = policy
         self.agencies = agencies
-        self.tracing = tracing
+        self.accounting = accounting
+        self.tracing = accounting.tracing
+        self.metrics = accounting.metrics
+        self.ledger = accounting.ledger
         self.refusals = refusals or RefusalLog()
         self.offered = frozenset(route.method.service for route in routes.values())
         self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
@@ -146,8 +170,22 @@ class Proxy:
     ) -> tuple[Any, dict[str, Any]]:
         """Identity, policy and route for one call: the stub to call and how to call it."""
         incoming = cast(Metadata, context.invocation_metadata() or ())
+        if self.ledger is not None and not self.ledger.accepting:
+            # Fail closed: an exchange the ledger cannot account for must not happen.
+            self.metrics.refused.labels("ledger_unavailable").inc()
+            exchange.recorded = True  # nothing to record: the call is refused before it starts
+            details = (
+                "Tabadol broker: the transaction ledger cannot be written "
+                f"({self.ledger.problem or 'its buffer is full'}); calls are refused until "
+                "it can, so that no exchange goes unaccounted"
+            )
+            exchange.ended(grpc.StatusCode.UNAVAILABLE, details)
+            trailers = ((REQUEST_ID_KEY, exchange.request_id),)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, details, trailers)
         if self.tracing is not None:
             self.tracing.start(exchange, incoming)
+        else:
+            exchange.trace_id = trace_id_of(incoming)
         exchange.consumer = await self._admit(exchange, context)
         upstream, stub = route.pick()
         upstream.acquire()
@@ -189,19 +227,43 @@ class Proxy:
             )
         return consumer
 
-    def _finish(self, exchange: Exchange) -> None:
+    def _begin(self, route: Route) -> Exchange:
+        exchange = Exchange(route.method, route.provider, request_id=uuid.uuid4().hex)
+        self.metrics.in_flight.inc()
+        if self.accounting.payload_digests:
+            exchange.request_hash, exchange.response_hash = hashlib.sha256(), hashlib.sha256()
+        if self.ledger is not None and self.ledger.strict:
+            exchange.durable = self._durable
+        return exchange
+
+    async def _durable(self, exchange: Exchange) -> None:
+        """Strict mode: hand over the record now, and wait until it is on disk."""
+        assert self.ledger is not None
         exchange.ended_ns = time.time_ns()
+        exchange.recorded = True
+        done = self.ledger.submit(exchange.ledger_record(self.accounting.instance))
+        if done is not None:
+            await asyncio.wrap_future(done)
+
+    def _finish(self, exchange: Exchange) -> None:
+        if not exchange.ended_ns:
+            exchange.ended_ns = time.time_ns()
+        self.metrics.in_flight.dec()
         if exchange.upstream is not None:
             exchange.upstream.release()
         if self.tracing is not None:
             self.tracing.finish(exchange)
+        self.metrics.observe(exchange)
+        if self.ledger is not None and not exchange.recorded:
+            exchange.recorded = True
+            self.ledger.submit(exchange.ledger_record(self.accounting.instance))
 
     def _handler(self, route: Route) -> grpc.RpcMethodHandler[Any, Any]:
         """The handler for one method, matching its RPC kind."""
         kind = route.method.kind
 
         def begin() -> Exchange:
-            return Exchange(route.method, route.provider, request_id=uuid.uuid4().hex)
+            return self._begin(route)
 
         if kind is RpcKind.UNARY:
 
@@ -326,6 +388,7 @@ async def _abort(
     exchange.ended(code, details)
     if trailing is None:
         trailing = ((REQUEST_ID_KEY, exchange.request_id),)
+    await exchange.settle()
     await context.abort(code, details, trailing)
 
 
@@ -344,6 +407,7 @@ async def forward_unary(call: Any, context: Context, exchange: Exchange) -> byte
             await context.send_initial_metadata(initial)
         context.set_trailing_metadata(_trailers(await call.trailing_metadata(), exchange))
         exchange.ended(grpc.StatusCode.OK)
+        await exchange.settle()
         return response
     except grpc.aio.AioRpcError as e:
         await relay_error(e, context, exchange, headers_sent=False)
@@ -371,6 +435,7 @@ async def forward_stream(call: Any, context: Context, exchange: Exchange) -> Asy
         if code is not grpc.StatusCode.OK:
             await _abort(exchange, context, code, await call.details() or "", trailers)
         exchange.ended(grpc.StatusCode.OK)
+        await exchange.settle()
     except grpc.aio.AioRpcError as e:
         await relay_error(e, context, exchange, headers_sent=headers_sent)
     except (asyncio.CancelledError, GeneratorExit) as e:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -14,12 +16,17 @@ import grpc.aio
 
 from tabadol import config as config_module
 from tabadol.broker.credentials import BrokerCredentials
-from tabadol.broker.proxy import Identities, Proxy, RefusalLog
+from tabadol.broker.metrics import BrokerMetrics
+from tabadol.broker.proxy import Accounting, Identities, Proxy, RefusalLog
 from tabadol.broker.tracing import BrokerTracing
 from tabadol.broker.upstream import Route, Upstream
 from tabadol.client.tracing import SpanPipelineStats, TracingConfigError, tracer_provider
 from tabadol.config import BrokerConfig
 from tabadol.errors import ConfigError, TabadolError
+from tabadol.ledger import LedgerWriter
+from tabadol.ledger.seal import Sealer
+from tabadol.ledger.store import LedgerWriteError, SqliteLedgerStore
+from tabadol.ledger.verify import anchor_path
 from tabadol.policy import GrantRule, Policy
 from tabadol.protocol import KEEPALIVE_DIAL, KEEPALIVE_LISTEN
 from tabadol.spiffe import agency_dns_name
@@ -57,6 +64,11 @@ class Broker:
         self._closing: set[asyncio.Task[None]] = set()
         self._refusals = RefusalLog()
         self.tracing, self.span_stats = _tracing(cfg)
+        self.metrics = BrokerMetrics()
+        self.metrics.configure(cfg.agencies)
+        self.ledger = _ledger(cfg, self.credentials)
+        self.instance = cfg.broker.instance or f"{socket.gethostname()}:{os.getpid()}"
+        self._watch(self.metrics)
         self._upstreams = self._plan_upstreams(cfg, self.credentials, {})
         self._dispatch = _Dispatch(self._build_proxy(cfg, self.credentials, self._upstreams))
         self._server_cert_update: grpc.ServerCertificateConfiguration | None = None
@@ -65,6 +77,27 @@ class Broker:
         )
         self._server.add_generic_rpc_handlers((self._dispatch,))
         self.port = 0
+
+    def _watch(self, metrics: BrokerMetrics) -> None:
+        """Scrape-time values: the ledger's backlog and health, the spans dropped."""
+        ledger, stats = self.ledger, self.span_stats
+        metrics.callbacks.gauges["tabadol_ledger_backlog_records"] = (
+            "Ledger records waiting to be written.",
+            lambda: float(ledger.backlog),
+        )
+        metrics.callbacks.gauges["tabadol_ledger_accepting"] = (
+            "1 while the ledger accepts records; 0 when full or failing (calls are refused).",
+            lambda: float(ledger.accepting and ledger.problem is None),
+        )
+        metrics.callbacks.counters["tabadol_ledger_records_written"] = (
+            "Ledger records committed since the broker started.",
+            lambda: float(ledger.written),
+        )
+        if stats is not None:
+            metrics.callbacks.counters["tabadol_spans_dropped"] = (
+                "Spans dropped because the export queue was full (collector slow or down).",
+                lambda: float(stats.dropped()),
+            )
 
     @staticmethod
     def _load_credentials(cfg: BrokerConfig) -> BrokerCredentials:
@@ -92,6 +125,15 @@ class Broker:
                 f"{self.config.path}: [broker] listen: cannot bind {listen}: {e}"
             ) from e
         await self._server.start()
+        if self.config.broker.metrics_listen is not None:
+            try:
+                self.metrics.serve(self.config.broker.metrics_listen)
+            except OSError as e:
+                await self._server.stop(None)
+                raise ConfigError(
+                    f"{self.config.path}: [broker] metrics_listen: cannot listen on "
+                    f"{self.config.broker.metrics_listen}: {e.strerror}"
+                ) from e
 
     def _plan_upstreams(
         self,
@@ -148,7 +190,13 @@ class Broker:
             policy=policy,
             routes=routes,
             agencies=frozenset(cfg.agencies),
-            tracing=self.tracing,
+            accounting=Accounting(
+                instance=self.instance,
+                metrics=self.metrics,
+                tracing=self.tracing,
+                ledger=self.ledger,
+                payload_digests=cfg.ledger.payload_digests,
+            ),
             refusals=self._refusals,
         )
 
@@ -163,8 +211,11 @@ class Broker:
                 raise ConfigError(
                     f"{cfg.path}: [broker] {setting} cannot change on reload; restart the broker"
                 )
-        if cfg.tracing != self.config.tracing:
-            raise ConfigError(f"{cfg.path}: [tracing] cannot change on reload; restart the broker")
+        for section in ("tracing", "ledger"):
+            if getattr(cfg, section) != getattr(self.config, section):
+                raise ConfigError(
+                    f"{cfg.path}: [{section}] cannot change on reload; restart the broker"
+                )
         creds = self._load_credentials(cfg)
         identity_changed = _identity(creds) != _identity(self.credentials)
         # A new broker identity means dialing every provider afresh with it.
@@ -174,8 +225,10 @@ class Broker:
         retired = [u for key, u in self._upstreams.items() if upstreams.get(key) is not u]
         self.config, self.credentials, self._upstreams = cfg, creds, upstreams
         self._dispatch.proxy = proxy
+        self.metrics.configure(cfg.agencies)
         if identity_changed:
             self._server_cert_update = _certificate_configuration(creds)
+            self.ledger.use_sealer(Sealer(creds.key_pem, creds.cert_pem))
         for upstream in retired:
             upstream.retire()
 
@@ -190,6 +243,9 @@ class Broker:
         # Calls the server cut off at the end of the grace period may not have released
         # their endpoint yet; the process is ending, so close what is left regardless.
         await asyncio.gather(*(u.channel.close() for u in self._upstreams.values() if u.in_flight))
+        # Every record of every call is written before the process goes.
+        await asyncio.to_thread(self.ledger.close)
+        self.metrics.stop()
         if self.tracing is not None:
             # Flush what is queued; bounded by the exporter's own timeout.
             await asyncio.to_thread(self.tracing.provider.shutdown)
@@ -217,6 +273,22 @@ def _tracing(cfg: BrokerConfig) -> tuple[BrokerTracing | None, SpanPipelineStats
         return None, None
     provider, stats = built
     return BrokerTracing(provider), stats
+
+
+def _ledger(cfg: BrokerConfig, creds: BrokerCredentials) -> LedgerWriter:
+    settings = cfg.ledger
+    try:
+        store = SqliteLedgerStore(settings.path)
+    except LedgerWriteError as e:
+        raise ConfigError(f"{cfg.path}: [ledger] path: {e}") from e
+    return LedgerWriter(
+        store,
+        Sealer(creds.key_pem, creds.cert_pem),
+        batch_interval_s=settings.batch_interval_ms / 1000,
+        buffer_records=settings.buffer_records,
+        strict=settings.mode == "strict",
+        anchor=anchor_path(settings.path),
+    )
 
 
 def _identity(creds: BrokerCredentials) -> tuple[bytes, bytes, bytes]:

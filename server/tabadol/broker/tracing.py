@@ -55,6 +55,9 @@ class BrokerTracing:
                 "tabadol.rpc_kind": method.kind.value,
             },
         )
+        context = exchange.span.get_span_context()
+        if context.is_valid:
+            exchange.trace_id = format(context.trace_id, "032x")
 
     def start_provider_hop(self, exchange: Exchange) -> Metadata:
         """Start the client span; returns the trace headers the provider must receive."""

@@ -1,0 +1,118 @@
+"""Prometheus metrics of the broker, served at ``/metrics`` on ``[broker] metrics_listen``.
+
+Label values come only from the configuration and the contracts (agency ids, services,
+methods, gRPC code names), so the number of series stays bounded whatever callers send.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from tabadol.broker.exchange import Exchange
+
+UNREGISTERED = "unregistered"  # a valid certificate of an agency the configuration lacks
+UNAUTHENTICATED = "unauthenticated"  # the caller's identity was refused
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+
+
+class _Callbacks(Collector):
+    """Values read at scrape time from the ledger writer and the span pipeline."""
+
+    def __init__(self) -> None:
+        self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self.counters: dict[str, tuple[str, Callable[[], float]]] = {}
+
+    def collect(self) -> Iterable[Any]:
+        for name, (doc, read) in self.gauges.items():
+            yield GaugeMetricFamily(name, doc, value=read())
+        for name, (doc, read) in self.counters.items():
+            yield CounterMetricFamily(name, doc, value=read())
+
+
+class BrokerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.calls = Counter(
+            "tabadol_calls",
+            "Calls through the broker, by consumer, provider, service, method and gRPC code.",
+            ["consumer", "provider", "service", "method", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "tabadol_call_duration_seconds",
+            "Call duration as the broker saw it, from arrival to final status.",
+            ["consumer", "provider", "service", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "tabadol_calls_in_flight", "Calls the broker is handling now.", registry=self.registry
+        )
+        self.refused = Counter(
+            "tabadol_calls_refused",
+            "Calls refused before routing: unknown method, or ledger not writable.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.callbacks = _Callbacks()
+        self.registry.register(self.callbacks)
+        self._agencies: frozenset[str] = frozenset()
+        self._children: dict[tuple[str, str, str, str, grpc.StatusCode], tuple[Any, Any]] = {}
+        self._server: Any = None
+        self.port = 0
+
+    def configure(self, agencies: Iterable[str]) -> None:
+        """The agencies that may appear as label values (on start and every reload)."""
+        self._agencies = frozenset(agencies)
+
+    def observe(self, exchange: Exchange) -> None:
+        """Count a finished call. Label children are looked up once per combination."""
+        consumer = exchange.consumer
+        if consumer not in self._agencies:
+            consumer = UNREGISTERED if consumer else UNAUTHENTICATED
+        method = exchange.method
+        code = exchange.code or grpc.StatusCode.UNKNOWN
+        key = (consumer, exchange.provider, method.service, method.name, code)
+        children = self._children.get(key)
+        if children is None:
+            labels = (consumer, exchange.provider, method.service, method.name)
+            children = (self.calls.labels(*labels, code.name), self.latency.labels(*labels))
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe((exchange.ended_ns - exchange.started_ns) / 1e9)
+
+    def serve(self, listen: str) -> None:
+        host, _, port = listen.rpartition(":")
+        self._server, _thread = start_http_server(
+            int(port), addr=host.strip("[]"), registry=self.registry
+        )
+        self.port = self._server.server_port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            # shutdown() waits for the serving thread; do it off the caller's event loop.
+            threading.Thread(target=self._server.shutdown, daemon=True).start()
+            self._server = None

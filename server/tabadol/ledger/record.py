@@ -1,0 +1,79 @@
+"""Ledger records and the hash chain that links them. Pure: no files, no threads."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import astuple, dataclass, fields
+
+GENESIS = "0" * 64  # the "previous digest" of the first record
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRecord:
+    """One call through the broker, accounted for. Metadata only, never payloads."""
+
+    start_ns: int
+    end_ns: int
+    trace_id: str  # 32 hex digits, or "" when the call was not traced
+    request_id: str
+    consumer: str  # "" when the caller's identity was refused
+    provider: str
+    service: str
+    method: str
+    kind: str  # unary, server_streaming, client_streaming, bidi_streaming
+    status_code: int  # gRPC status code number
+    request_bytes: int
+    request_messages: int
+    response_bytes: int
+    response_messages: int
+    endpoint: str  # "" when the call never reached a provider
+    broker_instance: str
+    request_sha256: str = ""  # only with [ledger] payload_digests
+    response_sha256: str = ""
+
+    @property
+    def duration_ns(self) -> int:
+        return self.end_ns - self.start_ns
+
+    def canonical(self) -> bytes:
+        """The bytes the chain digest covers: the schema version and every field, in order."""
+        return json.dumps([SCHEMA_VERSION, *astuple(self)], separators=(",", ":")).encode()
+
+
+FIELD_NAMES = tuple(f.name for f in fields(LedgerRecord))
+
+
+def chain_digest(previous: str, record: LedgerRecord) -> str:
+    """The digest of a record, linked to the one before it."""
+    return hashlib.sha256(bytes.fromhex(previous) + record.canonical()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    """A record as the ledger holds it: its position and the chain digests around it."""
+
+    seq: int  # 1, 2, 3, ... with no gaps
+    record: LedgerRecord
+    prev_digest: str
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class Seal:
+    """A signed statement: the first ``count`` records end in ``head_digest``."""
+
+    seq: int
+    count: int
+    head_digest: str
+    sealed_ns: int
+    signer: str  # SHA-256 fingerprint of the signing broker certificate (hex)
+    signature: str  # hex DER ECDSA signature over payload()
+
+    def payload(self) -> bytes:
+        return seal_payload(self.seq, self.count, self.head_digest, self.sealed_ns)
+
+
+def seal_payload(seq: int, count: int, head_digest: str, sealed_ns: int) -> bytes:
+    return f"tabadol-ledger-seal:v1:{seq}:{count}:{head_digest}:{sealed_ns}".encode()

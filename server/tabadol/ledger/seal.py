@@ -1,0 +1,45 @@
+"""Seals: the broker signs the head of the chain, so a rewritten ledger cannot be re-sealed."""
+
+from __future__ import annotations
+
+import hashlib
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from tabadol.ledger.record import Seal, seal_payload
+
+
+def fingerprint(cert_pem: bytes) -> str:
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+class Sealer:
+    """Signs seals with the broker's key; its certificate goes into the ledger beside them."""
+
+    def __init__(self, key_pem: bytes, cert_pem: bytes) -> None:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError("the broker key is not an EC key")
+        self._key = key
+        self.cert_pem = cert_pem
+        self.signer = fingerprint(cert_pem)
+
+    def seal(self, seq: int, count: int, head_digest: str, sealed_ns: int) -> Seal:
+        payload = seal_payload(seq, count, head_digest, sealed_ns)
+        signature = self._key.sign(payload, ec.ECDSA(hashes.SHA256())).hex()
+        return Seal(seq, count, head_digest, sealed_ns, self.signer, signature)
+
+
+def signature_valid(seal: Seal, cert_pem: bytes) -> bool:
+    public_key = x509.load_pem_x509_certificate(cert_pem).public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        return False
+    try:
+        public_key.verify(bytes.fromhex(seal.signature), seal.payload(), ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, ValueError):
+        return False
+    return True

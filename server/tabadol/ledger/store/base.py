@@ -1,0 +1,66 @@
+"""The ledger's storage interface: append-only records and seals, and the queries on them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from tabadol.ledger.record import Seal, StoredRecord
+
+
+class LedgerWriteError(Exception):
+    """The ledger could not be written (disk full, locked, read-only...); the text says why."""
+
+
+@dataclass(frozen=True)
+class CallGroup:
+    """Calls in a time range that share consumer, provider, service, method and status."""
+
+    consumer: str
+    provider: str
+    service: str
+    method: str
+    status_code: int
+    calls: int
+    duration_ns_total: int
+
+
+class LedgerStore(Protocol):
+    def head(self) -> tuple[int, str]:
+        """(number of records, digest of the last one) — (0, GENESIS) when empty."""
+        ...
+
+    def append(self, records: Sequence[StoredRecord], seal: Seal, signer_pem: bytes) -> None:
+        """Add records and the seal covering them in one atomic step; LedgerWriteError."""
+        ...
+
+    def records(self, from_seq: int = 1) -> Iterator[StoredRecord]:
+        """Every record from ``from_seq`` on, in order of position."""
+        ...
+
+    def records_between(self, start_ns: int, end_ns: int) -> Iterator[StoredRecord]:
+        """Records whose call started in [start_ns, end_ns), in order of position."""
+        ...
+
+    def seals(self) -> Iterator[Seal]: ...
+
+    def last_seal(self) -> Seal | None: ...
+
+    def signers(self) -> dict[str, bytes]:
+        """Signing certificates (PEM) by SHA-256 fingerprint."""
+        ...
+
+    def call_groups(self, start_ns: int, end_ns: int) -> list[CallGroup]: ...
+
+    def durations(self, provider: str, start_ns: int, end_ns: int) -> list[int]:
+        """Durations (ns), ascending, of the calls a provider answered in the range."""
+        ...
+
+    def provider_windows(
+        self, start_ns: int, end_ns: int, window_ns: int
+    ) -> dict[str, tuple[int, int]]:
+        """Per provider: (windows in which calls reached it, windows in which it answered)."""
+        ...
+
+    def close(self) -> None: ...

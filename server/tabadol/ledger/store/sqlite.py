@@ -1,0 +1,198 @@
+"""The ledger in one SQLite file, WAL mode: the embedded default."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from tabadol.ledger.record import FIELD_NAMES, GENESIS, LedgerRecord, Seal, StoredRecord
+from tabadol.ledger.store.base import CallGroup, LedgerWriteError
+
+UNAVAILABLE = 14
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS records (
+    seq INTEGER PRIMARY KEY,
+    {", ".join(f"{name} NOT NULL" for name in FIELD_NAMES)},
+    prev_digest TEXT NOT NULL,
+    digest TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_by_start ON records (start_ns);
+CREATE TABLE IF NOT EXISTS seals (
+    seq INTEGER PRIMARY KEY,
+    count INTEGER NOT NULL,
+    head_digest TEXT NOT NULL,
+    sealed_ns INTEGER NOT NULL,
+    signer TEXT NOT NULL,
+    signature TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS signers (
+    fingerprint TEXT PRIMARY KEY,
+    certificate_pem BLOB NOT NULL
+);
+"""
+_RECORD_COLUMNS = ", ".join(("seq", *FIELD_NAMES, "prev_digest", "digest"))
+
+
+def _stored(row: Sequence[Any]) -> StoredRecord:
+    seq, *values, prev_digest, digest = row
+    return StoredRecord(seq, LedgerRecord(*values), prev_digest, digest)
+
+
+class SqliteLedgerStore:
+    """A LedgerStore in one SQLite file. ``synchronous=FULL``: a commit is on disk."""
+
+    def __init__(self, path: Path | str, *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        try:
+            if readonly:
+                if not self.path.exists():
+                    raise LedgerWriteError(f"{self.path}: no ledger here")
+                self._conn = sqlite3.connect(
+                    f"file:{self.path}?mode=ro", uri=True, check_same_thread=False
+                )
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._conn = sqlite3.connect(
+                    self.path, check_same_thread=False, isolation_level=None
+                )
+                self._conn.execute("PRAGMA journal_mode = WAL")
+                self._conn.execute("PRAGMA synchronous = FULL")
+                self._conn.executescript(_SCHEMA)
+            self._conn.execute("PRAGMA busy_timeout = 2000")
+        except (sqlite3.Error, OSError) as e:
+            raise LedgerWriteError(f"{self.path}: cannot open the ledger: {e}") from e
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def head(self) -> tuple[int, str]:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT seq, digest FROM records ORDER BY seq DESC LIMIT 1"
+            ).fetchone()
+        return (row[0], row[1]) if row else (0, GENESIS)
+
+    def append(self, records: Sequence[StoredRecord], seal: Seal, signer_pem: bytes) -> None:
+        placeholders = ", ".join("?" * (len(FIELD_NAMES) + 3))
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    self._conn.executemany(
+                        f"INSERT INTO records ({_RECORD_COLUMNS}) VALUES ({placeholders})",
+                        [
+                            (
+                                r.seq,
+                                *(getattr(r.record, n) for n in FIELD_NAMES),
+                                r.prev_digest,
+                                r.digest,
+                            )
+                            for r in records
+                        ],
+                    )
+                    self._conn.execute(
+                        "INSERT INTO seals VALUES (?, ?, ?, ?, ?, ?)",
+                        (
+                            seal.seq,
+                            seal.count,
+                            seal.head_digest,
+                            seal.sealed_ns,
+                            seal.signer,
+                            seal.signature,
+                        ),
+                    )
+                    self._conn.execute(
+                        "INSERT OR IGNORE INTO signers VALUES (?, ?)", (seal.signer, signer_pem)
+                    )
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as e:
+                raise LedgerWriteError(f"{self.path}: {e}") from e
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    def _iterate(self, sql: str, params: Sequence[Any], page: int = 5000) -> Iterator[Any]:
+        """Rows in pages, so a huge ledger streams instead of loading whole."""
+        last = 0
+        while True:
+            rows = self._query(f"{sql} AND seq > ? ORDER BY seq LIMIT {page}", [*params, last])
+            yield from rows
+            if len(rows) < page:
+                return
+            last = rows[-1][0]
+
+    def records(self, from_seq: int = 1) -> Iterator[StoredRecord]:
+        for row in self._iterate(
+            f"SELECT {_RECORD_COLUMNS} FROM records WHERE seq >= ?", [from_seq]
+        ):
+            yield _stored(row)
+
+    def records_between(self, start_ns: int, end_ns: int) -> Iterator[StoredRecord]:
+        sql = f"SELECT {_RECORD_COLUMNS} FROM records WHERE start_ns >= ? AND start_ns < ?"
+        for row in self._iterate(sql, [start_ns, end_ns]):
+            yield _stored(row)
+
+    def seals(self) -> Iterator[Seal]:
+        last = 0
+        while rows := self._query(
+            "SELECT * FROM seals WHERE seq > ? ORDER BY seq LIMIT 5000", (last,)
+        ):
+            yield from (Seal(*row) for row in rows)
+            last = rows[-1][0]
+
+    def last_seal(self) -> Seal | None:
+        rows = self._query("SELECT * FROM seals ORDER BY seq DESC LIMIT 1")
+        return Seal(*rows[0]) if rows else None
+
+    def signers(self) -> dict[str, bytes]:
+        return {fp: bytes(pem) for fp, pem in self._query("SELECT * FROM signers")}
+
+    def call_groups(self, start_ns: int, end_ns: int) -> list[CallGroup]:
+        rows = self._query(
+            """
+            SELECT consumer, provider, service, method, status_code, count(*),
+                   sum(end_ns - start_ns)
+            FROM records WHERE start_ns >= ? AND start_ns < ?
+            GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5
+            """,
+            (start_ns, end_ns),
+        )
+        return [CallGroup(*row) for row in rows]
+
+    def durations(self, provider: str, start_ns: int, end_ns: int) -> list[int]:
+        rows = self._query(
+            """
+            SELECT end_ns - start_ns FROM records
+            WHERE start_ns >= ? AND start_ns < ? AND provider = ? AND endpoint != ''
+                AND status_code != ?
+            ORDER BY 1
+            """,
+            (start_ns, end_ns, provider, UNAVAILABLE),
+        )
+        return [r[0] for r in rows]
+
+    def provider_windows(
+        self, start_ns: int, end_ns: int, window_ns: int
+    ) -> dict[str, tuple[int, int]]:
+        rows = self._query(
+            """
+            SELECT provider, count(*), sum(answered) FROM (
+                SELECT provider, (start_ns - ?) / ? AS window, max(status_code != ?) AS answered
+                FROM records
+                WHERE start_ns >= ? AND start_ns < ? AND endpoint != ''
+                GROUP BY 1, 2
+            ) GROUP BY 1
+            """,
+            (start_ns, window_ns, UNAVAILABLE, start_ns, end_ns),
+        )
+        return {provider: (windows, answered) for provider, windows, answered in rows}

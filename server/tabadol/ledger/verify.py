@@ -1,0 +1,121 @@
+"""Checking a ledger: every record in place, every link intact, every seal genuine. Pure."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tabadol.ledger.record import GENESIS, Seal, StoredRecord, chain_digest
+from tabadol.ledger.seal import signature_valid
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    records: int
+    seals: int
+    position: int | None = None  # the first record (or seal) found wrong
+    problem: str = ""
+
+    def __str__(self) -> str:
+        if self.ok:
+            return f"OK: {self.records} records, {self.seals} seals, chain and seals intact"
+        where = f" at position {self.position}" if self.position is not None else ""
+        return f"BROKEN{where}: {self.problem}"
+
+
+def verify(
+    records: Iterable[StoredRecord],
+    seals: Iterable[Seal],
+    signers: dict[str, bytes],
+    signer_trusted: Callable[[bytes], bool],
+    anchor: Iterable[Seal] = (),
+) -> Verdict:
+    """Walk records, seals and the anchor together, once, in order (a ledger of any size).
+
+    Catches an edited record (its digest), a deleted or inserted one (positions and the
+    chain), records swapped (the chain), records added at the end (no seal covers them) and
+    a truncated tail (a seal, or the anchor file, covers more than remains).
+    """
+    seal_iter, anchor_iter = iter(seals), iter(anchor)
+    pending = next(seal_iter, None)
+    witnessed = next(anchor_iter, None)
+    running, count, sealed, seal_count = GENESIS, 0, 0, 0
+
+    def broken(position: int | None, problem: str) -> Verdict:
+        return Verdict(False, count, seal_count, position, problem)
+
+    def check_seal(seal: Seal) -> Verdict | None:
+        nonlocal witnessed
+        if seal.seq != seal_count + 1:
+            return broken(None, f"seal {seal_count + 1} is missing (found seal {seal.seq} next)")
+        if seal.head_digest != running:
+            return broken(
+                seal.count, f"seal {seal.seq} does not match the chain at record {seal.count}"
+            )
+        cert = signers.get(seal.signer)
+        if cert is None or not signer_trusted(cert) or not signature_valid(seal, cert):
+            return broken(seal.count, f"seal {seal.seq} is not signed by a broker of this exchange")
+        while witnessed is not None and witnessed.seq <= seal.seq:
+            if witnessed.seq == seal.seq and witnessed != seal:
+                return broken(None, f"seal {seal.seq} differs from what the anchor file witnessed")
+            witnessed = next(anchor_iter, None)
+        return None
+
+    for stored in records:
+        count += 1
+        if stored.seq != count:
+            what = "missing" if stored.seq > count else "duplicated or out of order"
+            return broken(count, f"record {count} is {what} (found position {stored.seq} next)")
+        if stored.prev_digest != running:
+            return broken(
+                count,
+                "its link to the previous record is broken (a record before it was changed, removed or inserted)",
+            )
+        if chain_digest(running, stored.record) != stored.digest:
+            return broken(count, "its contents do not match its digest (the record was edited)")
+        running = stored.digest
+        while pending is not None and pending.count <= count:
+            if pending.count < count:
+                return broken(pending.count, f"seal {pending.seq} is out of order with the records")
+            if problem := check_seal(pending):
+                return problem
+            seal_count += 1
+            sealed = pending.count
+            pending = next(seal_iter, None)
+    if pending is not None:
+        return broken(
+            count + 1,
+            f"seal {pending.seq} covers {pending.count} records but the ledger holds {count}: records were removed from the end",
+        )
+    if sealed != count:
+        return broken(
+            sealed + 1,
+            f"records {sealed + 1} to {count} are not covered by any seal (added after the fact)",
+        )
+    if witnessed is not None:
+        return broken(
+            count + 1,
+            f"the anchor file witnessed seal {witnessed.seq} over {witnessed.count} records, which the ledger no longer has: it was truncated",
+        )
+    return Verdict(True, count, seal_count)
+
+
+def anchor_path(ledger_path: Path) -> Path:
+    """Where the writer appends every seal, outside the database: a witness to ship off-box."""
+    return ledger_path.with_name(ledger_path.name + ".seals")
+
+
+def read_anchor(path: Path) -> list[Seal]:
+    if not path.exists():
+        return []
+    seals = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                seals.append(Seal(**json.loads(line)))
+            except (ValueError, TypeError):
+                break  # a line cut short by a crash ends what the anchor witnessed
+    return seals
