@@ -154,6 +154,7 @@ class Proxy:
         async def refuse(requests: AsyncIterator[bytes], context: Context) -> None:
             request_id = uuid.uuid4().hex
             trailers = ((REQUEST_ID_KEY, request_id),)
+            self.metrics.refused.labels("unknown_method").inc()
             try:
                 self.identities.identify(context)
             except IdentityRejected as e:
@@ -176,7 +177,7 @@ class Proxy:
             exchange.recorded = True  # nothing to record: the call is refused before it starts
             details = (
                 "Tabadol broker: the transaction ledger cannot be written "
-                f"({self.ledger.problem or 'its buffer is full'}); calls are refused until "
+                f"({self.ledger.problem or f'its writer is {self.ledger.backlog} records behind'}); calls are refused until "
                 "it can, so that no exchange goes unaccounted"
             )
             exchange.ended(grpc.StatusCode.UNAVAILABLE, details)

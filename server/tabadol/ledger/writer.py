@@ -93,6 +93,7 @@ class LedgerWriter:
                 len(self._queue),
                 self.problem,
             )
+        self._store.close()
 
     def _run(self) -> None:
         failures = 0

@@ -112,7 +112,8 @@ class SqliteLedgerStore:
                     )
                     self._conn.execute("COMMIT")
                 except BaseException:
-                    self._conn.execute("ROLLBACK")
+                    if self._conn.in_transaction:  # SQLite rolls back by itself on a full disk
+                        self._conn.execute("ROLLBACK")
                     raise
             except sqlite3.Error as e:
                 raise LedgerWriteError(f"{self.path}: {e}") from e
