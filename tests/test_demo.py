@@ -44,6 +44,14 @@ async def test_demo_sends_every_kind_of_traffic_and_its_example_call_works(tmp_p
         assert await demo.proc.wait() == 0
     finally:
         await demo.stop()
+    # Every exchange it made, the refused ones included, is in a ledger that verifies.
+    check = await asyncio.create_subprocess_exec(
+        str(TABADOL), "ledger", "verify", "--config", str(tmp_path / "var" / "demo.toml"),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await check.communicate()
+    assert check.returncode == 0, out
+    assert "OK: 9 records" in out.decode()
     # The PKI it made keeps private keys private.
     for key in (tmp_path / "var" / "pki").rglob("*.key"):
         assert key.stat().st_mode & 0o077 == 0, key

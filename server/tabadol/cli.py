@@ -186,6 +186,23 @@ def _cmd_ledger_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report_quarterly(args: argparse.Namespace) -> int:
+    from tabadol.reports import Quarter, build_quarterly, write_quarterly
+
+    try:
+        quarter = Quarter.parse(args.quarter)
+    except ValueError as e:
+        raise TabadolError(f"--quarter: {e}") from e
+    cfg, store = _open_ledger(args.config)
+    try:
+        report = build_quarterly(cfg, store, quarter)
+    finally:
+        store.close()
+    for path in write_quarterly(report, args.out):
+        print(path)
+    return 0
+
+
 def _cmd_ops(args: argparse.Namespace) -> int:
     from tabadol.ops.server import run
     from tabadol.ops.store import StoreLimits
@@ -193,7 +210,7 @@ def _cmd_ops(args: argparse.Namespace) -> int:
     limits = StoreLimits(
         max_age_seconds=args.retention_hours * 3600, max_bytes=args.max_db_mb * 1024**2
     )
-    asyncio.run(run(args.db, args.http, args.otlp, limits))
+    asyncio.run(run(args.db, args.http, args.otlp, limits, args.config))
     return 0
 
 
@@ -339,6 +356,20 @@ def build_parser() -> argparse.ArgumentParser:
     lexport.add_argument("--out", type=Path, help="file to write (default: standard output)")
     lexport.set_defaults(func=_cmd_ledger_export)
 
+    report = sub.add_parser("report", help="reports for the exchange's regulators")
+    report_sub = report.add_subparsers(dest="report_command", required=True, metavar="REPORT")
+    quarterly = report_sub.add_parser(
+        "quarterly",
+        help="the quarterly e-service assessment (HTML, CSV and JSON)",
+        description="Build the quarterly e-service assessment for a Solar Hijri quarter from "
+        "the ledger and the registry in the configuration: national totals, per-agency "
+        "figures and the indicators against the national targets (docs/reports.md).",
+    )
+    quarterly.add_argument("--config", type=Path, required=True, help="broker configuration")
+    quarterly.add_argument("--quarter", required=True, help="Solar Hijri quarter, e.g. 1405-Q3")
+    quarterly.add_argument("--out", type=Path, required=True, help="directory for the files")
+    quarterly.set_defaults(func=_cmd_report_quarterly)
+
     ops = sub.add_parser(
         "ops",
         help="run the trace viewer (OTLP collector, web UI, Jaeger-compatible API)",
@@ -369,6 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_MAX_BYTES // 1024**2,
         help=f"drop the oldest traces past this size (default {DEFAULT_MAX_BYTES // 1024**2})",
+    )
+    ops.add_argument(
+        "--config",
+        type=Path,
+        help="broker configuration: adds the ledger dashboard and the quarterly reports",
     )
     ops.set_defaults(func=_cmd_ops)
 

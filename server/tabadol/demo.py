@@ -51,7 +51,7 @@ from tabadol.demo_agencies import (
     sample_postal_code,
 )
 from tabadol.errors import TabadolError
-from tabadol.ops.server import OpsServer
+from tabadol.ops.server import OpsServer, open_accounts
 from tabadol.pki import CertificateAuthority
 from tabadol.type.v1 import date_pb2
 
@@ -63,6 +63,14 @@ AGENCY_NAMES = {
     "post": "National Post Company",
     "cra": "Communications Regulatory Authority",
     "tax": "Iranian National Tax Administration",
+}
+# Registry figures for the quarterly assessment, illustrative: (government services in all,
+# in-person visits one exchange replaces, in-person visits a quarter before the exchange).
+REGISTRY = {
+    "nocr": (48, 0.8, 2_400_000),
+    "post": (35, 0.5, 900_000),
+    "cra": (22, 0.6, 600_000),
+    "tax": (40, 0.7, 1_500_000),
 }
 # Who may call what: each grant is a real inter-agency need.
 GRANTS: list[tuple[str, str, list[str]]] = [
@@ -122,7 +130,16 @@ def demo_config(
         "",
     ]
     for agency, name in AGENCY_NAMES.items():
-        lines += ["[[agency]]", f'id = "{agency}"', f'name = "{name}"', ""]
+        services, visits, baseline = REGISTRY[agency]
+        lines += [
+            "[[agency]]",
+            f'id = "{agency}"',
+            f'name = "{name}"',
+            f"government_services = {services}",
+            f"visits_per_exchange = {visits}",
+            f"in_person_visits_per_quarter = {baseline}",
+            "",
+        ]
     for agency, service in SERVICES.items():
         lines += [
             "[[service]]",
@@ -318,6 +335,7 @@ async def run_demo(
         )
         broker = Broker(config_module.load(config_path))
         await broker.start()
+        ops.show_ledger(open_accounts(config_path))
         broker_address = f"{listen.rsplit(':', 1)[0]}:{broker.port}"
         rng = random.Random()
         report = await send_traffic(broker_address, pki_dir, rng, tracers)

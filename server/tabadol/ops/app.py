@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -10,14 +11,16 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from tabadol.ops import jaeger
+from tabadol.ops.dashboard import Accounts, dashboard
 from tabadol.ops.model import KIND_NAMES
 from tabadol.ops.query import trace_query, window_ns
 from tabadol.ops.store import SpanStore
+from tabadol.reports import Quarter, build_quarterly, render_csv, render_html, render_json
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_DEPENDENCY_LOOKBACK_MS = 3600 * 1000
@@ -30,8 +33,13 @@ def _params(request: Request) -> dict[str, list[str]]:
     return params
 
 
-def create_app(store: SpanStore, now_ns: Callable[[], int] = time.time_ns) -> Starlette:
-    """The viewer's web application over a span store."""
+def create_app(
+    store: SpanStore,
+    now_ns: Callable[[], int] = time.time_ns,
+    accounts: Accounts | None = None,
+) -> Starlette:
+    """The viewer's web application over a span store, and over the ledger when given
+    (``app.state.accounts``; it may also be set after start)."""
 
     async def call(fn: Callable[..., Any], *args: Any) -> Any:
         return await run_in_threadpool(fn, *args)
@@ -118,6 +126,45 @@ def create_app(store: SpanStore, now_ns: Callable[[], int] = time.time_ns) -> St
         ]
         return JSONResponse(jaeger.envelope(data, total=len(data)))
 
+    def ledger(request: Request) -> Accounts:
+        found: Accounts | None = request.app.state.accounts
+        if found is None:
+            raise LookupError(
+                "this trace viewer has no ledger: start it with `tabadol ops --config "
+                "broker.toml` to see the dashboard and the quarterly reports"
+            )
+        return found
+
+    async def dashboard_api(request: Request) -> Response:
+        accounts = ledger(request)
+        now = dt.datetime.fromtimestamp(now_ns() / 1e9, dt.UTC)
+        return JSONResponse(await call(dashboard, accounts, now))
+
+    async def reports_api(request: Request) -> Response:
+        ledger(request)
+        current = Quarter.containing(dt.datetime.fromtimestamp(now_ns() / 1e9, dt.UTC))
+        quarters = [current]
+        for _ in range(7):
+            quarters.append(quarters[-1].previous())
+        data = [{"quarter": str(q), "period": q.period, "months": q.months} for q in quarters]
+        return JSONResponse(jaeger.envelope(data, total=len(data)))
+
+    async def report(request: Request) -> Response:
+        accounts = ledger(request)
+        quarter = Quarter.parse(request.path_params["quarter"])
+        built = await call(build_quarterly, accounts.config, accounts.store, quarter)
+        fmt = request.path_params["fmt"]
+        if fmt == "html":
+            return HTMLResponse(render_html(built))
+        if fmt == "csv":
+            return Response(render_csv(built), media_type="text/csv; charset=utf-8")
+        if fmt == "json":
+            return Response(render_json(built), media_type="application/json")
+        raise ValueError(f"unknown report format {fmt!r}; expected html, csv or json")
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return JSONResponse(jaeger.error_envelope(404, str(exc)), status_code=404)
+
     async def index(request: Request) -> Response:
         return FileResponse(STATIC / "index.html")
 
@@ -130,10 +177,19 @@ def create_app(store: SpanStore, now_ns: Callable[[], int] = time.time_ns) -> St
         Route("/api/dependencies", dependencies),
         Route("/api/tabadol/search", search),
         Route("/api/tabadol/agencies", agencies),
+        Route("/api/tabadol/dashboard", dashboard_api),
+        Route("/api/tabadol/reports", reports_api),
+        Route("/reports/quarterly-{quarter}.{fmt}", report),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
         Route("/", index),
         Route("/search", index),
         Route("/trace/{trace_id}", index),
         Route("/dependencies", index),
+        Route("/dashboard", index),
+        Route("/reports", index),
     ]
-    return Starlette(routes=routes, exception_handlers={ValueError: bad_request})
+    app = Starlette(
+        routes=routes, exception_handlers={ValueError: bad_request, LookupError: not_found}
+    )
+    app.state.accounts = accounts
+    return app

@@ -17,6 +17,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
 from tabadol.errors import TabadolError
 from tabadol.ops.app import create_app
+from tabadol.ops.dashboard import Accounts
 from tabadol.ops.otlp import TraceCollector
 from tabadol.ops.store import SqliteSpanStore, StoreLimits
 
@@ -65,6 +66,7 @@ class OpsServer:
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
             self.collector, self._grpc
         )
+        self.app = create_app(self.store)
         self._uvicorn: uvicorn.Server | None = None
         self._web: asyncio.Task[None] | None = None
         self._retention: asyncio.Task[None] | None = None
@@ -89,9 +91,7 @@ class OpsServer:
             await self._grpc.stop(None)
             raise TabadolError(f"--http: cannot listen on {host}:{port}: {e.strerror}") from e
         bound = sock.getsockname()[1]
-        config = uvicorn.Config(
-            create_app(self.store), log_level="warning", lifespan="off", access_log=False
-        )
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="off", access_log=False)
         self._uvicorn = _EmbeddedUvicorn(config)
         self._web = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
         while not self._uvicorn.started:
@@ -100,6 +100,10 @@ class OpsServer:
             await asyncio.sleep(0.01)  # uvicorn offers no started event to await
         self.http_url = f"http://{host if ':' not in host else f'[{host}]'}:{bound}"
         self._retention = asyncio.create_task(self._retention_loop())
+
+    def show_ledger(self, accounts: Accounts) -> None:
+        """Serve the dashboard and quarterly reports from this configuration's ledger."""
+        self.app.state.accounts = accounts
 
     async def _retention_loop(self) -> None:
         while True:
@@ -122,11 +126,30 @@ class OpsServer:
                 await self._retention
         if self._web is not None:
             await self._web
+        accounts: Accounts | None = self.app.state.accounts
+        if accounts is not None:
+            accounts.store.close()
         self.store.close()
 
 
-async def run(db: Path, http: str, otlp: str, limits: StoreLimits) -> None:
+def open_accounts(config_path: Path) -> Accounts:
+    """The ledger named by a broker configuration, opened read-only."""
+    from tabadol import config as config_module
+    from tabadol.ledger.store import LedgerWriteError, SqliteLedgerStore
+
+    cfg = config_module.load(config_path)
+    try:
+        return Accounts(cfg, SqliteLedgerStore(cfg.ledger.path, readonly=True))
+    except LedgerWriteError as e:
+        raise TabadolError(f"{config_path}: [ledger] path: {e}") from e
+
+
+async def run(
+    db: Path, http: str, otlp: str, limits: StoreLimits, config_path: Path | None = None
+) -> None:
     server = OpsServer(db, http=http, otlp=otlp, limits=limits)
+    if config_path is not None:
+        server.show_ledger(open_accounts(config_path))
     await server.start()
     log.info(
         "trace viewer at %s; OTLP/gRPC collector on %s; spans in %s",

@@ -22,6 +22,7 @@ class CallGroup:
     service: str
     method: str
     status_code: int
+    forwarded: bool  # the broker passed these calls to the provider (it did not refuse them)
     calls: int
     duration_ns_total: int
 
@@ -55,6 +56,14 @@ class LedgerStore(Protocol):
 
     def durations(self, provider: str, start_ns: int, end_ns: int) -> list[int]:
         """Durations (ns), ascending, of the calls a provider answered in the range."""
+        ...
+
+    def count_between(self, start_ns: int, end_ns: int) -> int: ...
+
+    def latency_percentiles(
+        self, start_ns: int, end_ns: int, percents: Sequence[int]
+    ) -> dict[str, tuple[int, dict[int, int]]]:
+        """Per service: (calls, {percent: nearest-rank duration in ns})."""
         ...
 
     def provider_windows(

@@ -161,14 +161,16 @@ class SqliteLedgerStore:
     def call_groups(self, start_ns: int, end_ns: int) -> list[CallGroup]:
         rows = self._query(
             """
-            SELECT consumer, provider, service, method, status_code, count(*),
+            SELECT consumer, provider, service, method, status_code, endpoint != '', count(*),
                    sum(end_ns - start_ns)
             FROM records WHERE start_ns >= ? AND start_ns < ?
-            GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5
+            GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6
             """,
             (start_ns, end_ns),
         )
-        return [CallGroup(*row) for row in rows]
+        return [
+            CallGroup(c, p, s, m, code, bool(fwd), n, d) for c, p, s, m, code, fwd, n, d in rows
+        ]
 
     def durations(self, provider: str, start_ns: int, end_ns: int) -> list[int]:
         rows = self._query(
@@ -181,6 +183,36 @@ class SqliteLedgerStore:
             (start_ns, end_ns, provider, UNAVAILABLE),
         )
         return [r[0] for r in rows]
+
+    def count_between(self, start_ns: int, end_ns: int) -> int:
+        rows = self._query(
+            "SELECT count(*) FROM records WHERE start_ns >= ? AND start_ns < ?", (start_ns, end_ns)
+        )
+        return int(rows[0][0])
+
+    def latency_percentiles(
+        self, start_ns: int, end_ns: int, percents: Sequence[int]
+    ) -> dict[str, tuple[int, dict[int, int]]]:
+        """Per service: (calls, {percent: nearest-rank duration in ns}) in the range."""
+        ranks = ", ".join(f"(n * {p} + 99) / 100" for p in percents)
+        rows = self._query(
+            f"""
+            SELECT service, n, rn, d FROM (
+                SELECT service, end_ns - start_ns AS d,
+                       row_number() OVER (PARTITION BY service ORDER BY end_ns - start_ns) AS rn,
+                       count(*) OVER (PARTITION BY service) AS n
+                FROM records WHERE start_ns >= ? AND start_ns < ?
+            ) WHERE rn IN ({ranks}) ORDER BY service, rn
+            """,
+            (start_ns, end_ns),
+        )
+        result: dict[str, tuple[int, dict[int, int]]] = {}
+        for service, n, rn, duration in rows:
+            _, table = result.setdefault(service, (n, {}))
+            for p in percents:
+                if (n * p + 99) // 100 == rn:
+                    table[p] = duration
+        return result
 
     def provider_windows(
         self, start_ns: int, end_ns: int, window_ns: int

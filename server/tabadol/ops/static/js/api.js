@@ -57,3 +57,16 @@ export async function fetchTrace(traceId, signal) {
 export async function fetchAgencyCalls({ endTs, lookback }, signal) {
   return (await getJSON('/api/tabadol/agencies', { endTs, lookback }, signal)).data ?? [];
 }
+
+/** The ledger's figures for today, this quarter and all time (404 when the viewer has no ledger). */
+export function fetchDashboard(signal) {
+  return getJSON('/api/tabadol/dashboard', null, signal);
+}
+
+/** The quarters a report can be opened for, newest first: {quarter, months, period}. */
+export async function fetchReports(signal) {
+  return (await getJSON('/api/tabadol/reports', null, signal)).data ?? [];
+}
+
+/** A quarterly report as a page (html) or a download (csv, json). */
+export const reportUrl = (quarter, format) => `/reports/quarterly-${encodeURIComponent(quarter)}.${format}`;

@@ -1,8 +1,10 @@
 // The viewer's entry point: client-side routing. The server answers every page path with
 // index.html, and this module decides from the path which page to draw.
 
+import { renderDashboard } from './dashboard.js';
 import { renderDependencies } from './dependencies.js';
 import { h } from './dom.js';
+import { renderReports } from './reports.js';
 import { renderSearch } from './search.js';
 import { clearError, navigate, reportError, setRenderer } from './shell.js';
 import { renderTrace } from './trace.js';
@@ -11,6 +13,9 @@ const ROUTES = [
   { path: /^\/(?:search\/?)?$/, nav: 'search', title: 'Search', render: (view, _, ctx) => renderSearch(view, ctx) },
   { path: /^\/trace\/([^/]+)\/?$/, nav: 'search', title: 'Trace', render: (view, m, ctx) => renderTrace(view, decodeURIComponent(m[1]), ctx) },
   { path: /^\/dependencies\/?$/, nav: 'dependencies', title: 'Dependencies', render: (view, _, ctx) => renderDependencies(view, ctx) },
+  { path: /^\/dashboard\/?$/, nav: 'dashboard', title: 'Dashboard', render: (view, _, ctx) => renderDashboard(view, ctx) },
+  // Only the list: /reports/quarterly-….html is a page the server renders, loaded by the browser.
+  { path: /^\/reports\/?$/, nav: 'reports', title: 'Reports', render: (view, _, ctx) => renderReports(view, ctx) },
 ];
 
 let current = null;
