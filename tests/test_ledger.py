@@ -421,3 +421,15 @@ async def test_a_full_disk_fails_closed_with_a_message_naming_it_and_recovers(
     finally:
         done = await asyncio.to_thread(subprocess.run, ["umount", str(disk)], capture_output=True)
         assert done.returncode == 0, done.stderr
+
+
+def test_a_second_writer_on_the_same_ledger_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    from tabadol.ledger.store import LedgerWriteError
+
+    first = SqliteLedgerStore(tmp_path / "ledger.db")
+    try:
+        with pytest.raises(LedgerWriteError, match="in use by another broker process"):
+            SqliteLedgerStore(tmp_path / "ledger.db")
+    finally:
+        first.close()
+    SqliteLedgerStore(tmp_path / "ledger.db").close()  # free again once the first is closed

@@ -120,7 +120,7 @@ class Broker:
         try:
             self.port = self._server.add_secure_port(listen, self._server_credentials())
         except RuntimeError as e:
-            await self._server.stop(None)
+            await self._abandon()
             raise ConfigError(
                 f"{self.config.path}: [broker] listen: cannot bind {listen}: {e}"
             ) from e
@@ -129,11 +129,16 @@ class Broker:
             try:
                 self.metrics.serve(self.config.broker.metrics_listen)
             except OSError as e:
-                await self._server.stop(None)
+                await self._abandon()
                 raise ConfigError(
                     f"{self.config.path}: [broker] metrics_listen: cannot listen on "
                     f"{self.config.broker.metrics_listen}: {e.strerror}"
                 ) from e
+
+    async def _abandon(self) -> None:
+        """Undo a start that failed half-way, so the process can report it and exit."""
+        await self._server.stop(None)
+        await asyncio.to_thread(self.ledger.close)
 
     def _plan_upstreams(
         self,

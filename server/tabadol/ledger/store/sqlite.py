@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -57,6 +58,7 @@ class SqliteLedgerStore:
                 )
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._hold_writer_lock()
                 self._conn = sqlite3.connect(
                     self.path, check_same_thread=False, isolation_level=None
                 )
@@ -67,9 +69,25 @@ class SqliteLedgerStore:
         except (sqlite3.Error, OSError) as e:
             raise LedgerWriteError(f"{self.path}: cannot open the ledger: {e}") from e
 
+    def _hold_writer_lock(self) -> None:
+        """One writer per ledger: two would each extend the chain from their own head."""
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        self._lock_file = lock_path.open("a+")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise LedgerWriteError(
+                f"{self.path}: the ledger is in use by another broker process "
+                "(each broker instance needs its own ledger path)"
+            ) from None
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+            lock_file = getattr(self, "_lock_file", None)
+            if lock_file is not None:
+                lock_file.close()  # releases the writer lock
 
     def head(self) -> tuple[int, str]:
         with self._lock:

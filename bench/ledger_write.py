@@ -1,0 +1,72 @@
+"""How many records per second the ledger writer commits (sealed batches, synchronous=FULL).
+
+.venv/bin/python bench/ledger_write.py [--records 200000] [--batch-ms 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tabadol.ledger import LedgerRecord, LedgerWriter  # noqa: E402
+from tabadol.ledger.seal import Sealer  # noqa: E402
+from tabadol.ledger.store import SqliteLedgerStore  # noqa: E402
+from tabadol.pki import CertificateAuthority  # noqa: E402
+
+
+def main(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        ca = CertificateAuthority.init(tmp / "pki", "tabadol.example")
+        ca.issue_broker()
+        sealer = Sealer((ca.dir / "broker.key").read_bytes(), (ca.dir / "broker.crt").read_bytes())
+        store = SqliteLedgerStore(tmp / "ledger.db")
+        writer = LedgerWriter(
+            store, sealer, batch_interval_s=args.batch_ms / 1000, buffer_records=10**9
+        )
+        records = [
+            LedgerRecord(
+                start_ns=time.time_ns(),
+                end_ns=time.time_ns() + 1_000_000,
+                trace_id=f"{i:032x}",
+                request_id=f"{i:032x}",
+                consumer="post",
+                provider="nocr",
+                service="tabadol.agencies.nocr.v1.PersonRegistry",
+                method="InquirePerson",
+                kind="unary",
+                status_code=0,
+                request_bytes=40,
+                request_messages=1,
+                response_bytes=180,
+                response_messages=1,
+                endpoint="127.0.0.1:9101",
+                broker_instance="bench",
+            )
+            for i in range(args.records)
+        ]
+        started = time.perf_counter()
+        for record in records:
+            writer.submit(record)
+        writer.close(timeout=600)
+        elapsed = time.perf_counter() - started
+        seals = sum(1 for _ in SqliteLedgerStore(tmp / "ledger.db", readonly=True).seals())
+    print(
+        f"committed {args.records} records in {elapsed:.2f} s: {args.records / elapsed:,.0f} "
+        f"records/s ({seals} sealed batches, batch interval {args.batch_ms} ms)"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--records", type=int, default=200_000)
+    parser.add_argument("--batch-ms", type=float, default=100)
+    main(parser.parse_args())
