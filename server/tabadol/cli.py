@@ -203,6 +203,57 @@ def _cmd_report_quarterly(args: argparse.Namespace) -> int:
     return 0
 
 
+def _discovery(args: argparse.Namespace, ask: Callable[[Any], Any]) -> Any:
+    """Ask the broker's Discovery service, as the agency whose credentials are given."""
+    import grpc.aio
+
+    from tabadol.client import connect
+    from tabadol.platform.v1 import discovery_pb2_grpc
+
+    async def run() -> Any:
+        async with connect(args.broker, args.credentials) as channel:
+            try:
+                return await ask(discovery_pb2_grpc.DiscoveryStub(channel))
+            except grpc.aio.AioRpcError as e:
+                raise TabadolError(f"{args.broker}: {e.code().name}: {e.details()}") from e
+
+    return asyncio.run(run())
+
+
+def _cmd_services(args: argparse.Namespace) -> int:
+    from tabadol.describe import services_table
+    from tabadol.platform.v1 import discovery_pb2
+
+    async def ask(stub: Any) -> tuple[Any, Any]:
+        services = await stub.ListServices(discovery_pb2.ListServicesRequest(), timeout=30)
+        allowed = await stub.AllowedMethods(discovery_pb2.AllowedMethodsRequest(), timeout=30)
+        return services, allowed
+
+    services, allowed = _discovery(args, ask)
+    print(services_table(services.services, allowed.agency), end="")
+    return 0
+
+
+def _cmd_describe(args: argparse.Namespace) -> int:
+    from tabadol.describe import describe
+    from tabadol.platform.v1 import discovery_pb2
+
+    async def ask(stub: Any) -> tuple[Any, Any, Any]:
+        contract = await stub.GetContract(
+            discovery_pb2.GetContractRequest(service=args.service), timeout=30
+        )
+        methods = await stub.ListMethods(
+            discovery_pb2.ListMethodsRequest(service=args.service), timeout=30
+        )
+        services = await stub.ListServices(discovery_pb2.ListServicesRequest(), timeout=30)
+        return contract, methods, services
+
+    contract, methods, services = _discovery(args, ask)
+    provider = next((s.provider for s in services.services if s.name == args.service), "?")
+    print(describe(contract, args.service, methods.methods, provider), end="")
+    return 0
+
+
 def _cmd_ops(args: argparse.Namespace) -> int:
     from tabadol.ops.server import run
     from tabadol.ops.store import StoreLimits
@@ -407,6 +458,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="broker configuration: adds the ledger dashboard and the quarterly reports",
     )
     ops.set_defaults(func=_cmd_ops)
+
+    for name, helptext, func in (
+        ("services", "list the exchange's services and what you may call", _cmd_services),
+        ("describe", "show one service's contract, with its documentation", _cmd_describe),
+    ):
+        view = sub.add_parser(
+            name,
+            help=helptext,
+            description=helptext[0].upper() + helptext[1:] + ", as the broker's Discovery "
+            "service answers it for the agency whose credentials are given.",
+        )
+        view.add_argument("--broker", required=True, help="broker address, e.g. 127.0.0.1:7443")
+        view.add_argument("--credentials", type=Path, required=True, help="agency credentials dir")
+        if name == "describe":
+            view.add_argument("service", help="e.g. tabadol.agencies.nocr.v1.PersonRegistry")
+        view.set_defaults(func=func)
 
     call = sub.add_parser(
         "call",

@@ -21,7 +21,9 @@ import grpc.aio
 from tabadol.broker.exchange import Exchange
 from tabadol.broker.metrics import BrokerMetrics
 from tabadol.broker.tracing import BrokerTracing
-from tabadol.broker.upstream import Route
+from tabadol.broker.upstream import Route, Upstream
+from tabadol.catalogue import Catalogue
+from tabadol.config import BrokerConfig
 from tabadol.contracts import Contracts, RpcKind
 from tabadol.identity import ConsumerIdentity, IdentityRejected, identify_consumer
 from tabadol.ledger import LedgerWriter
@@ -126,14 +128,15 @@ class Proxy:
         identities: Identities,
         policy: Policy,
         routes: Mapping[str, Route],
-        agencies: frozenset[str],
+        config: BrokerConfig,
         accounting: Accounting,
         refusals: RefusalLog | None = None,
     ) -> None:
+        self.config = config  # the registry this handling was built from
         self.contracts = contracts
         self.identities = identities
         self.policy = policy
-        self.agencies = agencies
+        self.agencies = frozenset(config.agencies)
         self.accounting = accounting
         self.tracing = accounting.tracing
         self.metrics = accounting.metrics
@@ -143,6 +146,24 @@ class Proxy:
         self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
             path: self._handler(route) for path, route in routes.items()
         }
+        self.upstreams_by_service: dict[str, list[Upstream]] = {}
+        for route in routes.values():
+            upstreams = self.upstreams_by_service.setdefault(route.method.service, [])
+            upstreams.extend(u for u, _ in route.targets if u not in upstreams)
+        self._catalogues: dict[str, Catalogue] = {}
+
+    def catalogue_for(self, agency: str) -> Catalogue:
+        """The contracts as this agency may see them (built once per configuration)."""
+        catalogue = self._catalogues.get(agency)
+        if catalogue is None:
+            visible = {
+                method.service
+                for path in self.policy.allowed_paths(agency)
+                if (method := self.contracts.method(path)) is not None
+            }
+            catalogue = Catalogue(self.contracts.files, visible)
+            self._catalogues[agency] = catalogue
+        return catalogue
 
     def handler_for(self, method_path: str) -> grpc.RpcMethodHandler[Any, Any]:
         handler = self.handlers.get(method_path)

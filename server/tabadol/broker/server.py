@@ -15,6 +15,7 @@ import grpc
 import grpc.aio
 
 from tabadol import config as config_module
+from tabadol.broker import platform
 from tabadol.broker.credentials import BrokerCredentials
 from tabadol.broker.metrics import BrokerMetrics
 from tabadol.broker.proxy import Accounting, Identities, Proxy, RefusalLog
@@ -75,6 +76,8 @@ class Broker:
         self._server = grpc.aio.server(
             options=[*_message_options(cfg.broker.max_message_bytes), *KEEPALIVE_LISTEN]
         )
+        # The broker's own services first: the proxy answers every other path.
+        self.health = platform.register(self._server, lambda: self._dispatch.proxy)
         self._server.add_generic_rpc_handlers((self._dispatch,))
         self.port = 0
 
@@ -125,6 +128,7 @@ class Broker:
                 f"{self.config.path}: [broker] listen: cannot bind {listen}: {e}"
             ) from e
         await self._server.start()
+        await self.health.start()
         if self.config.broker.metrics_listen is not None:
             try:
                 self.metrics.serve(self.config.broker.metrics_listen)
@@ -194,7 +198,7 @@ class Broker:
             identities=Identities(cfg.broker.trust_domain, creds.revoked),
             policy=policy,
             routes=routes,
-            agencies=frozenset(cfg.agencies),
+            config=cfg,
             accounting=Accounting(
                 instance=self.instance,
                 metrics=self.metrics,
@@ -241,6 +245,7 @@ class Broker:
         """Stop accepting calls, let in-flight ones finish within ``grace``, close channels."""
         if grace is None:
             grace = self.config.broker.shutdown_grace_seconds
+        await self.health.stop()  # NOT_SERVING while draining: load balancers move away
         await self._server.stop(grace)
         for upstream in self._upstreams.values():
             upstream.retire()

@@ -1,0 +1,264 @@
+"""The services the broker answers itself: discovery, reflection and health.
+
+Discovery and reflection answer from the live registry and the caller's certificate: each
+agency sees the services it may call. Health follows the providers' reachability.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+from google.protobuf import descriptor_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from tabadol.broker.proxy import Proxy
+from tabadol.catalogue import Catalogue
+from tabadol.contracts import RpcKind
+from tabadol.identity import IdentityRejected
+from tabadol.platform.v1 import discovery_pb2, discovery_pb2_grpc
+
+log = logging.getLogger("tabadol.broker")
+
+Context = grpc.aio.ServicerContext[Any, Any]
+_KINDS = {
+    RpcKind.UNARY: discovery_pb2.RPC_KIND_UNARY,
+    RpcKind.SERVER_STREAMING: discovery_pb2.RPC_KIND_SERVER_STREAMING,
+    RpcKind.CLIENT_STREAMING: discovery_pb2.RPC_KIND_CLIENT_STREAMING,
+    RpcKind.BIDI_STREAMING: discovery_pb2.RPC_KIND_BIDI_STREAMING,
+}
+
+
+async def caller(proxy: Proxy, context: Context) -> str:
+    """The calling agency, from its certificate; UNAUTHENTICATED otherwise."""
+    try:
+        return proxy.identities.identify(context).agency_id
+    except IdentityRejected as e:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"Tabadol broker: {e}")
+
+
+class AgencyReflection(reflection_pb2_grpc.ServerReflectionServicer):
+    """Standard gRPC server reflection, showing each caller the services it may call."""
+
+    def __init__(self, current: Callable[[], Proxy]) -> None:
+        self._current = current
+
+    async def ServerReflectionInfo(
+        self,
+        request_iterator: AsyncIterator[reflection_pb2.ServerReflectionRequest],
+        context: Context,
+    ) -> AsyncIterator[reflection_pb2.ServerReflectionResponse]:
+        proxy = self._current()
+        agency = await caller(proxy, context)
+        catalogue = proxy.catalogue_for(agency)
+        async for request in request_iterator:
+            yield reflect(catalogue, request)
+
+
+def reflect(
+    catalogue: Catalogue, request: reflection_pb2.ServerReflectionRequest
+) -> reflection_pb2.ServerReflectionResponse:
+    def files(name: str | None) -> reflection_pb2.ServerReflectionResponse:
+        if name is None:
+            return not_found()
+        return reflection_pb2.ServerReflectionResponse(
+            original_request=request,
+            file_descriptor_response=reflection_pb2.FileDescriptorResponse(
+                file_descriptor_proto=[fd.SerializeToString() for fd in catalogue.closure(name)]
+            ),
+        )
+
+    def not_found() -> reflection_pb2.ServerReflectionResponse:
+        return reflection_pb2.ServerReflectionResponse(
+            original_request=request,
+            error_response=reflection_pb2.ErrorResponse(
+                error_code=grpc.StatusCode.NOT_FOUND.value[0], error_message="not found"
+            ),
+        )
+
+    which = request.WhichOneof("message_request")
+    if which == "list_services":
+        return reflection_pb2.ServerReflectionResponse(
+            original_request=request,
+            list_services_response=reflection_pb2.ListServiceResponse(
+                service=[reflection_pb2.ServiceResponse(name=s) for s in catalogue.services()]
+            ),
+        )
+    if which == "file_by_filename":
+        name = request.file_by_filename
+        return files(name if catalogue.visible_file(name) else None)
+    if which == "file_containing_symbol":
+        return files(catalogue.file_of(request.file_containing_symbol))
+    return not_found()  # extensions: Tabadol contracts declare none
+
+
+class Discovery(discovery_pb2_grpc.DiscoveryServicer):
+    """ListAgencies, ListServices, ListMethods, AllowedMethods, GetContract."""
+
+    def __init__(self, current: Callable[[], Proxy]) -> None:
+        self._current = current
+
+    def _methods(self, proxy: Proxy, agency: str, service: str) -> list[discovery_pb2.Method]:
+        contract = proxy.contracts.services[service]
+        fd = proxy.contracts.files[contract.file]
+        prefix = f"{fd.package}." if fd.package else ""
+        declared = next(s for s in fd.service if prefix + s.name == service)
+        return [
+            discovery_pb2.Method(
+                name=m.name,
+                kind=_KINDS[contract.methods[m.name].kind],
+                input_type=m.input_type.lstrip("."),
+                output_type=m.output_type.lstrip("."),
+                allowed=proxy.policy.allows(agency, contract.methods[m.name].path),
+            )
+            for m in declared.method
+        ]
+
+    async def _routed(self, proxy: Proxy, service: str, context: Context) -> None:
+        if service not in proxy.config.services:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"the exchange routes no service {service!r}"
+            )
+
+    async def ListAgencies(
+        self, request: discovery_pb2.ListAgenciesRequest, context: Context
+    ) -> discovery_pb2.ListAgenciesResponse:
+        proxy = self._current()
+        await caller(proxy, context)
+        return discovery_pb2.ListAgenciesResponse(
+            agencies=[
+                discovery_pb2.Agency(id=a.id, name=a.name)
+                for a in sorted(proxy.config.agencies.values(), key=lambda a: a.id)
+            ]
+        )
+
+    async def ListServices(
+        self, request: discovery_pb2.ListServicesRequest, context: Context
+    ) -> discovery_pb2.ListServicesResponse:
+        proxy = self._current()
+        agency = await caller(proxy, context)
+        services = []
+        for name in sorted(proxy.config.services):
+            package = name.rpartition(".")[0]
+            services.append(
+                discovery_pb2.Service(
+                    name=name,
+                    provider=proxy.config.services[name].provider,
+                    package=package,
+                    version=package.rpartition(".")[2],
+                    methods=self._methods(proxy, agency, name),
+                )
+            )
+        return discovery_pb2.ListServicesResponse(services=services)
+
+    async def ListMethods(
+        self, request: discovery_pb2.ListMethodsRequest, context: Context
+    ) -> discovery_pb2.ListMethodsResponse:
+        proxy = self._current()
+        agency = await caller(proxy, context)
+        await self._routed(proxy, request.service, context)
+        return discovery_pb2.ListMethodsResponse(
+            methods=self._methods(proxy, agency, request.service)
+        )
+
+    async def AllowedMethods(
+        self, request: discovery_pb2.AllowedMethodsRequest, context: Context
+    ) -> discovery_pb2.AllowedMethodsResponse:
+        proxy = self._current()
+        agency = await caller(proxy, context)
+        allowed = []
+        for path in sorted(proxy.policy.allowed_paths(agency)):
+            method = proxy.contracts.method(path)
+            if method is not None and method.service in proxy.config.services:
+                allowed.append(
+                    discovery_pb2.AllowedMethod(
+                        service=method.service, method=method.name, kind=_KINDS[method.kind]
+                    )
+                )
+        return discovery_pb2.AllowedMethodsResponse(agency=agency, methods=allowed)
+
+    async def GetContract(
+        self, request: discovery_pb2.GetContractRequest, context: Context
+    ) -> descriptor_pb2.FileDescriptorSet:
+        proxy = self._current()
+        await caller(proxy, context)
+        await self._routed(proxy, request.service, context)
+        catalogue = Catalogue(proxy.contracts.files, [request.service])
+        file = proxy.contracts.services[request.service].file
+        return descriptor_pb2.FileDescriptorSet(file=catalogue.closure(file))
+
+
+class ProviderHealth:
+    """grpc.health.v1.Health: "" for the broker, and each routed service by its providers.
+
+    A service is SERVING while at least one of its endpoints' channels is connected or
+    connecting, NOT_SERVING when all are failing; polled every ``interval`` seconds.
+    """
+
+    def __init__(self, current: Callable[[], Proxy], interval: float = 2.0) -> None:
+        self.servicer = HealthServicer()
+        self._current = current
+        self._interval = interval
+        self._task: asyncio.Task[None] | None = None
+        self._known: dict[str, int] = {}
+
+    async def start(self) -> None:
+        await self.servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.refresh()
+        self._task = asyncio.create_task(self._poll())
+
+    async def refresh(self) -> None:
+        proxy = self._current()
+        for service, upstreams in proxy.upstreams_by_service.items():
+            states = [u.channel.get_state(try_to_connect=True) for u in upstreams]
+            status: int
+            if any(s is grpc.ChannelConnectivity.READY for s in states):
+                status = health_pb2.HealthCheckResponse.SERVING
+            elif all(
+                s in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN)
+                for s in states
+            ):
+                status = health_pb2.HealthCheckResponse.NOT_SERVING
+            elif service in self._known:
+                continue  # still connecting: keep what was known
+            else:
+                status = health_pb2.HealthCheckResponse.UNKNOWN
+            if self._known.get(service) != status:
+                self._known[service] = status
+                await self.servicer.set(service, status)
+        for gone in set(self._known) - set(proxy.upstreams_by_service):
+            del self._known[gone]
+            await self.servicer.set(gone, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("health check of the providers failed; trying again")
+
+    async def stop(self) -> None:
+        await self.servicer.enter_graceful_shutdown()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+def register(server: grpc.aio.Server, current: Callable[[], Proxy]) -> ProviderHealth:
+    """Add the platform services to the broker's server (before the proxy's catch-all)."""
+    discovery_pb2_grpc.add_DiscoveryServicer_to_server(Discovery(current), server)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
+        AgencyReflection(current), server
+    )
+    health = ProviderHealth(current)
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    return health
