@@ -8,10 +8,24 @@ CONTRACTS   := build/contracts.pb
 GEN_STAMP   := build/.protos
 
 CHROMIUM    := /usr/bin/chromium
+NODE_DIR    := interop/node
+NODE_STAMP  := $(NODE_DIR)/node_modules/.installed
 
-.PHONY: setup protos run test lint fmt typecheck clean browser
+.PHONY: setup protos run test lint fmt typecheck clean browser node
 
 setup: $(STAMP) $(GEN_STAMP)
+
+node: $(NODE_STAMP)
+
+# The cross-language interop tests (tests/test_interop_node.py) run a Node.js consumer and
+# provider; `npm ci` installs exactly what package-lock.json pins. The stamp lives inside
+# node_modules, so deleting node_modules reinstalls.
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	@command -v node >/dev/null && command -v npm >/dev/null \
+	  && node -e 'process.exit(+process.versions.node.split(".")[0] >= 18 ? 0 : 1)' \
+	  || { echo "node is missing: the cross-language interop tests need Node.js 18+ and npm (apt-get install nodejs npm)"; exit 1; }
+	npm ci --prefix $(NODE_DIR) --no-audit --no-fund
+	touch $@
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
@@ -59,7 +73,7 @@ fmt: setup
 typecheck: setup
 	$(VENV)/bin/mypy server/tabadol clients/tabadol
 
-test: setup browser lint typecheck
+test: setup browser node lint typecheck
 	$(VENV)/bin/pytest -q
 
 clean:
