@@ -11,7 +11,7 @@ CHROMIUM    := /usr/bin/chromium
 NODE_DIR    := interop/node
 NODE_STAMP  := $(NODE_DIR)/node_modules/.installed
 
-.PHONY: setup protos run test lint fmt typecheck clean browser node
+.PHONY: setup protos run test lint lint-protos fmt typecheck clean browser node
 
 setup: $(STAMP) $(GEN_STAMP)
 
@@ -66,6 +66,10 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Contract style, in the spirit of buf lint (docs/contracts.md).
+lint-protos: setup
+	$(VENV)/bin/tabadol contracts lint protos
+
 fmt: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
@@ -73,7 +77,7 @@ fmt: setup
 typecheck: setup
 	$(VENV)/bin/mypy server/tabadol clients/tabadol
 
-test: setup browser node lint typecheck
+test: setup browser node lint lint-protos typecheck
 	$(VENV)/bin/pytest -q
 
 clean:

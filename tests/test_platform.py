@@ -257,3 +257,43 @@ async def test_describe_command_shows_the_contract_with_its_documentation(
     )  # fmt: skip
     assert code == 2
     assert "NOT_FOUND" in out and "tabadol.nope.v1.Ghost" in out
+
+
+async def test_a_v2_contract_lives_beside_v1_and_the_broker_routes_both(
+    tmp_path: Path, pki: CertificateAuthority, echo_provider: Any
+) -> None:
+    from tabadol.client import connect
+    from tests.conftest import broker_toml
+    from tests.support.echo import write_echo_contracts
+
+    contracts = write_echo_contracts(tmp_path / "both.pb", versions=("v1", "v2"))
+    config = broker_toml(
+        pki_dir=pki.dir, contracts=contracts, endpoints=[echo_provider.address],
+        grants=f'[[grant]]\nconsumer = "post"\nservice = "{SERVICE}"\nmethods = ["*"]\n'
+        '[[grant]]\nconsumer = "post"\nservice = "tabadol.test.v2.Echo"\nmethods = ["*"]\n',
+    ) + (
+        '\n[[service]]\nname = "tabadol.test.v2.Echo"\nprovider = "echo"\n'
+        f'endpoints = ["{echo_provider.address}"]\n'
+    )  # fmt: skip
+    (tmp_path / "broker.toml").write_text(config)
+    from tabadol import config as config_module
+
+    broker = Broker(config_module.load(tmp_path / "broker.toml"))
+    await broker.start()
+    try:
+        async with connect(f"127.0.0.1:{broker.port}", pki.dir / "agencies" / "post") as channel:
+            for version in ("v1", "v2"):
+                path = f"/tabadol.test.{version}.Echo/Unary"
+                assert (
+                    await channel.unary_unary(path)(version.encode(), timeout=10)
+                    == version.encode()
+                )
+            listed = await discovery_pb2_grpc.DiscoveryStub(channel).ListServices(
+                discovery_pb2.ListServicesRequest()
+            )
+        assert [(s.name, s.version) for s in listed.services] == [
+            (SERVICE, "v1"),
+            ("tabadol.test.v2.Echo", "v2"),
+        ]
+    finally:
+        await broker.stop(0)

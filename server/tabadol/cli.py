@@ -254,6 +254,31 @@ def _cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_contracts_check(args: argparse.Namespace) -> int:
+    from tabadol.governance import breaking_changes, load_contracts
+
+    found = breaking_changes(load_contracts(args.old), load_contracts(args.new))
+    for change in found:
+        print(change)
+    summary = (
+        f"{args.new}: {len(found)} breaking change(s) since {args.old}"
+        if found
+        else f"{args.new}: no breaking changes since {args.old}"
+    )
+    print(summary, file=sys.stderr)
+    return 1 if found else 0
+
+
+def _cmd_contracts_lint(args: argparse.Namespace) -> int:
+    from tabadol.governance import lint, load_contracts, own_files
+
+    found = lint(load_contracts(args.path), targets=own_files(args.path), only=args.rule)
+    for finding in found:
+        print(finding)
+    print(f"{args.path}: {len(found)} finding(s)", file=sys.stderr)
+    return 1 if found else 0
+
+
 def _cmd_ops(args: argparse.Namespace) -> int:
     from tabadol.ops.server import run
     from tabadol.ops.store import StoreLimits
@@ -387,6 +412,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--ops-otlp", default=DEFAULT_OTLP, help=f"OTLP collector (default {DEFAULT_OTLP})"
     )
     demo.set_defaults(func=_cmd_demo)
+
+    from tabadol.governance.lint import RULES
+
+    contracts = sub.add_parser("contracts", help="check contracts for breaking changes and style")
+    contracts_sub = contracts.add_subparsers(
+        dest="contracts_command", required=True, metavar="ACTION"
+    )
+    ccheck = contracts_sub.add_parser(
+        "check",
+        help="report the changes from OLD to NEW that would break consumers (exit 1 if any)",
+        description="Compare contracts within each major version (a package ending in vN): a "
+        "removed or renumbered field, a changed field type or cardinality, a removed method, a "
+        "changed streaming kind, a removed enum value, a renamed package or service... each is "
+        "explained. Additions pass. A new major version (v2) may live beside v1.",
+    )
+    ccheck.add_argument(
+        "old", type=Path, help="published contracts: a .proto directory or a FileDescriptorSet"
+    )
+    ccheck.add_argument("new", type=Path, help="proposed contracts, in either form")
+    ccheck.set_defaults(func=_cmd_contracts_check)
+    clint = contracts_sub.add_parser(
+        "lint", help="check contracts against Tabadol's style rules (exit 1 on findings)"
+    )
+    clint.add_argument(
+        "path", type=Path, nargs="?", default=Path("protos"),
+        help="a .proto directory or a FileDescriptorSet (default protos)",
+    )  # fmt: skip
+    clint.add_argument("--rule", action="append", choices=RULES, help="only this rule (repeatable)")
+    clint.set_defaults(func=_cmd_contracts_lint)
 
     ledger = sub.add_parser("ledger", help="check and export the transaction ledger")
     ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True, metavar="ACTION")

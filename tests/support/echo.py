@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +28,12 @@ CLIENT_STREAM = f"/{SERVICE}/ClientStream"
 BIDI = f"/{SERVICE}/Bidi"
 
 
-def echo_file_descriptor() -> descriptor_pb2.FileDescriptorProto:
+def echo_file_descriptor(version: str = "v1") -> descriptor_pb2.FileDescriptorProto:
+    """The echo contract; another ``version`` is the same service in a new major package."""
     fd = descriptor_pb2.FileDescriptorProto(
-        name="tabadol/test/v1/echo.proto", package="tabadol.test.v1", syntax="proto3"
+        name=f"tabadol/test/{version}/echo.proto",
+        package=f"tabadol.test.{version}",
+        syntax="proto3",
     )
     msg = fd.message_type.add(name="Blob")
     msg.field.add(name="data", number=1, type=12, label=1)  # bytes
@@ -42,18 +46,17 @@ def echo_file_descriptor() -> descriptor_pb2.FileDescriptorProto:
     ]:
         svc.method.add(
             name=name,
-            input_type=".tabadol.test.v1.Blob",
-            output_type=".tabadol.test.v1.Blob",
+            input_type=f".tabadol.test.{version}.Blob",
+            output_type=f".tabadol.test.{version}.Blob",
             client_streaming=cs,
             server_streaming=ss,
         )
     return fd
 
 
-def write_echo_contracts(path: Path) -> Path:
-    path.write_bytes(
-        descriptor_pb2.FileDescriptorSet(file=[echo_file_descriptor()]).SerializeToString()
-    )
+def write_echo_contracts(path: Path, versions: tuple[str, ...] = ("v1",)) -> Path:
+    files = [echo_file_descriptor(v) for v in versions]
+    path.write_bytes(descriptor_pb2.FileDescriptorSet(file=files).SerializeToString())
     return path
 
 
@@ -158,4 +161,5 @@ class EchoProvider(grpc.GenericRpcHandler):
             CLIENT_STREAM: grpc.stream_unary_rpc_method_handler(self.client_stream),
             BIDI: grpc.stream_stream_rpc_method_handler(self.bidi),
         }
-        return handlers.get(details.method)
+        # Every major version of the echo contract behaves alike.
+        return handlers.get(re.sub(r"^/tabadol\.test\.v\d+\.", "/tabadol.test.v1.", details.method))

@@ -24,6 +24,7 @@ from tabadol.broker.upstream import Route, Upstream
 from tabadol.client.tracing import SpanPipelineStats, TracingConfigError, tracer_provider
 from tabadol.config import BrokerConfig
 from tabadol.errors import ConfigError, TabadolError
+from tabadol.governance import breaking_changes
 from tabadol.ledger import LedgerWriter
 from tabadol.ledger.seal import Sealer
 from tabadol.ledger.store import LedgerWriteError, SqliteLedgerStore
@@ -225,6 +226,17 @@ class Broker:
                 raise ConfigError(
                     f"{cfg.path}: [{section}] cannot change on reload; restart the broker"
                 )
+        breaking = breaking_changes(
+            self.config.contracts.files.values(), cfg.contracts.files.values()
+        )
+        if breaking:
+            # Publishing a contract that breaks its consumers within a major version is refused:
+            # such a change needs a new version (v2) beside the old one.
+            raise ConfigError(
+                f"{cfg.path}: [broker] contracts: {len(breaking)} change(s) would break "
+                "consumers; publish them as a new major version instead:\n"
+                + "\n".join(f"  {b}" for b in breaking)
+            )
         creds = self._load_credentials(cfg)
         identity_changed = _identity(creds) != _identity(self.credentials)
         # A new broker identity means dialing every provider afresh with it.
