@@ -5,6 +5,7 @@ from typing import Any
 PLATFORM_PREFIX = "x-tabadol-"
 CONSUMER_KEY = "x-tabadol-consumer"  # set by the broker from the consumer's certificate
 REQUEST_ID_KEY = "x-tabadol-request-id"  # one id per exchange, to the provider and back
+RETRY_AFTER_KEY = "x-tabadol-retry-after-ms"  # with RESOURCE_EXHAUSTED: when to try again
 
 # Dialers ping an idle connection every 30 s while calls are open, so a peer that vanished
 # without a reset is noticed; listeners accept pings that often, so they never answer with

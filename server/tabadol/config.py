@@ -72,6 +72,14 @@ class BrokerSection(_Strict):
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024, le=2**31 - 1)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     metrics_listen: ListenAddress | None = "127.0.0.1:9464"
+    # Provider endpoints: an active health check every so often, and an endpoint whose calls
+    # fail to connect this many times in a row is set aside (1 s, doubling to 30 s).
+    health_check_seconds: float = Field(default=2.0, gt=0)
+    eject_after_failures: int = Field(default=3, ge=1)
+    # Retries of idempotent calls: at most this share of calls (a budget, so a failing
+    # provider is not hit twice as hard).
+    retry_budget_ratio: float = Field(default=0.2, ge=0, le=1)
+    max_concurrent_streams: int = Field(default=1000, ge=1)  # per consumer connection
     instance: str | None = None  # names this broker in ledger records; default host:pid
 
 
@@ -123,6 +131,20 @@ class ServiceEntry(_Strict):
     name: str = Field(min_length=1)
     provider: AgencyId
     endpoints: list[Endpoint] = Field(min_length=1)
+    # Tighter than the broker's own limits, for this service only:
+    max_message_bytes: int | None = Field(default=None, ge=1)
+    max_stream_seconds: float | None = Field(default=None, gt=0)  # streams end after this
+    stream_idle_seconds: float | None = Field(default=None, gt=0)  # ...or after this silence
+
+
+class LimitEntry(_Strict):
+    """A consumer's rate and concurrency limits, overall or for one service."""
+
+    consumer: AgencyId
+    service: str | None = None
+    rate: float | None = Field(default=None, gt=0)  # calls per second
+    burst: float | None = Field(default=None, ge=1)  # calls at once above the rate
+    concurrency: int | None = Field(default=None, ge=1)  # calls in flight
 
 
 class GrantEntry(_Strict):
@@ -138,6 +160,7 @@ class ConfigFile(_Strict):
     agency: list[AgencyEntry] = []
     service: list[ServiceEntry] = []
     grant: list[GrantEntry] = []
+    limit: list[LimitEntry] = []
 
 
 @dataclass(frozen=True)
@@ -152,11 +175,16 @@ class BrokerConfig:
     services: dict[str, ServiceEntry]
     grants: tuple[GrantEntry, ...]
     contracts: Contracts
+    limits: tuple[LimitEntry, ...] = ()
 
 
 def _describe_location(loc: tuple[Any, ...], data: dict[str, Any]) -> str:
     """Turn a pydantic location like ('grant', 2, 'methods') into '[[grant]] #3 (...) methods'."""
-    if len(loc) >= 2 and loc[0] in ("agency", "service", "grant") and isinstance(loc[1], int):
+    if (
+        len(loc) >= 2
+        and loc[0] in ("agency", "service", "grant", "limit")
+        and isinstance(loc[1], int)
+    ):
         section, index = loc[0], loc[1]
         entry = data.get(section, [])[index] if index < len(data.get(section, [])) else {}
         return f"{_entry_label(section, index, entry)}{' ' + '.'.join(map(str, loc[2:])) if loc[2:] else ''}"
@@ -166,7 +194,7 @@ def _describe_location(loc: tuple[Any, ...], data: dict[str, Any]) -> str:
 
 
 def _entry_label(section: str, index: int, entry: Any) -> str:
-    key = {"agency": "id", "service": "name", "grant": "consumer"}[section]
+    key = {"agency": "id", "service": "name", "grant": "consumer", "limit": "consumer"}[section]
     name = entry.get(key) if isinstance(entry, dict) else None
     suffix = f" ({key} {name!r})" if isinstance(name, str) else ""
     return f"[[{section}]] #{index + 1}{suffix}"
@@ -233,6 +261,24 @@ def check(cfg: ConfigFile, path: Path, contracts: Contracts) -> list[str]:
                     f"method {method!r} is not in service {grant.service!r} "
                     f"(it has: {', '.join(sorted(contract.methods))})",
                 )
+    for i, limit in enumerate(cfg.limit):
+        if limit.consumer not in agencies:
+            problem("limit", i, limit, f"consumer {limit.consumer!r} is not a declared [[agency]]")
+        if limit.service is not None and limit.service not in services:
+            problem("limit", i, limit, f"service {limit.service!r} is not a declared [[service]]")
+        if limit.rate is None and limit.concurrency is None:
+            problem("limit", i, limit, "sets neither rate nor concurrency")
+    for (consumer, scope), n in Counter((lim.consumer, lim.service) for lim in cfg.limit).items():
+        if n > 1:
+            where = f"service {scope!r}" if scope else "all services"
+            problems.append(f"{path}: [[limit]] for {consumer!r} on {where} is defined {n} times")
+    for i, svc in enumerate(cfg.service):
+        if svc.max_message_bytes and svc.max_message_bytes > cfg.broker.max_message_bytes:
+            problem(
+                "service", i, svc,
+                f"max_message_bytes {svc.max_message_bytes} is above the broker's "
+                f"{cfg.broker.max_message_bytes}, which bounds every message",
+            )  # fmt: skip
     return problems
 
 
@@ -269,4 +315,5 @@ def load(path: Path) -> BrokerConfig:
         services={s.name: s for s in cfg.service},
         grants=tuple(cfg.grant),
         contracts=contracts,
+        limits=tuple(cfg.limit),
     )

@@ -35,6 +35,9 @@ class MethodContract:
     service: str
     name: str
     kind: RpcKind
+    # The contract says a repeat is harmless (option idempotency_level = IDEMPOTENT or
+    # NO_SIDE_EFFECTS): the broker may retry it on another endpoint.
+    idempotent: bool = False
 
     @property
     def path(self) -> str:
@@ -71,7 +74,14 @@ class Contracts:
                 full = f"{fd.package}.{svc.name}" if fd.package else svc.name
                 methods = {
                     m.name: MethodContract(
-                        full, m.name, RpcKind.of(m.client_streaming, m.server_streaming)
+                        full,
+                        m.name,
+                        RpcKind.of(m.client_streaming, m.server_streaming),
+                        idempotent=m.options.idempotency_level
+                        in (
+                            descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS,
+                            descriptor_pb2.MethodOptions.IDEMPOTENT,
+                        ),
                     )
                     for m in svc.method
                 }

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from tabadol.protocol import CONSUMER_KEY, PLATFORM_PREFIX, REQUEST_ID_KEY
+from tabadol.protocol import CONSUMER_KEY, PLATFORM_PREFIX, REQUEST_ID_KEY, RETRY_AFTER_KEY
 
-__all__ = ["CONSUMER_KEY", "PLATFORM_PREFIX", "REQUEST_ID_KEY", "Metadata"]
+__all__ = ["CONSUMER_KEY", "PLATFORM_PREFIX", "REQUEST_ID_KEY", "RETRY_AFTER_KEY", "Metadata"]
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 

@@ -8,7 +8,9 @@ from typing import Any
 
 import grpc
 import grpc.aio
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 from opentelemetry.trace import TracerProvider
 
 from tabadol.client.credentials import AgencyCredentials
@@ -116,7 +118,11 @@ class ProviderServer:
         self.server = grpc.aio.server(
             interceptors=[
                 # Outermost, so that refused calls are traced too.
-                aio_server_interceptor(tracer_provider=tracer_provider),  # type: ignore[no-untyped-call]
+                # Health checks are the broker's, every few seconds: not exchanges worth a trace.
+                aio_server_interceptor(  # type: ignore[no-untyped-call]
+                    tracer_provider=tracer_provider,
+                    filter_=filters.negate(filters.health_check()),
+                ),
                 _BrokerOnly(broker_spiffe_id(self.credentials.trust_domain)),
             ],
             options=[*KEEPALIVE_LISTEN, *options],
@@ -127,12 +133,17 @@ class ProviderServer:
             require_client_auth=True,
         )
         self.port = self.server.add_secure_port(listen, server_creds)
+        # The standard health service, which the broker checks: SERVING until stop().
+        self.health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.address = f"{listen.rsplit(':', 1)[0]}:{self.port}"
 
     async def start(self) -> None:
         await self.server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float | None = None) -> None:
+        await self.health.enter_graceful_shutdown()  # the broker stops sending calls here
         await self.server.stop(grace)
 
     async def wait_for_termination(self) -> None:

@@ -12,6 +12,7 @@ import grpc
 from tabadol.broker.upstream import Upstream
 from tabadol.contracts import MethodContract
 from tabadol.ledger.record import LedgerRecord
+from tabadol.limits import Admission
 
 
 @dataclass(slots=True)
@@ -38,6 +39,10 @@ class Exchange:
     # Strict ledger mode: awaited before the consumer hears the outcome.
     durable: Callable[[Exchange], Awaitable[None]] | None = None
     recorded: bool = False  # its ledger record has been handed over
+    admission: Admission | None = None  # held against the consumer's concurrency limits
+    unreachable: bool = False  # the provider endpoint could not be reached at all
+    attempts: int = 1
+    last_activity: float = 0.0  # monotonic time of the last message either way (streams)
 
     def ended(self, code: grpc.StatusCode, details: str = "") -> None:
         """Record the final status (the first one recorded wins)."""
@@ -45,6 +50,7 @@ class Exchange:
             self.code, self.details = code, details
 
     def request(self, message: bytes) -> bytes:
+        self.last_activity = time.monotonic()
         self.request_messages += 1
         self.request_bytes += len(message)
         if self.request_hash is not None:
@@ -52,6 +58,7 @@ class Exchange:
         return message
 
     def response(self, message: bytes) -> bytes:
+        self.last_activity = time.monotonic()
         self.response_messages += 1
         self.response_bytes += len(message)
         if self.response_hash is not None:

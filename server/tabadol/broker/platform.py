@@ -20,6 +20,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tabadol.broker.proxy import Proxy
+from tabadol.broker.upstream import Upstream
 from tabadol.catalogue import Catalogue
 from tabadol.contracts import RpcKind
 from tabadol.identity import IdentityRejected
@@ -198,8 +199,10 @@ class Discovery(discovery_pb2_grpc.DiscoveryServicer):
 class ProviderHealth:
     """grpc.health.v1.Health: "" for the broker, and each routed service by its providers.
 
-    A service is SERVING while at least one of its endpoints' channels is connected or
-    connecting, NOT_SERVING when all are failing; polled every ``interval`` seconds.
+    Every ``interval`` seconds each provider endpoint gets an active check: the standard
+    health Check (a provider without the health service counts as healthy once it answers
+    at all). Unhealthy endpoints get no calls while another is healthy. A service is SERVING
+    while one of its endpoints is healthy, NOT_SERVING when none is.
     """
 
     def __init__(self, current: Callable[[], Proxy], interval: float = 2.0) -> None:
@@ -214,22 +217,34 @@ class ProviderHealth:
         await self.refresh()
         self._task = asyncio.create_task(self._poll())
 
+    async def _check(self, upstream: Upstream) -> None:
+        try:
+            stub: Any = health_pb2_grpc.HealthStub(upstream.channel)  # the stubs type it sync
+            answer = await stub.Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=min(self._interval, 5.0)
+            )
+            healthy = answer.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.aio.AioRpcError as e:
+            healthy = e.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND)
+        if healthy != upstream.healthy:
+            log.warning(
+                "provider %s endpoint %s is %s",
+                upstream.provider,
+                upstream.endpoint,
+                "healthy again" if healthy else "failing its health check",
+            )
+        upstream.healthy = healthy
+
     async def refresh(self) -> None:
         proxy = self._current()
-        for service, upstreams in proxy.upstreams_by_service.items():
-            states = [u.channel.get_state(try_to_connect=True) for u in upstreams]
-            status: int
-            if any(s is grpc.ChannelConnectivity.READY for s in states):
-                status = health_pb2.HealthCheckResponse.SERVING
-            elif all(
-                s in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN)
-                for s in states
-            ):
-                status = health_pb2.HealthCheckResponse.NOT_SERVING
-            elif service in self._known:
-                continue  # still connecting: keep what was known
-            else:
-                status = health_pb2.HealthCheckResponse.UNKNOWN
+        upstreams = {u for us in proxy.upstreams_by_service.values() for u in us}
+        await asyncio.gather(*(self._check(u) for u in upstreams))
+        for service, serving in proxy.upstreams_by_service.items():
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if any(u.healthy for u in serving)
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
             if self._known.get(service) != status:
                 self._known[service] = status
                 await self.servicer.set(service, status)
@@ -253,12 +268,14 @@ class ProviderHealth:
                 await self._task
 
 
-def register(server: grpc.aio.Server, current: Callable[[], Proxy]) -> ProviderHealth:
+def register(
+    server: grpc.aio.Server, current: Callable[[], Proxy], interval: float = 2.0
+) -> ProviderHealth:
     """Add the platform services to the broker's server (before the proxy's catch-all)."""
     discovery_pb2_grpc.add_DiscoveryServicer_to_server(Discovery(current), server)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
         AgencyReflection(current), server
     )
-    health = ProviderHealth(current)
+    health = ProviderHealth(current, interval)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     return health

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn, cast
 
@@ -27,8 +27,10 @@ from tabadol.config import BrokerConfig
 from tabadol.contracts import Contracts, RpcKind
 from tabadol.identity import ConsumerIdentity, IdentityRejected, identify_consumer
 from tabadol.ledger import LedgerWriter
+from tabadol.limits import Limits, Refusal, RetryBudget
 from tabadol.metadata import (
     REQUEST_ID_KEY,
+    RETRY_AFTER_KEY,
     Metadata,
     request_metadata,
     response_metadata,
@@ -116,6 +118,8 @@ class Accounting:
     tracing: BrokerTracing | None = None
     ledger: LedgerWriter | None = None
     payload_digests: bool = False
+    limits: Limits | None = None  # rate and concurrency, per consumer (and service)
+    retries: RetryBudget | None = None  # for idempotent unary methods
 
 
 class Proxy:
@@ -209,7 +213,13 @@ class Proxy:
         else:
             exchange.trace_id = trace_id_of(incoming)
         exchange.consumer = await self._admit(exchange, context)
-        upstream, stub = route.pick()
+        limits = self.accounting.limits
+        if limits is not None and limits.active:
+            verdict = limits.admit(exchange.consumer, route.method.service)
+            if isinstance(verdict, Refusal):
+                await self._over_limit(exchange, context, verdict)
+            exchange.admission = verdict
+        upstream, stub = route.pick(time.monotonic())
         upstream.acquire()
         exchange.upstream, exchange.endpoint = upstream, upstream.endpoint
         trace_headers = (
@@ -249,6 +259,65 @@ class Proxy:
             )
         return consumer
 
+    async def _over_limit(self, exchange: Exchange, context: Context, refusal: Refusal) -> NoReturn:
+        self.refusals.warn(
+            (exchange.consumer, "limit"), "limited %s calling %s: %s",
+            exchange.consumer, exchange.method.path, refusal.message,
+        )  # fmt: skip
+        retry_ms = str(max(1, round(refusal.retry_after_s * 1000)))
+        await _abort(
+            exchange,
+            context,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"Tabadol broker: {refusal.message}",
+            (
+                (REQUEST_ID_KEY, exchange.request_id),
+                # gRPC's own retry pushback (gRFC A6), and the same for people and scripts.
+                ("grpc-retry-pushback-ms", retry_ms),
+                (RETRY_AFTER_KEY, retry_ms),
+            ),
+        )
+
+    def _reroute(
+        self, exchange: Exchange, route: Route, context: Context, options: dict[str, Any]
+    ) -> Any:
+        """After a failed attempt of an idempotent call: another endpoint, the time left."""
+        failed = exchange.upstream
+        assert failed is not None
+        self._count_outcome(exchange)
+        failed.release()
+        upstream, stub = route.pick(time.monotonic(), avoid=failed)
+        upstream.acquire()
+        exchange.upstream, exchange.endpoint = upstream, upstream.endpoint
+        exchange.unreachable = False
+        exchange.attempts += 1
+        options["timeout"] = context.time_remaining()
+        if exchange.client_span is not None and exchange.client_span.is_recording():
+            exchange.client_span.add_event("retry", {"tabadol.endpoint": upstream.endpoint})
+        return stub
+
+    def _may_retry(self, exchange: Exchange, context: Context) -> bool:
+        """Only an idempotent unary call, not yet answered, with time and budget left."""
+        budget = self.accounting.retries
+        remaining = context.time_remaining()
+        return (
+            exchange.method.idempotent
+            and exchange.attempts < MAX_ATTEMPTS
+            and (remaining is None or remaining > 0)
+            and budget is not None
+            and budget.spend()
+        )
+
+    def _count_outcome(self, exchange: Exchange) -> None:
+        upstream = exchange.upstream
+        if upstream is not None and upstream.outcome(not exchange.unreachable, time.monotonic()):
+            log.warning(
+                "provider %s endpoint %s set aside after %d calls in a row could not reach it",
+                exchange.provider,
+                upstream.endpoint,
+                upstream.eject_after,
+            )
+
     def _begin(self, route: Route) -> Exchange:
         exchange = Exchange(route.method, route.provider, request_id=uuid.uuid4().hex)
         self.metrics.in_flight.inc()
@@ -271,7 +340,12 @@ class Proxy:
         if not exchange.ended_ns:
             exchange.ended_ns = time.time_ns()
         self.metrics.in_flight.dec()
+        if exchange.admission is not None:
+            exchange.admission.release()
+        if self.accounting.retries is not None:
+            self.accounting.retries.earn()
         if exchange.upstream is not None:
+            self._count_outcome(exchange)
             exchange.upstream.release()
         if self.tracing is not None:
             self.tracing.finish(exchange)
@@ -293,8 +367,17 @@ class Proxy:
                 exchange = begin()
                 with _Outcome(self, exchange, context):
                     stub, options = await self._prepare(exchange, route, context)
-                    call = stub(exchange.request(request), **options)
-                    return exchange.response(await forward_unary(call, context, exchange))
+                    await _within_size(exchange, route, context, exchange.request(request))
+                    while True:
+                        call = stub(request, **options)
+                        retry = self._may_retry if route.method.idempotent else None
+                        try:
+                            response = await forward_unary(call, context, exchange, retry)
+                        except _TryElsewhere:
+                            stub = self._reroute(exchange, route, context, options)
+                            continue
+                        await _within_size(exchange, route, context, response, "response")
+                        return exchange.response(response)
 
             return grpc.unary_unary_rpc_method_handler(unary_unary)
 
@@ -304,9 +387,11 @@ class Proxy:
                 exchange = begin()
                 with _Outcome(self, exchange, context):
                     stub, options = await self._prepare(exchange, route, context)
-                    call = stub(exchange.request(request), **options)
-                    async for message in forward_stream(call, context, exchange):
-                        yield message
+                    await _within_size(exchange, route, context, exchange.request(request))
+                    call = stub(request, **options)
+                    async with _StreamWatch(call, exchange, route):
+                        async for message in forward_stream(call, context, exchange, route):
+                            yield message
 
             return grpc.unary_stream_rpc_method_handler(unary_stream)
 
@@ -316,8 +401,12 @@ class Proxy:
                 exchange = begin()
                 with _Outcome(self, exchange, context):
                     stub, options = await self._prepare(exchange, route, context)
-                    call = stub(_requests(requests, exchange, asyncio.current_task()), **options)
-                    return exchange.response(await forward_unary(call, context, exchange))
+                    handler = asyncio.current_task()
+                    call = stub(_requests(requests, exchange, handler, route), **options)
+                    async with _StreamWatch(call, exchange, route):
+                        response = await forward_unary(call, context, exchange)
+                    await _within_size(exchange, route, context, response, "response")
+                    return exchange.response(response)
 
             return grpc.stream_unary_rpc_method_handler(stream_unary)
 
@@ -327,9 +416,11 @@ class Proxy:
             exchange = begin()
             with _Outcome(self, exchange, context):
                 stub, options = await self._prepare(exchange, route, context)
-                call = stub(_requests(requests, exchange, asyncio.current_task()), **options)
-                async for message in forward_stream(call, context, exchange):
-                    yield message
+                handler = asyncio.current_task()
+                call = stub(_requests(requests, exchange, handler, route), **options)
+                async with _StreamWatch(call, exchange, route):
+                    async for message in forward_stream(call, context, exchange, route):
+                        yield message
 
         return grpc.stream_stream_rpc_method_handler(stream_stream)
 
@@ -371,7 +462,10 @@ class _Outcome:
 
 
 async def _requests(
-    requests: AsyncIterator[bytes], exchange: Exchange, handler: asyncio.Task[Any] | None
+    requests: AsyncIterator[bytes],
+    exchange: Exchange,
+    handler: asyncio.Task[Any] | None,
+    route: Route | None = None,
 ) -> AsyncIterator[bytes]:
     """The consumer's messages, counted, ending in a cancel (not a half-close) if it cancelled.
 
@@ -379,7 +473,12 @@ async def _requests(
     went away. Passing that on as a half-close would tell the provider the stream was
     complete; a provider might then commit a batch the consumer abandoned.
     """
+    limit = route.max_message_bytes if route is not None else None
     async for message in requests:
+        if limit is not None and len(message) > limit:
+            # Ends the provider call; forwarding then reports this status to the consumer.
+            exchange.ended(grpc.StatusCode.RESOURCE_EXHAUSTED, _too_big(len(message), route))
+            raise asyncio.CancelledError("a request message is over the service's size limit")
         yield exchange.request(message)
     # The consumer's cancel reaches the handler's task a loop turn or two after the iterator
     # ends (more on a busy loop); raising here makes gRPC cancel the provider call instead
@@ -421,7 +520,16 @@ def _cancelled_by_broker() -> bool:
     return task is not None and task.cancelling() == 0
 
 
-async def forward_unary(call: Any, context: Context, exchange: Exchange) -> bytes:
+class _TryElsewhere(Exception):
+    """The attempt failed before any answer, and the call may be retried elsewhere."""
+
+
+async def forward_unary(
+    call: Any,
+    context: Context,
+    exchange: Exchange,
+    retry: Callable[[Exchange, Context], bool] | None = None,
+) -> bytes:
     """Await a unary-response call and relay its metadata and status to the consumer."""
     try:
         response: bytes = await call
@@ -433,6 +541,9 @@ async def forward_unary(call: Any, context: Context, exchange: Exchange) -> byte
         await exchange.settle()
         return response
     except grpc.aio.AioRpcError as e:
+        if retry is not None and _unreachable(e) and retry(exchange, context):
+            exchange.unreachable = True
+            raise _TryElsewhere from e
         await relay_error(e, context, exchange, headers_sent=False)
     except asyncio.CancelledError:
         call.cancel()
@@ -441,7 +552,9 @@ async def forward_unary(call: Any, context: Context, exchange: Exchange) -> byte
         raise
 
 
-async def forward_stream(call: Any, context: Context, exchange: Exchange) -> AsyncIterator[bytes]:
+async def forward_stream(
+    call: Any, context: Context, exchange: Exchange, route: Route | None = None
+) -> AsyncIterator[bytes]:
     """Relay a streaming-response call message by message, then its trailers and status."""
     headers_sent = False
     try:
@@ -449,8 +562,17 @@ async def forward_stream(call: Any, context: Context, exchange: Exchange) -> Asy
         if initial:
             await context.send_initial_metadata(initial)
             headers_sent = True
+        limit = route.max_message_bytes if route is not None else None
         while (message := await call.read()) is not grpc.aio.EOF:
             headers_sent = True
+            if limit is not None and len(message) > limit:
+                call.cancel()
+                await _abort(
+                    exchange,
+                    context,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    _too_big(len(message), route, "response"),
+                )
             yield exchange.response(message)
         trailers = _trailers(await call.trailing_metadata(), exchange)
         context.set_trailing_metadata(trailers)
@@ -469,6 +591,12 @@ async def forward_stream(call: Any, context: Context, exchange: Exchange) -> Asy
 
 
 async def _provider_lost(exchange: Exchange, context: Context) -> NoReturn:
+    if exchange.code is not None:
+        # The broker itself ended the provider call, for a reason already recorded (a size
+        # or time limit of the service): that is what the consumer is told.
+        await context.abort(
+            exchange.code, exchange.details, ((REQUEST_ID_KEY, exchange.request_id),)
+        )
     await _abort(
         exchange,
         context,
@@ -485,6 +613,75 @@ def _trailers(trailing: Metadata | None, exchange: Exchange) -> Metadata:
 # gRPC's own words when the broker could not reach the provider at all: then, and only then,
 # the broker names the provider agency (a provider's own UNAVAILABLE passes unchanged).
 _UNREACHABLE = ("failed to connect to all addresses", "DNS resolution failed")
+MAX_ATTEMPTS = 3
+
+
+def _unreachable(error: grpc.aio.AioRpcError) -> bool:
+    """The attempt never reached a provider: safe to count against the endpoint."""
+    return error.code() is grpc.StatusCode.UNAVAILABLE and (error.details() or "").startswith(
+        _UNREACHABLE
+    )
+
+
+def _too_big(size: int, route: Route | None, what: str = "request") -> str:
+    limit = route.max_message_bytes if route is not None else None
+    service = route.method.service if route is not None else "?"
+    return (
+        f"Tabadol broker: a {what} message of {size} bytes is over the limit of {limit} bytes "
+        f"for service {service!r}"
+    )
+
+
+async def _within_size(
+    exchange: Exchange, route: Route, context: Context, message: bytes, what: str = "request"
+) -> None:
+    limit = route.max_message_bytes
+    if limit is not None and len(message) > limit:
+        await _abort(
+            exchange,
+            context,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            _too_big(len(message), route, what),
+        )
+
+
+class _StreamWatch:
+    """Ends a stream that runs past the service's maximum duration or falls idle."""
+
+    def __init__(self, call: Any, exchange: Exchange, route: Route) -> None:
+        self._call, self._exchange, self._route = call, exchange, route
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> None:
+        if self._route.max_stream_seconds or self._route.stream_idle_seconds:
+            self._exchange.last_activity = time.monotonic()
+            self._task = asyncio.create_task(self._watch())
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _watch(self) -> None:
+        route, exchange = self._route, self._exchange
+        started = time.monotonic()
+        while True:
+            now = time.monotonic()
+            ends = started + route.max_stream_seconds if route.max_stream_seconds else None
+            idles = (
+                exchange.last_activity + route.stream_idle_seconds
+                if route.stream_idle_seconds
+                else None
+            )
+            if ends is not None and now >= ends:
+                why = f"a stream of service {route.method.service!r} may last at most {route.max_stream_seconds:g} s"
+            elif idles is not None and now >= idles:
+                why = f"the stream was idle for {route.stream_idle_seconds:g} s, the limit for service {route.method.service!r}"
+            else:
+                await asyncio.sleep(min(t for t in (ends, idles) if t is not None) - now)
+                continue
+            exchange.ended(grpc.StatusCode.DEADLINE_EXCEEDED, f"Tabadol broker: {why}")
+            self._call.cancel()
+            return
 
 
 async def relay_error(

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -29,6 +30,7 @@ from tabadol.ledger import LedgerWriter
 from tabadol.ledger.seal import Sealer
 from tabadol.ledger.store import LedgerWriteError, SqliteLedgerStore
 from tabadol.ledger.verify import anchor_path
+from tabadol.limits import LimitRule, Limits, RetryBudget
 from tabadol.policy import GrantRule, Policy
 from tabadol.protocol import KEEPALIVE_DIAL, KEEPALIVE_LISTEN
 from tabadol.spiffe import agency_dns_name
@@ -68,6 +70,10 @@ class Broker:
         self.tracing, self.span_stats = _tracing(cfg)
         self.metrics = BrokerMetrics()
         self.metrics.configure(cfg.agencies)
+        # Limits and the retry budget outlive reloads: calls in flight still count.
+        self.limits = Limits(time.monotonic)
+        self.limits.configure(_limit_rules(cfg))
+        self.retries = RetryBudget(cfg.broker.retry_budget_ratio)
         self.ledger = _ledger(cfg, self.credentials)
         self.instance = cfg.broker.instance or f"{socket.gethostname()}:{os.getpid()}"
         self._watch(self.metrics)
@@ -75,10 +81,16 @@ class Broker:
         self._dispatch = _Dispatch(self._build_proxy(cfg, self.credentials, self._upstreams))
         self._server_cert_update: grpc.ServerCertificateConfiguration | None = None
         self._server = grpc.aio.server(
-            options=[*_message_options(cfg.broker.max_message_bytes), *KEEPALIVE_LISTEN]
+            options=[
+                *_message_options(cfg.broker.max_message_bytes),
+                *KEEPALIVE_LISTEN,
+                ("grpc.max_concurrent_streams", cfg.broker.max_concurrent_streams),
+            ]
         )
         # The broker's own services first: the proxy answers every other path.
-        self.health = platform.register(self._server, lambda: self._dispatch.proxy)
+        self.health = platform.register(
+            self._server, lambda: self._dispatch.proxy, cfg.broker.health_check_seconds
+        )
         self._server.add_generic_rpc_handlers((self._dispatch,))
         self.port = 0
 
@@ -176,6 +188,8 @@ class Broker:
                 ]
                 channel = grpc.aio.secure_channel(endpoint, channel_creds, options=options)
                 planned[key] = Upstream(svc.provider, endpoint, channel, self._closing)
+            for endpoint in svc.endpoints:
+                planned[(svc.provider, endpoint)].eject_after = cfg.broker.eject_after_failures
         return planned
 
     def _build_proxy(
@@ -189,7 +203,14 @@ class Broker:
             targets = [upstreams[(svc.provider, e)] for e in svc.endpoints]
             for method in cfg.contracts.services[svc.name].methods.values():
                 stubs = tuple((upstream, upstream.stub(method)) for upstream in targets)
-                routes[method.path] = Route(method, svc.provider, stubs)
+                routes[method.path] = Route(
+                    method,
+                    svc.provider,
+                    stubs,
+                    max_message_bytes=svc.max_message_bytes,
+                    max_stream_seconds=svc.max_stream_seconds,
+                    stream_idle_seconds=svc.stream_idle_seconds,
+                )
         policy = Policy.from_grants(
             (GrantRule(g.consumer, g.service, tuple(g.methods)) for g in cfg.grants),
             cfg.contracts,
@@ -206,6 +227,8 @@ class Broker:
                 tracing=self.tracing,
                 ledger=self.ledger,
                 payload_digests=cfg.ledger.payload_digests,
+                limits=self.limits,
+                retries=self.retries,
             ),
             refusals=self._refusals,
         )
@@ -247,6 +270,8 @@ class Broker:
         self.config, self.credentials, self._upstreams = cfg, creds, upstreams
         self._dispatch.proxy = proxy
         self.metrics.configure(cfg.agencies)
+        self.limits.configure(_limit_rules(cfg))
+        self.retries.ratio = cfg.broker.retry_budget_ratio
         if identity_changed:
             self._server_cert_update = _certificate_configuration(creds)
             self.ledger.use_sealer(Sealer(creds.key_pem, creds.cert_pem))
@@ -295,6 +320,13 @@ def _tracing(cfg: BrokerConfig) -> tuple[BrokerTracing | None, SpanPipelineStats
         return None, None
     provider, stats = built
     return BrokerTracing(provider), stats
+
+
+def _limit_rules(cfg: BrokerConfig) -> list[LimitRule]:
+    return [
+        LimitRule(lim.consumer, lim.service, lim.rate, lim.burst, lim.concurrency)
+        for lim in cfg.limits
+    ]
 
 
 def _ledger(cfg: BrokerConfig, creds: BrokerCredentials) -> LedgerWriter:

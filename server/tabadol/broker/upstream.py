@@ -12,11 +12,31 @@ import grpc.aio
 
 from tabadol.contracts import MethodContract, RpcKind
 
+EJECT_BASE_S = 1.0
+EJECT_MAX_S = 30.0
+
 
 class Upstream:
-    """One provider endpoint. A reload retires it; its channel closes once its calls end."""
+    """One provider endpoint. A reload retires it; its channel closes once its calls end.
 
-    __slots__ = ("_closing", "channel", "endpoint", "in_flight", "provider", "retired")
+    It is available unless the active health check finds it failing, or it was ejected:
+    after ``eject_after`` calls in a row that could not reach it, it is set aside for a
+    back-off period (1 s, doubling to 30 s while it keeps failing).
+    """
+
+    __slots__ = (
+        "_closing",
+        "channel",
+        "eject_after",
+        "ejected_until",
+        "ejections",
+        "endpoint",
+        "failures",
+        "healthy",
+        "in_flight",
+        "provider",
+        "retired",
+    )
 
     def __init__(
         self,
@@ -31,6 +51,29 @@ class Upstream:
         self.in_flight = 0
         self.retired = False
         self._closing = closing
+        self.healthy = True  # until an active check says otherwise
+        self.failures = 0  # calls in a row that could not reach it
+        self.ejected_until = 0.0  # monotonic seconds
+        self.ejections = 0
+        self.eject_after = 3
+
+    def available(self, now: float) -> bool:
+        return self.healthy and now >= self.ejected_until
+
+    def outcome(self, reached: bool, now: float) -> bool:
+        """Count a call's outcome; True when this one ejected the endpoint."""
+        if reached:
+            self.failures = 0
+            if now >= self.ejected_until:
+                self.ejections = 0
+            return False
+        self.failures += 1
+        if self.failures < self.eject_after:
+            return False
+        self.failures = 0
+        self.ejected_until = now + min(EJECT_MAX_S, EJECT_BASE_S * 2**self.ejections)
+        self.ejections += 1
+        return True
 
     def acquire(self) -> None:
         self.in_flight += 1
@@ -67,15 +110,32 @@ class Upstream:
 
 @dataclass
 class Route:
-    """Where one method's calls go: the provider agency and its endpoints, round robin."""
+    """Where one method's calls go: the provider agency and its endpoints, round robin over
+    the available ones. Settings of the service travel with it."""
 
     method: MethodContract
     provider: str
     targets: tuple[tuple[Upstream, Any], ...]  # (endpoint, its stub for this method)
+    max_message_bytes: int | None = None
+    max_stream_seconds: float | None = None
+    stream_idle_seconds: float | None = None
     _next: Callable[[], tuple[Upstream, Any]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._next = itertools.cycle(self.targets).__next__
 
-    def pick(self) -> tuple[Upstream, Any]:
-        return self._next()
+    def pick(self, now: float, avoid: Upstream | None = None) -> tuple[Upstream, Any]:
+        """The next available endpoint (not ``avoid`` if another will do). When none is
+        available, the one back soonest: the call then fails fast, and tells."""
+        fallback: tuple[Upstream, Any] | None = None
+        for _ in range(len(self.targets)):
+            target = self._next()
+            upstream = target[0]
+            if upstream.available(now) and upstream is not avoid:
+                return target
+            if fallback is None or upstream.ejected_until < fallback[0].ejected_until:
+                fallback = target
+        if avoid is not None and any(u.available(now) for u, _ in self.targets):
+            return next(t for t in self.targets if t[0].available(now))
+        assert fallback is not None
+        return fallback
