@@ -28,8 +28,11 @@ CLIENT_STREAM = f"/{SERVICE}/ClientStream"
 BIDI = f"/{SERVICE}/Bidi"
 
 
-def echo_file_descriptor(version: str = "v1") -> descriptor_pb2.FileDescriptorProto:
-    """The echo contract; another ``version`` is the same service in a new major package."""
+def echo_file_descriptor(
+    version: str = "v1", *, idempotent: bool = False
+) -> descriptor_pb2.FileDescriptorProto:
+    """The echo contract; another ``version`` is the same service in a new major package.
+    ``idempotent`` marks Unary with ``option idempotency_level = IDEMPOTENT``."""
     fd = descriptor_pb2.FileDescriptorProto(
         name=f"tabadol/test/{version}/echo.proto",
         package=f"tabadol.test.{version}",
@@ -51,11 +54,15 @@ def echo_file_descriptor(version: str = "v1") -> descriptor_pb2.FileDescriptorPr
             client_streaming=cs,
             server_streaming=ss,
         )
+    if idempotent:
+        svc.method[0].options.idempotency_level = descriptor_pb2.MethodOptions.IDEMPOTENT
     return fd
 
 
-def write_echo_contracts(path: Path, versions: tuple[str, ...] = ("v1",)) -> Path:
-    files = [echo_file_descriptor(v) for v in versions]
+def write_echo_contracts(
+    path: Path, versions: tuple[str, ...] = ("v1",), *, idempotent: bool = False
+) -> Path:
+    files = [echo_file_descriptor(v, idempotent=idempotent) for v in versions]
     path.write_bytes(descriptor_pb2.FileDescriptorSet(file=files).SerializeToString())
     return path
 
