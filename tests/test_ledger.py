@@ -423,13 +423,19 @@ async def test_a_full_disk_fails_closed_with_a_message_naming_it_and_recovers(
         assert done.returncode == 0, done.stderr
 
 
-def test_a_second_writer_on_the_same_ledger_is_refused_with_a_clear_message(tmp_path: Path) -> None:
-    from tabadol.ledger.store import LedgerWriteError
-
-    first = SqliteLedgerStore(tmp_path / "ledger.db")
-    try:
-        with pytest.raises(LedgerWriteError, match="in use by another broker process"):
-            SqliteLedgerStore(tmp_path / "ledger.db")
-    finally:
-        first.close()
-    SqliteLedgerStore(tmp_path / "ledger.db").close()  # free again once the first is closed
+def test_two_writers_on_one_ledger_interleave_into_one_chain_that_verifies(
+    tmp_path: Path, pki: CertificateAuthority
+) -> None:
+    # Broker worker processes share the ledger: each batch links to the head it finds
+    # inside SQLite's write transaction.
+    sealer = Sealer((pki.dir / "broker.key").read_bytes(), (pki.dir / "broker.crt").read_bytes())
+    path = tmp_path / "ledger.db"
+    writers = [
+        LedgerWriter(SqliteLedgerStore(path), sealer, batch_interval_s=0.001, anchor=anchor_path(path))
+        for _ in range(2)
+    ]
+    for i in range(200):
+        writers[i % 2].submit(record(i))
+    for writer in writers:
+        writer.close()
+    assert check(path, pki).startswith("OK: 200 records")

@@ -117,5 +117,6 @@ def read_anchor(path: Path) -> list[Seal]:
             try:
                 seals.append(Seal(**json.loads(line)))
             except (ValueError, TypeError):
-                break  # a line cut short by a crash ends what the anchor witnessed
-    return seals
+                continue  # a line cut short by a crash witnesses nothing
+    # Several broker processes append to one anchor file: order by position.
+    return sorted(seals, key=lambda seal: seal.seq)

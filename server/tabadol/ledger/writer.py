@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
 
-from tabadol.ledger.record import LedgerRecord, Seal, StoredRecord, chain_digest
+from tabadol.ledger.record import LedgerRecord, Seal
 from tabadol.ledger.seal import Sealer
 from tabadol.ledger.store import LedgerStore, LedgerWriteError
 
@@ -53,9 +53,6 @@ class LedgerWriter:
         self._closing = False
         self.problem: str | None = None  # why the last write failed, until one succeeds
         self.written = 0
-        self._count, self._head = store.head()
-        last = store.last_seal()
-        self._seal_seq = last.seq if last else 0
         self._thread = threading.Thread(target=self._run, name="tabadol-ledger", daemon=True)
         self._thread.start()
 
@@ -125,17 +122,14 @@ class LedgerWriter:
 
     def _write_batch(self) -> None:
         batch = [self._queue[i] for i in range(min(_MAX_BATCH, len(self._queue)))]
-        stored, head = [], self._head
-        for offset, (record, _) in enumerate(batch, start=1):
-            digest = chain_digest(head, record)
-            stored.append(StoredRecord(self._count + offset, record, head, digest))
-            head = digest
-        count = self._count + len(batch)
-        seal = self._sealer.seal(self._seal_seq + 1, count, head, time.time_ns())
-        self._store.append(stored, seal, self._sealer.cert_pem)  # LedgerWriteError: keep queued
+        sealer = self._sealer
+        seal = self._store.append_sealed(  # LedgerWriteError: the batch stays queued
+            [record for record, _ in batch],
+            lambda seq, count, head: sealer.seal(seq, count, head, time.time_ns()),
+            sealer.cert_pem,
+        )
         for _ in batch:
             self._queue.popleft()
-        self._count, self._head, self._seal_seq = count, head, seal.seq
         self.written += len(batch)
         if self.problem is not None:
             log.warning("ledger: writing again after: %s", self.problem)

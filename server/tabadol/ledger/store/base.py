@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from tabadol.ledger.record import Seal, StoredRecord
+from tabadol.ledger.record import LedgerRecord, Seal, StoredRecord
 
 
 class LedgerWriteError(Exception):
@@ -34,6 +34,16 @@ class LedgerStore(Protocol):
 
     def append(self, records: Sequence[StoredRecord], seal: Seal, signer_pem: bytes) -> None:
         """Add records and the seal covering them in one atomic step; LedgerWriteError."""
+        ...
+
+    def append_sealed(
+        self,
+        records: Sequence[LedgerRecord],
+        seal_with: Callable[[int, int, str], Seal],
+        signer_pem: bytes,
+    ) -> Seal:
+        """Chain ``records`` onto the head as it stands inside the write transaction and seal
+        them with ``seal_with(seal_seq, count, head_digest)``; safe with several writers."""
         ...
 
     def records(self, from_seq: int = 1) -> Iterator[StoredRecord]:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import fcntl
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from tabadol.ledger.record import FIELD_NAMES, GENESIS, LedgerRecord, Seal, StoredRecord
+from tabadol.ledger.record import (
+    FIELD_NAMES,
+    GENESIS,
+    LedgerRecord,
+    Seal,
+    StoredRecord,
+    chain_digest,
+)
 from tabadol.ledger.store.base import CallGroup, LedgerWriteError
 
 UNAVAILABLE = 14
@@ -58,7 +64,6 @@ class SqliteLedgerStore:
                 )
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._hold_writer_lock()
                 self._conn = sqlite3.connect(
                     self.path, check_same_thread=False, isolation_level=None
                 )
@@ -69,25 +74,9 @@ class SqliteLedgerStore:
         except (sqlite3.Error, OSError) as e:
             raise LedgerWriteError(f"{self.path}: cannot open the ledger: {e}") from e
 
-    def _hold_writer_lock(self) -> None:
-        """One writer per ledger: two would each extend the chain from their own head."""
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        self._lock_file = lock_path.open("a+")
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_file.close()
-            raise LedgerWriteError(
-                f"{self.path}: the ledger is in use by another broker process "
-                "(each broker instance needs its own ledger path)"
-            ) from None
-
     def close(self) -> None:
         with self._lock:
             self._conn.close()
-            lock_file = getattr(self, "_lock_file", None)
-            if lock_file is not None:
-                lock_file.close()  # releases the writer lock
 
     def head(self) -> tuple[int, str]:
         with self._lock:
@@ -97,38 +86,62 @@ class SqliteLedgerStore:
         return (row[0], row[1]) if row else (0, GENESIS)
 
     def append(self, records: Sequence[StoredRecord], seal: Seal, signer_pem: bytes) -> None:
-        placeholders = ", ".join("?" * (len(FIELD_NAMES) + 3))
         with self._lock:
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
-                    self._conn.executemany(
-                        f"INSERT INTO records ({_RECORD_COLUMNS}) VALUES ({placeholders})",
-                        [
-                            (
-                                r.seq,
-                                *(getattr(r.record, n) for n in FIELD_NAMES),
-                                r.prev_digest,
-                                r.digest,
-                            )
-                            for r in records
-                        ],
-                    )
-                    self._conn.execute(
-                        "INSERT INTO seals VALUES (?, ?, ?, ?, ?, ?)",
-                        (
-                            seal.seq,
-                            seal.count,
-                            seal.head_digest,
-                            seal.sealed_ns,
-                            seal.signer,
-                            seal.signature,
-                        ),
-                    )
-                    self._conn.execute(
-                        "INSERT OR IGNORE INTO signers VALUES (?, ?)", (seal.signer, signer_pem)
-                    )
+                    self._insert(records, seal, signer_pem)
                     self._conn.execute("COMMIT")
+                except BaseException:
+                    if self._conn.in_transaction:  # SQLite rolls back by itself on a full disk
+                        self._conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as e:
+                raise LedgerWriteError(f"{self.path}: {e}") from e
+
+    def _insert(self, records: Sequence[StoredRecord], seal: Seal, signer_pem: bytes) -> None:
+        placeholders = ", ".join("?" * (len(FIELD_NAMES) + 3))
+        self._conn.executemany(
+            f"INSERT INTO records ({_RECORD_COLUMNS}) VALUES ({placeholders})",
+            [
+                (r.seq, *(getattr(r.record, n) for n in FIELD_NAMES), r.prev_digest, r.digest)
+                for r in records
+            ],
+        )
+        self._conn.execute(
+            "INSERT INTO seals VALUES (?, ?, ?, ?, ?, ?)",
+            (seal.seq, seal.count, seal.head_digest, seal.sealed_ns, seal.signer, seal.signature),
+        )
+        self._conn.execute("INSERT OR IGNORE INTO signers VALUES (?, ?)", (seal.signer, signer_pem))
+
+    def append_sealed(
+        self,
+        records: Sequence[LedgerRecord],
+        seal_with: Callable[[int, int, str], Seal],
+        signer_pem: bytes,
+    ) -> Seal:
+        """Extend the chain from the head as it is inside the write transaction, so several
+        broker processes can write one ledger: SQLite's write lock puts their batches in
+        one order, each linked to the one before."""
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    row = self._conn.execute(
+                        "SELECT seq, digest FROM records ORDER BY seq DESC LIMIT 1"
+                    ).fetchone()
+                    count, head = (row[0], row[1]) if row else (0, GENESIS)
+                    last = self._conn.execute("SELECT max(seq) FROM seals").fetchone()[0] or 0
+                    stored = []
+                    for record in records:
+                        count += 1
+                        digest = chain_digest(head, record)
+                        stored.append(StoredRecord(count, record, head, digest))
+                        head = digest
+                    seal = seal_with(last + 1, count, head)
+                    self._insert(stored, seal, signer_pem)
+                    self._conn.execute("COMMIT")
+                    return seal
                 except BaseException:
                     if self._conn.in_transaction:  # SQLite rolls back by itself on a full disk
                         self._conn.execute("ROLLBACK")
