@@ -52,6 +52,7 @@ async def test_calls_errors_latency_and_refusals_are_counted_with_bounded_labels
                 with pytest.raises(grpc.aio.AioRpcError):
                     await hostile.unary_unary(f"/random.Service{i}/M{i}")(b"", timeout=10)
 
+        broker.refresh_metrics()  # as it does every second
         samples = scrape(broker)
         call = dict(consumer="post", provider="echo", service=SERVICE, method="Unary")
         assert samples[("tabadol_calls_total", labels(**call, code="OK"))] == 3

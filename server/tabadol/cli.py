@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import datetime as dt
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +25,12 @@ EPILOG = "Documentation: README.md and docs/ in the Tabadol repository."
 def _cmd_broker(args: argparse.Namespace) -> int:
     from tabadol.broker import run
 
+    if args.workers < 1:
+        raise TabadolError(f"--workers must be at least 1, not {args.workers}")
+    if args.workers > 1:
+        from tabadol.broker.supervisor import supervise
+
+        return asyncio.run(supervise(args.config, args.workers))
     asyncio.run(run(args.config))
     return 0
 
@@ -335,10 +342,19 @@ def build_parser() -> argparse.ArgumentParser:
     broker = sub.add_parser(
         "broker",
         help="run the broker",
-        description="Run the broker. SIGHUP reloads the configuration file and the CRL; "
-        "SIGTERM drains in-flight calls and stops.",
+        description="Run the broker. SIGHUP reloads the configuration file, the broker's "
+        "certificate and the CRL with no downtime; SIGTERM drains in-flight calls (up to "
+        "shutdown_grace_seconds), writes the ledger and the spans, and stops. With --workers N, "
+        "N processes share the port under a supervisor that restarts any that dies.",
     )
     broker.add_argument("--config", type=Path, required=True, help="broker TOML configuration")
+    broker.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="broker processes sharing the port, under a supervisor that restarts any that "
+        "dies (default 1: no supervisor)",
+    )
     broker.set_defaults(func=_cmd_broker)
 
     config = sub.add_parser("config", help="work with broker configuration files")
@@ -556,9 +572,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    slot = os.environ.get("TABADOL_WORKER")
     logging.basicConfig(
         level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s"
+        + (f"[worker {slot}]" if slot is not None else "")
+        + ": %(message)s",
         stream=sys.stderr,
     )
     if getattr(args, "contracts", None) is None and args.command == "call":

@@ -2,18 +2,20 @@
 
 Label values come only from the configuration and the contracts (agency ids, services,
 methods, gRPC code names), so the number of series stays bounded whatever callers send.
+
+With ``tabadol broker --workers N`` every worker writes its values to a shared directory
+(prometheus-client's multiprocess mode, PROMETHEUS_MULTIPROC_DIR) and the supervisor serves
+one scrape for the whole broker.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 from tabadol.broker.exchange import Exchange
 
@@ -38,20 +40,6 @@ LATENCY_BUCKETS = (
 )
 
 
-class _Callbacks(Collector):
-    """Values read at scrape time from the ledger writer and the span pipeline."""
-
-    def __init__(self) -> None:
-        self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
-        self.counters: dict[str, tuple[str, Callable[[], float]]] = {}
-
-    def collect(self) -> Iterable[Any]:
-        for name, (doc, read) in self.gauges.items():
-            yield GaugeMetricFamily(name, doc, value=read())
-        for name, (doc, read) in self.counters.items():
-            yield CounterMetricFamily(name, doc, value=read())
-
-
 class BrokerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -69,16 +57,40 @@ class BrokerMetrics:
             registry=self.registry,
         )
         self.in_flight = Gauge(
-            "tabadol_calls_in_flight", "Calls the broker is handling now.", registry=self.registry
+            "tabadol_calls_in_flight",
+            "Calls the broker is handling now.",
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
+        self.ledger_backlog = Gauge(
+            "tabadol_ledger_backlog_records",
+            "Ledger records waiting to be written.",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.ledger_accepting = Gauge(
+            "tabadol_ledger_accepting",
+            "1 while the ledger accepts records; 0 when failing or full (calls are refused).",
+            registry=self.registry,
+            multiprocess_mode="livemin",
+        )
+        self.ledger_written = Counter(
+            "tabadol_ledger_records_written",
+            "Ledger records committed.",
+            registry=self.registry,
+        )
+        self.spans_dropped = Counter(
+            "tabadol_spans_dropped",
+            "Spans dropped because the export queue was full (collector slow or down).",
+            registry=self.registry,
+        )
+        self._seen = {"written": 0, "dropped": 0}
         self.refused = Counter(
             "tabadol_calls_refused",
             "Calls refused before routing: unknown method, or ledger not writable.",
             ["reason"],
             registry=self.registry,
         )
-        self.callbacks = _Callbacks()
-        self.registry.register(self.callbacks)
         self._agencies: frozenset[str] = frozenset()
         self._children: dict[tuple[str, str, str, str, grpc.StatusCode], tuple[Any, Any]] = {}
         self._server: Any = None
@@ -103,6 +115,18 @@ class BrokerMetrics:
             self._children[key] = children
         children[0].inc()
         children[1].observe((exchange.ended_ns - exchange.started_ns) / 1e9)
+
+    def refresh(self, backlog: int, accepting: bool, written: int, dropped: int) -> None:
+        """Carry the ledger's and the span pipeline's own counts into the metrics."""
+        self.ledger_backlog.set(backlog)
+        self.ledger_accepting.set(1 if accepting else 0)
+        for name, counter, now in (
+            ("written", self.ledger_written, written),
+            ("dropped", self.spans_dropped, dropped),
+        ):
+            if now > self._seen[name]:
+                counter.inc(now - self._seen[name])
+                self._seen[name] = now
 
     def serve(self, listen: str) -> None:
         host, _, port = listen.rpartition(":")

@@ -20,6 +20,7 @@ from tabadol.broker import platform
 from tabadol.broker.credentials import BrokerCredentials
 from tabadol.broker.metrics import BrokerMetrics
 from tabadol.broker.proxy import Accounting, Identities, Proxy, RefusalLog
+from tabadol.broker.supervisor import worker_slot
 from tabadol.broker.tracing import BrokerTracing
 from tabadol.broker.upstream import Route, Upstream
 from tabadol.client.tracing import SpanPipelineStats, TracingConfigError, tracer_provider
@@ -76,7 +77,7 @@ class Broker:
         self.retries = RetryBudget(cfg.broker.retry_budget_ratio)
         self.ledger = _ledger(cfg, self.credentials)
         self.instance = cfg.broker.instance or f"{socket.gethostname()}:{os.getpid()}"
-        self._watch(self.metrics)
+        self._metrics_task: asyncio.Task[None] | None = None
         self._upstreams = self._plan_upstreams(cfg, self.credentials, {})
         self._dispatch = _Dispatch(self._build_proxy(cfg, self.credentials, self._upstreams))
         self._server_cert_update: grpc.ServerCertificateConfiguration | None = None
@@ -94,26 +95,22 @@ class Broker:
         self._server.add_generic_rpc_handlers((self._dispatch,))
         self.port = 0
 
-    def _watch(self, metrics: BrokerMetrics) -> None:
-        """Scrape-time values: the ledger's backlog and health, the spans dropped."""
-        ledger, stats = self.ledger, self.span_stats
-        metrics.callbacks.gauges["tabadol_ledger_backlog_records"] = (
-            "Ledger records waiting to be written.",
-            lambda: float(ledger.backlog),
+    def refresh_metrics(self) -> None:
+        """The ledger's and the span pipeline's counts, into the metrics (every second)."""
+        self.metrics.refresh(
+            backlog=self.ledger.backlog,
+            accepting=self.ledger.accepting and self.ledger.problem is None,
+            written=self.ledger.written,
+            dropped=self.span_stats.dropped() if self.span_stats is not None else 0,
         )
-        metrics.callbacks.gauges["tabadol_ledger_accepting"] = (
-            "1 while the ledger accepts records; 0 when full or failing (calls are refused).",
-            lambda: float(ledger.accepting and ledger.problem is None),
-        )
-        metrics.callbacks.counters["tabadol_ledger_records_written"] = (
-            "Ledger records committed since the broker started.",
-            lambda: float(ledger.written),
-        )
-        if stats is not None:
-            metrics.callbacks.counters["tabadol_spans_dropped"] = (
-                "Spans dropped because the export queue was full (collector slow or down).",
-                lambda: float(stats.dropped()),
-            )
+
+    async def _refresh_metrics_forever(self) -> None:
+        while True:
+            try:
+                self.refresh_metrics()
+            except Exception:
+                log.exception("refreshing the metrics failed; trying again")
+            await asyncio.sleep(1.0)
 
     @staticmethod
     def _load_credentials(cfg: BrokerConfig) -> BrokerCredentials:
@@ -142,7 +139,8 @@ class Broker:
             ) from e
         await self._server.start()
         await self.health.start()
-        if self.config.broker.metrics_listen is not None:
+        self._metrics_task = asyncio.create_task(self._refresh_metrics_forever())
+        if self.config.broker.metrics_listen is not None and worker_slot() is None:
             try:
                 self.metrics.serve(self.config.broker.metrics_listen)
             except OSError as e:
@@ -283,6 +281,8 @@ class Broker:
         if grace is None:
             grace = self.config.broker.shutdown_grace_seconds
         await self.health.stop()  # NOT_SERVING while draining: load balancers move away
+        if self._metrics_task is not None:
+            self._metrics_task.cancel()
         await self._server.stop(grace)
         for upstream in self._upstreams.values():
             upstream.retire()

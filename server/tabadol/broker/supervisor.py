@@ -1,0 +1,167 @@
+"""``tabadol broker --workers N``: N broker processes on one port, under one supervisor.
+
+Each worker is a whole broker with its own event loop, bound to the same address (gRPC sets
+SO_REUSEPORT on Linux, so the kernel spreads connections across them). The supervisor:
+
+- restarts a worker that dies (at most once a second per slot, so a crash loop stays slow);
+- forwards SIGHUP to every worker after checking the new configuration once itself;
+- on SIGTERM or SIGINT, forwards it and waits: each worker drains its in-flight calls
+  within ``shutdown_grace_seconds``, flushes its ledger records and spans, and exits;
+- serves ``/metrics`` for the whole broker from the workers' shared metric files.
+
+All workers write the one ledger (``tabadol.ledger.store``: each batch links to the head it
+finds inside SQLite's write transaction).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tabadol import config as config_module
+from tabadol.errors import ConfigError, TabadolError
+
+log = logging.getLogger("tabadol.broker")
+
+WORKER_ENV = "TABADOL_WORKER"  # set in workers: the supervisor serves the metrics
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+RESTART_SPACING_S = 1.0
+
+
+class Supervisor:
+    def __init__(self, config_path: Path, workers: int) -> None:
+        self.config_path = config_path
+        self.count = workers
+        self.workers: dict[int, asyncio.subprocess.Process] = {}
+        self.stopping = False
+        self.restarts = 0
+        self._metrics_dir = Path(tempfile.mkdtemp(prefix="tabadol-metrics-"))
+        self._last_start: dict[int, float] = {}
+
+    async def _spawn(self, slot: int) -> None:
+        spacing = self._last_start.get(slot, 0.0) + RESTART_SPACING_S - time.monotonic()
+        if spacing > 0:
+            await asyncio.sleep(spacing)
+        self._last_start[slot] = time.monotonic()
+        env = {
+            **os.environ,
+            WORKER_ENV: str(slot),
+            METRICS_DIR_ENV: str(self._metrics_dir),
+        }
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tabadol.cli", "broker", "--config", str(self.config_path),
+            env=env,
+        )  # fmt: skip
+        self.workers[slot] = process
+        log.info("worker %d started (pid %d)", slot, process.pid)
+
+    async def _watch(self, slot: int) -> None:
+        """Keep a worker running in this slot until the supervisor stops."""
+        while True:
+            process = self.workers[slot]
+            code = await process.wait()
+            _mark_dead(process.pid)
+            if self.stopping:
+                return
+            log.error(
+                "worker %d (pid %d) exited with status %s; restarting it", slot, process.pid, code
+            )
+            self.restarts += 1
+            await self._spawn(slot)
+
+    def _forward(self, sig: signal.Signals) -> None:
+        for process in self.workers.values():
+            if process.returncode is None:
+                process.send_signal(sig)
+
+    def _reload(self) -> None:
+        try:
+            config_module.load(self.config_path)
+        except ConfigError as e:
+            log.error("configuration reload refused; the workers keep the previous one:\n%s", e)
+            return
+        log.info("configuration checked; asking %d workers to reload", len(self.workers))
+        self._forward(signal.SIGHUP)
+
+    async def run(self) -> int:
+        cfg = config_module.load(self.config_path)
+        host, _, port = cfg.broker.listen.rpartition(":")
+        if int(port) == 0 and self.count > 1:
+            raise ConfigError(
+                f"{cfg.path}: [broker] listen: workers share one port; port 0 would give each "
+                "its own, so name a port"
+            )
+        metrics = _serve_metrics(self._metrics_dir, cfg.broker.metrics_listen)
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+
+        def stop(sig: signal.Signals) -> None:
+            if not self.stopping:
+                log.info("stopping: asking %d workers to drain", len(self.workers))
+                self.stopping = True
+                self._forward(sig)
+            done.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+        for slot in range(self.count):
+            await self._spawn(slot)
+        log.info(
+            "supervising %d broker workers on %s:%s (metrics on %s)",
+            self.count, host, port, cfg.broker.metrics_listen,
+        )  # fmt: skip
+        watchers = [asyncio.create_task(self._watch(slot)) for slot in range(self.count)]
+        await done.wait()
+        await asyncio.gather(*watchers)
+        codes = [p.returncode for p in self.workers.values()]
+        if metrics is not None:
+            metrics.shutdown()
+        shutil.rmtree(self._metrics_dir, ignore_errors=True)
+        log.info("all workers stopped (exit statuses %s)", codes)
+        return 0 if all(code == 0 for code in codes) else 1
+
+
+def _mark_dead(pid: int) -> None:
+    """Drop a dead worker's live gauges (in-flight calls, backlog) from the shared scrape."""
+    try:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+    except Exception as e:  # the scrape is approximate for a moment; say so, carry on
+        log.warning("could not clear the metrics of worker pid %d: %s", pid, e)
+
+
+def _serve_metrics(directory: Path, listen: str | None) -> Any:
+    if listen is None:
+        return None
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    host, _, port = listen.rpartition(":")
+    try:
+        server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+    except OSError as e:
+        raise TabadolError(
+            f"[broker] metrics_listen: cannot listen on {listen}: {e.strerror}"
+        ) from e
+    return server
+
+
+def worker_slot() -> int | None:
+    """This process's worker slot when run by a supervisor, else None."""
+    value = os.environ.get(WORKER_ENV)
+    return int(value) if value is not None else None
+
+
+async def supervise(config_path: Path, workers: int) -> int:
+    return await Supervisor(config_path, workers).run()

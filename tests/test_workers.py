@@ -1,0 +1,135 @@
+"""`tabadol broker --workers N`: several processes, one port, one ledger, one scrape."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tabadol.client import connect
+from tabadol.ledger.store import SqliteLedgerStore
+from tabadol.pki import CertificateAuthority
+from tests.conftest import DEFAULT_GRANTS, RunningProvider, broker_toml
+from tests.support.echo import UNARY
+from tests.support.processes import TABADOL, Process
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(
+    tmp_path: Path, pki: CertificateAuthority, contracts: Path, provider: str
+) -> tuple[Path, int, int]:
+    port, metrics = free_port(), free_port()
+    text = broker_toml(
+        pki_dir=pki.dir, contracts=contracts, endpoints=[provider], grants=DEFAULT_GRANTS,
+        listen=f"127.0.0.1:{port}",
+    ).replace('metrics_listen = "127.0.0.1:0"', f'metrics_listen = "127.0.0.1:{metrics}"')  # fmt: skip
+    config = tmp_path / "broker.toml"
+    config.write_text(text + '\n[ledger]\npath = "ledger.db"\n')
+    return config, port, metrics
+
+
+async def calls_over_many_connections(port: int, pki: CertificateAuthority, count: int) -> int:
+    """Calls spread over separate connections, so the kernel spreads them over workers."""
+    done = 0
+    for i in range(count):
+        async with connect(f"127.0.0.1:{port}", pki.dir / "agencies" / "post") as channel:
+            assert await channel.unary_unary(UNARY)(f"{i}".encode(), timeout=10) == f"{i}".encode()
+            done += 1
+    return done
+
+
+async def test_workers_share_the_port_and_one_ledger_survive_a_crash_reload_and_drain(
+    tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path, echo_provider: RunningProvider
+) -> None:
+    config, port, metrics_port = write_config(tmp_path, pki, echo_contracts, echo_provider.address)
+    supervisor = await Process.start(
+        str(TABADOL), "broker", "--config", str(config), "--workers", "2"
+    )
+    try:
+        await supervisor.wait_for(r"supervising 2 broker workers")
+        for _ in range(2):
+            await supervisor.wait_for(r"\[worker \d\]: broker listening")
+        made = await calls_over_many_connections(port, pki, 30)
+
+        # One scrape shows the whole broker.
+        async with httpx.AsyncClient() as http:
+            scrape = (await http.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
+        calls = sum(
+            sample.value
+            for family in text_string_to_metric_families(scrape)
+            for sample in family.samples
+            if sample.name == "tabadol_calls_total" and sample.labels.get("code") == "OK"
+        )
+        assert calls == made
+
+        # A worker that dies is replaced, and the broker serves on meanwhile.
+        os.kill(int(_pids(supervisor.lines)[0]), signal.SIGKILL)
+        await supervisor.wait_for(r"exited with status -9; restarting it")
+        await supervisor.wait_for(r"\[worker \d\]: broker listening")
+        made += await calls_over_many_connections(port, pki, 10)
+
+        # SIGHUP reaches every worker.
+        supervisor.proc.send_signal(signal.SIGHUP)
+        for _ in range(2):
+            await supervisor.wait_for(r"\[worker \d\]: configuration reloaded")
+
+        # SIGTERM drains: calls in flight complete.
+        seen = len(echo_provider.echo.calls)
+        async with connect(f"127.0.0.1:{port}", pki.dir / "agencies" / "post") as channel:
+            slow = [
+                asyncio.ensure_future(
+                    channel.unary_unary(UNARY)(
+                        b"slow", metadata=(("x-test-sleep", "1"),), timeout=30
+                    )
+                )
+                for _ in range(5)
+            ]
+            while len(echo_provider.echo.calls) < seen + 5:  # all in flight at the provider
+                echo_provider.echo.call_started.clear()
+                await echo_provider.echo.call_started.wait()
+            supervisor.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.gather(*slow) == [b"slow"] * 5
+        made += 5
+        assert await supervisor.proc.wait() == 0
+    finally:
+        await supervisor.stop()
+
+    store = SqliteLedgerStore(tmp_path / "ledger.db", readonly=True)
+    records = list(store.records())
+    store.close()
+    assert len(records) == made  # every call, from every worker, in one chain
+    assert len({r.record.broker_instance for r in records}) >= 2
+    check = await asyncio.create_subprocess_exec(
+        str(TABADOL), "ledger", "verify", "--config", str(config), stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await check.communicate()
+    assert check.returncode == 0, out
+    assert f"OK: {made} records" in out.decode()
+
+
+def _pids(lines: list[str]) -> list[str]:
+    """The worker pids the supervisor announced, in order."""
+    return [m[1] for line in lines if (m := re.search(r"worker \d started \(pid (\d+)\)", line))]
+
+
+async def test_workers_need_a_named_port(
+    tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path
+) -> None:
+    config = tmp_path / "broker.toml"
+    config.write_text(
+        broker_toml(pki_dir=pki.dir, contracts=echo_contracts, endpoints=["127.0.0.1:1"], grants="")
+    )
+    process = await Process.start(str(TABADOL), "broker", "--config", str(config), "--workers", "2")
+    await process.wait_for(r"workers share one port; port 0 would give each its own")
+    assert await process.proc.wait() == 2
