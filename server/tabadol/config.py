@@ -206,6 +206,8 @@ def parse(text: str, path: Path) -> ConfigFile:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    except RecursionError:
+        raise ConfigError(f"{path}: not a broker configuration: nested too deeply") from None
     try:
         return ConfigFile.model_validate(data)
     except ValidationError as e:

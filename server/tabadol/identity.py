@@ -61,21 +61,29 @@ def identify_consumer(
     TLS proved the chain; this adds what TLS cannot: exactly one SPIFFE ID naming an agency
     of our trust domain (so a broker certificate cannot call as a consumer) and no revocation.
     """
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    ids = spiffe_ids(cert)
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        ids = spiffe_ids(cert)
+        serial, not_before, not_after = (
+            cert.serial_number,
+            cert.not_valid_before_utc,
+            cert.not_valid_after_utc,
+        )
+    except Exception as e:  # cryptography has several error types for odd certificates
+        raise IdentityRejected(
+            f"the client certificate cannot be read ({type(e).__name__}: {e})"
+        ) from e
     if len(ids) != 1:
         raise IdentityRejected(f"certificate must carry exactly one SPIFFE ID, found {len(ids)}")
     agency_id = agency_id_from_spiffe(ids[0], trust_domain)
-    if cert.serial_number in revoked:
-        raise IdentityRejected(
-            f"certificate {cert.serial_number:x} of agency {agency_id!r} has been revoked"
-        )
-    if not cert.not_valid_before_utc <= now() <= cert.not_valid_after_utc:
+    if serial in revoked:
+        raise IdentityRejected(f"certificate {serial:x} of agency {agency_id!r} has been revoked")
+    if not not_before <= now() <= not_after:
         raise IdentityRejected(
             f"certificate of agency {agency_id!r} is outside its validity period"
         )
     return ConsumerIdentity(
         agency_id=agency_id,
-        serial=cert.serial_number,
-        expires_at=cert.not_valid_after_utc.timestamp(),
+        serial=serial,
+        expires_at=not_after.timestamp(),
     )

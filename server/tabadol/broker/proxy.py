@@ -72,8 +72,6 @@ class Identities:
         except IdentityRejected as e:
             self._remember(pem, str(e))
             raise
-        except ValueError as e:
-            raise IdentityRejected(f"unreadable client certificate: {e}") from e
         self._remember(pem, identity)
         return identity
 
@@ -363,10 +361,11 @@ class Proxy:
 
         if kind is RpcKind.UNARY:
 
-            async def unary_unary(request: bytes, context: Context) -> bytes:
+            async def unary_unary(requests: AsyncIterator[bytes], context: Context) -> bytes:
                 exchange = begin()
                 with _Outcome(self, exchange, context):
                     stub, options = await self._prepare(exchange, route, context)
+                    request = await _single(requests, exchange, context)
                     await _within_size(exchange, route, context, exchange.request(request))
                     while True:
                         call = stub(request, **options)
@@ -379,21 +378,26 @@ class Proxy:
                         await _within_size(exchange, route, context, response, "response")
                         return exchange.response(response)
 
-            return grpc.unary_unary_rpc_method_handler(unary_unary)
+            # Registered as a request stream: gRPC's asyncio unary handling leaves a call that
+            # half-closes without its message hanging forever, with no status.
+            return grpc.stream_unary_rpc_method_handler(unary_unary)
 
         if kind is RpcKind.SERVER_STREAMING:
 
-            async def unary_stream(request: bytes, context: Context) -> AsyncIterator[bytes]:
+            async def unary_stream(
+                requests: AsyncIterator[bytes], context: Context
+            ) -> AsyncIterator[bytes]:
                 exchange = begin()
                 with _Outcome(self, exchange, context):
                     stub, options = await self._prepare(exchange, route, context)
+                    request = await _single(requests, exchange, context)
                     await _within_size(exchange, route, context, exchange.request(request))
                     call = stub(request, **options)
                     async with _StreamWatch(call, exchange, route):
                         async for message in forward_stream(call, context, exchange, route):
                             yield message
 
-            return grpc.unary_stream_rpc_method_handler(unary_stream)
+            return grpc.stream_stream_rpc_method_handler(unary_stream)  # as above
 
         if kind is RpcKind.CLIENT_STREAMING:
 
@@ -489,10 +493,23 @@ async def _requests(
         await asyncio.sleep(0)
 
 
+async def _single(requests: AsyncIterator[bytes], exchange: Exchange, context: Context) -> bytes:
+    """The one request message of a unary-request call, or INTERNAL without it."""
+    async for message in requests:
+        return message
+    await _abort(
+        exchange,
+        context,
+        grpc.StatusCode.INTERNAL,
+        "Tabadol broker: the call ended its request stream without a request message",
+    )
+
+
 def unknown_method_message(contracts: Contracts, offered: frozenset[str], path: str) -> str:
-    service, _, method = path.lstrip("/").partition("/")
-    if not service or not method or "/" in method:
-        return f"Tabadol broker: {path!r} is not a gRPC method path (/package.Service/Method)"
+    service, _, method = path[1:].partition("/")
+    if not path.startswith("/") or not service or not method or "/" in method:
+        shown = path if len(path) <= 200 else path[:200] + "…"  # never echo a huge path
+        return f"Tabadol broker: {shown!r} is not a gRPC method path (/package.Service/Method)"
     if service not in contracts.services:
         return f"Tabadol broker: unknown service {service!r}"
     if service not in offered:

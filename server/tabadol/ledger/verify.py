@@ -108,15 +108,32 @@ def anchor_path(ledger_path: Path) -> Path:
     return ledger_path.with_name(ledger_path.name + ".seals")
 
 
+_SEAL_TYPES = {
+    "seq": int,
+    "count": int,
+    "head_digest": str,
+    "sealed_ns": int,
+    "signer": str,
+    "signature": str,
+}
+
+
 def read_anchor(path: Path) -> list[Seal]:
+    """The seals the anchor file witnessed. A line that is not a well-formed seal (a write cut
+    short by a crash) witnesses nothing; it cannot make the check fail or crash."""
     if not path.exists():
         return []
     seals = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                seals.append(Seal(**json.loads(line)))
-            except (ValueError, TypeError):
-                continue  # a line cut short by a crash witnesses nothing
+    for raw in path.read_bytes().splitlines():
+        try:
+            fields = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError):
+            continue
+        if (
+            isinstance(fields, dict)
+            and fields.keys() == _SEAL_TYPES.keys()
+            and all(type(fields[k]) is t for k, t in _SEAL_TYPES.items())
+        ):
+            seals.append(Seal(**fields))
     # Several broker processes append to one anchor file: order by position.
     return sorted(seals, key=lambda seal: seal.seq)

@@ -32,7 +32,8 @@ MAX_LIMIT = 1500  # Jaeger's UI offers up to 1500 results
 _UNITS_NS = {
     "ns": 1,
     "us": 1_000,
-    "µs": 1_000,
+    "µs": 1_000,  # MICRO SIGN
+    "μs": 1_000,  # GREEK SMALL LETTER MU, as Go writes it
     "ms": 1_000_000,
     "s": 10**9,
     "m": 60 * 10**9,
@@ -60,6 +61,8 @@ def parse_tags(values: Sequence[str]) -> tuple[tuple[str, str], ...]:
                 parsed = json.loads(value)
             except json.JSONDecodeError as e:
                 raise ValueError(f"tags is not a JSON object: {e}") from None
+            except RecursionError:
+                raise ValueError("tags is nested too deeply to be a JSON object of tags") from None
             if not isinstance(parsed, dict):
                 raise ValueError("tags must be a JSON object of key: value")
             tags += [(str(k), _tag_text(v)) for k, v in parsed.items()]
