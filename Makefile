@@ -11,7 +11,7 @@ CHROMIUM    := /usr/bin/chromium
 NODE_DIR    := interop/node
 NODE_STAMP  := $(NODE_DIR)/node_modules/.installed
 
-.PHONY: setup protos run test lint lint-protos fmt typecheck clean browser node
+.PHONY: setup protos run test soak lint lint-protos fmt typecheck clean browser node
 
 setup: $(STAMP) $(GEN_STAMP)
 
@@ -79,6 +79,10 @@ typecheck: setup
 
 test: setup browser node lint lint-protos typecheck
 	$(VENV)/bin/pytest -q
+
+# The load and fault suite with ten times the calls (not part of `make test`).
+soak: setup
+	TABADOL_SOAK=1 $(VENV)/bin/pytest -q tests/test_load_faults.py
 
 clean:
 	rm -rf build $(VENV)

@@ -73,7 +73,9 @@ async def test_workers_share_the_port_and_one_ledger_survive_a_crash_reload_and_
         )
         assert calls == made
 
-        # A worker that dies is replaced, and the broker serves on meanwhile.
+        # A worker that dies is replaced, and the broker serves on meanwhile. (Its records
+        # are written first: kill -9 may lose the last batch, which test_ledger_crash covers.)
+        await ledger_holds(tmp_path / "ledger.db", made)
         os.kill(int(_pids(supervisor.lines)[0]), signal.SIGKILL)
         await supervisor.wait_for(r"exited with status -9; restarting it")
         await supervisor.wait_for(r"\[worker \d\]: broker listening")
@@ -116,6 +118,18 @@ async def test_workers_share_the_port_and_one_ledger_survive_a_crash_reload_and_
     out, _ = await check.communicate()
     assert check.returncode == 0, out
     assert f"OK: {made} records" in out.decode()
+
+
+async def ledger_holds(path: Path, count: int) -> None:
+    """Wait, boundedly, until the workers have committed ``count`` records."""
+    for _ in range(200):
+        store = SqliteLedgerStore(path, readonly=True)
+        held = store.head()[0]
+        store.close()
+        if held >= count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the ledger holds {held} records, not {count}")
 
 
 def _pids(lines: list[str]) -> list[str]:

@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn, cast
 
 import grpc
@@ -41,6 +41,7 @@ from tabadol.policy import Policy
 log = logging.getLogger("tabadol.broker")
 
 _IDENTITY_CACHE_LIMIT = 10_000
+_DEADLINE_SLACK_S = 0.05
 _REFUSAL_LOG_INTERVAL_S = 10.0
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -107,6 +108,33 @@ class RefusalLog:
             log.warning(message, *args)
 
 
+class Drain:
+    """Calls in flight, and whether the broker is shutting down (then it takes no new ones)."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def begin(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def end(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no call is in flight; False when ``timeout`` came first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
 @dataclass(frozen=True)
 class Accounting:
     """What the broker does with every finished call, besides answering it."""
@@ -118,6 +146,7 @@ class Accounting:
     payload_digests: bool = False
     limits: Limits | None = None  # rate and concurrency, per consumer (and service)
     retries: RetryBudget | None = None  # for idempotent unary methods
+    drain: Drain = field(default_factory=Drain)
 
 
 class Proxy:
@@ -194,6 +223,15 @@ class Proxy:
     ) -> tuple[Any, dict[str, Any]]:
         """Identity, policy and route for one call: the stub to call and how to call it."""
         incoming = cast(Metadata, context.invocation_metadata() or ())
+        if self.accounting.drain.active:
+            # Refused outright, before any work: safe for the consumer to retry elsewhere.
+            await _abort(
+                exchange,
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                "Tabadol broker: this broker is shutting down; retry the call (another broker "
+                "instance answers it)",
+            )
         if self.ledger is not None and not self.ledger.accepting:
             # Fail closed: an exchange the ledger cannot account for must not happen.
             self.metrics.refused.labels("ledger_unavailable").inc()
@@ -319,6 +357,7 @@ class Proxy:
     def _begin(self, route: Route) -> Exchange:
         exchange = Exchange(route.method, route.provider, request_id=uuid.uuid4().hex)
         self.metrics.in_flight.inc()
+        self.accounting.drain.begin()
         if self.accounting.payload_digests:
             exchange.request_hash, exchange.response_hash = hashlib.sha256(), hashlib.sha256()
         if self.ledger is not None and self.ledger.strict:
@@ -338,6 +377,7 @@ class Proxy:
         if not exchange.ended_ns:
             exchange.ended_ns = time.time_ns()
         self.metrics.in_flight.dec()
+        self.accounting.drain.end()
         if exchange.admission is not None:
             exchange.admission.release()
         if self.accounting.retries is not None:
@@ -447,7 +487,9 @@ class _Outcome:
         if exc_type is not None and exchange.code is None:
             if issubclass(exc_type, asyncio.CancelledError | GeneratorExit):
                 remaining = self.context.time_remaining()
-                expired = remaining is not None and remaining <= 0
+                # The consumer's own deadline usually cancels the call a moment before the
+                # broker's copy of it fires: within that moment it is the deadline that ended it.
+                expired = remaining is not None and remaining <= _DEADLINE_SLACK_S
                 exchange.ended(
                     grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED,
                     "deadline exceeded" if expired else "cancelled by the consumer",

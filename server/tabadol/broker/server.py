@@ -19,7 +19,7 @@ from tabadol import config as config_module
 from tabadol.broker import platform
 from tabadol.broker.credentials import BrokerCredentials
 from tabadol.broker.metrics import BrokerMetrics
-from tabadol.broker.proxy import Accounting, Identities, Proxy, RefusalLog
+from tabadol.broker.proxy import Accounting, Drain, Identities, Proxy, RefusalLog
 from tabadol.broker.supervisor import worker_slot
 from tabadol.broker.tracing import BrokerTracing
 from tabadol.broker.upstream import Route, Upstream
@@ -75,6 +75,7 @@ class Broker:
         self.limits = Limits(time.monotonic)
         self.limits.configure(_limit_rules(cfg))
         self.retries = RetryBudget(cfg.broker.retry_budget_ratio)
+        self.drain = Drain()
         self.ledger = _ledger(cfg, self.credentials)
         self.instance = cfg.broker.instance or f"{socket.gethostname()}:{os.getpid()}"
         self._metrics_task: asyncio.Task[None] | None = None
@@ -227,6 +228,7 @@ class Broker:
                 payload_digests=cfg.ledger.payload_digests,
                 limits=self.limits,
                 retries=self.retries,
+                drain=self.drain,
             ),
             refusals=self._refusals,
         )
@@ -280,10 +282,20 @@ class Broker:
         """Stop accepting calls, let in-flight ones finish within ``grace``, close channels."""
         if grace is None:
             grace = self.config.broker.shutdown_grace_seconds
-        await self.health.stop()  # NOT_SERVING while draining: load balancers move away
+        # Drain: refuse new calls (UNAVAILABLE, safe to retry elsewhere), report NOT_SERVING so
+        # load balancers move away, let the calls in flight finish within the grace period,
+        # and only then stop the server, cutting whatever is left.
+        self.drain.active = True
+        await self.health.stop()
         if self._metrics_task is not None:
             self._metrics_task.cancel()
-        await self._server.stop(grace)
+        if not await self.drain.wait_idle(grace):
+            log.warning(
+                "%d calls still in flight after the %.0f s grace period; cutting them",
+                self.drain.in_flight,
+                grace,
+            )
+        await self._server.stop(0)
         for upstream in self._upstreams.values():
             upstream.retire()
         await asyncio.gather(*list(self._closing))
@@ -377,6 +389,9 @@ async def run(config_path: Path) -> None:
         len(cfg.services),
         len(cfg.grants),
     )
+    if broker.metrics.port:
+        host = (cfg.broker.metrics_listen or "").rsplit(":", 1)[0]
+        log.info("metrics at http://%s:%d/metrics", host, broker.metrics.port)
     _warn_if_crl_stale(broker)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
