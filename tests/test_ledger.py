@@ -431,7 +431,9 @@ def test_two_writers_on_one_ledger_interleave_into_one_chain_that_verifies(
     sealer = Sealer((pki.dir / "broker.key").read_bytes(), (pki.dir / "broker.crt").read_bytes())
     path = tmp_path / "ledger.db"
     writers = [
-        LedgerWriter(SqliteLedgerStore(path), sealer, batch_interval_s=0.001, anchor=anchor_path(path))
+        LedgerWriter(
+            SqliteLedgerStore(path), sealer, batch_interval_s=0.001, anchor=anchor_path(path)
+        )
         for _ in range(2)
     ]
     for i in range(200):
