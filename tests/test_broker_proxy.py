@@ -245,7 +245,7 @@ async def test_a_request_stream_cut_by_a_cancel_ends_in_a_cancel_not_a_half_clos
     # gRPC ends a server's request iterator alike for a half-close and a cancel; the broker
     # must pass a cancel on as a cancel, or a provider could commit an abandoned batch.
     from tabadol.broker.exchange import Exchange
-    from tabadol.broker.proxy import _requests
+    from tabadol.broker.forward import requests_of
     from tabadol.contracts import MethodContract, RpcKind
 
     async def two() -> AsyncIterator[bytes]:
@@ -256,7 +256,7 @@ async def test_a_request_stream_cut_by_a_cancel_ends_in_a_cancel_not_a_half_clos
         return Exchange(MethodContract("s.S", "M", RpcKind.CLIENT_STREAMING), "p")
 
     async def relay(handler: asyncio.Task[None] | None) -> list[bytes]:
-        return [m async for m in _requests(two(), exchange(), handler)]
+        return [m async for m in requests_of(two(), exchange(), handler)]
 
     calm = asyncio.create_task(asyncio.sleep(3600))
     assert await relay(calm) == [b"a", b"b"]  # a genuine half-close stays one

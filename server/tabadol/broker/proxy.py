@@ -1,7 +1,5 @@
-"""The request path through the broker: identity, then policy, then route, then forward.
-
-Payloads are opaque bytes from end to end: no serializer is configured on either leg, so
-what the consumer sent is exactly what the provider receives, and back.
+"""The request path through the broker: identity, then policy, then route, then forward
+(``tabadol.broker.forward``), and on the way out the call's span, metrics and ledger record.
 """
 
 from __future__ import annotations
@@ -11,7 +9,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, cast
 
@@ -19,6 +17,17 @@ import grpc
 import grpc.aio
 
 from tabadol.broker.exchange import Exchange
+from tabadol.broker.forward import (
+    MAX_ATTEMPTS,
+    StreamWatch,
+    TryElsewhere,
+    abort,
+    forward_stream,
+    forward_unary,
+    requests_of,
+    single_request,
+    within_size,
+)
 from tabadol.broker.metrics import BrokerMetrics
 from tabadol.broker.tracing import BrokerTracing
 from tabadol.broker.upstream import Route, Upstream
@@ -33,7 +42,6 @@ from tabadol.metadata import (
     RETRY_AFTER_KEY,
     Metadata,
     request_metadata,
-    response_metadata,
     trace_id_of,
 )
 from tabadol.policy import Policy
@@ -225,7 +233,7 @@ class Proxy:
         incoming = cast(Metadata, context.invocation_metadata() or ())
         if self.accounting.drain.active:
             # Refused outright, before any work: safe for the consumer to retry elsewhere.
-            await _abort(
+            await abort(
                 exchange,
                 context,
                 grpc.StatusCode.UNAVAILABLE,
@@ -274,7 +282,7 @@ class Proxy:
                 ("identity", str(e)), "refused a call to %s: %s (request %s)",
                 method.path, e, exchange.request_id,
             )  # fmt: skip
-            await _abort(exchange, context, grpc.StatusCode.UNAUTHENTICATED, f"Tabadol broker: {e}")
+            await abort(exchange, context, grpc.StatusCode.UNAUTHENTICATED, f"Tabadol broker: {e}")
         exchange.consumer = consumer
         if not self.policy.allows(consumer, method.path):
             self.refusals.warn(
@@ -286,7 +294,7 @@ class Proxy:
                 if consumer in self.agencies
                 else "is not a registered agency and has no grant"
             )
-            await _abort(
+            await abort(
                 exchange,
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -301,7 +309,7 @@ class Proxy:
             exchange.consumer, exchange.method.path, refusal.message,
         )  # fmt: skip
         retry_ms = str(max(1, round(refusal.retry_after_s * 1000)))
-        await _abort(
+        await abort(
             exchange,
             context,
             grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -405,17 +413,17 @@ class Proxy:
                 exchange = begin()
                 with _Outcome(self, exchange, context):
                     stub, options = await self._prepare(exchange, route, context)
-                    request = await _single(requests, exchange, context)
-                    await _within_size(exchange, route, context, exchange.request(request))
+                    request = await single_request(requests, exchange, context)
+                    await within_size(exchange, route, context, exchange.request(request))
                     while True:
                         call = stub(request, **options)
                         retry = self._may_retry if route.method.idempotent else None
                         try:
                             response = await forward_unary(call, context, exchange, retry)
-                        except _TryElsewhere:
+                        except TryElsewhere:
                             stub = self._reroute(exchange, route, context, options)
                             continue
-                        await _within_size(exchange, route, context, response, "response")
+                        await within_size(exchange, route, context, response, "response")
                         return exchange.response(response)
 
             # Registered as a request stream: gRPC's asyncio unary handling leaves a call that
@@ -430,10 +438,10 @@ class Proxy:
                 exchange = begin()
                 with _Outcome(self, exchange, context):
                     stub, options = await self._prepare(exchange, route, context)
-                    request = await _single(requests, exchange, context)
-                    await _within_size(exchange, route, context, exchange.request(request))
+                    request = await single_request(requests, exchange, context)
+                    await within_size(exchange, route, context, exchange.request(request))
                     call = stub(request, **options)
-                    async with _StreamWatch(call, exchange, route):
+                    async with StreamWatch(call, exchange, route):
                         async for message in forward_stream(call, context, exchange, route):
                             yield message
 
@@ -446,10 +454,10 @@ class Proxy:
                 with _Outcome(self, exchange, context):
                     stub, options = await self._prepare(exchange, route, context)
                     handler = asyncio.current_task()
-                    call = stub(_requests(requests, exchange, handler, route), **options)
-                    async with _StreamWatch(call, exchange, route):
+                    call = stub(requests_of(requests, exchange, handler, route), **options)
+                    async with StreamWatch(call, exchange, route):
                         response = await forward_unary(call, context, exchange)
-                    await _within_size(exchange, route, context, response, "response")
+                    await within_size(exchange, route, context, response, "response")
                     return exchange.response(response)
 
             return grpc.stream_unary_rpc_method_handler(stream_unary)
@@ -461,8 +469,8 @@ class Proxy:
             with _Outcome(self, exchange, context):
                 stub, options = await self._prepare(exchange, route, context)
                 handler = asyncio.current_task()
-                call = stub(_requests(requests, exchange, handler, route), **options)
-                async with _StreamWatch(call, exchange, route):
+                call = stub(requests_of(requests, exchange, handler, route), **options)
+                async with StreamWatch(call, exchange, route):
                     async for message in forward_stream(call, context, exchange, route):
                         yield message
 
@@ -507,46 +515,6 @@ class _Outcome:
         self.proxy._finish(exchange)
 
 
-async def _requests(
-    requests: AsyncIterator[bytes],
-    exchange: Exchange,
-    handler: asyncio.Task[Any] | None,
-    route: Route | None = None,
-) -> AsyncIterator[bytes]:
-    """The consumer's messages, counted, ending in a cancel (not a half-close) if it cancelled.
-
-    gRPC ends a server's request iterator the same way whether the consumer half-closed or
-    went away. Passing that on as a half-close would tell the provider the stream was
-    complete; a provider might then commit a batch the consumer abandoned.
-    """
-    limit = route.max_message_bytes if route is not None else None
-    async for message in requests:
-        if limit is not None and len(message) > limit:
-            # Ends the provider call; forwarding then reports this status to the consumer.
-            exchange.ended(grpc.StatusCode.RESOURCE_EXHAUSTED, _too_big(len(message), route))
-            raise asyncio.CancelledError("a request message is over the service's size limit")
-        yield exchange.request(message)
-    # The consumer's cancel reaches the handler's task a loop turn or two after the iterator
-    # ends (more on a busy loop); raising here makes gRPC cancel the provider call instead
-    # of half-closing it. Ten turns cost microseconds on a genuine half-close.
-    for _ in range(10):
-        if handler is not None and (handler.cancelling() or handler.done()):
-            raise asyncio.CancelledError("the consumer cancelled mid-stream")
-        await asyncio.sleep(0)
-
-
-async def _single(requests: AsyncIterator[bytes], exchange: Exchange, context: Context) -> bytes:
-    """The one request message of a unary-request call, or INTERNAL without it."""
-    async for message in requests:
-        return message
-    await _abort(
-        exchange,
-        context,
-        grpc.StatusCode.INTERNAL,
-        "Tabadol broker: the call ended its request stream without a request message",
-    )
-
-
 def unknown_method_message(contracts: Contracts, offered: frozenset[str], path: str) -> str:
     service, _, method = path[1:].partition("/")
     if not path.startswith("/") or not service or not method or "/" in method:
@@ -557,206 +525,3 @@ def unknown_method_message(contracts: Contracts, offered: frozenset[str], path: 
     if service not in offered:
         return f"Tabadol broker: service {service!r} is not offered on this exchange"
     return f"Tabadol broker: service {service!r} has no method {method!r}"
-
-
-async def _abort(
-    exchange: Exchange,
-    context: Context,
-    code: grpc.StatusCode,
-    details: str,
-    trailing: Metadata | None = None,
-) -> NoReturn:
-    exchange.ended(code, details)
-    if trailing is None:
-        trailing = ((REQUEST_ID_KEY, exchange.request_id),)
-    await exchange.settle()
-    await context.abort(code, details, trailing)
-
-
-def _cancelled_by_broker() -> bool:
-    """The provider call was cancelled, but not because our own task was (a channel closed)."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() == 0
-
-
-class _TryElsewhere(Exception):
-    """The attempt failed before any answer, and the call may be retried elsewhere."""
-
-
-async def forward_unary(
-    call: Any,
-    context: Context,
-    exchange: Exchange,
-    retry: Callable[[Exchange, Context], bool] | None = None,
-) -> bytes:
-    """Await a unary-response call and relay its metadata and status to the consumer."""
-    try:
-        response: bytes = await call
-        initial = response_metadata(await call.initial_metadata())
-        if initial:
-            await context.send_initial_metadata(initial)
-        context.set_trailing_metadata(_trailers(await call.trailing_metadata(), exchange))
-        exchange.ended(grpc.StatusCode.OK)
-        await exchange.settle()
-        return response
-    except grpc.aio.AioRpcError as e:
-        if retry is not None and _unreachable(e) and retry(exchange, context):
-            exchange.unreachable = True
-            raise _TryElsewhere from e
-        await relay_error(e, context, exchange, headers_sent=False)
-    except asyncio.CancelledError:
-        call.cancel()
-        if _cancelled_by_broker():
-            await _provider_lost(exchange, context)
-        raise
-
-
-async def forward_stream(
-    call: Any, context: Context, exchange: Exchange, route: Route | None = None
-) -> AsyncIterator[bytes]:
-    """Relay a streaming-response call message by message, then its trailers and status."""
-    headers_sent = False
-    try:
-        initial = response_metadata(await call.initial_metadata())
-        if initial:
-            await context.send_initial_metadata(initial)
-            headers_sent = True
-        limit = route.max_message_bytes if route is not None else None
-        while (message := await call.read()) is not grpc.aio.EOF:
-            headers_sent = True
-            if limit is not None and len(message) > limit:
-                call.cancel()
-                await _abort(
-                    exchange,
-                    context,
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    _too_big(len(message), route, "response"),
-                )
-            yield exchange.response(message)
-        trailers = _trailers(await call.trailing_metadata(), exchange)
-        context.set_trailing_metadata(trailers)
-        code = await call.code()
-        if code is not grpc.StatusCode.OK:
-            await _abort(exchange, context, code, await call.details() or "", trailers)
-        exchange.ended(grpc.StatusCode.OK)
-        await exchange.settle()
-    except grpc.aio.AioRpcError as e:
-        await relay_error(e, context, exchange, headers_sent=headers_sent)
-    except (asyncio.CancelledError, GeneratorExit) as e:
-        call.cancel()
-        if isinstance(e, asyncio.CancelledError) and _cancelled_by_broker():
-            await _provider_lost(exchange, context)
-        raise
-
-
-async def _provider_lost(exchange: Exchange, context: Context) -> NoReturn:
-    if exchange.code is not None:
-        # The broker itself ended the provider call, for a reason already recorded (a size
-        # or time limit of the service): that is what the consumer is told.
-        await context.abort(
-            exchange.code, exchange.details, ((REQUEST_ID_KEY, exchange.request_id),)
-        )
-    await _abort(
-        exchange,
-        context,
-        grpc.StatusCode.UNAVAILABLE,
-        f"Tabadol broker: the call to provider {exchange.provider!r} was cut off on the "
-        "broker's side (its channel closed); it is safe to retry only if the method is idempotent",
-    )
-
-
-def _trailers(trailing: Metadata | None, exchange: Exchange) -> Metadata:
-    return (*response_metadata(trailing), (REQUEST_ID_KEY, exchange.request_id))
-
-
-# gRPC's own words when the broker could not reach the provider at all: then, and only then,
-# the broker names the provider agency (a provider's own UNAVAILABLE passes unchanged).
-_UNREACHABLE = ("failed to connect to all addresses", "DNS resolution failed")
-MAX_ATTEMPTS = 3
-
-
-def _unreachable(error: grpc.aio.AioRpcError) -> bool:
-    """The attempt never reached a provider: safe to count against the endpoint."""
-    return error.code() is grpc.StatusCode.UNAVAILABLE and (error.details() or "").startswith(
-        _UNREACHABLE
-    )
-
-
-def _too_big(size: int, route: Route | None, what: str = "request") -> str:
-    limit = route.max_message_bytes if route is not None else None
-    service = route.method.service if route is not None else "?"
-    return (
-        f"Tabadol broker: a {what} message of {size} bytes is over the limit of {limit} bytes "
-        f"for service {service!r}"
-    )
-
-
-async def _within_size(
-    exchange: Exchange, route: Route, context: Context, message: bytes, what: str = "request"
-) -> None:
-    limit = route.max_message_bytes
-    if limit is not None and len(message) > limit:
-        await _abort(
-            exchange,
-            context,
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            _too_big(len(message), route, what),
-        )
-
-
-class _StreamWatch:
-    """Ends a stream that runs past the service's maximum duration or falls idle."""
-
-    def __init__(self, call: Any, exchange: Exchange, route: Route) -> None:
-        self._call, self._exchange, self._route = call, exchange, route
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> None:
-        if self._route.max_stream_seconds or self._route.stream_idle_seconds:
-            self._exchange.last_activity = time.monotonic()
-            self._task = asyncio.create_task(self._watch())
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-
-    async def _watch(self) -> None:
-        route, exchange = self._route, self._exchange
-        started = time.monotonic()
-        while True:
-            now = time.monotonic()
-            ends = started + route.max_stream_seconds if route.max_stream_seconds else None
-            idles = (
-                exchange.last_activity + route.stream_idle_seconds
-                if route.stream_idle_seconds
-                else None
-            )
-            if ends is not None and now >= ends:
-                why = f"a stream of service {route.method.service!r} may last at most {route.max_stream_seconds:g} s"
-            elif idles is not None and now >= idles:
-                why = f"the stream was idle for {route.stream_idle_seconds:g} s, the limit for service {route.method.service!r}"
-            else:
-                await asyncio.sleep(min(t for t in (ends, idles) if t is not None) - now)
-                continue
-            exchange.ended(grpc.StatusCode.DEADLINE_EXCEEDED, f"Tabadol broker: {why}")
-            self._call.cancel()
-            return
-
-
-async def relay_error(
-    error: grpc.aio.AioRpcError,
-    context: Context,
-    exchange: Exchange,
-    *,
-    headers_sent: bool,
-) -> NoReturn:
-    """End the consumer's call with the provider's status, details and metadata."""
-    code, details = error.code(), error.details() or ""
-    if not headers_sent:
-        initial = response_metadata(error.initial_metadata())
-        if initial:
-            await context.send_initial_metadata(initial)
-    if code is grpc.StatusCode.UNAVAILABLE and details.startswith(_UNREACHABLE):
-        details = f"Tabadol broker: provider {exchange.provider!r} unreachable: {details}"
-    trailing = cast(Metadata | None, error.trailing_metadata())
-    await _abort(exchange, context, code, details, _trailers(trailing, exchange))
