@@ -11,7 +11,7 @@ CHROMIUM    := /usr/bin/chromium
 NODE_DIR    := interop/node
 NODE_STAMP  := $(NODE_DIR)/node_modules/.installed
 
-.PHONY: setup protos run test soak lint lint-protos fmt typecheck clean browser node
+.PHONY: setup protos run test soak lint lint-protos fmt typecheck clean browser node bench
 
 setup: $(STAMP) $(GEN_STAMP)
 
@@ -83,6 +83,11 @@ test: setup browser node lint lint-protos typecheck
 # The load and fault suite with ten times the calls (not part of `make test`).
 soak: setup
 	TABADOL_SOAK=1 $(VENV)/bin/pytest -q tests/test_load_faults.py
+
+# Benchmarks (docs/performance.md), not part of `make test`: BENCH_SECONDS per measurement.
+BENCH_SECONDS ?= 5
+bench: setup
+	BENCH_SECONDS=$(BENCH_SECONDS) $(PY) bench/run.py
 
 clean:
 	rm -rf build $(VENV)

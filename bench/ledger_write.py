@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -20,16 +21,15 @@ from tabadol.ledger.store import SqliteLedgerStore  # noqa: E402
 from tabadol.pki import CertificateAuthority  # noqa: E402
 
 
-def main(args: argparse.Namespace) -> None:
+def measure(records_count: int, batch_ms: float) -> dict[str, Any]:
+    """Commit ``records_count`` broker-like records; the rate, the time and the seals."""
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         ca = CertificateAuthority.init(tmp / "pki", "tabadol.example")
         ca.issue_broker()
         sealer = Sealer((ca.dir / "broker.key").read_bytes(), (ca.dir / "broker.crt").read_bytes())
         store = SqliteLedgerStore(tmp / "ledger.db")
-        writer = LedgerWriter(
-            store, sealer, batch_interval_s=args.batch_ms / 1000, buffer_records=10**9
-        )
+        writer = LedgerWriter(store, sealer, batch_interval_s=batch_ms / 1000, buffer_records=10**9)
         records = [
             LedgerRecord(
                 start_ns=time.time_ns(),
@@ -49,7 +49,7 @@ def main(args: argparse.Namespace) -> None:
                 endpoint="127.0.0.1:9101",
                 broker_instance="bench",
             )
-            for i in range(args.records)
+            for i in range(records_count)
         ]
         started = time.perf_counter()
         for record in records:
@@ -57,9 +57,21 @@ def main(args: argparse.Namespace) -> None:
         writer.close(timeout=600)
         elapsed = time.perf_counter() - started
         seals = sum(1 for _ in SqliteLedgerStore(tmp / "ledger.db", readonly=True).seals())
+    return {
+        "records": records_count,
+        "seconds": elapsed,
+        "records_per_s": records_count / elapsed,
+        "seals": seals,
+        "batch_ms": batch_ms,
+    }
+
+
+def main(args: argparse.Namespace) -> None:
+    result = measure(args.records, args.batch_ms)
     print(
-        f"committed {args.records} records in {elapsed:.2f} s: {args.records / elapsed:,.0f} "
-        f"records/s ({seals} sealed batches, batch interval {args.batch_ms} ms)"
+        f"committed {result['records']} records in {result['seconds']:.2f} s: "
+        f"{result['records_per_s']:,.0f} records/s ({result['seals']} sealed batches, "
+        f"batch interval {args.batch_ms} ms)"
     )
 
 
