@@ -112,14 +112,17 @@ async def start_broker(
     endpoints: list[str],
     grants: str = DEFAULT_GRANTS,
     tracing: str = 'exporter = "none"',
+    ledger: str = "",
 ) -> Broker:
-    """A broker on a free loopback port with a config file written to ``directory``."""
+    """A broker on a free loopback port with a config file written to ``directory``;
+    ``ledger`` holds extra lines for its [ledger] section."""
     path = directory / "broker.toml"
     path.write_text(
         broker_toml(
             pki_dir=pki_dir, contracts=contracts, endpoints=endpoints, grants=grants,
             tracing=tracing,
         )
+        + (f"\n[ledger]\n{ledger}\n" if ledger else "")
     )  # fmt: skip
     broker = Broker(config.load(path))
     await broker.start()

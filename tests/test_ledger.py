@@ -25,7 +25,7 @@ from tabadol.ledger.seal import Sealer
 from tabadol.ledger.store import SqliteLedgerStore
 from tabadol.ledger.verify import anchor_path, read_anchor
 from tabadol.pki import CertificateAuthority
-from tests.conftest import DEFAULT_GRANTS, TRUST_DOMAIN, RunningProvider, broker_toml
+from tests.conftest import DEFAULT_GRANTS, TRUST_DOMAIN, RunningProvider, broker_toml, start_broker
 from tests.support.echo import BIDI, CLIENT_STREAM, SERVER_STREAM, SERVICE, UNARY
 
 
@@ -259,16 +259,10 @@ async def calls_of_every_kind(channel: grpc.aio.Channel) -> dict[str, str]:
 async def test_every_call_of_every_kind_is_one_record_with_the_right_fields(
     tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path, echo_provider: RunningProvider
 ) -> None:
-    path = tmp_path / "broker.toml"
-    path.write_text(
-        broker_toml(
-            pki_dir=pki.dir, contracts=echo_contracts, endpoints=[echo_provider.address],
-            grants=DEFAULT_GRANTS,
-        )
-        + '\n[ledger]\npath = "ledger.db"\npayload_digests = true\n'
+    broker = await start_broker(
+        tmp_path, pki.dir, echo_contracts, [echo_provider.address],
+        ledger='path = "ledger.db"\npayload_digests = true',
     )  # fmt: skip
-    broker = Broker(config.load(path))
-    await broker.start()
     async with connect(f"127.0.0.1:{broker.port}", pki.dir / "agencies" / "post") as channel:
         made = await calls_of_every_kind(channel)
     async with connect(f"127.0.0.1:{broker.port}", pki.dir / "agencies" / "cra") as denied:
@@ -312,16 +306,10 @@ async def test_every_call_of_every_kind_is_one_record_with_the_right_fields(
 async def test_an_unwritable_ledger_fails_closed_then_recovers_by_itself(
     tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path, echo_provider: RunningProvider
 ) -> None:
-    path = tmp_path / "broker.toml"
-    path.write_text(
-        broker_toml(
-            pki_dir=pki.dir, contracts=echo_contracts, endpoints=[echo_provider.address],
-            grants=DEFAULT_GRANTS,
-        )
-        + '\n[ledger]\npath = "ledger.db"\nbatch_interval_ms = 10\nbuffer_records = 3\n'
+    broker = await start_broker(
+        tmp_path, pki.dir, echo_contracts, [echo_provider.address],
+        ledger='path = "ledger.db"\nbatch_interval_ms = 10\nbuffer_records = 3',
     )  # fmt: skip
-    broker = Broker(config.load(path))
-    await broker.start()
     # Another process holds the write lock: a real "database is locked".
     holder = sqlite3.connect(tmp_path / "ledger.db", isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
