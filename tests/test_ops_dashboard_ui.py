@@ -32,6 +32,7 @@ from tests.conftest import TRUST_DOMAIN
 from tests.support.browser import chromium
 from tests.support.echo import SERVICE as ECHO
 from tests.support.echo import write_echo_contracts
+from tests.support.ops import running_ops
 from tests.test_reports import write_tax_contracts
 
 TAX = "tabadol.test.v1.Tax"
@@ -164,24 +165,15 @@ def ledger(tmp_path_factory: pytest.TempPathFactory, pki: CertificateAuthority) 
 
 @pytest.fixture(scope="module")
 async def ops(tmp_path_factory: pytest.TempPathFactory, ledger: Ledger) -> AsyncIterator[OpsServer]:
-    server = OpsServer(
-        tmp_path_factory.mktemp("ops") / "spans.db", http="127.0.0.1:0", otlp="127.0.0.1:0"
-    )
-    server.show_ledger(open_accounts(ledger.config))
-    await server.start()
-    yield server
-    await server.stop()
+    async with running_ops(tmp_path_factory.mktemp("ops"), open_accounts(ledger.config)) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 async def no_ledger_ops(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[OpsServer]:
     """A viewer started without --config: it has spans but no ledger."""
-    server = OpsServer(
-        tmp_path_factory.mktemp("no-ledger") / "spans.db", http="127.0.0.1:0", otlp="127.0.0.1:0"
-    )
-    await server.start()
-    yield server
-    await server.stop()
+    async with running_ops(tmp_path_factory.mktemp("no-ledger")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

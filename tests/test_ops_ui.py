@@ -26,6 +26,7 @@ from playwright.async_api import Browser, Locator, Page, expect
 from tabadol.client.tracing import tracer_provider
 from tabadol.ops.server import OpsServer
 from tests.support.browser import chromium
+from tests.support.ops import running_ops
 
 METHOD = "tabadol.agencies.nocr.v1.PersonRegistry/InquirePerson"
 RPC = {
@@ -118,23 +119,15 @@ def _health_check(broker: Tracer, t0: int) -> None:
 
 @pytest.fixture(scope="module")
 async def ops(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[OpsServer]:
-    server = OpsServer(
-        tmp_path_factory.mktemp("ops") / "spans.db", http="127.0.0.1:0", otlp="127.0.0.1:0"
-    )
-    await server.start()
-    yield server
-    await server.stop()
+    async with running_ops(tmp_path_factory.mktemp("ops")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 async def empty_ops(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[OpsServer]:
     """A second viewer that never receives a span."""
-    server = OpsServer(
-        tmp_path_factory.mktemp("empty-ops") / "spans.db", http="127.0.0.1:0", otlp="127.0.0.1:0"
-    )
-    await server.start()
-    yield server
-    await server.stop()
+    async with running_ops(tmp_path_factory.mktemp("empty-ops")) as server:
+        yield server
 
 
 async def _wait_for_trace(client: httpx.AsyncClient, trace_id: str, spans: int) -> None:
