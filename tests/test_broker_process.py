@@ -105,7 +105,7 @@ async def test_sighup_reloads_a_good_file_and_refuses_a_bad_one_without_dropping
 
         broker.proc.send_signal(signal.SIGTERM)
         await broker.wait_for("broker stopped")
-        assert await broker.proc.wait() == 0
+        assert await broker.exit_status() == 0
     finally:
         await broker.stop()
 
@@ -117,7 +117,7 @@ async def test_broker_refuses_to_start_on_a_bad_file_and_says_why(tmp_path: Path
     await broker.wait_for(
         r"tabadol: error: .*broker\.toml: \[broker\] trust_domain: Field required"
     )
-    assert await broker.proc.wait() == 2
+    assert await broker.exit_status() == 2
 
 
 async def test_reload_that_moves_a_service_lets_calls_in_flight_finish_on_the_old_endpoint(

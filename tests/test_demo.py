@@ -41,7 +41,7 @@ async def test_demo_sends_every_kind_of_traffic_and_its_example_call_works(tmp_p
         assert person["lifeStatus"] == "LIFE_STATUS_ALIVE"
 
         demo.proc.send_signal(signal.SIGINT)
-        assert await demo.proc.wait() == 0
+        assert await demo.exit_status() == 0
     finally:
         await demo.stop()
     # Every exchange it made, the refused ones included, is in a ledger that verifies.

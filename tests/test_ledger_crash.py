@@ -112,7 +112,7 @@ async def test_kill_9_under_load_leaves_a_ledger_that_verifies_and_misses_only_t
             assert await channel.unary_unary(UNARY)(b"after", timeout=10) == b"after"
     finally:
         broker.proc.send_signal(signal.SIGTERM)
-        await broker.proc.wait()
+        await broker.exit_status()
     code, out = await verify(config)
     assert code == 0, out
 
@@ -146,7 +146,7 @@ async def test_graceful_stop_under_load_loses_nothing(
             await call
             acked.add(dict(await call.trailing_metadata() or ())["x-tabadol-request-id"])
     broker.proc.send_signal(signal.SIGTERM)
-    assert await broker.proc.wait() == 0
+    assert await broker.exit_status() == 0
     store = SqliteLedgerStore(tmp_path / "ledger.db", readonly=True)
     written = {r.record.request_id for r in store.records()}
     store.close()

@@ -97,13 +97,14 @@ async def test_workers_share_the_port_and_one_ledger_survive_a_crash_reload_and_
                 )
                 for _ in range(5)
             ]
-            while len(echo_provider.echo.calls) < seen + 5:  # all in flight at the provider
-                echo_provider.echo.call_started.clear()
-                await echo_provider.echo.call_started.wait()
+            async with asyncio.timeout(30):
+                while len(echo_provider.echo.calls) < seen + 5:  # all in flight at the provider
+                    echo_provider.echo.call_started.clear()
+                    await echo_provider.echo.call_started.wait()
             supervisor.proc.send_signal(signal.SIGTERM)
             assert await asyncio.gather(*slow) == [b"slow"] * 5
         made += 5
-        assert await supervisor.proc.wait() == 0
+        assert await supervisor.exit_status() == 0, "".join(supervisor.lines)
     finally:
         await supervisor.stop()
 
@@ -146,4 +147,4 @@ async def test_workers_need_a_named_port(
     )
     process = await Process.start(str(TABADOL), "broker", "--config", str(config), "--workers", "2")
     await process.wait_for(r"workers share one port; port 0 would give each its own")
-    assert await process.proc.wait() == 2
+    assert await process.exit_status() == 2

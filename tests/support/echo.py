@@ -147,6 +147,8 @@ class EchoProvider(grpc.GenericRpcHandler):
             async for message in requests:
                 digest.update(message)
                 count += 1
+                if "x-test-end-early" in seen.metadata:  # answer while the consumer still sends
+                    await self._steer(seen, context)
         except asyncio.CancelledError:
             seen.cancelled.set()
             raise
@@ -159,6 +161,8 @@ class EchoProvider(grpc.GenericRpcHandler):
         seen = self._begin(BIDI, context)
         async for message in requests:
             yield message
+            if "x-test-end-early" in seen.metadata:
+                await self._steer(seen, context)
         await self._steer(seen, context)
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:

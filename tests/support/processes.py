@@ -13,18 +13,26 @@ TABADOL = Path(sys.executable).parent / "tabadol"
 
 
 class Process:
-    """A child process whose output lines are read as they come."""
+    """A child process whose output lines are read as they come, into ``lines``.
+
+    The output is drained continuously: a child blocked on a full pipe would look like a
+    process that hangs.
+    """
 
     def __init__(self, proc: asyncio.subprocess.Process, stream: asyncio.StreamReader) -> None:
         self.proc = proc
-        self._stream = stream
-        self.lines: list[str] = []
+        self.lines: list[str] = []  # every line so far
+        self._cursor = 0  # where the next wait_for starts looking
+        self._new_line = asyncio.Event()
+        self._ended = False
+        self._reader = asyncio.get_running_loop().create_task(self._read(stream))
 
     @classmethod
     async def start(cls, *argv: str, read: str = "stderr") -> Process:
+        """Start ``argv``, reading its stderr (or its stdout); the other goes nowhere."""
         proc = await asyncio.create_subprocess_exec(
             *argv,
-            stdout=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE if read == "stdout" else asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE if read == "stderr" else asyncio.subprocess.DEVNULL,
             cwd=ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -33,28 +41,67 @@ class Process:
         assert stream is not None
         return cls(proc, stream)
 
-    async def wait_for(self, pattern: str, timeout: float = 30) -> re.Match[str]:
-        """The first new output line matching ``pattern``; fails if the process ends first."""
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        try:
+            async for raw in stream:
+                self.lines.append(raw.decode(errors="replace"))
+                self._new_line.set()
+        finally:
+            self._ended = True
+            self._new_line.set()
 
-        async def scan() -> re.Match[str]:
+    async def wait_for(self, pattern: str, timeout: float = 30) -> re.Match[str]:
+        """The first line since the last match that matches ``pattern``; fails if the
+        process ends first."""
+        index = await self.wait_for_line(pattern, after=self._cursor, timeout=timeout)
+        self._cursor = index + 1
+        match = re.search(pattern, self.lines[index])
+        assert match is not None
+        return match
+
+    async def wait_for_line(self, pattern: str, *, after: int = 0, timeout: float = 30) -> int:
+        """The index of the first line from ``after`` on that matches ``pattern``."""
+
+        async def scan() -> int:
+            index = after
             while True:
-                raw = await self._stream.readline()
-                if not raw:
+                while index < len(self.lines):
+                    if re.search(pattern, self.lines[index]):
+                        return index
+                    index += 1
+                if self._ended:
                     raise AssertionError(
                         f"process ended before printing {pattern!r}; it printed:\n"
                         + "".join(self.lines)
                     )
-                line = raw.decode(errors="replace")
-                self.lines.append(line)
-                if match := re.search(pattern, line):
-                    return match
+                self._new_line.clear()
+                await self._new_line.wait()
 
-        return await asyncio.wait_for(scan(), timeout)
+        try:
+            return await asyncio.wait_for(scan(), timeout)
+        except TimeoutError:
+            raise AssertionError(
+                f"no line matching {pattern!r} within {timeout:g} s; the process printed:\n"
+                + "".join(self.lines)
+            ) from None
+
+    async def exit_status(self, timeout: float = 60) -> int:
+        """The process's exit status once it ends by itself; fails, showing its output, if it
+        has not ended within ``timeout``."""
+        try:
+            return await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            raise AssertionError(
+                f"the process had not ended after {timeout:g} s; it printed:\n"
+                + "".join(self.lines)
+            ) from None
 
     def kill(self) -> None:
         if self.proc.returncode is None:
             self.proc.kill()
 
     async def stop(self) -> None:
+        """Kill the process if it still runs (cleanup), and finish reading its output."""
         self.kill()
         await self.proc.wait()
+        await asyncio.wait_for(self._reader, 30)

@@ -13,8 +13,16 @@ Provider::
     # in a handler: tabadol.client.consumer_agency(context) -> "post"
 """
 
+from tabadol.client.call_status import keep_call_status
 from tabadol.client.consumer import connect
 from tabadol.client.credentials import AgencyCredentials
 from tabadol.client.provider import ProviderServer, consumer_agency, request_id
 
-__all__ = ["AgencyCredentials", "ProviderServer", "connect", "consumer_agency", "request_id"]
+__all__ = [
+    "AgencyCredentials",
+    "ProviderServer",
+    "connect",
+    "consumer_agency",
+    "keep_call_status",
+    "request_id",
+]

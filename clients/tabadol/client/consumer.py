@@ -10,6 +10,7 @@ import grpc
 import grpc.aio
 from opentelemetry.trace import TracerProvider
 
+from tabadol.client.call_status import keep_call_status
 from tabadol.client.credentials import AgencyCredentials
 from tabadol.client.tracing_interceptor import tracing_interceptors
 from tabadol.protocol import KEEPALIVE_DIAL
@@ -28,8 +29,11 @@ def connect(
 
     TLS verifies the broker by its platform name, ``broker.<trust-domain>``, whatever
     address it is reached at. Calls are traced with OpenTelemetry (W3C trace context goes
-    to the broker) through ``tracer_provider``, or the global one when not given.
+    to the broker) through ``tracer_provider``, or the global one when not given. A call
+    that ends while a request is being written reports the status its peer sent
+    (:mod:`tabadol.client.call_status`).
     """
+    keep_call_status()
     creds = AgencyCredentials.load(credentials_dir)
     channel_creds = grpc.ssl_channel_credentials(creds.ca_pem, creds.key_pem, creds.cert_pem)
     return grpc.aio.secure_channel(

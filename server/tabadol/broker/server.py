@@ -23,6 +23,7 @@ from tabadol.broker.proxy import Accounting, Drain, Identities, Proxy, RefusalLo
 from tabadol.broker.supervisor import worker_slot
 from tabadol.broker.tracing import BrokerTracing
 from tabadol.broker.upstream import Route, Upstream
+from tabadol.client.call_status import keep_call_status
 from tabadol.client.tracing import SpanPipelineStats, TracingConfigError, tracer_provider
 from tabadol.config import BrokerConfig
 from tabadol.errors import ConfigError, TabadolError
@@ -64,6 +65,8 @@ class Broker:
     """A running broker. Build with a validated config, then ``await start()``."""
 
     def __init__(self, cfg: BrokerConfig) -> None:
+        # Relay the status a provider sent, not grpc.aio's INTERNAL when a write races it.
+        keep_call_status()
         self.config = cfg
         self.credentials = self._load_credentials(cfg)
         self._closing: set[asyncio.Task[None]] = set()

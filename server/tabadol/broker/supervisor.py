@@ -68,7 +68,7 @@ class Supervisor:
         while True:
             process = self.workers[slot]
             code = await process.wait()
-            _mark_dead(process.pid)
+            _mark_dead(process.pid, self._metrics_dir)
             if self.stopping:
                 return
             log.error(
@@ -130,12 +130,12 @@ class Supervisor:
         return 0 if all(code == 0 for code in codes) else 1
 
 
-def _mark_dead(pid: int) -> None:
+def _mark_dead(pid: int, directory: Path) -> None:
     """Drop a dead worker's live gauges (in-flight calls, backlog) from the shared scrape."""
     try:
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+        multiprocess.mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
     except Exception as e:  # the scrape is approximate for a moment; say so, carry on
         log.warning("could not clear the metrics of worker pid %d: %s", pid, e)
 
