@@ -413,7 +413,7 @@ class Proxy:
                 exchange = begin()
                 with _Outcome(self, exchange, context):
                     stub, options = await self._prepare(exchange, route, context)
-                    request = await single_request(requests, exchange, context)
+                    request = await single_request(exchange, context)
                     await within_size(exchange, route, context, exchange.request(request))
                     while True:
                         call = stub(request, **options)
@@ -438,7 +438,7 @@ class Proxy:
                 exchange = begin()
                 with _Outcome(self, exchange, context):
                     stub, options = await self._prepare(exchange, route, context)
-                    request = await single_request(requests, exchange, context)
+                    request = await single_request(exchange, context)
                     await within_size(exchange, route, context, exchange.request(request))
                     call = stub(request, **options)
                     async with StreamWatch(call, exchange, route):

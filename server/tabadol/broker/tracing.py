@@ -1,8 +1,8 @@
 """The broker's spans: a server span per call and a client span for the provider hop.
 
 Attributes follow the OpenTelemetry RPC conventions (rpc.system, rpc.service, rpc.method,
-rpc.grpc.status_code) plus the exchange's own: consumer, provider, endpoint, request id,
-bytes and message counts each way.
+rpc.grpc.status_code) on both; the server span adds the exchange's own (consumer, provider,
+request id, bytes and message counts each way), the client span the provider endpoint.
 """
 
 from __future__ import annotations
@@ -73,10 +73,7 @@ class BrokerTracing:
                 "rpc.method": method.name,
                 "server.address": host.strip("[]"),
                 "server.port": int(port) if port.isdigit() else 0,
-                "tabadol.consumer": exchange.consumer,
-                "tabadol.provider": exchange.provider,
                 "tabadol.endpoint": exchange.endpoint,
-                "tabadol.request_id": exchange.request_id,
             },
         )
         exchange.client_span = span
@@ -85,22 +82,37 @@ class BrokerTracing:
         return tuple(carrier.items())
 
     def finish(self, exchange: Exchange) -> None:
+        """End both spans. The exchange's own attributes go on the server span only: the
+        provider hop is its child, and every attribute costs CPU to record and export."""
         code = exchange.code or grpc.StatusCode.UNKNOWN
-        for span in (exchange.client_span, exchange.span):
-            if span is None:
-                continue
-            if span.is_recording():
-                span.set_attributes(
-                    {
-                        "rpc.grpc.status_code": code.value[0],
-                        "tabadol.consumer": exchange.consumer,
-                        "tabadol.request_id": exchange.request_id,
-                        "tabadol.request.bytes": exchange.request_bytes,
-                        "tabadol.request.messages": exchange.request_messages,
-                        "tabadol.response.bytes": exchange.response_bytes,
-                        "tabadol.response.messages": exchange.response_messages,
-                    }
-                )
-                if code is not grpc.StatusCode.OK:
-                    span.set_status(Status(StatusCode.ERROR, f"{code.name}: {exchange.details}"))
-            span.end(end_time=exchange.ended_ns or None)
+        status = (
+            None
+            if code is grpc.StatusCode.OK
+            else Status(StatusCode.ERROR, f"{code.name}: {exchange.details}")
+        )
+        end = exchange.ended_ns or None
+        hop = exchange.client_span
+        if hop is not None:
+            if hop.is_recording():
+                hop.set_attribute("rpc.grpc.status_code", code.value[0])
+                if status is not None:
+                    hop.set_status(status)
+            hop.end(end_time=end)
+        span = exchange.span
+        if span is None:
+            return
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "rpc.grpc.status_code": code.value[0],
+                    "tabadol.consumer": exchange.consumer,
+                    "tabadol.request_id": exchange.request_id,
+                    "tabadol.request.bytes": exchange.request_bytes,
+                    "tabadol.request.messages": exchange.request_messages,
+                    "tabadol.response.bytes": exchange.response_bytes,
+                    "tabadol.response.messages": exchange.response_messages,
+                }
+            )
+            if status is not None:
+                span.set_status(status)
+        span.end(end_time=end)

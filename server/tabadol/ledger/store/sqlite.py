@@ -103,10 +103,7 @@ class SqliteLedgerStore:
         placeholders = ", ".join("?" * (len(FIELD_NAMES) + 3))
         self._conn.executemany(
             f"INSERT INTO records ({_RECORD_COLUMNS}) VALUES ({placeholders})",
-            [
-                (r.seq, *(getattr(r.record, n) for n in FIELD_NAMES), r.prev_digest, r.digest)
-                for r in records
-            ],
+            [(r.seq, *r.record.values(), r.prev_digest, r.digest) for r in records],
         )
         self._conn.execute(
             "INSERT INTO seals VALUES (?, ?, ?, ?, ?, ?)",
