@@ -78,6 +78,8 @@ async def test_workers_share_the_port_and_one_ledger_survive_a_crash_reload_and_
         await ledger_holds(tmp_path / "ledger.db", made)
         os.kill(int(_pids(supervisor.lines)[0]), signal.SIGKILL)
         await supervisor.wait_for(r"exited with status -9; restarting it")
+        # Its live gauges (calls in flight, ledger backlog) leave the shared scrape with it.
+        assert not [line for line in supervisor.lines if "could not clear the metrics" in line]
         await supervisor.wait_for(r"\[worker \d\]: broker listening")
         made += await calls_over_many_connections(port, pki, 10)
 
@@ -119,6 +121,26 @@ async def test_workers_share_the_port_and_one_ledger_survive_a_crash_reload_and_
     out, _ = await check.communicate()
     assert check.returncode == 0, out
     assert f"OK: {made} records" in out.decode()
+
+
+async def test_workers_drain_and_stop_when_their_supervisor_is_killed(
+    tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path, echo_provider: RunningProvider
+) -> None:
+    config, port, _ = write_config(tmp_path, pki, echo_contracts, echo_provider.address)
+    supervisor = await Process.start(
+        str(TABADOL), "broker", "--config", str(config), "--workers", "2"
+    )
+    try:
+        for _ in range(2):
+            await supervisor.wait_for(r"\[worker \d\]: broker listening")
+        assert await calls_over_many_connections(port, pki, 2) == 2
+        os.kill(supervisor.proc.pid, signal.SIGKILL)
+        for _ in range(2):
+            await supervisor.wait_for(r"\[worker \d\]: broker stopped")
+        # The workers held the supervisor's stderr: it closes once both have exited.
+        assert await supervisor.exit_status() == -signal.SIGKILL
+    finally:
+        await supervisor.stop()
 
 
 async def ledger_holds(path: Path, count: int) -> None:

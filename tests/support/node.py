@@ -98,6 +98,7 @@ async def start_provider(credentials: Path, timeout: float = 30) -> tuple[Proces
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,  # so that a start-up failure shows in the assertion
         cwd=ROOT,
+        start_new_session=True,
     )  # fmt: skip
     assert proc.stdout is not None
     process = Process(proc, proc.stdout)

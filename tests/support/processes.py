@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -36,6 +38,7 @@ class Process:
             stderr=asyncio.subprocess.PIPE if read == "stderr" else asyncio.subprocess.DEVNULL,
             cwd=ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,  # its own process group: stop() ends its children too
         )
         stream = proc.stderr if read == "stderr" else proc.stdout
         assert stream is not None
@@ -97,11 +100,16 @@ class Process:
             ) from None
 
     def kill(self) -> None:
+        """SIGKILL the process, and everything it started when it leads a process group."""
         if self.proc.returncode is None:
             self.proc.kill()
+        with contextlib.suppress(ProcessLookupError):  # no such group, or it has ended
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
     async def stop(self) -> None:
-        """Kill the process if it still runs (cleanup), and finish reading its output."""
+        """Kill the process and its children if they still run (cleanup), and finish
+        reading the output. (Python 3.11's ``wait()`` returns only once every process
+        holding the output pipe has ended: a worker left behind would hang it.)"""
         self.kill()
-        await self.proc.wait()
+        await asyncio.wait_for(self.proc.wait(), 30)
         await asyncio.wait_for(self._reader, 30)

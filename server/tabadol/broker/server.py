@@ -20,7 +20,7 @@ from tabadol.broker import platform
 from tabadol.broker.credentials import BrokerCredentials
 from tabadol.broker.metrics import BrokerMetrics
 from tabadol.broker.proxy import Accounting, Drain, Identities, Proxy, RefusalLog
-from tabadol.broker.supervisor import worker_slot
+from tabadol.broker.supervisor import follow_supervisor, worker_slot
 from tabadol.broker.tracing import BrokerTracing
 from tabadol.broker.upstream import Route, Upstream
 from tabadol.client.call_status import keep_call_status
@@ -425,6 +425,7 @@ async def run(config_path: Path) -> None:
     loop.add_signal_handler(signal.SIGHUP, reload)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    follow_supervisor(stopping.set)
     await stopping.wait()
     loop.remove_signal_handler(signal.SIGHUP)  # no reload can open channels mid-shutdown
     grace = cfg.broker.shutdown_grace_seconds

@@ -9,6 +9,8 @@ SO_REUSEPORT on Linux, so the kernel spreads connections across them). The super
   within ``shutdown_grace_seconds``, flushes its ledger records and spans, and exits;
 - serves ``/metrics`` for the whole broker from the workers' shared metric files.
 
+A worker whose supervisor dies (even by SIGKILL) gets SIGTERM from the kernel and drains.
+
 All workers write the one ledger (``tabadol.ledger.store``: each batch links to the head it
 finds inside SQLite's write transaction).
 """
@@ -16,6 +18,7 @@ finds inside SQLite's write transaction).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import shutil
@@ -23,6 +26,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,8 @@ from tabadol.errors import ConfigError, TabadolError
 log = logging.getLogger("tabadol.broker")
 
 WORKER_ENV = "TABADOL_WORKER"  # set in workers: the supervisor serves the metrics
+SUPERVISOR_ENV = "TABADOL_SUPERVISOR_PID"  # set in workers: whom they follow
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 RESTART_SPACING_S = 1.0
 
@@ -54,6 +60,7 @@ class Supervisor:
         env = {
             **os.environ,
             WORKER_ENV: str(slot),
+            SUPERVISOR_ENV: str(os.getpid()),
             METRICS_DIR_ENV: str(self._metrics_dir),
         }
         process = await asyncio.create_subprocess_exec(
@@ -155,6 +162,26 @@ def _serve_metrics(directory: Path, listen: str | None) -> Any:
             f"[broker] metrics_listen: cannot listen on {listen}: {e.strerror}"
         ) from e
     return server
+
+
+def follow_supervisor(stop: Callable[[], None]) -> None:
+    """In a worker: ``stop`` (drain and exit) when the supervisor dies, even by SIGKILL.
+
+    The kernel sends SIGTERM to the worker when its parent ends (Linux ``PR_SET_PDEATHSIG``),
+    so no orphaned worker goes on serving, or holding the port, without a supervisor.
+    """
+    parent = os.environ.get(SUPERVISOR_ENV)
+    if parent is None:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    except (OSError, AttributeError) as e:
+        log.warning("this worker cannot follow its supervisor (prctl: %s); stop it by hand", e)
+        return
+    if os.getppid() != int(parent):  # the supervisor died before the request took effect
+        stop()
 
 
 def worker_slot() -> int | None:
