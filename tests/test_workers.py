@@ -143,6 +143,26 @@ async def test_workers_drain_and_stop_when_their_supervisor_is_killed(
         await supervisor.stop()
 
 
+async def test_a_stop_during_a_worker_restart_still_ends_every_worker(
+    tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path, echo_provider: RunningProvider
+) -> None:
+    config, _, _ = write_config(tmp_path, pki, echo_contracts, echo_provider.address)
+    supervisor = await Process.start(
+        str(TABADOL), "broker", "--config", str(config), "--workers", "2"
+    )
+    try:
+        for _ in range(2):
+            await supervisor.wait_for(r"\[worker \d\]: broker listening")
+        os.kill(int(_pids(supervisor.lines)[0]), signal.SIGKILL)
+        await supervisor.wait_for(r"exited with status -9; restarting it")
+        # Within the restart's pause (or its start-up): the replacement must not outlive this.
+        supervisor.proc.send_signal(signal.SIGTERM)
+        await supervisor.wait_for(r"all workers stopped")
+        assert await supervisor.exit_status() == 1  # one worker did not end well: it was killed
+    finally:
+        await supervisor.stop()
+
+
 async def ledger_holds(path: Path, count: int) -> None:
     """Wait, boundedly, until the workers have committed ``count`` records."""
     for _ in range(200):

@@ -288,6 +288,7 @@ class Broker:
         # Drain: refuse new calls (UNAVAILABLE, safe to retry elsewhere), report NOT_SERVING so
         # load balancers move away, let the calls in flight finish within the grace period,
         # and only then stop the server, cutting whatever is left.
+        ends = time.monotonic() + grace
         self.drain.active = True
         await self.health.stop()
         if self._metrics_task is not None:
@@ -298,7 +299,9 @@ class Broker:
                 self.drain.in_flight,
                 grace,
             )
-        await self._server.stop(0)
+        # A call is done for the broker a moment before gRPC has sent its answer: the rest
+        # of the grace period lets those answers go out (stop returns as soon as they have).
+        await self._server.stop(max(0.0, ends - time.monotonic()))
         for upstream in self._upstreams.values():
             upstream.retire()
         await asyncio.gather(*list(self._closing))

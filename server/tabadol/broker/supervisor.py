@@ -56,6 +56,8 @@ class Supervisor:
         spacing = self._last_start.get(slot, 0.0) + RESTART_SPACING_S - time.monotonic()
         if spacing > 0:
             await asyncio.sleep(spacing)
+        if self.stopping:  # SIGTERM came while waiting: a new worker would never get it
+            return
         self._last_start[slot] = time.monotonic()
         env = {
             **os.environ,
@@ -69,6 +71,8 @@ class Supervisor:
         )  # fmt: skip
         self.workers[slot] = process
         log.info("worker %d started (pid %d)", slot, process.pid)
+        if self.stopping:  # SIGTERM came while it was starting: pass it on
+            process.send_signal(signal.SIGTERM)
 
     async def _watch(self, slot: int) -> None:
         """Keep a worker running in this slot until the supervisor stops."""
