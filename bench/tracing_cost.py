@@ -1,5 +1,5 @@
-"""The broker's CPU per call with tracing off, exporting to a live collector, and with the
-collector down. CPU time is read from the OS for the broker process alone.
+"""The broker's CPU per call with tracing off, exporting to a live collector, recording
+spans but exporting none, with the collector down, and with every call sampled out. CPU time is read from the OS for the broker process alone.
 
     .venv/bin/python bench/tracing_cost.py [--calls 3000] [--concurrency 16]
 
@@ -87,6 +87,7 @@ async def main(args: argparse.Namespace) -> None:
             cases = [
                 ("tracing off", "enabled = false"),
                 ("collector up", f'otlp_endpoint = "http://{ops.otlp_address}"'),
+                ("not exported", 'exporter = "none"'),
                 ("collector down", 'otlp_endpoint = "http://127.0.0.1:1"'),
                 (
                     "sampled out",
