@@ -149,6 +149,7 @@ class EchoProvider(grpc.GenericRpcHandler):
                 count += 1
                 if "x-test-end-early" in seen.metadata:  # answer while the consumer still sends
                     await self._steer(seen, context)
+                    break
         except asyncio.CancelledError:
             seen.cancelled.set()
             raise
@@ -162,7 +163,7 @@ class EchoProvider(grpc.GenericRpcHandler):
         async for message in requests:
             yield message
             if "x-test-end-early" in seen.metadata:
-                await self._steer(seen, context)
+                break
         await self._steer(seen, context)
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:

@@ -4,7 +4,8 @@ When a client-streaming or bidirectional call ends (the peer answered early with
 or its connection dropped) while a request message is still being written, grpc.aio
 replaces the call's status with its own ``INTERNAL: Internal error from Core``
 (https://github.com/grpc/grpc/issues/36066). A consumer would then see INTERNAL where the
-provider sent, say, INVALID_ARGUMENT, and the broker would relay a status no one sent.
+provider sent, say, INVALID_ARGUMENT, or even OK with its answer, and the broker would
+relay a status no one sent.
 
 :func:`keep_call_status` changes that one step: a write that fails because the call ended
 waits for the status Core is about to deliver and reports it. Only if none arrives within
@@ -47,6 +48,9 @@ async def _write(self: Any, request: Any) -> None:
         except TimeoutError:
             self._cython_call.set_internal_error(str(err))
         await self._raise_for_status()
+        # It ended OK (a peer may answer before reading everything): this message was not
+        # sent, as for any write after the end.
+        raise asyncio.InvalidStateError(_call._RPC_ALREADY_FINISHED_DETAILS) from err
     except asyncio.CancelledError:
         if not self.cancelled():
             self.cancel()
