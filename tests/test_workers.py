@@ -158,7 +158,9 @@ async def test_a_stop_during_a_worker_restart_still_ends_every_worker(
         # Within the restart's pause (or its start-up): the replacement must not outlive this.
         supervisor.proc.send_signal(signal.SIGTERM)
         await supervisor.wait_for(r"all workers stopped")
-        assert await supervisor.exit_status() == 1  # one worker did not end well: it was killed
+        # Every worker has ended (they hold its stderr: it is closed). 1 when the killed one
+        # still counts for its slot; 0 when its replacement started, got SIGTERM and drained.
+        assert await supervisor.exit_status() in (0, 1)
     finally:
         await supervisor.stop()
 
