@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,6 +185,7 @@ async def test_calls_keep_flowing_with_the_collector_down_and_dropped_spans_are_
     monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "8")
     monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "2")
+    monkeypatch.delenv("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", raising=False)
     broker = await start_broker(
         tmp_path,
         pki.dir,
@@ -198,5 +200,7 @@ async def test_calls_keep_flowing_with_the_collector_down_and_dropped_spans_are_
                 assert await channel.unary_unary(UNARY)(payload, timeout=10) == payload
         assert broker.span_stats is not None
         assert broker.span_stats.dropped() > 0
+        # Counted without switching the SDK's internal metrics on for the whole process.
+        assert "OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED" not in os.environ
     finally:
         await broker.stop(0)

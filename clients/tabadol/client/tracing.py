@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -146,11 +147,29 @@ def tracer_provider(
     provider = TracerProvider(resource=resource, sampler=chosen)
     reader = InMemoryMetricReader()
     meter_provider = MeterProvider(metric_readers=[reader])
-    os.environ.setdefault(_INTERNAL_METRICS, "true")
     exporter_name = (exporter or env.get("OTEL_TRACES_EXPORTER") or "otlp").strip().lower()
-    span_exporter = _exporter(exporter_name, otlp_endpoint, meter_provider)
-    if span_exporter is not None:
-        provider.add_span_processor(
-            BatchSpanProcessor(span_exporter, meter_provider=meter_provider)
-        )
+    with _internal_metrics():
+        span_exporter = _exporter(exporter_name, otlp_endpoint, meter_provider)
+        if span_exporter is not None:
+            provider.add_span_processor(
+                BatchSpanProcessor(span_exporter, meter_provider=meter_provider)
+            )
     return provider, SpanPipelineStats(reader)
+
+
+@contextmanager
+def _internal_metrics() -> Iterator[None]:
+    """The SDK's switch on while the processor and exporter are built, which read it then.
+
+    Only for them: tracers built later stay without their per-span counters, which cost
+    every span some work, and the process's environment stays as it was.
+    """
+    before = os.environ.get(_INTERNAL_METRICS)
+    os.environ[_INTERNAL_METRICS] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[_INTERNAL_METRICS]
+        else:
+            os.environ[_INTERNAL_METRICS] = before
