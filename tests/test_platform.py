@@ -216,6 +216,24 @@ async def test_health_of_a_service_whose_provider_is_down_is_not_serving(
         await broker.stop(0)
 
 
+async def test_a_drain_sees_watchers_told_not_serving_and_does_not_wait_out_their_streams(
+    tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path, echo_provider: Any
+) -> None:
+    from tabadol.client import connect
+
+    broker = await start_broker(tmp_path, pki.dir, echo_contracts, [echo_provider.address])
+    async with connect(f"127.0.0.1:{broker.port}", pki.dir / "agencies" / "post") as channel:
+        stream = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=""), timeout=120
+        )
+        assert (await stream.read()).status == health_pb2.HealthCheckResponse.SERVING
+        # A Watch stream never ends by itself: the drain tells it NOT_SERVING and ends the
+        # server without waiting out a long grace period for it.
+        stopping = asyncio.ensure_future(broker.stop(grace=60))
+        assert (await stream.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        await asyncio.wait_for(stopping, 20)
+
+
 async def run_cli(*argv: str) -> tuple[int, str]:
     from tests.support.processes import TABADOL
 

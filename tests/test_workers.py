@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import socket
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from tabadol.broker.supervisor import Supervisor
 from tabadol.client import connect
 from tabadol.ledger.store import SqliteLedgerStore
 from tabadol.pki import CertificateAuthority
@@ -163,6 +165,17 @@ async def test_a_stop_during_a_worker_restart_still_ends_every_worker(
         assert await supervisor.exit_status() in (0, 1)
     finally:
         await supervisor.stop()
+
+
+async def test_a_slot_whose_first_worker_never_started_is_not_watched(tmp_path: Path) -> None:
+    # SIGTERM between the first and the second worker's start: the second is never spawned,
+    # and the supervisor must still end cleanly rather than fail looking it up.
+    supervisor = Supervisor(tmp_path / "broker.toml", workers=2)
+    supervisor.stopping = True
+    await supervisor._spawn(1)
+    assert 1 not in supervisor.workers
+    await asyncio.wait_for(supervisor._watch(1), 10)
+    shutil.rmtree(supervisor._metrics_dir)
 
 
 async def ledger_holds(path: Path, count: int) -> None:

@@ -39,6 +39,7 @@ class Process:
             cwd=ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             start_new_session=True,  # its own process group: stop() ends its children too
+            limit=2**20,  # the longest output line read whole
         )
         stream = proc.stderr if read == "stderr" else proc.stdout
         assert stream is not None

@@ -24,6 +24,19 @@ from grpc.aio import _call
 
 # How long a failed write waits for the status that explains it.
 STATUS_GRACE_S = 5.0
+# How Core says it refused a batch before starting it (a misuse, not the call's end).
+_REFUSED_UP_FRONT = "Failed grpc_call_start_batch"
+# The names grpc.aio's own write step uses in the grpcio this was taken from (1.85). Any
+# other write step is left alone: it may be fixed, or no longer match this copy.
+_ORIGINAL_NAMES = frozenset(
+    {
+        "CancelledError", "InternalError", "InvalidStateError", "_RPC_ALREADY_FINISHED_DETAILS",
+        "_RPC_HALF_CLOSED_DETAILS", "_common", "_cython_call", "_done_writing_flag",
+        "_metadata_sent", "_raise_for_status", "_request_serializer", "asyncio", "cancel",
+        "cancelled", "cygrpc", "done", "is_set", "send_serialized_message", "serialize",
+        "set_internal_error", "str", "wait",
+    }
+)  # fmt: skip
 
 
 async def _write(self: Any, request: Any) -> None:
@@ -41,12 +54,19 @@ async def _write(self: Any, request: Any) -> None:
     try:
         await self._cython_call.send_serialized_message(serialized_request)
     except cygrpc.InternalError as err:
+        if str(err).startswith(_REFUSED_UP_FRONT):  # no status is on its way: fail now
+            self._cython_call.set_internal_error(str(err))
+            await self._raise_for_status()
         # The write failed because the call ended: report how it ended, which Core
         # delivers a moment later (or already has), rather than an INTERNAL of our own.
         try:
             await asyncio.wait_for(self._cython_call.status(), STATUS_GRACE_S)
         except TimeoutError:
             self._cython_call.set_internal_error(str(err))
+        except asyncio.CancelledError:
+            if not self.cancelled():
+                self.cancel()
+            raise
         await self._raise_for_status()
         # It ended OK (a peer may answer before reading everything): this message was not
         # sent, as for any write after the end.
@@ -57,9 +77,15 @@ async def _write(self: Any, request: Any) -> None:
         raise
 
 
-def keep_call_status() -> None:
-    """Install the corrected write step into grpc.aio (once per process)."""
+def keep_call_status() -> bool:
+    """Install the corrected write step into grpc.aio (once per process). False when this
+    grpcio's write step is not the one it corrects, which is then left as it is."""
     mixin: Any = getattr(_call, "_StreamRequestMixin", None)
-    # A grpcio that no longer has this step has been reworked there; leave it as it is.
-    if mixin is not None and getattr(mixin, "_write", _write) is not _write:
-        mixin._write = _write
+    original = getattr(mixin, "_write", None)
+    if original is _write:
+        return True
+    code = getattr(original, "__code__", None)
+    if code is None or frozenset(code.co_names) != _ORIGINAL_NAMES:
+        return False
+    mixin._write = _write
+    return True

@@ -299,9 +299,11 @@ class Broker:
                 self.drain.in_flight,
                 grace,
             )
-        # A call is done for the broker a moment before gRPC has sent its answer: the rest
-        # of the grace period lets those answers go out (stop returns as soon as they have).
-        await self._server.stop(max(0.0, ends - time.monotonic()))
+        # A call is done for the broker a moment before gRPC has sent its answer: a short
+        # window lets those answers go out (stop returns as soon as every call has ended).
+        # Not the whole rest of the grace period: health Watch and reflection streams never
+        # end by themselves.
+        await self._server.stop(min(_LAST_ANSWERS_S, max(0.0, ends - time.monotonic())))
         for upstream in self._upstreams.values():
             upstream.retire()
         await asyncio.gather(*list(self._closing))
@@ -317,6 +319,9 @@ class Broker:
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
+
+
+_LAST_ANSWERS_S = 1.0
 
 
 def _tracing(cfg: BrokerConfig) -> tuple[BrokerTracing | None, SpanPipelineStats | None]:

@@ -77,7 +77,9 @@ class Supervisor:
     async def _watch(self, slot: int) -> None:
         """Keep a worker running in this slot until the supervisor stops."""
         while True:
-            process = self.workers[slot]
+            process = self.workers.get(slot)
+            if process is None:  # stopped before this slot's first worker started
+                return
             code = await process.wait()
             _mark_dead(process.pid, self._metrics_dir)
             if self.stopping:
