@@ -50,9 +50,9 @@ async def load_then_kill(
             acked[dict(await call.trailing_metadata() or ())["x-tabadol-request-id"]] = (
                 time.time_ns()
             )
-            if len(acked) >= CALLS_BEFORE_KILL:
-                broker.proc.send_signal(signal.SIGKILL)
-                enough.set()
+            if len(acked) >= CALLS_BEFORE_KILL and not enough.is_set():
+                enough.set()  # once: another worker may get here in the same turn
+                broker.kill()
 
     async with connect(address, pki.dir / "agencies" / "post") as channel:
         await asyncio.gather(*(worker(channel) for _ in range(8)))

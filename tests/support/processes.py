@@ -102,7 +102,7 @@ class Process:
 
     def kill(self) -> None:
         """SIGKILL the process, and everything it started when it leads a process group."""
-        if self.proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):  # it has ended already
             self.proc.kill()
         with contextlib.suppress(ProcessLookupError):  # no such group, or it has ended
             os.killpg(self.proc.pid, signal.SIGKILL)
