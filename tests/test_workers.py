@@ -8,6 +8,8 @@ import re
 import shutil
 import signal
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -51,10 +53,10 @@ async def calls_over_many_connections(port: int, pki: CertificateAuthority, coun
     return done
 
 
-async def test_workers_share_the_port_and_one_ledger_survive_a_crash_reload_and_drain(
-    tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path, echo_provider: RunningProvider
-) -> None:
-    config, port, metrics_port = write_config(tmp_path, pki, echo_contracts, echo_provider.address)
+@asynccontextmanager
+async def two_workers(config: Path) -> AsyncIterator[Process]:
+    """``tabadol broker --workers 2``, once both workers listen; killed, with any worker
+    left, on the way out."""
     supervisor = await Process.start(
         str(TABADOL), "broker", "--config", str(config), "--workers", "2"
     )
@@ -62,6 +64,16 @@ async def test_workers_share_the_port_and_one_ledger_survive_a_crash_reload_and_
         await supervisor.wait_for(r"supervising 2 broker workers")
         for _ in range(2):
             await supervisor.wait_for(r"\[worker \d\]: broker listening")
+        yield supervisor
+    finally:
+        await supervisor.stop()
+
+
+async def test_workers_share_the_port_and_one_ledger_survive_a_crash_reload_and_drain(
+    tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path, echo_provider: RunningProvider
+) -> None:
+    config, port, metrics_port = write_config(tmp_path, pki, echo_contracts, echo_provider.address)
+    async with two_workers(config) as supervisor:
         made = await calls_over_many_connections(port, pki, 30)
 
         # One scrape shows the whole broker.
@@ -109,8 +121,6 @@ async def test_workers_share_the_port_and_one_ledger_survive_a_crash_reload_and_
             assert await asyncio.gather(*slow) == [b"slow"] * 5
         made += 5
         assert await supervisor.exit_status() == 0, "".join(supervisor.lines)
-    finally:
-        await supervisor.stop()
 
     store = SqliteLedgerStore(tmp_path / "ledger.db", readonly=True)
     records = list(store.records())
@@ -129,32 +139,20 @@ async def test_workers_drain_and_stop_when_their_supervisor_is_killed(
     tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path, echo_provider: RunningProvider
 ) -> None:
     config, port, _ = write_config(tmp_path, pki, echo_contracts, echo_provider.address)
-    supervisor = await Process.start(
-        str(TABADOL), "broker", "--config", str(config), "--workers", "2"
-    )
-    try:
-        for _ in range(2):
-            await supervisor.wait_for(r"\[worker \d\]: broker listening")
+    async with two_workers(config) as supervisor:
         assert await calls_over_many_connections(port, pki, 2) == 2
         os.kill(supervisor.proc.pid, signal.SIGKILL)
         for _ in range(2):
             await supervisor.wait_for(r"\[worker \d\]: broker stopped")
         # The workers held the supervisor's stderr: it closes once both have exited.
         assert await supervisor.exit_status() == -signal.SIGKILL
-    finally:
-        await supervisor.stop()
 
 
 async def test_a_stop_during_a_worker_restart_still_ends_every_worker(
     tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path, echo_provider: RunningProvider
 ) -> None:
     config, _, _ = write_config(tmp_path, pki, echo_contracts, echo_provider.address)
-    supervisor = await Process.start(
-        str(TABADOL), "broker", "--config", str(config), "--workers", "2"
-    )
-    try:
-        for _ in range(2):
-            await supervisor.wait_for(r"\[worker \d\]: broker listening")
+    async with two_workers(config) as supervisor:
         os.kill(int(_pids(supervisor.lines)[0]), signal.SIGKILL)
         await supervisor.wait_for(r"exited with status -9; restarting it")
         # Within the restart's pause (or its start-up): the replacement must not outlive this.
@@ -163,8 +161,6 @@ async def test_a_stop_during_a_worker_restart_still_ends_every_worker(
         # Every worker has ended (they hold its stderr: it is closed). 1 when the killed one
         # still counts for its slot; 0 when its replacement started, got SIGTERM and drained.
         assert await supervisor.exit_status() in (0, 1)
-    finally:
-        await supervisor.stop()
 
 
 async def test_a_slot_whose_first_worker_never_started_is_not_watched(tmp_path: Path) -> None:
