@@ -25,9 +25,7 @@ import grpc
 import grpc.aio
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
@@ -52,6 +50,7 @@ from tabadol.ops.query import parse_duration_ns, parse_status, parse_tags, trace
 from tabadol.pki import CertificateAuthority
 from tabadol.spiffe import broker_dns_name, trust_domain_of_agency
 from tests.conftest import TRUST_DOMAIN, RunningProvider
+from tests.support.certs import self_signed
 from tests.support.echo import BIDI, SERVER_STREAM, UNARY
 from tests.support.h2raw import (
     CONTINUATION,
@@ -358,23 +357,9 @@ def der_of(pem: bytes) -> bytes:
     return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
 
 
-def self_signed(extensions: list[x509.ExtensionType]) -> bytes:
-    """A certificate as DER; identify_consumer trusts TLS for the signature, so any will do."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nocr")])
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-    )
-    for extension in extensions:
-        builder = builder.add_extension(extension, critical=False)
-    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+def self_signed_der(extensions: list[x509.ExtensionType]) -> bytes:
+    """Identify_consumer trusts TLS for the signature, so any self-signed certificate will do."""
+    return self_signed(extensions, "nocr").public_bytes(serialization.Encoding.DER)
 
 
 @pytest.fixture(scope="module")
@@ -416,7 +401,7 @@ def two_san_extensions() -> bytes:
     attacker = x509.SubjectAlternativeName(
         [x509.UniformResourceIdentifier(f"spiffe://{TRUST_DOMAIN}/agency/cra")]
     )
-    der = self_signed(
+    der = self_signed_der(
         [
             x509.SubjectAlternativeName([VICTIM_URI]),
             x509.UnrecognizedExtension(x509.ObjectIdentifier("2.5.29.99"), attacker.public_bytes()),
@@ -427,7 +412,7 @@ def two_san_extensions() -> bytes:
 
 
 def version_125() -> bytes:
-    der = self_signed([x509.SubjectAlternativeName([VICTIM_URI])])
+    der = self_signed_der([x509.SubjectAlternativeName([VICTIM_URI])])
     v3 = bytes.fromhex("a003020102")  # [0] EXPLICIT INTEGER 2, i.e. X.509 v3
     assert der.count(v3) == 1
     return der.replace(v3, bytes.fromhex("a00302017d"))
@@ -437,7 +422,7 @@ def x400_address_in_the_san() -> bytes:
     uri = f"spiffe://{TRUST_DOMAIN}/agency/nocr".encode()
     general_names = bytes([0x86, len(uri)]) + uri + bytes.fromhex("a3023000")  # [3] x400Address
     san = bytes([0x30, len(general_names)]) + general_names
-    return self_signed([x509.UnrecognizedExtension(x509.ObjectIdentifier("2.5.29.17"), san)])
+    return self_signed_der([x509.UnrecognizedExtension(x509.ObjectIdentifier("2.5.29.17"), san)])
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from tabadol.ops.server import OpsServer, open_accounts
 from tabadol.pki import CertificateAuthority
 from tabadol.reports.quarter import TEHRAN, Quarter
 from tests.conftest import TRUST_DOMAIN
-from tests.support.browser import chromium
+from tests.support.browser import chromium, page_without_script_errors
 from tests.support.echo import SERVICE as ECHO
 from tests.support.echo import write_echo_contracts
 from tests.support.ops import running_ops
@@ -184,15 +184,8 @@ async def browser() -> AsyncIterator[Browser]:
 
 @pytest.fixture
 async def page(browser: Browser, ops: OpsServer) -> AsyncIterator[Page]:
-    context = await browser.new_context(
-        base_url=ops.http_url, viewport={"width": 1280, "height": 900}, accept_downloads=True
-    )
-    opened = await context.new_page()
-    script_errors: list[str] = []
-    opened.on("pageerror", lambda error: script_errors.append(str(error)))
-    yield opened
-    await context.close()
-    assert not script_errors, f"the page raised script errors: {script_errors}"
+    async with page_without_script_errors(browser, ops.http_url) as opened:
+        yield opened
 
 
 def _tile(page: Page, label: str) -> Locator:

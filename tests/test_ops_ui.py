@@ -25,7 +25,7 @@ from playwright.async_api import Browser, Locator, Page, expect
 
 from tabadol.client.tracing import tracer_provider
 from tabadol.ops.server import OpsServer
-from tests.support.browser import chromium
+from tests.support.browser import chromium, page_without_script_errors
 from tests.support.ops import running_ops
 
 METHOD = "tabadol.agencies.nocr.v1.PersonRegistry/InquirePerson"
@@ -181,15 +181,8 @@ async def browser() -> AsyncIterator[Browser]:
 
 @pytest.fixture
 async def page(browser: Browser, ops: OpsServer, traces: Traces) -> AsyncIterator[Page]:
-    context = await browser.new_context(
-        base_url=ops.http_url, viewport={"width": 1280, "height": 900}, accept_downloads=True
-    )
-    opened = await context.new_page()
-    script_errors: list[str] = []
-    opened.on("pageerror", lambda error: script_errors.append(str(error)))
-    yield opened
-    await context.close()
-    assert not script_errors, f"the page raised script errors: {script_errors}"
+    async with page_without_script_errors(browser, ops.http_url) as opened:
+        yield opened
 
 
 def _rows(page: Page, service: str | None = None, operation: str | None = None) -> Locator:

@@ -11,15 +11,16 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tabadol.broker.credentials import BrokerCredentials
 from tabadol.cli import main
 from tabadol.client.credentials import AgencyCredentials, CredentialsError
 from tabadol.errors import ConfigError, PkiError
 from tabadol.pki import CertificateAuthority, load_crl, trust_domain_of
+from tests.support.certs import self_signed
 
 TRUST_DOMAIN = "tabadol.test"
 CONFIG = Path("/etc/tabadol/broker.toml")  # only ever named in messages, never read
@@ -58,25 +59,6 @@ def read_cert(path: Path) -> x509.Certificate:
 
 def revoked_in_crl(ca: CertificateAuthority) -> set[int]:
     return {r.serial_number for r in load_crl(ca.dir / "crl.pem", ca.cert)}
-
-
-def self_signed(sans: list[x509.GeneralName] | None) -> x509.Certificate:
-    """A CA-like certificate with the given SANs (or no SAN extension at all)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not a Tabadol CA")])
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + dt.timedelta(days=1))
-    )
-    if sans is not None:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    return builder.sign(key, hashes.SHA256())
 
 
 # --- Files and their modes ------------------------------------------------------------------
@@ -440,15 +422,19 @@ def test_issued_log_records_each_issue(fresh_ca: CertificateAuthority) -> None:
 
 def test_trust_domain_of_a_certificate_without_san_is_refused() -> None:
     with pytest.raises(PkiError, match=r"names no trust domain \(no SAN\)"):
-        trust_domain_of(self_signed(None))
+        trust_domain_of(self_signed([]))
 
 
 def test_trust_domain_of_a_certificate_without_a_bare_spiffe_uri_is_refused() -> None:
     cert = self_signed(
         [
-            x509.UniformResourceIdentifier(f"spiffe://{TRUST_DOMAIN}/agency/nocr"),
-            x509.UniformResourceIdentifier("https://tabadol.test"),
-            x509.DNSName(TRUST_DOMAIN),
+            x509.SubjectAlternativeName(
+                [
+                    x509.UniformResourceIdentifier(f"spiffe://{TRUST_DOMAIN}/agency/nocr"),
+                    x509.UniformResourceIdentifier("https://tabadol.test"),
+                    x509.DNSName(TRUST_DOMAIN),
+                ]
+            )
         ]
     )
 
@@ -459,8 +445,12 @@ def test_trust_domain_of_a_certificate_without_a_bare_spiffe_uri_is_refused() ->
 def test_trust_domain_of_picks_the_bare_spiffe_uri_among_others() -> None:
     cert = self_signed(
         [
-            x509.UniformResourceIdentifier("https://tabadol.test"),
-            x509.UniformResourceIdentifier("spiffe://gov.example"),
+            x509.SubjectAlternativeName(
+                [
+                    x509.UniformResourceIdentifier("https://tabadol.test"),
+                    x509.UniformResourceIdentifier("spiffe://gov.example"),
+                ]
+            )
         ]
     )
 

@@ -20,7 +20,7 @@ import pytest
 from google.protobuf import descriptor_pb2
 
 from tabadol.config import BrokerConfig, load
-from tabadol.ledger.record import GENESIS, LedgerRecord, Seal, StoredRecord, chain_digest
+from tabadol.ledger.record import LedgerRecord, Seal
 from tabadol.ledger.store import SqliteLedgerStore
 from tabadol.reports import (
     AgencyFigures,
@@ -173,10 +173,8 @@ def _calls() -> list[Call]:
 
 def write_ledger(path: Path, calls: list[Call]) -> SqliteLedgerStore:
     """A ledger holding the calls, chained; the seal is a dummy (the store does not verify)."""
-    stored: list[StoredRecord] = []
-    previous = GENESIS
-    for seq, c in enumerate(calls, start=1):
-        record = LedgerRecord(
+    records = [
+        LedgerRecord(
             start_ns=c.at,
             end_ns=c.at + c.ms * MS,
             trace_id="",
@@ -194,11 +192,12 @@ def write_ledger(path: Path, calls: list[Call]) -> SqliteLedgerStore:
             endpoint=c.endpoint,
             broker_instance="test",
         )
-        digest = chain_digest(previous, record)
-        stored.append(StoredRecord(seq, record, previous, digest))
-        previous = digest
+        for seq, c in enumerate(calls, start=1)
+    ]
     store = SqliteLedgerStore(path)
-    store.append(stored, Seal(1, len(stored), previous, 0, signer="test", signature="00"), b"")
+    store.append_sealed(
+        records, lambda seq, count, head: Seal(seq, count, head, 0, "test", "00"), b""
+    )
     return store
 
 

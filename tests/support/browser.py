@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from playwright.async_api import Browser, async_playwright
+from playwright.async_api import Browser, Page, async_playwright
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -43,3 +43,18 @@ async def chromium() -> AsyncIterator[Browser]:
             yield browser
         finally:
             await browser.close()
+
+
+@asynccontextmanager
+async def page_without_script_errors(browser: Browser, base_url: str) -> AsyncIterator[Page]:
+    """A fresh page on ``base_url`` (1280x900, downloads allowed); on exit, fails the test if
+    any script on it raised."""
+    context = await browser.new_context(
+        base_url=base_url, viewport={"width": 1280, "height": 900}, accept_downloads=True
+    )
+    opened = await context.new_page()
+    script_errors: list[str] = []
+    opened.on("pageerror", lambda error: script_errors.append(str(error)))
+    yield opened
+    await context.close()
+    assert not script_errors, f"the page raised script errors: {script_errors}"

@@ -32,10 +32,6 @@ class LedgerStore(Protocol):
         """(number of records, digest of the last one) — (0, GENESIS) when empty."""
         ...
 
-    def append(self, records: Sequence[StoredRecord], seal: Seal, signer_pem: bytes) -> None:
-        """Add records and the seal covering them in one atomic step; LedgerWriteError."""
-        ...
-
     def append_sealed(
         self,
         records: Sequence[LedgerRecord],

@@ -85,20 +85,6 @@ class SqliteLedgerStore:
             ).fetchone()
         return (row[0], row[1]) if row else (0, GENESIS)
 
-    def append(self, records: Sequence[StoredRecord], seal: Seal, signer_pem: bytes) -> None:
-        with self._lock:
-            try:
-                self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    self._insert(records, seal, signer_pem)
-                    self._conn.execute("COMMIT")
-                except BaseException:
-                    if self._conn.in_transaction:  # SQLite rolls back by itself on a full disk
-                        self._conn.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as e:
-                raise LedgerWriteError(f"{self.path}: {e}") from e
-
     def _insert(self, records: Sequence[StoredRecord], seal: Seal, signer_pem: bytes) -> None:
         placeholders = ", ".join("?" * (len(FIELD_NAMES) + 3))
         self._conn.executemany(
