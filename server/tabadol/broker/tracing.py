@@ -7,6 +7,8 @@ request id, bytes and message counts each way), the client span the provider end
 
 from __future__ import annotations
 
+import functools
+
 import grpc
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -30,6 +32,14 @@ class _MetadataGetter(Getter[Metadata]):
 
 _GETTER = _MetadataGetter()
 _PROPAGATOR = TraceContextTextMapPropagator()
+
+
+@functools.lru_cache(maxsize=1024)
+def _server_address(endpoint: str) -> tuple[str, int]:
+    """``host:port`` (IPv6 in brackets) as the span's server.address and server.port; parsed
+    once per endpoint, not per call."""
+    host, _, port = endpoint.rpartition(":")
+    return host.strip("[]"), int(port) if port.isdigit() else 0
 
 
 class BrokerTracing:
@@ -62,7 +72,7 @@ class BrokerTracing:
     def start_provider_hop(self, exchange: Exchange) -> Metadata:
         """Start the client span; returns the trace headers the provider must receive."""
         method = exchange.method
-        host, _, port = exchange.endpoint.rpartition(":")
+        host, port = _server_address(exchange.endpoint)
         span = self._tracer.start_span(
             method.path[1:],
             context=trace.set_span_in_context(exchange.span, Context()),
@@ -71,8 +81,8 @@ class BrokerTracing:
                 "rpc.system": "grpc",
                 "rpc.service": method.service,
                 "rpc.method": method.name,
-                "server.address": host.strip("[]"),
-                "server.port": int(port) if port.isdigit() else 0,
+                "server.address": host,
+                "server.port": port,
                 "tabadol.endpoint": exchange.endpoint,
             },
         )
