@@ -33,3 +33,23 @@ def trust_domain_of_agency(spiffe_id: str) -> tuple[str, str]:
     if rest == spiffe_id or kind != "agency" or not AGENCY_ID_PATTERN.fullmatch(agency_id):
         raise ValueError(f"{spiffe_id!r} is not a Tabadol agency identity")
     return domain, agency_id
+
+
+def operator_spiffe_id(trust_domain: str, name: str) -> str:
+    """A person who runs the exchange: sees everything on the ops console."""
+    return f"spiffe://{trust_domain}/operator/{name}"
+
+
+def auditor_spiffe_id(trust_domain: str, name: str) -> str:
+    """A regulator or auditor: the ledger views, dashboard and reports, not raw spans."""
+    return f"spiffe://{trust_domain}/auditor/{name}"
+
+
+def ops_spiffe_id(trust_domain: str) -> str:
+    """The ops console and span collector (``tabadol ops``)."""
+    return f"spiffe://{trust_domain}/ops"
+
+
+def ops_dns_name(trust_domain: str) -> str:
+    """The name TLS verifies when a browser, tool or exporter dials the ops console."""
+    return f"ops.{trust_domain}"

@@ -1,25 +1,33 @@
 """The national PKI: one platform CA that certifies the broker and every agency.
 
 Identities are SPIFFE IDs in the URI SAN: ``spiffe://<trust-domain>/agency/<id>`` for an
-agency and ``spiffe://<trust-domain>/broker`` for the broker. Each certificate also carries
-the DNS name ``<id>.agency.<trust-domain>`` (or ``broker.<trust-domain>``), which is the name
-TLS checks when one side dials the other, so a dialer verifies *who* answers, not where.
+agency, ``spiffe://<trust-domain>/broker`` for the broker, ``.../ops`` for the ops console,
+and ``.../operator/<name>`` or ``.../auditor/<name>`` for the people who use that console.
+Each server certificate also carries the DNS name ``<id>.agency.<trust-domain>`` (or
+``broker.<trust-domain>``, ``ops.<trust-domain>``), which is the name TLS checks when one
+side dials the other, so a dialer verifies *who* answers, not where.
 
 Layout of a PKI directory::
 
-    ca.crt ca.key crl.pem issued.jsonl     the CA (keys mode 0600)
+    ca.crt ca.key crl.pem                  the CA (keys mode 0600) and its current CRL
+    issued.jsonl revoked.jsonl crlnumber   the CA's records: what it signed, what it
+                                           revoked, the last CRL number (crl.pem is
+                                           rebuilt from these, never from itself)
     broker.crt broker.key                  the broker's identity
-    agencies/<id>/ca.crt agency.crt agency.key   the bundle handed to one agency
+    ops.crt ops.key                        the ops console's identity
+    agencies/<id>/ca.crt agency.crt agency.key          the bundle handed to one agency
+    operators/<name>/ca.crt operator.crt operator.key   one operator's bundle (auditors alike)
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import json
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -33,13 +41,24 @@ from tabadol.spiffe import (
     TRUST_DOMAIN_PATTERN,
     agency_dns_name,
     agency_spiffe_id,
+    auditor_spiffe_id,
     broker_dns_name,
     broker_spiffe_id,
+    operator_spiffe_id,
+    ops_dns_name,
+    ops_spiffe_id,
 )
 
 CA_DAYS = 3650
 LEAF_DAYS = 365
 CRL_DAYS = 7
+PEOPLE = {"operator": operator_spiffe_id, "auditor": auditor_spiffe_id}
+REASONS = {
+    "unspecified": x509.ReasonFlags.unspecified,
+    "key-compromise": x509.ReasonFlags.key_compromise,
+    "superseded": x509.ReasonFlags.superseded,
+    "cessation-of-operation": x509.ReasonFlags.cessation_of_operation,
+}
 
 
 @dataclass(frozen=True)
@@ -50,6 +69,16 @@ class IssuedCertificate:
     spiffe_id: str
     not_after: str
     path: str
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """One line of ``revoked.jsonl``: the CA's own record, from which every CRL is built."""
+
+    serial: int
+    spiffe_id: str
+    reason: str
+    revoked_at: str  # ISO 8601, UTC
 
 
 def _now() -> dt.datetime:
@@ -194,11 +223,7 @@ class CertificateAuthority:
     ) -> Path:
         """Issue an agency's bundle (ca.crt, agency.crt, agency.key) under agencies/<id>/."""
         _check_days(days)
-        if not AGENCY_ID_PATTERN.fullmatch(agency_id):
-            raise PkiError(
-                f"agency id {agency_id!r} must be lower-case letters, digits and '-' "
-                "(1-63 characters, starting with a letter)"
-            )
+        _check_name("agency id", agency_id)
         bundle = self.dir / "agencies" / agency_id
         if (bundle / "agency.key").exists() and not force:
             raise PkiError(
@@ -220,6 +245,55 @@ class CertificateAuthority:
         _write_public(bundle / "ca.crt", _cert_pem(self.cert))
         return bundle
 
+    def issue_person(
+        self, role: str, name: str, *, days: int = LEAF_DAYS, force: bool = False
+    ) -> Path:
+        """Issue an operator's or auditor's client certificate under operators/<name>/ (or
+        auditors/): ca.crt, <role>.crt, <role>.key, for a browser or a tool."""
+        _check_days(days)
+        if role not in PEOPLE:
+            raise PkiError(f"unknown role {role!r}; expected one of {', '.join(PEOPLE)}")
+        _check_name(f"{role} name", name)
+        bundle = self.dir / f"{role}s" / name
+        if (bundle / f"{role}.key").exists() and not force:
+            raise PkiError(f"{bundle}: {role} {name!r} already has a certificate; pass --force")
+        bundle.mkdir(parents=True, exist_ok=True)
+        os.chmod(bundle.parent, 0o700)
+        os.chmod(bundle, 0o700)
+        self._issue(
+            spiffe_id=PEOPLE[role](self.trust_domain, name),
+            dns_names=[],
+            ips=[],
+            common_name=f"{role} {name}",
+            cert_path=bundle / f"{role}.crt",
+            key_path=bundle / f"{role}.key",
+            days=days,
+            not_before=None,
+            server=False,
+        )
+        _write_public(bundle / "ca.crt", _cert_pem(self.cert))
+        return bundle
+
+    def issue_ops(
+        self,
+        *,
+        dns_names: Iterable[str] = ("localhost",),
+        ips: Iterable[str] = ("127.0.0.1", "::1"),
+        days: int = LEAF_DAYS,
+        force: bool = False,
+    ) -> Path:
+        """Issue the ops console's certificate (HTTPS and the OTLP collector); a superseded
+        one is revoked."""
+        _check_days(days)
+        return self._issue_platform_server(
+            "ops",
+            ops_spiffe_id(self.trust_domain),
+            [ops_dns_name(self.trust_domain), *dns_names],
+            list(ips),
+            days,
+            force,
+        )
+
     def issue_broker(
         self,
         *,
@@ -228,21 +302,46 @@ class CertificateAuthority:
         days: int = LEAF_DAYS,
         force: bool = False,
     ) -> Path:
-        """Issue the broker's certificate; extra DNS names and IPs let generic tools dial it."""
+        """Issue the broker's certificate; extra DNS names and IPs let generic tools dial it.
+
+        With ``force``, the certificate it replaces is revoked as superseded: once the broker
+        is reloaded, no provider or verifier accepts the old one.
+        """
         _check_days(days)
-        cert_path = self.dir / "broker.crt"
-        if (self.dir / "broker.key").exists() and not force:
-            raise PkiError(f"{cert_path}: the broker already has a certificate; pass --force")
+        return self._issue_platform_server(
+            "broker",
+            broker_spiffe_id(self.trust_domain),
+            [broker_dns_name(self.trust_domain), *dns_names],
+            list(ips),
+            days,
+            force,
+        )
+
+    def _issue_platform_server(
+        self,
+        name: str,
+        spiffe_id: str,
+        dns_names: list[str],
+        ips: list[str],
+        days: int,
+        force: bool,
+    ) -> Path:
+        cert_path, key_path = self.dir / f"{name}.crt", self.dir / f"{name}.key"
+        if key_path.exists() and not force:
+            raise PkiError(f"{cert_path}: the {name} already has a certificate; pass --force")
+        superseded = _serial_of(cert_path) if cert_path.exists() else None
         self._issue(
-            spiffe_id=broker_spiffe_id(self.trust_domain),
-            dns_names=[broker_dns_name(self.trust_domain), *dns_names],
-            ips=list(ips),
-            common_name="broker",
+            spiffe_id=spiffe_id,
+            dns_names=dns_names,
+            ips=ips,
+            common_name=name,
             cert_path=cert_path,
-            key_path=self.dir / "broker.key",
+            key_path=key_path,
             days=days,
             not_before=None,
         )
+        if superseded is not None:
+            self.revoke([superseded], reason="superseded")
         return cert_path
 
     def _issue(
@@ -256,6 +355,7 @@ class CertificateAuthority:
         key_path: Path,
         days: int,
         not_before: dt.datetime | None,
+        server: bool = True,
     ) -> None:
         try:
             ip_sans = [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
@@ -289,6 +389,8 @@ class CertificateAuthority:
             .add_extension(
                 x509.ExtendedKeyUsage(
                     [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                    if server
+                    else [ExtendedKeyUsageOID.CLIENT_AUTH]
                 ),
                 critical=False,
             )
@@ -318,35 +420,167 @@ class CertificateAuthority:
             if line.strip():
                 yield IssuedCertificate(**json.loads(line))
 
-    def revoke_agency(self, agency_id: str) -> list[int]:
-        """Revoke every certificate ever issued to an agency and rewrite the CRL."""
-        spiffe_id = agency_spiffe_id(self.trust_domain, agency_id)
+    def revocations(self) -> list[Revocation]:
+        """Everything this CA has revoked, oldest first (its own record, not the CRL)."""
+        path = self.dir / "revoked.jsonl"
+        if not path.exists():
+            return self._legacy_revocations()
+        try:
+            return [
+                Revocation(**json.loads(line))
+                for line in path.read_text().splitlines()
+                if line.strip()
+            ]
+        except (ValueError, TypeError) as e:
+            raise PkiError(f"{path}: damaged revocation record: {e}") from e
+
+    def _legacy_revocations(self) -> list[Revocation]:
+        """A CA made before revoked.jsonl existed kept its revocations only in crl.pem."""
+        if not (self.dir / "crl.pem").exists():
+            return []
+        issued = {c.serial: c.spiffe_id for c in self.issued()}
+        return [
+            Revocation(
+                r.serial_number,
+                issued.get(r.serial_number, ""),
+                "unspecified",
+                r.revocation_date_utc.isoformat(),
+            )
+            for r in load_crl(self.dir / "crl.pem", self.cert)
+        ]
+
+    def revoke(self, serials: Iterable[int], *, reason: str = "unspecified") -> list[int]:
+        """Revoke certificates by serial, record it, and publish a new CRL.
+
+        Only serials this CA issued can be revoked; revoking one twice changes nothing.
+        """
+        if reason not in REASONS:
+            raise PkiError(f"unknown revocation reason {reason!r}; expected {', '.join(REASONS)}")
+        issued = {c.serial: c.spiffe_id for c in self.issued()}
+        wanted = list(dict.fromkeys(serials))
+        unknown = [s for s in wanted if s not in issued]
+        if unknown:
+            raise PkiError(
+                f"{self.dir}: this CA never issued serial(s) {', '.join(f'{s:x}' for s in unknown)}"
+            )
+        done = {r.serial for r in self.revocations()}
+        if not (self.dir / "revoked.jsonl").exists():
+            self._append_revocations(self._legacy_revocations())
+        now = _now().isoformat()
+        self._append_revocations(
+            Revocation(s, issued[s], reason, now) for s in wanted if s not in done
+        )
+        self.write_crl()
+        return wanted
+
+    def _append_revocations(self, revocations: Iterable[Revocation]) -> None:
+        path = self.dir / "revoked.jsonl"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        with os.fdopen(fd, "a") as f:
+            for r in revocations:
+                f.write(json.dumps(asdict(r)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def revoke_agency(self, agency_id: str, *, reason: str = "unspecified") -> list[int]:
+        """Revoke every certificate ever issued to an agency and publish a new CRL."""
+        return self._revoke_identity(
+            agency_spiffe_id(self.trust_domain, agency_id), f"agency {agency_id!r}", reason
+        )
+
+    def revoke_person(self, role: str, name: str, *, reason: str = "unspecified") -> list[int]:
+        """Revoke every certificate ever issued to an operator or auditor."""
+        if role not in PEOPLE:
+            raise PkiError(f"unknown role {role!r}; expected one of {', '.join(PEOPLE)}")
+        return self._revoke_identity(
+            PEOPLE[role](self.trust_domain, name), f"{role} {name!r}", reason
+        )
+
+    def revoke_current(self, name: str, *, reason: str = "key-compromise") -> list[int]:
+        """Revoke the certificate in broker.crt (or ops.crt): for a key that leaked. Issue a
+        new one with --force and reload before the old one's holder can be shut out."""
+        path = self.dir / f"{name}.crt"
+        if not path.exists():
+            raise PkiError(f"{path}: no {name} certificate to revoke")
+        return self.revoke([_serial_of(path)], reason=reason)
+
+    def _revoke_identity(self, spiffe_id: str, who: str, reason: str) -> list[int]:
         serials = [c.serial for c in self.issued() if c.spiffe_id == spiffe_id]
         if not serials:
-            raise PkiError(f"{self.dir}: no certificate was ever issued to agency {agency_id!r}")
-        self.write_crl(add=serials)
-        return serials
+            raise PkiError(f"{self.dir}: no certificate was ever issued to {who}")
+        return self.revoke(serials, reason=reason)
 
     def revoked_serials(self) -> set[int]:
-        crl = load_crl(self.dir / "crl.pem", self.cert)
-        return {r.serial_number for r in crl}
+        return {r.serial for r in self.revocations()}
 
-    def write_crl(self, add: Iterable[int] = ()) -> None:
-        """(Re)write crl.pem with what it already lists plus ``add``."""
-        existing = self.revoked_serials() if (self.dir / "crl.pem").exists() else set()
+    def write_crl(self) -> x509.CertificateRevocationList:
+        """Publish a CRL of every recorded revocation, numbered one above any before it,
+        valid for CRL_DAYS. Run it again before then (``tabadol pki crl``)."""
+        revocations = self.revocations()
+        number = self._next_crl_number()
         now = _now()
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(self.cert.subject)
             .last_update(now)
             .next_update(now + dt.timedelta(days=CRL_DAYS))
-        )
-        for serial in sorted(existing | set(add)):
-            builder = builder.add_revoked_certificate(
-                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
+            .add_extension(x509.CRLNumber(number), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
             )
+        )
+        for r in sorted(revocations, key=lambda r: r.serial):
+            entry = (
+                x509.RevokedCertificateBuilder()
+                .serial_number(r.serial)
+                .revocation_date(dt.datetime.fromisoformat(r.revoked_at))
+            )
+            if r.reason != "unspecified":
+                entry = entry.add_extension(x509.CRLReason(REASONS[r.reason]), critical=False)
+            builder = builder.add_revoked_certificate(entry.build())
         crl = builder.sign(self.key, hashes.SHA256())
+        # The number first: a crash between the two never reuses a number.
+        _write_public(self.dir / "crlnumber", f"{number}\n".encode())
         _write_public(self.dir / "crl.pem", crl.public_bytes(serialization.Encoding.PEM))
+        return crl
+
+    def _next_crl_number(self) -> int:
+        last = 0
+        path = self.dir / "crlnumber"
+        if path.exists():
+            try:
+                last = int(path.read_text().strip())
+            except ValueError as e:
+                raise PkiError(f"{path}: not a CRL number: {e}") from e
+        if (self.dir / "crl.pem").exists():
+            # A damaged crl.pem is replaced: the records and crlnumber still hold.
+            with contextlib.suppress(PkiError):
+                last = max(last, crl_number(load_crl(self.dir / "crl.pem", self.cert)))
+        return last + 1
+
+
+def crl_number(crl: x509.CertificateRevocationList) -> int:
+    """The CRL's sequence number (RFC 5280 5.2.3); 0 for a CRL without one."""
+    try:
+        return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+    except x509.ExtensionNotFound:
+        return 0
+
+
+def _serial_of(cert_path: Path) -> int:
+    try:
+        return x509.load_pem_x509_certificate(cert_path.read_bytes()).serial_number
+    except (OSError, ValueError) as e:
+        raise PkiError(f"{cert_path}: cannot read the certificate: {e}") from e
+
+
+def _check_name(what: str, name: str) -> None:
+    if not AGENCY_ID_PATTERN.fullmatch(name):
+        raise PkiError(
+            f"{what} {name!r} must be lower-case letters, digits and '-' "
+            "(1-63 characters, starting with a letter)"
+        )
 
 
 def _check_days(days: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,12 @@ from grpc_health.v1._async import HealthServicer
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 from opentelemetry.trace import TracerProvider
 
+from tabadol.client.broker_revocations import DEFAULT_REFRESH_SECONDS, BrokerRevocations
 from tabadol.client.credentials import AgencyCredentials
 from tabadol.protocol import CONSUMER_KEY, KEEPALIVE_LISTEN, REQUEST_ID_KEY
 from tabadol.spiffe import broker_spiffe_id
+
+log = logging.getLogger("tabadol.client")
 
 
 def _metadata_value(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str:
@@ -39,11 +43,13 @@ class _BrokerOnly(grpc.aio.ServerInterceptor):
     """Admit calls only from the broker's certificate; any other agency gets PERMISSION_DENIED.
 
     Every agency certificate comes from the same CA, so TLS alone would admit any agency;
-    and the ``x-tabadol-consumer`` header is only meaningful when the broker set it.
+    and the ``x-tabadol-consumer`` header is only meaningful when the broker set it. A broker
+    certificate the exchange's CRL revokes (or supersedes) is refused too.
     """
 
-    def __init__(self, broker_id: str) -> None:
+    def __init__(self, broker_id: str, revocations: BrokerRevocations) -> None:
         self._broker_id = broker_id.encode()
+        self._revocations = revocations
 
     async def intercept_service(  # type: ignore[override]  # the stubs' generic base
         self,
@@ -58,11 +64,18 @@ class _BrokerOnly(grpc.aio.ServerInterceptor):
         return _guard(handler, self._check)
 
     async def _check(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        if context.auth_context().get("peer_spiffe_id") != [self._broker_id]:
+        auth = context.auth_context()
+        if auth.get("peer_spiffe_id") != [self._broker_id]:
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 "this provider endpoint accepts calls only from the Tabadol broker",
             )
+        await self._revocations.ensure()
+        pems = list(auth.get("x509_pem_cert") or ())
+        why = self._revocations.refusal(pems[0]) if pems else "no broker certificate"
+        if why is not None:
+            log.warning("refused a call from a broker certificate: %s", why)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"Tabadol provider: {why}")
 
 
 def _guard(
@@ -113,8 +126,17 @@ class ProviderServer:
         *,
         options: Sequence[tuple[str, Any]] = (),
         tracer_provider: TracerProvider | None = None,
+        broker: str | None = None,
+        crl_refresh_seconds: float = DEFAULT_REFRESH_SECONDS,
     ) -> None:
         self.credentials = AgencyCredentials.load(credentials_dir)
+        crl_file = Path(credentials_dir) / "crl.pem"
+        self.revocations = BrokerRevocations(
+            self.credentials,
+            crl_file=crl_file if crl_file.exists() else None,
+            refresh_seconds=crl_refresh_seconds,
+        )
+        self._broker = broker
         self.server = grpc.aio.server(
             interceptors=[
                 # Outermost, so that refused calls are traced too.
@@ -123,7 +145,7 @@ class ProviderServer:
                     tracer_provider=tracer_provider,
                     filter_=filters.negate(filters.health_check()),
                 ),
-                _BrokerOnly(broker_spiffe_id(self.credentials.trust_domain)),
+                _BrokerOnly(broker_spiffe_id(self.credentials.trust_domain), self.revocations),
             ],
             options=[*KEEPALIVE_LISTEN, *options],
         )
@@ -139,12 +161,27 @@ class ProviderServer:
         self.address = f"{listen.rsplit(':', 1)[0]}:{self.port}"
 
     async def start(self) -> None:
+        if self._broker is not None:
+            self.follow_broker(self._broker)
+        elif self.revocations.current is None and self.revocations._crl_file is None:
+            log.warning(
+                "provider %s: broker certificates are not checked against the CRL; pass "
+                "broker=ADDRESS (or keep crl.pem in %s)",
+                self.credentials.agency_id,
+                "the credentials directory",
+            )
         await self.server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    def follow_broker(self, address: str) -> None:
+        """Learn revocations from the broker at ``address``: a revoked or superseded broker
+        certificate is refused within ``crl_refresh_seconds`` of the broker loading the CRL."""
+        self.revocations.follow(address)
 
     async def stop(self, grace: float | None = None) -> None:
         await self.health.enter_graceful_shutdown()  # the broker stops sending calls here
         await self.server.stop(grace)
+        await self.revocations.close()
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from tabadol.errors import ConfigError, PkiError
 from tabadol.identity import spiffe_ids
 from tabadol.pki import load_crl, trust_domain_of
+from tabadol.revocation import CrlRefused, RevocationList, check_replacement
 from tabadol.spiffe import broker_spiffe_id
 
 
@@ -24,10 +25,25 @@ class BrokerCredentials:
     key_pem: bytes = field(repr=False)  # never in a log line or a traceback
     revoked: frozenset[int]
     crl_next_update: dt.datetime | None
+    crl: RevocationList | None = None
+    cert_path: Path | None = None
+    key_path: Path | None = None
 
     @classmethod
-    def load(cls, pki_dir: Path, trust_domain: str, config_path: Path) -> BrokerCredentials:
-        """Load ca.crt, broker.crt, broker.key and crl.pem; ConfigError names the bad file."""
+    def load(
+        cls,
+        pki_dir: Path,
+        trust_domain: str,
+        config_path: Path,
+        *,
+        held: RevocationList | None = None,
+        now: dt.datetime | None = None,
+    ) -> BrokerCredentials:
+        """Load ca.crt, broker.crt, broker.key and crl.pem; ConfigError names the bad file.
+
+        The CRL must be fresh and no older than ``held``, the one in force (no rollback);
+        the broker's own certificate must not be revoked in it.
+        """
 
         def fail(file: Path, problem: str) -> ConfigError:
             return ConfigError(f"{config_path}: [broker] pki_dir: {file}: {problem}")
@@ -74,8 +90,27 @@ class BrokerCredentials:
                 pki_dir / "broker.crt",
                 f"not a broker certificate: expected {broker_spiffe_id(trust_domain)}",
             )
-        revoked = frozenset(r.serial_number for r in crl)
-        return cls(ca_pem, cert_pem, key_pem, revoked, crl.next_update_utc)
+        try:
+            revocations = RevocationList.from_crl(crl, ca)
+            check_replacement(revocations, held, now or dt.datetime.now(dt.UTC))
+        except CrlRefused as e:
+            raise fail(pki_dir / "crl.pem", f"refused: {e}") from e
+        if cert.serial_number in revocations.serials:
+            raise fail(
+                pki_dir / "broker.crt",
+                f"certificate {cert.serial_number:x} is revoked in crl.pem; issue a new one "
+                "with `tabadol pki issue --broker --force`",
+            )
+        return cls(
+            ca_pem,
+            cert_pem,
+            key_pem,
+            revocations.serials,
+            crl.next_update_utc,
+            revocations,
+            pki_dir / "broker.crt",
+            pki_dir / "broker.key",
+        )
 
     def crl_is_stale(self, now: dt.datetime | None = None) -> bool:
         """Past its next-update time: the CA may have revoked more since."""

@@ -14,6 +14,7 @@ from tabadol.contracts import MethodContract, RpcKind
 
 EJECT_BASE_S = 1.0
 EJECT_MAX_S = 30.0
+REPORT_INTERVAL_S = 10.0  # at most one log line a while about the same failing endpoint
 
 
 class Upstream:
@@ -34,8 +35,11 @@ class Upstream:
         "failures",
         "healthy",
         "in_flight",
+        "presented",
         "provider",
+        "reported_at",
         "retired",
+        "trusted",
     )
 
     def __init__(
@@ -56,9 +60,15 @@ class Upstream:
         self.ejected_until = 0.0  # monotonic seconds
         self.ejections = 0
         self.eject_after = 3
+        self.reported_at = float("-inf")  # monotonic seconds
+        # The certificate it last presented, and whether the CRL allows it: None until
+        # the first check (broker/provider_trust.py); an endpoint never judged good gets
+        # no calls.
+        self.presented: bytes | None = None
+        self.trusted: bool | None = None
 
     def available(self, now: float) -> bool:
-        return self.healthy and now >= self.ejected_until
+        return self.trusted is True and self.healthy and now >= self.ejected_until
 
     def outcome(self, reached: bool, now: float) -> bool:
         """Count a call's outcome; True when this one ejected the endpoint."""
@@ -73,6 +83,14 @@ class Upstream:
         self.failures = 0
         self.ejected_until = now + min(EJECT_MAX_S, EJECT_BASE_S * 2**self.ejections)
         self.ejections += 1
+        return True
+
+    def report_due(self, now: float) -> bool:
+        """Whether a failure of this endpoint is worth a log line now (once per interval):
+        a provider that is down fails every call sent to it."""
+        if now - self.reported_at < REPORT_INTERVAL_S:
+            return False
+        self.reported_at = now
         return True
 
     def acquire(self) -> None:
@@ -126,16 +144,31 @@ class Route:
 
     def pick(self, now: float, avoid: Upstream | None = None) -> tuple[Upstream, Any]:
         """The next available endpoint (not ``avoid`` if another will do). When none is
-        available, the one back soonest: the call then fails fast, and tells."""
+        available, the one back soonest: the call then fails fast, and tells. An endpoint
+        whose certificate is revoked or not yet checked is never picked: UntrustedProvider."""
         fallback: tuple[Upstream, Any] | None = None
         for _ in range(len(self.targets)):
             target = self._next()
             upstream = target[0]
             if upstream.available(now) and upstream is not avoid:
                 return target
-            if fallback is None or upstream.ejected_until < fallback[0].ejected_until:
+            if upstream.trusted is True and (
+                fallback is None or upstream.ejected_until < fallback[0].ejected_until
+            ):
                 fallback = target
         if avoid is not None and any(u.available(now) for u, _ in self.targets):
             return next(t for t in self.targets if t[0].available(now))
-        assert fallback is not None
+        if fallback is None:
+            revoked = any(u.trusted is False for u, _ in self.targets)
+            raise UntrustedProvider(self.provider, revoked)
         return fallback
+
+
+class UntrustedProvider(Exception):
+    """No endpoint of the provider presents a certificate the CRL allows (or none was
+    checked yet): the call must not be forwarded."""
+
+    def __init__(self, provider: str, revoked: bool) -> None:
+        super().__init__(provider)
+        self.provider = provider
+        self.revoked = revoked  # False: no endpoint could be reached to be checked yet

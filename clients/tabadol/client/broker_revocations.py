@@ -1,0 +1,184 @@
+"""The provider's copy of the exchange's CRL: which broker certificates it must refuse.
+
+A provider admits calls only from the broker's certificate. When that certificate is
+revoked, or superseded by a new one (``tabadol pki issue --broker --force`` revokes the old
+one), the provider must refuse it too, or whoever holds the old key could call it directly
+as the broker. The CRL comes from the broker (Discovery ``GetRevocationList``, every
+``refresh_seconds``) or from a ``crl.pem`` file the agency keeps up to date. The platform
+CA's signature makes it trustworthy whoever delivers it; its number only goes up, so an old
+one cannot be replayed; and once it is stale the provider refuses the broker (fail closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+from pathlib import Path
+
+import grpc
+import grpc.aio
+from cryptography import x509
+
+from tabadol.client.credentials import AgencyCredentials
+from tabadol.platform.v1 import discovery_pb2, discovery_pb2_grpc
+from tabadol.protocol import KEEPALIVE_DIAL
+from tabadol.revocation import CrlRefused, RevocationList, check_replacement
+from tabadol.spiffe import broker_dns_name
+
+log = logging.getLogger("tabadol.client")
+
+DEFAULT_REFRESH_SECONDS = 60.0
+_FETCH_TIMEOUT_S = 5.0
+
+
+class BrokerRevocations:
+    """The newest valid CRL this provider has seen, and the verdict on a broker certificate."""
+
+    def __init__(
+        self,
+        credentials: AgencyCredentials,
+        *,
+        crl_file: Path | None = None,
+        refresh_seconds: float = DEFAULT_REFRESH_SECONDS,
+    ) -> None:
+        self._credentials = credentials
+        self._ca = x509.load_pem_x509_certificate(credentials.ca_pem)
+        self._crl_file = crl_file
+        self._file_mtime = 0.0
+        self.refresh_seconds = refresh_seconds
+        self.current: RevocationList | None = None
+        self.broker: str | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._fetching: asyncio.Lock | None = None
+        self._serials: dict[bytes, int] = {}
+
+    def offer(self, data: bytes, source: str) -> bool:
+        """Take a CRL if the CA signed it and it is newer than the one held; False if not."""
+        try:
+            crl = RevocationList.from_bytes(data, self._ca)
+            check_replacement(crl, self.current, dt.datetime.now(dt.UTC))
+        except CrlRefused as e:
+            if self.current is None or crl_number(data) != self.current.number:
+                log.warning("broker CRL from %s not taken: %s", source, e)
+            return False
+        if self.current is None or crl.number > self.current.number:
+            log.info(
+                "broker CRL number %d from %s: %d revoked", crl.number, source, len(crl.serials)
+            )
+        self.current = crl
+        return True
+
+    def refusal(self, cert_pem: bytes) -> str | None:
+        """Why the broker certificate presented must be refused now, or None."""
+        self._read_file()
+        crl = self.current
+        if crl is None:
+            if self.broker is None and self._crl_file is None:
+                return None  # nothing configured to learn revocations from (logged at start)
+            return "this provider has no CRL yet to check the broker's certificate against"
+        if crl.stale(dt.datetime.now(dt.UTC)):
+            return (
+                f"this provider's CRL (number {crl.number}) went stale at "
+                f"{crl.next_update:%Y-%m-%d %H:%M} UTC and no fresh one has arrived"
+            )
+        serial = self._serial(cert_pem)
+        if serial in crl.serials:
+            return f"broker certificate {serial:x} is revoked (CRL number {crl.number})"
+        return None
+
+    def _serial(self, cert_pem: bytes) -> int:
+        serial = self._serials.get(cert_pem)
+        if serial is None:
+            serial = x509.load_pem_x509_certificate(cert_pem).serial_number
+            if len(self._serials) > 64:
+                self._serials.clear()
+            self._serials[cert_pem] = serial
+        return serial
+
+    def _read_file(self) -> None:
+        if self._crl_file is None:
+            return
+        try:
+            mtime = self._crl_file.stat().st_mtime
+            if mtime == self._file_mtime:
+                return
+            self._file_mtime = mtime
+            self.offer(self._crl_file.read_bytes(), str(self._crl_file))
+        except OSError as e:
+            log.warning("%s: cannot read the CRL: %s", self._crl_file, e.strerror)
+
+    def follow(self, broker_address: str) -> None:
+        """Fetch the CRL from this broker now and every ``refresh_seconds``."""
+        self.broker = broker_address
+        creds = self._credentials
+        self._channel = grpc.aio.secure_channel(
+            broker_address,
+            grpc.ssl_channel_credentials(creds.ca_pem, creds.key_pem, creds.cert_pem),
+            options=[
+                ("grpc.ssl_target_name_override", broker_dns_name(creds.trust_domain)),
+                *KEEPALIVE_DIAL,
+            ],
+        )
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._refresh_forever())
+
+    async def fetch(self) -> bool:
+        """One fetch from the broker (one at a time); False when it could not be had."""
+        if self._channel is None:
+            return False
+        if self._fetching is None:
+            self._fetching = asyncio.Lock()
+        async with self._fetching:
+            stub = discovery_pb2_grpc.DiscoveryStub(self._channel)
+            try:
+                answer = await stub.GetRevocationList(
+                    discovery_pb2.GetRevocationListRequest(), timeout=_FETCH_TIMEOUT_S
+                )
+            except grpc.aio.AioRpcError as e:
+                log.warning(
+                    "cannot fetch the CRL from the broker at %s: %s %s",
+                    self.broker,
+                    e.code().name,
+                    e.details(),
+                )
+                return False
+            return self.offer(answer.crl_der, f"the broker at {self.broker}")
+
+    async def ensure(self) -> None:
+        """Before judging a call with no CRL held: try to get one (bounded)."""
+        if self.current is None and self._channel is not None:
+            await self.fetch()
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            try:
+                await self.fetch()
+            except Exception:
+                log.exception("fetching the broker's CRL failed; trying again")
+            await asyncio.sleep(self.refresh_seconds)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+
+def crl_number(data: bytes) -> int | None:
+    """The number of a CRL, checked or not (only to keep the log quiet about repeats)."""
+    try:
+        crl = (
+            x509.load_pem_x509_crl(data)
+            if data.lstrip().startswith(b"-----")
+            else x509.load_der_x509_crl(data)
+        )
+        return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+    except (ValueError, x509.ExtensionNotFound):
+        return None

@@ -1,0 +1,43 @@
+"""Who may seal the ledger: a broker certificate of this exchange, valid and not revoked at
+the time of each seal. Pure."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+
+from tabadol.identity import spiffe_ids
+from tabadol.spiffe import broker_spiffe_id
+
+
+def seal_signer_problem(
+    cert_pem: bytes,
+    sealed_at: dt.datetime,
+    *,
+    ca_cert: x509.Certificate,
+    trust_domain: str,
+    revoked_at: Mapping[int, dt.datetime],
+) -> str | None:
+    """Why a seal's signer could not vouch for it at the time it was made, or None."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return "its certificate was not issued by this exchange's CA"
+    if broker_spiffe_id(trust_domain) not in spiffe_ids(cert):
+        return "its certificate is not a broker's"
+    if not cert.not_valid_before_utc <= sealed_at <= cert.not_valid_after_utc:
+        return (
+            f"broker certificate {cert.serial_number:x} was not valid at the seal's time "
+            f"({sealed_at:%Y-%m-%d %H:%M:%S} UTC)"
+        )
+    revoked = revoked_at.get(cert.serial_number)
+    if revoked is not None and revoked <= sealed_at:
+        return (
+            f"broker certificate {cert.serial_number:x} was revoked at "
+            f"{revoked:%Y-%m-%d %H:%M:%S} UTC, before the seal was made"
+        )
+    return None
