@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import json
 import os
 import sqlite3
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 
 from tabadol import config
 from tabadol.broker import Broker
-from tabadol.cli import _trusted_broker, main
+from tabadol.cli import _seal_signers, main
 from tabadol.client import connect
 from tabadol.ledger import LedgerRecord, LedgerWriter, verify
 from tabadol.ledger.record import FIELD_NAMES
@@ -59,7 +60,7 @@ def check(path: Path, pki: CertificateAuthority) -> str:
             store.records(),
             store.seals(),
             store.signers(),
-            _trusted_broker(pki.dir, TRUST_DOMAIN),
+            _seal_signers(pki.dir, TRUST_DOMAIN),
             read_anchor(anchor_path(path)),
         )
     finally:
@@ -129,10 +130,8 @@ def test_an_inserted_record_is_detected(ledger: Path, pki: CertificateAuthority)
         ledger,
         "UPDATE records SET seq = seq + 100 WHERE seq >= 5",
         "UPDATE records SET seq = seq - 99 WHERE seq >= 105",
-        "INSERT INTO records SELECT 5, start_ns, end_ns, trace_id, request_id, consumer, "
-        "provider, service, method, kind, status_code, request_bytes, request_messages, "
-        "response_bytes, response_messages, endpoint, broker_instance, request_sha256, "
-        "response_sha256, prev_digest, digest FROM records WHERE seq = 4",
+        f"INSERT INTO records SELECT 5, {', '.join(FIELD_NAMES)}, prev_digest, digest "
+        "FROM records WHERE seq = 4",
     )
     assert check(ledger, pki).startswith("BROKEN at position 5: its link to the previous record")
 
@@ -202,7 +201,8 @@ def test_a_seal_signed_by_another_key_is_detected(
     conn.close()
     anchor_path(ledger).unlink()  # the forger also removes the witness
     assert check(ledger, pki) == (
-        "BROKEN at position 12: seal 3 is not signed by a broker of this exchange"
+        "BROKEN at position 12: seal 3 is not signed by a broker of this exchange: "
+        "its certificate was not issued by this exchange's CA"
     )
 
 
@@ -429,3 +429,40 @@ def test_two_writers_on_one_ledger_interleave_into_one_chain_that_verifies(
     for writer in writers:
         writer.close()
     assert check(path, pki).startswith("OK: 200 records")
+
+
+def test_a_record_without_serial_keeps_the_digest_it_had_before_serials_were_recorded() -> None:
+    old = record(1)
+    schema_1 = (
+        1,
+        *(getattr(old, name) for name in FIELD_NAMES[: FIELD_NAMES.index("consumer_serial")]),
+    )
+    assert old.canonical() == json.dumps(schema_1, separators=(",", ":")).encode()
+    # A refused certificate's claim is covered by the digest like every other field.
+    claimed = record(1, consumer_serial="1f", consumer_verified=False)
+    assert claimed.canonical() != dataclasses.replace(claimed, consumer_verified=True).canonical()
+
+
+def test_a_ledger_written_before_serials_opens_migrates_and_verifies(
+    tmp_path: Path, pki: CertificateAuthority
+) -> None:
+    path = tmp_path / "ledger.db"
+    write_ledger(path, pki, [3])
+    tamper(  # back to the first schema: no serial columns, no sessions
+        path,
+        "ALTER TABLE records DROP COLUMN consumer_serial",
+        "ALTER TABLE records DROP COLUMN consumer_verified",
+        "DROP TABLE sessions",
+    )
+    assert check(path, pki).startswith("OK: 3 records")  # read-only, unmigrated
+    sealer = Sealer((pki.dir / "broker.key").read_bytes(), (pki.dir / "broker.crt").read_bytes())
+    writer = LedgerWriter(SqliteLedgerStore(path), sealer, anchor=anchor_path(path))
+    writer.submit(record(4, consumer_serial="2a", consumer_verified=False))
+    writer.close()
+    assert check(path, pki).startswith("OK: 4 records")
+    store = SqliteLedgerStore(path, readonly=True)
+    records = [stored.record for stored in store.records()]
+    store.close()
+    assert [(r.consumer_serial, r.consumer_verified) for r in records] == [
+        ("", True), ("", True), ("", True), ("2a", False),
+    ]  # fmt: skip

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tabadol.broker.supervisor import Supervisor
@@ -21,6 +20,7 @@ from tabadol.ledger.store import SqliteLedgerStore
 from tabadol.pki import CertificateAuthority
 from tests.conftest import DEFAULT_GRANTS, RunningProvider, broker_toml
 from tests.support.echo import UNARY
+from tests.support.metrics import scrape_async
 from tests.support.processes import TABADOL, Process
 
 
@@ -77,8 +77,7 @@ async def test_workers_share_the_port_and_one_ledger_survive_a_crash_reload_and_
         made = await calls_over_many_connections(port, pki, 30)
 
         # One scrape shows the whole broker.
-        async with httpx.AsyncClient() as http:
-            scrape = (await http.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
+        scrape = await scrape_async(f"https://127.0.0.1:{metrics_port}/metrics", pki.dir)
         calls = sum(
             sample.value
             for family in text_string_to_metric_families(scrape)
@@ -131,7 +130,8 @@ async def test_workers_share_the_port_and_one_ledger_survive_a_crash_reload_and_
         str(TABADOL), "ledger", "verify", "--config", str(config), stdout=asyncio.subprocess.PIPE
     )
     out, _ = await check.communicate()
-    assert check.returncode == 0, out
+    # The worker killed above shows as a gap: a kill -9 may lose answered calls (docs/ledger.md).
+    assert check.returncode == 1 and out.decode().count("GAP") == 1, out
     assert f"OK: {made} records" in out.decode()
 
 

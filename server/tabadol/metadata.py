@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from tabadol.protocol import CONSUMER_KEY, PLATFORM_PREFIX, REQUEST_ID_KEY, RETRY_AFTER_KEY
@@ -70,14 +71,29 @@ def response_metadata(incoming: Iterable[tuple[str, str | bytes]] | None) -> Met
 
 
 def trace_id_of(metadata: Iterable[tuple[str, str | bytes]]) -> str:
-    """The trace id in a W3C ``traceparent`` header (version 00), or ""."""
+    """The trace id of a well-formed W3C ``traceparent`` header, or "".
+
+    Only the standard form is taken (32 lower-case hex digits, not all zero, in a valid
+    header): whatever else a consumer sends never reaches the ledger.
+    """
     for key, value in metadata:
         if key == "traceparent" and isinstance(value, str):
-            parts = value.split("-")
-            if len(parts) == 4 and len(parts[1]) == 32 and parts[1] != "0" * 32:
-                try:
-                    int(parts[1], 16)
-                except ValueError:
-                    return ""
-                return parts[1].lower()
+            match = _TRACEPARENT.fullmatch(value)
+            if (
+                match is None
+                or match["version"] == "ff"
+                or (match["version"] == "00" and match["rest"])
+                or match["trace_id"] == "0" * 32
+                or match["parent_id"] == "0" * 16
+            ):
+                return ""
+            return match["trace_id"]
     return ""
+
+
+# version-trace_id-parent_id-flags; versions after 00 may add fields after a dash.
+_TRACEPARENT = re.compile(
+    r"(?P<version>[0-9a-f]{2})-(?P<trace_id>[0-9a-f]{32})-(?P<parent_id>[0-9a-f]{16})"
+    r"-[0-9a-f]{2}(?P<rest>-.*)?",
+    re.ASCII | re.DOTALL,
+)

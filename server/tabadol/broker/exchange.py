@@ -22,6 +22,8 @@ class Exchange:
     started_ns: int = field(default_factory=time.time_ns)
     ended_ns: int = 0
     consumer: str = ""
+    consumer_serial: str = ""  # hex serial of the certificate the caller presented
+    consumer_verified: bool = False  # True once the certificate identified the consumer
     endpoint: str = ""
     request_id: str = ""
     code: grpc.StatusCode | None = None  # None until the call ends one way or another
@@ -34,7 +36,7 @@ class Exchange:
     trace_id: str = ""  # 32 hex digits when the call carries a trace context
     span: Any = None  # the broker's server span, when tracing
     client_span: Any = None  # the provider hop's span, when tracing
-    request_hash: Any = None  # hashlib.sha256 objects, with [ledger] payload_digests
+    request_hash: Any = None  # keyed HMAC-SHA256 objects, with [ledger] payload_digests
     response_hash: Any = None
     # Strict ledger mode: awaited before the consumer hears the outcome.
     durable: Callable[[Exchange], Awaitable[None]] | None = None
@@ -91,4 +93,6 @@ class Exchange:
             broker_instance=instance,
             request_sha256=self.request_hash.hexdigest() if self.request_hash else "",
             response_sha256=self.response_hash.hexdigest() if self.response_hash else "",
+            consumer_serial=self.consumer_serial,
+            consumer_verified=self.consumer_verified,
         )

@@ -6,10 +6,10 @@ import hashlib
 import json
 from dataclasses import dataclass, fields
 from operator import attrgetter
-from typing import Any
+from typing import Any, get_type_hints
 
 GENESIS = "0" * 64  # the "previous digest" of the first record
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added consumer_serial and consumer_verified
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,7 +20,7 @@ class LedgerRecord:
     end_ns: int
     trace_id: str  # 32 hex digits, or "" when the call was not traced
     request_id: str
-    consumer: str  # "" when the caller's identity was refused
+    consumer: str  # the calling agency; "" when no agency could be read from its certificate
     provider: str
     service: str
     method: str
@@ -32,8 +32,10 @@ class LedgerRecord:
     response_messages: int
     endpoint: str  # "" when the call never reached a provider
     broker_instance: str
-    request_sha256: str = ""  # only with [ledger] payload_digests
+    request_sha256: str = ""  # only with [ledger] payload_digests: HMAC-SHA256, hex
     response_sha256: str = ""
+    consumer_serial: str = ""  # the serial (hex) of the certificate the caller presented
+    consumer_verified: bool = True  # False: ``consumer`` is only what a refused certificate claims
 
     @property
     def duration_ns(self) -> int:
@@ -44,11 +46,20 @@ class LedgerRecord:
         return _values(self)
 
     def canonical(self) -> bytes:
-        """The bytes the chain digest covers: the schema version and every field, in order."""
+        """The bytes the chain digest covers: the schema version and every field, in order.
+
+        A record with no serial that counts as verified is in schema 1's form (every record
+        written before serials were recorded): its digest covers schema 1's fields only, so
+        old ledgers still verify. Any other record is schema 2 and covers every field.
+        """
+        if not self.consumer_serial and self.consumer_verified:
+            return _CANONICAL.encode((1, *_values(self)[:_SCHEMA_1_FIELDS])).encode()
         return _CANONICAL.encode((SCHEMA_VERSION, *_values(self))).encode()
 
 
 FIELD_NAMES = tuple(f.name for f in fields(LedgerRecord))
+FIELD_TYPES: dict[str, type] = get_type_hints(LedgerRecord)
+_SCHEMA_1_FIELDS = FIELD_NAMES.index("consumer_serial")
 _values = attrgetter(*FIELD_NAMES)
 _CANONICAL = json.JSONEncoder(separators=(",", ":"))
 

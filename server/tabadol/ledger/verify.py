@@ -30,7 +30,7 @@ def verify(
     records: Iterable[StoredRecord],
     seals: Iterable[Seal],
     signers: dict[str, bytes],
-    signer_trusted: Callable[[bytes], bool],
+    signer_problem: Callable[[bytes, int], str | None],
     anchor: Iterable[Seal] = (),
 ) -> Verdict:
     """Walk records, seals and the anchor together, once, in order (a ledger of any size).
@@ -56,8 +56,14 @@ def verify(
                 seal.count, f"seal {seal.seq} does not match the chain at record {seal.count}"
             )
         cert = signers.get(seal.signer)
-        if cert is None or not signer_trusted(cert) or not signature_valid(seal, cert):
+        if cert is None or not signature_valid(seal, cert):
             return broken(seal.count, f"seal {seal.seq} is not signed by a broker of this exchange")
+        # Judged at the seal's own time: a certificate revoked later vouches for what it
+        # sealed before; one expired or revoked by then vouches for nothing.
+        if why := signer_problem(cert, seal.sealed_ns):
+            return broken(
+                seal.count, f"seal {seal.seq} is not signed by a broker of this exchange: {why}"
+            )
         while witnessed is not None and witnessed.seq <= seal.seq:
             if witnessed.seq == seal.seq and witnessed != seal:
                 return broken(None, f"seal {seal.seq} differs from what the anchor file witnessed")

@@ -3,30 +3,50 @@
 The request path never waits on the disk (except in strict mode, where it waits for its
 own record). A background thread commits what has queued up every ``batch_interval`` as one
 transaction, with a seal signed by the broker in the same transaction: whatever is on disk
-is sealed, even after a kill -9. If the ledger cannot be written, records
-stay queued and the thread retries; once ``buffer_records`` are waiting, ``accepting``
-turns False and the broker refuses new calls: no exchange goes unaccounted.
+is sealed, even after a kill -9. If the ledger cannot be written, records stay queued, are
+saved in the journal beside the ledger, and the thread retries; once ``buffer_records`` are
+waiting, or the oldest has waited ``max_unwritten`` seconds, ``accepting`` turns False and
+the broker refuses new calls. A stop writes the backlog to the ledger, else to the journal
+(the next start writes it to the ledger), else raises RecordsLost; each writer's session in
+the ledger lets ``ledger verify`` show a writer that lost records (docs/ledger.md).
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
+import hmac
 import json
 import logging
+import os
+import socket
 import threading
 import time
+import uuid
 from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
 
+from tabadol.errors import TabadolError
+from tabadol.ledger.journal import Journal, JournalEntry
 from tabadol.ledger.record import LedgerRecord, Seal
 from tabadol.ledger.seal import Sealer
+from tabadol.ledger.sessions import ABANDONED, CLEAN, JOURNALED, Session, alive, process_tag
 from tabadol.ledger.store import LedgerStore, LedgerWriteError
+from tabadol.ledger.store.sqlite import make_private
 
 log = logging.getLogger("tabadol.ledger")
 
 _MAX_BATCH = 5000
 _MAX_BACKOFF_S = 2.0
+
+
+class RecordsLost(TabadolError):
+    """A stop could save records of answered calls neither in the ledger nor in the journal."""
+
+    def __init__(self, count: int, message: str) -> None:
+        super().__init__(message)
+        self.count = count
 
 
 class LedgerWriter:
@@ -37,22 +57,50 @@ class LedgerWriter:
         *,
         batch_interval_s: float = 0.1,
         buffer_records: int = 100_000,
+        max_unwritten_s: float = 5.0,
         strict: bool = False,
         anchor: Path | None = None,
+        journal: Path | None = None,
+        instance: str = "",
+        digest_key: bytes | None = None,
     ) -> None:
+        """Recover what stopped writers left in the journal, then start a session: raises
+        LedgerWriteError if the ledger (or the journal) cannot be written now."""
         self._store = store
         self._sealer = sealer
         self._interval = batch_interval_s
         self._limit = buffer_records
+        self._max_unwritten = max_unwritten_s
         self.strict = strict
         self._anchor = anchor
-        self._queue: collections.deque[tuple[LedgerRecord, Future[None] | None]] = (
+        self._journal = Journal(journal) if journal is not None else None
+        self._digest_key = digest_key
+        # (record, strict mode's future, monotonic time it was queued)
+        self._queue: collections.deque[tuple[LedgerRecord, Future[None] | None, float]] = (
             collections.deque()
         )
+        self._journaled = 0  # how many records at the front of the queue the journal holds
         self._wake = threading.Condition()
         self._closing = False
         self.problem: str | None = None  # why the last write failed, until one succeeds
+        self.journal_problem: str | None = None
+        self.accepted = 0
         self.written = 0
+        for path in (anchor, journal):
+            if path is not None:
+                make_private(path)
+        pid = os.getpid()
+        self.session = Session(
+            id=uuid.uuid4().hex,
+            instance=instance,
+            mode="strict" if strict else "batched",
+            host=socket.gethostname(),
+            pid=pid,
+            process=process_tag(pid) or "",
+            opened_ns=time.time_ns(),
+        )
+        self._recover()
+        store.open_session(self.session)
         self._thread = threading.Thread(target=self._run, name="tabadol-ledger", daemon=True)
         self._thread.start()
 
@@ -60,37 +108,186 @@ class LedgerWriter:
         """Seal with a new broker identity from the next batch on (after a reload)."""
         self._sealer = sealer
 
+    def payload_digest(self) -> hmac.HMAC:
+        """A keyed digest of one direction of a call's payload ([ledger] payload_digests)."""
+        if self._digest_key is None:
+            raise ValueError("payload digests need the key: pass digest_key")
+        return hmac.new(self._digest_key, digestmod=hashlib.sha256)
+
     @property
     def backlog(self) -> int:
         return len(self._queue)
 
     @property
     def accepting(self) -> bool:
-        """False once the buffer is full: the broker then refuses new calls."""
-        return len(self._queue) < self._limit
+        """False once the buffer is full or the oldest record has waited too long: the
+        broker then refuses new calls."""
+        if len(self._queue) >= self._limit:
+            return False
+        try:
+            oldest = self._queue[0][2]
+        except IndexError:
+            return True
+        return time.monotonic() - oldest <= self._max_unwritten
 
     def submit(self, record: LedgerRecord) -> Future[None] | None:
         """Queue a record. In strict mode, a future that completes once it is on disk."""
         done: Future[None] | None = Future() if self.strict else None
-        self._queue.append((record, done))
+        self.accepted += 1
+        self._queue.append((record, done, time.monotonic()))
         if self.strict or len(self._queue) >= _MAX_BATCH:
             with self._wake:
                 self._wake.notify()
         return done
 
     def close(self, timeout: float = 30.0) -> None:
-        """Write everything queued, then stop. A graceful stop loses nothing."""
+        """Write everything queued, then stop. What the ledger cannot take goes to the
+        journal; RecordsLost if it cannot go there either."""
         with self._wake:
             self._closing = True
             self._wake.notify()
         self._thread.join(timeout)
-        if self._queue:
-            log.error(
-                "ledger: %d records could not be written before stopping: %s",
-                len(self._queue),
-                self.problem,
+        try:
+            self._end_session()
+        finally:
+            self._store.close()
+
+    def _end_session(self) -> None:
+        backlog, problem = len(self._queue), self.problem
+        if not backlog:
+            try:
+                self._store.end_session(
+                    self.session.id, CLEAN, time.time_ns(), self.accepted, self.written
+                )
+                return
+            except LedgerWriteError as e:
+                problem = str(e)  # the journal keeps the closing line instead
+        try:
+            self._save_backlog()
+            self._journal_append(
+                [JournalEntry(self.session.id, closed=(self.accepted, self.written))]
             )
-        self._store.close()
+        except OSError as e:
+            lost = backlog - self._journaled
+            where = self._journal.path if self._journal is not None else "(none)"
+            why = e.strerror or str(e)
+            if lost:
+                raise RecordsLost(
+                    lost,
+                    f"ledger: {lost} records of calls already answered are lost: the ledger "
+                    f"could not be written ({problem}) and the journal {where} could not be "
+                    f"written either ({why}); `tabadol ledger verify` reports the gap",
+                ) from e
+            log.error(
+                "ledger: cannot record that this broker stopped cleanly (%s; journal %s: %s); "
+                "`tabadol ledger verify` will report a gap for it",
+                problem,
+                where,
+                why,
+            )
+            return
+        if backlog:
+            log.warning(
+                "ledger: %d records could not be written before stopping (%s); they are saved "
+                "in the journal %s and written to the ledger at the next start",
+                backlog,
+                problem,
+                self._journal.path if self._journal is not None else "",
+            )
+
+    def _journal_append(self, entries: list[JournalEntry]) -> None:
+        if self._journal is None:
+            raise OSError("no journal is configured")
+        self._journal.append(entries)
+
+    def _save_backlog(self) -> None:
+        """Journal (and fsync) the queued records the journal does not hold yet; OSError if
+        it cannot be written."""
+        count = len(self._queue)
+        self._journal_append(
+            [
+                JournalEntry(self.session.id, record=self._queue[i][0])
+                for i in range(self._journaled, count)
+            ]
+        )
+        self._journaled = count
+
+    def _recover(self) -> None:
+        """Write the records stopped writers left in the journal; end their sessions."""
+        sessions = {s.id: s for s in self._store.sessions() if not s.ended}
+        running = {sid for sid, s in sessions.items() if alive(s) is not False}
+        if self._journal is None:
+            self._end_stopped(sessions, running, {}, {})
+            return
+        try:
+            with self._journal.exclusive() as held:
+                # A session that left its closing line has stopped, whatever its pid says.
+                closed = {e.session: e.closed for e in held.entries if e.closed is not None}
+                running -= closed.keys()
+                replay = [e for e in held.entries if e.session not in running]
+                recovered = self._replay([e for e in replay if e.record is not None])
+                self._end_stopped(sessions, running, closed, recovered)
+                held.replace([e for e in held.entries if e.session in running])
+        except OSError as e:
+            raise LedgerWriteError(
+                f"{self._journal.path}: cannot recover the journal: {e.strerror or e}"
+            ) from e
+
+    def _replay(self, entries: list[JournalEntry]) -> dict[str, int]:
+        """Write journaled records not already in the ledger, in sealed batches; how many
+        per session."""
+        records = [(e.session, e.record) for e in entries if e.record is not None]
+        if not records:
+            return {}
+        starts = [record.start_ns for _, record in records]
+        present = {
+            stored.record.request_id
+            for stored in self._store.records_between(min(starts), max(starts) + 1)
+        }
+        fresh = [(sid, r) for sid, r in records if r.request_id not in present]
+        for i in range(0, len(fresh), _MAX_BATCH):
+            self._witness(self._append([r for _, r in fresh[i : i + _MAX_BATCH]]))
+        if fresh:
+            log.warning(
+                "ledger: wrote %d records that stopped brokers had saved in the journal %s",
+                len(fresh),
+                self._journal.path if self._journal is not None else "",
+            )
+        return dict(collections.Counter(sid for sid, _ in fresh))
+
+    def _end_stopped(
+        self,
+        sessions: dict[str, Session],
+        running: set[str],
+        closed: dict[str, tuple[int, int]],
+        recovered: dict[str, int],
+    ) -> None:
+        now = time.time_ns()
+        for sid, session in sessions.items():
+            if sid in running:
+                continue
+            if sid in closed:
+                accepted, written = closed[sid]
+                self._store.end_session(
+                    sid, JOURNALED, now, accepted, written + recovered.get(sid, 0)
+                )
+                continue
+            self._store.end_session(sid, ABANDONED, now, None, None)
+            if session.mode != "strict":
+                log.warning(
+                    "ledger: broker session %s (pid %d) stopped without a clean stop; records "
+                    "of calls it answered may be missing, and `tabadol ledger verify` says so",
+                    sid[:12],
+                    session.pid,
+                )
+
+    def _append(self, records: list[LedgerRecord]) -> Seal:
+        sealer = self._sealer
+        return self._store.append_sealed(  # LedgerWriteError: nothing was written
+            records,
+            lambda seq, count, head: sealer.seal(seq, count, head, time.time_ns()),
+            sealer.cert_pem,
+        )
 
     def _run(self) -> None:
         failures = 0
@@ -114,27 +311,40 @@ class LedgerWriter:
                             "ledger: cannot write (%s); %d records waiting", e, len(self._queue)
                         )
                     self.problem = str(e)
-                    if closing and failures > 3:
+                    self._journal_waiting()
+                    if closing and failures > 1:  # what waits is in the journal by now
                         return
                     continue
             if closing and not self._queue:
                 return
 
+    def _journal_waiting(self) -> None:
+        """While the ledger cannot be written, keep what waits safe in the journal too."""
+        try:
+            self._save_backlog()
+        except OSError as e:
+            why = e.strerror or str(e)
+            if self.journal_problem != why:
+                log.error(
+                    "ledger: cannot save the waiting records in the journal %s either: %s",
+                    self._journal.path if self._journal is not None else "",
+                    why,
+                )
+            self.journal_problem = why
+        else:
+            self.journal_problem = None
+
     def _write_batch(self) -> None:
         batch = [self._queue[i] for i in range(min(_MAX_BATCH, len(self._queue)))]
-        sealer = self._sealer
-        seal = self._store.append_sealed(  # LedgerWriteError: the batch stays queued
-            [record for record, _ in batch],
-            lambda seq, count, head: sealer.seal(seq, count, head, time.time_ns()),
-            sealer.cert_pem,
-        )
+        seal = self._append([record for record, _, _ in batch])  # on error the batch stays
         for _ in batch:
             self._queue.popleft()
+        self._journaled = max(0, self._journaled - len(batch))
         self.written += len(batch)
         if self.problem is not None:
             log.warning("ledger: writing again after: %s", self.problem)
             self.problem = None
-        for _, done in batch:
+        for _, done, _ in batch:
             if done is not None:
                 done.set_result(None)
         self._witness(seal)
@@ -143,8 +353,12 @@ class LedgerWriter:
         """Append the seal to the anchor file: a copy outside the database to detect truncation."""
         if self._anchor is None:
             return
+        line = (json.dumps(asdict(seal)) + "\n").encode()
         try:
-            with self._anchor.open("a") as f:
-                f.write(json.dumps(asdict(seal)) + "\n")
+            fd = os.open(self._anchor, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
         except OSError as e:
             log.error("ledger: cannot append to the anchor file %s: %s", self._anchor, e.strerror)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from tabadol.ledger.record import LedgerRecord, Seal, StoredRecord
+from tabadol.ledger.sessions import Session
 
 
 class LedgerWriteError(Exception):
@@ -57,6 +58,16 @@ class LedgerStore(Protocol):
     def signers(self) -> dict[str, bytes]:
         """Signing certificates (PEM) by SHA-256 fingerprint."""
         ...
+
+    def open_session(self, session: Session) -> None:
+        """Say in the ledger that a writer has started (docs/ledger.md, "Gaps")."""
+        ...
+
+    def end_session(
+        self, session_id: str, ended: str, ended_ns: int, accepted: int | None, written: int | None
+    ) -> None: ...
+
+    def sessions(self) -> list[Session]: ...
 
     def call_groups(self, start_ns: int, end_ns: int) -> list[CallGroup]: ...
 

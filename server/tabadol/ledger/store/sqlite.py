@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -16,6 +18,7 @@ from tabadol.ledger.record import (
     StoredRecord,
     chain_digest,
 )
+from tabadol.ledger.sessions import Session
 from tabadol.ledger.store.base import CallGroup, LedgerWriteError
 
 UNAVAILABLE = 14
@@ -40,13 +43,43 @@ CREATE TABLE IF NOT EXISTS signers (
     fingerprint TEXT PRIMARY KEY,
     certificate_pem BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    instance TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    process TEXT NOT NULL,
+    opened_ns INTEGER NOT NULL,
+    ended_ns INTEGER,
+    ended TEXT NOT NULL DEFAULT '',
+    accepted INTEGER,
+    written INTEGER
+);
 """
+# Columns added after the first schema, with the value old rows take (docs/ledger.md).
+_ADDED_COLUMNS = {"consumer_serial": "''", "consumer_verified": "1"}
 _RECORD_COLUMNS = ", ".join(("seq", *FIELD_NAMES, "prev_digest", "digest"))
+_SESSION_COLUMNS = ", ".join(f.name for f in dataclasses.fields(Session))
+_PRIVATE = 0o600
 
 
 def _stored(row: Sequence[Any]) -> StoredRecord:
     seq, *values, prev_digest, digest = row
+    values[-1] = bool(values[-1])  # consumer_verified: SQLite keeps 0 or 1
     return StoredRecord(seq, LedgerRecord(*values), prev_digest, digest)
+
+
+def make_private(path: Path, *, create: bool = False) -> None:
+    """Mode 0600 for a ledger file: created so (with ``create``) or narrowed if it was not.
+    SQLite gives the -wal and -shm files it creates the database file's mode."""
+    if create:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, _PRIVATE))
+    try:
+        if path.stat().st_mode & 0o077:
+            path.chmod(_PRIVATE)
+    except FileNotFoundError:
+        pass
 
 
 class SqliteLedgerStore:
@@ -64,15 +97,38 @@ class SqliteLedgerStore:
                 )
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+                make_private(self.path, create=True)
+                for suffix in ("-wal", "-shm"):
+                    make_private(self.path.with_name(self.path.name + suffix))
                 self._conn = sqlite3.connect(
                     self.path, check_same_thread=False, isolation_level=None
                 )
+                self._conn.execute("PRAGMA busy_timeout = 2000")
                 self._conn.execute("PRAGMA journal_mode = WAL")
                 self._conn.execute("PRAGMA synchronous = FULL")
                 self._conn.executescript(_SCHEMA)
+                self._add_columns()
             self._conn.execute("PRAGMA busy_timeout = 2000")
+            self._columns = self._record_columns()
         except (sqlite3.Error, OSError) as e:
             raise LedgerWriteError(f"{self.path}: cannot open the ledger: {e}") from e
+
+    def _add_columns(self) -> None:
+        """Bring a ledger written by an older broker up to the current record fields."""
+        have = {row[1] for row in self._conn.execute("PRAGMA table_info(records)")}
+        for name, default in _ADDED_COLUMNS.items():
+            if name not in have:
+                self._conn.execute(
+                    f"ALTER TABLE records ADD COLUMN {name} NOT NULL DEFAULT {default}"
+                )
+
+    def _record_columns(self) -> str:
+        """The record columns to select: an older ledger opened read-only lacks the newest."""
+        have = {row[1] for row in self._conn.execute("PRAGMA table_info(records)")}
+        return ", ".join(
+            name if name in have else f"{_ADDED_COLUMNS[name]} AS {name}"
+            for name in ("seq", *FIELD_NAMES, "prev_digest", "digest")
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -147,13 +203,11 @@ class SqliteLedgerStore:
             last = rows[-1][0]
 
     def records(self, from_seq: int = 1) -> Iterator[StoredRecord]:
-        for row in self._iterate(
-            f"SELECT {_RECORD_COLUMNS} FROM records WHERE seq >= ?", [from_seq]
-        ):
+        for row in self._iterate(f"SELECT {self._columns} FROM records WHERE seq >= ?", [from_seq]):
             yield _stored(row)
 
     def records_between(self, start_ns: int, end_ns: int) -> Iterator[StoredRecord]:
-        sql = f"SELECT {_RECORD_COLUMNS} FROM records WHERE start_ns >= ? AND start_ns < ?"
+        sql = f"SELECT {self._columns} FROM records WHERE start_ns >= ? AND start_ns < ?"
         for row in self._iterate(sql, [start_ns, end_ns]):
             yield _stored(row)
 
@@ -171,6 +225,35 @@ class SqliteLedgerStore:
 
     def signers(self) -> dict[str, bytes]:
         return {fp: bytes(pem) for fp, pem in self._query("SELECT * FROM signers")}
+
+    def open_session(self, session: Session) -> None:
+        placeholders = ", ".join("?" * len(dataclasses.fields(Session)))
+        self._write(
+            f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES ({placeholders})",
+            dataclasses.astuple(session),
+        )
+
+    def end_session(
+        self, session_id: str, ended: str, ended_ns: int, accepted: int | None, written: int | None
+    ) -> None:
+        self._write(
+            "UPDATE sessions SET ended = ?, ended_ns = ?, accepted = ?, written = ? WHERE id = ?",
+            (ended, ended_ns, accepted, written, session_id),
+        )
+
+    def sessions(self) -> list[Session]:
+        try:
+            rows = self._query(f"SELECT {_SESSION_COLUMNS} FROM sessions ORDER BY opened_ns")
+        except sqlite3.OperationalError:  # a ledger from before sessions, opened read-only
+            return []
+        return [Session(*row) for row in rows]
+
+    def _write(self, sql: str, params: Sequence[Any]) -> None:
+        with self._lock:
+            try:
+                self._conn.execute(sql, params)
+            except sqlite3.Error as e:
+                raise LedgerWriteError(f"{self.path}: {e}") from e
 
     def call_groups(self, start_ns: int, end_ns: int) -> list[CallGroup]:
         rows = self._query(

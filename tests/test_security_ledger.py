@@ -1,0 +1,357 @@
+"""The ledger under attack (issue 10): no answered call goes missing unnoticed, refusals are
+neither free nor anonymous, and nothing a consumer sends or a reader guesses gets in."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import signal
+import sqlite3
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+from cryptography import x509
+
+from tabadol import config
+from tabadol.broker import Broker
+from tabadol.cli import main
+from tabadol.client import ProviderServer, connect
+from tabadol.errors import ConfigError
+from tabadol.ledger.store import SqliteLedgerStore
+from tabadol.pki import CertificateAuthority
+from tests.conftest import (
+    DEFAULT_GRANTS,
+    TRUST_DOMAIN,
+    RunningProvider,
+    broker_toml,
+    start_broker,
+)
+from tests.support.echo import UNARY, EchoProvider
+from tests.support.processes import TABADOL, Process
+
+ANSWERED = 30
+
+
+@contextmanager
+def locked(ledger: Path) -> Iterator[sqlite3.Connection]:
+    """Another connection holds the ledger's write lock: a real "database is locked"."""
+    holder = sqlite3.connect(ledger, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        yield holder
+    finally:
+        if holder.in_transaction:
+            holder.execute("ROLLBACK")
+        holder.close()
+
+
+async def answered_calls(address: str, agency_dir: Path, count: int) -> set[str]:
+    """``count`` calls answered OK; their request ids."""
+    acked: set[str] = set()
+    async with connect(address, agency_dir) as channel:
+        for _ in range(count):
+            call = channel.unary_unary(UNARY)(b"answered", timeout=10)
+            assert await call == b"answered"
+            acked.add(str(dict(await call.trailing_metadata() or ())["x-tabadol-request-id"]))
+    return acked
+
+
+def ledger_ids(path: Path) -> list[str]:
+    store = SqliteLedgerStore(path, readonly=True)
+    try:
+        return [stored.record.request_id for stored in store.records()]
+    finally:
+        store.close()
+
+
+def verify(config_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main(["ledger", "verify", "--config", str(config_path)])
+    return code, capsys.readouterr().out
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def write_config(
+    tmp_path: Path, pki_dir: Path, contracts: Path, provider: str, ledger: str
+) -> Path:
+    path = tmp_path / "broker.toml"
+    path.write_text(
+        broker_toml(
+            pki_dir=pki_dir, contracts=contracts, endpoints=[provider], grants=DEFAULT_GRANTS
+        )
+        + f'\n[ledger]\npath = "ledger.db"\n{ledger}\n'
+    )
+    return path
+
+
+# --- Finding 4: batched mode loses calls that were already answered -------------------------
+
+
+async def test_calls_answered_while_the_ledger_is_locked_survive_the_stop_in_the_journal(
+    tmp_path: Path,
+    pki: CertificateAuthority,
+    echo_contracts: Path,
+    echo_provider: RunningProvider,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ledger = tmp_path / "ledger.db"
+    broker = await start_broker(
+        tmp_path, pki.dir, echo_contracts, [echo_provider.address],
+        ledger='path = "ledger.db"\nbatch_interval_ms = 10\nmax_unwritten_seconds = 600',
+    )  # fmt: skip
+    journal = tmp_path / "ledger.db.journal"
+    with locked(ledger):
+        acked = await answered_calls(
+            f"127.0.0.1:{broker.port}", pki.dir / "agencies" / "post", ANSWERED
+        )
+        await broker.stop()  # neither raises nor loses: the journal takes them
+        journaled = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert {e["record"]["request_id"] for e in journaled if "record" in e} == acked
+    assert journaled[-1]["accepted"] == ANSWERED  # the closing line
+    assert mode(journal) == 0o600
+    assert ledger_ids(ledger) == []
+    code, out = verify(tmp_path / "broker.toml", capsys)
+    assert code == 0, out
+    assert f"stopped with {ANSWERED} records in the journal" in out
+
+    # The next start writes them, as sealed batches, before it takes any call.
+    broker = await start_broker(
+        tmp_path, pki.dir, echo_contracts, [echo_provider.address], ledger='path = "ledger.db"'
+    )
+    assert not journal.exists()
+    assert set(ledger_ids(ledger)) == acked
+    await broker.stop()
+    code, out = verify(tmp_path / "broker.toml", capsys)
+    assert code == 0, out
+    assert f"OK: {ANSWERED} records" in out and "GAP" not in out and "NOTE" not in out
+    for name in ("ledger.db", "ledger.db.seals", "ledger.db-wal", "ledger.db-shm"):
+        if name.endswith(("db", "seals")) or (tmp_path / name).exists():  # SQLite may drop WAL
+            assert mode(tmp_path / name) == 0o600, name
+
+
+async def test_a_stop_that_can_save_its_backlog_nowhere_exits_non_zero_and_verify_shows_the_gap(
+    tmp_path: Path,
+    pki: CertificateAuthority,
+    echo_contracts: Path,
+    echo_provider: RunningProvider,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = write_config(
+        tmp_path, pki.dir, echo_contracts, echo_provider.address, "max_unwritten_seconds = 600"
+    )
+    ledger, journal = tmp_path / "ledger.db", tmp_path / "ledger.db.journal"
+    broker = await Process.start(str(TABADOL), "broker", "--config", str(path))
+    try:
+        port = (await broker.wait_for(r"broker listening on 127\.0\.0\.1:(\d+)"))[1]
+        with locked(ledger):
+            journal.mkdir()  # and the journal cannot be written either
+            acked = await answered_calls(
+                f"127.0.0.1:{port}", pki.dir / "agencies" / "post", ANSWERED
+            )
+            broker.proc.send_signal(signal.SIGTERM)
+            status = await broker.exit_status()
+    finally:
+        if broker.proc.returncode is None:
+            broker.proc.kill()
+            await broker.proc.wait()
+    assert status != 0
+    assert any(
+        f"{ANSWERED} records of calls already answered are lost" in line for line in broker.lines
+    ), "".join(broker.lines[-10:])
+    assert not set(ledger_ids(ledger)) & acked
+    journal.rmdir()  # the operator repairs what was wrong: the gap stays visible
+    code, out = verify(path, capsys)
+    assert code == 1, out
+    assert "chain and seals intact" in out
+    assert "GAP: broker session" in out and "missing from the ledger" in out
+
+    # A later start records the lost session as abandoned; verify keeps saying so.
+    restarted = await start_broker(
+        tmp_path, pki.dir, echo_contracts, [echo_provider.address], ledger='path = "ledger.db"'
+    )
+    await restarted.stop()
+    code, out = verify(path, capsys)
+    assert code == 1 and "GAP: broker session" in out, out
+
+
+async def test_a_locked_ledger_fails_closed_within_max_unwritten_seconds_then_recovers(
+    tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path, echo_provider: RunningProvider
+) -> None:
+    broker = await start_broker(
+        tmp_path, pki.dir, echo_contracts, [echo_provider.address],
+        ledger='path = "ledger.db"\nbatch_interval_ms = 10\nmax_unwritten_seconds = 0.5',
+    )  # fmt: skip
+    address = f"127.0.0.1:{broker.port}"
+    try:
+        with locked(tmp_path / "ledger.db"):
+            await answered_calls(address, pki.dir / "agencies" / "post", 1)
+            for _ in range(400):  # the bound passes; the buffer (100000) is far from full
+                if not broker.ledger.accepting:
+                    break
+                await asyncio.sleep(0.01)
+            async with connect(address, pki.dir / "agencies" / "post") as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await channel.unary_unary(UNARY)(b"refused", timeout=10)
+            assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert "ledger cannot be written" in (err.value.details() or "")
+        for _ in range(400):  # the writer retries on its own
+            if broker.ledger.accepting:
+                break
+            await asyncio.sleep(0.01)
+        await answered_calls(address, pki.dir / "agencies" / "post", 1)
+    finally:
+        await broker.stop()
+    assert len(ledger_ids(tmp_path / "ledger.db")) == 2  # the refusal is counted, not recorded
+
+
+def test_max_unwritten_seconds_must_exceed_two_batches(
+    tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path
+) -> None:
+    path = write_config(
+        tmp_path, pki.dir, echo_contracts, "127.0.0.1:1",
+        "batch_interval_ms = 1000\nmax_unwritten_seconds = 1.5",
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"\[ledger\] max_unwritten_seconds"):
+        config.load(path)
+
+
+# --- Finding 7: refusals are free, and unattributed --------------------------------------
+
+
+async def test_refused_calls_count_against_the_consumers_rate_limit(
+    tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path, echo_provider: RunningProvider
+) -> None:
+    # cra has no grant: every call it makes is refused, and each used to cost it nothing.
+    limit = '[[limit]]\nconsumer = "cra"\nrate = 0.01\nburst = 1\n'
+    broker = await start_broker(
+        tmp_path, pki.dir, echo_contracts, [echo_provider.address],
+        grants=DEFAULT_GRANTS + limit, ledger='path = "ledger.db"',
+    )  # fmt: skip
+    codes = []
+    try:
+        async with connect(f"127.0.0.1:{broker.port}", pki.dir / "agencies" / "cra") as channel:
+            for _ in range(5):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await channel.unary_unary(UNARY)(b"probe", timeout=10)
+                codes.append(err.value.code())
+                trailers = dict(err.value.trailing_metadata() or ())
+    finally:
+        await broker.stop()
+    assert codes[0] is grpc.StatusCode.PERMISSION_DENIED
+    assert codes[1:] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 4
+    assert int(trailers["x-tabadol-retry-after-ms"]) > 0
+
+
+async def test_a_revoked_certificates_calls_are_recorded_with_its_claimed_agency_unverified(
+    tmp_path: Path, echo_contracts: Path
+) -> None:
+    own = CertificateAuthority.init(tmp_path / "pki", TRUST_DOMAIN)
+    own.issue_broker()
+    own.issue_agency("post")
+    provider = ProviderServer(own.issue_agency("echo"))
+    provider.server.add_generic_rpc_handlers((EchoProvider(),))
+    await provider.start()
+    serial = x509.load_pem_x509_certificate(
+        (own.dir / "agencies/post/agency.crt").read_bytes()
+    ).serial_number
+    broker = await start_broker(
+        tmp_path, own.dir, echo_contracts, [provider.address], ledger='path = "ledger.db"'
+    )
+    try:
+        async with connect(f"127.0.0.1:{broker.port}", own.dir / "agencies" / "post") as channel:
+            assert await channel.unary_unary(UNARY)(b"before", timeout=10) == b"before"
+            own.revoke_agency("post")
+            broker.reload(broker.config)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await channel.unary_unary(UNARY)(b"after", timeout=10)
+        assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await broker.stop()
+        await provider.stop(0)
+    store = SqliteLedgerStore(tmp_path / "ledger.db", readonly=True)
+    before, after = [stored.record for stored in store.records()]
+    store.close()
+    assert (before.consumer, before.consumer_serial, before.consumer_verified) == (
+        "post", f"{serial:x}", True,
+    )  # fmt: skip
+    assert (after.consumer, after.consumer_serial, after.consumer_verified) == (
+        "post", f"{serial:x}", False,
+    )  # fmt: skip
+    assert after.status_code == grpc.StatusCode.UNAUTHENTICATED.value[0]
+
+
+# --- Finding 8: what a consumer sends, and what a reader can guess -------------------------
+
+
+async def test_a_malformed_trace_id_never_reaches_the_ledger(
+    tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path, echo_provider: RunningProvider
+) -> None:
+    broker = await start_broker(
+        tmp_path, pki.dir, echo_contracts, [echo_provider.address],
+        tracing="enabled = false", ledger='path = "ledger.db"',
+    )  # fmt: skip
+    good = "4bf92f3577b34da6a3ce929d0e0e4736"
+    sent = [
+        "0x" + "0" * 26 + "abcd",  # what the review stored
+        good.upper(),
+        "0" * 32,
+        good + "ff",
+        "<script>" + good[8:],
+        good,
+    ]
+    try:
+        async with connect(f"127.0.0.1:{broker.port}", pki.dir / "agencies" / "post") as channel:
+            for trace_id in sent:
+                header = f"00-{trace_id}-00f067aa0ba902b7-01"
+                await channel.unary_unary(UNARY)(
+                    b"t", metadata=(("traceparent", header),), timeout=10
+                )
+    finally:
+        await broker.stop()
+    store = SqliteLedgerStore(tmp_path / "ledger.db", readonly=True)
+    stored = [s.record.trace_id for s in store.records()]
+    store.close()
+    assert stored == ["", "", "", "", "", good]
+
+
+async def test_payload_digests_are_keyed_so_a_guessed_payload_cannot_be_confirmed(
+    tmp_path: Path, echo_contracts: Path
+) -> None:
+    own = CertificateAuthority.init(tmp_path / "pki", TRUST_DOMAIN)
+    own.issue_broker()
+    own.issue_agency("post")
+    provider = ProviderServer(own.issue_agency("echo"))
+    provider.server.add_generic_rpc_handlers((EchoProvider(),))
+    await provider.start()
+    secret = b"national-id:1234567890"
+    broker = await start_broker(
+        tmp_path, own.dir, echo_contracts, [provider.address],
+        ledger='path = "ledger.db"\npayload_digests = true',
+    )  # fmt: skip
+    try:
+        async with connect(f"127.0.0.1:{broker.port}", own.dir / "agencies" / "post") as channel:
+            assert await channel.unary_unary(UNARY)(secret, timeout=10) == secret
+    finally:
+        await broker.stop()
+        await provider.stop(0)
+    key_file = own.dir / "payload-digest.key"
+    assert mode(key_file) == 0o600 and len(key_file.read_bytes()) == 32
+    store = SqliteLedgerStore(tmp_path / "ledger.db", readonly=True)
+    (record,) = [s.record for s in store.records()]
+    store.close()
+    assert record.request_sha256 != hashlib.sha256(secret).hexdigest()  # a guess confirms nothing
+    keyed = hmac.new(key_file.read_bytes(), secret, hashlib.sha256).hexdigest()
+    assert record.request_sha256 == keyed == record.response_sha256
+
+    key_file.write_bytes(b"short")
+    with pytest.raises(ConfigError, match=r"payload-digest\.key"):
+        Broker(config.load(tmp_path / "broker.toml"))
