@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shlex
 import signal
+import ssl
 from pathlib import Path
+
+import httpx
 
 from tests.support.processes import ROOT, TABADOL, Process
 
@@ -40,6 +44,8 @@ async def test_demo_sends_every_kind_of_traffic_and_its_example_call_works(tmp_p
         assert person["nationalId"] in example
         assert person["lifeStatus"] == "LIFE_STATUS_ALIVE"
 
+        await _login_link_opens_an_operator_session(output, tmp_path / "var" / "pki")
+
         demo.proc.send_signal(signal.SIGINT)
         assert await demo.exit_status() == 0
     finally:
@@ -52,6 +58,30 @@ async def test_demo_sends_every_kind_of_traffic_and_its_example_call_works(tmp_p
     out, _ = await check.communicate()
     assert check.returncode == 0, out
     assert "OK: 9 records" in out.decode()
-    # The PKI it made keeps private keys private.
+    # The PKI it made keeps private keys private, and the span store is private too.
     for key in (tmp_path / "var" / "pki").rglob("*.key"):
         assert key.stat().st_mode & 0o077 == 0, key
+    for data in (tmp_path / "var" / "ops").glob("traces.db*"):
+        assert data.stat().st_mode & 0o077 == 0, data
+    # Certificates to log in with, besides the link: an operator's and an auditor's.
+    for bundle in ("operators/demo/operator.crt", "auditors/demo/auditor.crt", "ops.crt"):
+        assert (tmp_path / "var" / "pki" / bundle).exists(), bundle
+
+
+async def _login_link_opens_an_operator_session(output: str, pki: Path) -> None:
+    """The console line is a one-time login link; it works once, and nothing works without."""
+    found = re.search(r"ops console\s+(https://\S+)/login\?token=(\S+)", output)
+    assert found, output
+    base, token = found[1], found[2]
+    trust = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    async with httpx.AsyncClient(base_url=base, verify=trust) as browser:
+        assert (await browser.get("/api/tabadol/whoami")).status_code == 401
+        opened = await browser.get("/login", params={"token": token})
+        assert opened.status_code == 303
+        assert opened.headers["location"] == "/"
+        # The cookie is Secure and the console is HTTPS, so the client sends it back.
+        whoami = (await browser.get("/api/tabadol/whoami")).json()
+        assert (whoami["role"], whoami["name"], whoami["via"]) == ("operator", "demo", "login link")
+        assert (await browser.get("/api/tabadol/search")).status_code == 200
+    async with httpx.AsyncClient(base_url=base, verify=trust) as stranger:
+        assert (await stranger.get("/login", params={"token": token})).status_code == 401

@@ -29,10 +29,10 @@ from tabadol.ops.server import OpsServer, open_accounts
 from tabadol.pki import CertificateAuthority
 from tabadol.reports.quarter import TEHRAN, Quarter
 from tests.conftest import TRUST_DOMAIN
-from tests.support.browser import chromium, page_without_script_errors
+from tests.support.browser import chromium, console_page
 from tests.support.echo import SERVICE as ECHO
 from tests.support.echo import write_echo_contracts
-from tests.support.ops import running_ops
+from tests.support.ops import operator_bundle, running_ops
 from tests.test_reports import write_tax_contracts
 
 TAX = "tabadol.test.v1.Tax"
@@ -164,15 +164,20 @@ def ledger(tmp_path_factory: pytest.TempPathFactory, pki: CertificateAuthority) 
 
 
 @pytest.fixture(scope="module")
-async def ops(tmp_path_factory: pytest.TempPathFactory, ledger: Ledger) -> AsyncIterator[OpsServer]:
-    async with running_ops(tmp_path_factory.mktemp("ops"), open_accounts(ledger.config)) as server:
+async def ops(
+    tmp_path_factory: pytest.TempPathFactory, ledger: Ledger, pki: CertificateAuthority
+) -> AsyncIterator[OpsServer]:
+    accounts = open_accounts(ledger.config)
+    async with running_ops(tmp_path_factory.mktemp("ops"), pki, accounts) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
-async def no_ledger_ops(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[OpsServer]:
-    """A viewer started without --config: it has spans but no ledger."""
-    async with running_ops(tmp_path_factory.mktemp("no-ledger")) as server:
+async def no_ledger_ops(
+    tmp_path_factory: pytest.TempPathFactory, pki: CertificateAuthority
+) -> AsyncIterator[OpsServer]:
+    """A viewer shown no ledger: it has spans but no dashboard."""
+    async with running_ops(tmp_path_factory.mktemp("no-ledger"), pki) as server:
         yield server
 
 
@@ -183,8 +188,9 @@ async def browser() -> AsyncIterator[Browser]:
 
 
 @pytest.fixture
-async def page(browser: Browser, ops: OpsServer) -> AsyncIterator[Page]:
-    async with page_without_script_errors(browser, ops.http_url) as opened:
+async def page(browser: Browser, ops: OpsServer, pki: CertificateAuthority) -> AsyncIterator[Page]:
+    """A browser on the console, logged in with the tests' operator's client certificate."""
+    async with console_page(browser, ops, operator_bundle(pki)) as opened:
         yield opened
 
 
@@ -320,8 +326,13 @@ async def test_reports_list_the_current_quarter_and_open_its_html_report(
 
 
 async def test_without_a_ledger_the_pages_say_to_start_with_a_config(
-    page: Page, no_ledger_ops: OpsServer
+    browser: Browser, no_ledger_ops: OpsServer, pki: CertificateAuthority
 ) -> None:
+    async with console_page(browser, no_ledger_ops, operator_bundle(pki)) as page:
+        await _say_to_start_with_a_config(page, no_ledger_ops)
+
+
+async def _say_to_start_with_a_config(page: Page, no_ledger_ops: OpsServer) -> None:
     for path, heading in (("/dashboard", "Dashboard"), ("/reports", "Quarterly reports")):
         await page.goto(f"{no_ledger_ops.http_url}{path}")
         await expect(page.get_by_role("heading", level=1)).to_have_text(heading)

@@ -23,10 +23,12 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from playwright.async_api import Browser, Locator, Page, expect
 
-from tabadol.client.tracing import tracer_provider
+from tabadol.client.tracing import ExporterCredentials, tracer_provider
 from tabadol.ops.server import OpsServer
-from tests.support.browser import chromium, page_without_script_errors
-from tests.support.ops import running_ops
+from tabadol.pki import CertificateAuthority
+from tabadol.spiffe import ops_dns_name
+from tests.support.browser import chromium, console_page
+from tests.support.ops import operator_bundle, operator_client, running_ops
 
 METHOD = "tabadol.agencies.nocr.v1.PersonRegistry/InquirePerson"
 RPC = {
@@ -118,16 +120,35 @@ def _health_check(broker: Tracer, t0: int) -> None:
 
 
 @pytest.fixture(scope="module")
-async def ops(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[OpsServer]:
-    async with running_ops(tmp_path_factory.mktemp("ops")) as server:
+async def ops(
+    tmp_path_factory: pytest.TempPathFactory, pki: CertificateAuthority
+) -> AsyncIterator[OpsServer]:
+    async with running_ops(tmp_path_factory.mktemp("ops"), pki) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
-async def empty_ops(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[OpsServer]:
+async def empty_ops(
+    tmp_path_factory: pytest.TempPathFactory, pki: CertificateAuthority
+) -> AsyncIterator[OpsServer]:
     """A second viewer that never receives a span."""
-    async with running_ops(tmp_path_factory.mktemp("empty-ops")) as server:
+    async with running_ops(tmp_path_factory.mktemp("empty-ops"), pki) as server:
         yield server
+
+
+def _sender(pki: CertificateAuthority, service: str) -> ExporterCredentials:
+    """Who exports a service's spans: the broker its own, each agency with its certificate."""
+    cert, key = (
+        (pki.dir / "broker.crt", pki.dir / "broker.key")
+        if service == "tabadol-broker"
+        else (
+            pki.dir / "agencies" / service / "agency.crt",
+            pki.dir / "agencies" / service / "agency.key",
+        )
+    )
+    return ExporterCredentials(
+        pki.cert_pem(), cert.read_bytes(), key.read_bytes(), ops_dns_name(pki.trust_domain)
+    )
 
 
 async def _wait_for_trace(client: httpx.AsyncClient, trace_id: str, spans: int) -> None:
@@ -150,10 +171,15 @@ async def _wait_for_trace_count(client: httpx.AsyncClient, count: int) -> None:
 
 
 @pytest.fixture(scope="module")
-async def traces(ops: OpsServer) -> Traces:
+async def traces(ops: OpsServer, pki: CertificateAuthority) -> Traces:
     providers: list[TracerProvider] = []
     for name in ("post", "tabadol-broker", "nocr"):
-        made = tracer_provider(name, otlp_endpoint=f"http://{ops.otlp_address}", env={})
+        made = tracer_provider(
+            name,
+            otlp_endpoint=f"https://{ops.otlp_address}",
+            credentials=_sender(pki, name),
+            env={},
+        )
         assert made is not None
         providers.append(made[0])
     post, broker, nocr = (p.get_tracer("tests.test_ops_ui") for p in providers)
@@ -166,7 +192,7 @@ async def traces(ops: OpsServer) -> Traces:
     flushed = await asyncio.gather(*(asyncio.to_thread(p.force_flush) for p in providers))
     assert all(flushed), "the SDK could not export the spans to the viewer"
     await asyncio.gather(*(asyncio.to_thread(p.shutdown) for p in providers))
-    async with httpx.AsyncClient(base_url=ops.http_url) as client:
+    async with operator_client(ops, pki) as client:
         await _wait_for_trace(client, ok, 7)
         await _wait_for_trace(client, failed, 5)
         await _wait_for_trace_count(client, 2 + HEALTH_CHECKS)
@@ -180,8 +206,11 @@ async def browser() -> AsyncIterator[Browser]:
 
 
 @pytest.fixture
-async def page(browser: Browser, ops: OpsServer, traces: Traces) -> AsyncIterator[Page]:
-    async with page_without_script_errors(browser, ops.http_url) as opened:
+async def page(
+    browser: Browser, ops: OpsServer, traces: Traces, pki: CertificateAuthority
+) -> AsyncIterator[Page]:
+    """A browser on the console, logged in with the tests' operator's client certificate."""
+    async with console_page(browser, ops, operator_bundle(pki)) as opened:
         yield opened
 
 
@@ -346,8 +375,13 @@ async def test_dependency_edge_leads_to_the_traces_between_the_agencies(page: Pa
 
 
 async def test_pages_without_spans_say_there_is_nothing_yet(
-    page: Page, empty_ops: OpsServer
+    browser: Browser, empty_ops: OpsServer, pki: CertificateAuthority
 ) -> None:
+    async with console_page(browser, empty_ops, operator_bundle(pki)) as page:
+        await _nothing_yet(page, empty_ops)
+
+
+async def _nothing_yet(page: Page, empty_ops: OpsServer) -> None:
     await page.goto(f"{empty_ops.http_url}/dependencies?lookback=15m")
     await expect(page.get_by_label("Window")).to_have_value("15m")
     await expect(

@@ -52,6 +52,7 @@ from tabadol.demo_agencies import (
 )
 from tabadol.errors import TabadolError
 from tabadol.ops.server import OpsServer, open_accounts
+from tabadol.ops.trust import OpsTrust
 from tabadol.pki import CertificateAuthority
 from tabadol.type.v1 import date_pb2
 
@@ -84,24 +85,37 @@ GRANTS: list[tuple[str, str, list[str]]] = [
 ]
 
 
+DEMO_PERSON = "demo"  # the demo's operator and auditor: pki/operators/demo, pki/auditors/demo
+
+
 def prepare(root: Path, contracts: Path) -> tuple[Path, Path]:
-    """Absolute paths for the state directory and the contracts, which must exist."""
+    """Absolute paths for the state directory and the contracts, which must exist; the
+    demo PKI is made (once) under ``root/pki``."""
     if not contracts.exists():
         raise TabadolError(f"{contracts}: contracts not built; run `make protos` first")
+    ensure_pki(root.resolve() / "pki")
     return root.resolve(), contracts.resolve()
 
 
 def ensure_pki(pki_dir: Path) -> CertificateAuthority:
-    """Create the demo PKI once; later runs reuse it."""
+    """Create the demo PKI once; later runs reuse it. Besides the broker and the agencies:
+    the ops console's certificate, and an operator and an auditor to log in with."""
     if (pki_dir / "ca.key").exists():
         ca = CertificateAuthority(pki_dir)
     else:
         ca = CertificateAuthority.init(pki_dir, TRUST_DOMAIN)
     if not (pki_dir / "broker.key").exists():
         ca.issue_broker()
+    if not (pki_dir / "ops.key").exists():
+        ca.issue_ops()
     for agency in AGENCIES:
         if not (pki_dir / "agencies" / agency / "agency.key").exists():
             ca.issue_agency(agency)
+    for role in ("operator", "auditor"):
+        if not (pki_dir / f"{role}s" / DEMO_PERSON / f"{role}.key").exists():
+            ca.issue_person(role, DEMO_PERSON)
+    if not (pki_dir / "crl.pem").exists():
+        ca.write_crl()
     return ca
 
 
@@ -126,7 +140,7 @@ def demo_config(
         'path = "ledger.db"',
         "",
         "[tracing]",
-        f'otlp_endpoint = "http://{otlp}"',
+        f'otlp_endpoint = "https://{otlp}"',  # mTLS, with broker.crt
         "",
     ]
     for agency, name in AGENCY_NAMES.items():
@@ -289,11 +303,17 @@ def example_call(
     return shlex.join(argv)
 
 
-def _agency_tracers(otlp: str) -> dict[str, TracerProvider | None]:
-    """One tracer provider per agency, so each shows as its own service in the viewer."""
+def _agency_tracers(otlp: str, pki_dir: Path) -> dict[str, TracerProvider | None]:
+    """One tracer provider per agency, so each shows as its own service in the viewer; each
+    exports over mTLS with the agency's own certificate, as the collector requires."""
     tracers: dict[str, TracerProvider | None] = {}
     for agency in AGENCIES:
-        built = tracer_provider(agency, service_name=agency, otlp_endpoint=f"http://{otlp}")
+        built = tracer_provider(
+            agency,
+            service_name=agency,
+            otlp_endpoint=f"https://{otlp}",
+            credentials=pki_dir / "agencies" / agency,
+        )
         tracers[agency] = built[0] if built else None
     return tracers
 
@@ -314,9 +334,10 @@ async def run_demo(
     ``root`` and ``contracts`` are absolute paths (see `prepare`)."""
     pki_dir = root / "pki"
     ensure_pki(pki_dir)
-    ops = OpsServer(root / "ops" / "traces.db", http=ops_http, otlp=ops_otlp)
+    trust = OpsTrust.load(pki_dir, TRUST_DOMAIN)
+    ops = OpsServer(root / "ops" / "traces.db", trust=trust, http=ops_http, otlp=ops_otlp)
     await ops.start()
-    tracers = _agency_tracers(ops.otlp_address)
+    tracers = _agency_tracers(ops.otlp_address, pki_dir)
     providers: dict[str, ProviderServer] = {}
     broker: Broker | None = None
     try:
@@ -337,6 +358,8 @@ async def run_demo(
         await broker.start()
         ops.show_ledger(open_accounts(config_path))
         broker_address = f"{listen.rsplit(':', 1)[0]}:{broker.port}"
+        for provider in providers.values():
+            provider.follow_broker(broker_address)  # revoked broker certificates, refused
         rng = random.Random()
         report = await send_traffic(broker_address, pki_dir, rng, tracers)
         person = sample_person(rng)
@@ -345,9 +368,25 @@ async def run_demo(
         for agency, provider in providers.items():
             print(f"  {agency:<12} {provider.address}  provides {SERVICES[agency]}")
         print(f"  PKI          {pki_dir}  (agency credentials in {pki_dir / 'agencies'}/<id>/)")
-        print(f"  trace viewer {ops.http_url}  (OTLP/gRPC collector on {ops.otlp_address})")
-        metrics_host = metrics_listen.rsplit(":", 1)[0]
-        print(f"  metrics      http://{metrics_host}:{broker.metrics.port}/metrics")
+        try:
+            console = ops.login_link("operator", DEMO_PERSON)
+            how = "a one-time login link, valid 15 minutes"
+        except TabadolError:
+            console = ops.http_url  # not loopback: certificates only
+            how = "log in with a client certificate"
+        print(f"  ops console  {console}")
+        print(f"               ({how}; OTLP/gRPC collector on {ops.otlp_address})")
+        print(
+            f"               (or import {pki_dir / 'operators' / DEMO_PERSON} or "
+            f"{pki_dir / 'auditors' / DEMO_PERSON} into your browser)"
+        )
+        metrics_url = f"https://{metrics_listen.rsplit(':', 1)[0]}:{broker.metrics.port}/metrics"
+        scraper = pki_dir / "operators" / DEMO_PERSON  # operators and auditors only
+        print(f"  metrics      {metrics_url}")
+        print(
+            f"               (curl --cacert {pki_dir / 'ca.crt'} --cert {scraper / 'operator.crt'}"
+            f" --key {scraper / 'operator.key'} {metrics_url})"
+        )
         print(f"  ledger       {broker.config.ledger.path}")
         print("\nSample traffic through the broker:")
         print("\n".join(report))
@@ -356,7 +395,7 @@ async def run_demo(
             broker_address, root, contracts, person.national_id, str(person.birth_date)
         )
         print(f"  {example}")
-        print(f"\nThen find it in the trace viewer: {ops.http_url}/search?service=post")
+        print(f"\nThen find it in the ops console: {ops.http_url}/search?service=post")
         print("\nPress Ctrl-C to stop.", flush=True)
         if not once:
             await _keep_running(broker_address, pki_dir, rng, tracers, traffic_every)

@@ -1,29 +1,55 @@
-"""The viewer's HTTP side: a Jaeger-compatible JSON API and the web UI (static, offline)."""
+"""The viewer's HTTP side: a Jaeger-compatible JSON API and the web UI (static, offline).
+
+Every request first passes the gate (gate.py): Host, identity, rights. The routes then show
+each viewer its share: an agency only its own traces, ledger rows and assessment.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from tabadol.ops import jaeger
+from tabadol.ops.access import RIGHTS, Family, Viewer, family_of, own_edges, trace_is_visible
 from tabadol.ops.dashboard import Accounts, dashboard
-from tabadol.ops.model import KIND_NAMES
+from tabadol.ops.gate import ConsoleAccess, Gate
+from tabadol.ops.model import KIND_NAMES, SpanRecord, TraceQuery, TraceSummary
 from tabadol.ops.query import trace_query, window_ns
 from tabadol.ops.store import SpanStore
-from tabadol.reports import Quarter, build_quarterly, render_csv, render_html, render_json
+from tabadol.reports import (
+    Quarter,
+    QuarterlyReport,
+    build_quarterly,
+    render_csv,
+    render_html,
+    render_json,
+)
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_DEPENDENCY_LOOKBACK_MS = 3600 * 1000
+# An agency's search reads its candidate traces to check each is its own: it pages through
+# at most this many of its newest matches (narrow the time range to reach older ones).
+AGENCY_SEARCH_WINDOW = 2000
+REPORT_CACHE_SIZE = 32
+REPORT_TYPES = {
+    "html": "text/html; charset=utf-8",
+    "csv": "text/csv; charset=utf-8",
+    "json": "application/json",
+}
 
 
 def _params(request: Request) -> dict[str, list[str]]:
@@ -33,13 +59,95 @@ def _params(request: Request) -> dict[str, list[str]]:
     return params
 
 
+def viewer_of(request: Request) -> Viewer:
+    """Who the gate let in; a route reached without the gate refuses to answer."""
+    found = getattr(request.state, "viewer", None)
+    if not isinstance(found, Viewer):
+        raise PermissionError("no identity: the console's routes are served only behind its gate")
+    return found
+
+
+def agency_search(
+    store: SpanStore, query: TraceQuery, agency: str
+) -> tuple[list[TraceSummary], int, dict[str, list[SpanRecord]]]:
+    """One page of the traces that are the agency's (``access.trace_is_visible``), their
+    total, and the spans read to check them. Candidates are those with the agency's id in
+    tabadol.consumer or tabadol.provider on any span; each is then checked on its spans."""
+    window = query.offset + query.limit
+    if window > AGENCY_SEARCH_WINDOW:
+        raise ValueError(
+            f"offset: an agency pages through its newest {AGENCY_SEARCH_WINDOW} matching "
+            "traces; narrow the time range to see older ones"
+        )
+    found: dict[str, TraceSummary] = {}
+    totals, complete = [], True
+    for key in ("tabadol.consumer", "tabadol.provider"):
+        tagged = dataclasses.replace(
+            query, tags=(*query.tags, (key, agency)), limit=window, offset=0
+        )
+        summaries, total = store.search(tagged)
+        totals.append(total)
+        complete = complete and total <= window
+        for summary in summaries:
+            found[summary.trace_id] = summary
+    ordered = sorted(found.values(), key=lambda s: (s.start_ns, s.trace_id), reverse=True)
+    kept: list[TraceSummary] = []
+    spans: dict[str, list[SpanRecord]] = {}
+    for summary in ordered:
+        if len(kept) == window:
+            complete = False
+            break
+        trace = store.trace(summary.trace_id)
+        if trace_is_visible(trace, agency):
+            kept.append(summary)
+            spans[summary.trace_id] = trace
+    total = len(kept) if complete else max(len(kept), *totals)
+    return kept[query.offset : window], total, spans
+
+
+def own_assessment(report: QuarterlyReport, agency: str) -> QuarterlyReport:
+    """The quarterly report as one agency may see it: the national figures and its own
+    figures and indicator, not the other agencies'."""
+    return dataclasses.replace(
+        report,
+        agencies=tuple(a for a in report.agencies if a.id == agency),
+        indicators=tuple(i for i in report.indicators if i.agency == agency),
+    )
+
+
+class ReportCache:
+    """Rendered reports by what they depend on: quarter, format, the viewer's agency scope
+    and the ledger's head (a new record makes a new key). Least recently used go first."""
+
+    def __init__(self, size: int = REPORT_CACHE_SIZE) -> None:
+        self._size = size
+        self._items: OrderedDict[tuple[object, ...], str] = OrderedDict()
+        self._lock = threading.Lock()
+        self.builds = 0
+
+    def get(self, key: tuple[object, ...], build: Callable[[], str]) -> str:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        built = build()
+        with self._lock:
+            self.builds += 1
+            self._items[key] = built
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+        return built
+
+
 def create_app(
     store: SpanStore,
+    access: ConsoleAccess,
     now_ns: Callable[[], int] = time.time_ns,
     accounts: Accounts | None = None,
 ) -> Starlette:
     """The viewer's web application over a span store, and over the ledger when given
-    (``app.state.accounts``; it may also be set after start)."""
+    (``app.state.accounts``; it may also be set after start), behind the gate of ``access``."""
+    reports = ReportCache()
 
     async def call(fn: Callable[..., Any], *args: Any) -> Any:
         return await run_in_threadpool(fn, *args)
@@ -67,10 +175,21 @@ def create_app(
         ]
         return JSONResponse(jaeger.envelope(data, total=len(data)))
 
+    def find(
+        query: TraceQuery, viewer: Viewer
+    ) -> tuple[list[TraceSummary], int, dict[str, list[SpanRecord]]]:
+        if viewer.agency is None:
+            summaries, total = store.search(query)
+            return summaries, total, {}
+        return agency_search(store, query, viewer.agency)
+
     async def traces(request: Request) -> Response:
         query = trace_query(_params(request), now_ns())
-        summaries, total = await call(store.search, query)
-        data = [jaeger.trace_json(await call(store.trace, s.trace_id)) for s in summaries]
+        summaries, total, read = await call(find, query, viewer_of(request))
+        data = []
+        for s in summaries:
+            spans = read.get(s.trace_id) or await call(store.trace, s.trace_id)
+            data.append(jaeger.trace_json(spans))
         return JSONResponse(
             jaeger.envelope(data, total=total, limit=query.limit, offset=query.offset)
         )
@@ -78,7 +197,9 @@ def create_app(
     async def trace(request: Request) -> Response:
         trace_id = request.path_params["trace_id"].lower()
         spans = await call(store.trace, trace_id)
-        if not spans:
+        agency = viewer_of(request).agency
+        if not spans or (agency is not None and not trace_is_visible(spans, agency)):
+            # Another agency's trace is "not found", not "forbidden": its id stays secret.
             return JSONResponse(
                 jaeger.error_envelope(404, f"trace {trace_id} not found"), status_code=404
             )
@@ -92,7 +213,7 @@ def create_app(
     async def search(request: Request) -> Response:
         """Tabadol's search: one summary per trace, for the result list."""
         query = trace_query(_params(request), now_ns())
-        summaries, total = await call(store.search, query)
+        summaries, total, _ = await call(find, query, viewer_of(request))
         data = [
             {
                 "traceID": s.trace_id,
@@ -114,6 +235,9 @@ def create_app(
         """Consumer agency -> provider agency, with call counts and error rates."""
         start, end = window_ns(_params(request), now_ns(), DEFAULT_DEPENDENCY_LOOKBACK_MS)
         edges = await call(store.agency_calls, start, end)
+        agency = viewer_of(request).agency
+        if agency is not None:
+            edges = own_edges(edges, agency)
         data = [
             {
                 "consumer": e.parent,
@@ -125,6 +249,20 @@ def create_app(
             for e in edges
         ]
         return JSONResponse(jaeger.envelope(data, total=len(data)))
+
+    async def whoami(request: Request) -> Response:
+        """Who the console sees, and what they may open (the UI hides the rest)."""
+        viewer = viewer_of(request)
+        return JSONResponse(
+            {
+                "role": viewer.role,
+                "name": viewer.name,
+                "via": viewer.via,
+                "expires": dt.datetime.fromtimestamp(viewer.expires_at, dt.UTC).isoformat(),
+                "may": sorted(RIGHTS[viewer.role]),
+                "label": str(viewer),
+            }
+        )
 
     def ledger(request: Request) -> Accounts:
         found: Accounts | None = request.app.state.accounts
@@ -138,7 +276,7 @@ def create_app(
     async def dashboard_api(request: Request) -> Response:
         accounts = ledger(request)
         now = dt.datetime.fromtimestamp(now_ns() / 1e9, dt.UTC)
-        return JSONResponse(await call(dashboard, accounts, now))
+        return JSONResponse(await call(dashboard, accounts, now, viewer_of(request).agency))
 
     async def reports_api(request: Request) -> Response:
         ledger(request)
@@ -152,44 +290,72 @@ def create_app(
     async def report(request: Request) -> Response:
         accounts = ledger(request)
         quarter = Quarter.parse(request.path_params["quarter"])
-        built = await call(build_quarterly, accounts.config, accounts.store, quarter)
         fmt = request.path_params["fmt"]
+        if fmt not in REPORT_TYPES:
+            raise ValueError(f"unknown report format {fmt!r}; expected html, csv or json")
+        agency = viewer_of(request).agency
+
+        def build() -> str:
+            built = build_quarterly(accounts.config, accounts.store, quarter)
+            if agency is not None:
+                built = own_assessment(built, agency)
+            if fmt == "html":
+                return render_html(built)
+            return render_csv(built) if fmt == "csv" else render_json(built)
+
+        head = await call(accounts.store.head)
+        text = await call(reports.get, (str(quarter), fmt, agency, head), build)
         if fmt == "html":
-            return HTMLResponse(render_html(built))
-        if fmt == "csv":
-            return Response(render_csv(built), media_type="text/csv; charset=utf-8")
-        if fmt == "json":
-            return Response(render_json(built), media_type="application/json")
-        raise ValueError(f"unknown report format {fmt!r}; expected html, csv or json")
+            return HTMLResponse(text)
+        return Response(text, media_type=REPORT_TYPES[fmt])
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return JSONResponse(jaeger.error_envelope(404, str(exc)), status_code=404)
 
+    async def refused(request: Request, exc: Exception) -> Response:
+        return JSONResponse(jaeger.error_envelope(401, str(exc)), status_code=401)
+
     async def index(request: Request) -> Response:
         return FileResponse(STATIC / "index.html")
 
-    routes = [
-        Route("/api/services", services),
-        Route("/api/services/{service:path}/operations", service_operations),
-        Route("/api/operations", operations),
-        Route("/api/traces", traces),
-        Route("/api/traces/{trace_id}", trace),
-        Route("/api/dependencies", dependencies),
-        Route("/api/tabadol/search", search),
-        Route("/api/tabadol/agencies", agencies),
-        Route("/api/tabadol/dashboard", dashboard_api),
-        Route("/api/tabadol/reports", reports_api),
-        Route("/reports/quarterly-{quarter}.{fmt}", report),
-        Mount("/static", StaticFiles(directory=STATIC), name="static"),
-        Route("/", index),
-        Route("/search", index),
-        Route("/trace/{trace_id}", index),
-        Route("/dependencies", index),
-        Route("/dashboard", index),
-        Route("/reports", index),
+    # Each path with the family the gate files it under (access.family_of): checked below,
+    # so a new route cannot slip past the rights table under the wrong name.
+    routes: list[tuple[BaseRoute, Family]] = [
+        (Route("/api/services", services), "spans"),
+        (Route("/api/services/{service:path}/operations", service_operations), "spans"),
+        (Route("/api/operations", operations), "spans"),
+        (Route("/api/traces", traces), "spans"),
+        (Route("/api/traces/{trace_id}", trace), "spans"),
+        (Route("/api/dependencies", dependencies), "service-graph"),
+        (Route("/api/tabadol/search", search), "spans"),
+        (Route("/api/tabadol/agencies", agencies), "spans"),
+        (Route("/api/tabadol/whoami", whoami), "page"),
+        (Route("/api/tabadol/dashboard", dashboard_api), "ledger"),
+        (Route("/api/tabadol/reports", reports_api), "ledger"),
+        (Route("/reports/quarterly-{quarter}.{fmt}", report), "ledger"),
+        (Mount("/static", StaticFiles(directory=STATIC), name="static"), "page"),
+        (Route("/", index), "page"),
+        (Route("/search", index), "page"),
+        (Route("/trace/{trace_id}", index), "page"),
+        (Route("/dependencies", index), "page"),
+        (Route("/dashboard", index), "page"),
+        (Route("/reports", index), "page"),
     ]
+    for route, family in routes:
+        path = str(getattr(route, "path", ""))
+        example = path.replace("{service:path}", "x").replace("{trace_id}", "x")
+        example = example.replace("{quarter}", "x").replace("{fmt}", "x")
+        if family_of(example) != family:
+            raise AssertionError(f"route {path} is filed as {family_of(example)}, not {family}")
     app = Starlette(
-        routes=routes, exception_handlers={ValueError: bad_request, LookupError: not_found}
+        routes=[route for route, _ in routes],
+        middleware=[Middleware(Gate, access=access)],
+        exception_handlers={
+            ValueError: bad_request,
+            LookupError: not_found,
+            PermissionError: refused,
+        },
     )
     app.state.accounts = accounts
+    app.state.reports = reports
     return app

@@ -3,38 +3,130 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from tabadol.config import BrokerConfig
-from tabadol.ledger.store import LedgerStore
+from tabadol.ledger.record import GENESIS, LedgerRecord, Seal, StoredRecord
+from tabadol.ledger.sessions import Session
+from tabadol.ledger.store import CallGroup, LedgerStore, LedgerWriteError, SqliteLedgerStore
 from tabadol.reports.quarter import TEHRAN, Quarter
 
 PERCENTS = (50, 95, 99)
 TOP = 5
+ALL_TIME = (0, 2**63 - 1)
 
 
-@dataclass(frozen=True)
+class EmptyLedger:
+    """The ledger of a broker that has not written one yet: no records, read-only."""
+
+    def head(self) -> tuple[int, str]:
+        return 0, GENESIS
+
+    def append_sealed(
+        self,
+        records: Sequence[LedgerRecord],
+        seal_with: Callable[[int, int, str], Seal],
+        signer_pem: bytes,
+    ) -> Seal:
+        raise LedgerWriteError("the ops console reads the ledger; it never writes it")
+
+    def records(self, from_seq: int = 1) -> Iterator[StoredRecord]:
+        return iter(())
+
+    def records_between(self, start_ns: int, end_ns: int) -> Iterator[StoredRecord]:
+        return iter(())
+
+    def seals(self) -> Iterator[Seal]:
+        return iter(())
+
+    def last_seal(self) -> Seal | None:
+        return None
+
+    def signers(self) -> dict[str, bytes]:
+        return {}
+
+    def open_session(self, session: Session) -> None:
+        raise LedgerWriteError("the ops console reads the ledger; it never writes it")
+
+    def end_session(
+        self, session_id: str, ended: str, ended_ns: int, accepted: int | None, written: int | None
+    ) -> None:
+        raise LedgerWriteError("the ops console reads the ledger; it never writes it")
+
+    def sessions(self) -> list[Session]:
+        return []
+
+    def call_groups(self, start_ns: int, end_ns: int) -> list[CallGroup]:
+        return []
+
+    def durations(self, provider: str, start_ns: int, end_ns: int) -> list[int]:
+        return []
+
+    def count_between(self, start_ns: int, end_ns: int) -> int:
+        return 0
+
+    def latency_percentiles(
+        self, start_ns: int, end_ns: int, percents: Sequence[int]
+    ) -> dict[str, tuple[int, dict[int, int]]]:
+        return {}
+
+    def provider_windows(
+        self, start_ns: int, end_ns: int, window_ns: int
+    ) -> dict[str, tuple[int, int]]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
 class Accounts:
-    """What the ops server reads to show the ledger: the configuration and the store."""
+    """What the ops server reads to show the ledger: the configuration and its ledger,
+    opened read-only. A ledger the broker has not written yet reads as empty until it
+    appears, so the console can start before the broker."""
 
-    config: BrokerConfig
-    store: LedgerStore
+    def __init__(self, config: BrokerConfig, store: LedgerStore | None = None) -> None:
+        self.config = config
+        self._store = store
+        self._lock = threading.Lock()
+
+    @property
+    def store(self) -> LedgerStore:
+        with self._lock:
+            if self._store is None:
+                if not self.config.ledger.path.exists():
+                    return EmptyLedger()
+                self._store = SqliteLedgerStore(self.config.ledger.path, readonly=True)
+            return self._store
+
+    def close(self) -> None:
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
 
 
 def _ns(moment: dt.datetime) -> int:
     return int(moment.timestamp() * 1_000_000_000)
 
 
-def dashboard(accounts: Accounts, now: dt.datetime) -> dict[str, Any]:
-    """Agencies, transactions today / this quarter / all time, top agencies, errors, latency."""
+def _involving(groups: list[CallGroup], agency: str | None) -> list[CallGroup]:
+    if agency is None:
+        return groups
+    return [g for g in groups if agency in (g.consumer, g.provider)]
+
+
+def dashboard(accounts: Accounts, now: dt.datetime, agency: str | None = None) -> dict[str, Any]:
+    """Agencies, transactions today / this quarter / all time, top agencies, errors, latency.
+    With ``agency``, only the ledger rows in which it is consumer or provider count, and the
+    latency is that of its own services."""
     cfg, store = accounts.config, accounts.store
     local = now.astimezone(TEHRAN)
     midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
     today = (_ns(midnight), _ns(midnight + dt.timedelta(days=1)))
     quarter = Quarter.containing(now)
-    groups = store.call_groups(*today)
+    groups = _involving(store.call_groups(*today), agency)
     consumers: Counter[str] = Counter()
     providers: Counter[str] = Counter()
     errors = 0
@@ -46,16 +138,23 @@ def dashboard(accounts: Accounts, now: dt.datetime) -> dict[str, Any]:
     calls_today = sum(consumers.values())
     active = {a for a in (*consumers, *providers) if a in cfg.agencies}
     latency = store.latency_percentiles(*today, PERCENTS)
+    if agency is None:
+        in_quarter = store.count_between(quarter.start_ns, quarter.end_ns)
+        all_time = store.count_between(*ALL_TIME)
+    else:
+        own = {s.name for s in cfg.services.values() if s.provider == agency}
+        latency = {service: row for service, row in latency.items() if service in own}
+        in_quarter = sum(
+            g.calls for g in _involving(store.call_groups(quarter.start_ns, quarter.end_ns), agency)
+        )
+        all_time = sum(g.calls for g in _involving(store.call_groups(*ALL_TIME), agency))
     return {
         "generated": now.astimezone(dt.UTC).isoformat(),
         "quarter": str(quarter),
         "quarterPeriod": quarter.period,
+        "agency": agency,
         "agencies": {"registered": len(cfg.agencies), "activeToday": len(active)},
-        "transactions": {
-            "today": calls_today,
-            "quarter": store.count_between(quarter.start_ns, quarter.end_ns),
-            "allTime": store.count_between(0, 2**63 - 1),
-        },
+        "transactions": {"today": calls_today, "quarter": in_quarter, "allTime": all_time},
         "errorRateToday": errors / calls_today if calls_today else None,
         "topConsumers": [{"agency": a, "calls": n} for a, n in consumers.most_common(TOP)],
         "topProviders": [{"agency": a, "calls": n} for a, n in providers.most_common(TOP)],

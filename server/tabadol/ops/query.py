@@ -40,6 +40,8 @@ _UNITS_NS = {
     "h": 3600 * 10**9,
     "d": 86400 * 10**9,
 }
+# Every number reaches SQLite, whose integers are signed 64-bit: larger is a bad request.
+_INT64_MAX = 2**63 - 1
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|μs|ms|s|m|h|d)\s*")
 
 
@@ -49,6 +51,14 @@ def parse_duration_ns(text: str) -> int:
     if not match:
         raise ValueError(f"{text!r} is not a duration such as 250ms, 1.5s or 2h")
     return int(Decimal(match[1]) * _UNITS_NS[match[2]])
+
+
+def _in_range(name: str, value: int, text: str | None = None) -> int:
+    """``value`` if SQLite can hold it; otherwise a ValueError naming the parameter."""
+    if not -_INT64_MAX <= value <= _INT64_MAX:
+        shown = f" {text!r}" if text is not None and len(text) <= 40 else ""
+        raise ValueError(f"{name}{shown} is too large: times reach 292 years at most")
+    return value
 
 
 def parse_tags(values: Sequence[str]) -> tuple[tuple[str, str], ...]:
@@ -103,14 +113,20 @@ def trace_query(params: Mapping[str, Sequence[str]], now_ns: int) -> TraceQuery:
         if text in (None, ""):
             return None
         try:
-            return int(text) * 1000
-        except ValueError:
+            return _in_range(name, int(text) * 1000, text)
+        except ValueError as e:
+            if "too large" in str(e):
+                raise
             raise ValueError(f"{name} must be microseconds since the epoch, got {text!r}") from None
 
     start, end = micros("start"), micros("end")
     lookback = one("lookback")
     if start is None and lookback not in (None, "", "custom"):
-        start = (end or now_ns) - parse_duration_ns(lookback)
+        try:
+            back = parse_duration_ns(lookback)
+        except ValueError as e:
+            raise ValueError(f"lookback: {e}") from None
+        start = _in_range("lookback", (end or now_ns) - back, lookback)
     limit_text = one("limit") or "20"
     offset_text = one("offset") or "0"
     try:
@@ -119,6 +135,8 @@ def trace_query(params: Mapping[str, Sequence[str]], now_ns: int) -> TraceQuery:
         raise ValueError("limit and offset must be whole numbers") from None
     if not 1 <= limit <= MAX_LIMIT or offset < 0:
         raise ValueError(f"limit must be 1-{MAX_LIMIT} and offset at least 0")
+    if offset > _INT64_MAX - limit:
+        raise ValueError(f"offset {offset_text!r} is too large")
     operation = one("operation") or None
     min_d, max_d = one("minDuration"), one("maxDuration")
 
@@ -126,9 +144,10 @@ def trace_query(params: Mapping[str, Sequence[str]], now_ns: int) -> TraceQuery:
         if not text:
             return None
         try:
-            return parse_duration_ns(text)
+            nanos = parse_duration_ns(text)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
+        return _in_range(name, nanos, text)
 
     return TraceQuery(
         service=one("service") or None,
@@ -154,10 +173,14 @@ def window_ns(
         if not values or values[-1] == "":
             return default
         try:
-            return int(values[-1])
+            number = int(values[-1])
         except ValueError:
             raise ValueError(f"{name} must be milliseconds, got {values[-1]!r}") from None
+        # Checked as nanoseconds, the unit the store is asked in.
+        _in_range(name, number * 1_000_000, values[-1])
+        return number
 
     end_ms = millis("endTs", now_ns // 1_000_000)
     lookback_ms = millis("lookback", default_lookback_ms)
-    return (end_ms - lookback_ms) * 1_000_000, end_ms * 1_000_000
+    start = _in_range("lookback", (end_ms - lookback_ms) * 1_000_000, str(lookback_ms))
+    return start, end_ms * 1_000_000

@@ -1,4 +1,9 @@
-"""``tabadol ops``: the OTLP collector endpoint, the web UI and retention, in one process."""
+"""``tabadol ops``: the OTLP collector endpoint, the web console and retention, in one process.
+
+Both ports serve with the ops certificate from the platform PKI: the collector requires a
+client certificate (otlp.py); the console asks for one and lets nothing through without an
+identity (gate.py), the certificate or a session opened by a one-time login link.
+"""
 
 from __future__ import annotations
 
@@ -8,26 +13,38 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Iterator
+import urllib.parse
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import grpc.aio
 import uvicorn
+from cryptography import x509
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
+from tabadol.config import BrokerConfig
 from tabadol.errors import TabadolError
+from tabadol.identity import Role
+from tabadol.ops.access import is_loopback, served_names
 from tabadol.ops.app import create_app
 from tabadol.ops.dashboard import Accounts
-from tabadol.ops.otlp import TraceCollector
+from tabadol.ops.gate import ConsoleAccess
+from tabadol.ops.otlp import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    TraceCollector,
+    add_otlp_port,
+    server_options,
+)
+from tabadol.ops.sessions import Sessions
 from tabadol.ops.store import SqliteSpanStore, StoreLimits
+from tabadol.ops.tls import ClientCertH11Protocol, server_context
+from tabadol.ops.trust import OpsTrust
 
 log = logging.getLogger("tabadol.ops")
 
 DEFAULT_HTTP = "127.0.0.1:16686"
 DEFAULT_OTLP = "127.0.0.1:4317"
 RETENTION_INTERVAL_SECONDS = 60.0
-# OTLP batches from a busy broker are large; the SDK's default limit is gRPC's 4 MiB.
-_OTLP_MAX_MESSAGE = 64 * 1024 * 1024
 
 
 def _split(address: str, what: str) -> tuple[str, int]:
@@ -35,6 +52,18 @@ def _split(address: str, what: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise TabadolError(f"{what} address {address!r} is not host:port")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def certificate_names(cert_pem: bytes) -> list[str]:
+    """The DNS names and IP addresses a certificate is valid for."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    names: list[str] = list(san.get_values_for_type(x509.DNSName))
+    names += [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    return names
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -46,27 +75,33 @@ class _EmbeddedUvicorn(uvicorn.Server):
 
 
 class OpsServer:
-    """The trace viewer. ``await start()``; then ``http_url`` and ``otlp_address`` are bound."""
+    """The ops console and span collector. ``await start()``; then ``http_url`` and
+    ``otlp_address`` are bound. Both need ``trust``: there is no unauthenticated mode."""
 
     def __init__(
         self,
         db: Path,
         *,
+        trust: OpsTrust,
         http: str = DEFAULT_HTTP,
         otlp: str = DEFAULT_OTLP,
         limits: StoreLimits | None = None,
+        allowed_hosts: Iterable[str] = (),
+        otlp_max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     ) -> None:
+        self.trust = trust
         self.store = SqliteSpanStore(db, limits)
-        self.collector = TraceCollector(self.store)
+        self.collector = TraceCollector(self.store, trust)
         self._http = _split(http, "--http")
         self._otlp = otlp
-        self._grpc = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", _OTLP_MAX_MESSAGE)]
-        )
+        self._grpc = grpc.aio.server(options=server_options(otlp_max_request_bytes))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
             self.collector, self._grpc
         )
-        self.app = create_app(self.store)
+        self.sessions = Sessions()
+        hosts = served_names(self._http[0], certificate_names(trust.cert_pem), allowed_hosts)
+        self.access = ConsoleAccess(trust, self.sessions, hosts)
+        self.app = create_app(self.store, self.access)
         self._uvicorn: uvicorn.Server | None = None
         self._web: asyncio.Task[None] | None = None
         self._retention: asyncio.Task[None] | None = None
@@ -74,10 +109,7 @@ class OpsServer:
         self.otlp_address = ""
 
     async def start(self) -> None:
-        try:
-            otlp_port = self._grpc.add_insecure_port(self._otlp)
-        except RuntimeError as e:
-            raise TabadolError(f"--otlp: cannot listen on {self._otlp}: {e}") from e
+        otlp_port = add_otlp_port(self._grpc, self._otlp, self.trust)
         await self._grpc.start()
         self.otlp_address = f"{_split(self._otlp, '--otlp')[0]}:{otlp_port}"
 
@@ -91,15 +123,38 @@ class OpsServer:
             await self._grpc.stop(None)
             raise TabadolError(f"--http: cannot listen on {host}:{port}: {e.strerror}") from e
         bound = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="off", access_log=False)
+        context = server_context(self.trust)
+        config = uvicorn.Config(
+            self.app,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            http=ClientCertH11Protocol,
+            ssl_context_factory=lambda _config, _default: context,
+        )
         self._uvicorn = _EmbeddedUvicorn(config)
         self._web = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
         while not self._uvicorn.started:
             if self._web.done():
                 self._web.result()  # raises what stopped it
             await asyncio.sleep(0.01)  # uvicorn offers no started event to await
-        self.http_url = f"http://{host if ':' not in host else f'[{host}]'}:{bound}"
+        self.http_url = f"https://{host if ':' not in host else f'[{host}]'}:{bound}"
         self._retention = asyncio.create_task(self._retention_loop())
+
+    def login_link(self, role: Role = "operator", name: str = "demo") -> str:
+        """A one-time link that opens a session as ``role`` ``name`` in a browser without a
+        certificate. Only for a console bound to loopback: anyone who can read the link can
+        use it, so it must not work from another machine."""
+        host = self._http[0]
+        if not is_loopback(host):
+            raise TabadolError(
+                f"--http {host}: login links are only for a console bound to a loopback "
+                "address; log in with a client certificate from the platform PKI instead"
+            )
+        if not self.http_url:
+            raise TabadolError("the console is not started: no link to give yet")
+        token = self.sessions.issue_token(role, name)
+        return f"{self.http_url}/login?{urllib.parse.urlencode({'token': token})}"
 
     def show_ledger(self, accounts: Accounts) -> None:
         """Serve the dashboard and quarterly reports from this configuration's ledger."""
@@ -128,36 +183,78 @@ class OpsServer:
             await self._web
         accounts: Accounts | None = self.app.state.accounts
         if accounts is not None:
-            accounts.store.close()
+            accounts.close()
         self.store.close()
 
 
 def open_accounts(config_path: Path) -> Accounts:
-    """The ledger named by a broker configuration, opened read-only."""
+    """The ledger named by a broker configuration, opened read-only; one the broker has not
+    written yet reads as empty until it appears."""
     from tabadol import config as config_module
+
+    return accounts_of(config_module.load(config_path))
+
+
+def accounts_of(cfg: BrokerConfig) -> Accounts:
     from tabadol.ledger.store import LedgerWriteError, SqliteLedgerStore
 
-    cfg = config_module.load(config_path)
+    if not cfg.ledger.path.exists():
+        log.info(
+            "%s: no ledger yet; the dashboard shows it once the broker writes it", cfg.ledger.path
+        )
+        return Accounts(cfg)
     try:
         return Accounts(cfg, SqliteLedgerStore(cfg.ledger.path, readonly=True))
     except LedgerWriteError as e:
-        raise TabadolError(f"{config_path}: [ledger] path: {e}") from e
+        raise TabadolError(f"{cfg.path}: [ledger] path: {e}") from e
 
 
 async def run(
-    db: Path, http: str, otlp: str, limits: StoreLimits, config_path: Path | None = None
+    config_path: Path,
+    db: Path,
+    http: str,
+    otlp: str,
+    limits: StoreLimits,
+    allowed_hosts: Iterable[str] = (),
+    login_link: bool = False,
+    otlp_max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> None:
-    server = OpsServer(db, http=http, otlp=otlp, limits=limits)
-    if config_path is not None:
-        server.show_ledger(open_accounts(config_path))
+    """``tabadol ops --config``: the PKI and trust domain come from the broker's [broker]."""
+    from tabadol import config as config_module
+
+    cfg = config_module.load(config_path)
+    trust = OpsTrust.load(cfg.broker.pki_dir, cfg.broker.trust_domain)
+    server = OpsServer(
+        db,
+        trust=trust,
+        http=http,
+        otlp=otlp,
+        limits=limits,
+        allowed_hosts=allowed_hosts,
+        otlp_max_request_bytes=otlp_max_request_bytes,
+    )
+    server.show_ledger(accounts_of(cfg))
+    link = ""
     await server.start()
+    try:
+        if login_link:
+            link = server.login_link()
+    except TabadolError:
+        await server.stop()
+        raise
     log.info(
-        "trace viewer at %s; OTLP/gRPC collector on %s; spans in %s",
+        "ops console at %s; OTLP/gRPC collector (mTLS) on %s; spans in %s",
         server.http_url,
         server.otlp_address,
         db,
     )
-    print(f"Tabadol ops: open {server.http_url}  (OTLP/gRPC on {server.otlp_address})", flush=True)
+    print(
+        f"Tabadol ops: {server.http_url} (client certificate from {cfg.broker.pki_dir}); "
+        f"OTLP/gRPC with mTLS on {server.otlp_address}",
+        flush=True,
+    )
+    if link:
+        print(f"Log in as an operator, once, within 15 minutes: {link}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

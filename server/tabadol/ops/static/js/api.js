@@ -34,6 +34,11 @@ async function getJSON(path, params, signal) {
   return body;
 }
 
+/** Who the console sees: {role, name, via, expires, may: [families], label}. */
+export function fetchWhoami(signal) {
+  return getJSON('/api/tabadol/whoami', null, signal);
+}
+
 export async function fetchServices(signal) {
   return (await getJSON('/api/services', null, signal)).data ?? [];
 }

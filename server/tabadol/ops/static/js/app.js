@@ -1,6 +1,7 @@
 // The viewer's entry point: client-side routing. The server answers every page path with
 // index.html, and this module decides from the path which page to draw.
 
+import { fetchWhoami } from './api.js';
 import { renderDashboard } from './dashboard.js';
 import { renderDependencies } from './dependencies.js';
 import { h } from './dom.js';
@@ -8,6 +9,9 @@ import { renderReports } from './reports.js';
 import { renderSearch } from './search.js';
 import { clearError, navigate, reportError, setRenderer } from './shell.js';
 import { renderTrace } from './trace.js';
+
+// What each tab shows, in the server's terms (access.py): raw spans or the ledger views.
+const NAV_NEEDS = { search: 'spans', dependencies: 'spans', dashboard: 'ledger', reports: 'ledger' };
 
 const ROUTES = [
   { path: /^\/(?:search\/?)?$/, nav: 'search', title: 'Search', render: (view, _, ctx) => renderSearch(view, ctx) },
@@ -68,8 +72,28 @@ function onClick(event) {
   navigate(url.pathname + url.search);
 }
 
+/** Say who is logged in and hide the tabs they may not open; an auditor starts on the dashboard. */
+async function showViewer() {
+  let viewer;
+  try {
+    viewer = await fetchWhoami();
+  } catch (error) {
+    reportError(error);
+    return;
+  }
+  const el = document.getElementById('whoami');
+  el.textContent = `Logged in as ${viewer.label}`;
+  el.title = `by ${viewer.via}, until ${viewer.expires}`;
+  for (const link of document.querySelectorAll('[data-nav]')) {
+    link.hidden = !viewer.may.includes(NAV_NEEDS[link.dataset.nav]);
+  }
+  if (!viewer.may.includes('spans') && location.pathname === '/') {
+    history.replaceState(null, '', '/dashboard');
+  }
+}
+
 document.querySelector('.banner-close').addEventListener('click', clearError);
 document.addEventListener('click', onClick);
 window.addEventListener('popstate', render);
 setRenderer(render);
-render();
+showViewer().then(render);
