@@ -67,11 +67,13 @@ async def run_case(
 
 async def main(args: argparse.Namespace) -> None:
     from tabadol.ops.server import OpsServer
+    from tabadol.ops.trust import OpsTrust
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         pki = CertificateAuthority.init(tmp / "pki", "tabadol.example")
         pki.issue_broker()
+        pki.issue_ops()
         for agency in ("echo", "post"):
             pki.issue_agency(agency)
         contracts = write_echo_contracts(tmp / "echo.pb")
@@ -79,19 +81,21 @@ async def main(args: argparse.Namespace) -> None:
             sys.executable, "-m", "tests.support.echo_process", str(pki.dir / "agencies" / "echo"),
             read="stdout",
         )  # fmt: skip
-        ops = OpsServer(tmp / "traces.db", http="127.0.0.1:0", otlp="127.0.0.1:0")
+        # The broker exports over mTLS with its own certificate, as in production.
+        trust = OpsTrust.load(pki.dir, pki.trust_domain)
+        ops = OpsServer(tmp / "traces.db", trust=trust, http="127.0.0.1:0", otlp="127.0.0.1:0")
         await ops.start()
         try:
             port = int((await provider.wait_for(r"listening on (\d+)"))[1])
             endpoint = f"127.0.0.1:{port}"
             cases = [
                 ("tracing off", "enabled = false"),
-                ("collector up", f'otlp_endpoint = "http://{ops.otlp_address}"'),
+                ("collector up", f'otlp_endpoint = "https://{ops.otlp_address}"'),
                 ("not exported", 'exporter = "none"'),
-                ("collector down", 'otlp_endpoint = "http://127.0.0.1:1"'),
+                ("collector down", 'otlp_endpoint = "https://127.0.0.1:1"'),
                 (
                     "sampled out",
-                    f'otlp_endpoint = "http://{ops.otlp_address}"\nsampler = "always_off"',
+                    f'otlp_endpoint = "https://{ops.otlp_address}"\nsampler = "always_off"',
                 ),
             ]
             results = {}
@@ -100,6 +104,8 @@ async def main(args: argparse.Namespace) -> None:
                     name.replace(" ", "-"), tracing, tmp, pki, contracts, endpoint,
                     args.calls, args.concurrency,
                 )  # fmt: skip
+            # A refused export would make "collector up" look cheap: say what arrived.
+            stored = ops.collector.received
         finally:
             await ops.stop()
             await provider.stop()
@@ -107,6 +113,7 @@ async def main(args: argparse.Namespace) -> None:
     print(f"broker CPU per unary call ({args.calls} calls, concurrency {args.concurrency}):")
     for name, value in results.items():
         print(f"  {name:<15} {value * 1e6:8.1f} µs   x{value / base:.2f} of tracing off")
+    print(f"the collector stored {stored} spans over mTLS")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,13 +41,19 @@ from tabadol.ops.query import (
     trace_query,
     window_ns,
 )
-from tabadol.ops.store import SqliteSpanStore, StoreLimits
+from tabadol.ops.sessions import COOKIE
+from tabadol.ops.store import SqliteSpanStore, StoreFull, StoreLimits
+from tabadol.ops.store.sqlite import _SCHEMA
+from tabadol.pki import CertificateAuthority
+from tests.support.ops import session_access
 
 T0 = 1_700_000_000 * 10**9  # every span time below is an offset from here, in milliseconds
 MS = 10**6
 HOUR_MS = 3600 * 1000
 INTERNAL, SERVER, CLIENT = 1, 2, 3
 BROKER = "tabadol-broker"
+# What the collector stamps on the broker's spans (and only on those): ingest.py.
+BROKER_SENDER = "spiffe://tabadol.example/broker"
 
 
 def tid(n: int) -> str:
@@ -88,8 +95,13 @@ def make_span(
         status_message=message,
         attributes=attributes or {},
         events=events,
-        resource=resource if resource is not None else {"service.name": service},
+        resource=resource if resource is not None else _resource(service),
     )
+
+
+def _resource(service: str) -> dict[str, Any]:
+    sender = {"tabadol.sender": BROKER_SENDER} if service == BROKER else {}
+    return {"service.name": service, **sender}
 
 
 def exchange(
@@ -545,6 +557,127 @@ def test_retention_removes_nothing_within_the_limits(store: SqliteSpanStore) -> 
     store.add(exchange(1))
     assert store.enforce_retention(T0 + HOUR_MS * MS) == 0
     assert found(store) == [tid(1)]
+
+
+def test_agency_calls_count_only_spans_stamped_as_the_brokers(store: SqliteSpanStore) -> None:
+    # Finding 5: an agency's forged broker-like spans drew edges between other agencies.
+    forged = {"tabadol.consumer": "tax", "tabadol.provider": "cra", "rpc.grpc.status_code": 13}
+    for n, sender in enumerate(
+        [
+            "spiffe://tabadol.example/agency/post",
+            "spiffe://tabadol.example/agency/broker",  # an agency whose id is "broker"
+            "",
+        ]
+    ):
+        store.add(
+            [
+                make_span(
+                    10 + n,
+                    1,
+                    status=STATUS_ERROR,
+                    attributes=forged,
+                    resource={"service.name": BROKER, "tabadol.sender": sender},
+                )
+            ]
+        )
+    store.add(exchange(1))
+    assert store.agency_calls(T0, T0 + HOUR_MS * MS) == [Edge("post", "echo", 1, 0)]
+
+
+def _filler(trace: int, start_ms: int, size: int = 2000) -> list[SpanRecord]:
+    return [make_span(trace, 1, start_ms=start_ms, attributes={"payload": "x" * size})]
+
+
+def test_size_retention_evicts_the_earliest_received_even_if_dated_in_the_future(
+    tmp_path: Path,
+) -> None:
+    # Finding 5: future-dated forgeries outlived real traces, which were deleted first.
+    path = tmp_path / "traces.db"
+    filling = SqliteSpanStore(path)
+    for n in range(100):
+        filling.add(_filler(1000 + n, start_ms=100 * 365 * 24 * HOUR_MS))  # a century ahead
+    for n in range(100):
+        filling.add(_filler(n + 1, start_ms=n))
+    full = filling.used_bytes()
+    filling.close()
+
+    store = SqliteSpanStore(path, StoreLimits(max_age_seconds=10**12, max_bytes=full // 2))
+    assert store.enforce_retention(T0) > 0
+
+    kept = {s.trace_id for s in store.search(TraceQuery(limit=MAX_LIMIT))[0]}
+    assert tid(100) in kept
+    assert not kept & {tid(1000 + n) for n in range(100)}
+    store.close()
+
+
+def test_retention_by_age_removes_future_dated_traces_once_received_long_enough_ago(
+    tmp_path: Path,
+) -> None:
+    clock = [T0]
+    store = SqliteSpanStore(
+        tmp_path / "traces.db", StoreLimits(max_age_seconds=3600), clock=lambda: clock[0]
+    )
+    store.add(_filler(1, start_ms=100 * 365 * 24 * HOUR_MS))
+    store.add(_filler(2, start_ms=0))
+    assert store.enforce_retention(T0 + 30 * 60_000 * MS) == 0
+
+    assert store.enforce_retention(T0 + 2 * HOUR_MS * MS) == 2
+    assert found(store) == []
+    store.close()
+
+
+def test_the_size_cap_holds_at_every_add_without_retention_running(tmp_path: Path) -> None:
+    # Finding 5: a 1 MB cap reached 57 MB, as it was applied only every 60 s.
+    cap = 1024 * 1024
+    store = SqliteSpanStore(tmp_path / "traces.db", StoreLimits(max_bytes=cap))
+    for n in range(60):
+        store.add(
+            [make_span(n + 1, s, start_ms=n, attributes={"p": "y" * 4000}) for s in range(1, 26)]
+        )
+        assert store.used_bytes() <= cap
+    assert (tmp_path / "traces.db").stat().st_size <= 2 * cap
+    kept = [s.trace_id for s in store.search(TraceQuery(limit=MAX_LIMIT))[0]]
+    assert kept[0] == tid(60)  # the newest stays; the earliest received went
+    assert tid(1) not in kept
+    assert len(store.trace(tid(60))) == 25
+    store.close()
+
+
+def test_a_batch_too_large_for_the_cap_is_refused_and_nothing_already_stored_is_lost(
+    tmp_path: Path,
+) -> None:
+    cap = 256 * 1024
+    store = SqliteSpanStore(tmp_path / "traces.db", StoreLimits(max_bytes=cap))
+    store.add(exchange(1))
+    huge = [make_span(2, s, start_ms=s, attributes={"p": "z" * 4000}) for s in range(1, 200)]
+    with pytest.raises(StoreFull, match="size cap of 262144 bytes"):
+        store.add(huge)
+    assert found(store) == [tid(1)]
+    assert len(store.trace(tid(1))) == 4
+    store.close()
+
+
+def test_a_store_written_before_receipt_order_was_kept_is_upgraded_in_place(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "traces.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        _SCHEMA.replace(
+            ",\n    received_ns INTEGER NOT NULL DEFAULT 0  -- first received; retention evicts by this",
+            "",
+        )
+    )
+    old.execute("INSERT INTO traces VALUES (?,?,?,1,0,?,?,1)", (tid(1), T0, T0 + MS, BROKER, "old"))
+    old.commit()
+    old.close()
+
+    store = SqliteSpanStore(path, clock=lambda: T0 + HOUR_MS * MS)
+    store.add(exchange(2, start_ms=5))
+    assert found(store) == [tid(2), tid(1)]
+    assert store.enforce_retention(T0 + 7 * 24 * HOUR_MS * MS + 2 * MS) == 1
+    assert found(store) == [tid(2)]
+    store.close()
 
 
 # -- query.py --------------------------------------------------------------------------------
@@ -1024,12 +1157,15 @@ FIXED = T0 + HOUR_MS * MS  # the app's "now": every exchange below is within its
 
 
 @pytest.fixture
-def client(store: SqliteSpanStore) -> Iterator[TestClient]:
+def client(store: SqliteSpanStore, pki: CertificateAuthority) -> Iterator[TestClient]:
     store.add(exchange(1, start_ms=10_000))
     store.add(exchange(2, start_ms=20_000, consumer="nocr", grpc_code=5))
     store.add(exchange(3, start_ms=30_000))
     store.add(exchange(4, start_ms=40_000, grpc_code=7))
-    with TestClient(create_app(store, now_ns=lambda: FIXED)) as http:
+    # As an operator: who may see what is tests/test_security_ops_console.py's subject.
+    access, session = session_access(pki, "testserver")
+    app = create_app(store, access, now_ns=lambda: FIXED)
+    with TestClient(app, base_url="https://testserver", cookies={COOKIE: session}) as http:
         yield http
 
 

@@ -6,6 +6,14 @@ service name ``OTEL_SERVICE_NAME``, sampler ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRA
 or ``none``), OTLP endpoint and friends ``OTEL_EXPORTER_OTLP_*`` (default localhost:4317),
 batching ``OTEL_BSP_*``. ``OTEL_SDK_DISABLED=true`` turns tracing off.
 
+The exchange's collector (``tabadol ops``) takes spans only over mTLS from the broker and
+agencies: given ``credentials`` (an agency's credentials directory, say), spans go to an
+``https://`` endpoint (default https://localhost:4317) with that certificate, and the
+collector must prove it is ``ops.<trust domain>`` of the same CA. The standard
+``OTEL_EXPORTER_OTLP_CERTIFICATE`` / ``_CLIENT_KEY`` / ``_CLIENT_CERTIFICATE`` variables, when
+set, win over ``credentials``; an ``http://`` endpoint exports in plaintext, for a collector
+of your own.
+
 Export runs on the SDK's batch processor thread with a bounded queue: a slow or dead
 collector never blocks a call; spans that do not fit are dropped and counted.
 """
@@ -16,7 +24,10 @@ import os
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import grpc
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.resources import Resource
@@ -30,6 +41,9 @@ from opentelemetry.sdk.trace.sampling import (
     TraceIdRatioBased,
 )
 
+from tabadol.client.credentials import AgencyCredentials
+from tabadol.spiffe import ops_dns_name
+
 DEFAULT_SAMPLER = "parentbased_always_on"
 SAMPLERS = (
     "always_on",
@@ -39,6 +53,10 @@ SAMPLERS = (
     "parentbased_always_off",
     "parentbased_traceidratio",
 )
+DEFAULT_TLS_ENDPOINT = "https://localhost:4317"
+_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+# The SDK reads these itself when set, and then they decide the exporter's TLS.
+_CERTIFICATE_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE")
 # The SDK's own switch for counting what its processors drop and its exporters fail.
 _INTERNAL_METRICS = "OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED"
 
@@ -99,8 +117,39 @@ class SpanPipelineStats:
         return self._sum("otel.sdk.exporter.span.exported", errors=True)
 
 
+@dataclass(frozen=True)
+class ExporterCredentials:
+    """The sender's certificate and key for mTLS to the collector, the CA its certificate
+    must chain to, and the name it must carry (``ops.<trust domain>``; None: the host's)."""
+
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes = field(repr=False)  # never in a log line or a traceback
+    server_name: str | None = None
+
+    @classmethod
+    def of(
+        cls, credentials: ExporterCredentials | AgencyCredentials | str | Path
+    ) -> ExporterCredentials:
+        """From an agency's credentials (or their directory), or as given."""
+        if isinstance(credentials, ExporterCredentials):
+            return credentials
+        if not isinstance(credentials, AgencyCredentials):
+            credentials = AgencyCredentials.load(credentials)
+        return cls(
+            credentials.ca_pem,
+            credentials.cert_pem,
+            credentials.key_pem,
+            ops_dns_name(credentials.trust_domain),
+        )
+
+
 def _exporter(
-    name: str, otlp_endpoint: str | None, meter_provider: MeterProvider
+    name: str,
+    otlp_endpoint: str | None,
+    meter_provider: MeterProvider,
+    credentials: ExporterCredentials | None = None,
+    env: Mapping[str, str] = os.environ,
 ) -> SpanExporter | None:
     if name == "none":
         return None
@@ -112,9 +161,26 @@ def _exporter(
         )
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-    insecure = True if otlp_endpoint and otlp_endpoint.startswith("http://") else None
+    endpoint = otlp_endpoint or next((env[v] for v in _ENDPOINT_VARIABLES if env.get(v)), None)
+    plaintext = endpoint is not None and endpoint.startswith("http://")
+    if credentials is None or plaintext or any(env.get(v) for v in _CERTIFICATE_VARIABLES):
+        insecure = True if otlp_endpoint and otlp_endpoint.startswith("http://") else None
+        return OTLPSpanExporter(
+            endpoint=otlp_endpoint, insecure=insecure, meter_provider=meter_provider
+        )
+    options = (
+        (("grpc.ssl_target_name_override", credentials.server_name),)
+        if credentials.server_name
+        else None
+    )
     return OTLPSpanExporter(
-        endpoint=otlp_endpoint, insecure=insecure, meter_provider=meter_provider
+        endpoint=endpoint or DEFAULT_TLS_ENDPOINT,
+        insecure=False,
+        credentials=grpc.ssl_channel_credentials(
+            credentials.ca_pem, credentials.key_pem, credentials.cert_pem
+        ),
+        channel_options=options,
+        meter_provider=meter_provider,
     )
 
 
@@ -127,9 +193,13 @@ def tracer_provider(
     exporter: str | None = None,
     otlp_endpoint: str | None = None,
     resource_attributes: Mapping[str, str] | None = None,
+    credentials: ExporterCredentials | AgencyCredentials | str | Path | None = None,
     env: Mapping[str, str] = os.environ,
 ) -> tuple[TracerProvider, SpanPipelineStats] | None:
-    """A TracerProvider exporting in the background, or None when tracing is disabled."""
+    """A TracerProvider exporting in the background, or None when tracing is disabled.
+
+    ``credentials``: the sender's own, for mTLS to the exchange's collector; an agency passes
+    its credentials directory."""
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return None
     name = service_name or env.get("OTEL_SERVICE_NAME") or default_service_name
@@ -149,7 +219,13 @@ def tracer_provider(
     meter_provider = MeterProvider(metric_readers=[reader])
     exporter_name = (exporter or env.get("OTEL_TRACES_EXPORTER") or "otlp").strip().lower()
     with _internal_metrics():
-        span_exporter = _exporter(exporter_name, otlp_endpoint, meter_provider)
+        span_exporter = _exporter(
+            exporter_name,
+            otlp_endpoint,
+            meter_provider,
+            None if credentials is None else ExporterCredentials.of(credentials),
+            env,
+        )
         if span_exporter is not None:
             provider.add_span_processor(
                 BatchSpanProcessor(span_exporter, meter_provider=meter_provider)

@@ -99,5 +99,7 @@ async def _end_span(span: Any, call: Any) -> None:
     if span.is_recording():
         span.set_attribute("rpc.grpc.status_code", code.value[0])
         if code is not grpc.StatusCode.OK:
-            span.set_status(Status(StatusCode.ERROR, f"{code.name}: {await call.details()}"))
+            # The code's name, not the details: these spans go to the exchange's collector,
+            # and a provider's message can carry personal data.
+            span.set_status(Status(StatusCode.ERROR, code.name))
     span.end()

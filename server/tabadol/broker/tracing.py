@@ -95,11 +95,9 @@ class BrokerTracing:
         """End both spans. The exchange's own attributes go on the server span only: the
         provider hop is its child, and every attribute costs CPU to record and export."""
         code = exchange.code or grpc.StatusCode.UNKNOWN
-        status = (
-            None
-            if code is grpc.StatusCode.OK
-            else Status(StatusCode.ERROR, f"{code.name}: {exchange.details}")
-        )
+        # The code's name only, never the details: a provider's message can carry personal
+        # data (a NOT_FOUND naming a national id), and a refusal's can echo the caller's.
+        status = None if code is grpc.StatusCode.OK else Status(StatusCode.ERROR, code.name)
         end = exchange.ended_ns or None
         hop = exchange.client_span
         if hop is not None:

@@ -12,16 +12,28 @@ DEFAULT_MAX_AGE_SECONDS = 7 * 24 * 3600
 DEFAULT_MAX_BYTES = 1024**3
 
 
+class StoreFull(Exception):
+    """A batch of spans cannot fit under the store's size cap even with every older trace
+    evicted."""
+
+
 @dataclass(frozen=True)
 class StoreLimits:
-    """Retention: traces older than ``max_age_seconds`` go, then the oldest until under size."""
+    """Retention: traces older than ``max_age_seconds`` go, then the earliest received until
+    under ``max_bytes``. The size cap also holds at every ``add``, not only when retention
+    runs."""
 
     max_age_seconds: float = DEFAULT_MAX_AGE_SECONDS
     max_bytes: int = DEFAULT_MAX_BYTES
 
 
 class SpanStore(Protocol):
-    def add(self, spans: Sequence[SpanRecord]) -> None: ...
+    limits: StoreLimits
+
+    def add(self, spans: Sequence[SpanRecord]) -> None:
+        """Store spans, first evicting the earliest-received traces if they would not fit
+        under ``limits.max_bytes``; StoreFull if they cannot fit at all."""
+        ...
 
     def services(self) -> list[str]: ...
 
@@ -40,11 +52,13 @@ class SpanStore(Protocol):
         ...
 
     def agency_calls(self, start_ns: int, end_ns: int) -> list[Edge]:
-        """Consumer agency to provider agency, from the broker's server spans."""
+        """Consumer agency to provider agency, from the broker's server spans: those the
+        collector stamped with the broker's own identity (``tabadol.sender``)."""
         ...
 
     def enforce_retention(self, now_ns: int) -> int:
-        """Apply the limits; returns how many traces were removed."""
+        """Apply the limits; returns how many traces were removed. Age counts from a trace's
+        end or from when it was received, whichever is earlier; size evicts by receipt."""
         ...
 
     def close(self) -> None: ...

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from tabadol.ops.model import (
     TraceSummary,
 )
 from tabadol.ops.query import GRPC_CODES
-from tabadol.ops.store.base import StoreLimits
+from tabadol.ops.store.base import StoreFull, StoreLimits
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spans (
@@ -47,7 +49,8 @@ CREATE TABLE IF NOT EXISTS traces (
     error_count INTEGER NOT NULL,
     root_service TEXT NOT NULL,
     root_name TEXT NOT NULL,
-    has_root INTEGER NOT NULL
+    has_root INTEGER NOT NULL,
+    received_ns INTEGER NOT NULL DEFAULT 0  -- first received; retention evicts by this
 );
 CREATE INDEX IF NOT EXISTS traces_by_start ON traces (start_ns);
 CREATE TABLE IF NOT EXISTS span_tags (
@@ -60,6 +63,9 @@ CREATE TABLE IF NOT EXISTS span_tags (
 CREATE INDEX IF NOT EXISTS span_tags_by_value ON span_tags (key, value);
 CREATE INDEX IF NOT EXISTS span_tags_by_trace ON span_tags (trace_id);
 """
+
+# Evict at most this share of the traces per step while over the size cap.
+_EVICT_SHARE = 20
 
 # Only short scalar attributes are searchable; the rest is still stored and shown.
 _MAX_TAG_VALUE = 256
@@ -77,18 +83,48 @@ def _tag_value(value: Any) -> str | None:
 class SqliteSpanStore:
     """A SpanStore in one SQLite database file; safe to use from several threads."""
 
-    def __init__(self, path: Path | str, limits: StoreLimits | None = None) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        limits: StoreLimits | None = None,
+        *,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
         self.path = str(path)
         self.limits = limits or StoreLimits()
+        self._clock = clock
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            # Spans name agencies and people: 0600, before SQLite creates the file (its -wal
+            # and -shm files take the database file's mode).
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            os.chmod(self.path, 0o600)
         self._write_lock = threading.Lock()
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []  # one per reading thread, closed with us
         self._writer = self._connect()
         with self._write_lock:
+            # The write-ahead log counts against the disk too: checkpoint it often enough,
+            # and truncate it after, that the files stay near the size cap (not only the
+            # pages in use).
+            wal_bytes = max(400 * 1024, min(self.limits.max_bytes // 4, 4 * 1024**2))
+            self._writer.execute(f"PRAGMA journal_size_limit = {wal_bytes}")
+            self._writer.execute(f"PRAGMA wal_autocheckpoint = {wal_bytes // 4096}")
             self._writer.execute("PRAGMA auto_vacuum = INCREMENTAL")
             self._writer.executescript(_SCHEMA)
+            self._last_received = self._migrate(self._writer)
+
+    def _migrate(self, conn: sqlite3.Connection) -> int:
+        """Bring a store written by an older version up to date; the latest receipt time."""
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(traces)")}
+        if "received_ns" not in columns:
+            # Receipt order was not kept: take start times, but none later than now, so
+            # that future-dated traces already stored still age out.
+            conn.execute("ALTER TABLE traces ADD COLUMN received_ns INTEGER NOT NULL DEFAULT 0")
+            conn.execute("UPDATE traces SET received_ns = min(start_ns, ?)", (self._clock(),))
+        conn.execute("CREATE INDEX IF NOT EXISTS traces_by_received ON traces (received_ns)")
+        latest = conn.execute("SELECT max(received_ns) FROM traces").fetchone()[0]
+        return int(latest or 0)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -118,19 +154,52 @@ class SqliteSpanStore:
     # -- ingest -------------------------------------------------------------------------
 
     def add(self, spans: Sequence[SpanRecord]) -> None:
+        if not spans:
+            return
         with self._write_lock:
             conn = self._writer
+            # Strictly increasing, so that eviction by receipt has no ties between batches.
+            received = max(self._clock(), self._last_received + 1)
             conn.execute("BEGIN")
             try:
                 for span in spans:
-                    self._add_one(conn, span)
+                    self._add_one(conn, span, received)
+                evicted = self._evict_to_fit(conn, {s.trace_id for s in spans})
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
+            self._last_received = received
+            if evicted:
+                conn.execute("PRAGMA incremental_vacuum").fetchall()
+
+    def _evict_to_fit(self, conn: sqlite3.Connection, batch: set[str]) -> int:
+        """Inside the adding transaction: delete the earliest-received other traces until
+        the store is under its size cap; StoreFull if even that is not enough."""
+        evicted = 0
+        while _used_bytes(conn) > self.limits.max_bytes:
+            conn.execute("CREATE TEMP TABLE IF NOT EXISTS batch (trace_id TEXT PRIMARY KEY)")
+            if evicted == 0:
+                conn.execute("DELETE FROM batch")
+                conn.executemany("INSERT INTO batch VALUES (?)", [(t,) for t in batch])
+            count = conn.execute(
+                "SELECT count(*) FROM traces WHERE trace_id NOT IN (SELECT trace_id FROM batch)"
+            ).fetchone()[0]
+            if count == 0:
+                raise StoreFull(
+                    f"{self.path}: {len(batch)} traces do not fit under the store's size cap "
+                    f"of {self.limits.max_bytes} bytes"
+                )
+            evicted += _delete_traces(
+                conn,
+                "SELECT trace_id FROM traces WHERE trace_id NOT IN (SELECT trace_id FROM batch)"
+                " ORDER BY received_ns, rowid LIMIT ?",
+                (max(1, count // _EVICT_SHARE),),
+            )
+        return evicted
 
     @staticmethod
-    def _add_one(conn: sqlite3.Connection, span: SpanRecord) -> None:
+    def _add_one(conn: sqlite3.Connection, span: SpanRecord, received_ns: int) -> None:
         cursor = conn.execute(
             "INSERT OR IGNORE INTO spans VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
@@ -154,7 +223,7 @@ class SqliteSpanStore:
         is_root = int(not span.parent_span_id)
         conn.execute(
             """
-            INSERT INTO traces VALUES (?,?,?,1,?,?,?,?)
+            INSERT INTO traces VALUES (?,?,?,1,?,?,?,?,?)
             ON CONFLICT (trace_id) DO UPDATE SET
                 start_ns = min(start_ns, excluded.start_ns),
                 end_ns = max(end_ns, excluded.end_ns),
@@ -176,6 +245,7 @@ class SqliteSpanStore:
                 span.service,
                 span.name,
                 is_root,
+                received_ns,
             ),
         )
         tags = [
@@ -242,6 +312,8 @@ class SqliteSpanStore:
         return [Edge(*r) for r in rows]
 
     def agency_calls(self, start_ns: int, end_ns: int) -> list[Edge]:
+        # Only spans the collector stamped as the broker's: an agency can write any
+        # attribute it likes, and must not draw edges or error rates between others.
         rows = self._reader().execute(
             """
             SELECT c.value, p.value, count(*), sum(s.status_code = ?)
@@ -251,6 +323,8 @@ class SqliteSpanStore:
             JOIN span_tags p ON p.trace_id = s.trace_id AND p.span_id = s.span_id
                 AND p.key = 'tabadol.provider'
             WHERE s.kind = 2 AND s.start_ns BETWEEN ? AND ?
+                AND json_extract(s.resource, '$."tabadol.sender"') LIKE 'spiffe://%/broker'
+                AND json_extract(s.resource, '$."tabadol.sender"') NOT LIKE 'spiffe://%/%/%'
             GROUP BY 1, 2 ORDER BY 1, 2
             """,
             (STATUS_ERROR, start_ns, end_ns),
@@ -260,26 +334,25 @@ class SqliteSpanStore:
     # -- retention ----------------------------------------------------------------------
 
     def used_bytes(self) -> int:
-        conn = self._reader()
-        pages = conn.execute("PRAGMA page_count").fetchone()[0]
-        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
-        size: int = conn.execute("PRAGMA page_size").fetchone()[0]
-        return int((pages - free) * size)
+        return _used_bytes(self._reader())
 
     def enforce_retention(self, now_ns: int) -> int:
-        cutoff = now_ns - int(self.limits.max_age_seconds * 1e9)
-        removed = self._delete("SELECT trace_id FROM traces WHERE end_ns < ?", (cutoff,))
+        cutoff = max(now_ns - int(self.limits.max_age_seconds * 1e9), -(2**63))
+        removed = self._delete(
+            "SELECT trace_id FROM traces WHERE end_ns < ? OR received_ns < ?", (cutoff, cutoff)
+        )
         while self.used_bytes() > self.limits.max_bytes:
             count = self._reader().execute("SELECT count(*) FROM traces").fetchone()[0]
             if count == 0:
                 break
-            batch = max(1, count // 20)  # the oldest 5% at a time
+            # The earliest received first: a sender's timestamps cannot keep its traces in.
             removed += self._delete(
-                "SELECT trace_id FROM traces ORDER BY start_ns LIMIT ?", (batch,)
+                "SELECT trace_id FROM traces ORDER BY received_ns, rowid LIMIT ?",
+                (max(1, count // _EVICT_SHARE),),
             )
         if removed:
             with self._write_lock:
-                self._writer.execute("PRAGMA incremental_vacuum")
+                self._writer.execute("PRAGMA incremental_vacuum").fetchall()
         return removed
 
     def _delete(self, select: str, params: tuple[Any, ...]) -> int:
@@ -287,19 +360,31 @@ class SqliteSpanStore:
             conn = self._writer
             conn.execute("BEGIN")
             try:
-                conn.execute("CREATE TEMP TABLE IF NOT EXISTS doomed (trace_id TEXT PRIMARY KEY)")
-                conn.execute("DELETE FROM doomed")
-                conn.execute(f"INSERT INTO doomed {select}", params)
-                n: int = conn.execute("SELECT count(*) FROM doomed").fetchone()[0]
-                for table in ("span_tags", "spans", "traces"):
-                    conn.execute(
-                        f"DELETE FROM {table} WHERE trace_id IN (SELECT trace_id FROM doomed)"
-                    )
+                n = _delete_traces(conn, select, params)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
         return n
+
+
+def _used_bytes(conn: sqlite3.Connection) -> int:
+    """Bytes in use by the database on this connection (its open transaction included)."""
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    size: int = conn.execute("PRAGMA page_size").fetchone()[0]
+    return int((pages - free) * size)
+
+
+def _delete_traces(conn: sqlite3.Connection, select: str, params: tuple[Any, ...]) -> int:
+    """Delete the traces ``select`` names, in the caller's transaction; how many."""
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS doomed (trace_id TEXT PRIMARY KEY)")
+    conn.execute("DELETE FROM doomed")
+    conn.execute(f"INSERT INTO doomed {select}", params)
+    n: int = conn.execute("SELECT count(*) FROM doomed").fetchone()[0]
+    for table in ("span_tags", "spans", "traces"):
+        conn.execute(f"DELETE FROM {table} WHERE trace_id IN (SELECT trace_id FROM doomed)")
+    return n
 
 
 def _conditions(query: TraceQuery) -> tuple[str, list[Any]]:
