@@ -49,7 +49,7 @@ from tabadol.metadata import (
 from tabadol.ops.query import parse_duration_ns, parse_status, parse_tags, trace_query
 from tabadol.pki import CertificateAuthority
 from tabadol.spiffe import broker_dns_name, trust_domain_of_agency
-from tests.conftest import TRUST_DOMAIN, RunningProvider
+from tests.conftest import DEFAULT_GRANTS, TRUST_DOMAIN, RunningProvider, start_broker
 from tests.support.certs import self_signed
 from tests.support.echo import BIDI, SERVER_STREAM, UNARY
 from tests.support.h2raw import (
@@ -730,21 +730,131 @@ async def wait_for_in_flight(broker: Broker, wanted: Callable[[float], bool]) ->
 
 
 async def test_two_thousand_idle_streams_cancelled_at_once_leave_nothing_in_flight(
-    broker: Broker, pki: CertificateAuthority, channel_for: Channel
+    tmp_path: Path,
+    pki: CertificateAuthority,
+    echo_contracts: Path,
+    echo_provider: RunningProvider,
 ) -> None:
     streams = 2000
-    raw = await RawH2.open(broker.port, pki.dir / "agencies" / "post", BROKER_DNS)
+    # By default an agency holds at most 200 calls in flight; this one is allowed them all,
+    # so that a whole connection's worth of streams is in flight when they are cancelled.
+    allowed = f'{DEFAULT_GRANTS}\n[[limit]]\nconsumer = "post"\nconcurrency = {streams}\n'
+    broker = await start_broker(
+        tmp_path, pki.dir, echo_contracts, [echo_provider.address], grants=allowed
+    )
     try:
-        per_connection = await raw.max_concurrent_streams()  # the rest wait in the client
+        raw = await RawH2.open(broker.port, pki.dir / "agencies" / "post", BROKER_DNS)
+        try:
+            per_connection = await raw.max_concurrent_streams()  # the rest wait in the client
+        finally:
+            raw.close()
+        async with connect(f"127.0.0.1:{broker.port}", pki.dir / "agencies" / "post") as channel:
+            bidi = channel.stream_stream(BIDI)
+            calls = [bidi(timeout=60) for _ in range(streams)]
+            await wait_for_in_flight(broker, lambda n: n >= min(streams, per_connection))
+            for call in calls:
+                call.cancel()
+            for call in calls:
+                assert await call.code() is grpc.StatusCode.CANCELLED
+            await wait_for_in_flight(broker, lambda n: n == 0)
+            assert await channel.unary_unary(UNARY)(b"still here", timeout=10) == b"still here"
     finally:
-        raw.close()
-    async with connect(f"127.0.0.1:{broker.port}", pki.dir / "agencies" / "post") as channel:
-        bidi = channel.stream_stream(BIDI)
-        calls = [bidi(timeout=60) for _ in range(streams)]
-        await wait_for_in_flight(broker, lambda n: n >= min(streams, per_connection))
-        for call in calls:
-            call.cancel()
-        for call in calls:
-            assert await call.code() is grpc.StatusCode.CANCELLED
-    await wait_for_in_flight(broker, lambda n: n == 0)
-    await assert_still_serves(channel_for)
+        await broker.stop(0)
+
+
+# --- What `tabadol services` and `tabadol describe` print of a contract ---------------------
+
+TERMINAL_CONTROLS = {*map(chr, range(0x20)), *map(chr, range(0x7F, 0xA0))} | set(
+    "\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+
+
+@PROPERTY
+@given(st.text())
+def test_printable_text_of_any_characters_carries_no_terminal_control(text: str) -> None:
+    from tabadol.describe import printable
+
+    assert not set(printable(text)) & TERMINAL_CONTROLS
+    comment = printable(text, multiline=True)
+    assert not set(comment) & (TERMINAL_CONTROLS - {"\n", "\t"})
+    assert comment.count("\t") == text.count("\t")
+    assert comment.count("\n") == text.count("\n")  # a "\r\n" is kept as its "\n"
+
+
+# --- What reaches the ledger from a consumer: trace ids, refused certificates, journal lines ---
+
+HEX = "0123456789abcdef"
+traceparents = st.one_of(
+    st.text(max_size=60),
+    st.builds(
+        lambda v, t, p, f: f"{v}-{t}-{p}-{f}",
+        st.sampled_from(["00", "01", "ff", "0", "zz"]),
+        st.text(alphabet=HEX + "ABCDEFx", min_size=30, max_size=34),
+        st.text(alphabet=HEX, min_size=15, max_size=17),
+        st.text(alphabet=HEX, min_size=2, max_size=2),
+    ),
+)
+
+
+@PROPERTY
+@given(traceparents)
+def test_a_trace_id_is_w3c_form_or_nothing(header: str) -> None:
+    from tabadol.metadata import trace_id_of
+
+    trace_id = trace_id_of((("traceparent", header),))
+    assert trace_id == "" or (
+        len(trace_id) == 32 and set(trace_id) <= set(HEX) and trace_id != "0" * 32
+    )
+
+
+@PROPERTY
+@given(st.binary(max_size=600), st.integers(0, 2**32), st.integers(1, 8))
+def test_a_refused_certificates_claim_is_an_agency_id_and_serial_or_none(
+    a_certificate: bytes, garbage: bytes, seed: int, flips: int
+) -> None:
+    from tabadol.identity import claimed_agency
+    from tabadol.spiffe import AGENCY_ID_PATTERN
+
+    for pem in (
+        garbage,
+        pem_certificate(garbage),
+        pem_certificate(mutated(a_certificate, seed, flips)),
+    ):
+        claim = claimed_agency(pem)
+        assert claim is None or (
+            AGENCY_ID_PATTERN.fullmatch(claim[0]) and isinstance(claim[1], int)
+        )
+
+
+def test_a_refused_certificate_claims_the_agency_its_uri_names(a_certificate: bytes) -> None:
+    from tabadol.identity import claimed_agency
+
+    serial = x509.load_der_x509_certificate(a_certificate).serial_number
+    assert claimed_agency(pem_certificate(a_certificate)) == ("nocr", serial)
+
+
+journal_lines = (
+    json_values.map(json.dumps)
+    | st.fixed_dictionaries(
+        {"session": json_values, "accepted": json_values, "written": json_values}
+    ).map(json.dumps)
+    | st.fixed_dictionaries({"session": st.text(max_size=4), "record": json_values}).map(json.dumps)
+    | st.text(max_size=40)
+)
+
+
+@PROPERTY
+@given(st.lists(journal_lines, max_size=6).map("\n".join).map(str.encode) | st.binary(max_size=300))
+def test_journal_lines_of_any_bytes_parse_to_well_typed_entries_or_nothing(data: bytes) -> None:
+    from tabadol.ledger.journal import parse_line
+    from tabadol.ledger.record import FIELD_NAMES, FIELD_TYPES
+
+    for raw in data.splitlines():
+        entry = parse_line(raw)
+        if entry is None:
+            continue
+        assert isinstance(entry.session, str)
+        if entry.record is not None:
+            assert all(type(getattr(entry.record, n)) is FIELD_TYPES[n] for n in FIELD_NAMES)
+        else:
+            assert entry.closed is not None and all(type(n) is int for n in entry.closed)

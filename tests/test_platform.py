@@ -277,6 +277,18 @@ async def test_describe_command_shows_the_contract_with_its_documentation(
     assert "NOT_FOUND" in out and "tabadol.nope.v1.Ghost" in out
 
 
+async def test_describe_command_of_a_service_without_a_grant_says_permission_denied(
+    broker: Broker, pki: CertificateAuthority
+) -> None:
+    code, out = await run_cli(
+        "describe", "--broker", f"127.0.0.1:{broker.port}",
+        "--credentials", str(pki.dir / "agencies" / "cra"), SERVICE,
+    )  # fmt: skip
+    assert code == 2
+    assert "PERMISSION_DENIED" in out and SERVICE in out and "'cra'" in out
+    assert "message tabadol.test.v1.Blob" not in out
+
+
 async def test_a_v2_contract_lives_beside_v1_and_the_broker_routes_both(
     tmp_path: Path, pki: CertificateAuthority, echo_provider: Any
 ) -> None:

@@ -30,7 +30,8 @@ PLATFORM_FILES = _platform_files()
 
 
 class Catalogue:
-    """The contracts as one agency may see them: only services it may call, and platform ones.
+    """The contracts as one agency may see them: only services it may call (or whose contract
+    is public), the platform ones, and the files those need; nothing else, not even a type.
 
     Pure: built from file descriptors and a set of visible service names.
     """
@@ -51,6 +52,11 @@ class Catalogue:
                 for method in svc.method:
                     self._symbols[f"{full}.{method.name}"] = fd.name
             self._index_types(prefix, fd.message_type, fd.enum_type, fd.name)
+        # The files a visible service needs: its own and every one it imports. A type
+        # defined anywhere else (in the file of a service the caller may not call) is hidden.
+        self._visible_files = {
+            f.name for s in self.services() for f in self.closure(self._services[s])
+        }
 
     def _index_types(
         self, prefix: str, messages: Iterable[Any], enums: Iterable[Any], file: str
@@ -98,7 +104,7 @@ class Catalogue:
     def file_of(self, symbol: str) -> str | None:
         """The file defining a symbol the caller may see, or None."""
         file = self._symbols.get(symbol)
-        if file is None:
+        if file is None or file not in self._visible_files:
             return None
         service = next(
             (s for s in (symbol, symbol.rpartition(".")[0]) if s in self._services), None
@@ -108,10 +114,6 @@ class Catalogue:
         return file
 
     def visible_file(self, name: str) -> bool:
-        """A file the caller may fetch by name: one defining something it may see, or a
+        """A file the caller may fetch by name: one defining a service it may see, or a
         dependency of such a file."""
-        if name not in self.files:
-            return False
-        return any(
-            name in {f.name for f in self.closure(self._services[s])} for s in self.services()
-        )
+        return name in self._visible_files

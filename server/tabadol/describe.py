@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from google.protobuf import descriptor_pb2
@@ -23,21 +24,40 @@ _SCALARS = {
 }
 
 
+# What a contract's author could use to take over the reader's terminal or reorder what it
+# shows: C0 and C1 controls (ESC starts every ANSI sequence), DEL, the Unicode line and
+# paragraph separators, and the bidirectional overrides and isolates ("Trojan Source").
+_CONTROLS = r"\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+_UNSAFE = re.compile(rf"[\t\n{_CONTROLS}]")
+_UNSAFE_IN_COMMENTS = re.compile(rf"[{_CONTROLS}]")  # newlines and tabs are the comment's
+
+
+def printable(text: str, *, multiline: bool = False) -> str:
+    """Text from the broker, safe to print: each control character shown escaped (``\\x1b``),
+    so none reaches the terminal as a command. ``multiline`` keeps newlines and tabs."""
+    if multiline:
+        text = text.replace("\r\n", "\n")
+    unsafe = _UNSAFE_IN_COMMENTS if multiline else _UNSAFE
+    return unsafe.sub(lambda m: m[0].encode("unicode_escape").decode("ascii"), text)
+
+
 def services_table(services: Iterable[discovery_pb2.Service], agency: str) -> str:
     """One line per method, grouped by service; a mark where ``agency`` may call it."""
-    lines = [f"Services on the exchange (✓ = agency {agency!r} may call it):", ""]
+    lines = [f"Services on the exchange (✓ = agency '{printable(agency)}' may call it):", ""]
     for service in services:
-        lines.append(f"{service.name}  ({service.version}, provided by {service.provider})")
+        name, version = printable(service.name), printable(service.version)
+        lines.append(f"{name}  ({version}, provided by {printable(service.provider)})")
         for method in service.methods:
             mark = "✓" if method.allowed else " "
-            lines.append(f"  {mark} {method.name:<28} {KIND_WORDS.get(method.kind, '?')}")
+            kind = KIND_WORDS.get(method.kind, "?")
+            lines.append(f"  {mark} {printable(method.name):<28} {kind}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
 
 def _comments(fd: descriptor_pb2.FileDescriptorProto) -> dict[tuple[int, ...], str]:
     return {
-        tuple(location.path): location.leading_comments.rstrip()
+        tuple(location.path): printable(location.leading_comments.rstrip(), multiline=True)
         for location in fd.source_code_info.location
         if location.leading_comments.strip()
     }
@@ -50,7 +70,7 @@ def _comment(text: str, indent: str) -> list[str]:
 
 def _type_name(field: descriptor_pb2.FieldDescriptorProto) -> str:
     if field.type_name:
-        return field.type_name.lstrip(".")
+        return printable(field.type_name.lstrip("."))
     return _SCALARS.get(field.type, "?")
 
 
@@ -60,7 +80,8 @@ def describe(
     methods: Iterable[discovery_pb2.Method],
     provider: str,
 ) -> str:
-    """A service as its contract states it, with its comments, and the messages it uses."""
+    """A service as its contract states it, with its comments, and the messages it uses.
+    Every name and comment is passed through ``printable``: the contract is an agency's text."""
     allowed = {m.name: m.allowed for m in methods}
     messages: dict[
         str, tuple[descriptor_pb2.DescriptorProto, dict[tuple[int, ...], str], tuple[int, ...]]
@@ -76,19 +97,21 @@ def describe(
             if f"{fd.package}.{svc.name}" != service:
                 continue
             lines += _comment(notes.get((6, i), ""), "")
-            lines.append(f"service {service} {{  // provided by {provider}, in {fd.name}")
+            where = f"provided by {printable(provider)}, in {printable(fd.name)}"
+            lines.append(f"service {printable(service)} {{  // {where}")
             used: list[str] = []
             for j, method in enumerate(svc.method):
                 lines.append("")
                 lines += _comment(notes.get((6, i, 2, j), ""), "  ")
-                request = ("stream " if method.client_streaming else "") + method.input_type.lstrip(
-                    "."
+                request = ("stream " if method.client_streaming else "") + printable(
+                    method.input_type.lstrip(".")
                 )
-                response = (
-                    "stream " if method.server_streaming else ""
-                ) + method.output_type.lstrip(".")
+                response = ("stream " if method.server_streaming else "") + printable(
+                    method.output_type.lstrip(".")
+                )
                 mark = "" if allowed.get(method.name) else "  // you have no grant for this method"
-                lines.append(f"  rpc {method.name}({request}) returns ({response});{mark}")
+                rpc = printable(method.name)
+                lines.append(f"  rpc {rpc}({request}) returns ({response});{mark}")
                 used += [method.input_type.lstrip("."), method.output_type.lstrip(".")]
             lines.append("}")
             for name in dict.fromkeys(used):
@@ -104,10 +127,10 @@ def _message(
     path: tuple[int, ...],
 ) -> list[str]:
     lines = _comment(notes.get(path, ""), "")
-    lines.append(f"message {name} {{")
+    lines.append(f"message {printable(name)} {{")
     for k, field in enumerate(message.field):
         lines += _comment(notes.get((*path, 2, k), ""), "  ")
         label = _LABEL.get(field.label, "")
-        lines.append(f"  {label}{_type_name(field)} {field.name} = {field.number};")
+        lines.append(f"  {label}{_type_name(field)} {printable(field.name)} = {field.number};")
     lines.append("}")
     return lines

@@ -6,6 +6,7 @@ Payloads are opaque bytes: no serializer is configured on either leg.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn, cast
@@ -17,6 +18,7 @@ from tabadol.broker.exchange import Exchange
 from tabadol.broker.upstream import Route
 from tabadol.metadata import REQUEST_ID_KEY, Metadata, response_metadata
 
+log = logging.getLogger("tabadol.broker")
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -143,7 +145,8 @@ async def forward_stream(
         context.set_trailing_metadata(trailers)
         code = await call.code()
         if code is not grpc.StatusCode.OK:
-            await abort(exchange, context, code, await call.details() or "", trailers)
+            details = _for_the_consumer(code, await call.details() or "", exchange)
+            await abort(exchange, context, code, details, trailers)
         exchange.ended(grpc.StatusCode.OK)
         await exchange.settle()
     except grpc.aio.AioRpcError as e:
@@ -175,10 +178,27 @@ def _trailers(trailing: Metadata | None, exchange: Exchange) -> Metadata:
     return (*response_metadata(trailing), (REQUEST_ID_KEY, exchange.request_id))
 
 
-# gRPC's own words when the broker could not reach the provider at all: then, and only then,
-# the broker names the provider agency (a provider's own UNAVAILABLE passes unchanged).
+# gRPC's own words when the broker could not reach the provider at all: then the broker says
+# so in its own words, naming the provider agency (a provider's own UNAVAILABLE passes unchanged).
 _UNREACHABLE = ("failed to connect to all addresses", "DNS resolution failed")
 MAX_ATTEMPTS = 3
+
+
+def unreachable_message(exchange: Exchange) -> str:
+    """What a consumer is told when no endpoint of the provider could be reached."""
+    return (
+        f"Tabadol broker: provider {exchange.provider!r} unreachable for service "
+        f"{exchange.method.service!r}: the broker's connection to it failed; retry later"
+    )
+
+
+def _names_the_endpoint(details: str, exchange: Exchange) -> bool:
+    """gRPC's own transport failure (it names the peer's address), not the provider's text."""
+    return (
+        details.startswith(_UNREACHABLE)
+        or (bool(exchange.endpoint) and exchange.endpoint in details)
+        or any(scheme in details for scheme in ("ipv4:", "ipv6:", "unix:"))
+    )
 
 
 def _unreachable(error: grpc.aio.AioRpcError) -> bool:
@@ -262,7 +282,21 @@ async def relay_error(
         initial = response_metadata(error.initial_metadata())
         if initial:
             await context.send_initial_metadata(initial)
-    if code is grpc.StatusCode.UNAVAILABLE and details.startswith(_UNREACHABLE):
-        details = f"Tabadol broker: provider {exchange.provider!r} unreachable: {details}"
     trailing = cast(Metadata | None, error.trailing_metadata())
+    details = _for_the_consumer(code, details, exchange)
     await abort(exchange, context, code, details, _trailers(trailing, exchange))
+
+
+def _for_the_consumer(code: grpc.StatusCode, details: str, exchange: Exchange) -> str:
+    """The provider's status details, unless they are gRPC's own words naming the endpoint's
+    address: that is the operator's to know (the log has it; the ledger record and the span
+    name the endpoint), not the consumer's."""
+    if code is not grpc.StatusCode.UNAVAILABLE or not _names_the_endpoint(details, exchange):
+        return details
+    upstream = exchange.upstream
+    if upstream is not None and upstream.report_due(time.monotonic()):
+        log.warning(
+            "provider %s endpoint %s unreachable (request %s): %s",
+            exchange.provider, exchange.endpoint, exchange.request_id, details,
+        )  # fmt: skip
+    return unreachable_message(exchange)

@@ -1,7 +1,8 @@
 """The services the broker answers itself: discovery, reflection and health.
 
 Discovery and reflection answer from the live registry and the caller's certificate: each
-agency sees the services it may call. Health follows the providers' reachability.
+agency sees the contracts of the services it may call, and only their names otherwise.
+Health follows the providers' reachability, and answers declared agencies only.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tabadol.catalogue import Catalogue
 from tabadol.contracts import RpcKind
 from tabadol.identity import IdentityRejected
 from tabadol.platform.v1 import discovery_pb2, discovery_pb2_grpc
+from tabadol.revocation import RevocationList
 
 log = logging.getLogger("tabadol.broker")
 
@@ -43,6 +45,17 @@ async def caller(proxy: Proxy, context: Context) -> str:
         return proxy.identities.identify(context).agency_id
     except IdentityRejected as e:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"Tabadol broker: {e}")
+
+
+async def declared_caller(proxy: Proxy, context: Context) -> str:
+    """The calling agency, if the registry declares it; PERMISSION_DENIED otherwise."""
+    agency = await caller(proxy, context)
+    if agency not in proxy.agencies:
+        await context.abort(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"Tabadol broker: agency {agency!r} is not a registered agency of this exchange",
+        )
+    return agency
 
 
 class AgencyReflection(reflection_pb2_grpc.ServerReflectionServicer):
@@ -101,10 +114,25 @@ def reflect(
 
 
 class Discovery(discovery_pb2_grpc.DiscoveryServicer):
-    """ListAgencies, ListServices, ListMethods, AllowedMethods, GetContract."""
+    """ListAgencies, ListServices, ListMethods, AllowedMethods, GetContract,
+    GetRevocationList."""
 
-    def __init__(self, current: Callable[[], Proxy]) -> None:
+    def __init__(
+        self,
+        current: Callable[[], Proxy],
+        revocations: Callable[[], RevocationList | None] = lambda: None,
+    ) -> None:
         self._current = current
+        self._revocations = revocations
+
+    async def GetRevocationList(
+        self, request: discovery_pb2.GetRevocationListRequest, context: Context
+    ) -> discovery_pb2.GetRevocationListResponse:
+        await caller(self._current(), context)
+        crl = self._revocations()
+        if crl is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "Tabadol broker: no CRL loaded")
+        return discovery_pb2.GetRevocationListResponse(crl_der=crl.der, number=crl.number)
 
     def _methods(self, proxy: Proxy, agency: str, service: str) -> list[discovery_pb2.Method]:
         contract = proxy.contracts.services[service]
@@ -189,11 +217,39 @@ class Discovery(discovery_pb2_grpc.DiscoveryServicer):
         self, request: discovery_pb2.GetContractRequest, context: Context
     ) -> descriptor_pb2.FileDescriptorSet:
         proxy = self._current()
-        await caller(proxy, context)
+        agency = await caller(proxy, context)
         await self._routed(proxy, request.service, context)
+        if request.service not in proxy.catalogue_for(agency).visible:
+            # Its name is no secret (ListServices names it), its contract is.
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"Tabadol broker: agency {agency!r} has no grant for service "
+                f"{request.service!r}, so it may not read its contract; ask its provider "
+                f"{proxy.config.services[request.service].provider!r} for a grant",
+            )
         catalogue = Catalogue(proxy.contracts.files, [request.service])
         file = proxy.contracts.services[request.service].file
         return descriptor_pb2.FileDescriptorSet(file=catalogue.closure(file))
+
+
+class AgencyHealth(HealthServicer):
+    """The standard health service, answering only identified agencies the registry declares:
+    to anyone else the exchange's health is not theirs to watch."""
+
+    def __init__(self, current: Callable[[], Proxy]) -> None:
+        super().__init__()
+        self._current = current
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: Context
+    ) -> health_pb2.HealthCheckResponse:
+        await declared_caller(self._current(), context)
+        answer: health_pb2.HealthCheckResponse = await super().Check(request, context)
+        return answer
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Context) -> None:
+        await declared_caller(self._current(), context)
+        await super().Watch(request, context)
 
 
 class ProviderHealth:
@@ -206,7 +262,7 @@ class ProviderHealth:
     """
 
     def __init__(self, current: Callable[[], Proxy], interval: float = 2.0) -> None:
-        self.servicer = HealthServicer()
+        self.servicer = AgencyHealth(current)
         self._current = current
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
@@ -269,10 +325,13 @@ class ProviderHealth:
 
 
 def register(
-    server: grpc.aio.Server, current: Callable[[], Proxy], interval: float = 2.0
+    server: grpc.aio.Server,
+    current: Callable[[], Proxy],
+    interval: float = 2.0,
+    revocations: Callable[[], RevocationList | None] = lambda: None,
 ) -> ProviderHealth:
     """Add the platform services to the broker's server (before the proxy's catch-all)."""
-    discovery_pb2_grpc.add_DiscoveryServicer_to_server(Discovery(current), server)
+    discovery_pb2_grpc.add_DiscoveryServicer_to_server(Discovery(current, revocations), server)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
         AgencyReflection(current), server
     )
