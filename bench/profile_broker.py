@@ -51,7 +51,7 @@ AREAS = [
 THREADS = [
     ("tracing: span export thread (OTLP encoding and sending)", r"OtelBatchSpan"),
     ("ledger: writer thread (hash chain, seal, SQLite commit)", r"tabadol-ledger"),
-    ("metrics: /metrics HTTP server thread", r"serve_forever"),
+    ("metrics: /metrics HTTPS server threads", r"tabadol-metrics|process_request_thread"),
     ("gRPC: grpc.aio completion-queue poller thread", r"_poll_wrapper"),
 ]
 

@@ -92,6 +92,7 @@ class Platform:
         ca.issue_broker()
         for agency in ("echo", "post"):
             ca.issue_agency(agency)
+        ca.issue_person("operator", "prometheus")  # reads /metrics (BrokerProcess.metric)
         contracts = write_echo_contracts(directory / "echo.pb")
         return cls(directory, ca.dir, contracts)
 
@@ -167,7 +168,7 @@ async def start_broker(
     config.write_text(f'{text}\n[ledger]\npath = "ledger.db"\nmode = "batched"\n')
     broker = await BrokerProcess.start(config, metrics_port=0)
     # The broker logs its /metrics port (it was asked for any free one).
-    pattern = r"metrics at http://[\d.]+:(\d+)/metrics"
+    pattern = r"metrics at https://[\d.]+:(\d+)/metrics"
     logged = re.search(pattern, broker.lines[await broker.wait_for_log(pattern)])
     assert logged is not None
     broker.metrics_port = int(logged[1])

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
-import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -15,10 +14,11 @@ from tabadol.client import connect
 from tabadol.pki import CertificateAuthority
 from tests.conftest import RunningProvider, plain_channel, start_broker
 from tests.support.echo import SERVICE, UNARY
+from tests.support.metrics import scrape
 
 
-def scrape(broker: Broker) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    text = httpx.get(f"http://127.0.0.1:{broker.metrics.port}/metrics").text
+def samples_of(broker: Broker) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    text = scrape(f"https://127.0.0.1:{broker.metrics.port}/metrics", broker.config.broker.pki_dir)
     return {
         (sample.name, frozenset(sample.labels.items())): sample.value
         for family in text_string_to_metric_families(text)
@@ -53,7 +53,7 @@ async def test_calls_errors_latency_and_refusals_are_counted_with_bounded_labels
                     await hostile.unary_unary(f"/random.Service{i}/M{i}")(b"", timeout=10)
 
         broker.refresh_metrics()  # as it does every second
-        samples = scrape(broker)
+        samples = samples_of(broker)
         call = dict(consumer="post", provider="echo", service=SERVICE, method="Unary")
         assert samples[("tabadol_calls_total", labels(**call, code="OK"))] == 3
         assert samples[("tabadol_calls_total", labels(**call, code="NOT_FOUND"))] == 1

@@ -24,7 +24,6 @@ from typing import Any
 
 import grpc
 import grpc.aio
-import httpx
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -36,6 +35,7 @@ from tabadol.metadata import Metadata
 from tabadol.protocol import REQUEST_ID_KEY
 from tests.conftest import DEFAULT_GRANTS, LARGE_MESSAGES, broker_toml
 from tests.support.echo import BIDI, CLIENT_STREAM, SERVER_STREAM, UNARY, EchoProvider
+from tests.support.metrics import scrape_async
 from tests.support.processes import TABADOL, Process
 
 KINDS = (UNARY, SERVER_STREAM, CLIENT_STREAM, BIDI)
@@ -381,10 +381,11 @@ class BrokerProcess:
 
     async def metric(self, name: str) -> float:
         """An unlabelled sample from the broker's /metrics."""
-        async with httpx.AsyncClient() as client:
-            response = await client.get(f"http://127.0.0.1:{self.metrics_port}/metrics")
-        response.raise_for_status()
-        for family in text_string_to_metric_families(response.text):
+        text = await scrape_async(
+            f"https://127.0.0.1:{self.metrics_port}/metrics",
+            load_config(self.config).broker.pki_dir,
+        )
+        for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name == name and not sample.labels:
                     return float(sample.value)

@@ -1,4 +1,5 @@
-"""Prometheus metrics of the broker, served at ``/metrics`` on ``[broker] metrics_listen``.
+"""Prometheus metrics of the broker, served at ``/metrics`` on ``[broker] metrics_listen``
+over HTTPS, to operators and auditors only (``metrics_server``).
 
 Label values come only from the configuration and the contracts (agency ids, services,
 methods, gRPC code names), so the number of series stays bounded whatever callers send.
@@ -10,14 +11,17 @@ one scrape for the whole broker.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tabadol.broker.exchange import Exchange
+
+if TYPE_CHECKING:
+    from tabadol.broker.credentials import BrokerCredentials
+    from tabadol.broker.metrics_server import MetricsServer
 
 UNREGISTERED = "unregistered"  # a valid certificate of an agency the configuration lacks
 UNAUTHENTICATED = "unauthenticated"  # the caller's identity was refused
@@ -74,6 +78,13 @@ class BrokerMetrics:
             registry=self.registry,
             multiprocess_mode="livemin",
         )
+        self.crl_seconds_left = Gauge(
+            "tabadol_crl_seconds_to_stale",
+            "Seconds until the CRL in force goes stale (negative once it has): alert well "
+            'before 0, when calls are refused unless [broker] stale_crl = "serve".',
+            registry=self.registry,
+            multiprocess_mode="livemin",
+        )
         self.ledger_written = Counter(
             "tabadol_ledger_records_written",
             "Ledger records committed.",
@@ -93,7 +104,7 @@ class BrokerMetrics:
         )
         self._agencies: frozenset[str] = frozenset()
         self._children: dict[tuple[str, str, str, str, grpc.StatusCode], tuple[Any, Any]] = {}
-        self._server: Any = None
+        self._server: MetricsServer | None = None
         self.port = 0
 
     def configure(self, agencies: Iterable[str]) -> None:
@@ -128,15 +139,20 @@ class BrokerMetrics:
                 counter.inc(now - self._seen[name])
                 self._seen[name] = now
 
-    def serve(self, listen: str) -> None:
-        host, _, port = listen.rpartition(":")
-        self._server, _thread = start_http_server(
-            int(port), addr=host.strip("[]"), registry=self.registry
-        )
-        self.port = self._server.server_port
+    def serve(
+        self, listen: str, credentials: Callable[[], BrokerCredentials], trust_domain: str
+    ) -> None:
+        """Serve ``/metrics`` over HTTPS to operators and auditors (``credentials`` returns
+        the broker's current ones: its certificate, CA and revocations follow reloads)."""
+        # Imported here: metrics_server imports proxy, which imports this module.
+        from tabadol.broker.metrics_server import MetricsServer
+
+        server = MetricsServer(listen, self.registry, credentials, trust_domain)
+        server.start()
+        self._server, self.port = server, server.port
 
     def stop(self) -> None:
+        """Stop serving ``/metrics``; returns at once (the server stops in its own thread)."""
         if self._server is not None:
-            # shutdown() waits for the serving thread; do it off the caller's event loop.
-            threading.Thread(target=self._server.shutdown, daemon=True).start()
+            self._server.stop()
             self._server = None

@@ -7,7 +7,8 @@ SO_REUSEPORT on Linux, so the kernel spreads connections across them). The super
 - forwards SIGHUP to every worker after checking the new configuration once itself;
 - on SIGTERM or SIGINT, forwards it and waits: each worker drains its in-flight calls
   within ``shutdown_grace_seconds``, flushes its ledger records and spans, and exits;
-- serves ``/metrics`` for the whole broker from the workers' shared metric files.
+- serves ``/metrics`` for the whole broker from the workers' shared metric files, over
+  HTTPS to operators and auditors, with the broker's certificate and CRL, re-read on SIGHUP.
 
 A worker whose supervisor dies (even by SIGKILL) gets SIGTERM from the kernel and drains.
 
@@ -28,10 +29,15 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tabadol import config as config_module
+from tabadol.broker.credentials import BrokerCredentials
 from tabadol.errors import ConfigError, TabadolError
+from tabadol.revocation import RevocationList
+
+if TYPE_CHECKING:
+    from tabadol.broker.metrics_server import MetricsServer
 
 log = logging.getLogger("tabadol.broker")
 
@@ -51,6 +57,7 @@ class Supervisor:
         self.restarts = 0
         self._metrics_dir = Path(tempfile.mkdtemp(prefix="tabadol-metrics-"))
         self._last_start: dict[int, float] = {}
+        self.credentials: BrokerCredentials | None = None  # for /metrics; loaded by run()
 
     async def _spawn(self, slot: int) -> None:
         spacing = self._last_start.get(slot, 0.0) + RESTART_SPACING_S - time.monotonic()
@@ -95,9 +102,17 @@ class Supervisor:
             if process.returncode is None:
                 process.send_signal(sig)
 
+    def _current_credentials(self) -> BrokerCredentials:
+        if self.credentials is None:
+            raise RuntimeError("the supervisor's credentials are loaded before /metrics serves")
+        return self.credentials
+
     def _reload(self) -> None:
         try:
-            config_module.load(self.config_path)
+            cfg = config_module.load(self.config_path)
+            # The workers load the same files: what the supervisor refuses, they would too.
+            held = self.credentials.crl if self.credentials is not None else None
+            self.credentials = _load_credentials(cfg, held)
         except ConfigError as e:
             log.error("configuration reload refused; the workers keep the previous one:\n%s", e)
             return
@@ -112,7 +127,8 @@ class Supervisor:
                 f"{cfg.path}: [broker] listen: workers share one port; port 0 would give each "
                 "its own, so name a port"
             )
-        metrics = _serve_metrics(self._metrics_dir, cfg.broker.metrics_listen)
+        self.credentials = _load_credentials(cfg)
+        metrics = _serve_metrics(self._metrics_dir, cfg, self._current_credentials)
         loop = asyncio.get_running_loop()
         done = asyncio.Event()
 
@@ -137,7 +153,7 @@ class Supervisor:
         await asyncio.gather(*watchers)
         codes = [p.returncode for p in self.workers.values()]
         if metrics is not None:
-            metrics.shutdown()
+            metrics.stop()
         shutil.rmtree(self._metrics_dir, ignore_errors=True)
         log.info("all workers stopped (exit statuses %s)", codes)
         return 0 if all(code == 0 for code in codes) else 1
@@ -153,20 +169,33 @@ def _mark_dead(pid: int, directory: Path) -> None:
         log.warning("could not clear the metrics of worker pid %d: %s", pid, e)
 
 
-def _serve_metrics(directory: Path, listen: str | None) -> Any:
+def _load_credentials(
+    cfg: config_module.BrokerConfig, held: RevocationList | None = None
+) -> BrokerCredentials:
+    return BrokerCredentials.load(cfg.broker.pki_dir, cfg.broker.trust_domain, cfg.path, held=held)
+
+
+def _serve_metrics(
+    directory: Path, cfg: config_module.BrokerConfig, credentials: Callable[[], BrokerCredentials]
+) -> MetricsServer | None:
+    listen = cfg.broker.metrics_listen
     if listen is None:
         return None
-    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    from tabadol.broker.metrics_server import MetricsServer
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
-    host, _, port = listen.rpartition(":")
     try:
-        server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+        server = MetricsServer(listen, registry, credentials, cfg.broker.trust_domain)
+    except ConfigError as e:
+        raise ConfigError(f"{cfg.path}: {e}") from e
     except OSError as e:
         raise TabadolError(
             f"[broker] metrics_listen: cannot listen on {listen}: {e.strerror}"
         ) from e
+    server.start()
     return server
 
 
