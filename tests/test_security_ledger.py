@@ -182,6 +182,18 @@ async def test_a_stop_that_can_save_its_backlog_nowhere_exits_non_zero_and_verif
     code, out = verify(path, capsys)
     assert code == 1 and "GAP: broker session" in out, out
 
+    # Someone looks into it and says so: verify then shows the gap as acknowledged, and passes.
+    session = out.split("GAP: broker session ", 1)[1].split()[0]
+    assert main(["ledger", "acknowledge", "--config", str(path), "--session", session,
+                 "--by", "sara", "--reason", "incident 1405-117: ledger disk full"]) == 0  # fmt: skip
+    code, out = verify(path, capsys)
+    assert code == 0, out
+    assert "GAP" not in out and "gap acknowledged by sara at " in out
+    assert "incident 1405-117" in out
+    # Once is enough: a second acknowledgement of the same gap is refused.
+    assert main(["ledger", "acknowledge", "--config", str(path), "--session", session,
+                 "--by", "reza", "--reason", "again"]) == 2  # fmt: skip
+
 
 async def test_a_locked_ledger_fails_closed_within_max_unwritten_seconds_then_recovers(
     tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path, echo_provider: RunningProvider

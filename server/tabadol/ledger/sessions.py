@@ -32,6 +32,7 @@ class Session:
     ended: str = ""
     accepted: int | None = None  # records handed to the writer (calls answered or refused)
     written: int | None = None  # of them, records that reached the ledger
+    acknowledged: str = ""  # who looked into its gap, when and why (`ledger acknowledge`)
 
     @property
     def missing(self) -> int:
@@ -101,39 +102,50 @@ def session_findings(
     """
     findings = []
     for s in sessions:
-        who = f"broker session {s.id[:12]} (instance {s.instance!r}, pid {s.pid} on {s.host}, started {_when(s.opened_ns)})"
-        if s.ended == ABANDONED:
-            if s.mode == "strict":  # every call it answered waited for its record
-                continue
-            findings.append(
-                SessionFinding(True, f"{who} {_UNSAVED} (found at {_when(s.ended_ns)})")
+        finding = _finding(s, alive, journaled)
+        if finding is None:
+            continue
+        if finding.gap and s.acknowledged:
+            finding = SessionFinding(
+                False, f"{finding.text} (gap acknowledged by {s.acknowledged})"
             )
-        elif s.ended:
-            if s.missing:
-                findings.append(
-                    SessionFinding(True, f"{who} lost {s.missing} records of answered calls")
-                )
-        else:
-            waiting = journaled(s.id)  # a session that left its closing line has stopped
-            running = alive(s) if waiting is None else False
-            if running:
-                continue
-            if waiting is not None:
-                findings.append(
-                    SessionFinding(
-                        False,
-                        f"{who} stopped with {waiting} records in the journal; the next start "
-                        "writes them to the ledger",
-                    )
-                )
-            elif running is None:
-                findings.append(
-                    SessionFinding(
-                        False,
-                        f"{who} has not stopped cleanly; it ran on another host, so it cannot "
-                        "be told from here whether it still runs",
-                    )
-                )
-            elif s.mode != "strict":
-                findings.append(SessionFinding(True, f"{who} {_UNSAVED}"))
+        findings.append(finding)
     return findings
+
+
+def _finding(
+    s: Session,
+    alive: Callable[[Session], bool | None],
+    journaled: Callable[[str], int | None],
+) -> SessionFinding | None:
+    who = (
+        f"broker session {s.id[:12]} (instance {s.instance!r}, pid {s.pid} on {s.host}, "
+        f"started {_when(s.opened_ns)})"
+    )
+    if s.ended == ABANDONED:
+        if s.mode == "strict":  # every call it answered waited for its record
+            return None
+        return SessionFinding(True, f"{who} {_UNSAVED} (found at {_when(s.ended_ns)})")
+    if s.ended:
+        if s.missing:
+            return SessionFinding(True, f"{who} lost {s.missing} records of answered calls")
+        return None
+    waiting = journaled(s.id)  # a session that left its closing line has stopped
+    running = alive(s) if waiting is None else False
+    if running:
+        return None
+    if waiting is not None:
+        return SessionFinding(
+            False,
+            f"{who} stopped with {waiting} records in the journal; the next start "
+            "writes them to the ledger",
+        )
+    if running is None:
+        return SessionFinding(
+            False,
+            f"{who} has not stopped cleanly; it ran on another host, so it cannot "
+            "be told from here whether it still runs",
+        )
+    if s.mode != "strict":
+        return SessionFinding(True, f"{who} {_UNSAVED}")
+    return None

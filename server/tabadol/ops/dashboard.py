@@ -59,6 +59,9 @@ class EmptyLedger:
     def sessions(self) -> list[Session]:
         return []
 
+    def acknowledge_session(self, session_id: str, acknowledgement: str) -> None:
+        raise LedgerWriteError("the ledger has not been written yet: no session to acknowledge")
+
     def call_groups(self, start_ns: int, end_ns: int) -> list[CallGroup]:
         return []
 

@@ -69,6 +69,10 @@ class LedgerStore(Protocol):
 
     def sessions(self) -> list[Session]: ...
 
+    def acknowledge_session(self, session_id: str, acknowledgement: str) -> None:
+        """Record that someone looked into a session's gap (who, when, why)."""
+        ...
+
     def call_groups(self, start_ns: int, end_ns: int) -> list[CallGroup]: ...
 
     def durations(self, provider: str, start_ns: int, end_ns: int) -> list[int]:

@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     ended_ns INTEGER,
     ended TEXT NOT NULL DEFAULT '',
     accepted INTEGER,
-    written INTEGER
+    written INTEGER,
+    acknowledged TEXT NOT NULL DEFAULT ''
 );
 """
 # Columns added after the first schema, with the value old rows take (docs/ledger.md).
@@ -121,6 +122,11 @@ class SqliteLedgerStore:
                 self._conn.execute(
                     f"ALTER TABLE records ADD COLUMN {name} NOT NULL DEFAULT {default}"
                 )
+        sessions = {row[1] for row in self._conn.execute("PRAGMA table_info(sessions)")}
+        if "acknowledged" not in sessions:
+            self._conn.execute(
+                "ALTER TABLE sessions ADD COLUMN acknowledged TEXT NOT NULL DEFAULT ''"
+            )
 
     def _record_columns(self) -> str:
         """The record columns to select: an older ledger opened read-only lacks the newest."""
@@ -241,9 +247,19 @@ class SqliteLedgerStore:
             (ended, ended_ns, accepted, written, session_id),
         )
 
+    def acknowledge_session(self, session_id: str, acknowledgement: str) -> None:
+        self._write(
+            "UPDATE sessions SET acknowledged = ? WHERE id = ?", (acknowledgement, session_id)
+        )
+
     def sessions(self) -> list[Session]:
         try:
-            rows = self._query(f"SELECT {_SESSION_COLUMNS} FROM sessions ORDER BY opened_ns")
+            have = {row[1] for row in self._query("PRAGMA table_info(sessions)")}
+            columns = ", ".join(
+                name if name in have else "'' AS acknowledged"  # an older ledger, read-only
+                for name in _SESSION_COLUMNS.split(", ")
+            )
+            rows = self._query(f"SELECT {columns} FROM sessions ORDER BY opened_ns")
         except sqlite3.OperationalError:  # a ledger from before sessions, opened read-only
             return []
         return [Session(*row) for row in rows]
