@@ -30,6 +30,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
     ca.issue_broker()
     for agency in AGENCIES:
         ca.issue_agency(agency)
+    ca.issue_person("operator", "prometheus")  # scrapes /metrics (tests/support/metrics.py)
     return ca
 
 
@@ -139,6 +140,8 @@ async def broker(
     broker = await start_broker(
         tmp_path_factory.mktemp("broker"), pki.dir, echo_contracts, [echo_provider.address]
     )
+    # As a deployed provider does: learn the broker certificates' revocations from it.
+    echo_provider.server.follow_broker(f"127.0.0.1:{broker.port}")
     yield broker
     await broker.stop(0)
 

@@ -241,7 +241,9 @@ async def test_sigterm_under_load_finishes_started_calls_refuses_new_ones_and_le
     profile = PROFILE
     broker = await start_broker_process(
         tmp_path, pki, echo_contracts, [echo_provider.address],
-        extra_broker="shutdown_grace_seconds = 10",
+        # All of post's slow calls in flight at once: the soak profile's 320 are over the
+        # default per-agency limit.
+        extra_broker=f"shutdown_grace_seconds = 10\nconsumer_concurrency = {2 * profile.slow_calls}",
     )  # fmt: skip
     channels = consumer_channels(broker.address, as_post(pki), profile.workers)
     [fresh] = consumer_channels(broker.address, as_post(pki), 1)  # first used after SIGTERM

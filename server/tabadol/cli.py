@@ -12,10 +12,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-
 from tabadol.client.credentials import CredentialsError
 from tabadol.errors import TabadolError
+from tabadol.ops.otlp import DEFAULT_MAX_REQUEST_MB
 from tabadol.ops.server import DEFAULT_HTTP, DEFAULT_OTLP
 from tabadol.ops.store.base import DEFAULT_MAX_AGE_SECONDS, DEFAULT_MAX_BYTES
 
@@ -60,21 +59,36 @@ def _cmd_pki_issue(args: argparse.Namespace) -> int:
     from tabadol.pki import CertificateAuthority
 
     ca = CertificateAuthority(args.dir)
-    if args.agency and (args.dns or args.ip):
-        raise TabadolError("--dns and --ip are for the broker's certificate only")
-    if args.broker:
-        path = ca.issue_broker(
+    server = args.broker or args.ops
+    if not server and (args.dns or args.ip):
+        raise TabadolError("--dns and --ip are for the broker's and the ops console's certificates")
+    if server:
+        issue = ca.issue_broker if args.broker else ca.issue_ops
+        path = issue(
             dns_names=args.dns or ["localhost"],
             ips=args.ip or ["127.0.0.1", "::1"],
             days=args.days,
             force=args.force,
         )
-        print(f"issued the broker certificate: {path} (key: {path.with_suffix('.key')})")
-    else:
+        name = "broker" if args.broker else "ops console"
+        print(f"issued the {name} certificate: {path} (key: {path.with_suffix('.key')})")
+        if args.force:
+            print(
+                f"the {name}'s previous certificate is revoked as superseded: reload it "
+                "(SIGHUP) now, so that it serves the new one and publishes the new CRL"
+            )
+    elif args.agency:
         bundle = ca.issue_agency(args.agency, days=args.days, force=args.force)
         print(
             f"issued agency {args.agency!r}: {bundle}/ holds ca.crt, agency.crt and agency.key; "
             "hand this directory to the agency over a secure channel"
+        )
+    else:
+        role, name = ("operator", args.operator) if args.operator else ("auditor", args.auditor)
+        bundle = ca.issue_person(role, name, days=args.days, force=args.force)
+        print(
+            f"issued {role} {name!r}: {bundle}/ holds ca.crt, {role}.crt and {role}.key, "
+            "for the ops console (docs/security.md shows how to load them into a browser)"
         )
     return 0
 
@@ -82,19 +96,37 @@ def _cmd_pki_issue(args: argparse.Namespace) -> int:
 def _cmd_pki_revoke(args: argparse.Namespace) -> int:
     from tabadol.pki import CertificateAuthority
 
-    serials = CertificateAuthority(args.dir).revoke_agency(args.agency)
+    ca = CertificateAuthority(args.dir)
+    if args.agency:
+        serials, who = ca.revoke_agency(args.agency, reason=args.reason), f"agency {args.agency!r}"
+    elif args.operator or args.auditor:
+        role, name = ("operator", args.operator) if args.operator else ("auditor", args.auditor)
+        serials, who = ca.revoke_person(role, name, reason=args.reason), f"{role} {name!r}"
+    elif args.broker or args.ops:
+        name = "broker" if args.broker else "ops"
+        serials, who = ca.revoke_current(name, reason=args.reason), f"the {name}"
+    else:
+        try:
+            serial = int(args.serial, 16)
+        except ValueError:
+            raise TabadolError(f"--serial {args.serial!r} is not a hexadecimal serial") from None
+        serials, who = ca.revoke([serial], reason=args.reason), f"serial {serial:x}"
     print(
-        f"revoked {len(serials)} certificate(s) of agency {args.agency!r} in {args.dir / 'crl.pem'}; "
-        "send SIGHUP to the broker to apply"
+        f"revoked {len(serials)} certificate(s) of {who} ({args.reason}) in "
+        f"{args.dir / 'crl.pem'}; send SIGHUP to the broker to apply (providers follow it "
+        "within their CRL refresh interval)"
     )
     return 0
 
 
 def _cmd_pki_crl(args: argparse.Namespace) -> int:
-    from tabadol.pki import CRL_DAYS, CertificateAuthority
+    from tabadol.pki import CRL_DAYS, CertificateAuthority, crl_number
 
-    CertificateAuthority(args.dir).write_crl()
-    print(f"re-signed {args.dir / 'crl.pem'}, valid {CRL_DAYS} days; SIGHUP the broker to load it")
+    crl = CertificateAuthority(args.dir).write_crl()
+    print(
+        f"published {args.dir / 'crl.pem'} number {crl_number(crl)} with {len(crl)} "
+        f"revocation(s), valid {CRL_DAYS} days; SIGHUP the broker to load it"
+    )
     return 0
 
 
@@ -117,27 +149,29 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _trusted_broker(pki_dir: Path, trust_domain: str) -> Callable[[bytes], bool]:
-    """Seals count only when signed by a broker certificate of this exchange's CA."""
+def _seal_signers(pki_dir: Path, trust_domain: str) -> Callable[[bytes, int], str | None]:
+    """Seals count only when signed by a broker certificate of this exchange's CA that was
+    valid, and not revoked, when the seal was made (by the CRL in the PKI directory)."""
+    import datetime as dt
+
     from cryptography import x509
 
-    from tabadol.identity import spiffe_ids
-    from tabadol.spiffe import broker_spiffe_id
+    from tabadol.ledger.signers import seal_signer_problem
+    from tabadol.pki import load_crl
 
     try:
         ca = x509.load_pem_x509_certificate((pki_dir / "ca.crt").read_bytes())
     except (OSError, ValueError) as e:
         raise TabadolError(f"{pki_dir / 'ca.crt'}: cannot load the CA certificate: {e}") from e
+    revoked_at = {r.serial_number: r.revocation_date_utc for r in load_crl(pki_dir / "crl.pem", ca)}
 
-    def trusted(cert_pem: bytes) -> bool:
-        try:
-            cert = x509.load_pem_x509_certificate(cert_pem)
-            cert.verify_directly_issued_by(ca)
-        except (ValueError, TypeError, InvalidSignature):
-            return False
-        return broker_spiffe_id(trust_domain) in spiffe_ids(cert)
+    def problem(cert_pem: bytes, sealed_ns: int) -> str | None:
+        sealed_at = dt.datetime.fromtimestamp(sealed_ns / 1e9, dt.UTC)
+        return seal_signer_problem(
+            cert_pem, sealed_at, ca_cert=ca, trust_domain=trust_domain, revoked_at=revoked_at
+        )
 
-    return trusted
+    return problem
 
 
 def _open_ledger(config: Path) -> tuple[Any, Any]:
@@ -152,6 +186,7 @@ def _open_ledger(config: Path) -> tuple[Any, Any]:
 
 
 def _cmd_ledger_verify(args: argparse.Namespace) -> int:
+    from tabadol.ledger.sessions import alive, session_findings
     from tabadol.ledger.verify import anchor_path, read_anchor, verify
 
     cfg, store = _open_ledger(args.config)
@@ -159,11 +194,65 @@ def _cmd_ledger_verify(args: argparse.Namespace) -> int:
         store.records(),
         store.seals(),
         store.signers(),
-        _trusted_broker(cfg.broker.pki_dir, cfg.broker.trust_domain),
+        _seal_signers(cfg.broker.pki_dir, cfg.broker.trust_domain),
         read_anchor(anchor_path(cfg.ledger.path)),
     )
     print(f"{cfg.ledger.path}: {verdict}")
-    return 0 if verdict.ok else 1
+    # Answered calls that never reached the ledger: shown by the writers' sessions.
+    findings = session_findings(store.sessions(), alive, _journaled(cfg.ledger.path))
+    for finding in findings:
+        print(f"{cfg.ledger.path}: {finding}")
+    return 0 if verdict.ok and not any(finding.gap for finding in findings) else 1
+
+
+def _cmd_ledger_acknowledge(args: argparse.Namespace) -> int:
+    from tabadol.config import load
+    from tabadol.ledger.store import LedgerWriteError, SqliteLedgerStore
+
+    cfg = load(args.config)
+    if not args.reason.strip() or not args.by.strip():
+        raise TabadolError("--by and --reason must say who looked into the gap and what they found")
+    try:
+        store = SqliteLedgerStore(cfg.ledger.path)
+    except LedgerWriteError as e:
+        raise TabadolError(str(e)) from e
+    try:
+        matches = [s for s in store.sessions() if s.id.startswith(args.session)]
+        if len(matches) != 1:
+            found = "no session" if not matches else f"{len(matches)} sessions"
+            raise TabadolError(
+                f"{cfg.ledger.path}: {found} with an id starting {args.session!r}; "
+                "`tabadol ledger verify` prints each gap's session id"
+            )
+        session = matches[0]
+        if session.acknowledged:
+            raise TabadolError(
+                f"session {session.id[:12]}'s gap was already acknowledged by {session.acknowledged}"
+            )
+        when = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        store.acknowledge_session(session.id, f"{args.by} at {when}: {args.reason}")
+    except LedgerWriteError as e:
+        raise TabadolError(str(e)) from e
+    finally:
+        store.close()
+    print(f"{cfg.ledger.path}: session {session.id[:12]}'s gap acknowledged by {args.by}")
+    return 0
+
+
+def _journaled(ledger_path: Path) -> Callable[[str], int | None]:
+    """Per session that stopped into the journal, its records waiting for the next start."""
+    from collections import Counter
+
+    from tabadol.ledger.journal import Journal, journal_path
+
+    path = journal_path(ledger_path)
+    try:
+        entries = Journal(path).read()
+    except OSError as e:
+        raise TabadolError(f"{path}: cannot read the ledger's journal: {e.strerror}") from e
+    closed = {entry.session for entry in entries if entry.closed is not None}
+    waiting = Counter(entry.session for entry in entries if entry.record is not None)
+    return lambda session: waiting[session] if session in closed else None
 
 
 def _parse_time(text: str, option: str) -> int:
@@ -286,14 +375,39 @@ def _cmd_contracts_lint(args: argparse.Namespace) -> int:
     return 1 if found else 0
 
 
+def _request_mb(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 1024:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of MB from 1 to 1024")
+    return int(text)
+
+
 def _cmd_ops(args: argparse.Namespace) -> int:
     from tabadol.ops.server import run
     from tabadol.ops.store import StoreLimits
 
+    if args.config is None:
+        raise TabadolError(
+            "tabadol ops needs --config broker.toml: the console and the span collector admit "
+            "only identities of the platform PKI named in its [broker] section (pki_dir, "
+            "trust_domain), and there is no unauthenticated mode. Issue the console's "
+            "certificate with `tabadol pki issue --dir PKI --ops`, and yours with "
+            "`tabadol pki issue --dir PKI --operator NAME`."
+        )
     limits = StoreLimits(
         max_age_seconds=args.retention_hours * 3600, max_bytes=args.max_db_mb * 1024**2
     )
-    asyncio.run(run(args.db, args.http, args.otlp, limits, args.config))
+    asyncio.run(
+        run(
+            args.config,
+            args.db,
+            args.http,
+            args.otlp,
+            limits,
+            allowed_hosts=args.allowed_host or (),
+            login_link=args.login_link,
+            otlp_max_request_bytes=args.otlp_max_request_mb * 1024**2,
+        )
+    )
     return 0
 
 
@@ -373,23 +487,52 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--days", type=int, default=3650, help="CA lifetime (default 3650)")
     init.set_defaults(func=_cmd_pki_init)
 
-    issue = pki_sub.add_parser("issue", help="issue an agency's or the broker's certificate")
+    issue = pki_sub.add_parser(
+        "issue", help="issue a certificate: an agency's, an operator's, the broker's, ..."
+    )
     issue.add_argument("--dir", type=Path, required=True, help="PKI directory")
     who = issue.add_mutually_exclusive_group(required=True)
     who.add_argument("--agency", metavar="ID", help="agency id, e.g. nocr")
+    who.add_argument("--operator", metavar="NAME", help="an operator of the ops console")
+    who.add_argument("--auditor", metavar="NAME", help="an auditor (ledger, dashboard, reports)")
     who.add_argument("--broker", action="store_true", help="the broker's certificate")
-    issue.add_argument("--dns", action="append", help="extra DNS name (broker only; repeatable)")
-    issue.add_argument("--ip", action="append", help="extra IP address (broker only; repeatable)")
+    who.add_argument("--ops", action="store_true", help="the ops console's certificate")
+    issue.add_argument("--dns", action="append", help="extra DNS name (broker, ops; repeatable)")
+    issue.add_argument("--ip", action="append", help="extra IP address (broker, ops; repeatable)")
     issue.add_argument("--days", type=int, default=365, help="lifetime (default 365)")
-    issue.add_argument("--force", action="store_true", help="replace an existing certificate")
+    issue.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing certificate (a replaced broker or ops certificate is revoked)",
+    )
     issue.set_defaults(func=_cmd_pki_issue)
 
-    revoke = pki_sub.add_parser("revoke", help="revoke every certificate of an agency")
+    revoke = pki_sub.add_parser(
+        "revoke",
+        help="revoke certificates and publish a new CRL",
+        description="Revoke and record it in revoked.jsonl, then publish a new, higher-numbered "
+        "CRL built from every recorded revocation.",
+    )
     revoke.add_argument("--dir", type=Path, required=True, help="PKI directory")
-    revoke.add_argument("--agency", metavar="ID", required=True)
+    what = revoke.add_mutually_exclusive_group(required=True)
+    what.add_argument("--agency", metavar="ID", help="every certificate ever issued to it")
+    what.add_argument("--operator", metavar="NAME", help="every certificate ever issued to them")
+    what.add_argument("--auditor", metavar="NAME", help="every certificate ever issued to them")
+    what.add_argument("--broker", action="store_true", help="the certificate in broker.crt")
+    what.add_argument("--ops", action="store_true", help="the certificate in ops.crt")
+    what.add_argument("--serial", metavar="HEX", help="one certificate, by serial")
+    revoke.add_argument(
+        "--reason",
+        choices=["unspecified", "key-compromise", "superseded", "cessation-of-operation"],
+        default="unspecified",
+        help="recorded in the CRL (default unspecified)",
+    )
     revoke.set_defaults(func=_cmd_pki_revoke)
 
-    crl = pki_sub.add_parser("crl", help="re-sign the CRL with a fresh validity period")
+    crl = pki_sub.add_parser(
+        "crl",
+        help="publish a fresh CRL from the CA's records (run it well within the 7 days)",
+    )
     crl.add_argument("--dir", type=Path, required=True, help="PKI directory")
     crl.set_defaults(func=_cmd_pki_crl)
 
@@ -469,6 +612,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lverify.add_argument("--config", type=Path, required=True, help="broker configuration")
     lverify.set_defaults(func=_cmd_ledger_verify)
+    lack = ledger_sub.add_parser(
+        "acknowledge",
+        help="record that a reported gap was looked into (who and why)",
+        description="A gap that `ledger verify` reports (calls answered but never written, "
+        "after a crash, kill -9 or a stop that could save nowhere) keeps verify failing until "
+        "someone looks into it. This records who did, when and why; verify then shows the gap "
+        "as acknowledged and no longer fails on it.",
+    )
+    lack.add_argument("--config", type=Path, required=True, help="broker configuration")
+    lack.add_argument("--session", required=True, help="the session id (or its first characters)")
+    lack.add_argument("--by", required=True, help="who looked into it")
+    lack.add_argument("--reason", required=True, help="what was found, e.g. an incident number")
+    lack.set_defaults(func=_cmd_ledger_acknowledge)
     lexport = ledger_sub.add_parser("export", help="write records as CSV or JSON lines")
     lexport.add_argument("--config", type=Path, required=True, help="broker configuration")
     lexport.add_argument("--from", dest="start", help="ISO date or date-time (UTC by default)")
@@ -493,16 +649,50 @@ def build_parser() -> argparse.ArgumentParser:
 
     ops = sub.add_parser(
         "ops",
-        help="run the trace viewer (OTLP collector, web UI, Jaeger-compatible API)",
-        description="Run the trace viewer: an OTLP/gRPC collector endpoint that any "
-        "OpenTelemetry SDK can send spans to, a web UI, and a Jaeger-compatible JSON API "
-        "(see docs/tracing.md). Spans are kept in SQLite, removed by age and by size.",
+        help="run the ops console (traces, dashboard, reports) and the OTLP span collector",
+        description="Run the ops console over HTTPS: a web UI, a Jaeger-compatible JSON API, "
+        "the ledger dashboard and the quarterly reports; and an OTLP/gRPC span collector "
+        "over mTLS (see docs/tracing.md). --config names the broker configuration: its "
+        "[broker] pki_dir and trust_domain say whom to admit, its ledger is what the "
+        "dashboard shows. Both ports serve with ops.crt (`tabadol pki issue --ops`). "
+        "Operators, auditors and agencies log in with a client certificate of the platform "
+        "PKI; operators see everything, auditors the ledger views, an agency only its own "
+        "traces, ledger rows and assessment. Spans are kept in SQLite, removed by age and by "
+        "size.",
     )
     ops.add_argument(
-        "--http", default=DEFAULT_HTTP, help=f"web UI and API (default {DEFAULT_HTTP})"
+        "--config",
+        type=Path,
+        help="broker configuration (required): the PKI and trust domain to admit, the ledger",
     )
     ops.add_argument(
-        "--otlp", default=DEFAULT_OTLP, help=f"OTLP/gRPC collector (default {DEFAULT_OTLP})"
+        "--http", default=DEFAULT_HTTP, help=f"HTTPS console and API (default {DEFAULT_HTTP})"
+    )
+    ops.add_argument(
+        "--otlp",
+        default=DEFAULT_OTLP,
+        help=f"OTLP/gRPC collector, mTLS (default {DEFAULT_OTLP})",
+    )
+    ops.add_argument(
+        "--otlp-max-request-mb",
+        type=_request_mb,
+        metavar="MB",
+        default=DEFAULT_MAX_REQUEST_MB,
+        help="refuse OTLP requests larger than this with RESOURCE_EXHAUSTED "
+        f"(default {DEFAULT_MAX_REQUEST_MB}, gRPC's and the exporters' own)",
+    )
+    ops.add_argument(
+        "--allowed-host",
+        action="append",
+        metavar="NAME",
+        help="another host name browsers use for the console (repeatable); it always answers "
+        "to its bind address, localhost, 127.0.0.1, ::1 and the names in ops.crt",
+    )
+    ops.add_argument(
+        "--login-link",
+        action="store_true",
+        help="print a one-time operator login link for a browser without a certificate "
+        "(only when --http is a loopback address)",
     )
     ops.add_argument(
         "--db",
@@ -521,11 +711,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_MAX_BYTES // 1024**2,
         help=f"drop the oldest traces past this size (default {DEFAULT_MAX_BYTES // 1024**2})",
-    )
-    ops.add_argument(
-        "--config",
-        type=Path,
-        help="broker configuration: adds the ledger dashboard and the quarterly reports",
     )
     ops.set_defaults(func=_cmd_ops)
 

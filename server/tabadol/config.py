@@ -80,7 +80,17 @@ class BrokerSection(_Strict):
     # provider is not hit twice as hard).
     retry_budget_ratio: float = Field(default=0.2, ge=0, le=1)
     max_concurrent_streams: int = Field(default=1000, ge=1)  # per consumer connection
+    # Defaults for every service and consumer that sets none of its own (a [[service]] or a
+    # [[limit]] setting replaces them): no stream lasts for ever, none idles for ever, and
+    # no agency holds more than this many calls in flight, over all its connections.
+    max_stream_seconds: float = Field(default=3600.0, gt=0)
+    stream_idle_seconds: float = Field(default=300.0, gt=0)
+    consumer_concurrency: int = Field(default=200, ge=1)
     instance: str | None = None  # names this broker in ledger records; default host:pid
+    # When the CRL passes its next-update time while the broker runs: "refuse" every call
+    # (fail closed, the default) or "serve" on with the stale CRL (logged, and a metric).
+    stale_crl: Literal["refuse", "serve"] = "refuse"
+    crl_warn_hours: float = Field(default=48.0, ge=0)  # warn this long before it goes stale
 
 
 class LedgerSection(_Strict):
@@ -90,7 +100,20 @@ class LedgerSection(_Strict):
     mode: Literal["batched", "strict"] = "batched"
     batch_interval_ms: int = Field(default=100, ge=1, le=60_000)
     buffer_records: int = Field(default=100_000, ge=1)
+    # Fail closed once a record has waited this long for the ledger (docs/ledger.md).
+    max_unwritten_seconds: float = Field(default=5.0, gt=0, le=3600)
     payload_digests: bool = False
+
+    @field_validator("max_unwritten_seconds")
+    @classmethod
+    def _longer_than_a_batch(cls, value: float, info: Any) -> float:
+        interval = info.data.get("batch_interval_ms")
+        if isinstance(interval, int) and value * 1000 <= 2 * interval:
+            raise ValueError(
+                f"{value:g} s must be more than two batch intervals ({2 * interval} ms): "
+                "otherwise the broker refuses calls while the ledger works"
+            )
+        return value
 
 
 class TracingSection(_Strict):
@@ -101,7 +124,22 @@ class TracingSection(_Strict):
     sampler: str | None = None
     sampler_arg: str | None = None
     exporter: str | None = None
+    # https:// (default https://localhost:4317): mTLS with the broker's own certificate, to
+    # a collector proving it is ops.<trust_domain>; http://: plaintext, for one of your own.
     otlp_endpoint: str | None = None
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            scheme, sep, rest = value.partition("://")
+            host, _, port = rest.rstrip("/").rpartition(":")
+            if not sep or scheme not in ("http", "https") or not host or not port.isdigit():
+                raise ValueError(
+                    f"{value!r} is not an OTLP endpoint: expected https://HOST:PORT "
+                    "(or http://HOST:PORT for a collector of your own)"
+                )
+        return value
 
     @field_validator("sampler")
     @classmethod
@@ -131,10 +169,14 @@ class ServiceEntry(_Strict):
     name: str = Field(min_length=1)
     provider: AgencyId
     endpoints: list[Endpoint] = Field(min_length=1)
-    # Tighter than the broker's own limits, for this service only:
+    # For this service only: a message limit under the broker's own, and stream limits in
+    # place of the broker's defaults (longer ones too, for a service that needs them).
     max_message_bytes: int | None = Field(default=None, ge=1)
     max_stream_seconds: float | None = Field(default=None, gt=0)  # streams end after this
     stream_idle_seconds: float | None = Field(default=None, gt=0)  # ...or after this silence
+    # Show the contract (GetContract, reflection) to every declared agency, granted or not,
+    # so that it can read what it would ask a grant for. Off: only to agencies granted it.
+    contract_public: bool = False
 
 
 class LimitEntry(_Strict):

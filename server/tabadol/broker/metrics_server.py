@@ -28,9 +28,9 @@ from prometheus_client import make_wsgi_app
 from prometheus_client.registry import Collector
 
 from tabadol.broker.credentials import BrokerCredentials
-from tabadol.broker.proxy import RefusalLog
 from tabadol.errors import ConfigError
 from tabadol.identity import IdentityRejected, PlatformIdentity, identify_peer
+from tabadol.refusals import RefusalLog
 
 log = logging.getLogger("tabadol.broker")
 
@@ -114,7 +114,7 @@ class MetricsServer(ThreadingMixIn, WSGIServer):
         self._trust_domain = trust_domain
         current = credentials()
         self._tls = (current, server_context(current))  # a bad file fails the start
-        self.refusals = RefusalLog()
+        self.refusals = RefusalLog(log)
         super().__init__((host, int(port)), _Handler)
         self.set_app(self._guard(make_wsgi_app(registry)))
 

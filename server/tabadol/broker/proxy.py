@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 import uuid
@@ -30,11 +29,16 @@ from tabadol.broker.forward import (
 )
 from tabadol.broker.metrics import BrokerMetrics
 from tabadol.broker.tracing import BrokerTracing
-from tabadol.broker.upstream import Route, Upstream
+from tabadol.broker.upstream import Route, UntrustedProvider, Upstream
 from tabadol.catalogue import Catalogue
 from tabadol.config import BrokerConfig
 from tabadol.contracts import Contracts, RpcKind
-from tabadol.identity import ConsumerIdentity, IdentityRejected, identify_consumer
+from tabadol.identity import (
+    ConsumerIdentity,
+    IdentityRejected,
+    claimed_agency,
+    identify_consumer,
+)
 from tabadol.ledger import LedgerWriter
 from tabadol.limits import Limits, Refusal, RetryBudget
 from tabadol.metadata import (
@@ -45,26 +49,38 @@ from tabadol.metadata import (
     trace_id_of,
 )
 from tabadol.policy import Policy
+from tabadol.refusals import RefusalLog
 
 log = logging.getLogger("tabadol.broker")
 
 _IDENTITY_CACHE_LIMIT = 10_000
 _DEADLINE_SLACK_S = 0.05
-_REFUSAL_LOG_INTERVAL_S = 10.0
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class Identities:
-    """Certificate → agency, cached per certificate: TLS already verified the chain."""
+    """Certificate → agency, cached per certificate: TLS already verified the chain.
 
-    def __init__(self, trust_domain: str, revoked: frozenset[int]) -> None:
+    With ``stale_at`` (POSIX seconds), nobody is identified once the CRL has gone stale:
+    the CA may have revoked anyone since, so the broker fails closed.
+    """
+
+    def __init__(
+        self, trust_domain: str, revoked: frozenset[int], stale_at: float | None = None
+    ) -> None:
         self._trust_domain = trust_domain
         self._revoked = revoked
+        self._stale_at = stale_at
         # An identity, or why the certificate was refused (a string: a cached exception
         # would grow its traceback with every re-raise).
         self._cache: dict[bytes, ConsumerIdentity | str] = {}
 
     def identify(self, context: Context) -> ConsumerIdentity:
+        if self._stale_at is not None and time.time() >= self._stale_at:
+            raise IdentityRejected(
+                "the exchange's certificate revocation list is out of date, so no identity "
+                "can be trusted; calls are refused until operators publish a fresh one"
+            )
         pems = cast(list[bytes] | None, context.auth_context().get("x509_pem_cert"))
         if not pems:
             raise IdentityRejected("no client certificate")
@@ -88,32 +104,6 @@ class Identities:
         if len(self._cache) >= _IDENTITY_CACHE_LIMIT:
             self._cache.clear()
         self._cache[pem] = outcome
-
-
-class RefusalLog:
-    """Warn about refused calls, at most once per interval for the same kind of refusal.
-
-    A misconfigured or hostile agency can be refused thousands of times a second; the log
-    must stay readable and cheap. Suppressed repeats are counted into the next line.
-    """
-
-    def __init__(self, interval_s: float = _REFUSAL_LOG_INTERVAL_S) -> None:
-        self._interval = interval_s
-        self._last: dict[tuple[str, str], tuple[float, int]] = {}
-
-    def warn(self, key: tuple[str, str], message: str, *args: object) -> None:
-        now = time.monotonic()
-        last, suppressed = self._last.get(key, (0.0, 0))
-        if now - last < self._interval:
-            self._last[key] = (last, suppressed + 1)
-            return
-        if len(self._last) > _IDENTITY_CACHE_LIMIT:
-            self._last.clear()
-        self._last[key] = (now, 0)
-        if suppressed:
-            log.warning(message + " (and %d more like it)", *args, suppressed)
-        else:
-            log.warning(message, *args)
 
 
 class Drain:
@@ -180,7 +170,7 @@ class Proxy:
         self.tracing = accounting.tracing
         self.metrics = accounting.metrics
         self.ledger = accounting.ledger
-        self.refusals = refusals or RefusalLog()
+        self.refusals = refusals or RefusalLog(log)
         self.offered = frozenset(route.method.service for route in routes.values())
         self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
             path: self._handler(route) for path, route in routes.items()
@@ -200,6 +190,8 @@ class Proxy:
                 for path in self.policy.allowed_paths(agency)
                 if (method := self.contracts.method(path)) is not None
             }
+            if agency in self.agencies:  # contract_public: shown to every declared agency
+                visible |= {s.name for s in self.config.services.values() if s.contract_public}
             catalogue = Catalogue(self.contracts.files, visible)
             self._catalogues[agency] = catalogue
         return catalogue
@@ -256,14 +248,8 @@ class Proxy:
             self.tracing.start(exchange, incoming)
         else:
             exchange.trace_id = trace_id_of(incoming)
-        exchange.consumer = await self._admit(exchange, context)
-        limits = self.accounting.limits
-        if limits is not None and limits.active:
-            verdict = limits.admit(exchange.consumer, route.method.service)
-            if isinstance(verdict, Refusal):
-                await self._over_limit(exchange, context, verdict)
-            exchange.admission = verdict
-        upstream, stub = route.pick(time.monotonic())
+        await self._admit(exchange, context)
+        upstream, stub = await self._pick(exchange, route, context)
         upstream.acquire()
         exchange.upstream, exchange.endpoint = upstream, upstream.endpoint
         trace_headers = (
@@ -272,18 +258,30 @@ class Proxy:
         metadata = request_metadata(incoming, exchange.consumer, exchange.request_id, trace_headers)
         return stub, {"metadata": metadata, "timeout": context.time_remaining()}
 
-    async def _admit(self, exchange: Exchange, context: Context) -> str:
-        """Identity, then policy. Returns the consumer's agency id or aborts the call."""
+    async def _admit(self, exchange: Exchange, context: Context) -> None:
+        """Identity, then limits, then policy: names the consumer or aborts the call.
+
+        Limits come before policy so that refused calls count too: an agency cannot probe
+        methods it has no grant for (nor fill the ledger with refusals) faster than its rate.
+        """
         method = exchange.method
         try:
-            consumer = self.identities.identify(context).agency_id
+            identity = self.identities.identify(context)
         except IdentityRejected as e:
+            self._claimed(exchange, context)
             self.refusals.warn(
                 ("identity", str(e)), "refused a call to %s: %s (request %s)",
                 method.path, e, exchange.request_id,
             )  # fmt: skip
             await abort(exchange, context, grpc.StatusCode.UNAUTHENTICATED, f"Tabadol broker: {e}")
-        exchange.consumer = consumer
+        consumer = exchange.consumer = identity.agency_id
+        exchange.consumer_serial, exchange.consumer_verified = f"{identity.serial:x}", True
+        limits = self.accounting.limits
+        if limits is not None and limits.active:
+            verdict = limits.admit(consumer, method.service)
+            if isinstance(verdict, Refusal):
+                await self._over_limit(exchange, context, verdict)
+            exchange.admission = verdict
         if not self.policy.allows(consumer, method.path):
             self.refusals.warn(
                 (consumer, method.path), "denied %s calling %s (request %s)",
@@ -301,7 +299,14 @@ class Proxy:
                 f"Tabadol broker: agency {consumer!r} {why} for method "
                 f"{method.name!r} of service {method.service!r}",
             )
-        return consumer
+
+    @staticmethod
+    def _claimed(exchange: Exchange, context: Context) -> None:
+        """For the ledger: whom a refused certificate claims to be, marked unverified."""
+        pems = cast(list[bytes] | None, context.auth_context().get("x509_pem_cert"))
+        claim = claimed_agency(pems[0]) if pems else None
+        if claim is not None:
+            exchange.consumer, exchange.consumer_serial = claim[0], f"{claim[1]:x}"
 
     async def _over_limit(self, exchange: Exchange, context: Context, refusal: Refusal) -> NoReturn:
         self.refusals.warn(
@@ -322,7 +327,30 @@ class Proxy:
             ),
         )
 
-    def _reroute(
+    async def _pick(
+        self, exchange: Exchange, route: Route, context: Context, avoid: Upstream | None = None
+    ) -> tuple[Upstream, Any]:
+        """An endpoint of the provider whose certificate the CRL allows, or the call ends."""
+        try:
+            return route.pick(time.monotonic(), avoid=avoid)
+        except UntrustedProvider as e:
+            why = (
+                "presents a revoked certificate"
+                if e.revoked
+                else "could not be reached to check its certificate"
+            )
+            self.refusals.warn(
+                ("untrusted", route.provider), "not forwarding to %s: it %s (request %s)",
+                route.provider, why, exchange.request_id,
+            )  # fmt: skip
+            await abort(
+                exchange,
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                f"Tabadol broker: provider {route.provider!r} {why}; the call was not forwarded",
+            )
+
+    async def _reroute(
         self, exchange: Exchange, route: Route, context: Context, options: dict[str, Any]
     ) -> Any:
         """After a failed attempt of an idempotent call: another endpoint, the time left."""
@@ -330,7 +358,8 @@ class Proxy:
         assert failed is not None
         self._count_outcome(exchange)
         failed.release()
-        upstream, stub = route.pick(time.monotonic(), avoid=failed)
+        exchange.upstream = None
+        upstream, stub = await self._pick(exchange, route, context, avoid=failed)
         upstream.acquire()
         exchange.upstream, exchange.endpoint = upstream, upstream.endpoint
         exchange.unreachable = False
@@ -366,8 +395,9 @@ class Proxy:
         exchange = Exchange(route.method, route.provider, request_id=uuid.uuid4().hex)
         self.metrics.in_flight.inc()
         self.accounting.drain.begin()
-        if self.accounting.payload_digests:
-            exchange.request_hash, exchange.response_hash = hashlib.sha256(), hashlib.sha256()
+        if self.accounting.payload_digests and self.ledger is not None:
+            exchange.request_hash = self.ledger.payload_digest()  # keyed: see docs/ledger.md
+            exchange.response_hash = self.ledger.payload_digest()
         if self.ledger is not None and self.ledger.strict:
             exchange.durable = self._durable
         return exchange
@@ -421,7 +451,7 @@ class Proxy:
                         try:
                             response = await forward_unary(call, context, exchange, retry)
                         except TryElsewhere:
-                            stub = self._reroute(exchange, route, context, options)
+                            stub = await self._reroute(exchange, route, context, options)
                             continue
                         await within_size(exchange, route, context, response, "response")
                         return exchange.response(response)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import os
 import signal
@@ -19,23 +20,34 @@ from tabadol import config as config_module
 from tabadol.broker import platform
 from tabadol.broker.credentials import BrokerCredentials
 from tabadol.broker.metrics import BrokerMetrics
-from tabadol.broker.proxy import Accounting, Drain, Identities, Proxy, RefusalLog
+from tabadol.broker.provider_trust import ProviderTrust
+from tabadol.broker.proxy import Accounting, Drain, Identities, Proxy
 from tabadol.broker.supervisor import follow_supervisor, worker_slot
 from tabadol.broker.tracing import BrokerTracing
 from tabadol.broker.upstream import Route, Upstream
 from tabadol.client.call_status import keep_call_status
-from tabadol.client.tracing import SpanPipelineStats, TracingConfigError, tracer_provider
+from tabadol.client.tracing import (
+    ExporterCredentials,
+    SpanPipelineStats,
+    TracingConfigError,
+    tracer_provider,
+)
 from tabadol.config import BrokerConfig
 from tabadol.errors import ConfigError, TabadolError
 from tabadol.governance import breaking_changes
 from tabadol.ledger import LedgerWriter
+from tabadol.ledger.digests import payload_digest_key
+from tabadol.ledger.journal import journal_path
 from tabadol.ledger.seal import Sealer
 from tabadol.ledger.store import LedgerWriteError, SqliteLedgerStore
 from tabadol.ledger.verify import anchor_path
+from tabadol.ledger.writer import RecordsLost
 from tabadol.limits import LimitRule, Limits, RetryBudget
 from tabadol.policy import GrantRule, Policy
 from tabadol.protocol import KEEPALIVE_DIAL, KEEPALIVE_LISTEN
-from tabadol.spiffe import agency_dns_name
+from tabadol.refusals import RefusalLog
+from tabadol.revocation import RevocationList
+from tabadol.spiffe import agency_dns_name, ops_dns_name
 
 log = logging.getLogger("tabadol.broker")
 
@@ -70,7 +82,7 @@ class Broker:
         self.config = cfg
         self.credentials = self._load_credentials(cfg)
         self._closing: set[asyncio.Task[None]] = set()
-        self._refusals = RefusalLog()
+        self._refusals = RefusalLog(log)
         self.tracing, self.span_stats = _tracing(cfg)
         self.metrics = BrokerMetrics()
         self.metrics.configure(cfg.agencies)
@@ -82,6 +94,9 @@ class Broker:
         self.ledger = _ledger(cfg, self.credentials)
         self.instance = cfg.broker.instance or f"{socket.gethostname()}:{os.getpid()}"
         self._metrics_task: asyncio.Task[None] | None = None
+        self._crl_warned = -_CRL_WARN_EVERY_S
+        self.provider_trust = ProviderTrust(cfg.broker.trust_domain)
+        self._trust_task: asyncio.Task[None] | None = None
         self._upstreams = self._plan_upstreams(cfg, self.credentials, {})
         self._dispatch = _Dispatch(self._build_proxy(cfg, self.credentials, self._upstreams))
         self._server_cert_update: grpc.ServerCertificateConfiguration | None = None
@@ -94,19 +109,69 @@ class Broker:
         )
         # The broker's own services first: the proxy answers every other path.
         self.health = platform.register(
-            self._server, lambda: self._dispatch.proxy, cfg.broker.health_check_seconds
+            self._server,
+            lambda: self._dispatch.proxy,
+            cfg.broker.health_check_seconds,
+            revocations=lambda: self.credentials.crl,
         )
         self._server.add_generic_rpc_handlers((self._dispatch,))
         self.port = 0
 
     def refresh_metrics(self) -> None:
         """The ledger's and the span pipeline's counts, into the metrics (every second)."""
+        self._watch_crl()
         self.metrics.refresh(
             backlog=self.ledger.backlog,
             accepting=self.ledger.accepting and self.ledger.problem is None,
             written=self.ledger.written,
             dropped=self.span_stats.dropped() if self.span_stats is not None else 0,
         )
+
+    def _watch_crl(self) -> None:
+        """Warn well before the CRL goes stale, and loudly once it has (once an hour)."""
+        crl = self.credentials.crl
+        if crl is None:
+            return
+        left = crl.seconds_left(dt.datetime.now(dt.UTC))
+        self.metrics.crl_seconds_left.set(left)
+        warn_from = self.config.broker.crl_warn_hours * 3600
+        if left > warn_from or time.monotonic() - self._crl_warned < _CRL_WARN_EVERY_S:
+            return
+        self._crl_warned = time.monotonic()
+        pki = self.config.broker.pki_dir
+        if left > 0:
+            log.warning(
+                "the CRL in %s goes stale in %.1f hours (%s UTC): run `tabadol pki crl` and "
+                "SIGHUP the broker before then%s",
+                pki,
+                left / 3600,
+                f"{crl.next_update:%Y-%m-%d %H:%M}",
+                ", or every call will be refused"
+                if self.config.broker.stale_crl == "refuse"
+                else "",
+            )
+        elif self.config.broker.stale_crl == "refuse":
+            log.error(
+                "the CRL in %s went stale at %s UTC: every call is refused until a fresh one "
+                "is loaded (`tabadol pki crl`, then SIGHUP)",
+                pki,
+                f"{crl.next_update:%Y-%m-%d %H:%M}",
+            )
+        else:
+            log.error(
+                "the CRL in %s went stale at %s UTC; serving on with it ([broker] stale_crl = "
+                '"serve"): revocations since then are not enforced',
+                pki,
+                f"{crl.next_update:%Y-%m-%d %H:%M}",
+            )
+
+    async def _check_providers_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.broker.health_check_seconds)
+            try:
+                await self.provider_trust.check(self._upstreams.values(), self.credentials)
+            except Exception:
+                log.exception("checking the providers' certificates failed; trying again")
 
     async def _refresh_metrics_forever(self) -> None:
         while True:
@@ -117,8 +182,12 @@ class Broker:
             await asyncio.sleep(1.0)
 
     @staticmethod
-    def _load_credentials(cfg: BrokerConfig) -> BrokerCredentials:
-        return BrokerCredentials.load(cfg.broker.pki_dir, cfg.broker.trust_domain, cfg.path)
+    def _load_credentials(
+        cfg: BrokerConfig, held: RevocationList | None = None
+    ) -> BrokerCredentials:
+        return BrokerCredentials.load(
+            cfg.broker.pki_dir, cfg.broker.trust_domain, cfg.path, held=held
+        )
 
     def _server_credentials(self) -> grpc.ServerCredentials:
         def fetch_update() -> grpc.ServerCertificateConfiguration | None:
@@ -141,12 +210,22 @@ class Broker:
             raise ConfigError(
                 f"{self.config.path}: [broker] listen: cannot bind {listen}: {e}"
             ) from e
+        # Revocation on the provider leg: no call goes to an endpoint not yet judged.
+        await self.provider_trust.check(self._upstreams.values(), self.credentials)
         await self._server.start()
         await self.health.start()
         self._metrics_task = asyncio.create_task(self._refresh_metrics_forever())
+        self._trust_task = asyncio.create_task(self._check_providers_forever())
         if self.config.broker.metrics_listen is not None and worker_slot() is None:
             try:
-                self.metrics.serve(self.config.broker.metrics_listen)
+                self.metrics.serve(
+                    self.config.broker.metrics_listen,
+                    lambda: self.credentials,  # certificate and revocations follow reloads
+                    self.config.broker.trust_domain,
+                )
+            except ConfigError as e:
+                await self._abandon()
+                raise ConfigError(f"{self.config.path}: {e}") from e
             except OSError as e:
                 await self._abandon()
                 raise ConfigError(
@@ -210,8 +289,8 @@ class Broker:
                     svc.provider,
                     stubs,
                     max_message_bytes=svc.max_message_bytes,
-                    max_stream_seconds=svc.max_stream_seconds,
-                    stream_idle_seconds=svc.stream_idle_seconds,
+                    max_stream_seconds=svc.max_stream_seconds or cfg.broker.max_stream_seconds,
+                    stream_idle_seconds=svc.stream_idle_seconds or cfg.broker.stream_idle_seconds,
                 )
         policy = Policy.from_grants(
             (GrantRule(g.consumer, g.service, tuple(g.methods)) for g in cfg.grants),
@@ -219,7 +298,15 @@ class Broker:
         )
         return Proxy(
             contracts=cfg.contracts,
-            identities=Identities(cfg.broker.trust_domain, creds.revoked),
+            identities=Identities(
+                cfg.broker.trust_domain,
+                creds.revoked,
+                stale_at=(
+                    creds.crl.next_update.timestamp()
+                    if creds.crl is not None and cfg.broker.stale_crl == "refuse"
+                    else None
+                ),
+            ),
             policy=policy,
             routes=routes,
             config=cfg,
@@ -263,7 +350,8 @@ class Broker:
                 "consumers; publish them as a new major version instead:\n"
                 + "\n".join(f"  {b}" for b in breaking)
             )
-        creds = self._load_credentials(cfg)
+        # The CRL only moves forward: an older one put back is refused with the whole reload.
+        creds = self._load_credentials(cfg, held=self.credentials.crl)
         identity_changed = _identity(creds) != _identity(self.credentials)
         # A new broker identity means dialing every provider afresh with it.
         upstreams = self._plan_upstreams(cfg, creds, {} if identity_changed else self._upstreams)
@@ -271,6 +359,17 @@ class Broker:
         # Everything is built: commit in one step.
         retired = [u for key, u in self._upstreams.items() if upstreams.get(key) is not u]
         self.config, self.credentials, self._upstreams = cfg, creds, upstreams
+        self._crl_warned = -_CRL_WARN_EVERY_S  # a new CRL: say at once if it is due soon
+        # The new CRL applies at once to what each endpoint last presented; endpoints new to
+        # this configuration are checked now, and get no calls until they pass.
+        self.provider_trust.rejudge(upstreams.values(), creds)
+        unchecked = [u for u in upstreams.values() if u.presented is None]
+        if unchecked:
+            task = asyncio.get_running_loop().create_task(
+                self.provider_trust.check(unchecked, creds)
+            )
+            self._closing.add(task)  # awaited at stop, like channel closes
+            task.add_done_callback(self._closing.discard)
         self._dispatch.proxy = proxy
         self.metrics.configure(cfg.agencies)
         self.limits.configure(_limit_rules(cfg))
@@ -291,8 +390,9 @@ class Broker:
         ends = time.monotonic() + grace
         self.drain.active = True
         await self.health.stop()
-        if self._metrics_task is not None:
-            self._metrics_task.cancel()
+        for task in (self._metrics_task, self._trust_task):
+            if task is not None:
+                task.cancel()
         if not await self.drain.wait_idle(grace):
             log.warning(
                 "%d calls still in flight after the %.0f s grace period; cutting them",
@@ -310,24 +410,40 @@ class Broker:
         # Calls the server cut off at the end of the grace period may not have released
         # their endpoint yet; the process is ending, so close what is left regardless.
         await asyncio.gather(*(u.channel.close() for u in self._upstreams.values() if u.in_flight))
-        # Every record of every call is written before the process goes.
-        await asyncio.to_thread(self.ledger.close)
-        self.metrics.stop()
-        if self.tracing is not None:
-            # Flush what is queued; bounded by the exporter's own timeout.
-            await asyncio.to_thread(self.tracing.provider.shutdown)
+        # Every record of every call is written (or journaled) before the process goes;
+        # RecordsLost, raised once the rest has stopped, says how many could not be.
+        try:
+            await asyncio.to_thread(self.ledger.close)
+        finally:
+            self.metrics.stop()
+            if self.tracing is not None:
+                # Flush what is queued; bounded by the exporter's own timeout.
+                await asyncio.to_thread(self.tracing.provider.shutdown)
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
 
 
 _LAST_ANSWERS_S = 1.0
+_CRL_WARN_EVERY_S = 3600.0
 
 
 def _tracing(cfg: BrokerConfig) -> tuple[BrokerTracing | None, SpanPipelineStats | None]:
+    """The broker's tracer; it exports over mTLS with the broker's own certificate, to a
+    collector that must prove it is ``ops.<trust domain>`` (docs/tracing.md)."""
     settings = cfg.tracing
     if not settings.enabled:
         return None, None
+    pki_dir = cfg.broker.pki_dir
+    try:
+        credentials = ExporterCredentials(
+            (pki_dir / "ca.crt").read_bytes(),
+            (pki_dir / "broker.crt").read_bytes(),
+            (pki_dir / "broker.key").read_bytes(),
+            ops_dns_name(cfg.broker.trust_domain),
+        )
+    except OSError as e:
+        raise ConfigError(f"{cfg.path}: [broker] pki_dir: {e.filename}: {e.strerror}") from e
     try:
         built = tracer_provider(
             "tabadol-broker",
@@ -336,6 +452,7 @@ def _tracing(cfg: BrokerConfig) -> tuple[BrokerTracing | None, SpanPipelineStats
             sampler_arg=settings.sampler_arg,
             exporter=settings.exporter,
             otlp_endpoint=settings.otlp_endpoint,
+            credentials=credentials,
         )
     except TracingConfigError as e:
         raise ConfigError(f"{cfg.path}: [tracing] (or OTEL_* variables): {e}") from e
@@ -346,26 +463,51 @@ def _tracing(cfg: BrokerConfig) -> tuple[BrokerTracing | None, SpanPipelineStats
 
 
 def _limit_rules(cfg: BrokerConfig) -> list[LimitRule]:
-    return [
-        LimitRule(lim.consumer, lim.service, lim.rate, lim.burst, lim.concurrency)
+    """The [[limit]] entries, and for every agency without a concurrency limit over all its
+    services, the broker's default one (so no agency holds unbounded calls in flight)."""
+    default = cfg.broker.consumer_concurrency
+    overall = {lim.consumer for lim in cfg.limits if lim.service is None}
+    rules = [
+        LimitRule(
+            lim.consumer,
+            lim.service,
+            lim.rate,
+            lim.burst,
+            lim.concurrency if lim.concurrency is not None or lim.service else default,
+        )
         for lim in cfg.limits
     ]
+    rules += [
+        LimitRule(agency, None, None, None, default)
+        for agency in cfg.agencies
+        if agency not in overall
+    ]
+    return rules
 
 
 def _ledger(cfg: BrokerConfig, creds: BrokerCredentials) -> LedgerWriter:
     settings = cfg.ledger
+    key = payload_digest_key(cfg.broker.pki_dir) if settings.payload_digests else None
     try:
         store = SqliteLedgerStore(settings.path)
     except LedgerWriteError as e:
         raise ConfigError(f"{cfg.path}: [ledger] path: {e}") from e
-    return LedgerWriter(
-        store,
-        Sealer(creds.key_pem, creds.cert_pem),
-        batch_interval_s=settings.batch_interval_ms / 1000,
-        buffer_records=settings.buffer_records,
-        strict=settings.mode == "strict",
-        anchor=anchor_path(settings.path),
-    )
+    try:
+        return LedgerWriter(
+            store,
+            Sealer(creds.key_pem, creds.cert_pem),
+            batch_interval_s=settings.batch_interval_ms / 1000,
+            buffer_records=settings.buffer_records,
+            max_unwritten_s=settings.max_unwritten_seconds,
+            strict=settings.mode == "strict",
+            anchor=anchor_path(settings.path),
+            journal=journal_path(settings.path),
+            instance=cfg.broker.instance or f"{socket.gethostname()}:{os.getpid()}",
+            digest_key=key,
+        )
+    except LedgerWriteError as e:
+        store.close()
+        raise ConfigError(f"{cfg.path}: [ledger] path: {e}") from e
 
 
 def _identity(creds: BrokerCredentials) -> tuple[bytes, bytes, bytes]:
@@ -376,15 +518,6 @@ def _certificate_configuration(creds: BrokerCredentials) -> grpc.ServerCertifica
     return grpc.ssl_server_certificate_configuration(
         [(creds.key_pem, creds.cert_pem)], root_certificates=creds.ca_pem
     )
-
-
-def _warn_if_crl_stale(broker: Broker) -> None:
-    if broker.credentials.crl_is_stale():
-        log.warning(
-            "the CRL in %s was due for renewal at %s; run `tabadol pki crl` and SIGHUP the broker",
-            broker.config.broker.pki_dir,
-            broker.credentials.crl_next_update,
-        )
 
 
 async def run(config_path: Path) -> None:
@@ -402,8 +535,7 @@ async def run(config_path: Path) -> None:
     )
     if broker.metrics.port:
         host = (cfg.broker.metrics_listen or "").rsplit(":", 1)[0]
-        log.info("metrics at http://%s:%d/metrics", host, broker.metrics.port)
-    _warn_if_crl_stale(broker)
+        log.info("metrics at https://%s:%d/metrics", host, broker.metrics.port)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
 
@@ -419,7 +551,6 @@ async def run(config_path: Path) -> None:
         except Exception:
             log.exception("configuration reload failed; the previous configuration keeps serving")
             return
-        _warn_if_crl_stale(broker)
         log.info(
             "configuration reloaded from %s: %d agencies, %d services, %d grants, "
             "%d revoked certificates",
@@ -438,5 +569,9 @@ async def run(config_path: Path) -> None:
     loop.remove_signal_handler(signal.SIGHUP)  # no reload can open channels mid-shutdown
     grace = cfg.broker.shutdown_grace_seconds
     log.info("stopping: draining in-flight calls for up to %.0fs", grace)
-    await broker.stop()
+    try:
+        await broker.stop()
+    except RecordsLost:
+        log.error("broker stopped, and lost records of answered calls (below)")
+        raise  # `tabadol broker` prints it and exits non-zero
     log.info("broker stopped")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import html
 import json
 import logging
-import time
 from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
@@ -26,12 +25,11 @@ from tabadol.ops import jaeger
 from tabadol.ops.access import Allowed, Viewer, decide, family_of, host_name
 from tabadol.ops.sessions import COOKIE, Sessions
 from tabadol.ops.trust import OpsTrust
+from tabadol.refusals import RefusalLog
 
 log = logging.getLogger("tabadol.ops")
 
 REFUSED_PAGE = Path(__file__).parent / "static" / "refused.html"
-_REFUSAL_LOG_INTERVAL_S = 10.0
-_REFUSAL_KEYS_LIMIT = 4096
 # Every answer: never framed (clickjacking), never sniffed, never sent on as a Referer
 # (a login link's token must not leak to another site), never cached by a proxy.
 SECURITY_HEADERS = [
@@ -51,27 +49,6 @@ class ConsoleAccess:
     trust: OpsTrust
     sessions: Sessions
     hosts: frozenset[str]
-
-
-class RefusalLog:
-    """Warn about refusals at most once per interval for the same kind; repeats are counted
-    into the next line, so a scanner cannot flood the log."""
-
-    def __init__(self, interval_s: float = _REFUSAL_LOG_INTERVAL_S) -> None:
-        self._interval = interval_s
-        self._last: dict[tuple[str, ...], tuple[float, int]] = {}
-
-    def warn(self, key: tuple[str, ...], message: str, *args: object) -> None:
-        now = time.monotonic()
-        last, suppressed = self._last.get(key, (-self._interval, 0))
-        if now - last < self._interval:
-            self._last[key] = (last, suppressed + 1)
-            return
-        if len(self._last) > _REFUSAL_KEYS_LIMIT:
-            self._last.clear()
-        self._last[key] = (now, 0)
-        suffix = f" (and {suppressed} more like it)" if suppressed else ""
-        log.warning(message + suffix, *args)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -157,7 +134,7 @@ class Gate:
     def __init__(self, app: ASGIApp, access: ConsoleAccess) -> None:
         self.app = app
         self.access = access
-        self.refusals = RefusalLog()
+        self.refusals = RefusalLog(log)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

@@ -21,7 +21,6 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 
 from tabadol.errors import TabadolError
 from tabadol.identity import IdentityRejected, PlatformIdentity
-from tabadol.ops.gate import RefusalLog
 from tabadol.ops.ingest import (
     SenderRefused,
     SpanLimits,
@@ -32,6 +31,7 @@ from tabadol.ops.ingest import (
 from tabadol.ops.model import SpanEvent, SpanRecord
 from tabadol.ops.store import SpanStore, StoreFull
 from tabadol.ops.trust import OpsTrust
+from tabadol.refusals import RefusalLog
 
 log = logging.getLogger("tabadol.ops")
 
@@ -107,7 +107,7 @@ class TraceCollector(trace_service_pb2_grpc.TraceServiceServicer):
         self.trust = trust
         self.limits = limits or SpanLimits(max_age_s=store.limits.max_age_seconds)
         self._clock = clock
-        self._refusals = RefusalLog()  # an exporter retries a refused batch for ever
+        self._refusals = RefusalLog(log)  # an exporter retries a refused batch for ever
         self.received = 0
         self.rejected = 0
 
