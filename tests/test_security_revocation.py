@@ -25,10 +25,12 @@ from tabadol.client.credentials import AgencyCredentials
 from tabadol.config import load as load_config
 from tabadol.errors import ConfigError, PkiError
 from tabadol.ledger.signers import seal_signer_problem
+from tabadol.ops.model import TraceQuery
 from tabadol.pki import CertificateAuthority, crl_number, load_crl
 from tabadol.protocol import CONSUMER_KEY
 from tabadol.revocation import CrlRefused, RevocationList, check_replacement
 from tests.conftest import DEFAULT_GRANTS, TRUST_DOMAIN, broker_toml, start_broker
+from tests.support.collector import running_collector
 from tests.support.echo import UNARY, EchoProvider
 
 NOW = dt.datetime.now(dt.UTC)
@@ -520,3 +522,49 @@ def test_a_seal_signed_by_an_agency_certificate_does_not_count(tmp_path: Path) -
         seal_signer_problem(agency, NOW, ca_cert=ca.cert, trust_domain=TRUST_DOMAIN, revoked_at={})
         or ""
     )
+
+
+# --- The broker's own spans survive its certificate's renewal -----------------------------
+
+
+async def test_a_renewed_broker_certificate_keeps_its_spans_reaching_the_collector(
+    exchange: Exchange,
+) -> None:
+    """Renewing revokes the old certificate, which the collector then refuses: the broker
+    must export with the new one from its reload on, not lose its spans until a restart."""
+    async with running_collector(exchange.directory / "ops", exchange.ca) as ops:
+        broker = await start_broker(
+            exchange.directory,
+            exchange.ca.dir,
+            exchange.broker.config.broker.contracts[0],
+            [exchange.provider.address],
+            tracing=f'otlp_endpoint = "{ops.endpoint}"',
+        )
+        try:
+            assert broker.tracing is not None
+
+            async def broker_traces() -> int:
+                await asyncio.to_thread(broker.tracing.provider.force_flush)  # type: ignore[union-attr]
+                _, total = ops.store.search(TraceQuery(service="tabadol-broker"))
+                return total
+
+            async with connect(
+                f"127.0.0.1:{broker.port}", exchange.ca.dir / "agencies" / "post"
+            ) as channel:
+                assert await unary(channel) == b"ping"
+
+                async def one() -> bool:
+                    return await broker_traces() == 1
+
+                assert await eventually(one)
+                exchange.ca.issue_broker(force=True)  # the old certificate: revoked, superseded
+                ops.trust.refresh_crl(force=True)  # the collector knows at once
+                broker.reload(broker.config)
+                assert await unary(channel) == b"ping"
+
+                async def two() -> bool:
+                    return await broker_traces() == 2
+
+                assert await eventually(two)
+        finally:
+            await broker.stop(0)

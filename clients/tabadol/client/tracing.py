@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +31,13 @@ import grpc
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SpanExporter,
+    SpanExportResult,
+)
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ALWAYS_ON,
@@ -86,11 +91,56 @@ def make_sampler(name: str, arg: str | None) -> Sampler:
     return ParentBased(root) if name.startswith("parentbased_") else root
 
 
-class SpanPipelineStats:
-    """What the SDK's processor and exporter report about themselves: exported, dropped."""
+class RenewableExporter(SpanExporter):
+    """An OTLP exporter whose certificate can be renewed while the process runs.
 
-    def __init__(self, reader: InMemoryMetricReader) -> None:
+    The collector refuses a revoked certificate, and renewing the broker's certificate
+    revokes the old one: without this, a broker reloaded onto its new certificate would go
+    on exporting with the old one, and lose its spans until restarted.
+    """
+
+    def __init__(
+        self,
+        build: Callable[[ExporterCredentials], SpanExporter | None],
+        credentials: ExporterCredentials,
+    ) -> None:
+        self._build = build
+        inner = build(credentials)
+        assert inner is not None
+        self._inner: SpanExporter = inner
+
+    def renew(self, credentials: ExporterCredentials) -> None:
+        """Export with ``credentials`` from the next batch on."""
+        fresh = self._build(credentials)
+        if fresh is None:
+            return
+        old, self._inner = self._inner, fresh
+        old.shutdown()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return self._inner.export(spans)
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+
+class SpanPipelineStats:
+    """What the SDK's processor and exporter report about themselves (exported, dropped),
+    and the exporter, when its credentials can be renewed (``renew_credentials``)."""
+
+    def __init__(
+        self, reader: InMemoryMetricReader, exporter: RenewableExporter | None = None
+    ) -> None:
         self._reader = reader
+        self._exporter = exporter
+
+    def renew_credentials(self, credentials: ExporterCredentials) -> None:
+        """After a certificate renewal: export with the new one (no-op without mTLS)."""
+        if self._exporter is not None:
+            self._exporter.renew(credentials)
 
     def _sum(self, metric_name: str, errors: bool) -> int:
         data = self._reader.get_metrics_data()
@@ -218,19 +268,23 @@ def tracer_provider(
     reader = InMemoryMetricReader()
     meter_provider = MeterProvider(metric_readers=[reader])
     exporter_name = (exporter or env.get("OTEL_TRACES_EXPORTER") or "otlp").strip().lower()
+    own = None if credentials is None else ExporterCredentials.of(credentials)
+
+    def build(creds: ExporterCredentials | None) -> SpanExporter | None:
+        return _exporter(exporter_name, otlp_endpoint, meter_provider, creds, env)
+
+    renewable: RenewableExporter | None = None
     with _internal_metrics():
-        span_exporter = _exporter(
-            exporter_name,
-            otlp_endpoint,
-            meter_provider,
-            None if credentials is None else ExporterCredentials.of(credentials),
-            env,
-        )
+        span_exporter: SpanExporter | None
+        if own is not None and exporter_name == "otlp":
+            span_exporter = renewable = RenewableExporter(build, own)
+        else:
+            span_exporter = build(own)
         if span_exporter is not None:
             provider.add_span_processor(
                 BatchSpanProcessor(span_exporter, meter_provider=meter_provider)
             )
-    return provider, SpanPipelineStats(reader)
+    return provider, SpanPipelineStats(reader, renewable)
 
 
 @contextmanager

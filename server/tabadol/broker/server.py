@@ -355,7 +355,14 @@ class Broker:
         identity_changed = _identity(creds) != _identity(self.credentials)
         # A new broker identity means dialing every provider afresh with it.
         upstreams = self._plan_upstreams(cfg, creds, {} if identity_changed else self._upstreams)
+        for key, upstream in upstreams.items():
+            # What an endpoint presents does not depend on who dials it: a channel made anew
+            # for a new broker identity starts from the last judgement, with no gap in service.
+            before = self._upstreams.get(key)
+            if before is not None and upstream is not before:
+                upstream.presented = before.presented
         proxy = self._build_proxy(cfg, creds, upstreams)
+        exporter_creds = _exporter_credentials(cfg) if identity_changed else None
         # Everything is built: commit in one step.
         retired = [u for key, u in self._upstreams.items() if upstreams.get(key) is not u]
         self.config, self.credentials, self._upstreams = cfg, creds, upstreams
@@ -376,6 +383,9 @@ class Broker:
         self.retries.ratio = cfg.broker.retry_budget_ratio
         if identity_changed:
             self._server_cert_update = _certificate_configuration(creds)
+            if self.span_stats is not None and exporter_creds is not None:
+                # The old certificate is revoked as superseded: the collector would refuse it.
+                self.span_stats.renew_credentials(exporter_creds)
             self.ledger.use_sealer(Sealer(creds.key_pem, creds.cert_pem))
         for upstream in retired:
             upstream.retire()
@@ -428,15 +438,10 @@ _LAST_ANSWERS_S = 1.0
 _CRL_WARN_EVERY_S = 3600.0
 
 
-def _tracing(cfg: BrokerConfig) -> tuple[BrokerTracing | None, SpanPipelineStats | None]:
-    """The broker's tracer; it exports over mTLS with the broker's own certificate, to a
-    collector that must prove it is ``ops.<trust domain>`` (docs/tracing.md)."""
-    settings = cfg.tracing
-    if not settings.enabled:
-        return None, None
+def _exporter_credentials(cfg: BrokerConfig) -> ExporterCredentials:
     pki_dir = cfg.broker.pki_dir
     try:
-        credentials = ExporterCredentials(
+        return ExporterCredentials(
             (pki_dir / "ca.crt").read_bytes(),
             (pki_dir / "broker.crt").read_bytes(),
             (pki_dir / "broker.key").read_bytes(),
@@ -444,6 +449,15 @@ def _tracing(cfg: BrokerConfig) -> tuple[BrokerTracing | None, SpanPipelineStats
         )
     except OSError as e:
         raise ConfigError(f"{cfg.path}: [broker] pki_dir: {e.filename}: {e.strerror}") from e
+
+
+def _tracing(cfg: BrokerConfig) -> tuple[BrokerTracing | None, SpanPipelineStats | None]:
+    """The broker's tracer; it exports over mTLS with the broker's own certificate, to a
+    collector that must prove it is ``ops.<trust domain>`` (docs/tracing.md)."""
+    settings = cfg.tracing
+    if not settings.enabled:
+        return None, None
+    credentials = _exporter_credentials(cfg)
     try:
         built = tracer_provider(
             "tabadol-broker",
