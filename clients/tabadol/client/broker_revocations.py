@@ -54,6 +54,7 @@ class BrokerRevocations:
         self._task: asyncio.Task[None] | None = None
         self._fetching: asyncio.Lock | None = None
         self._serials: dict[bytes, int] = {}
+        self._warned = False
 
     def offer(self, data: bytes, source: str) -> bool:
         """Take a CRL if the CA signed it and it is newer than the one held; False if not."""
@@ -77,7 +78,15 @@ class BrokerRevocations:
         crl = self.current
         if crl is None:
             if self.broker is None and self._crl_file is None:
-                return None  # nothing configured to learn revocations from (logged at start)
+                if not self._warned:  # nothing to learn revocations from: said once
+                    self._warned = True
+                    log.warning(
+                        "provider %s: broker certificates are not checked against the CRL; "
+                        "pass broker=ADDRESS to ProviderServer (or keep crl.pem in its "
+                        "credentials directory)",
+                        self._credentials.agency_id,
+                    )
+                return None
             return "this provider has no CRL yet to check the broker's certificate against"
         if crl.stale(dt.datetime.now(dt.UTC)):
             return (

@@ -163,13 +163,6 @@ class ProviderServer:
     async def start(self) -> None:
         if self._broker is not None:
             self.follow_broker(self._broker)
-        elif self.revocations.current is None and self.revocations._crl_file is None:
-            log.warning(
-                "provider %s: broker certificates are not checked against the CRL; pass "
-                "broker=ADDRESS (or keep crl.pem in %s)",
-                self.credentials.agency_id,
-                "the credentials directory",
-            )
         await self.server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
 
