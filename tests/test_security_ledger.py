@@ -22,7 +22,7 @@ from cryptography import x509
 from tabadol import config
 from tabadol.broker import Broker
 from tabadol.cli import main
-from tabadol.client import ProviderServer, connect
+from tabadol.client import connect
 from tabadol.errors import ConfigError
 from tabadol.ledger.store import SqliteLedgerStore
 from tabadol.pki import CertificateAuthority
@@ -33,7 +33,7 @@ from tests.conftest import (
     broker_toml,
     start_broker,
 )
-from tests.support.echo import UNARY, EchoProvider
+from tests.support.echo import UNARY, own_pki, start_echo
 from tests.support.processes import TABADOL, Process
 
 ANSWERED = 30
@@ -266,12 +266,8 @@ async def test_refused_calls_count_against_the_consumers_rate_limit(
 async def test_a_revoked_certificates_calls_are_recorded_with_its_claimed_agency_unverified(
     tmp_path: Path, echo_contracts: Path
 ) -> None:
-    own = CertificateAuthority.init(tmp_path / "pki", TRUST_DOMAIN)
-    own.issue_broker()
-    own.issue_agency("post")
-    provider = ProviderServer(own.issue_agency("echo"))
-    provider.server.add_generic_rpc_handlers((EchoProvider(),))
-    await provider.start()
+    own = own_pki(tmp_path, TRUST_DOMAIN, "post", "echo")
+    provider, _ = await start_echo(own.dir / "agencies" / "echo")
     serial = x509.load_pem_x509_certificate(
         (own.dir / "agencies/post/agency.crt").read_bytes()
     ).serial_number
@@ -338,12 +334,8 @@ async def test_a_malformed_trace_id_never_reaches_the_ledger(
 async def test_payload_digests_are_keyed_so_a_guessed_payload_cannot_be_confirmed(
     tmp_path: Path, echo_contracts: Path
 ) -> None:
-    own = CertificateAuthority.init(tmp_path / "pki", TRUST_DOMAIN)
-    own.issue_broker()
-    own.issue_agency("post")
-    provider = ProviderServer(own.issue_agency("echo"))
-    provider.server.add_generic_rpc_handlers((EchoProvider(),))
-    await provider.start()
+    own = own_pki(tmp_path, TRUST_DOMAIN, "post", "echo")
+    provider, _ = await start_echo(own.dir / "agencies" / "echo")
     secret = b"national-id:1234567890"
     broker = await start_broker(
         tmp_path, own.dir, echo_contracts, [provider.address],

@@ -31,7 +31,7 @@ from tabadol.protocol import CONSUMER_KEY
 from tabadol.revocation import CrlRefused, RevocationList, check_replacement
 from tests.conftest import DEFAULT_GRANTS, TRUST_DOMAIN, broker_toml, start_broker
 from tests.support.collector import running_collector
-from tests.support.echo import UNARY, EchoProvider
+from tests.support.echo import UNARY, EchoProvider, own_pki, start_echo
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -101,14 +101,8 @@ class Exchange:
 async def exchange(tmp_path: Path, echo_contracts: Path) -> AsyncIterator[Exchange]:
     """A PKI of this test's own (so revoking leaves the session alone), a provider that
     follows the broker's CRL every 0.1 s, and a broker."""
-    ca = CertificateAuthority.init(tmp_path / "pki", TRUST_DOMAIN)
-    ca.issue_broker()
-    for agency in ("post", "echo", "tax"):
-        ca.issue_agency(agency)
-    provider = ProviderServer(ca.dir / "agencies" / "echo", crl_refresh_seconds=0.1)
-    echo = EchoProvider()
-    provider.server.add_generic_rpc_handlers((echo,))
-    await provider.start()
+    ca = own_pki(tmp_path, TRUST_DOMAIN, "post", "echo", "tax")
+    provider, echo = await start_echo(ca.dir / "agencies" / "echo", crl_refresh_seconds=0.1)
     broker = await start_broker(tmp_path, ca.dir, echo_contracts, [provider.address])
     provider.follow_broker(f"127.0.0.1:{broker.port}")
     try:
@@ -290,12 +284,8 @@ async def test_a_stale_crl_is_refused_on_reload_and_the_old_one_keeps_serving(
 async def test_calls_are_refused_once_the_crl_goes_stale_while_the_broker_runs(
     tmp_path: Path, echo_contracts: Path
 ) -> None:
-    ca = CertificateAuthority.init(tmp_path / "pki", TRUST_DOMAIN)
-    ca.issue_broker()
-    ca.issue_agency("post")
-    provider = ProviderServer(ca.issue_agency("echo"))
-    provider.server.add_generic_rpc_handlers((EchoProvider(),))
-    await provider.start()
+    ca = own_pki(tmp_path, TRUST_DOMAIN, "post", "echo")
+    provider, _ = await start_echo(ca.dir / "agencies" / "echo")
     soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3)
     (ca.dir / "crl.pem").write_bytes(crl_signed_by(ca, number=50, next_update=soon))
     broker = await start_broker(tmp_path, ca.dir, echo_contracts, [provider.address])
@@ -324,12 +314,8 @@ async def test_calls_are_refused_once_the_crl_goes_stale_while_the_broker_runs(
 async def test_stale_crl_serve_policy_keeps_serving_with_the_old_crl(
     tmp_path: Path, echo_contracts: Path
 ) -> None:
-    ca = CertificateAuthority.init(tmp_path / "pki", TRUST_DOMAIN)
-    ca.issue_broker()
-    ca.issue_agency("post")
-    provider = ProviderServer(ca.issue_agency("echo"))
-    provider.server.add_generic_rpc_handlers((EchoProvider(),))
-    await provider.start()
+    ca = own_pki(tmp_path, TRUST_DOMAIN, "post", "echo")
+    provider, _ = await start_echo(ca.dir / "agencies" / "echo")
     soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3)
     (ca.dir / "crl.pem").write_bytes(crl_signed_by(ca, number=50, next_update=soon))
     config = tmp_path / "broker.toml"
@@ -398,16 +384,11 @@ async def test_an_impostor_endpoint_with_a_revoked_certificate_is_never_called(
 ) -> None:
     """The provider's key leaked and was revoked; the thief serves at the registered
     address with the old certificate. The broker must not send it a single call."""
-    ca = CertificateAuthority.init(tmp_path / "pki", TRUST_DOMAIN)
-    ca.issue_broker()
-    ca.issue_agency("post")
+    ca = own_pki(tmp_path, TRUST_DOMAIN, "post", "echo")
     stolen = tmp_path / "stolen"
-    shutil.copytree(ca.issue_agency("echo"), stolen)
+    shutil.copytree(ca.dir / "agencies" / "echo", stolen)
     ca.revoke_agency("echo")
-    thief_echo = EchoProvider()
-    thief = ProviderServer(stolen)
-    thief.server.add_generic_rpc_handlers((thief_echo,))
-    await thief.start()
+    thief, thief_echo = await start_echo(stolen)
     broker = await start_broker(tmp_path, ca.dir, echo_contracts, [thief.address])
     try:
         async with connect(f"127.0.0.1:{broker.port}", ca.dir / "agencies" / "post") as channel:

@@ -19,7 +19,8 @@ import grpc
 import grpc.aio
 from google.protobuf import descriptor_pb2
 
-from tabadol.client import consumer_agency
+from tabadol.client import ProviderServer, consumer_agency
+from tabadol.pki import CertificateAuthority
 
 SERVICE = "tabadol.test.v1.Echo"
 UNARY = f"/{SERVICE}/Unary"
@@ -175,3 +176,22 @@ class EchoProvider(grpc.GenericRpcHandler):
         }
         # Every major version of the echo contract behaves alike.
         return handlers.get(re.sub(r"^/tabadol\.test\.v\d+\.", "/tabadol.test.v1.", details.method))
+
+
+def own_pki(directory: Path, trust_domain: str, *agencies: str) -> CertificateAuthority:
+    """A PKI of a test's own, with a broker and these agencies: revoking or renewing in it
+    leaves the session's PKI alone."""
+    ca = CertificateAuthority.init(directory / "pki", trust_domain)
+    ca.issue_broker()
+    for agency in agencies:
+        ca.issue_agency(agency)
+    return ca
+
+
+async def start_echo(bundle: Path, **options: Any) -> tuple[ProviderServer, EchoProvider]:
+    """An echo provider serving with the agency credentials in ``bundle``, started."""
+    server = ProviderServer(bundle, **options)
+    echo = EchoProvider()
+    server.server.add_generic_rpc_handlers((echo,))
+    await server.start()
+    return server, echo
