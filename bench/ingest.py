@@ -3,8 +3,9 @@
     .venv/bin/python bench/ingest.py [--spans 100000] [--batch 512] [--senders 2]
 
 Senders are separate processes using the OpenTelemetry SDK's own OTLP exporter with
-broker-like spans (a server and a client span per call, the broker's attributes), so the
-figure is what a broker at full load would ask of the viewer.
+broker-like spans (a server and a client span per call, the broker's attributes), over mTLS
+with the broker's certificate as the broker does, so the figure is what a broker at full load
+would ask of the viewer.
 """
 
 from __future__ import annotations
@@ -17,8 +18,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tabadol.spiffe import ops_dns_name
 
-def send(endpoint: str, spans: int, batch: int, ready: Any, go: Any, elapsed: Any) -> None:
+TRUST_DOMAIN = "tabadol.example"
+
+
+def send(
+    endpoint: str, pki: Path, spans: int, batch: int, ready: Any, go: Any, elapsed: Any
+) -> None:
+    import grpc
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -27,7 +35,13 @@ def send(endpoint: str, spans: int, batch: int, ready: Any, go: Any, elapsed: An
 
     provider = TracerProvider(resource=Resource.create({"service.name": "tabadol-broker"}))
     tracer = provider.get_tracer("bench")
-    exporter = OTLPSpanExporter(endpoint=endpoint, insecure=True)
+    exporter = OTLPSpanExporter(
+        endpoint=f"https://{endpoint}",
+        credentials=grpc.ssl_channel_credentials(
+            *((pki / name).read_bytes() for name in ("ca.crt", "broker.key", "broker.crt"))
+        ),
+        channel_options=(("grpc.ssl_target_name_override", ops_dns_name(TRUST_DOMAIN)),),
+    )
     finished = []
     for i in range(spans // 2):
         server = tracer.start_span(
@@ -68,16 +82,27 @@ def send(endpoint: str, spans: int, batch: int, ready: Any, go: Any, elapsed: An
 
 async def main(args: argparse.Namespace) -> None:
     from tabadol.ops.server import OpsServer
+    from tabadol.ops.trust import OpsTrust
+    from tabadol.pki import CertificateAuthority
 
     with tempfile.TemporaryDirectory() as tmp:
-        ops = OpsServer(Path(tmp) / "traces.db", http="127.0.0.1:0", otlp="127.0.0.1:0")
+        ca = CertificateAuthority.init(Path(tmp) / "pki", TRUST_DOMAIN)
+        ca.issue_broker()  # what the senders present, as the broker does
+        ca.issue_ops()
+        trust = OpsTrust.load(ca.dir, TRUST_DOMAIN)
+        ops = OpsServer(
+            Path(tmp) / "traces.db", trust=trust, http="127.0.0.1:0", otlp="127.0.0.1:0"
+        )
         await ops.start()
         per_sender = args.spans // args.senders
         ctx = multiprocessing.get_context("spawn")
         ready, go = ctx.Semaphore(0), ctx.Event()
         times = [ctx.Value("d", 0.0) for _ in range(args.senders)]
         procs = [
-            ctx.Process(target=send, args=(ops.otlp_address, per_sender, args.batch, ready, go, t))
+            ctx.Process(
+                target=send,
+                args=(ops.otlp_address, ca.dir, per_sender, args.batch, ready, go, t),
+            )
             for t in times
         ]
         for p in procs:

@@ -171,7 +171,7 @@ async def main(args: argparse.Namespace) -> str:
         async with AsyncExitStack() as stack:
             provider, provider_address = await targets.start_provider(platform)
             stack.push_async_callback(provider.stop)
-            collector, otlp = await targets.start_collector(tmp)
+            collector, otlp = await targets.start_collector(platform)
             stack.push_async_callback(collector.stop)
             if args.target == "bare":  # the floor, profiled the same way, for comparison
                 bare, target = await targets.start_bare(platform, provider_address)

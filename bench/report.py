@@ -297,7 +297,8 @@ class Run:
             c = self.broker_counters
             lines += [
                 f"Broker (full features) afterwards: {c['ledger_records_written']:,.0f} ledger "
-                f"records written, {c['spans_dropped']:,.0f} spans dropped.",
+                f"records written, {c['spans_dropped']:,.0f} spans dropped, "
+                f"{c.get('spans_stored', 0):,.0f} stored by the collector (OTLP over mTLS).",
                 "",
             ]
         for note in self.notes:

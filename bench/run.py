@@ -145,7 +145,7 @@ async def main(args: argparse.Namespace) -> Run:
         async with AsyncExitStack() as stack:
             provider, provider_address = await targets.start_provider(platform)
             stack.push_async_callback(provider.stop)
-            collector, otlp = await targets.start_collector(tmp)
+            collector, otlp = await targets.start_collector(platform)
             stack.push_async_callback(collector.stop)
             all_targets, broker, nginx = await start_targets(
                 stack, run, platform, provider_address, otlp, not args.no_install
@@ -158,6 +158,9 @@ async def main(args: argparse.Namespace) -> Run:
             )
             await measure_all(run, all_targets, provider.proc.pid)
             run.broker_counters = await targets.broker_counters(broker)
+            run.broker_counters["spans_stored"] = stored = targets.spans_stored(platform)
+            if not stored:
+                run.notes.append("the collector stored no spans: it refused the broker's exports")
             if nginx is not None and (said := nginx.log().strip()):
                 run.notes.append(f"nginx logged (warn and above):\n{said}")
         run.tracing = tracing_cost(run)

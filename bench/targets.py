@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -93,6 +94,7 @@ class Platform:
         for agency in ("echo", "post"):
             ca.issue_agency(agency)
         ca.issue_person("operator", "prometheus")  # reads /metrics (BrokerProcess.metric)
+        ca.issue_ops()  # the span collector's: the broker exports to it over mTLS
         contracts = write_echo_contracts(directory / "echo.pb")
         return cls(directory, ca.dir, contracts)
 
@@ -130,15 +132,28 @@ async def start_provider(platform: Platform) -> tuple[Process, str]:
     return provider, f"127.0.0.1:{port}"
 
 
-async def start_collector(directory: Path) -> tuple[Process, str]:
-    """``tabadol ops`` in its own process: the broker's spans are ingested on its CPU."""
+async def start_collector(platform: Platform) -> tuple[Process, str]:
+    """``tabadol ops`` in its own process: the broker's spans are ingested on its CPU, over
+    mTLS, admitted by the platform PKI its configuration names."""
+    config = platform.dir / "ops.toml"
+    config.write_text(
+        f'[broker]\ntrust_domain = "{TRUST_DOMAIN}"\npki_dir = "{platform.pki}"\n'
+        f'contracts = ["{platform.contracts}"]\n'
+    )
     ops = await Process.start(
-        str(TABADOL), "ops", "--db", str(directory / "traces.db"),
+        str(TABADOL), "ops", "--config", str(config), "--db", str(platform.dir / "traces.db"),
         "--http", "127.0.0.1:0", "--otlp", "127.0.0.1:0",
         read="stdout",
     )  # fmt: skip
-    otlp = (await ops.wait_for(r"OTLP/gRPC on ([\d.]+:\d+)"))[1]
+    otlp = (await ops.wait_for(r"OTLP/gRPC with mTLS on ([\d.]+:\d+)"))[1]
     return ops, otlp
+
+
+def spans_stored(platform: Platform) -> int:
+    """Spans the collector has stored so far: evidence that it admitted the broker's exports."""
+    store = f"file:{platform.dir / 'traces.db'}?mode=ro"
+    with contextlib.closing(sqlite3.connect(store, uri=True)) as db:
+        return int(db.execute("SELECT count(*) FROM spans").fetchone()[0])
 
 
 def direct(platform: Platform, provider: str) -> Target:
@@ -156,10 +171,11 @@ async def start_broker(
     platform: Platform, provider: str, otlp: str, *, name: str = "broker", sampler: str = ""
 ) -> tuple[BrokerProcess, Target]:
     """``tabadol broker --config`` with every feature: mTLS both legs, authorization,
-    tracing exported over OTLP, the ledger in batched mode and /metrics."""
+    tracing exported over OTLP with mTLS (its own certificate), the ledger in batched mode and
+    /metrics."""
     directory = platform.dir / name
     directory.mkdir()
-    tracing = f'otlp_endpoint = "http://{otlp}"' + (f'\nsampler = "{sampler}"' if sampler else "")
+    tracing = f'otlp_endpoint = "https://{otlp}"' + (f'\nsampler = "{sampler}"' if sampler else "")
     text = broker_toml(
         pki_dir=platform.pki, contracts=platform.contracts, endpoints=[provider],
         grants=DEFAULT_GRANTS, tracing=tracing,
