@@ -549,3 +549,68 @@ async def test_a_renewed_broker_certificate_keeps_its_spans_reaching_the_collect
                 assert await eventually(two)
         finally:
             await broker.stop(0)
+
+
+async def test_an_older_crl_put_back_is_refused_after_a_restart_too(
+    tmp_path: Path, echo_contracts: Path
+) -> None:
+    """The broker keeps the newest CRL it accepted beside its ledger: a restart is no way
+    around the rollback check, even where the CA's own crlnumber is not at hand."""
+    ca = own_pki(tmp_path, TRUST_DOMAIN, "post", "echo")
+    provider, _ = await start_echo(ca.dir / "agencies" / "echo")
+    older = (ca.dir / "crl.pem").read_bytes()
+    try:
+        broker = await start_broker(tmp_path, ca.dir, echo_contracts, [provider.address])
+        ca.revoke_agency("post")
+        broker.reload(broker.config)
+        await broker.stop(0)
+        (ca.dir / "crl.pem").write_bytes(older)
+        (ca.dir / "crlnumber").unlink()  # the attacker has the PKI directory, not the ledger's
+
+        with pytest.raises(ConfigError, match="older than number"):
+            Broker(load_config(tmp_path / "broker.toml"))
+    finally:
+        await provider.stop(0)
+
+
+def test_a_crl_older_than_the_cas_own_count_is_refused_at_start(
+    tmp_path: Path, echo_contracts: Path
+) -> None:
+    ca = own_pki(tmp_path, TRUST_DOMAIN, "post")
+    older = (ca.dir / "crl.pem").read_bytes()
+    ca.revoke_agency("post")
+    (ca.dir / "crl.pem").write_bytes(older)
+    config = tmp_path / "broker.toml"
+    config.write_text(
+        f'[broker]\ntrust_domain = "{TRUST_DOMAIN}"\npki_dir = "{ca.dir}"\n'
+        f'contracts = ["{echo_contracts}"]\n'
+    )
+    with pytest.raises(ConfigError, match=r"has published number 2 \(crlnumber\)"):
+        Broker(load_config(config))
+
+
+def test_a_superseded_broker_certificate_still_vouches_for_seals_until_the_reload_window_ends(
+    tmp_path: Path,
+) -> None:
+    """Renewal revokes the old certificate as superseded, but the running broker seals with
+    it until it is reloaded: those seals count for a day; a key compromise ends that at once."""
+    ca = CertificateAuthority.init(tmp_path / "ca", TRUST_DOMAIN)
+    old = ca.issue_broker().read_bytes()
+    ca.issue_broker(force=True)
+
+    def problem(at: dt.datetime) -> str | None:
+        crl = RevocationList.from_crl(load_crl(ca.dir / "crl.pem", ca.cert), ca.cert)
+        return seal_signer_problem(
+            old,
+            at,
+            ca_cert=ca.cert,
+            trust_domain=TRUST_DOMAIN,
+            revoked_at=crl.signatures_count_until(),
+        )
+
+    an_hour_later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    assert problem(an_hour_later) is None
+    assert problem(an_hour_later + dt.timedelta(days=1)) is not None
+
+    ca.revoke([x509.load_pem_x509_certificate(old).serial_number], reason="key-compromise")
+    assert problem(an_hour_later) is not None

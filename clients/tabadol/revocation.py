@@ -18,6 +18,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 
+# How long a broker may go on sealing with a certificate its renewal superseded: the time
+# an operator has to reload it (docs/pki.md).
+SUPERSEDED_GRACE = dt.timedelta(hours=24)
+
+
 class CrlRefused(ValueError):
     """A CRL that must not replace the one in force; the message says why."""
 
@@ -31,6 +36,18 @@ class RevocationList:
     next_update: dt.datetime
     revoked_at: Mapping[int, dt.datetime]  # serial -> when it was revoked
     der: bytes
+    superseded: frozenset[int] = frozenset()  # revoked because a renewal replaced them
+
+    def signatures_count_until(
+        self, grace: dt.timedelta = SUPERSEDED_GRACE
+    ) -> dict[int, dt.datetime]:
+        """From when each revoked certificate's signatures no longer count: its revocation,
+        or, for one superseded by a renewal, ``grace`` later (the broker seals with its old
+        certificate until it is reloaded onto the new one)."""
+        return {
+            serial: when + grace if serial in self.superseded else when
+            for serial, when in self.revoked_at.items()
+        }
 
     @property
     def serials(self) -> frozenset[int]:
@@ -72,6 +89,9 @@ class RevocationList:
             next_update=crl.next_update_utc,
             revoked_at={r.serial_number: r.revocation_date_utc for r in crl},
             der=crl.public_bytes(serialization.Encoding.DER),
+            superseded=frozenset(
+                r.serial_number for r in crl if _reason(r) is x509.ReasonFlags.superseded
+            ),
         )
 
     def stale(self, now: dt.datetime) -> bool:
@@ -80,6 +100,13 @@ class RevocationList:
     def seconds_left(self, now: dt.datetime) -> float:
         """Until the CRL goes stale (negative once it has)."""
         return (self.next_update - now).total_seconds()
+
+
+def _reason(entry: x509.RevokedCertificate) -> x509.ReasonFlags | None:
+    try:
+        return entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    except x509.ExtensionNotFound:
+        return None
 
 
 def check_replacement(new: RevocationList, held: RevocationList | None, now: dt.datetime) -> None:

@@ -158,12 +158,15 @@ def _seal_signers(pki_dir: Path, trust_domain: str) -> Callable[[bytes, int], st
 
     from tabadol.ledger.signers import seal_signer_problem
     from tabadol.pki import load_crl
+    from tabadol.revocation import RevocationList
 
     try:
         ca = x509.load_pem_x509_certificate((pki_dir / "ca.crt").read_bytes())
     except (OSError, ValueError) as e:
         raise TabadolError(f"{pki_dir / 'ca.crt'}: cannot load the CA certificate: {e}") from e
-    revoked_at = {r.serial_number: r.revocation_date_utc for r in load_crl(pki_dir / "crl.pem", ca)}
+    revoked_at = RevocationList.from_crl(
+        load_crl(pki_dir / "crl.pem", ca), ca
+    ).signatures_count_until()
 
     def problem(cert_pem: bytes, sealed_ns: int) -> str | None:
         sealed_at = dt.datetime.fromtimestamp(sealed_ns / 1e9, dt.UTC)

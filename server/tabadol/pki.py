@@ -421,18 +421,21 @@ class CertificateAuthority:
                 yield IssuedCertificate(**json.loads(line))
 
     def revocations(self) -> list[Revocation]:
-        """Everything this CA has revoked, oldest first (its own record, not the CRL)."""
+        """Everything this CA has revoked, one entry a certificate, oldest first (its own
+        record, not the CRL). A later line for the same serial (a reason made stronger,
+        ``superseded`` to ``key-compromise``) replaces the earlier one."""
         path = self.dir / "revoked.jsonl"
         if not path.exists():
             return self._legacy_revocations()
         try:
-            return [
+            lines = [
                 Revocation(**json.loads(line))
                 for line in path.read_text().splitlines()
                 if line.strip()
             ]
         except (ValueError, TypeError) as e:
             raise PkiError(f"{path}: damaged revocation record: {e}") from e
+        return list({r.serial: r for r in lines}.values())
 
     def _legacy_revocations(self) -> list[Revocation]:
         """A CA made before revoked.jsonl existed kept its revocations only in crl.pem."""
@@ -452,7 +455,9 @@ class CertificateAuthority:
     def revoke(self, serials: Iterable[int], *, reason: str = "unspecified") -> list[int]:
         """Revoke certificates by serial, record it, and publish a new CRL.
 
-        Only serials this CA issued can be revoked; revoking one twice changes nothing.
+        Only serials this CA issued can be revoked. Revoking one again changes nothing,
+        unless it was only superseded and is now revoked for a key compromise: then it
+        counts as compromised from now on (seals it makes from now on no longer count).
         """
         if reason not in REASONS:
             raise PkiError(f"unknown revocation reason {reason!r}; expected {', '.join(REASONS)}")
@@ -463,12 +468,14 @@ class CertificateAuthority:
             raise PkiError(
                 f"{self.dir}: this CA never issued serial(s) {', '.join(f'{s:x}' for s in unknown)}"
             )
-        done = {r.serial for r in self.revocations()}
+        done = {r.serial: r.reason for r in self.revocations()}
         if not (self.dir / "revoked.jsonl").exists():
             self._append_revocations(self._legacy_revocations())
         now = _now().isoformat()
         self._append_revocations(
-            Revocation(s, issued[s], reason, now) for s in wanted if s not in done
+            Revocation(s, issued[s], reason, now)
+            for s in wanted
+            if s not in done or (done[s] == "superseded" and reason == "key-compromise")
         )
         self.write_crl()
         return wanted

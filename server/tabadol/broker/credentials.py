@@ -95,6 +95,14 @@ class BrokerCredentials:
             check_replacement(revocations, held, now or dt.datetime.now(dt.UTC))
         except CrlRefused as e:
             raise fail(pki_dir / "crl.pem", f"refused: {e}") from e
+        published = _published_crl_number(pki_dir)
+        if published is not None and revocations.number < published:
+            raise fail(
+                pki_dir / "crl.pem",
+                f"refused: the CRL is number {revocations.number}, but the CA in this directory "
+                f"has published number {published} (crlnumber): an older CRL was put back; "
+                "run `tabadol pki crl`",
+            )
         if cert.serial_number in revocations.serials:
             raise fail(
                 pki_dir / "broker.crt",
@@ -116,3 +124,11 @@ class BrokerCredentials:
         """Past its next-update time: the CA may have revoked more since."""
         now = now or dt.datetime.now(dt.UTC)
         return self.crl_next_update is not None and self.crl_next_update < now
+
+
+def _published_crl_number(pki_dir: Path) -> int | None:
+    """The CA's own count of CRLs published, where the broker runs beside the CA."""
+    try:
+        return int((pki_dir / "crlnumber").read_text().strip())
+    except (OSError, ValueError):
+        return None
