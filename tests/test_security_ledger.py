@@ -7,9 +7,13 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import signal
 import sqlite3
 import stat
+import tempfile
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,12 +22,27 @@ import grpc
 import grpc.aio
 import pytest
 from cryptography import x509
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from tabadol import config
 from tabadol.broker import Broker
 from tabadol.cli import main
 from tabadol.client import connect
 from tabadol.errors import ConfigError
+from tabadol.ledger import LedgerRecord
+from tabadol.ledger.journal import (
+    Journal,
+    JournalEntry,
+    JournalSignature,
+    blocks,
+    parse_line,
+    review,
+)
+from tabadol.ledger.seal import Sealer, fingerprint
+from tabadol.ledger.sessions import Session
+from tabadol.ledger.signers import signer_check
 from tabadol.ledger.store import SqliteLedgerStore
 from tabadol.pki import CertificateAuthority
 from tests.conftest import (
@@ -37,6 +56,7 @@ from tests.support.echo import UNARY, own_pki, start_echo
 from tests.support.processes import TABADOL, Process
 
 ANSWERED = 30
+set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "tabadol-hypothesis")
 
 
 @contextmanager
@@ -67,6 +87,14 @@ def ledger_ids(path: Path) -> list[str]:
     store = SqliteLedgerStore(path, readonly=True)
     try:
         return [stored.record.request_id for stored in store.records()]
+    finally:
+        store.close()
+
+
+def ledger_consumers(path: Path) -> list[str]:
+    store = SqliteLedgerStore(path, readonly=True)
+    try:
+        return [stored.record.consumer for stored in store.records()]
     finally:
         store.close()
 
@@ -116,7 +144,8 @@ async def test_calls_answered_while_the_ledger_is_locked_survive_the_stop_in_the
         await broker.stop()  # neither raises nor loses: the journal takes them
         journaled = [json.loads(line) for line in journal.read_text().splitlines()]
     assert {e["record"]["request_id"] for e in journaled if "record" in e} == acked
-    assert journaled[-1]["accepted"] == ANSWERED  # the closing line
+    assert journaled[-2]["accepted"] == ANSWERED  # the closing line, then its signature
+    assert all("signature" in e for e in journaled if "record" not in e and "accepted" not in e)
     assert mode(journal) == 0o600
     assert ledger_ids(ledger) == []
     code, out = verify(tmp_path / "broker.toml", capsys)
@@ -234,6 +263,213 @@ def test_max_unwritten_seconds_must_exceed_two_batches(
     )  # fmt: skip
     with pytest.raises(ConfigError, match=r"\[ledger\] max_unwritten_seconds"):
         config.load(path)
+
+
+# --- Forged records through the journal (write access to the ledger's directory, no key) ---
+
+FORGED = "FORGED-VIA-JOURNAL"
+
+
+def forged_record(when_ns: int) -> LedgerRecord:
+    """What the attacker wants counted: cra calling nocr, an hour ago, answered OK."""
+    return LedgerRecord(
+        start_ns=when_ns, end_ns=when_ns + 5_000_000, trace_id="",
+        request_id=uuid.uuid4().hex, consumer="cra", provider="nocr",
+        service="tabadol.agencies.nocr.v1.PersonRegistry", method="InquirePerson",
+        kind="unary", status_code=0, request_bytes=25, request_messages=1,
+        response_bytes=120, response_messages=1, endpoint="127.0.0.1:45013",
+        broker_instance=FORGED, consumer_serial="deadbeef",
+    )  # fmt: skip
+
+
+def inject(journal: Path, count: int, session: str | None = None) -> None:
+    """The review's attack: plain JSON lines appended to the journal, as the broker writes
+    them, each under a fresh session id unless ``session`` names one."""
+    hour_ago = time.time_ns() - 3600 * 10**9
+    with journal.open("a") as f:
+        for i in range(count):
+            sid = session or "f0f0f0f0" + uuid.uuid4().hex[:24]
+            f.write(JournalEntry(sid, record=forged_record(hour_ago + i * 10**6)).line().decode())
+
+
+def ledger_instances(path: Path) -> set[str]:
+    store = SqliteLedgerStore(path, readonly=True)
+    try:
+        return {stored.record.broker_instance for stored in store.records()}
+    finally:
+        store.close()
+
+
+def rejected(ledger: Path) -> list[dict[str, object]]:
+    path = ledger.with_name(ledger.name + ".journal.rejected")
+    assert mode(path) == 0o600
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+async def stopped_into_the_journal(
+    tmp_path: Path, pki: CertificateAuthority, contracts: Path, provider: RunningProvider
+) -> tuple[set[str], str]:
+    """A broker that answered calls while its ledger was locked, then stopped: its records
+    wait, signed, in the journal. The request ids, and the broker's session."""
+    broker = await start_broker(
+        tmp_path, pki.dir, contracts, [provider.address],
+        ledger='path = "ledger.db"\nbatch_interval_ms = 10\nmax_unwritten_seconds = 600',
+    )  # fmt: skip
+    with locked(tmp_path / "ledger.db"):
+        acked = await answered_calls(f"127.0.0.1:{broker.port}", pki.dir / "agencies" / "post", 5)
+        await broker.stop()
+    (session,) = {
+        entry.session
+        for line in (tmp_path / "ledger.db.journal").read_bytes().splitlines()
+        if (entry := parse_line(line)) is not None and entry.closed is not None
+    }
+    return acked, session
+
+
+async def restart(
+    tmp_path: Path, pki: CertificateAuthority, contracts: Path, provider: RunningProvider
+) -> None:
+    broker = await start_broker(
+        tmp_path, pki.dir, contracts, [provider.address], ledger='path = "ledger.db"'
+    )
+    await broker.stop()
+
+
+async def test_records_forged_into_a_stopped_brokers_journal_never_reach_the_sealed_ledger(
+    tmp_path: Path,
+    pki: CertificateAuthority,
+    echo_contracts: Path,
+    echo_provider: RunningProvider,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ledger, journal = tmp_path / "ledger.db", tmp_path / "ledger.db.journal"
+    broker = await start_broker(
+        tmp_path, pki.dir, echo_contracts, [echo_provider.address], ledger='path = "ledger.db"'
+    )
+    acked = await answered_calls(f"127.0.0.1:{broker.port}", pki.dir / "agencies" / "post", 3)
+    await broker.stop()
+    inject(journal, 50)  # exactly the review's injection, with fresh session ids
+
+    code, out = verify(tmp_path / "broker.toml", capsys)  # seen before any restart
+    assert code == 1 and "UNVERIFIED JOURNAL: 50 lines" in out, out
+
+    caplog.set_level(logging.ERROR, logger="tabadol.ledger")
+    await restart(tmp_path, pki, echo_contracts, echo_provider)
+    assert set(ledger_ids(ledger)) == acked
+    assert FORGED not in ledger_instances(ledger)
+    assert not journal.exists()
+    aside = rejected(ledger)
+    assert len(aside) == 50 and {line["reason"] for line in aside} == {
+        "no signature line covers them"
+    }
+    assert FORGED in str(aside[0]["line"])  # kept as found, to be looked into
+    (logged,) = [r.getMessage() for r in caplog.records if "REJECTED" in r.getMessage()]
+    assert "REJECTED 50 lines" in logged and f"{journal}.rejected" in logged
+
+    code, out = verify(tmp_path / "broker.toml", capsys)
+    assert code == 1, out
+    assert "chain and seals intact" in out
+    assert f"REJECTED JOURNAL: 50 lines in {journal}.rejected could not be verified" in out
+
+
+async def test_records_forged_under_a_real_stopped_sessions_id_are_refused_and_its_own_written(
+    tmp_path: Path,
+    pki: CertificateAuthority,
+    echo_contracts: Path,
+    echo_provider: RunningProvider,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ledger = tmp_path / "ledger.db"
+    acked, session = await stopped_into_the_journal(tmp_path, pki, echo_contracts, echo_provider)
+    inject(tmp_path / "ledger.db.journal", 50, session)
+    # A forged closing line would also hide a gap: say the session wrote all it answered.
+    with (tmp_path / "ledger.db.journal").open("ab") as f:
+        f.write(JournalEntry(session, closed=(55, 55)).line())
+
+    await restart(tmp_path, pki, echo_contracts, echo_provider)
+    assert set(ledger_ids(ledger)) == acked  # the session's own records, and only those
+    assert FORGED not in ledger_instances(ledger)
+    assert len(rejected(ledger)) == 51
+    code, out = verify(tmp_path / "broker.toml", capsys)
+    assert code == 1 and "REJECTED JOURNAL: 51 lines" in out, out
+    assert "GAP" not in out  # its closing line (signed) says it answered 5
+
+
+async def test_a_signed_journal_line_edited_after_signing_is_refused(
+    tmp_path: Path,
+    pki: CertificateAuthority,
+    echo_contracts: Path,
+    echo_provider: RunningProvider,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ledger, journal = tmp_path / "ledger.db", tmp_path / "ledger.db.journal"
+    acked, _ = await stopped_into_the_journal(tmp_path, pki, echo_contracts, echo_provider)
+    lines = journal.read_bytes().splitlines(keepends=True)
+    (first,) = [i for i, line in enumerate(lines) if b'"record"' in line][:1]
+    edited = json.loads(lines[first])
+    edited["record"]["consumer"], edited["record"]["provider"] = "cra", "nocr"
+    lines[first] = json.dumps(edited, separators=(",", ":")).encode() + b"\n"
+    journal.write_bytes(b"".join(lines))
+
+    await restart(tmp_path, pki, echo_contracts, echo_provider)
+    written = set(ledger_ids(ledger))
+    assert edited["record"]["request_id"] not in written and written < acked
+    assert "cra" not in ledger_consumers(ledger)
+    reasons = {line["reason"] for line in rejected(ledger)}
+    assert reasons == {
+        "their signature does not match them (changed after signing, or signed by another key)"
+    }
+    code, out = verify(tmp_path / "broker.toml", capsys)
+    assert code == 1, out
+    assert "REJECTED JOURNAL" in out
+    assert f"lost {len(acked - written)} records of answered calls" in out  # and the gap shows
+
+
+async def test_a_journal_signed_by_a_broker_certificate_of_another_ca_is_refused(
+    tmp_path: Path,
+    pki: CertificateAuthority,
+    echo_contracts: Path,
+    echo_provider: RunningProvider,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ledger, journal = tmp_path / "ledger.db", tmp_path / "ledger.db.journal"
+    acked, session = await stopped_into_the_journal(tmp_path, pki, echo_contracts, echo_provider)
+    # The attacker's own CA, for the same trust domain, and a broker certificate from it:
+    # signed lines, a well-formed certificate, the right SPIFFE id, a real session.
+    elsewhere = own_pki(tmp_path / "elsewhere", TRUST_DOMAIN)
+    impostor = Sealer(
+        (elsewhere.dir / "broker.key").read_bytes(), (elsewhere.dir / "broker.crt").read_bytes()
+    )
+    hour_ago = time.time_ns() - 3600 * 10**9
+    Journal(journal).append(
+        [JournalEntry(session, record=forged_record(hour_ago + i)) for i in range(50)], impostor
+    )
+
+    await restart(tmp_path, pki, echo_contracts, echo_provider)
+    assert set(ledger_ids(ledger)) == acked
+    assert FORGED not in ledger_instances(ledger)
+    aside = rejected(ledger)
+    assert len(aside) == 51  # 50 records and their signature line
+    assert {line["reason"] for line in aside} == {
+        "their signer is not a broker of this exchange: its certificate was not issued by "
+        "this exchange's CA"
+    }
+    code, out = verify(tmp_path / "broker.toml", capsys)
+    assert code == 1 and "REJECTED JOURNAL: 51 lines" in out, out
+
+
+def test_a_line_a_crash_cut_short_does_not_spoil_the_next_appends_signature(
+    tmp_path: Path, pki: CertificateAuthority
+) -> None:
+    sealer = Sealer((pki.dir / "broker.key").read_bytes(), (pki.dir / "broker.crt").read_bytes())
+    journal = tmp_path / "ledger.db.journal"
+    journal.write_bytes(b'{"session":"dead","rec')  # a broker killed mid-write
+    record = forged_record(time.time_ns())
+    Journal(journal).append([JournalEntry("a" * 32, record=record)], sealer)
+    cut, signed = blocks(journal.read_bytes())
+    assert cut.signature is None and cut.lines == (b'{"session":"dead","rec\n',)
+    assert signed.signature is not None and [e.record for e in signed.entries] == [record]
 
 
 # --- Finding 7: refusals are free, and unattributed --------------------------------------
@@ -359,3 +595,37 @@ async def test_payload_digests_are_keyed_so_a_guessed_payload_cannot_be_confirme
     key_file.write_bytes(b"short")
     with pytest.raises(ConfigError, match=r"payload-digest\.key"):
         Broker(config.load(tmp_path / "broker.toml"))
+
+
+SESSION = "5e55" * 8
+hostile_journal_lines = (
+    st.builds(
+        lambda i: JournalEntry(SESSION, record=forged_record(i)).line(), st.integers(0, 2**62)
+    )
+    | st.builds(lambda n: JournalEntry(SESSION, closed=(n, n)).line(), st.integers(0, 9))
+    | st.builds(
+        lambda n, t, sig: JournalSignature(SESSION, n, t, "0" * 64, "", sig).line(),
+        st.integers(-2, 4),
+        st.integers(0, 2**63),
+        st.text("0123456789abcdef", max_size=140),
+    )
+    | st.binary(max_size=60)
+)
+
+
+@settings(max_examples=200, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(st.lists(hostile_journal_lines, max_size=8).map(b"".join), st.booleans())
+def test_no_journal_bytes_without_the_brokers_key_are_accepted_and_none_are_dropped(
+    pki: CertificateAuthority, data: bytes, with_cert: bool
+) -> None:
+    cert = (pki.dir / "broker.crt").read_text()
+    if with_cert:  # this exchange's broker certificate, with a signature it never made
+        data = data.replace(b'"cert":""', json.dumps({"cert": cert})[1:-1].encode())
+        data = data.replace(b"0" * 64, fingerprint(cert.encode()).encode())
+    ca = x509.load_pem_x509_certificate((pki.dir / "ca.crt").read_bytes())
+    judge = signer_check(ca_cert=ca, trust_domain=TRUST_DOMAIN, revoked_at={})
+    found = blocks(data)
+    assert b"".join(block.raw for block in found) == data  # set aside as found, every byte
+    judged = review(found, {SESSION: Session(SESSION, "", "batched", "h", 1, "", 0)}, judge)
+    assert judged.accepted == [] and len(judged.refused) == len(found)

@@ -3,24 +3,39 @@
 JSON lines, appended and fsynced, beside the ledger (``<ledger path>.journal``, mode 0600).
 Every line names the writer session it came from. Several broker processes may append to
 one journal; ``flock`` keeps their lines whole and lets the next start rewrite it safely.
+
+The next start seals what it replays with the broker's key, so the journal must not be a way
+in for records the broker never wrote: every append ends with a signature line, signed by
+the broker's key, over exactly the lines it appended. At replay, only lines under a valid
+signature by a broker certificate of this exchange, for a session the ledger knows and that
+has not ended, count (``refusal``); the others are set aside in ``<journal>.rejected``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from tabadol.ledger.record import FIELD_NAMES, FIELD_TYPES, LedgerRecord
+from tabadol.ledger.seal import Sealer, fingerprint, signed_by
+from tabadol.ledger.sessions import Session
 
 
 def journal_path(ledger_path: Path) -> Path:
     return ledger_path.with_name(ledger_path.name + ".journal")
+
+
+def rejected_path(journal: Path) -> Path:
+    """Where lines that failed the checks at replay are kept, for someone to look into."""
+    return journal.with_name(journal.name + ".rejected")
 
 
 @dataclass(frozen=True)
@@ -61,21 +76,221 @@ def parse_line(raw: bytes) -> JournalEntry | None:
     return None
 
 
+def signed_payload(session: str, signed_ns: int, lines: bytes) -> bytes:
+    """What a journal signature covers: the session, the time and the appended lines' digest."""
+    digest = hashlib.sha256(lines).hexdigest()
+    return f"tabadol-ledger-journal:v1:{session}:{signed_ns}:{digest}".encode()
+
+
+@dataclass(frozen=True)
+class JournalSignature:
+    """The line that ends one append: the broker's signature over the lines before it."""
+
+    session: str
+    lines: int  # how many lines before this one it covers
+    signed_ns: int
+    signer: str  # the certificate's fingerprint, as in the ledger's signers table
+    cert: str  # the signing broker certificate, PEM: judged against the CA at replay
+    signature: str  # hex ECDSA-SHA256 over signed_payload(session, signed_ns, lines)
+
+    def line(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode() + b"\n"
+
+
+_SIGNATURE_TYPES = {
+    "session": str,
+    "lines": int,
+    "signed_ns": int,
+    "signer": str,
+    "cert": str,
+    "signature": str,
+}
+
+
+def parse_signature(raw: bytes) -> JournalSignature | None:
+    try:
+        fields = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    if (
+        isinstance(fields, dict)
+        and fields.keys() == _SIGNATURE_TYPES.keys()
+        and all(type(fields[k]) is t for k, t in _SIGNATURE_TYPES.items())
+    ):
+        return JournalSignature(**fields)
+    return None
+
+
+def sign(entries: list[JournalEntry], sealer: Sealer, signed_ns: int) -> bytes:
+    """The lines of one append: the entries (all of one session), then their signature."""
+    sessions = {entry.session for entry in entries}
+    if len(sessions) != 1:
+        raise ValueError("one journal append holds the entries of one session")
+    (session,) = sessions
+    body = b"".join(entry.line() for entry in entries)
+    signature = JournalSignature(
+        session=session,
+        lines=len(entries),
+        signed_ns=signed_ns,
+        signer=sealer.signer,
+        cert=sealer.cert_pem.decode("ascii"),
+        signature=sealer.sign(signed_payload(session, signed_ns, body)),
+    )
+    return body + signature.line()
+
+
+@dataclass(frozen=True)
+class Block:
+    """Lines of the journal that stand or fall together: those one signature line covers
+    (with it), or lines no signature covers (``signature`` None)."""
+
+    lines: tuple[bytes, ...]  # as found, each with its newline (but a cut-short last one)
+    signature: JournalSignature | None = None
+    signature_line: bytes = b""
+
+    @property
+    def raw(self) -> bytes:
+        return b"".join(self.lines) + self.signature_line
+
+    @property
+    def line_count(self) -> int:
+        return len(self.lines) + (1 if self.signature_line else 0)
+
+    @property
+    def session(self) -> str:
+        return self.signature.session if self.signature is not None else ""
+
+    @property
+    def entries(self) -> list[JournalEntry]:
+        return [entry for raw in self.lines if (entry := parse_line(raw)) is not None]
+
+
+def blocks(data: bytes) -> list[Block]:
+    """The journal's lines, grouped by the signature lines that cover them. Pure.
+
+    A signature line covers the ``lines`` lines right before it; any before those that no
+    signature covers (a forgery, or an append a crash cut short) form a block of their own.
+    """
+    raws = [line + b"\n" for line in data.split(b"\n")]
+    raws[-1] = raws[-1][:-1]  # what follows the last newline: nothing, or a cut-short line
+    if not raws[-1]:
+        raws.pop()
+    found: list[Block] = []
+    pending: list[bytes] = []
+    for raw in raws:
+        signature = parse_signature(raw) if raw.endswith(b"\n") else None
+        if signature is None:
+            pending.append(raw)
+            continue
+        split = max(0, len(pending) - max(signature.lines, 0))
+        if split:
+            found.append(Block(tuple(pending[:split])))
+        found.append(Block(tuple(pending[split:]), signature, raw))
+        pending = []
+    if pending:
+        found.append(Block(tuple(pending)))
+    return found
+
+
+def refusal(
+    block: Block,
+    sessions: Mapping[str, Session],
+    signer_problem: Callable[[bytes, int], str | None],
+) -> str | None:
+    """Why a block must not reach the ledger, or None. Pure.
+
+    ``sessions`` is every session of the ledger; ``signer_problem`` judges whether a
+    certificate could vouch for what it signed at a time (``signers.signer_check``).
+    """
+    signature = block.signature
+    if signature is None:
+        return "no signature line covers them"
+    if len(block.lines) != signature.lines:
+        return (
+            f"their signature line covers {signature.lines} lines but {len(block.lines)} precede it"
+        )
+    entries = block.entries
+    if len(entries) != len(block.lines):
+        return "a line under the signature is not a journal entry"
+    if any(entry.session != signature.session for entry in entries):
+        return "a line names another session than its signature"
+    cert = signature.cert.encode("utf-8", "surrogateescape")
+    try:
+        signer = fingerprint(cert)
+    except ValueError:
+        return "their signature line holds no certificate"
+    if signer != signature.signer or not signed_by(
+        signed_payload(signature.session, signature.signed_ns, b"".join(block.lines)),
+        signature.signature,
+        cert,
+    ):
+        return (
+            "their signature does not match them (changed after signing, or signed by another key)"
+        )
+    if why := signer_problem(cert, signature.signed_ns):
+        return f"their signer is not a broker of this exchange: {why}"
+    session = sessions.get(signature.session)
+    if session is None:
+        return f"session {signature.session[:12]} is not one the ledger knows"
+    if session.ended:
+        return f"session {signature.session[:12]} had already ended ({session.ended})"
+    return None
+
+
+@dataclass(frozen=True)
+class Review:
+    """A journal judged: what may be replayed, and what is refused, with why."""
+
+    accepted: list[Block]
+    refused: list[tuple[Block, str]]
+
+    @property
+    def refused_lines(self) -> int:
+        return sum(block.line_count for block, _ in self.refused)
+
+    def reasons(self) -> str:
+        """``N lines: why; …`` for a log line or a report."""
+        counts: dict[str, int] = {}
+        for block, why in self.refused:
+            counts[why] = counts.get(why, 0) + block.line_count
+        return "; ".join(f"{n} lines: {why}" for why, n in counts.items())
+
+
+def review(
+    found: list[Block],
+    sessions: Mapping[str, Session],
+    signer_problem: Callable[[bytes, int], str | None],
+) -> Review:
+    accepted, refused = [], []
+    for block in found:
+        why = refusal(block, sessions, signer_problem)
+        if why is None:
+            accepted.append(block)
+        else:
+            refused.append((block, why))
+    return Review(accepted, refused)
+
+
 class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def append(self, entries: list[JournalEntry]) -> None:
-        """Append and fsync; OSError if they could not be saved."""
+    def append(self, entries: list[JournalEntry], sealer: Sealer) -> None:
+        """Append the entries (all of one session) and their signature, fsynced; OSError if
+        they could not be saved."""
         if not entries:
             return
-        data = b"".join(entry.line() for entry in entries)
+        data = sign(entries, sealer, time.time_ns())
         while True:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 if _same_file(fd, self.path):
-                    view = memoryview(data)
+                    # After a line a crash cut short, start a new line: this append's lines
+                    # must be exactly the lines its signature covers.
+                    size = os.fstat(fd).st_size
+                    start = b"\n" if size and os.pread(fd, 1, size - 1) != b"\n" else b""
+                    view = memoryview(start + data)
                     while view:
                         view = view[os.write(fd, view) :]
                     os.fsync(fd)
@@ -85,41 +300,75 @@ class Journal:
                 os.close(fd)  # and the lock with it
             # A start rewrote the journal while this waited for the lock: append to the new one.
 
-    def read(self) -> list[JournalEntry]:
-        """Every entry, without taking the lock (for ``ledger verify``)."""
-        try:
-            return _parse(self.path.read_bytes())
-        except FileNotFoundError:
-            return []
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[list[Block]]:
+        """Every block, with no append or start changing the journal until the block ends
+        (for ``ledger verify``: read the sessions inside, and they match the journal)."""
+        with self._locked(os.O_RDONLY, fcntl.LOCK_SH) as found:
+            yield found
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[HeldJournal]:
         """The journal, locked against appends, to be read and then replaced."""
+        with self._locked(os.O_RDWR, fcntl.LOCK_EX) as found:
+            yield HeldJournal(self.path, found)
+
+    @contextlib.contextmanager
+    def _locked(self, flags: int, lock: int) -> Iterator[list[Block]]:
         while True:
             try:
-                fd = os.open(self.path, os.O_RDWR)
+                fd = os.open(self.path, flags)
             except FileNotFoundError:
-                yield HeldJournal(self.path, [])
+                yield []
                 return
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                fcntl.flock(fd, lock)
                 if not _same_file(fd, self.path):
-                    continue
+                    continue  # a start replaced it while this waited: lock the new one
                 with os.fdopen(os.dup(fd), "rb") as f:
-                    entries = _parse(f.read())
-                yield HeldJournal(self.path, entries)
+                    found = blocks(f.read())
+                yield found
                 return
             finally:
                 os.close(fd)
 
 
 class HeldJournal:
-    def __init__(self, path: Path, entries: list[JournalEntry]) -> None:
+    def __init__(self, path: Path, found: list[Block]) -> None:
         self.path = path
-        self.entries = entries
+        self.blocks = found
 
-    def replace(self, keep: list[JournalEntry]) -> None:
-        """Leave only ``keep`` in the journal (none: remove it)."""
+    def set_aside(self, refused: list[tuple[Block, str]]) -> Path:
+        """Append refused lines, each with why, to ``<journal>.rejected`` (0600, fsynced)."""
+        path = rejected_path(self.path)
+        found_ns = time.time_ns()
+        data = b"".join(
+            json.dumps(
+                {
+                    "found_ns": found_ns,
+                    "reason": why,
+                    "line": raw.rstrip(b"\n").decode("utf-8", "surrogateescape"),
+                },
+                separators=(",", ":"),
+            ).encode()
+            + b"\n"
+            for block, why in refused
+            for raw in (*block.lines, *((block.signature_line,) if block.signature_line else ()))
+        )
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _sync_directory(path.parent)
+        return path
+
+    def replace(self, keep: list[Block]) -> None:
+        """Leave only ``keep`` in the journal, as found (none: remove it)."""
         if not keep:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
@@ -128,7 +377,9 @@ class HeldJournal:
         temporary = self.path.with_name(self.path.name + ".new")
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, b"".join(entry.line() for entry in keep))
+            view = memoryview(b"".join(block.raw for block in keep))
+            while view:
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -136,8 +387,12 @@ class HeldJournal:
         _sync_directory(self.path.parent)
 
 
-def _parse(data: bytes) -> list[JournalEntry]:
-    return [entry for raw in data.splitlines() if (entry := parse_line(raw)) is not None]
+def rejected_lines(journal: Path) -> int:
+    """How many lines earlier starts set aside in ``<journal>.rejected``."""
+    try:
+        return rejected_path(journal).read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
 
 
 def _same_file(fd: int, path: Path) -> bool:

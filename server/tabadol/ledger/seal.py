@@ -29,17 +29,28 @@ class Sealer:
         self.signer = fingerprint(cert_pem)
 
     def seal(self, seq: int, count: int, head_digest: str, sealed_ns: int) -> Seal:
-        payload = seal_payload(seq, count, head_digest, sealed_ns)
-        signature = self._key.sign(payload, ec.ECDSA(hashes.SHA256())).hex()
+        signature = self.sign(seal_payload(seq, count, head_digest, sealed_ns))
         return Seal(seq, count, head_digest, sealed_ns, self.signer, signature)
 
+    def sign(self, payload: bytes) -> str:
+        """ECDSA-SHA256 over ``payload``, hex: a seal's, or a journal append's."""
+        return self._key.sign(payload, ec.ECDSA(hashes.SHA256())).hex()
 
-def signature_valid(seal: Seal, cert_pem: bytes) -> bool:
-    public_key = x509.load_pem_x509_certificate(cert_pem).public_key()
+
+def signed_by(payload: bytes, signature: str, cert_pem: bytes) -> bool:
+    """Whether ``signature`` (hex) over ``payload`` was made with the certificate's key."""
+    try:
+        public_key = x509.load_pem_x509_certificate(cert_pem).public_key()
+    except ValueError:
+        return False
     if not isinstance(public_key, ec.EllipticCurvePublicKey):
         return False
     try:
-        public_key.verify(bytes.fromhex(seal.signature), seal.payload(), ec.ECDSA(hashes.SHA256()))
+        public_key.verify(bytes.fromhex(signature), payload, ec.ECDSA(hashes.SHA256()))
     except (InvalidSignature, ValueError):
         return False
     return True
+
+
+def signature_valid(seal: Seal, cert_pem: bytes) -> bool:
+    return signed_by(seal.payload(), seal.signature, cert_pem)

@@ -4,7 +4,7 @@ the time of each seal. Pure."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -41,3 +41,18 @@ def seal_signer_problem(
             f"{revoked:%Y-%m-%d %H:%M:%S} UTC, before the seal was made"
         )
     return None
+
+
+def signer_check(
+    *, ca_cert: x509.Certificate, trust_domain: str, revoked_at: Mapping[int, dt.datetime]
+) -> Callable[[bytes, int], str | None]:
+    """``seal_signer_problem`` for these facts, taking a certificate and a time in epoch ns:
+    how ``verify`` judges seals and the writer judges the journal's signatures."""
+
+    def problem(cert_pem: bytes, signed_ns: int) -> str | None:
+        signed_at = dt.datetime.fromtimestamp(signed_ns / 1e9, dt.UTC)
+        return seal_signer_problem(
+            cert_pem, signed_at, ca_cert=ca_cert, trust_domain=trust_domain, revoked_at=revoked_at
+        )
+
+    return problem

@@ -8,7 +8,10 @@ saved in the journal beside the ledger, and the thread retries; once ``buffer_re
 waiting, or the oldest has waited ``max_unwritten`` seconds, ``accepting`` turns False and
 the broker refuses new calls. A stop writes the backlog to the ledger, else to the journal
 (the next start writes it to the ledger), else raises RecordsLost; each writer's session in
-the ledger lets ``ledger verify`` show a writer that lost records (docs/ledger.md).
+the ledger lets ``ledger verify`` show a writer that lost records (docs/ledger.md). Every
+journal append is signed with the broker's key, and a start replays only what a broker of
+this exchange signed for a session the ledger knows: the journal is no way in for records
+the broker never wrote.
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
 
 from tabadol.errors import TabadolError
-from tabadol.ledger.journal import Journal, JournalEntry
+from tabadol.ledger.journal import Journal, JournalEntry, review
 from tabadol.ledger.record import LedgerRecord, Seal
 from tabadol.ledger.seal import Sealer
 from tabadol.ledger.sessions import ABANDONED, CLEAN, JOURNALED, Session, alive, process_tag
@@ -61,11 +65,18 @@ class LedgerWriter:
         strict: bool = False,
         anchor: Path | None = None,
         journal: Path | None = None,
+        journal_signers: Callable[[bytes, int], str | None] | None = None,
         instance: str = "",
         digest_key: bytes | None = None,
     ) -> None:
         """Recover what stopped writers left in the journal, then start a session: raises
-        LedgerWriteError if the ledger (or the journal) cannot be written now."""
+        LedgerWriteError if the ledger (or the journal) cannot be written now.
+
+        ``journal_signers(cert_pem, signed_ns)`` says why a certificate could not vouch for
+        journal lines it signed then (``signers.signer_check``), or None; a journal needs it.
+        """
+        if journal is not None and journal_signers is None:
+            raise ValueError("a journal needs journal_signers to judge its signatures")
         self._store = store
         self._sealer = sealer
         self._interval = batch_interval_s
@@ -74,6 +85,7 @@ class LedgerWriter:
         self.strict = strict
         self._anchor = anchor
         self._journal = Journal(journal) if journal is not None else None
+        self._journal_signers = journal_signers
         self._digest_key = digest_key
         # (record, strict mode's future, monotonic time it was queued)
         self._queue: collections.deque[tuple[LedgerRecord, Future[None] | None, float]] = (
@@ -198,7 +210,7 @@ class LedgerWriter:
     def _journal_append(self, entries: list[JournalEntry]) -> None:
         if self._journal is None:
             raise OSError("no journal is configured")
-        self._journal.append(entries)
+        self._journal.append(entries, self._sealer)
 
     def _save_backlog(self) -> None:
         """Journal (and fsync) the queued records the journal does not hold yet; OSError if
@@ -213,21 +225,43 @@ class LedgerWriter:
         self._journaled = count
 
     def _recover(self) -> None:
-        """Write the records stopped writers left in the journal; end their sessions."""
-        sessions = {s.id: s for s in self._store.sessions() if not s.ended}
-        running = {sid for sid, s in sessions.items() if alive(s) is not False}
-        if self._journal is None:
+        """Write the records stopped writers left in the journal; end their sessions.
+
+        Only lines a broker of this exchange signed, for a session of this ledger that has
+        not ended, are written; the rest are set aside in ``<journal>.rejected``."""
+        if self._journal is None or self._journal_signers is None:
+            sessions = {s.id: s for s in self._store.sessions() if not s.ended}
+            running = {sid for sid, s in sessions.items() if alive(s) is not False}
             self._end_stopped(sessions, running, {}, {})
             return
         try:
             with self._journal.exclusive() as held:
+                # Read under the journal's lock: every session that appended is in it.
+                known = {s.id: s for s in self._store.sessions()}
+                judged = review(held.blocks, known, self._journal_signers)
+                sessions = {sid: s for sid, s in known.items() if not s.ended}
+                running = {sid for sid, s in sessions.items() if alive(s) is not False}
+                entries = [e for block in judged.accepted for e in block.entries]
                 # A session that left its closing line has stopped, whatever its pid says.
-                closed = {e.session: e.closed for e in held.entries if e.closed is not None}
+                closed = {e.session: e.closed for e in entries if e.closed is not None}
                 running -= closed.keys()
-                replay = [e for e in held.entries if e.session not in running]
-                recovered = self._replay([e for e in replay if e.record is not None])
+                recovered = self._replay(
+                    [e for e in entries if e.session not in running and e.record is not None]
+                )
                 self._end_stopped(sessions, running, closed, recovered)
-                held.replace([e for e in held.entries if e.session in running])
+                if judged.refused:
+                    aside = held.set_aside(judged.refused)
+                    log.error(
+                        "ledger: REJECTED %d lines of the journal %s: they could not be "
+                        "verified and were NOT written to the ledger (%s); they are kept in "
+                        "%s, and `tabadol ledger verify` fails until someone has looked into "
+                        "them",
+                        judged.refused_lines,
+                        self._journal.path,
+                        judged.reasons(),
+                        aside,
+                    )
+                held.replace([b for b in judged.accepted if b.session in running])
         except OSError as e:
             raise LedgerWriteError(
                 f"{self._journal.path}: cannot recover the journal: {e.strerror or e}"
@@ -240,11 +274,15 @@ class LedgerWriter:
         if not records:
             return {}
         starts = [record.start_ns for _, record in records]
-        present = {
+        seen = {
             stored.record.request_id
             for stored in self._store.records_between(min(starts), max(starts) + 1)
         }
-        fresh = [(sid, r) for sid, r in records if r.request_id not in present]
+        fresh = []
+        for sid, record in records:  # once each, even if a signed append appears twice
+            if record.request_id not in seen:
+                seen.add(record.request_id)
+                fresh.append((sid, record))
         for i in range(0, len(fresh), _MAX_BATCH):
             self._witness(self._append([r for _, r in fresh[i : i + _MAX_BATCH]]))
         if fresh:

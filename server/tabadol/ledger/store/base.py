@@ -16,7 +16,8 @@ class LedgerWriteError(Exception):
 
 @dataclass(frozen=True)
 class CallGroup:
-    """Calls in a time range that share consumer, provider, service, method and status."""
+    """Calls in a time range that share consumer, provider, service, method, status and
+    whether the consumer's certificate identified it."""
 
     consumer: str
     provider: str
@@ -26,6 +27,8 @@ class CallGroup:
     forwarded: bool  # the broker passed these calls to the provider (it did not refuse them)
     calls: int
     duration_ns_total: int
+    # False: refused before identification (revoked, stale CRL...); consumer is only claimed
+    verified: bool = True
 
 
 class LedgerStore(Protocol):

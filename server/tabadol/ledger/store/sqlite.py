@@ -275,14 +275,15 @@ class SqliteLedgerStore:
         rows = self._query(
             """
             SELECT consumer, provider, service, method, status_code, endpoint != '', count(*),
-                   sum(end_ns - start_ns)
+                   sum(end_ns - start_ns), consumer_verified
             FROM records WHERE start_ns >= ? AND start_ns < ?
-            GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6
+            GROUP BY 1, 2, 3, 4, 5, 6, 9 ORDER BY 1, 2, 3, 4, 5, 6, 9
             """,
             (start_ns, end_ns),
         )
         return [
-            CallGroup(c, p, s, m, code, bool(fwd), n, d) for c, p, s, m, code, fwd, n, d in rows
+            CallGroup(c, p, s, m, code, bool(fwd), n, d, bool(v))
+            for c, p, s, m, code, fwd, n, d, v in rows
         ]
 
     def durations(self, provider: str, start_ns: int, end_ns: int) -> list[int]:
@@ -306,7 +307,8 @@ class SqliteLedgerStore:
     def latency_percentiles(
         self, start_ns: int, end_ns: int, percents: Sequence[int]
     ) -> dict[str, tuple[int, dict[int, int]]]:
-        """Per service: (calls, {percent: nearest-rank duration in ns}) in the range."""
+        """Per service: (calls, {percent: nearest-rank duration in ns}) in the range, of
+        identified consumers' calls (a refused certificate's call measures nothing)."""
         ranks = ", ".join(f"(n * {p} + 99) / 100" for p in percents)
         rows = self._query(
             f"""
@@ -314,7 +316,7 @@ class SqliteLedgerStore:
                 SELECT service, end_ns - start_ns AS d,
                        row_number() OVER (PARTITION BY service ORDER BY end_ns - start_ns) AS rn,
                        count(*) OVER (PARTITION BY service) AS n
-                FROM records WHERE start_ns >= ? AND start_ns < ?
+                FROM records WHERE start_ns >= ? AND start_ns < ? AND consumer_verified = 1
             ) WHERE rn IN ({ranks}) ORDER BY service, rn
             """,
             (start_ns, end_ns),
