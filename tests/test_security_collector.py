@@ -26,7 +26,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 
 from tabadol.client.tracing import tracer_provider
 from tabadol.identity import PlatformIdentity
-from tabadol.ops.ingest import SpanLimits, admit_sender, admit_spans
+from tabadol.ops.ingest import SpanLimits, admit_sender, admit_spans, own_service_name
 from tabadol.ops.model import SpanRecord, TraceQuery
 from tabadol.ops.store import StoreLimits
 from tabadol.pki import CertificateAuthority
@@ -34,6 +34,10 @@ from tests.conftest import TRUST_DOMAIN
 from tests.support.collector import RunningCollector, export_stub, running_collector
 
 MINUTE_NS = 60 * 10**9
+BROKER = "tabadol-broker"
+# What the span store may take on disk beyond its cap, between exports (docs/tracing.md):
+# the shared-memory index of its write-ahead log, and a little slack.
+DISK_SLACK = 128 * 1024
 _next_trace = iter(range(1, 10**9))
 
 
@@ -224,6 +228,64 @@ async def test_agency_graph_edges_come_only_from_the_brokers_spans(
     assert [(e.parent, e.child) for e in collector.store.agency_calls(0, 2**62)] == [("tax", "cra")]
 
 
+LOOKALIKES = [
+    "tabadol-broker ",
+    "Tabadol-Broker",
+    "tabadol\u2011broker",  # NON-BREAKING HYPHEN
+    "tabadol-broker\u200b",  # ZERO WIDTH SPACE
+    "\uff54abadol-broker",  # FULLWIDTH t
+    " tabadol_broker",
+]
+
+
+@pytest.mark.parametrize("service", LOOKALIKES)
+async def test_an_agency_may_not_send_under_a_name_that_reads_as_the_brokers(
+    collector: RunningCollector, pki: CertificateAuthority, service: str
+) -> None:
+    # Review of issue 10: each of these was accepted from post.
+    forged = span(attributes={"tabadol.consumer": "tax", "tabadol.provider": "nocr"})
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await export(collector, pki, ("agency", "post"), request(service, forged))
+    assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert f"{service!r}: it reads as 'tabadol-broker'" in (refused.value.details() or "")
+    assert stored(collector) == 0
+
+
+async def test_an_agency_sending_under_another_agencys_name_is_stored_under_its_own(
+    tmp_path: Path, pki: CertificateAuthority
+) -> None:
+    # Review of issue 10: post exported spans as service "nocr".
+    declared = frozenset({"post", "nocr", "tax", "tax-office"})
+    async with running_collector(tmp_path, pki, agencies=declared) as running:
+        names = ["nocr", "post", "post-gateway", "post.api", "post/worker", "postal", "tax-office"]
+        for name in names:
+            await export(running, pki, ("agency", "post"), request(name, span()))
+        # Declared ids nest: tax-office's namespace is not tax's.
+        await export(running, pki, ("agency", "tax"), request("tax-office.api", span()))
+        await export(running, pki, ("agency", "tax"), request("tax-gateway", span()))
+        assert running.store.services() == sorted(
+            ["post/nocr", "post", "post-gateway", "post.api", "post/worker", "post/postal",
+             "post/tax-office", "tax/tax-office.api", "tax-gateway"]
+        )  # fmt: skip
+        [summary] = running.store.search(TraceQuery(service="post/nocr"))[0]
+        [kept] = running.store.trace(summary.trace_id)
+        assert kept.resource["service.name"] == "post/nocr"
+
+
+async def test_an_agency_the_configuration_does_not_declare_may_not_send_spans(
+    tmp_path: Path, pki: CertificateAuthority
+) -> None:
+    # Review of issue 10: a valid agency certificate whose id is in no [[agency]] exported.
+    async with running_collector(tmp_path, pki, agencies=frozenset({"post"})) as running:
+        await export(running, pki, ("agency", "post"), request("post", span()))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await export(running, pki, ("agency", "ghost"), request("ghost", span()))
+        assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert "agency 'ghost'" in (refused.value.details() or "")
+        assert "not declared" in (refused.value.details() or "")
+        assert stored(running) == 1
+
+
 # -- how much, and when ------------------------------------------------------------------
 
 
@@ -277,22 +339,48 @@ async def test_spans_dated_in_the_future_or_before_retention_are_dropped_and_cou
     assert summary.end_ns <= time.time_ns() + 5 * MINUTE_NS  # clamped into the window
 
 
-async def test_the_store_cap_holds_at_every_export_and_evicts_the_earliest_received(
+async def test_an_agency_flooding_the_store_evicts_its_own_spans_not_the_brokers(
     tmp_path: Path, pki: CertificateAuthority
 ) -> None:
+    # Review of issue 10: with a 5 MB cap, an agency's junk evicted every earlier trace, the
+    # broker's included, and /api/services named only the flooder. Eviction took the earliest
+    # received, whoever sent it; now it takes from the sender holding the most.
     cap = 1024 * 1024
     async with running_collector(tmp_path, pki, store_limits=StoreLimits(max_bytes=cap)) as running:
-        first = span()
-        await export(running, pki, ("broker", ""), request("tabadol-broker", first))
+        party = {"tabadol.consumer": "post", "tabadol.provider": "nocr"}
+        own_call, others_call = span(attributes=party), span(attributes=party | {
+            "tabadol.consumer": "tax"})  # fmt: skip
+        await export(running, pki, ("broker", ""), request(BROKER, own_call, others_call))
+        # tax keeps a moderate share of its own, under a fair share of the store.
+        tax_spans = [span(attributes={"p": "t" * 2000}) for _ in range(40)]
+        await export(running, pki, ("agency", "tax"), request("tax", *tax_spans))
+        # post also sends the client side of its own call: the trace it would like gone.
+        own_client = Span(
+            trace_id=own_call.trace_id, span_id=b"\x02" * 8, name="c", kind=3,  # type: ignore[arg-type]
+            start_time_unix_nano=own_call.start_time_unix_nano,
+            end_time_unix_nano=own_call.end_time_unix_nano,
+        )  # fmt: skip
+        await export(running, pki, ("agency", "post"), request("post", own_client))
+        flood = []
         for _ in range(40):  # ~13 MB in all, with no retention pass in between
-            flood = [span(attributes={f"p{n}": "z" * 4000 for n in range(80)}) for _ in range(1)]
-            await export(running, pki, ("agency", "post"), request("post", *flood))
+            batch = [span(attributes={f"p{n}": "z" * 4000 for n in range(80)})]
+            flood += batch
+            await export(running, pki, ("agency", "post"), request("post", *batch))
             assert running.store.used_bytes() <= cap
-            # On disk too: the database, its write-ahead log and index, near the cap.
-            assert _on_disk(tmp_path / "traces.db") <= 3 * cap
-        assert running.store.trace(first.trace_id.hex()) == []
-        last = running.store.search(TraceQuery(limit=1))[0][0]
-        assert running.store.trace(last.trace_id)
+            assert _on_disk(tmp_path / "traces.db") <= cap + DISK_SLACK
+        store = running.store
+        for kept in (own_call, others_call):
+            [broker_span] = [s for s in store.trace(kept.trace_id.hex()) if s.service == BROKER]
+            assert broker_span.attributes["tabadol.consumer"] in ("post", "tax")
+        assert len([s for s in store.trace(tax_spans[0].trace_id.hex())]) == 1
+        assert store.services() == ["post", BROKER, "tax"]
+        # post's own earliest spans went first, its newest stayed.
+        assert store.trace(flood[0].trace_id.hex()) == []
+        assert store.trace(flood[-1].trace_id.hex())
+        usage = store.usage()
+        assert (
+            usage[f"spiffe://{TRUST_DOMAIN}/agency/post"] > usage[f"spiffe://{TRUST_DOMAIN}/broker"]
+        )
 
 
 def _on_disk(db: Path) -> int:
@@ -388,6 +476,9 @@ def _who(role: str, name: str = "") -> PlatformIdentity:
         ("broker", "", {"tabadol-broker"}, None),
         ("agency", "post", {"post", "anything"}, None),
         ("agency", "post", {"post", "tabadol-broker"}, "PERMISSION_DENIED"),
+        ("agency", "post", {"TABADOL\u2010BROKER\u2060"}, "PERMISSION_DENIED"),
+        ("agency", "tabadol", {"tabadol-broker"}, "PERMISSION_DENIED"),
+        ("broker", "", {"tabadol-broker", "anything"}, None),
         ("operator", "olga", {"post"}, "PERMISSION_DENIED"),
         ("auditor", "adel", set(), "PERMISSION_DENIED"),
         ("ops", "", {"post"}, "PERMISSION_DENIED"),
@@ -398,6 +489,35 @@ def test_admit_sender_lets_only_the_broker_and_agencies_send_and_only_the_broker
 ) -> None:
     decision = admit_sender(_who(role, name), services)
     assert (decision.code if decision else None) == refused
+
+
+def test_admit_sender_refuses_an_undeclared_agency_only_when_the_declared_set_is_known() -> None:
+    assert admit_sender(_who("agency", "ghost"), {"ghost"}, frozenset()) is not None
+    assert admit_sender(_who("agency", "ghost"), {"ghost"}, None) is None
+    assert admit_sender(_who("broker"), {"tabadol-broker"}, frozenset()) is None
+
+
+@pytest.mark.parametrize(
+    ("service", "agency", "declared", "stored_as"),
+    [
+        ("post", "post", (), "post"),
+        ("post-api", "post", (), "post-api"),
+        ("post.api", "post", (), "post.api"),
+        ("post/api", "post", (), "post/api"),
+        ("postal", "post", (), "post/postal"),
+        ("Post", "post", (), "post/Post"),
+        ("nocr", "post", (), "post/nocr"),
+        ("", "post", (), "post/"),
+        ("tax-office", "tax", ("tax", "tax-office"), "tax/tax-office"),
+        ("tax-office-api", "tax", ("tax", "tax-office"), "tax/tax-office-api"),
+        ("tax-offices", "tax", ("tax", "tax-office"), "tax-offices"),
+        ("tax-office.api", "tax-office", ("tax", "tax-office"), "tax-office.api"),
+    ],
+)
+def test_own_service_name_keeps_an_agency_in_its_namespace(
+    service: str, agency: str, declared: tuple[str, ...], stored_as: str
+) -> None:
+    assert own_service_name(service, agency, declared) == stored_as
 
 
 def test_admit_spans_stamps_the_sender_even_on_a_resource_full_of_attributes() -> None:

@@ -14,6 +14,7 @@ import csv
 import dataclasses
 import datetime as dt
 import io
+import json
 import logging
 import os
 import re
@@ -25,8 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
+import grpc.aio
 import httpx
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 from playwright.async_api import Browser, expect
 
 from tabadol.errors import TabadolError
@@ -34,16 +41,23 @@ from tabadol.ledger import LedgerRecord, LedgerWriter
 from tabadol.ledger.seal import Sealer
 from tabadol.ledger.store import SqliteLedgerStore
 from tabadol.ledger.verify import anchor_path
-from tabadol.ops.access import Viewer, decide, family_of, host_name, trace_is_visible
+from tabadol.ops.access import (
+    Viewer,
+    agency_view,
+    decide,
+    family_of,
+    host_name,
+    trace_is_visible,
+)
 from tabadol.ops.ingest import SENDER_ATTRIBUTE
-from tabadol.ops.model import SpanRecord
+from tabadol.ops.model import SpanEvent, SpanRecord
 from tabadol.ops.server import OpsServer, open_accounts
 from tabadol.ops.sessions import Sessions
 from tabadol.pki import CertificateAuthority
 from tabadol.reports.quarter import Quarter
 from tests.conftest import TRUST_DOMAIN
 from tests.support.browser import chromium, console_page
-from tests.support.collector import ops_trust
+from tests.support.collector import export_stub, ops_trust
 from tests.support.echo import SERVICE as ECHO
 from tests.support.echo import write_echo_contracts
 from tests.support.ops import (
@@ -59,6 +73,14 @@ from tests.support.processes import TABADOL
 MS = 1_000_000
 BROKER = "tabadol-broker"
 POST_TRACE, CRA_TRACE, FORGED_TRACE = "a" * 32, "c" * 32, "f" * 32
+CRA_SECRET = "cra.Mobile/MatchMobile"
+# Where the broker reached nocr, as its spans record it: for operators, not for agencies.
+ADDRESSES = {
+    "tabadol.endpoint": "10.0.0.1:443",
+    "server.address": "10.0.0.1",
+    "server.port": 443,
+    "net.peer.name": "nocr-internal.example",
+}
 QUARTER = str(Quarter.containing(dt.datetime.now(dt.UTC)))
 
 CONFIG = f"""
@@ -182,10 +204,12 @@ async def console(
         server.store.add(
             [
                 _span(POST_TRACE, "1" * 16, BROKER, t0, **{"tabadol.consumer": "post",
-                      "tabadol.provider": "nocr"}),
+                      "tabadol.provider": "nocr"}, **ADDRESSES),
                 _span(POST_TRACE, "2" * 16, "nocr", t0),
                 _span(CRA_TRACE, "3" * 16, BROKER, t0 + MS, **{"tabadol.consumer": "cra",
                       "tabadol.provider": "nocr"}),
+                # cra's own service, seen only in cra's trace: post must not learn of it.
+                dataclasses.replace(_span(CRA_TRACE, "5" * 16, "cra", t0 + MS), name=CRA_SECRET),
                 # nocr's own span may say what it likes: it cannot make this trace post's.
                 _span(FORGED_TRACE, "4" * 16, "nocr", t0 + 2 * MS, **{"tabadol.consumer": "post"}),
             ]
@@ -296,6 +320,135 @@ async def test_a_provider_agency_sees_the_traces_of_calls_to_it(console: Console
     async with console.client("nocr") as nocr:
         found = (await nocr.get("/api/tabadol/search")).json()
     assert sorted(t["traceID"] for t in found["data"]) == [POST_TRACE, CRA_TRACE]
+
+
+async def test_an_agency_lists_only_the_services_and_operations_of_its_own_traces(
+    console: Console,
+) -> None:
+    # Review of issue 10: /api/services and the operations lists were not scoped, and post
+    # learned that another agency calls cra's MatchMobile.
+    async with console.client("post") as post:
+        services = (await post.get("/api/services")).json()["data"]
+        assert services == ["nocr", BROKER]
+        for path, params in (
+            ("/api/services/cra/operations", {}),
+            ("/api/operations", {"service": "cra"}),
+        ):
+            response = await post.get(path, params=params)
+            assert response.status_code == 200
+            assert response.json()["data"] == [], path
+            assert CRA_SECRET not in response.text
+    async with console.client("cra") as cra:
+        assert (await cra.get("/api/services/cra/operations")).json()["data"] == [CRA_SECRET]
+    async with console.client("operator") as operator:
+        assert "cra" in (await operator.get("/api/services")).json()["data"]
+
+
+async def test_an_agency_never_sees_where_the_broker_reached_a_provider(console: Console) -> None:
+    # Review of issue 10: broker spans shown to an agency carried nocr's internal address.
+    def tags(body: dict[str, Any]) -> set[str]:
+        return {t["key"] for trace in body["data"] for s in trace["spans"] for t in s["tags"]}
+
+    async with console.client("post") as post:
+        for path in (f"/api/traces/{POST_TRACE}", "/api/traces"):
+            body = (await post.get(path)).json()
+            assert "tabadol.consumer" in tags(body)
+            assert not tags(body) & set(ADDRESSES), path
+            assert "10.0.0.1" not in json.dumps(body)
+        # Nor may it confirm a guessed address by searching for it.
+        for tag in ("tabadol.endpoint:10.0.0.1:443", "endpoint:10.0.0.1:443", "net.peer.name:x"):
+            response = await post.get("/api/traces", params={"tag": tag})
+            assert response.status_code == 400, tag
+            assert "may not search by the exchange's addresses" in response.text
+    async with console.client("operator") as operator:
+        body = (await operator.get(f"/api/traces/{POST_TRACE}")).json()
+        assert set(ADDRESSES) <= tags(body)
+        found = await operator.get("/api/traces", params={"tag": "endpoint:10.0.0.1:443"})
+        assert [t["traceID"] for t in found.json()["data"]] == [POST_TRACE]
+
+
+async def test_decoys_naming_an_agency_do_not_hide_its_traces_from_it(
+    tmp_path: Path, ca: CertificateAuthority
+) -> None:
+    # Review of issue 10: 4200 decoy spans tagged with tax (from another agency) emptied
+    # tax's view: candidates came from any span's tags, the newest 2000 at most.
+    async with running_ops(tmp_path, ca) as server:
+        t0 = time.time_ns() - 60_000 * MS
+        server.store.add(
+            [_span(POST_TRACE, "1" * 16, BROKER, t0, **{"tabadol.consumer": "post",
+                   "tabadol.provider": "nocr"})]
+        )  # fmt: skip
+        server.store.add(
+            [
+                _span(f"{n:032x}", "1" * 16, "cra", t0 + (n + 1) * MS,
+                      **{"tabadol.consumer": "post", "tabadol.provider": "post"})
+                for n in range(4200)
+            ]
+        )  # fmt: skip
+        async with console_client(server, ca.dir / "agencies" / "post") as post:
+            found = (await post.get("/api/tabadol/search", params={"lookback": "1h"})).json()
+            assert [t["traceID"] for t in found["data"]] == [POST_TRACE]
+            assert found["total"] == 1
+            full = (await post.get("/api/traces", params={"offset": 2500})).json()
+            assert full["data"] == [] and full["total"] == 1  # no window on paging
+
+
+async def test_an_agency_the_configuration_does_not_declare_is_refused_everywhere(
+    console: Console, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Review of issue 10: a valid agency certificate whose id is in no [[agency]] opened the
+    # dashboard and the reports, and exported spans.
+    caplog.set_level(logging.WARNING, logger="tabadol.ops")
+    if not (console.ca.dir / "agencies" / "ghost").exists():
+        console.ca.issue_agency("ghost")
+    async with console.client("ghost") as ghost:
+        for path in ("/", "/api/tabadol/whoami", "/api/tabadol/dashboard", "/api/traces",
+                     f"/reports/quarterly-{QUARTER}.csv"):  # fmt: skip
+            response = await ghost.get(path)
+            assert response.status_code == 403, path
+            assert "agency &#x27;ghost&#x27; is not declared" in response.text or (
+                "agency 'ghost' is not declared" in response.text
+            )
+    assert "agency 'ghost' is not declared in the exchange's configuration" in caplog.text
+    # Its spans too: the collector of the same console knows the declared agencies.
+    bundle = console.ca.dir / "agencies" / "ghost"
+    key_cert = (bundle / "agency.key").read_bytes(), (bundle / "agency.crt").read_bytes()
+    channel, stub = export_stub(
+        (console.server.otlp_address, TRUST_DOMAIN), key_cert, console.ca.cert_pem()
+    )
+    async with channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Export(_export_request("ghost"), timeout=10)
+    assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "agency 'ghost'" in (refused.value.details() or "")
+
+
+def _export_request(service: str) -> ExportTraceServiceRequest:
+    now = time.time_ns()
+    name = KeyValue(key="service.name", value=AnyValue(string_value=service))
+    span = Span(trace_id=b"\x07" * 16, span_id=b"\x07" * 8, name="x",
+                start_time_unix_nano=now, end_time_unix_nano=now + MS)  # fmt: skip
+    return ExportTraceServiceRequest(
+        resource_spans=[
+            ResourceSpans(
+                resource=Resource(attributes=[name]), scope_spans=[ScopeSpans(spans=[span])]
+            )
+        ]
+    )
+
+
+async def test_a_thousand_tag_filters_is_a_400_naming_the_parameter(console: Console) -> None:
+    # Review of issue 10: 1000 tags overflowed SQLite's expression tree: a 500, a traceback.
+    params = httpx.QueryParams([("lookback", "1h"), *(("tag", f"k{n}:v") for n in range(1000))])
+    async with console.client("operator") as operator:
+        for path in ("/api/traces", "/api/tabadol/search"):
+            response = await operator.get(path, params=params)
+            assert response.status_code == 400, response.text
+            assert response.json()["errors"][0]["msg"].startswith("tags: at most 32")
+        many = json.dumps({f"k{n}": "v" for n in range(33)})
+        assert (await operator.get("/api/traces", params={"tags": many})).status_code == 400
+        enough = httpx.QueryParams([("tag", f"k{n}:v") for n in range(32)])
+        assert (await operator.get("/api/traces", params=enough)).status_code == 200
 
 
 async def test_an_agency_dashboard_counts_only_its_own_ledger_rows(console: Console) -> None:
@@ -518,6 +671,24 @@ def test_the_rights_table_files_every_path_under_one_family() -> None:
     for sender in ("", f"spiffe://{TRUST_DOMAIN}/agency/x", f"spiffe://{TRUST_DOMAIN}/broker/x"):
         forged = dataclasses.replace(stamped, resource={SENDER_ATTRIBUTE: sender})
         assert not trace_is_visible([forged], "x"), sender
+
+
+def test_undeclared_agencies_and_the_exchanges_addresses_are_decided_purely() -> None:
+    post = Viewer("agency", "post", "certificate", 2e9)
+    refused = decide(post, "page", declared=frozenset({"nocr"}))
+    assert refused.status == 403  # type: ignore[union-attr]
+    assert "agency 'post' is not declared" in refused.message  # type: ignore[union-attr]
+    assert decide(post, "page", declared=frozenset({"post"})).viewer == post  # type: ignore[union-attr]
+    assert decide(post, "page", declared=None).viewer == post  # type: ignore[union-attr]
+    operator = Viewer("operator", "o", "certificate", 2e9)
+    assert decide(operator, "spans", declared=frozenset()).viewer == operator  # type: ignore[union-attr]
+    span = dataclasses.replace(
+        _span("1" * 32, "1" * 16, BROKER, 0, **ADDRESSES, **{"tabadol.consumer": "post"}),
+        events=(SpanEvent(0, "e", {"net.peer.ip": "10.0.0.1", "k": "v"}),),
+    )
+    [shown] = agency_view([span])
+    assert shown.attributes == {"tabadol.consumer": "post"}
+    assert shown.events[0].attributes == {"k": "v"}
 
 
 def test_the_access_rules_are_pure() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from tabadol.ops.model import (
 from tabadol.ops.otlp import spans_from_request
 from tabadol.ops.query import (
     MAX_LIMIT,
+    MAX_TAGS,
     parse_duration_ns,
     parse_status,
     parse_tags,
@@ -526,13 +528,13 @@ def test_retention_by_size_removes_the_oldest_traces_until_under_the_limit(
     path = tmp_path / "traces.db"
     filling = SqliteSpanStore(path)
     count = 300
-    for n in range(count):
+    for n in range(count):  # one sender (the broker): its earliest received go first
         filling.add(
             [
                 make_span(
                     n + 1, 1, start_ms=n * 1000, attributes={"payload": f"{n:04d}" + "x" * 200}
                 ),
-                make_span(n + 1, 2, parent=1, service="echo", start_ms=n * 1000 + 1),
+                make_span(n + 1, 2, parent=1, kind=CLIENT, start_ms=n * 1000 + 1),
             ]
         )
     full = filling.used_bytes()
@@ -680,6 +682,143 @@ def test_a_store_written_before_receipt_order_was_kept_is_upgraded_in_place(
     store.close()
 
 
+AGENCY = "spiffe://tabadol.example/agency/{}"
+
+
+def _sent_by(agency: str, trace: int, span: int, size: int, **fields: Any) -> SpanRecord:
+    """A span an agency's certificate exported, as the collector stamps it."""
+    return make_span(
+        trace, span, service=agency, attributes={"p": "x" * size},
+        resource={"service.name": agency, "tabadol.sender": AGENCY.format(agency)}, **fields,
+    )  # fmt: skip
+
+
+def test_size_eviction_takes_from_the_agency_holding_the_most_not_the_broker(
+    tmp_path: Path,
+) -> None:
+    # Review of issue 10: an agency's junk pushed out the broker's spans (and with them the
+    # evidence of its own calls), as eviction took the earliest received from anyone.
+    cap = 512 * 1024
+    store = SqliteSpanStore(tmp_path / "traces.db", StoreLimits(max_bytes=cap))
+    store.add(exchange(1, consumer="post"))  # post's own call, first received
+    store.add([_sent_by("tax", 2, 1, 2000), _sent_by("tax", 3, 1, 2000)])
+    for n in range(200):  # ~1.6 MB from post, three times the cap
+        store.add([_sent_by("post", 100 + n, 1, 8000)])
+        assert store.used_bytes() <= cap
+    assert [s.service for s in store.trace(tid(1)) if s.service == BROKER] == [BROKER] * 2
+    assert found(store, party="post") == [tid(1)]
+    assert len(store.trace(tid(2))) == len(store.trace(tid(3))) == 1  # tax: under its share
+    assert store.trace(tid(100)) == []  # post's own earliest went
+    assert store.trace(tid(299))
+    usage = store.usage()
+    assert usage[AGENCY.format("post")] <= cap
+    store.close()
+
+
+def test_the_broker_is_evicted_only_when_no_agency_holds_more_than_a_fair_share(
+    tmp_path: Path,
+) -> None:
+    cap = 256 * 1024
+    store = SqliteSpanStore(tmp_path / "traces.db", StoreLimits(max_bytes=cap))
+    store.add([_sent_by("tax", 1, 1, 500)])
+    for n in range(300):  # the broker alone fills the store, beyond its cap
+        store.add([make_span(100 + n, 1, attributes={"p": "b" * 2000})])
+        assert store.used_bytes() <= cap
+    # Nobody else held more than a fair share: the broker's own earliest went, tax's stayed.
+    assert store.trace(tid(100)) == []
+    assert store.trace(tid(399))
+    assert len(store.trace(tid(1))) == 1
+    store.close()
+
+
+def test_a_flooder_that_joins_a_trace_loses_only_its_own_spans_of_it(tmp_path: Path) -> None:
+    # An agency knows the ids of traces it took part in and can add spans to them; eviction
+    # of its spans leaves the broker's, the trace's summary and who may see it.
+    cap = 256 * 1024
+    store = SqliteSpanStore(tmp_path / "traces.db", StoreLimits(max_bytes=cap))
+    store.add(exchange(1, consumer="tax", start_ms=5))
+    store.add([_sent_by("post", 1, 9, 4000, start_ms=0, status=STATUS_ERROR)])
+    assert store.search(TraceQuery())[0][0].span_count == 5
+    for n in range(100):
+        store.add([_sent_by("post", 100 + n, 1, 8000)])
+    kept = store.trace(tid(1))
+    assert {s.service for s in kept} == {BROKER, "tax", "echo"}
+    [summary] = [t for t in store.search(TraceQuery(limit=MAX_LIMIT))[0] if t.trace_id == tid(1)]
+    assert (summary.span_count, summary.error_count, summary.root_service) == (4, 0, "tax")
+    assert summary.start_ns == T0 + 5 * MS
+    assert found(store, party="tax") == [tid(1)]
+    store.close()
+
+
+def test_an_agency_search_is_a_store_query_over_the_brokers_parties(tmp_path: Path) -> None:
+    # Review of issue 10: 4200 decoys naming tax, from another sender, hid tax's own traces:
+    # candidates came from any span's tags, the newest 2000 of them at most.
+    store = SqliteSpanStore(tmp_path / "traces.db")
+    store.add(exchange(1, consumer="tax", start_ms=0))
+    decoys = [
+        _sent_by("post", 1000 + n, 1, 10, start_ms=60_000 + n)
+        for n in range(4200)
+    ]  # fmt: skip
+    decoys = [
+        dataclasses.replace(d, attributes={"tabadol.consumer": "tax", "tabadol.provider": "tax"})
+        for d in decoys
+    ]
+    # Even one named tabadol-broker, if the broker did not send it, names no party.
+    decoys.append(dataclasses.replace(decoys[0], trace_id=tid(9), service=BROKER))
+    store.add(decoys)
+    assert found(store, party="tax") == [tid(1)]
+    assert store.search(TraceQuery(party="tax"))[1] == 1
+    assert found(store, party="echo") == [tid(1)]  # the provider is a party too
+    assert found(store, party="post") == []
+    # Exact paging and totals, however far back.
+    for n in range(2, 30):
+        store.add(exchange(n, consumer="tax", start_ms=n))
+    page, total = store.search(TraceQuery(party="tax", limit=5, offset=25))
+    assert total == 29
+    assert [s.trace_id for s in page] == [tid(4), tid(3), tid(2), tid(1)]
+    assert store.services(party="tax") == ["echo", BROKER, "tax"]
+    assert store.operations("post", party="tax") == []
+    store.close()
+
+
+_SCHEMA_V1 = """
+CREATE TABLE spans (trace_id TEXT NOT NULL, span_id TEXT NOT NULL, parent_span_id TEXT NOT NULL,
+    service TEXT NOT NULL, name TEXT NOT NULL, kind INTEGER NOT NULL, start_ns INTEGER NOT NULL,
+    end_ns INTEGER NOT NULL, status_code INTEGER NOT NULL, status_message TEXT NOT NULL,
+    attributes TEXT NOT NULL, events TEXT NOT NULL, resource TEXT NOT NULL,
+    PRIMARY KEY (trace_id, span_id)) WITHOUT ROWID;
+CREATE TABLE traces (trace_id TEXT PRIMARY KEY, start_ns INTEGER NOT NULL,
+    end_ns INTEGER NOT NULL, span_count INTEGER NOT NULL, error_count INTEGER NOT NULL,
+    root_service TEXT NOT NULL, root_name TEXT NOT NULL, has_root INTEGER NOT NULL,
+    received_ns INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE span_tags (trace_id TEXT NOT NULL, span_id TEXT NOT NULL, key TEXT NOT NULL,
+    value TEXT NOT NULL, service TEXT NOT NULL);
+"""
+
+
+def test_a_store_written_before_senders_and_parties_were_kept_is_indexed_in_place(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "traces.db"
+    old = sqlite3.connect(path)
+    old.executescript(_SCHEMA_V1)
+    for span in exchange(1, consumer="tax"):
+        old.execute(
+            "INSERT INTO spans VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (span.trace_id, span.span_id, span.parent_span_id, span.service, span.name,
+             span.kind, span.start_ns, span.end_ns, span.status_code, span.status_message,
+             json.dumps(span.attributes), "[]", json.dumps(span.resource)),
+        )  # fmt: skip
+    old.execute("INSERT INTO traces VALUES (?,?,?,4,0,?,?,1,?)", (tid(1), T0, T0, "tax", "x", T0))
+    old.commit()
+    old.close()
+
+    store = SqliteSpanStore(path)
+    assert found(store, party="tax") == [tid(1)]
+    assert set(store.usage()) == {BROKER_SENDER, ""}
+    store.close()
+
+
 # -- query.py --------------------------------------------------------------------------------
 
 
@@ -749,6 +888,15 @@ def test_parse_tags_refuses_json_that_is_not_an_object(value: str) -> None:
 def test_parse_tags_refuses_a_tag_without_key_and_value(value: str) -> None:
     with pytest.raises(ValueError, match="is not key:value"):
         parse_tags([value])
+
+
+def test_parse_tags_refuses_more_filters_than_a_search_may_hold() -> None:
+    # Review of issue 10: 1000 tag filters overflowed SQLite's expression tree (a 500).
+    assert len(parse_tags([f"k{n}:v" for n in range(MAX_TAGS)])) == MAX_TAGS
+    with pytest.raises(ValueError, match=f"tags: at most {MAX_TAGS}"):
+        parse_tags([f"k{n}:v" for n in range(MAX_TAGS + 1)])
+    with pytest.raises(ValueError, match=f"tags: at most {MAX_TAGS}"):
+        parse_tags([json.dumps({f"k{n}": "v" for n in range(1000)})])
 
 
 @pytest.mark.parametrize(

@@ -51,8 +51,12 @@ async def running_collector(
     store_limits: StoreLimits | None = None,
     span_limits: SpanLimits | None = None,
     max_request_bytes: int | None = None,
+    agencies: frozenset[str] | None = None,
 ) -> AsyncIterator[RunningCollector]:
+    """A collector on a free port; ``agencies`` are those the exchange declares (None: the
+    collector was given no configuration, as when embedded)."""
     trust = ops_trust(ca)
+    trust.agencies = agencies
     store = SqliteSpanStore(directory / "traces.db", store_limits)
     collector = TraceCollector(store, trust, limits=span_limits)
     server = grpc.aio.server(
@@ -71,17 +75,25 @@ async def running_collector(
 
 
 def export_stub(
-    running: RunningCollector, bundle: tuple[bytes, bytes] | None, ca_pem: bytes
+    running: RunningCollector | tuple[str, str],
+    bundle: tuple[bytes, bytes] | None,
+    ca_pem: bytes,
 ) -> tuple[grpc.aio.Channel, trace_service_pb2_grpc.TraceServiceStub]:
-    """A raw OTLP client to the collector holding ``bundle`` (key, certificate), or none."""
+    """A raw OTLP client holding ``bundle`` (key, certificate), or none, to a collector:
+    a running one, or (address, trust domain) of one an OpsServer runs."""
+    address, trust_domain = (
+        (running.address, running.trust.trust_domain)
+        if isinstance(running, RunningCollector)
+        else running
+    )
     credentials = grpc.ssl_channel_credentials(
         ca_pem, *(bundle if bundle is not None else (None, None))
     )
     channel = grpc.aio.secure_channel(
-        running.address,
+        address,
         credentials,
         options=[
-            ("grpc.ssl_target_name_override", ops_dns_name(running.trust.trust_domain)),
+            ("grpc.ssl_target_name_override", ops_dns_name(trust_domain)),
             ("grpc.max_send_message_length", 128 * 1024 * 1024),
         ],
     )

@@ -3,21 +3,24 @@
 - Operators see everything.
 - Auditors see the ledger views (dashboard, reports) but no raw spans.
 - An agency sees the traces and ledger rows in which it is consumer or provider, and its
-  own quarterly assessment.
+  own quarterly assessment; the services and operations of those traces only; and never
+  the addresses of the machines behind the exchange (``HIDDEN_FROM_AGENCIES``). An agency
+  the exchange's configuration does not declare sees nothing.
 - The broker and the ops console's own certificates see nothing: they are machines.
 - Nobody else gets anything: no identity is 401, an identity without the right is 403.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from tabadol.identity import Role
-from tabadol.ops.ingest import BROKER_SERVICE, SENDER_ATTRIBUTE
-from tabadol.ops.model import Edge, SpanRecord
+from tabadol.ops.ingest import parties
+from tabadol.ops.model import Edge, SpanEvent, SpanRecord
 
 # What a path shows: the web UI's pages and files, raw spans (the Jaeger API and Tabadol's
 # search and agency graph), the service graph, the ledger's views, and the login link itself.
@@ -39,6 +42,10 @@ WHAT = {
     "login": "the login link",
 }
 LEDGER_PATHS = ("/api/tabadol/dashboard", "/api/tabadol/reports")
+# Where the broker reached a provider, and any peer's address: an agency's view of a trace
+# leaves them out (operators see them). Prefixes end with a dot.
+HIDDEN_FROM_AGENCIES = ("tabadol.endpoint", "server.address", "server.port")
+HIDDEN_PREFIXES_FROM_AGENCIES = ("net.peer.", "network.peer.", "net.sock.peer.")
 PAGE_APIS = ("/api/tabadol/whoami",)
 
 
@@ -89,37 +96,65 @@ def family_of(path: str) -> Family:
     return "page"
 
 
-def decide(viewer: Viewer | None, family: Family, why_unknown: str = "") -> Allowed | Refused:
+def decide(
+    viewer: Viewer | None,
+    family: Family,
+    why_unknown: str = "",
+    declared: Collection[str] | None = None,
+) -> Allowed | Refused:
     """Whether ``viewer`` may see a path of ``family``; ``why_unknown`` says why there is no
-    viewer (a rejected certificate, an expired session)."""
+    viewer (a rejected certificate, an expired session); ``declared`` is the agencies the
+    exchange's configuration declares, None when the console runs without one."""
     if viewer is None:
         return Refused(
             401,
             why_unknown
             or "log in: present a client certificate from the platform CA, or open a login link",
         )
+    if viewer.agency is not None and declared is not None and viewer.agency not in declared:
+        return Refused(
+            403,
+            f"{viewer} is not declared in the exchange's configuration: an agency sees the "
+            "console once the broker's configuration lists it as an [[agency]]",
+        )
     if family not in RIGHTS[viewer.role]:
         return Refused(403, f"{viewer} may not see {WHAT[family]}")
     return Allowed(viewer)
 
 
-def _from_broker(span: SpanRecord) -> bool:
-    """Sent as ``tabadol-broker`` by the broker's certificate: the collector refuses that
-    service name from anyone else, and stamps every span with its verified sender."""
-    sender = str(span.resource.get(SENDER_ATTRIBUTE, ""))
-    _, _, path = sender.removeprefix("spiffe://").partition("/")
-    return span.service == BROKER_SERVICE and sender.startswith("spiffe://") and path == "broker"
-
-
 def trace_is_visible(spans: Sequence[SpanRecord], agency: str) -> bool:
     """A trace is an agency's when one of the broker's spans names it consumer or provider;
     another service's spans cannot claim a trace for anyone."""
-    return any(
-        _from_broker(span)
-        and agency
-        in (span.attributes.get("tabadol.consumer"), span.attributes.get("tabadol.provider"))
+    return any(agency in parties(span) for span in spans)
+
+
+def hidden_from_agencies(key: str) -> bool:
+    """Whether an attribute holds an address an agency's view leaves out."""
+    return key in HIDDEN_FROM_AGENCIES or key.startswith(HIDDEN_PREFIXES_FROM_AGENCIES)
+
+
+def agency_view(spans: Iterable[SpanRecord]) -> list[SpanRecord]:
+    """Spans as an agency may see them: without the addresses of the exchange's machines."""
+
+    def kept(attributes: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in attributes.items() if not hidden_from_agencies(k)}
+
+    return [
+        dataclasses.replace(
+            span,
+            attributes=kept(span.attributes),
+            events=tuple(SpanEvent(e.time_ns, e.name, kept(e.attributes)) for e in span.events),
+        )
         for span in spans
-    )
+    ]
+
+
+def refuse_hidden_tags(tags: Iterable[tuple[str, str]]) -> None:
+    """ValueError for a tag filter on an attribute agencies may not see: a search by it
+    would confirm a guessed address. A bare key also means its ``tabadol.`` form."""
+    for key, _ in tags:
+        if hidden_from_agencies(key) or hidden_from_agencies(f"tabadol.{key}"):
+            raise ValueError(f"tag {key!r}: agencies may not search by the exchange's addresses")
 
 
 def own_edges(edges: Iterable[Edge], agency: str) -> list[Edge]:

@@ -24,7 +24,16 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from tabadol.ops import jaeger
-from tabadol.ops.access import RIGHTS, Family, Viewer, family_of, own_edges, trace_is_visible
+from tabadol.ops.access import (
+    RIGHTS,
+    Family,
+    Viewer,
+    agency_view,
+    family_of,
+    own_edges,
+    refuse_hidden_tags,
+    trace_is_visible,
+)
 from tabadol.ops.dashboard import Accounts, dashboard
 from tabadol.ops.gate import ConsoleAccess, Gate
 from tabadol.ops.model import KIND_NAMES, SpanRecord, TraceQuery, TraceSummary
@@ -41,9 +50,6 @@ from tabadol.reports import (
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_DEPENDENCY_LOOKBACK_MS = 3600 * 1000
-# An agency's search reads its candidate traces to check each is its own: it pages through
-# at most this many of its newest matches (narrow the time range to reach older ones).
-AGENCY_SEARCH_WINDOW = 2000
 REPORT_CACHE_SIZE = 32
 REPORT_TYPES = {
     "html": "text/html; charset=utf-8",
@@ -69,40 +75,12 @@ def viewer_of(request: Request) -> Viewer:
 
 def agency_search(
     store: SpanStore, query: TraceQuery, agency: str
-) -> tuple[list[TraceSummary], int, dict[str, list[SpanRecord]]]:
-    """One page of the traces that are the agency's (``access.trace_is_visible``), their
-    total, and the spans read to check them. Candidates are those with the agency's id in
-    tabadol.consumer or tabadol.provider on any span; each is then checked on its spans."""
-    window = query.offset + query.limit
-    if window > AGENCY_SEARCH_WINDOW:
-        raise ValueError(
-            f"offset: an agency pages through its newest {AGENCY_SEARCH_WINDOW} matching "
-            "traces; narrow the time range to see older ones"
-        )
-    found: dict[str, TraceSummary] = {}
-    totals, complete = [], True
-    for key in ("tabadol.consumer", "tabadol.provider"):
-        tagged = dataclasses.replace(
-            query, tags=(*query.tags, (key, agency)), limit=window, offset=0
-        )
-        summaries, total = store.search(tagged)
-        totals.append(total)
-        complete = complete and total <= window
-        for summary in summaries:
-            found[summary.trace_id] = summary
-    ordered = sorted(found.values(), key=lambda s: (s.start_ns, s.trace_id), reverse=True)
-    kept: list[TraceSummary] = []
-    spans: dict[str, list[SpanRecord]] = {}
-    for summary in ordered:
-        if len(kept) == window:
-            complete = False
-            break
-        trace = store.trace(summary.trace_id)
-        if trace_is_visible(trace, agency):
-            kept.append(summary)
-            spans[summary.trace_id] = trace
-    total = len(kept) if complete else max(len(kept), *totals)
-    return kept[query.offset : window], total, spans
+) -> tuple[list[TraceSummary], int]:
+    """One page of the traces that are the agency's, and their total: those the broker's own
+    spans name it consumer or provider in (the store's index of parties, kept at ingest,
+    so no other sender's spans can hide an agency's traces or claim others' for it)."""
+    refuse_hidden_tags(query.tags)
+    return store.search(dataclasses.replace(query, party=agency))
 
 
 def own_assessment(report: QuarterlyReport, agency: str) -> QuarterlyReport:
@@ -155,19 +133,21 @@ def create_app(
     async def bad_request(request: Request, exc: Exception) -> Response:
         return JSONResponse(jaeger.error_envelope(400, str(exc)), status_code=400)
 
+    # An agency's lists hold only what is in the traces it may see.
     async def services(request: Request) -> Response:
-        names = await call(store.services)
+        names = await call(store.services, viewer_of(request).agency)
         return JSONResponse(jaeger.envelope(names, total=len(names)))
 
     async def service_operations(request: Request) -> Response:
-        ops = await call(store.operations, request.path_params["service"])
+        service = request.path_params["service"]
+        ops = await call(store.operations, service, viewer_of(request).agency)
         names = sorted({name for name, _ in ops})
         return JSONResponse(jaeger.envelope(names, total=len(names)))
 
     async def operations(request: Request) -> Response:
         service = request.query_params.get("service", "")
         kind = request.query_params.get("spanKind", "")
-        ops = await call(store.operations, service)
+        ops = await call(store.operations, service, viewer_of(request).agency)
         data = [
             {"name": name, "spanKind": KIND_NAMES.get(k, "unspecified")}
             for name, k in ops
@@ -175,21 +155,23 @@ def create_app(
         ]
         return JSONResponse(jaeger.envelope(data, total=len(data)))
 
-    def find(
-        query: TraceQuery, viewer: Viewer
-    ) -> tuple[list[TraceSummary], int, dict[str, list[SpanRecord]]]:
+    def find(query: TraceQuery, viewer: Viewer) -> tuple[list[TraceSummary], int]:
         if viewer.agency is None:
-            summaries, total = store.search(query)
-            return summaries, total, {}
+            return store.search(query)
         return agency_search(store, query, viewer.agency)
+
+    def shown(spans: list[SpanRecord], viewer: Viewer) -> list[SpanRecord]:
+        """Spans as this viewer may see them: an agency without the exchange's addresses."""
+        return spans if viewer.agency is None else agency_view(spans)
 
     async def traces(request: Request) -> Response:
         query = trace_query(_params(request), now_ns())
-        summaries, total, read = await call(find, query, viewer_of(request))
+        viewer = viewer_of(request)
+        summaries, total = await call(find, query, viewer)
         data = []
         for s in summaries:
-            spans = read.get(s.trace_id) or await call(store.trace, s.trace_id)
-            data.append(jaeger.trace_json(spans))
+            spans = await call(store.trace, s.trace_id)
+            data.append(jaeger.trace_json(shown(spans, viewer)))
         return JSONResponse(
             jaeger.envelope(data, total=total, limit=query.limit, offset=query.offset)
         )
@@ -197,13 +179,14 @@ def create_app(
     async def trace(request: Request) -> Response:
         trace_id = request.path_params["trace_id"].lower()
         spans = await call(store.trace, trace_id)
-        agency = viewer_of(request).agency
+        viewer = viewer_of(request)
+        agency = viewer.agency
         if not spans or (agency is not None and not trace_is_visible(spans, agency)):
             # Another agency's trace is "not found", not "forbidden": its id stays secret.
             return JSONResponse(
                 jaeger.error_envelope(404, f"trace {trace_id} not found"), status_code=404
             )
-        return JSONResponse(jaeger.envelope([jaeger.trace_json(spans)], total=1))
+        return JSONResponse(jaeger.envelope([jaeger.trace_json(shown(spans, viewer))], total=1))
 
     async def dependencies(request: Request) -> Response:
         start, end = window_ns(_params(request), now_ns(), DEFAULT_DEPENDENCY_LOOKBACK_MS)
@@ -213,7 +196,7 @@ def create_app(
     async def search(request: Request) -> Response:
         """Tabadol's search: one summary per trace, for the result list."""
         query = trace_query(_params(request), now_ns())
-        summaries, total, _ = await call(find, query, viewer_of(request))
+        summaries, total = await call(find, query, viewer_of(request))
         data = [
             {
                 "traceID": s.trace_id,

@@ -2,7 +2,8 @@
 
 In order: the Host header must name this console (DNS rebinding), the caller is identified
 by its verified client certificate (revocation checked on every request) or by a session a
-login link opened, and ``access.decide`` says whether that identity may see the path.
+login link opened, and ``access.decide`` says whether that identity may see the path (an
+agency the exchange's configuration does not declare may see none).
 A refusal is answered and logged here, in one place; a route reads ``request.state.viewer``.
 """
 
@@ -171,7 +172,7 @@ class Gate:
             await self._login(scope, receive, send, peer)
             return
         viewer, why = identify(scope, self.access)
-        decision = decide(viewer, family, why)
+        decision = decide(viewer, family, why, self.access.trust.agencies)
         if not isinstance(decision, Allowed):
             who = str(viewer) if viewer else "anonymous"
             self.refusals.warn(

@@ -79,6 +79,7 @@ class TraceQuery:
     start_ns: int | None = None
     end_ns: int | None = None
     status: str | None = None  # "ok", "error", or a gRPC code name such as "NOT_FOUND"
+    party: str | None = None  # only traces the broker's spans name this agency in
     limit: int = 20
     offset: int = 0
 

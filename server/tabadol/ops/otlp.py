@@ -1,7 +1,8 @@
 """The span collector: standard OTLP/gRPC TraceService/Export, over mTLS, into the store.
 
-Only the platform's own identities send spans (the broker and agencies); what each may
-claim, and how large and how dated a span may be, is decided in ingest.py. Here: the TLS
+Only the platform's own identities send spans (the broker and the agencies the exchange's
+configuration declares); what each may claim, under which service name, and how large and
+how dated a span may be, is decided in ingest.py. Here: the TLS
 port, the identity of each call, and turning a refusal into a gRPC status, in one place.
 """
 
@@ -132,7 +133,7 @@ class TraceCollector(trace_service_pb2_grpc.TraceServiceServicer):
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 "span collector: this batch does not fit under the trace store's size cap "
-                "even with every older trace evicted; export smaller batches",
+                "even with every span received before it evicted; export smaller batches",
             )
         except Exception as e:
             # The SDK retries UNAVAILABLE; the message says what went wrong with the store.
@@ -158,11 +159,19 @@ class TraceCollector(trace_service_pb2_grpc.TraceServiceServicer):
     ) -> SenderRefused | tuple[int, int]:
         """Store what ``who`` sent; (stored, dropped), or why nothing of it may be stored."""
         records = spans_from_request(request)
-        refused = admit_sender(who, {r.service for r in records})
+        declared = self.trust.agencies
+        refused = admit_sender(who, {r.service for r in records}, declared)
         if refused is not None:
             return refused
         sender = sender_spiffe_id(who, self.trust.trust_domain)
-        kept, dropped = admit_spans(records, sender, self.limits, self._clock())
+        kept, dropped = admit_spans(
+            records,
+            sender,
+            self.limits,
+            self._clock(),
+            agency=who.name if who.role == "agency" else None,
+            declared=declared or (),
+        )
         self.store.add(kept)
         return len(kept), dropped
 

@@ -29,6 +29,8 @@ GRPC_CODES = {
     "UNAUTHENTICATED": 16,
 }
 MAX_LIMIT = 1500  # Jaeger's UI offers up to 1500 results
+# Each tag filter is a subquery: thousands of them overflow SQLite's expression tree.
+MAX_TAGS = 32
 _UNITS_NS = {
     "ns": 1,
     "us": 1_000,
@@ -81,6 +83,8 @@ def parse_tags(values: Sequence[str]) -> tuple[tuple[str, str], ...]:
             if not sep or not key:
                 raise ValueError(f"tag {value!r} is not key:value")
             tags.append((key.strip(), text.strip()))
+        if len(tags) > MAX_TAGS:
+            raise ValueError(f"tags: at most {MAX_TAGS} tag filters in one search")
     return tuple(tags)
 
 

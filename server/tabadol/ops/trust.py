@@ -38,6 +38,10 @@ class OpsTrust:
     ca_pem: bytes
     cert_pem: bytes
     key_pem: bytes = field(repr=False)  # never in a log line or a traceback
+    # The agencies the exchange's configuration declares: no other agency certificate may
+    # send spans or open the console. None only where ops runs without a configuration
+    # (embedded in tests and benchmarks; `tabadol ops` needs --config).
+    agencies: frozenset[str] | None = None
     _revoked: frozenset[int] = frozenset()
     _crl_next_update: dt.datetime | None = None
     _crl_mtime: float = 0.0
@@ -57,7 +61,9 @@ class OpsTrust:
         return self.pki_dir / "ops.key"
 
     @classmethod
-    def load(cls, pki_dir: Path, trust_domain: str) -> OpsTrust:
+    def load(
+        cls, pki_dir: Path, trust_domain: str, agencies: frozenset[str] | None = None
+    ) -> OpsTrust:
         """Read ca.crt, ops.crt, ops.key and crl.pem; TabadolError names the file at fault."""
 
         def read(name: str) -> bytes:
@@ -96,7 +102,7 @@ class OpsTrust:
             )
         if key.public_key() != cert.public_key():
             raise TabadolError(f"{pki_dir / 'ops.key'}: does not match ops.crt")
-        trust = cls(pki_dir, trust_domain, ca_pem, cert_pem, key_pem)
+        trust = cls(pki_dir, trust_domain, ca_pem, cert_pem, key_pem, agencies)
         trust.refresh_crl(force=True)
         return trust
 

@@ -13,15 +13,15 @@ DEFAULT_MAX_BYTES = 1024**3
 
 
 class StoreFull(Exception):
-    """A batch of spans cannot fit under the store's size cap even with every older trace
-    evicted."""
+    """A batch of spans cannot fit under the store's size cap even with every span received
+    before it evicted."""
 
 
 @dataclass(frozen=True)
 class StoreLimits:
-    """Retention: traces older than ``max_age_seconds`` go, then the earliest received until
-    under ``max_bytes``. The size cap also holds at every ``add``, not only when retention
-    runs."""
+    """Retention: traces older than ``max_age_seconds`` go; then, while over ``max_bytes``,
+    spans go a sender at a time (``SpanStore.add``). The size cap also holds at every
+    ``add``, not only when retention runs."""
 
     max_age_seconds: float = DEFAULT_MAX_AGE_SECONDS
     max_bytes: int = DEFAULT_MAX_BYTES
@@ -31,18 +31,25 @@ class SpanStore(Protocol):
     limits: StoreLimits
 
     def add(self, spans: Sequence[SpanRecord]) -> None:
-        """Store spans, first evicting the earliest-received traces if they would not fit
-        under ``limits.max_bytes``; StoreFull if they cannot fit at all."""
+        """Store spans, and the agencies the broker's spans name as parties; then, while the
+        store is over ``limits.max_bytes``, evict spans received earlier, earliest first,
+        from one sender at a time (by the ``tabadol.sender`` stamp): the non-broker sender
+        holding the most while it holds more than a fair share (the store split evenly among
+        its senders), otherwise the broker. StoreFull if the batch cannot fit at all."""
         ...
 
-    def services(self) -> list[str]: ...
+    def services(self, party: str | None = None) -> list[str]:
+        """Service names; with ``party``, only those in traces that agency is a party to."""
+        ...
 
-    def operations(self, service: str) -> list[tuple[str, int]]:
-        """(span name, span kind) pairs seen for a service."""
+    def operations(self, service: str, party: str | None = None) -> list[tuple[str, int]]:
+        """(span name, span kind) pairs seen for a service; with ``party``, only in traces
+        that agency is a party to."""
         ...
 
     def search(self, query: TraceQuery) -> tuple[list[TraceSummary], int]:
-        """One page of matching traces, newest first, and the total number that match."""
+        """One page of matching traces, newest first, and the total number that match; with
+        ``query.party``, only traces the broker's spans name that agency in."""
         ...
 
     def trace(self, trace_id: str) -> list[SpanRecord]: ...
@@ -56,9 +63,13 @@ class SpanStore(Protocol):
         collector stamped with the broker's own identity (``tabadol.sender``)."""
         ...
 
+    def usage(self) -> dict[str, int]:
+        """About how many bytes each sender's spans take, by ``tabadol.sender``."""
+        ...
+
     def enforce_retention(self, now_ns: int) -> int:
-        """Apply the limits; returns how many traces were removed. Age counts from a trace's
-        end or from when it was received, whichever is earlier; size evicts by receipt."""
+        """Apply the limits; returns how many traces went whole. Age counts from a trace's
+        end or from when it was received, whichever is earlier; size evicts as ``add``."""
         ...
 
     def close(self) -> None: ...

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tabadol.ops.ingest import BROKER_SERVICE, is_broker_sender, parties, sender_of
 from tabadol.ops.model import (
     STATUS_ERROR,
     Edge,
@@ -37,6 +38,9 @@ CREATE TABLE IF NOT EXISTS spans (
     attributes TEXT NOT NULL,
     events TEXT NOT NULL,
     resource TEXT NOT NULL,
+    sender TEXT NOT NULL DEFAULT '',  -- the collector's stamp: whose share the span counts in
+    received_ns INTEGER NOT NULL DEFAULT 0,  -- size eviction takes a sender's earliest first
+    bytes INTEGER NOT NULL DEFAULT 0,  -- about what the span and its tags take
     PRIMARY KEY (trace_id, span_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS spans_by_service ON spans (service, name);
@@ -62,10 +66,32 @@ CREATE TABLE IF NOT EXISTS span_tags (
 );
 CREATE INDEX IF NOT EXISTS span_tags_by_value ON span_tags (key, value);
 CREATE INDEX IF NOT EXISTS span_tags_by_trace ON span_tags (trace_id);
+-- Who may see a trace: the agencies the broker's own spans name consumer or provider.
+CREATE TABLE IF NOT EXISTS trace_parties (
+    agency TEXT NOT NULL,
+    trace_id TEXT NOT NULL,
+    span_id TEXT NOT NULL,
+    PRIMARY KEY (agency, trace_id, span_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS trace_parties_by_trace ON trace_parties (trace_id);
+-- Each sender's share of the store, kept up to date as spans come and go.
+CREATE TABLE IF NOT EXISTS sender_usage (
+    sender TEXT PRIMARY KEY,
+    bytes INTEGER NOT NULL,
+    spans INTEGER NOT NULL
+);
 """
+_SCHEMA_VERSION = 2  # PRAGMA user_version: 2 keeps senders, receipt per span and parties
 
-# Evict at most this share of the traces per step while over the size cap.
-_EVICT_SHARE = 20
+_SPAN_COLUMNS = (
+    "trace_id, span_id, parent_span_id, service, name, kind, start_ns, end_ns, status_code, "
+    "status_message, attributes, events, resource"
+)
+
+# While over the size cap, each step evicts at least this much of one sender's spans.
+_EVICT_STEP_BYTES = 16 * 1024
+# What a span's row and each of its index entries take beyond their text, roughly.
+_ROW_OVERHEAD = 96
 
 # Only short scalar attributes are searchable; the rest is still stored and shown.
 _MAX_TAG_VALUE = 256
@@ -110,24 +136,76 @@ class SqliteSpanStore:
             wal_bytes = max(400 * 1024, min(self.limits.max_bytes // 4, 4 * 1024**2))
             self._writer.execute(f"PRAGMA journal_size_limit = {wal_bytes}")
             self._writer.execute(f"PRAGMA wal_autocheckpoint = {wal_bytes // 4096}")
-            self._writer.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            if self._writer.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+                # Freed pages go back to the disk only in incremental mode: a store created
+                # without it (WAL mode set first) takes it now, once, with a full VACUUM.
+                self._writer.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                self._writer.execute("VACUUM")
             self._writer.executescript(_SCHEMA)
             self._last_received = self._migrate(self._writer)
 
     def _migrate(self, conn: sqlite3.Connection) -> int:
         """Bring a store written by an older version up to date; the latest receipt time."""
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(traces)")}
-        if "received_ns" not in columns:
-            # Receipt order was not kept: take start times, but none later than now, so
-            # that future-dated traces already stored still age out.
-            conn.execute("ALTER TABLE traces ADD COLUMN received_ns INTEGER NOT NULL DEFAULT 0")
-            conn.execute("UPDATE traces SET received_ns = min(start_ns, ?)", (self._clock(),))
-        conn.execute("CREATE INDEX IF NOT EXISTS traces_by_received ON traces (received_ns)")
+        conn.execute("BEGIN")
+        try:
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(traces)")}
+            if "received_ns" not in columns:
+                # Receipt order was not kept: take start times, but none later than now, so
+                # that future-dated traces already stored still age out.
+                conn.execute("ALTER TABLE traces ADD COLUMN received_ns INTEGER NOT NULL DEFAULT 0")
+                conn.execute("UPDATE traces SET received_ns = min(start_ns, ?)", (self._clock(),))
+            conn.execute("CREATE INDEX IF NOT EXISTS traces_by_received ON traces (received_ns)")
+            if conn.execute("PRAGMA user_version").fetchone()[0] < _SCHEMA_VERSION:
+                self._index_senders_and_parties(conn)
+                conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            conn.execute(
+                "CREATE INDEX IF NOT EXISTS spans_by_sender ON spans (sender, received_ns)"
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
         latest = conn.execute("SELECT max(received_ns) FROM traces").fetchone()[0]
         return int(latest or 0)
 
+    @staticmethod
+    def _index_senders_and_parties(conn: sqlite3.Connection) -> None:
+        """For spans stored before senders and parties were kept: read both off each span."""
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(spans)")}
+        for column in ("sender TEXT NOT NULL DEFAULT ''", "received_ns INTEGER NOT NULL DEFAULT 0",
+                       "bytes INTEGER NOT NULL DEFAULT 0"):  # fmt: skip
+            if column.split()[0] not in columns:
+                conn.execute(f"ALTER TABLE spans ADD COLUMN {column}")
+        conn.execute(
+            f"""
+            UPDATE spans SET
+                sender = coalesce(json_extract(resource, '$."tabadol.sender"'), ''),
+                received_ns = coalesce(
+                    (SELECT received_ns FROM traces t WHERE t.trace_id = spans.trace_id), 0),
+                bytes = length(attributes) + length(events) + length(resource) + length(name)
+                    + length(service) + length(status_message) + {_ROW_OVERHEAD}
+            WHERE bytes = 0
+            """
+        )
+        conn.execute("DELETE FROM trace_parties")
+        rows = conn.execute(
+            f"SELECT {_SPAN_COLUMNS} FROM spans WHERE service = ?", (BROKER_SERVICE,)
+        ).fetchall()
+        for row in rows:
+            span = _span_from_row(row)
+            conn.executemany(
+                "INSERT OR IGNORE INTO trace_parties VALUES (?,?,?)",
+                [(agency, span.trace_id, span.span_id) for agency in parties(span)],
+            )
+        conn.execute("DELETE FROM sender_usage")
+        conn.execute(
+            "INSERT INTO sender_usage SELECT sender, sum(bytes), count(*) FROM spans GROUP BY 1"
+        )
+
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        # Before WAL mode writes the file's first page: afterwards it takes a VACUUM.
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = OFF")
         conn.execute("PRAGMA busy_timeout = 5000")
@@ -162,46 +240,97 @@ class SqliteSpanStore:
             received = max(self._clock(), self._last_received + 1)
             conn.execute("BEGIN")
             try:
+                usage: dict[str, list[int]] = {}
                 for span in spans:
-                    self._add_one(conn, span, received)
-                evicted = self._evict_to_fit(conn, {s.trace_id for s in spans})
+                    size = self._add_one(conn, span, received)
+                    if size:
+                        counts = usage.setdefault(sender_of(span), [0, 0])
+                        counts[0] += size
+                        counts[1] += 1
+                conn.executemany(
+                    """
+                    INSERT INTO sender_usage VALUES (?, ?, ?) ON CONFLICT (sender) DO UPDATE
+                    SET bytes = bytes + excluded.bytes, spans = spans + excluded.spans
+                    """,
+                    [(sender, size, n) for sender, (size, n) in usage.items()],
+                )
+                _, evicted = self._evict_to_fit(conn, before=received)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
             self._last_received = received
             if evicted:
-                conn.execute("PRAGMA incremental_vacuum").fetchall()
-
-    def _evict_to_fit(self, conn: sqlite3.Connection, batch: set[str]) -> int:
-        """Inside the adding transaction: delete the earliest-received other traces until
-        the store is under its size cap; StoreFull if even that is not enough."""
-        evicted = 0
-        while _used_bytes(conn) > self.limits.max_bytes:
-            conn.execute("CREATE TEMP TABLE IF NOT EXISTS batch (trace_id TEXT PRIMARY KEY)")
-            if evicted == 0:
-                conn.execute("DELETE FROM batch")
-                conn.executemany("INSERT INTO batch VALUES (?)", [(t,) for t in batch])
-            count = conn.execute(
-                "SELECT count(*) FROM traces WHERE trace_id NOT IN (SELECT trace_id FROM batch)"
-            ).fetchone()[0]
-            if count == 0:
-                raise StoreFull(
-                    f"{self.path}: {len(batch)} traces do not fit under the store's size cap "
-                    f"of {self.limits.max_bytes} bytes"
-                )
-            evicted += _delete_traces(
-                conn,
-                "SELECT trace_id FROM traces WHERE trace_id NOT IN (SELECT trace_id FROM batch)"
-                " ORDER BY received_ns, rowid LIMIT ?",
-                (max(1, count // _EVICT_SHARE),),
-            )
-        return evicted
+                self._shrink(conn)
 
     @staticmethod
-    def _add_one(conn: sqlite3.Connection, span: SpanRecord, received_ns: int) -> None:
+    def _shrink(conn: sqlite3.Connection) -> None:
+        """Give freed pages back to the disk, and empty the write-ahead log, so that the
+        files, not only the pages in use, stay near the size cap."""
+        # Run to the end: stepped once through execute(), the pragma frees a single page.
+        conn.executescript("PRAGMA incremental_vacuum;")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+    def _evict_to_fit(self, conn: sqlite3.Connection, before: int | None) -> tuple[int, int]:
+        """Inside the caller's transaction: evict spans received before ``before`` (all, if
+        None), a sender at a time (``_eviction_target``), earliest received first, until the
+        store is under its size cap; how many traces went whole, and how many spans. StoreFull
+        if even that is not enough."""
+        removed = spans = 0
+        while (used := _used_bytes(conn)) > self.limits.max_bytes:
+            target = _eviction_target(conn, before)
+            if target is None:
+                if before is None:
+                    break
+                raise StoreFull(
+                    f"{self.path}: a batch does not fit under the store's size cap "
+                    f"of {self.limits.max_bytes} bytes"
+                )
+            # Spans' own sizes undercount the pages they fill (indexes, summaries, slack):
+            # free the same share of their sizes as the store is over its cap.
+            total = conn.execute("SELECT coalesce(sum(bytes), 0) FROM sender_usage").fetchone()[0]
+            over = (used - self.limits.max_bytes) / used
+            need = max(int(total * over) + 1, _EVICT_STEP_BYTES)
+            cursor = conn.execute(
+                "SELECT trace_id, span_id, bytes FROM spans WHERE sender = ? AND received_ns < ?"
+                " ORDER BY received_ns",
+                (target, _INT64_MAX if before is None else before),
+            )
+            doomed: list[tuple[str, str]] = []
+            freed = 0
+            while freed < need and (rows := cursor.fetchmany(256)):
+                for trace_id, span_id, size in rows:
+                    doomed.append((trace_id, span_id))
+                    freed += size
+                    if freed >= need:
+                        break
+            cursor.close()
+            removed += _delete_spans(conn, doomed)
+            spans += len(doomed)
+        return removed, spans
+
+    @staticmethod
+    def _add_one(conn: sqlite3.Connection, span: SpanRecord, received_ns: int) -> int:
+        """Insert one span, its tags and its parties; the bytes it counts for (0 if it was
+        already stored)."""
+        attributes = json.dumps(span.attributes, default=str)
+        events = json.dumps([[e.time_ns, e.name, e.attributes] for e in span.events], default=str)
+        resource = json.dumps(span.resource, default=str)
+        tags = [
+            (span.trace_id, span.span_id, key, text, span.service)
+            for key, value in span.attributes.items()
+            if (text := _tag_value(value)) is not None
+        ]
+        if span.is_error:
+            tags.append((span.trace_id, span.span_id, "error", "true", span.service))
+        size = (
+            len(attributes) + len(events) + len(resource) + len(span.name) + len(span.service)
+            + len(span.status_message) + _ROW_OVERHEAD
+            + sum(len(key) + len(text) + _ROW_OVERHEAD for _, _, key, text, _ in tags)
+        )  # fmt: skip
         cursor = conn.execute(
-            "INSERT OR IGNORE INTO spans VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            f"INSERT OR IGNORE INTO spans ({_SPAN_COLUMNS}, sender, received_ns, bytes)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 span.trace_id,
                 span.span_id,
@@ -213,13 +342,16 @@ class SqliteSpanStore:
                 span.end_ns,
                 span.status_code,
                 span.status_message,
-                json.dumps(span.attributes, default=str),
-                json.dumps([[e.time_ns, e.name, e.attributes] for e in span.events], default=str),
-                json.dumps(span.resource, default=str),
+                attributes,
+                events,
+                resource,
+                sender_of(span),
+                received_ns,
+                size,
             ),
         )
         if cursor.rowcount == 0:  # the same span sent twice
-            return
+            return 0
         is_root = int(not span.parent_span_id)
         conn.execute(
             """
@@ -248,25 +380,35 @@ class SqliteSpanStore:
                 received_ns,
             ),
         )
-        tags = [
-            (span.trace_id, span.span_id, key, text, span.service)
-            for key, value in span.attributes.items()
-            if (text := _tag_value(value)) is not None
-        ]
-        if span.is_error:
-            tags.append((span.trace_id, span.span_id, "error", "true", span.service))
         conn.executemany("INSERT INTO span_tags VALUES (?,?,?,?,?)", tags)
+        conn.executemany(
+            "INSERT OR IGNORE INTO trace_parties VALUES (?,?,?)",
+            [(agency, span.trace_id, span.span_id) for agency in parties(span)],
+        )
+        return size
 
     # -- queries ------------------------------------------------------------------------
 
-    def services(self) -> list[str]:
-        rows = self._reader().execute("SELECT DISTINCT service FROM spans ORDER BY service")
+    def services(self, party: str | None = None) -> list[str]:
+        if party is None:
+            rows = self._reader().execute("SELECT DISTINCT service FROM spans ORDER BY service")
+        else:
+            rows = self._reader().execute(
+                f"SELECT DISTINCT service FROM spans WHERE {_OF_PARTY} ORDER BY service", (party,)
+            )
         return [r[0] for r in rows]
 
-    def operations(self, service: str) -> list[tuple[str, int]]:
-        rows = self._reader().execute(
-            "SELECT DISTINCT name, kind FROM spans WHERE service = ? ORDER BY name", (service,)
-        )
+    def operations(self, service: str, party: str | None = None) -> list[tuple[str, int]]:
+        if party is None:
+            rows = self._reader().execute(
+                "SELECT DISTINCT name, kind FROM spans WHERE service = ? ORDER BY name", (service,)
+            )
+        else:
+            rows = self._reader().execute(
+                f"SELECT DISTINCT name, kind FROM spans WHERE service = ? AND {_OF_PARTY}"
+                " ORDER BY name",
+                (service, party),
+            )
         return [(r[0], r[1]) for r in rows]
 
     def search(self, query: TraceQuery) -> tuple[list[TraceSummary], int]:
@@ -295,7 +437,8 @@ class SqliteSpanStore:
 
     def trace(self, trace_id: str) -> list[SpanRecord]:
         rows = self._reader().execute(
-            "SELECT * FROM spans WHERE trace_id = ? ORDER BY start_ns", (trace_id.lower(),)
+            f"SELECT {_SPAN_COLUMNS} FROM spans WHERE trace_id = ? ORDER BY start_ns",
+            (trace_id.lower(),),
         )
         return [_span_from_row(r) for r in rows]
 
@@ -336,36 +479,40 @@ class SqliteSpanStore:
     def used_bytes(self) -> int:
         return _used_bytes(self._reader())
 
+    def usage(self) -> dict[str, int]:
+        rows = self._reader().execute("SELECT sender, bytes FROM sender_usage ORDER BY sender")
+        return {sender: size for sender, size in rows}
+
     def enforce_retention(self, now_ns: int) -> int:
         cutoff = max(now_ns - int(self.limits.max_age_seconds * 1e9), -(2**63))
-        removed = self._delete(
-            "SELECT trace_id FROM traces WHERE end_ns < ? OR received_ns < ?", (cutoff, cutoff)
-        )
-        while self.used_bytes() > self.limits.max_bytes:
-            count = self._reader().execute("SELECT count(*) FROM traces").fetchone()[0]
-            if count == 0:
-                break
-            # The earliest received first: a sender's timestamps cannot keep its traces in.
-            removed += self._delete(
-                "SELECT trace_id FROM traces ORDER BY received_ns, rowid LIMIT ?",
-                (max(1, count // _EVICT_SHARE),),
-            )
-        if removed:
-            with self._write_lock:
-                self._writer.execute("PRAGMA incremental_vacuum").fetchall()
-        return removed
-
-    def _delete(self, select: str, params: tuple[Any, ...]) -> int:
         with self._write_lock:
             conn = self._writer
             conn.execute("BEGIN")
             try:
-                n = _delete_traces(conn, select, params)
+                removed = _delete_spans(
+                    conn,
+                    select="SELECT s.trace_id, s.span_id FROM traces t JOIN spans s"
+                    " USING (trace_id) WHERE t.end_ns < ? OR t.received_ns < ?",
+                    params=(cutoff, cutoff),
+                )
+                # Summaries without spans (a store an older version wrote) age out too.
+                removed += conn.execute(
+                    "DELETE FROM traces WHERE end_ns < ? OR received_ns < ?", (cutoff, cutoff)
+                ).rowcount
+                gone, evicted = self._evict_to_fit(conn, before=None)
+                removed += gone
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-        return n
+            if removed or evicted:
+                self._shrink(conn)
+        return removed
+
+
+_INT64_MAX = 2**63 - 1
+# Spans of the traces an agency is a party to (bound: the agency).
+_OF_PARTY = "trace_id IN (SELECT trace_id FROM trace_parties WHERE agency = ?)"
 
 
 def _used_bytes(conn: sqlite3.Connection) -> int:
@@ -376,15 +523,93 @@ def _used_bytes(conn: sqlite3.Connection) -> int:
     return int((pages - free) * size)
 
 
-def _delete_traces(conn: sqlite3.Connection, select: str, params: tuple[Any, ...]) -> int:
-    """Delete the traces ``select`` names, in the caller's transaction; how many."""
-    conn.execute("CREATE TEMP TABLE IF NOT EXISTS doomed (trace_id TEXT PRIMARY KEY)")
+def _eviction_target(conn: sqlite3.Connection, before: int | None) -> str | None:
+    """Whose spans go next while the store is over its cap: the agency (or other non-broker
+    sender) holding the most, while it holds more than a fair share (the store split evenly
+    among its senders); otherwise the broker, then the largest other. Only senders with
+    spans received before ``before`` count; None when there are none."""
+    usage = conn.execute("SELECT sender, bytes FROM sender_usage ORDER BY bytes DESC, sender")
+    shares: list[tuple[str, int]] = [(str(sender), int(size)) for sender, size in usage if size > 0]
+    if not shares:
+        return None
+    fair = sum(size for _, size in shares) / len(shares)
+    limit = _INT64_MAX if before is None else before
+
+    def evictable(sender: str) -> bool:
+        row = conn.execute(
+            "SELECT 1 FROM spans WHERE sender = ? AND received_ns < ? LIMIT 1", (sender, limit)
+        ).fetchone()
+        return row is not None
+
+    others = [(s, size) for s, size in shares if not is_broker_sender(s) and evictable(s)]
+    if others and others[0][1] > fair:
+        return others[0][0]
+    brokers = [s for s, _ in shares if is_broker_sender(s) and evictable(s)]
+    if brokers:
+        return brokers[0]
+    return others[0][0] if others else None
+
+
+def _delete_spans(
+    conn: sqlite3.Connection,
+    doomed: Sequence[tuple[str, str]] = (),
+    *,
+    select: str = "",
+    params: tuple[Any, ...] = (),
+) -> int:
+    """Delete these (trace_id, span_id) spans, or those ``select`` names, with their tags,
+    parties and share, in the caller's transaction, and bring their traces' summaries up to
+    date; how many traces went whole."""
+    conn.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS doomed (trace_id TEXT, span_id TEXT,"
+        " PRIMARY KEY (trace_id, span_id)) WITHOUT ROWID"
+    )
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS touched (trace_id TEXT PRIMARY KEY)")
     conn.execute("DELETE FROM doomed")
-    conn.execute(f"INSERT INTO doomed {select}", params)
-    n: int = conn.execute("SELECT count(*) FROM doomed").fetchone()[0]
-    for table in ("span_tags", "spans", "traces"):
-        conn.execute(f"DELETE FROM {table} WHERE trace_id IN (SELECT trace_id FROM doomed)")
-    return n
+    conn.execute("DELETE FROM touched")
+    conn.executemany("INSERT OR IGNORE INTO doomed VALUES (?, ?)", doomed)
+    if select:
+        conn.execute(f"INSERT OR IGNORE INTO doomed {select}", params)
+    conn.execute("INSERT INTO touched SELECT DISTINCT trace_id FROM doomed")
+    freed = conn.execute(
+        "SELECT s.sender, sum(s.bytes), count(*) FROM spans s"
+        " JOIN doomed d ON d.trace_id = s.trace_id AND d.span_id = s.span_id GROUP BY 1"
+    ).fetchall()
+    conn.executemany(
+        "UPDATE sender_usage SET bytes = bytes - ?, spans = spans - ? WHERE sender = ?",
+        [(size, n, sender) for sender, size, n in freed],
+    )
+    conn.execute("DELETE FROM sender_usage WHERE spans <= 0")
+    in_doomed = (
+        "trace_id IN (SELECT trace_id FROM touched) AND EXISTS (SELECT 1 FROM doomed d"
+        " WHERE d.trace_id = {0}.trace_id AND d.span_id = {0}.span_id)"
+    )
+    for table in ("span_tags", "trace_parties", "spans"):
+        conn.execute(f"DELETE FROM {table} WHERE {in_doomed.format(table)}")
+    gone: int = conn.execute(
+        "DELETE FROM traces WHERE trace_id IN (SELECT trace_id FROM touched)"
+        " AND NOT EXISTS (SELECT 1 FROM spans s WHERE s.trace_id = traces.trace_id)"
+    ).rowcount
+    # What is left of a trace some of whose spans went: its summary from those spans.
+    conn.execute(
+        """
+        UPDATE traces SET
+            start_ns = (SELECT min(start_ns) FROM spans s WHERE s.trace_id = traces.trace_id),
+            end_ns = (SELECT max(end_ns) FROM spans s WHERE s.trace_id = traces.trace_id),
+            span_count = (SELECT count(*) FROM spans s WHERE s.trace_id = traces.trace_id),
+            error_count = (SELECT count(*) FROM spans s
+                WHERE s.trace_id = traces.trace_id AND s.status_code = ?),
+            has_root = EXISTS (SELECT 1 FROM spans s
+                WHERE s.trace_id = traces.trace_id AND s.parent_span_id = ''),
+            root_service = (SELECT service FROM spans s WHERE s.trace_id = traces.trace_id
+                ORDER BY s.parent_span_id != '', s.start_ns LIMIT 1),
+            root_name = (SELECT name FROM spans s WHERE s.trace_id = traces.trace_id
+                ORDER BY s.parent_span_id != '', s.start_ns LIMIT 1)
+        WHERE trace_id IN (SELECT trace_id FROM touched)
+        """,
+        (STATUS_ERROR,),
+    )
+    return gone
 
 
 def _conditions(query: TraceQuery) -> tuple[str, list[Any]]:
@@ -420,6 +645,9 @@ def _conditions(query: TraceQuery) -> tuple[str, list[Any]]:
             "AND g.key IN (?, ?) AND g.value = ?)"
         )
         params += [key, f"tabadol.{key}", value]
+    if query.party is not None:
+        where.append("t.trace_id IN (SELECT trace_id FROM trace_parties WHERE agency = ?)")
+        params.append(query.party)
     if query.status == "error":
         where.append("t.error_count > 0")
     elif query.status == "ok":
