@@ -858,3 +858,47 @@ def test_journal_lines_of_any_bytes_parse_to_well_typed_entries_or_nothing(data:
             assert all(type(getattr(entry.record, n)) is FIELD_TYPES[n] for n in FIELD_NAMES)
         else:
             assert entry.closed is not None and all(type(n) is int for n in entry.closed)
+
+
+# --- Invisible and bidi characters in a contract's text (Trojan Source) ----------------------
+
+INVISIBLE = (
+    "\u061c\u200b\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2060\u2066\u2067\u2068\u2069\ufeff"
+)
+
+
+def test_describe_escapes_bidi_marks_and_zero_width_characters_in_a_contract() -> None:
+    from tabadol.describe import printable
+
+    # "admin" that reads as "nimda", a word split by an invisible space, a hidden BOM.
+    for hostile in ("is\u200fadmin\u200e", "ad\u200bmin", "\ufeffrole", "x\u061cy", *INVISIBLE):
+        shown = printable(hostile)
+        assert not set(shown) & set(INVISIBLE), repr(shown)
+        assert not set(printable(hostile, multiline=True)) & set(INVISIBLE)
+    assert printable("ad\u200bmin") == "ad\\u200bmin"
+    assert printable("\u061c") == "\\u061c"
+
+
+@PROPERTY
+@given(st.text(alphabet=st.sampled_from(INVISIBLE + "ab\u0627")))
+def test_printable_lets_no_invisible_or_bidi_character_through(text: str) -> None:
+    from tabadol.describe import printable
+
+    assert not set(printable(text)) & set(INVISIBLE)
+
+
+def test_persian_and_arabic_text_passes_through_printable_unchanged() -> None:
+    from tabadol.describe import printable
+
+    # The zero-width non-joiner (U+200C) and joiner (U+200D) are how Persian is written:
+    # mi-khaham, sazman-ha, sabt-e ahval; Arabic letters, Persian and Arabic digits, and
+    # Arabic punctuation too.
+    for text in (
+        "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
+        "\u0633\u0627\u0632\u0645\u0627\u0646\u200c\u0647\u0627",
+        "\u062b\u0628\u062a\u200c\u0627\u062d\u0648\u0627\u0644 \u06f1\u06f4\u06f0\u06f3\u060c \u061f",
+        "\u0627\u0644\u0633\u0651\u0644\u0627\u0645 \u0639\u0644\u064a\u0643\u0645 \u0660\u0661",
+        "\u0644\u200d",
+    ):
+        assert printable(text) == text
+        assert printable(text, multiline=True) == text

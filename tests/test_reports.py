@@ -29,6 +29,7 @@ from tabadol.reports import (
     build_quarterly,
     render_csv,
     render_html,
+    report_json,
     write_quarterly,
 )
 from tabadol.reports.figures import percent, percentile, rank
@@ -121,6 +122,7 @@ class Call:
     status: int
     ms: int
     endpoint: str
+    verified: bool = True  # False: refused before identification; the consumer only claimed
 
 
 def _calls() -> list[Call]:
@@ -191,6 +193,8 @@ def write_ledger(path: Path, calls: list[Call]) -> SqliteLedgerStore:
             response_messages=1,
             endpoint=c.endpoint,
             broker_instance="test",
+            consumer_serial="" if c.verified else "1f",
+            consumer_verified=c.verified,
         )
         for seq, c in enumerate(calls, start=1)
     ]
@@ -558,6 +562,75 @@ def test_agencies_below_a_target_or_missing_data_are_behind_with_reasons(
     }
 
 
+def flooded_fixture(directory: Path) -> tuple[BrokerConfig, SqliteLedgerStore]:
+    """The fixture's ledger, plus what an attacker adds: 2000 refusals of a revoked
+    certificate claiming to be post, in this quarter and 300 in the previous one."""
+    (directory / "contracts").mkdir(parents=True)
+    write_echo_contracts(directory / "contracts" / "echo.pb")
+    write_tax_contracts(directory / "contracts" / "tax.pb")
+    (directory / "broker.toml").write_text(CONFIG, encoding="utf-8")
+    flood = [
+        Call(T0 + 8 * HOUR + i, "post", "nocr", ECHO, "Unary", 16, 1, "", verified=False)
+        for i in range(2000)
+    ] + [
+        Call(P0 + HOUR + i, "post", "nocr", ECHO, "Unary", 16, 1, "", verified=False)
+        for i in range(300)
+    ]
+    return load(directory / "broker.toml"), write_ledger(directory / "ledger.db", _calls() + flood)
+
+
+def test_refusals_of_unidentified_certificates_skew_no_figure_and_are_counted_apart(
+    tmp_path: Path, report: QuarterlyReport
+) -> None:
+    cfg, store = flooded_fixture(tmp_path)
+    try:
+        flooded = build_quarterly(cfg, store, Q3)
+    finally:
+        store.close()
+    # Every national figure and every agency's figures are those of the clean ledger.
+    assert replace(flooded.national, refused_before_identification=0) == report.national
+    assert flooded.agencies == report.agencies
+    assert flooded.indicators == report.indicators
+    assert flooded.figures("post").transactions_consumed == 16  # not 2016
+    assert flooded.national.success_rate == Decimal(10) / Decimal(19)
+    # ...and the flood is one separate count, in every rendering.
+    assert flooded.national.refused_before_identification == 2000
+    assert report.national.refused_before_identification == 0
+    assert report_json(flooded)["national"]["refused_before_identification"] == 2000
+    html = render_html(flooded)
+    assert "Calls refused before identification" in html and "2,000" in html
+    assert "refused_before_identification" in report_json(flooded)["definitions"]
+
+
+def test_the_dashboard_counts_unidentified_refusals_apart_from_every_agency(
+    tmp_path: Path,
+) -> None:
+    from tabadol.ops.dashboard import Accounts, dashboard
+
+    now = dt.datetime.fromtimestamp((T0 + 9 * HOUR) / 1e9, dt.UTC)
+    shown = {}
+    for name, build in (("clean", write_fixture), ("flooded", flooded_fixture)):
+        cfg, store = build(tmp_path / name)
+        try:
+            shown[name] = {
+                agency: dashboard(Accounts(cfg, store), now, agency=agency)
+                for agency in (None, "post", "nocr")
+            }
+        finally:
+            store.close()
+    assert shown["flooded"][None]["refusedBeforeIdentification"] == {
+        "today": 2000, "quarter": 2000, "allTime": 2300,
+    }  # fmt: skip
+    assert shown["flooded"]["post"]["refusedBeforeIdentification"]["quarter"] == 2000
+    assert shown["clean"][None]["refusedBeforeIdentification"]["allTime"] == 0
+    # Transactions, error rate, top agencies and latency: as if the flood had not happened.
+    for agency in (None, "post", "nocr"):
+        clean, flooded = shown["clean"][agency], shown["flooded"][agency]
+        for figures in (clean, flooded):
+            del figures["refusedBeforeIdentification"]
+        assert flooded == clean, agency
+
+
 def test_a_quarter_with_no_earlier_transactions_has_no_growth(tmp_path: Path) -> None:
     cfg, store = write_fixture(tmp_path)
     try:
@@ -661,6 +734,7 @@ def test_the_json_holds_the_quarter_every_figure_and_the_definitions(written: li
         "success_rate": pytest.approx(10 / 19),
         "transactions_previous": 5,
         "growth": 2.8,
+        "refused_before_identification": 0,
     }
     agencies = {a["id"]: a for a in data["agencies"]}
     assert agencies["tax"] == {

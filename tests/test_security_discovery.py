@@ -9,9 +9,11 @@ told a provider's internal address, nor may it hold calls or streams without bou
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import grpc
 import grpc.aio
@@ -25,11 +27,34 @@ from tabadol.broker.server import _limit_rules
 from tabadol.catalogue import Catalogue
 from tabadol.client import ProviderServer, connect
 from tabadol.describe import describe, printable, services_table
-from tabadol.limits import LimitRule
+from tabadol.ledger.store import SqliteLedgerStore
+from tabadol.limits import (
+    ANY_OTHER,
+    UNDECLARED_BURST,
+    UNDECLARED_RATE,
+    Admission,
+    LimitRule,
+    Limits,
+    Refusal,
+)
 from tabadol.pki import CertificateAuthority
 from tabadol.platform.v1 import discovery_pb2, discovery_pb2_grpc
-from tests.conftest import DEFAULT_GRANTS, TRUST_DOMAIN, RunningProvider, broker_toml
-from tests.support.echo import BIDI, SERVICE, UNARY, EchoProvider, echo_file_descriptor
+from tests.conftest import (
+    DEFAULT_GRANTS,
+    TRUST_DOMAIN,
+    RunningProvider,
+    broker_toml,
+    start_broker,
+)
+from tests.support.echo import (
+    BIDI,
+    SERVICE,
+    UNARY,
+    EchoProvider,
+    echo_file_descriptor,
+    own_pki,
+    start_echo,
+)
 from tests.test_platform import reflect, run_cli
 
 OPEN = "tabadol.open.v1.Open"  # granted to post
@@ -258,6 +283,51 @@ async def test_health_refuses_an_agency_the_registry_does_not_declare(
         assert await health_refusal(channel) == [grpc.StatusCode.OK] * 2
 
 
+async def discovery_answers(channel: grpc.aio.Channel) -> dict[str, grpc.StatusCode]:
+    """How each Discovery method and reflection's list answer this channel."""
+    stub = discovery_pb2_grpc.DiscoveryStub(channel)
+    calls = {
+        "ListAgencies": stub.ListAgencies(discovery_pb2.ListAgenciesRequest(), timeout=10),
+        "ListServices": stub.ListServices(discovery_pb2.ListServicesRequest(), timeout=10),
+        "ListMethods": stub.ListMethods(discovery_pb2.ListMethodsRequest(service=OPEN), timeout=10),
+        "AllowedMethods": stub.AllowedMethods(discovery_pb2.AllowedMethodsRequest(), timeout=10),
+        "GetRevocationList": stub.GetRevocationList(
+            discovery_pb2.GetRevocationListRequest(), timeout=10
+        ),
+        "reflection": reflect(channel, list_services="*"),
+    }
+    codes = {}
+    for name, call in calls.items():
+        try:
+            await call
+        except grpc.aio.AioRpcError as e:
+            codes[name] = e.code()
+        else:
+            codes[name] = grpc.StatusCode.OK
+    return codes
+
+
+async def test_discovery_and_reflection_refuse_an_agency_the_registry_does_not_declare(
+    exchange: tuple[Broker, Path],
+) -> None:
+    """A decommissioned agency whose certificate was never revoked learns nothing: not the
+    services, nor the agencies, nor the CRL."""
+    async with as_agency(exchange, "ghost") as channel:
+        answers = await discovery_answers(channel)
+    assert answers == dict.fromkeys(answers, grpc.StatusCode.PERMISSION_DENIED), answers
+    async with as_agency(exchange, "cra") as channel:
+        answers = await discovery_answers(channel)
+    assert answers == dict.fromkeys(answers, grpc.StatusCode.OK), answers
+
+
+async def test_discovery_and_reflection_refuse_a_revoked_agency(
+    exchange: tuple[Broker, Path],
+) -> None:
+    async with as_agency(exchange, "nocr") as channel:
+        answers = await discovery_answers(channel)
+    assert answers == dict.fromkeys(answers, grpc.StatusCode.UNAUTHENTICATED), answers
+
+
 async def test_an_unreachable_provider_is_named_but_its_address_is_not(
     tmp_path: Path,
     pki: CertificateAuthority,
@@ -306,7 +376,56 @@ def test_the_broker_bounds_streams_and_calls_in_flight_by_default(
     assert rules[("tax", None)].concurrency == 500  # an agency's own limit replaces the default
     assert rules[("cra", SERVICE)].concurrency == 3
     assert rules[("cra", None)].concurrency == 200  # ...and over all services, the default
-    assert {a for a, s in rules if s is None} == set(cfg.agencies)
+    # Every declared agency, and any other identified one (ANY_OTHER: "*"), is bounded.
+    assert {a for a, s in rules if s is None} == {*cfg.agencies, ANY_OTHER}
+    assert rules[(ANY_OTHER, None)] == LimitRule(
+        ANY_OTHER, None, UNDECLARED_RATE, UNDECLARED_BURST, 200
+    )
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_each_undeclared_agency_gets_the_default_limits_on_its_own() -> None:
+    clock = Clock()
+    limits = Limits(clock)
+    limits.configure([LimitRule("post", None, None, None, 200), LimitRule("*", None, 5, 20, 2)])
+    held = [limits.admit("ghost", SERVICE) for _ in range(3)]
+    assert [type(v) for v in held] == [Admission, Admission, Refusal]  # 2 in flight at most
+    assert "already has 2 calls in flight" in cast(Refusal, held[2]).message
+    for admission in held[:2]:
+        cast(Admission, admission).release()
+
+    def one(agency: str) -> Admission | Refusal:
+        verdict = limits.admit(agency, SERVICE)
+        if isinstance(verdict, Admission):
+            verdict.release()
+        return verdict
+
+    verdicts = [one("ghost") for _ in range(30)]
+    assert [type(v) for v in verdicts] == [Admission] * 18 + [Refusal] * 12  # 20 tokens in all
+    assert "rate limit of 5 calls/s" in cast(Refusal, verdicts[-1]).message
+    # Another undeclared agency has a bucket of its own; a declared one is not rate limited.
+    assert isinstance(one("spectre"), Admission)
+    assert all(isinstance(one("post"), Admission) for _ in range(100))
+    clock.now += 1.0  # five more a second
+    assert [type(one("ghost")) for _ in range(6)] == [Admission] * 5 + [Refusal]
+
+
+def test_a_refused_certificate_may_be_refused_only_so_fast() -> None:
+    clock = Clock()
+    limits = Limits(clock, refused_rate=5, refused_burst=20)
+    verdicts = [limits.admit_refused("nocr/1f") for _ in range(30)]
+    assert verdicts[:20] == [None] * 20
+    assert all(isinstance(v, Refusal) for v in verdicts[20:])
+    assert limits.admit_refused("nocr/20") is None  # another certificate: its own bucket
+    clock.now += 1.0
+    assert [limits.admit_refused("nocr/1f") for _ in range(6)].count(None) == 5
 
 
 async def start_with(
@@ -368,6 +487,62 @@ async def test_one_agency_cannot_hold_more_calls_than_the_default_over_many_conn
         await broker.stop(0)
     assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "'post' already has 2 calls in flight" in (err.value.details() or "")
+
+
+async def flood(channel: grpc.aio.Channel, calls: int) -> tuple[dict[str, int], set[str]]:
+    """``calls`` calls at once: how many ended with each status, and the details seen."""
+    answers = await asyncio.gather(
+        *(channel.unary_unary(UNARY)(b"x", timeout=30) for _ in range(calls)),
+        return_exceptions=True,
+    )
+    codes: dict[str, int] = {}
+    details = set()
+    for answer in answers:
+        assert isinstance(answer, grpc.aio.AioRpcError), answer
+        codes[answer.code().name] = codes.get(answer.code().name, 0) + 1
+        details.add(answer.details() or "")
+    return codes, details
+
+
+async def test_a_flood_from_a_revoked_or_undeclared_certificate_is_throttled_and_recorded(
+    tmp_path: Path, echo_contracts: Path
+) -> None:
+    """Refusals are not free: past a small burst, a revoked certificate and an undeclared
+    agency get RESOURCE_EXHAUSTED (gRPC's pushback with it), and every call still has its
+    ledger record, the revoked ones marked unverified. A declared agency is not slowed."""
+    own = own_pki(tmp_path, TRUST_DOMAIN, "post", "nocr", "ghost", "echo")
+    own.revoke_agency("nocr")
+    provider, _ = await start_echo(own.dir / "agencies" / "echo")
+    broker = await start_broker(tmp_path, own.dir, echo_contracts, [provider.address])
+    address = f"127.0.0.1:{broker.port}"
+    try:
+        async with connect(address, own.dir / "agencies" / "nocr") as revoked:
+            revoked_codes, revoked_details = await flood(revoked, 120)
+        async with connect(address, own.dir / "agencies" / "ghost") as ghost:
+            ghost_codes, ghost_details = await flood(ghost, 120)
+        async with connect(address, own.dir / "agencies" / "post") as post:
+            answers = await asyncio.gather(
+                *(post.unary_unary(UNARY)(b"ok", timeout=30) for _ in range(60))
+            )
+        assert answers == [b"ok"] * 60
+    finally:
+        await broker.stop(0)
+        await provider.stop(0)
+    assert set(revoked_codes) == {"UNAUTHENTICATED", "RESOURCE_EXHAUSTED"}, revoked_codes
+    assert any("revoked" in d and "at most 5 calls/s" in d for d in revoked_details)
+    assert set(ghost_codes) == {"PERMISSION_DENIED", "RESOURCE_EXHAUSTED"}, ghost_codes
+    assert any("over its rate limit of 5 calls/s" in d for d in ghost_details)
+    store = SqliteLedgerStore(broker.config.ledger.path, readonly=True)
+    try:
+        records = [s.record for s in store.records()]
+    finally:
+        store.close()
+    by = {
+        agency: [r for r in records if r.consumer == agency] for agency in ("nocr", "ghost", "post")
+    }
+    assert len(by["nocr"]) == 120 and not any(r.consumer_verified for r in by["nocr"])
+    assert len(by["ghost"]) == 120 and all(r.consumer_verified for r in by["ghost"])
+    assert len(by["post"]) == 60
 
 
 # -- What `tabadol services` and `tabadol describe` print ------------------------------------

@@ -193,19 +193,24 @@ def _cmd_ledger_verify(args: argparse.Namespace) -> int:
     from tabadol.ledger.verify import anchor_path, read_anchor, verify
 
     cfg, store = _open_ledger(args.config)
+    signers = _seal_signers(cfg.broker.pki_dir, cfg.broker.trust_domain)
     verdict = verify(
         store.records(),
         store.seals(),
         store.signers(),
-        _seal_signers(cfg.broker.pki_dir, cfg.broker.trust_domain),
+        signers,
         read_anchor(anchor_path(cfg.ledger.path)),
     )
     print(f"{cfg.ledger.path}: {verdict}")
     # Answered calls that never reached the ledger: shown by the writers' sessions.
-    findings = session_findings(store.sessions(), alive, _journaled(cfg.ledger.path))
+    sessions, journaled, journal_problems = _journaled(cfg.ledger.path, store, signers)
+    findings = session_findings(sessions, alive, journaled)
     for finding in findings:
         print(f"{cfg.ledger.path}: {finding}")
-    return 0 if verdict.ok and not any(finding.gap for finding in findings) else 1
+    for problem in journal_problems:
+        print(f"{cfg.ledger.path}: {problem}")
+    gap = any(finding.gap for finding in findings)
+    return 0 if verdict.ok and not gap and not journal_problems else 1
 
 
 def _cmd_ledger_acknowledge(args: argparse.Namespace) -> int:
@@ -242,20 +247,40 @@ def _cmd_ledger_acknowledge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _journaled(ledger_path: Path) -> Callable[[str], int | None]:
-    """Per session that stopped into the journal, its records waiting for the next start."""
+def _journaled(
+    ledger_path: Path, store: Any, signers: Callable[[bytes, int], str | None]
+) -> tuple[list[Any], Callable[[str], int | None], list[str]]:
+    """The ledger's sessions; per session that stopped into the journal, its records waiting
+    for the next start (only what a broker of this exchange signed counts); and what is
+    wrong in the journal."""
     from collections import Counter
 
-    from tabadol.ledger.journal import Journal, journal_path
+    from tabadol.ledger.journal import Journal, journal_path, rejected_lines, rejected_path, review
 
     path = journal_path(ledger_path)
     try:
-        entries = Journal(path).read()
+        with Journal(path).reading() as found:  # no start ends a session under our feet
+            sessions = store.sessions()
+        judged = review(found, {s.id: s for s in sessions}, signers)
+        aside = rejected_lines(path)
     except OSError as e:
         raise TabadolError(f"{path}: cannot read the ledger's journal: {e.strerror}") from e
+    entries = [entry for block in judged.accepted for entry in block.entries]
     closed = {entry.session for entry in entries if entry.closed is not None}
     waiting = Counter(entry.session for entry in entries if entry.record is not None)
-    return lambda session: waiting[session] if session in closed else None
+    problems = []
+    if judged.refused:
+        problems.append(
+            f"UNVERIFIED JOURNAL: {judged.refused_lines} lines in {path} are not signed by a "
+            f"broker of this exchange for a session of this ledger ({judged.reasons()}); the "
+            f"next start will not write them, and sets them aside in {rejected_path(path)}"
+        )
+    if aside:
+        problems.append(
+            f"REJECTED JOURNAL: {aside} lines in {rejected_path(path)} could not be verified "
+            "and were not written; look into them (each says why), then move the file away"
+        )
+    return sessions, (lambda session: waiting[session] if session in closed else None), problems
 
 
 def _parse_time(text: str, option: str) -> int:

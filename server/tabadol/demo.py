@@ -41,6 +41,7 @@ from tabadol.agencies.tax.v1 import (
     invoice_registry_pb2_grpc as tax_grpc,
 )
 from tabadol.broker import Broker
+from tabadol.broker.server import reload_from_file
 from tabadol.client import ProviderServer, connect
 from tabadol.client.tracing import tracer_provider
 from tabadol.demo_agencies import (
@@ -356,6 +357,10 @@ async def run_demo(
         )
         broker = Broker(config_module.load(config_path))
         await broker.start()
+        # `kill -HUP`: a renewal or revocation reaches the demo as it reaches a real broker.
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP, _reload, broker, config_path, ops.trust
+        )
         ops.show_ledger(open_accounts(config_path))
         broker_address = f"{listen.rsplit(':', 1)[0]}:{broker.port}"
         for provider in providers.values():
@@ -400,6 +405,7 @@ async def run_demo(
         if not once:
             await _keep_running(broker_address, pki_dir, rng, tracers, traffic_every)
     finally:
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         if broker is not None:
             await broker.stop(1)
         for provider in providers.values():
@@ -408,6 +414,16 @@ async def run_demo(
             if tracer is not None:
                 await asyncio.to_thread(tracer.shutdown)
         await ops.stop()
+
+
+def _reload(broker: Broker, config_path: Path, trust: OpsTrust) -> None:
+    """SIGHUP: the broker's configuration and CRL from the demo's file, and the CRL for the
+    ops console; each logs what it did."""
+    reload_from_file(broker, config_path)
+    try:
+        trust.refresh_crl(force=True)
+    except TabadolError as e:
+        log.error("the ops console kept its CRL: %s", e)
 
 
 async def _keep_running(

@@ -26,8 +26,14 @@ _SCALARS = {
 
 # What a contract's author could use to take over the reader's terminal or reorder what it
 # shows: C0 and C1 controls (ESC starts every ANSI sequence), DEL, the Unicode line and
-# paragraph separators, and the bidirectional overrides and isolates ("Trojan Source").
-_CONTROLS = r"\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+# paragraph separators, the bidirectional marks, overrides and isolates ("Trojan Source":
+# U+061C, U+200E-U+200F, U+202A-U+202E, U+2066-U+2069), and invisible characters that hide
+# or split what is shown (U+200B, U+2060-U+2064, U+206A-U+206F, U+FEFF). The zero-width
+# non-joiner and joiner (U+200C, U+200D) stay: Persian words are written with them.
+_CONTROLS = (
+    r"\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b\u200e\u200f\u2028\u2029\u202a-\u202e"
+    r"\u2060-\u2064\u2066-\u206f\ufeff"
+)
 _UNSAFE = re.compile(rf"[\t\n{_CONTROLS}]")
 _UNSAFE_IN_COMMENTS = re.compile(rf"[{_CONTROLS}]")  # newlines and tabs are the comment's
 

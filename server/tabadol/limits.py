@@ -6,6 +6,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+# A rule for this consumer applies to each agency without a rule of its own over all its
+# services, one agency at a time: the identified agencies the registry does not declare.
+ANY_OTHER = "*"
+# Such an agency has no grant, so each of its calls is a refusal: they come this fast at most.
+UNDECLARED_RATE = 5.0
+UNDECLARED_BURST = 20.0
+# A certificate refused at identity (revoked, undeclared domain, stale CRL...), by the agency
+# and serial it claims: its refusals come this fast at most, then RESOURCE_EXHAUSTED.
+REFUSED_RATE = 5.0
+REFUSED_BURST = 20.0
+_KEYS_LIMIT = 10_000  # buckets kept for agencies and certificates not named in the rules
+
 
 @dataclass(frozen=True)
 class LimitRule:
@@ -63,11 +75,20 @@ _NOTHING_HELD = Admission()
 class Limits:
     """The limits in force. Reconfigure on reload: calls in flight still count."""
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        *,
+        refused_rate: float = REFUSED_RATE,
+        refused_burst: float = REFUSED_BURST,
+    ) -> None:
         self._clock = clock
         self._rules: dict[tuple[str, str | None], LimitRule] = {}
         self._buckets: dict[tuple[str, str | None], _Bucket] = {}
         self._in_flight: dict[tuple[str, str | None], list[int]] = {}
+        self._others: set[str] = set()  # agencies whose limits come from the ANY_OTHER rule
+        self._refused_rate, self._refused_burst = refused_rate, refused_burst
+        self._refused: dict[str, _Bucket] = {}
 
     def configure(self, rules: Iterable[LimitRule]) -> None:
         self._rules = {(r.consumer, r.service): r for r in rules}
@@ -81,10 +102,49 @@ class Limits:
             tokens = min(capacity, old.tokens) if old else capacity
             buckets[key] = _Bucket(rule.rate, capacity, tokens, old.stamp if old else now)
         self._buckets = buckets
+        self._others = set()
 
     @property
     def active(self) -> bool:
         return bool(self._rules)
+
+    def _rule(self, key: tuple[str, str | None]) -> LimitRule | None:
+        rule = self._rules.get(key)
+        if rule is not None or key[1] is not None:
+            return rule
+        rule = self._rules.get((ANY_OTHER, None))
+        if rule is not None and key[0] not in self._others:
+            if len(self._others) >= _KEYS_LIMIT:  # only an insider mints that many identities
+                for other in self._others:
+                    self._buckets.pop((other, None), None)
+                    if self._in_flight.get((other, None), [1])[0] == 0:
+                        del self._in_flight[(other, None)]
+                self._others.clear()
+            self._others.add(key[0])
+            if rule.rate is not None:
+                capacity = rule.burst if rule.burst is not None else max(1.0, rule.rate)
+                self._buckets[key] = _Bucket(rule.rate, capacity, capacity, self._clock())
+        return rule
+
+    def admit_refused(self, certificate: str) -> Refusal | None:
+        """A call refused at identity, from ``certificate`` (the agency and serial it claims):
+        None when it may be refused as usual, or a Refusal when it comes too fast."""
+        bucket = self._refused.get(certificate)
+        now = self._clock()
+        if bucket is None:
+            if len(self._refused) >= _KEYS_LIMIT:
+                self._refused.clear()
+            bucket = self._refused[certificate] = _Bucket(
+                self._refused_rate, self._refused_burst, self._refused_burst, now
+            )
+        wait = bucket.take(now)
+        if wait <= 0:
+            return None
+        return Refusal(
+            f"a refused certificate may try at most {self._refused_rate:g} calls/s; "
+            f"retry after {wait:.3f} s",
+            wait,
+        )
 
     def admit(self, consumer: str, service: str) -> Admission | Refusal:
         """Admit a call, or say which limit it is over (checked for the service first)."""
@@ -93,7 +153,7 @@ class Limits:
         now = self._clock()
         held: list[list[int]] = []
         for key in ((consumer, service), (consumer, None)):
-            rule = self._rules.get(key)
+            rule = self._rule(key)
             if rule is None:
                 continue
             scope = f"for service {service!r}" if key[1] else "across all services"

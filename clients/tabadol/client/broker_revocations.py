@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -55,6 +56,12 @@ class BrokerRevocations:
         self._fetching: asyncio.Lock | None = None
         self._serials: dict[bytes, int] = {}
         self._warned = False
+        self._on_newer: list[Callable[[frozenset[int]], None]] = []
+
+    def on_newer_crl(self, callback: Callable[[frozenset[int]], None]) -> None:
+        """Call ``callback`` with the revoked serials whenever a newer CRL is taken (so that
+        calls already in flight from a certificate it revokes can be ended)."""
+        self._on_newer.append(callback)
 
     def offer(self, data: bytes, source: str) -> bool:
         """Take a CRL if the CA signed it and it is newer than the one held; False if not."""
@@ -65,11 +72,15 @@ class BrokerRevocations:
             if self.current is None or crl_number(data) != self.current.number:
                 log.warning("broker CRL from %s not taken: %s", source, e)
             return False
-        if self.current is None or crl.number > self.current.number:
+        newer = self.current is None or crl.number > self.current.number
+        if newer:
             log.info(
                 "broker CRL number %d from %s: %d revoked", crl.number, source, len(crl.serials)
             )
         self.current = crl
+        if newer:
+            for callback in self._on_newer:
+                callback(crl.serials)
         return True
 
     def refusal(self, cert_pem: bytes) -> str | None:
@@ -97,6 +108,10 @@ class BrokerRevocations:
         if serial in crl.serials:
             return f"broker certificate {serial:x} is revoked (CRL number {crl.number})"
         return None
+
+    def serial(self, cert_pem: bytes) -> int:
+        """The serial number of a (broker) certificate, cached."""
+        return self._serial(cert_pem)
 
     def _serial(self, cert_pem: bytes) -> int:
         serial = self._serials.get(cert_pem)

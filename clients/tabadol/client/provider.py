@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +42,66 @@ def request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return _metadata_value(context, REQUEST_ID_KEY)
 
 
+@dataclass(eq=False)
+class _CallInFlight:
+    task: asyncio.Task[Any] | None
+    in_servicer: bool = True  # awaiting the servicer's code (not gRPC sending its answer)
+    ended: str = ""  # why it was ended: its broker certificate was revoked during the call
+
+
+class _CallsInFlight:
+    """The provider's calls in flight, by the serial of the broker certificate that made them,
+    so that a CRL revoking that certificate ends them too, not only the calls after it."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, set[_CallInFlight]] = {}
+
+    @contextlib.contextmanager
+    def track(self, serial: int) -> Iterator[_CallInFlight]:
+        call = _CallInFlight(asyncio.current_task())
+        self._calls.setdefault(serial, set()).add(call)
+        try:
+            yield call
+        finally:
+            calls = self._calls.get(serial)
+            if calls is not None:
+                calls.discard(call)
+                if not calls:
+                    del self._calls[serial]
+
+    def end_revoked(self, revoked: frozenset[int]) -> None:
+        for serial in revoked & self._calls.keys():
+            log.warning(
+                "ending %d call(s) in flight from broker certificate %x: the CRL revokes it",
+                len(self._calls[serial]),
+                serial,
+            )
+            for call in self._calls[serial]:
+                if call.ended:
+                    continue
+                call.ended = (
+                    f"Tabadol provider: broker certificate {serial:x} was revoked during the call"
+                )
+                # In the servicer's code: interrupt it. While gRPC sends an answer, the
+                # stream ends as soon as that send returns (see _guard).
+                if call.in_servicer and call.task is not None and not call.task.done():
+                    call.task.cancel()
+
+
 class _BrokerOnly(grpc.aio.ServerInterceptor):
     """Admit calls only from the broker's certificate; any other agency gets PERMISSION_DENIED.
 
     Every agency certificate comes from the same CA, so TLS alone would admit any agency;
     and the ``x-tabadol-consumer`` header is only meaningful when the broker set it. A broker
-    certificate the exchange's CRL revokes (or supersedes) is refused too.
+    certificate the exchange's CRL revokes (or supersedes) is refused too, and the calls it
+    already has in flight are ended when the provider takes that CRL.
     """
 
     def __init__(self, broker_id: str, revocations: BrokerRevocations) -> None:
         self._broker_id = broker_id.encode()
         self._revocations = revocations
+        self.calls = _CallsInFlight()
+        revocations.on_newer_crl(self.calls.end_revoked)
 
     async def intercept_service(  # type: ignore[override]  # the stubs' generic base
         self,
@@ -61,9 +113,10 @@ class _BrokerOnly(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED itself
             return handler
-        return _guard(handler, self._check)
+        return _guard(handler, self._check, self.calls)
 
-    async def _check(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def _check(self, context: grpc.aio.ServicerContext[Any, Any]) -> int:
+        """The serial of the broker certificate making this call, or the call is refused."""
         auth = context.auth_context()
         if auth.get("peer_spiffe_id") != [self._broker_id]:
             await context.abort(
@@ -76,19 +129,37 @@ class _BrokerOnly(grpc.aio.ServerInterceptor):
         if why is not None:
             log.warning("refused a call from a broker certificate: %s", why)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"Tabadol provider: {why}")
+        return self._revocations.serial(pems[0])
+
+
+async def _ended(call: _CallInFlight, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """After the servicer was interrupted: tell the broker why, if it was a revocation."""
+    if not call.ended:
+        return
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        task.uncancel()
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, call.ended)
 
 
 def _guard(
     handler: grpc.RpcMethodHandler[Any, Any],
-    check: Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[None]],
+    check: Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[int]],
+    calls: _CallsInFlight,
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """The same handler with ``check`` run before its behaviour."""
+    """The same handler with ``check`` run before its behaviour, and the call tracked by its
+    broker certificate while it runs."""
     if handler.unary_unary or handler.stream_unary:
         inner: Any = handler.unary_unary or handler.stream_unary
 
         async def respond(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            await check(context)
-            return await inner(request, context)
+            serial = await check(context)
+            with calls.track(serial) as call:
+                try:
+                    return await inner(request, context)
+                except asyncio.CancelledError:
+                    await _ended(call, context)
+                    raise
 
         field = "unary_unary" if handler.unary_unary else "stream_unary"
         return handler._replace(**{field: respond})  # type: ignore[attr-defined, no-any-return]
@@ -98,13 +169,28 @@ def _guard(
     async def stream(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
-        await check(context)
-        result = inner_stream(request, context)
-        if hasattr(result, "__aiter__"):
-            async for message in result:
-                yield message
-        else:  # a coroutine that writes with context.write()
-            await result
+        serial = await check(context)
+        with calls.track(serial) as call:
+            try:
+                result = inner_stream(request, context)
+                if not hasattr(result, "__aiter__"):  # a coroutine that writes with context.write()
+                    await result
+                    return
+                messages = aiter(result)
+                while True:
+                    call.in_servicer = True
+                    try:
+                        message = await anext(messages)
+                    except StopAsyncIteration:
+                        return
+                    finally:
+                        call.in_servicer = False
+                    yield message
+                    if call.ended:  # revoked while gRPC was sending that message
+                        await _ended(call, context)
+            except asyncio.CancelledError:
+                await _ended(call, context)
+                raise
 
     field = "unary_stream" if handler.unary_stream else "stream_stream"
     return handler._replace(**{field: stream})  # type: ignore[attr-defined, no-any-return]

@@ -2,7 +2,7 @@
 
 Discovery and reflection answer from the live registry and the caller's certificate: each
 agency sees the contracts of the services it may call, and only their names otherwise.
-Health follows the providers' reachability, and answers declared agencies only.
+Health follows the providers' reachability. All three answer declared agencies only.
 """
 
 from __future__ import annotations
@@ -69,11 +69,13 @@ class AgencyReflection(reflection_pb2_grpc.ServerReflectionServicer):
         request_iterator: AsyncIterator[reflection_pb2.ServerReflectionRequest],
         context: Context,
     ) -> AsyncIterator[reflection_pb2.ServerReflectionResponse]:
-        proxy = self._current()
-        agency = await caller(proxy, context)
-        catalogue = proxy.catalogue_for(agency)
+        await declared_caller(self._current(), context)
         async for request in request_iterator:
-            yield reflect(catalogue, request)
+            # Judged again for every request, by the configuration and CRL of the moment: a
+            # stream opened before a revocation or a grant's removal does not outlive it.
+            proxy = self._current()
+            agency = await declared_caller(proxy, context)
+            yield reflect(proxy.catalogue_for(agency), request)
 
 
 def reflect(
@@ -128,7 +130,7 @@ class Discovery(discovery_pb2_grpc.DiscoveryServicer):
     async def GetRevocationList(
         self, request: discovery_pb2.GetRevocationListRequest, context: Context
     ) -> discovery_pb2.GetRevocationListResponse:
-        await caller(self._current(), context)
+        await declared_caller(self._current(), context)  # providers fetch it: declared agencies
         crl = self._revocations()
         if crl is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "Tabadol broker: no CRL loaded")
@@ -160,7 +162,7 @@ class Discovery(discovery_pb2_grpc.DiscoveryServicer):
         self, request: discovery_pb2.ListAgenciesRequest, context: Context
     ) -> discovery_pb2.ListAgenciesResponse:
         proxy = self._current()
-        await caller(proxy, context)
+        await declared_caller(proxy, context)
         return discovery_pb2.ListAgenciesResponse(
             agencies=[
                 discovery_pb2.Agency(id=a.id, name=a.name)
@@ -172,7 +174,7 @@ class Discovery(discovery_pb2_grpc.DiscoveryServicer):
         self, request: discovery_pb2.ListServicesRequest, context: Context
     ) -> discovery_pb2.ListServicesResponse:
         proxy = self._current()
-        agency = await caller(proxy, context)
+        agency = await declared_caller(proxy, context)
         services = []
         for name in sorted(proxy.config.services):
             package = name.rpartition(".")[0]
@@ -191,7 +193,7 @@ class Discovery(discovery_pb2_grpc.DiscoveryServicer):
         self, request: discovery_pb2.ListMethodsRequest, context: Context
     ) -> discovery_pb2.ListMethodsResponse:
         proxy = self._current()
-        agency = await caller(proxy, context)
+        agency = await declared_caller(proxy, context)
         await self._routed(proxy, request.service, context)
         return discovery_pb2.ListMethodsResponse(
             methods=self._methods(proxy, agency, request.service)
@@ -201,7 +203,7 @@ class Discovery(discovery_pb2_grpc.DiscoveryServicer):
         self, request: discovery_pb2.AllowedMethodsRequest, context: Context
     ) -> discovery_pb2.AllowedMethodsResponse:
         proxy = self._current()
-        agency = await caller(proxy, context)
+        agency = await declared_caller(proxy, context)
         allowed = []
         for path in sorted(proxy.policy.allowed_paths(agency)):
             method = proxy.contracts.method(path)
@@ -217,7 +219,7 @@ class Discovery(discovery_pb2_grpc.DiscoveryServicer):
         self, request: discovery_pb2.GetContractRequest, context: Context
     ) -> descriptor_pb2.FileDescriptorSet:
         proxy = self._current()
-        agency = await caller(proxy, context)
+        agency = await declared_caller(proxy, context)
         await self._routed(proxy, request.service, context)
         if request.service not in proxy.catalogue_for(agency).visible:
             # Its name is no secret (ListServices names it), its contract is.

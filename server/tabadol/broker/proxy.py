@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 import uuid
@@ -106,12 +107,114 @@ class Identities:
         self._cache[pem] = outcome
 
 
+@dataclass(eq=False)
+class _HeldCall:
+    """A call in flight from an identified certificate, and what ends it."""
+
+    exchange: Exchange
+    task: asyncio.Task[Any] | None
+    provider_call: Any = None  # the call to the provider, once made
+    ending: str = ""  # why the broker is ending it ("" while it may go on)
+
+
+class CallsBySerial:
+    """Calls in flight, by the serial of the consumer certificate that made them.
+
+    Identity is checked when a call starts; a CRL that revokes a certificate later must also
+    end the calls it already holds (a client or bidi stream may last an hour). The call to
+    the provider is cancelled, not half-closed, and the consumer is told why.
+    """
+
+    def __init__(self) -> None:
+        self._calls: dict[int, dict[str, _HeldCall]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._calls)
+
+    def add(self, serial: int, exchange: Exchange) -> None:
+        held = _HeldCall(exchange, asyncio.current_task())
+        self._calls.setdefault(serial, {})[exchange.request_id] = held
+
+    def _held(self, exchange: Exchange) -> _HeldCall | None:
+        if not exchange.consumer_verified:
+            return None
+        calls = self._calls.get(int(exchange.consumer_serial, 16))
+        return calls.get(exchange.request_id) if calls is not None else None
+
+    def forwarding(self, exchange: Exchange, call: Any) -> None:
+        """The call to the provider is made: ending the exchange now means cancelling it."""
+        held = self._held(exchange)
+        if held is None:
+            return
+        held.provider_call = call
+        if held.ending:  # ended between two attempts
+            self._stop(held)
+
+    def discard(self, exchange: Exchange) -> None:
+        if not exchange.consumer_verified:
+            return
+        serial = int(exchange.consumer_serial, 16)
+        calls = self._calls.get(serial)
+        if calls is not None:
+            calls.pop(exchange.request_id, None)
+            if not calls:
+                del self._calls[serial]
+
+    def ended_by_broker(self, exchange: Exchange) -> str:
+        """Why the broker ended this call ("" when it did not)."""
+        held = self._held(exchange)
+        return held.ending if held is not None else ""
+
+    def end_revoked(self, revoked: frozenset[int]) -> int:
+        """End every call made with a certificate in ``revoked``; how many were ended."""
+        ended = 0
+        for serial in revoked & self._calls.keys():
+            for held in list(self._calls[serial].values()):
+                why = (
+                    f"certificate {serial:x} of agency {held.exchange.consumer!r} was revoked "
+                    "during the call"
+                )
+                ended += self._end(held, why)
+        return ended
+
+    def end_all(self, why: str) -> int:
+        """End every call in flight (the CRL went stale: no certificate can be trusted)."""
+        return sum(
+            self._end(h, why) for calls in self._calls.values() for h in list(calls.values())
+        )
+
+    def _end(self, held: _HeldCall, why: str) -> int:
+        if held.ending or held.exchange.code is not None:
+            return 0  # already ending, one way or another
+        held.ending = f"Tabadol broker: {why}; the call was ended"
+        return 1 if self._stop(held) else 0
+
+    @staticmethod
+    def _stop(held: _HeldCall) -> bool:
+        exchange = held.exchange
+        if held.provider_call is not None:
+            # Forwarding then tells the consumer the status recorded here (as when a stream
+            # outlives its service's limit); a call the provider already answered goes on.
+            if not held.provider_call.cancel():
+                return False
+            exchange.ended(grpc.StatusCode.UNAUTHENTICATED, held.ending)
+            return True
+        if held.task is None or held.task.done():
+            return False
+        # Not yet forwarded (a unary call still waiting for its request message): the
+        # handler, interrupted, answers with this status itself (Proxy._request).
+        exchange.ended(grpc.StatusCode.UNAUTHENTICATED, held.ending)
+        held.task.cancel()
+        return True
+
+
 class Drain:
     """Calls in flight, and whether the broker is shutting down (then it takes no new ones)."""
 
     def __init__(self) -> None:
         self.active = False
         self.in_flight = 0
+        self.calls = CallsBySerial()  # by consumer certificate, to end them on revocation
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -268,14 +371,25 @@ class Proxy:
         try:
             identity = self.identities.identify(context)
         except IdentityRejected as e:
-            self._claimed(exchange, context)
+            certificate = self._claimed(exchange, context)
             self.refusals.warn(
                 ("identity", str(e)), "refused a call to %s: %s (request %s)",
                 method.path, e, exchange.request_id,
             )  # fmt: skip
+            # Refusals are recorded too: a flood of them from one certificate is throttled.
+            too_fast = (
+                self.accounting.limits.admit_refused(certificate)
+                if self.accounting.limits is not None
+                else None
+            )
+            if too_fast is not None:
+                await self._over_limit(
+                    exchange, context, Refusal(f"{e}; {too_fast.message}", too_fast.retry_after_s)
+                )
             await abort(exchange, context, grpc.StatusCode.UNAUTHENTICATED, f"Tabadol broker: {e}")
         consumer = exchange.consumer = identity.agency_id
         exchange.consumer_serial, exchange.consumer_verified = f"{identity.serial:x}", True
+        self.accounting.drain.calls.add(identity.serial, exchange)  # revocable from now on
         limits = self.accounting.limits
         if limits is not None and limits.active:
             verdict = limits.admit(consumer, method.service)
@@ -300,13 +414,32 @@ class Proxy:
                 f"{method.name!r} of service {method.service!r}",
             )
 
+    async def _request(self, exchange: Exchange, context: Context) -> bytes:
+        """The call's one request message; if the broker ended the call while waiting for it
+        (its certificate was revoked), the consumer is told so."""
+        try:
+            return await single_request(exchange, context)
+        except asyncio.CancelledError:
+            why = self.accounting.drain.calls.ended_by_broker(exchange)
+            if not why:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            await abort(exchange, context, grpc.StatusCode.UNAUTHENTICATED, why)
+
     @staticmethod
-    def _claimed(exchange: Exchange, context: Context) -> None:
-        """For the ledger: whom a refused certificate claims to be, marked unverified."""
+    def _claimed(exchange: Exchange, context: Context) -> str:
+        """For the ledger: whom a refused certificate claims to be, marked unverified. Returns
+        the certificate's name for throttling its refusals: claimed agency and serial."""
         pems = cast(list[bytes] | None, context.auth_context().get("x509_pem_cert"))
-        claim = claimed_agency(pems[0]) if pems else None
-        if claim is not None:
-            exchange.consumer, exchange.consumer_serial = claim[0], f"{claim[1]:x}"
+        if not pems:
+            return ""
+        claim = claimed_agency(pems[0])
+        if claim is None:
+            return hashlib.sha256(pems[0]).hexdigest()  # names no agency: the certificate itself
+        exchange.consumer, exchange.consumer_serial = claim[0], f"{claim[1]:x}"
+        return f"{claim[0]}/{claim[1]:x}"
 
     async def _over_limit(self, exchange: Exchange, context: Context, refusal: Refusal) -> NoReturn:
         self.refusals.warn(
@@ -416,6 +549,7 @@ class Proxy:
             exchange.ended_ns = time.time_ns()
         self.metrics.in_flight.dec()
         self.accounting.drain.end()
+        self.accounting.drain.calls.discard(exchange)
         if exchange.admission is not None:
             exchange.admission.release()
         if self.accounting.retries is not None:
@@ -443,10 +577,11 @@ class Proxy:
                 exchange = begin()
                 with _Outcome(self, exchange, context):
                     stub, options = await self._prepare(exchange, route, context)
-                    request = await single_request(exchange, context)
+                    request = await self._request(exchange, context)
                     await within_size(exchange, route, context, exchange.request(request))
                     while True:
                         call = stub(request, **options)
+                        self.accounting.drain.calls.forwarding(exchange, call)
                         retry = self._may_retry if route.method.idempotent else None
                         try:
                             response = await forward_unary(call, context, exchange, retry)
@@ -468,9 +603,10 @@ class Proxy:
                 exchange = begin()
                 with _Outcome(self, exchange, context):
                     stub, options = await self._prepare(exchange, route, context)
-                    request = await single_request(exchange, context)
+                    request = await self._request(exchange, context)
                     await within_size(exchange, route, context, exchange.request(request))
                     call = stub(request, **options)
+                    self.accounting.drain.calls.forwarding(exchange, call)
                     async with StreamWatch(call, exchange, route):
                         async for message in forward_stream(call, context, exchange, route):
                             yield message
@@ -485,6 +621,7 @@ class Proxy:
                     stub, options = await self._prepare(exchange, route, context)
                     handler = asyncio.current_task()
                     call = stub(requests_of(requests, exchange, handler, route), **options)
+                    self.accounting.drain.calls.forwarding(exchange, call)
                     async with StreamWatch(call, exchange, route):
                         response = await forward_unary(call, context, exchange)
                     await within_size(exchange, route, context, response, "response")
@@ -500,6 +637,7 @@ class Proxy:
                 stub, options = await self._prepare(exchange, route, context)
                 handler = asyncio.current_task()
                 call = stub(requests_of(requests, exchange, handler, route), **options)
+                self.accounting.drain.calls.forwarding(exchange, call)
                 async with StreamWatch(call, exchange, route):
                     async for message in forward_stream(call, context, exchange, route):
                         yield message

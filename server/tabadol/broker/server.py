@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import grpc
 import grpc.aio
+from cryptography import x509
 
 from tabadol import config as config_module
 from tabadol.broker import platform
@@ -39,14 +40,22 @@ from tabadol.ledger import LedgerWriter
 from tabadol.ledger.digests import payload_digest_key
 from tabadol.ledger.journal import journal_path
 from tabadol.ledger.seal import Sealer
+from tabadol.ledger.signers import signer_check
 from tabadol.ledger.store import LedgerWriteError, SqliteLedgerStore
 from tabadol.ledger.verify import anchor_path
 from tabadol.ledger.writer import RecordsLost
-from tabadol.limits import LimitRule, Limits, RetryBudget
+from tabadol.limits import (
+    ANY_OTHER,
+    UNDECLARED_BURST,
+    UNDECLARED_RATE,
+    LimitRule,
+    Limits,
+    RetryBudget,
+)
 from tabadol.policy import GrantRule, Policy
 from tabadol.protocol import KEEPALIVE_DIAL, KEEPALIVE_LISTEN
 from tabadol.refusals import RefusalLog
-from tabadol.revocation import RevocationList
+from tabadol.revocation import CrlRefused, RevocationList
 from tabadol.spiffe import agency_dns_name, ops_dns_name
 
 log = logging.getLogger("tabadol.broker")
@@ -80,7 +89,9 @@ class Broker:
         # Relay the status a provider sent, not grpc.aio's INTERNAL when a write races it.
         keep_call_status()
         self.config = cfg
-        self.credentials = self._load_credentials(cfg)
+        # The newest CRL this broker ever accepted: an older one is refused even across
+        # restarts (a rollback would un-revoke).
+        self.credentials = self._load_credentials(cfg, held=held_crl(cfg))
         self._closing: set[asyncio.Task[None]] = set()
         self._refusals = RefusalLog(log)
         self.tracing, self.span_stats = _tracing(cfg)
@@ -92,6 +103,7 @@ class Broker:
         self.retries = RetryBudget(cfg.broker.retry_budget_ratio)
         self.drain = Drain()
         self.ledger = _ledger(cfg, self.credentials)
+        keep_crl(cfg, self.credentials.crl)  # beside the ledger, now that it exists
         self.instance = cfg.broker.instance or f"{socket.gethostname()}:{os.getpid()}"
         self._metrics_task: asyncio.Task[None] | None = None
         self._crl_warned = -_CRL_WARN_EVERY_S
@@ -134,6 +146,13 @@ class Broker:
             return
         left = crl.seconds_left(dt.datetime.now(dt.UTC))
         self.metrics.crl_seconds_left.set(left)
+        if left <= 0 and self.config.broker.stale_crl == "refuse" and self.drain.calls:
+            # Fail closed for the calls in flight too: none of their certificates is vouched for.
+            ended = self.drain.calls.end_all(
+                "the exchange's certificate revocation list went stale during the call"
+            )
+            if ended:
+                log.error("ended %d call(s) in flight: the CRL went stale", ended)
         warn_from = self.config.broker.crl_warn_hours * 3600
         if left > warn_from or time.monotonic() - self._crl_warned < _CRL_WARN_EVERY_S:
             return
@@ -367,6 +386,7 @@ class Broker:
         retired = [u for key, u in self._upstreams.items() if upstreams.get(key) is not u]
         self.config, self.credentials, self._upstreams = cfg, creds, upstreams
         self._crl_warned = -_CRL_WARN_EVERY_S  # a new CRL: say at once if it is due soon
+        keep_crl(cfg, creds.crl)
         # The new CRL applies at once to what each endpoint last presented; endpoints new to
         # this configuration are checked now, and get no calls until they pass.
         self.provider_trust.rejudge(upstreams.values(), creds)
@@ -378,6 +398,11 @@ class Broker:
             self._closing.add(task)  # awaited at stop, like channel closes
             task.add_done_callback(self._closing.discard)
         self._dispatch.proxy = proxy
+        # Identity was checked when each call started: the calls a newly revoked certificate
+        # still holds open end now, not when they would have.
+        ended = self.drain.calls.end_revoked(creds.revoked)
+        if ended:
+            log.warning("ended %d call(s) in flight whose certificate the new CRL revokes", ended)
         self.metrics.configure(cfg.agencies)
         self.limits.configure(_limit_rules(cfg))
         self.retries.ratio = cfg.broker.retry_budget_ratio
@@ -438,6 +463,48 @@ _LAST_ANSWERS_S = 1.0
 _CRL_WARN_EVERY_S = 3600.0
 
 
+def _held_crl_path(cfg: BrokerConfig) -> Path:
+    """Beside the ledger: the broker's own state, not the PKI directory a rollback writes."""
+    return cfg.ledger.path.with_name(cfg.ledger.path.name + ".crl")
+
+
+def held_crl(cfg: BrokerConfig) -> RevocationList | None:
+    """The newest CRL this broker accepted before, if it kept one (checked against the CA)."""
+    path = _held_crl_path(cfg)
+    try:
+        data = path.read_bytes()
+        ca = x509.load_pem_x509_certificate((cfg.broker.pki_dir / "ca.crt").read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{cfg.path}: cannot read the CRL this broker kept, {path}: {e}") from e
+    try:
+        return RevocationList.from_bytes(data, ca)
+    except CrlRefused as e:
+        # Not the CA's (or damaged): it cannot vouch for anything; say so, and go on without.
+        log.error("%s: ignored the CRL kept here: %s", path, e)
+        return None
+
+
+def keep_crl(cfg: BrokerConfig, crl: RevocationList | None) -> None:
+    """Remember the newest CRL accepted, so that no restart can go back to an older one."""
+    if crl is None:
+        return
+    path = _held_crl_path(cfg)
+    try:
+        if path.exists() and (held := held_crl(cfg)) is not None and held.number >= crl.number:
+            return
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(crl.der)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        log.error("cannot keep the CRL in %s (%s): a restart could accept an older one", path, e)
+
+
 def _exporter_credentials(cfg: BrokerConfig) -> ExporterCredentials:
     pki_dir = cfg.broker.pki_dir
     try:
@@ -478,7 +545,9 @@ def _tracing(cfg: BrokerConfig) -> tuple[BrokerTracing | None, SpanPipelineStats
 
 def _limit_rules(cfg: BrokerConfig) -> list[LimitRule]:
     """The [[limit]] entries, and for every agency without a concurrency limit over all its
-    services, the broker's default one (so no agency holds unbounded calls in flight)."""
+    services, the broker's default one (so no agency holds unbounded calls in flight).
+    Agencies the registry does not declare, whose every call is refused, get the default
+    concurrency and a refusal rate (ANY_OTHER): a flood of refusals costs the flooder."""
     default = cfg.broker.consumer_concurrency
     overall = {lim.consumer for lim in cfg.limits if lim.service is None}
     rules = [
@@ -496,6 +565,7 @@ def _limit_rules(cfg: BrokerConfig) -> list[LimitRule]:
         for agency in cfg.agencies
         if agency not in overall
     ]
+    rules.append(LimitRule(ANY_OTHER, None, UNDECLARED_RATE, UNDECLARED_BURST, default))
     return rules
 
 
@@ -506,6 +576,13 @@ def _ledger(cfg: BrokerConfig, creds: BrokerCredentials) -> LedgerWriter:
         store = SqliteLedgerStore(settings.path)
     except LedgerWriteError as e:
         raise ConfigError(f"{cfg.path}: [ledger] path: {e}") from e
+    # The journal's lines count only if signed by a broker certificate of this exchange's
+    # CA, valid and unrevoked when it signed: judged as `ledger verify` judges seals.
+    journal_signers = signer_check(
+        ca_cert=x509.load_pem_x509_certificate(creds.ca_pem),
+        trust_domain=cfg.broker.trust_domain,
+        revoked_at=creds.crl.signatures_count_until() if creds.crl is not None else {},
+    )
     try:
         return LedgerWriter(
             store,
@@ -516,6 +593,7 @@ def _ledger(cfg: BrokerConfig, creds: BrokerCredentials) -> LedgerWriter:
             strict=settings.mode == "strict",
             anchor=anchor_path(settings.path),
             journal=journal_path(settings.path),
+            journal_signers=journal_signers,
             instance=cfg.broker.instance or f"{socket.gethostname()}:{os.getpid()}",
             digest_key=key,
         )
@@ -532,6 +610,30 @@ def _certificate_configuration(creds: BrokerCredentials) -> grpc.ServerCertifica
     return grpc.ssl_server_certificate_configuration(
         [(creds.key_pem, creds.cert_pem)], root_certificates=creds.ca_pem
     )
+
+
+def reload_from_file(broker: Broker, config_path: Path) -> bool:
+    """SIGHUP: load the configuration (and with it the CRL) again and switch to it, logging
+    the outcome; on any error the previous configuration keeps serving (False)."""
+    try:
+        new = config_module.load(config_path)
+        broker.reload(new)
+    except TabadolError as e:
+        log.error("configuration reload refused; the previous configuration keeps serving:\n%s", e)
+        return False
+    except Exception:
+        log.exception("configuration reload failed; the previous configuration keeps serving")
+        return False
+    log.info(
+        "configuration reloaded from %s: %d agencies, %d services, %d grants, "
+        "%d revoked certificates",
+        new.path,
+        len(new.agencies),
+        len(new.services),
+        len(new.grants),
+        len(broker.credentials.revoked),
+    )
+    return True
 
 
 async def run(config_path: Path) -> None:
@@ -552,30 +654,7 @@ async def run(config_path: Path) -> None:
         log.info("metrics at https://%s:%d/metrics", host, broker.metrics.port)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
-
-    def reload() -> None:
-        try:
-            new = config_module.load(config_path)
-            broker.reload(new)
-        except TabadolError as e:
-            log.error(
-                "configuration reload refused; the previous configuration keeps serving:\n%s", e
-            )
-            return
-        except Exception:
-            log.exception("configuration reload failed; the previous configuration keeps serving")
-            return
-        log.info(
-            "configuration reloaded from %s: %d agencies, %d services, %d grants, "
-            "%d revoked certificates",
-            new.path,
-            len(new.agencies),
-            len(new.services),
-            len(new.grants),
-            len(broker.credentials.revoked),
-        )
-
-    loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(signal.SIGHUP, reload_from_file, broker, config_path)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     follow_supervisor(stopping.set)

@@ -120,6 +120,11 @@ def _involving(groups: list[CallGroup], agency: str | None) -> list[CallGroup]:
     return [g for g in groups if agency in (g.consumer, g.provider)]
 
 
+def _identified(groups: list[CallGroup], verified: bool = True) -> int:
+    """Calls of identified consumers (or, with ``verified=False``, refused before that)."""
+    return sum(g.calls for g in groups if g.verified is verified)
+
+
 def dashboard(accounts: Accounts, now: dt.datetime, agency: str | None = None) -> dict[str, Any]:
     """Agencies, transactions today / this quarter / all time, top agencies, errors, latency.
     With ``agency``, only the ledger rows in which it is consumer or provider count, and the
@@ -133,24 +138,27 @@ def dashboard(accounts: Accounts, now: dt.datetime, agency: str | None = None) -
     consumers: Counter[str] = Counter()
     providers: Counter[str] = Counter()
     errors = 0
-    for group in groups:
-        consumers[group.consumer or "(refused identity)"] += group.calls
+    # Calls refused before identification name a consumer only as claimed: they are no
+    # agency's traffic and no measure of the exchange's success, so they are counted apart.
+    for group in (g for g in groups if g.verified):
+        consumers[group.consumer] += group.calls
         providers[group.provider] += group.calls
         if group.status_code != 0:
             errors += group.calls
     calls_today = sum(consumers.values())
     active = {a for a in (*consumers, *providers) if a in cfg.agencies}
     latency = store.latency_percentiles(*today, PERCENTS)
-    if agency is None:
-        in_quarter = store.count_between(quarter.start_ns, quarter.end_ns)
-        all_time = store.count_between(*ALL_TIME)
-    else:
+    if agency is not None:
         own = {s.name for s in cfg.services.values() if s.provider == agency}
         latency = {service: row for service, row in latency.items() if service in own}
-        in_quarter = sum(
-            g.calls for g in _involving(store.call_groups(quarter.start_ns, quarter.end_ns), agency)
-        )
-        all_time = sum(g.calls for g in _involving(store.call_groups(*ALL_TIME), agency))
+    quarter_groups = _involving(store.call_groups(quarter.start_ns, quarter.end_ns), agency)
+    all_groups = _involving(store.call_groups(*ALL_TIME), agency)
+    in_quarter, all_time = _identified(quarter_groups), _identified(all_groups)
+    refused = {
+        "today": _identified(groups, False),
+        "quarter": _identified(quarter_groups, False),
+        "allTime": _identified(all_groups, False),
+    }
     return {
         "generated": now.astimezone(dt.UTC).isoformat(),
         "quarter": str(quarter),
@@ -158,6 +166,7 @@ def dashboard(accounts: Accounts, now: dt.datetime, agency: str | None = None) -
         "agency": agency,
         "agencies": {"registered": len(cfg.agencies), "activeToday": len(active)},
         "transactions": {"today": calls_today, "quarter": in_quarter, "allTime": all_time},
+        "refusedBeforeIdentification": refused,
         "errorRateToday": errors / calls_today if calls_today else None,
         "topConsumers": [{"agency": a, "calls": n} for a, n in consumers.most_common(TOP)],
         "topProviders": [{"agency": a, "calls": n} for a, n in providers.most_common(TOP)],

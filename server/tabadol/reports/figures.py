@@ -27,8 +27,15 @@ DEFINITIONS: dict[str, str] = {
         "quarter's first day (exclusive); a call belongs to the quarter in which it started."
     ),
     "transactions": (
-        "Every call the broker recorded in the ledger, whatever its outcome, including calls it "
-        "refused (unidentified callers, calls without a grant, unknown services)."
+        "Every call from an identified caller that the broker recorded in the ledger, whatever "
+        "its outcome, including calls it refused (calls without a grant, over a limit, to "
+        "unknown services). Calls refused before identification are not counted here."
+    ),
+    "refused_before_identification": (
+        "Calls the broker refused because the caller's certificate identified no agency (revoked, "
+        "a stale revocation list, outside the trust domain), recorded in the ledger as "
+        "unverified. The agency such a certificate claims is only a claim: these calls count "
+        "in no agency's figures and in no national rate, only in this one count."
     ),
     "successful": "Transactions that ended with gRPC status 0 (OK).",
     "success_rate": "Successful transactions divided by transactions.",
@@ -38,7 +45,8 @@ DEFINITIONS: dict[str, str] = {
     ),
     "agencies_connected": "Agencies declared in the broker configuration.",
     "agencies_active": (
-        "Declared agencies named as consumer or provider by at least one transaction this quarter."
+        "Declared agencies named as consumer or provider by at least one transaction this quarter "
+        "(calls refused before identification do not make an agency active)."
     ),
     "services_offered": "Services declared in the configuration (for an agency: those it provides).",
     "methods_offered": "Methods of those services in the loaded contracts.",
@@ -46,7 +54,10 @@ DEFINITIONS: dict[str, str] = {
         "Transactions the broker forwarded to the agency as provider (calls it refused itself, "
         "for want of a grant or a valid certificate, never reached the agency)."
     ),
-    "transactions_consumed": "Transactions naming the agency as consumer.",
+    "transactions_consumed": (
+        "Transactions naming the agency as consumer, identified by its certificate (a refused "
+        "certificate claiming the agency does not count)."
+    ),
     "success_rate_served": "Served transactions with status 0, divided by transactions served.",
     "availability": (
         "The quarter is cut into consecutive five-minute windows from its start. A window counts "
@@ -114,6 +125,7 @@ class National:
     success_rate: Decimal | None
     transactions_previous: int
     growth: Decimal | None
+    refused_before_identification: int = 0  # counted apart: in no figure above
 
 
 @dataclass(frozen=True)
@@ -212,12 +224,18 @@ def _offered(cfg: BrokerConfig, provider: str | None = None) -> tuple[OfferedSer
     )
 
 
+def identified(groups: Sequence[CallGroup]) -> list[CallGroup]:
+    """The calls of identified consumers: the only ones any figure counts (see
+    refused_before_identification)."""
+    return [g for g in groups if g.verified]
+
+
 def national_figures(cfg: BrokerConfig, current: Activity, previous: Activity) -> National:
-    groups = current.groups
+    groups = identified(current.groups)
     named = {g.consumer for g in groups} | {g.provider for g in groups}
     transactions = _sum(groups, lambda g: True)
     successful = _sum(groups, lambda g: g.status_code == OK)
-    transactions_previous = _sum(previous.groups, lambda g: True)
+    transactions_previous = _sum(identified(previous.groups), lambda g: True)
     return National(
         agencies_connected=len(cfg.agencies),
         agencies_active=len(named & cfg.agencies.keys()),
@@ -228,11 +246,13 @@ def national_figures(cfg: BrokerConfig, current: Activity, previous: Activity) -
         success_rate=ratio(successful, transactions),
         transactions_previous=transactions_previous,
         growth=ratio(transactions - transactions_previous, transactions_previous),
+        refused_before_identification=_sum(current.groups, lambda g: not g.verified),
     )
 
 
 def agency_figures(cfg: BrokerConfig, agency: AgencyEntry, current: Activity) -> AgencyFigures:
-    served = [g for g in current.groups if g.provider == agency.id and g.forwarded]
+    groups = identified(current.groups)
+    served = [g for g in groups if g.provider == agency.id and g.forwarded]
     transactions_served = _sum(served, lambda g: True)
     successful_served = _sum(served, lambda g: g.status_code == OK)
     with_calls, answered = current.windows.get(agency.id, (0, 0))
@@ -248,7 +268,7 @@ def agency_figures(cfg: BrokerConfig, agency: AgencyEntry, current: Activity) ->
         services=services,
         transactions_served=transactions_served,
         successful_served=successful_served,
-        transactions_consumed=_sum(current.groups, lambda g: g.consumer == agency.id),
+        transactions_consumed=_sum(groups, lambda g: g.consumer == agency.id),
         success_rate=ratio(successful_served, transactions_served),
         windows_with_calls=with_calls,
         windows_answered=answered,

@@ -106,6 +106,7 @@ def report_json(report: QuarterlyReport) -> dict[str, Any]:
             "success_rate": _number(n.success_rate),
             "transactions_previous": n.transactions_previous,
             "growth": _number(n.growth),
+            "refused_before_identification": n.refused_before_identification,
         },
         "agencies": [_agency_json(a) for a in report.agencies],
         "indicators": [_indicator_json(i) for i in report.indicators],
@@ -231,6 +232,11 @@ def _national(report: QuarterlyReport) -> str:
         ),
         _figure("Successful", _count(n.successful), f"{percent(n.success_rate)} success rate"),
         _figure("Growth", _signed(n.growth) if n.growth is not None else "\N{EN DASH}", growth),
+        _figure(
+            "Calls refused before identification",
+            _count(n.refused_before_identification),
+            "certificates that identified no agency; in no figure above",
+        ),
     ]
     return f'<dl class="national">{"".join(figures)}</dl>'
 
