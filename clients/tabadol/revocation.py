@@ -17,7 +17,6 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-
 # How long a broker may go on sealing with a certificate its renewal superseded: the time
 # an operator has to reload it (docs/pki.md).
 SUPERSEDED_GRACE = dt.timedelta(hours=24)
