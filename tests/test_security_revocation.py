@@ -614,3 +614,24 @@ def test_a_superseded_broker_certificate_still_vouches_for_seals_until_the_reloa
 
     ca.revoke([x509.load_pem_x509_certificate(old).serial_number], reason="key-compromise")
     assert problem(an_hour_later) is not None
+
+
+async def test_a_provider_keeps_the_newest_crl_so_a_restart_cannot_roll_it_back(
+    exchange: Exchange,
+) -> None:
+    older = (exchange.ca.dir / "crl.pem").read_bytes()
+    old_broker = (exchange.ca.dir / "broker.crt").read_bytes()
+    exchange.ca.issue_broker(force=True)  # the old broker certificate: revoked
+    exchange.broker.reload(exchange.broker.config)
+    bundle = exchange.ca.dir / "agencies" / "echo"
+
+    async def kept() -> bool:
+        return (bundle / "crl.pem").exists() and (
+            crl_number(load_crl(bundle / "crl.pem", exchange.ca.cert)) > 1
+        )
+
+    assert await eventually(kept)
+
+    restarted = BrokerRevocations(AgencyCredentials.load(bundle), crl_file=bundle / "crl.pem")
+    assert not restarted.offer(older, "a rolled-back broker")
+    assert "is revoked" in (restarted.refusal(old_broker) or "")

@@ -15,12 +15,14 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import grpc.aio
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from tabadol.client.credentials import AgencyCredentials
 from tabadol.platform.v1 import discovery_pb2, discovery_pb2_grpc
@@ -43,8 +45,10 @@ class BrokerRevocations:
         *,
         crl_file: Path | None = None,
         refresh_seconds: float = DEFAULT_REFRESH_SECONDS,
+        keep: Path | None = None,
     ) -> None:
         self._credentials = credentials
+        self._keep = keep  # where a newer CRL from the broker is kept, for the next start
         self._ca = x509.load_pem_x509_certificate(credentials.ca_pem)
         self._crl_file = crl_file
         self._file_mtime = 0.0
@@ -57,6 +61,7 @@ class BrokerRevocations:
         self._serials: dict[bytes, int] = {}
         self._warned = False
         self._on_newer: list[Callable[[frozenset[int]], None]] = []
+        self._read_file()  # the CRL kept before: no start goes back to an older one
 
     def on_newer_crl(self, callback: Callable[[frozenset[int]], None]) -> None:
         """Call ``callback`` with the revoked serials whenever a newer CRL is taken (so that
@@ -79,9 +84,30 @@ class BrokerRevocations:
             )
         self.current = crl
         if newer:
+            if source != str(self._crl_file):
+                self._keep_crl(crl)
             for callback in self._on_newer:
                 callback(crl.serials)
         return True
+
+    def _keep_crl(self, crl: RevocationList) -> None:
+        if self._keep is None:
+            return
+        pem = x509.load_der_x509_crl(crl.der).public_bytes(serialization.Encoding.PEM)
+        tmp = self._keep.with_name(self._keep.name + ".tmp")
+        try:
+            tmp.write_bytes(pem)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self._keep)
+            self._crl_file = self._keep
+            self._file_mtime = self._keep.stat().st_mtime
+        except OSError as e:
+            log.warning(
+                "cannot keep the broker CRL in %s (%s): after a restart this provider takes "
+                "whatever fresh CRL it is given first",
+                self._keep,
+                e.strerror,
+            )
 
     def refusal(self, cert_pem: bytes) -> str | None:
         """Why the broker certificate presented must be refused now, or None."""

@@ -221,6 +221,7 @@ class ProviderServer:
             self.credentials,
             crl_file=crl_file if crl_file.exists() else None,
             refresh_seconds=crl_refresh_seconds,
+            keep=crl_file,
         )
         self._broker = broker
         self.server = grpc.aio.server(
