@@ -30,7 +30,12 @@ function tiles(d) {
     tile('agencies-active', 'Agencies active today', count(agencies.activeToday),
       `of ${count(agencies.registered)} registered, as consumer or provider`),
     tile('error-rate', 'Error rate today', rate === null ? '–' : formatPercent(rate),
-      rate === null ? 'no calls yet today' : 'calls that ended with a gRPC error', rate ? 'has-errors' : null));
+      rate === null ? 'no calls yet today' : 'calls that ended with a gRPC error', rate ? 'has-errors' : null),
+    // Calls from certificates the broker could not identify: counted apart from every figure.
+    tile('refused-unidentified', 'Refused before identification today',
+      count(d.refusedBeforeIdentification ? d.refusedBeforeIdentification.today : 0),
+      'revoked, expired or foreign certificates; in no figure above',
+      d.refusedBeforeIdentification && d.refusedBeforeIdentification.today ? 'has-errors' : null));
 }
 
 function topList(id, title, rows) {
