@@ -21,7 +21,11 @@ def seal_signer_problem(
     trust_domain: str,
     revoked_at: Mapping[int, dt.datetime],
 ) -> str | None:
-    """Why a seal's signer could not vouch for it at the time it was made, or None."""
+    """Why a seal's signer could not vouch for it at the time it was made, or None.
+
+    ``revoked_at``: from when each revoked certificate's signatures stop counting
+    (RevocationList.signatures_count_until: its revocation, a day later if superseded).
+    """
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
         cert.verify_directly_issued_by(ca_cert)
@@ -37,8 +41,8 @@ def seal_signer_problem(
     revoked = revoked_at.get(cert.serial_number)
     if revoked is not None and revoked <= sealed_at:
         return (
-            f"broker certificate {cert.serial_number:x} was revoked at "
-            f"{revoked:%Y-%m-%d %H:%M:%S} UTC, before the seal was made"
+            f"broker certificate {cert.serial_number:x} is revoked, and its signatures stopped "
+            f"counting at {revoked:%Y-%m-%d %H:%M:%S} UTC, before the seal was made"
         )
     return None
 
