@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -23,9 +21,7 @@ import grpc.aio
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tabadol.broker import Broker
 from tabadol.client import ProviderServer, connect
-from tabadol.ledger.store import SqliteLedgerStore
 from tabadol.pki import CertificateAuthority
 from tabadol.protocol import CONSUMER_KEY
 from tests.conftest import TRUST_DOMAIN, start_broker
@@ -39,54 +35,9 @@ from tests.support.echo import (
     own_pki,
     start_echo,
 )
-from tests.test_security_revocation import crl_signed_by
+from tests.support.exchange import OwnExchange, crl_signed_by, eventually, own_exchange
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
-
-
-async def eventually(check: Callable[[], bool | Awaitable[bool]], seconds: float = 10.0) -> bool:
-    """Poll until ``check`` holds, at most ``seconds`` (a bound, not a timing assertion)."""
-    ends = time.monotonic() + seconds
-    while True:
-        result = check()
-        if await result if isinstance(result, Awaitable) else result:
-            return True
-        if time.monotonic() >= ends:
-            return False
-        await asyncio.sleep(0.02)
-
-
-@dataclass
-class Exchange:
-    ca: CertificateAuthority
-    broker: Broker
-    provider: ProviderServer
-    echo: EchoProvider
-    directory: Path
-
-    def consumer(self, agency: str = "post") -> grpc.aio.Channel:
-        return connect(f"127.0.0.1:{self.broker.port}", self.ca.dir / "agencies" / agency)
-
-    def revoke_and_reload(self, agency: str = "post") -> None:
-        """What operators do: `tabadol pki revoke`, then SIGHUP the broker."""
-        self.ca.revoke_agency(agency)
-        self.broker.reload(self.broker.config)
-
-    def ledger(self) -> list[tuple[str, str, int, bool]]:
-        """(consumer, method, status code, verified) of every record, once the broker stopped."""
-        store = SqliteLedgerStore(self.broker.config.ledger.path, readonly=True)
-        try:
-            return [
-                (
-                    s.record.consumer,
-                    s.record.method,
-                    s.record.status_code,
-                    s.record.consumer_verified,
-                )
-                for s in store.records()
-            ]
-        finally:
-            store.close()
 
 
 GRANTS = f"""
@@ -103,16 +54,9 @@ methods = ["*"]
 
 
 @pytest.fixture
-async def exchange(tmp_path: Path, echo_contracts: Path) -> AsyncIterator[Exchange]:
-    ca = own_pki(tmp_path, TRUST_DOMAIN, "post", "nocr", "echo")
-    provider, echo = await start_echo(ca.dir / "agencies" / "echo", crl_refresh_seconds=0.1)
-    broker = await start_broker(tmp_path, ca.dir, echo_contracts, [provider.address], GRANTS)
-    provider.follow_broker(f"127.0.0.1:{broker.port}")
-    try:
-        yield Exchange(ca, broker, provider, echo, tmp_path)
-    finally:
-        await broker.stop(0)
-        await provider.stop(0)
+async def exchange(tmp_path: Path, echo_contracts: Path) -> AsyncIterator[OwnExchange]:
+    async with own_exchange(tmp_path, echo_contracts, ("post", "nocr"), GRANTS) as running:
+        yield running
 
 
 def revoked_during_the_call(error: grpc.aio.AioRpcError) -> bool:
@@ -128,7 +72,7 @@ async def provider_has(echo: EchoProvider, method: str) -> None:
 
 
 async def test_a_client_stream_opened_before_revocation_ends_unauthenticated_at_reload(
-    exchange: Exchange,
+    exchange: OwnExchange,
 ) -> None:
     async with exchange.consumer("post") as channel:
         # The provider works on what it got once the stream ends: a cancel interrupts it.
@@ -150,7 +94,7 @@ async def test_a_client_stream_opened_before_revocation_ends_unauthenticated_at_
 
 
 async def test_a_bidi_stream_opened_before_revocation_ends_unauthenticated_at_reload(
-    exchange: Exchange,
+    exchange: OwnExchange,
 ) -> None:
     async with exchange.consumer("post") as channel:
         stream = channel.stream_stream(BIDI)(timeout=60)
@@ -165,7 +109,7 @@ async def test_a_bidi_stream_opened_before_revocation_ends_unauthenticated_at_re
     assert revoked_during_the_call(err.value), err.value
 
 
-async def test_a_server_stream_is_cut_when_its_consumer_is_revoked(exchange: Exchange) -> None:
+async def test_a_server_stream_is_cut_when_its_consumer_is_revoked(exchange: OwnExchange) -> None:
     metadata = (("x-test-count", "100000"), ("x-test-pause", "0.01"))
     async with exchange.consumer("post") as channel:
         stream = channel.unary_stream(SERVER_STREAM)(b"page", timeout=60, metadata=metadata)
@@ -180,7 +124,7 @@ async def test_a_server_stream_is_cut_when_its_consumer_is_revoked(exchange: Exc
 
 
 async def test_a_unary_call_waiting_on_its_provider_ends_when_its_consumer_is_revoked(
-    exchange: Exchange,
+    exchange: OwnExchange,
 ) -> None:
     async with exchange.consumer("post") as channel:
         call = channel.unary_unary(UNARY)(b"slow", timeout=60, metadata=(("x-test-sleep", "50"),))
@@ -195,7 +139,7 @@ async def test_a_unary_call_waiting_on_its_provider_ends_when_its_consumer_is_re
 
 
 async def test_a_call_held_open_before_its_request_message_ends_when_its_consumer_is_revoked(
-    exchange: Exchange,
+    exchange: OwnExchange,
 ) -> None:
     """An attacker opens a unary call and never sends its message: nothing is forwarded yet,
     and still the call ends with the revocation."""
@@ -213,7 +157,7 @@ async def test_a_call_held_open_before_its_request_message_ends_when_its_consume
 
 
 async def test_other_agencies_calls_in_flight_go_on_through_a_revocation(
-    exchange: Exchange,
+    exchange: OwnExchange,
 ) -> None:
     async with exchange.consumer("post") as post, exchange.consumer("nocr") as nocr:
         revoked = post.stream_stream(BIDI)(timeout=60)
@@ -234,7 +178,7 @@ async def test_other_agencies_calls_in_flight_go_on_through_a_revocation(
     assert revoked_during_the_call(err.value)
 
 
-async def test_a_reload_that_revokes_nobody_in_flight_ends_nothing(exchange: Exchange) -> None:
+async def test_a_reload_that_revokes_nobody_in_flight_ends_nothing(exchange: OwnExchange) -> None:
     async with exchange.consumer("post") as channel:
         stream = channel.stream_stream(BIDI)(timeout=60)
         await stream.write(b"one")
@@ -284,7 +228,7 @@ async def reflection_stream(
 
 
 async def test_a_reflection_stream_stops_answering_once_its_agency_is_revoked(
-    exchange: Exchange,
+    exchange: OwnExchange,
 ) -> None:
     async with exchange.consumer("post") as channel:
         stream = await reflection_stream(channel)
@@ -302,7 +246,7 @@ async def test_a_reflection_stream_stops_answering_once_its_agency_is_revoked(
 
 
 async def test_a_reflection_stream_follows_a_grant_removed_while_it_is_open(
-    exchange: Exchange,
+    exchange: OwnExchange,
 ) -> None:
     async with exchange.consumer("nocr") as channel:
         stream = await reflection_stream(channel)
@@ -343,7 +287,7 @@ async def open_to_provider(
 
 
 async def test_a_provider_ends_a_stream_from_a_broker_certificate_superseded_meanwhile(
-    exchange: Exchange,
+    exchange: OwnExchange,
 ) -> None:
     """The old broker key leaked; its holder opened a stream to the provider before the
     broker was reissued. The provider ends that stream once it takes the new CRL."""
@@ -369,7 +313,7 @@ async def test_a_provider_ends_a_stream_from_a_broker_certificate_superseded_mea
 
 
 async def test_a_provider_ends_a_slow_unary_call_when_its_broker_certificate_is_revoked(
-    exchange: Exchange,
+    exchange: OwnExchange,
 ) -> None:
     old_cert = (exchange.ca.dir / "broker.crt").read_bytes()
     old_key = (exchange.ca.dir / "broker.key").read_bytes()

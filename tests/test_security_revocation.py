@@ -6,16 +6,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import shutil
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import grpc.aio
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 
 from tabadol.broker import Broker
 from tabadol.cli import main
@@ -31,47 +28,14 @@ from tabadol.protocol import CONSUMER_KEY
 from tabadol.revocation import CrlRefused, RevocationList, check_replacement
 from tests.conftest import DEFAULT_GRANTS, TRUST_DOMAIN, broker_toml, start_broker
 from tests.support.collector import running_collector
-from tests.support.echo import UNARY, EchoProvider, own_pki, start_echo
+from tests.support.echo import UNARY, own_pki, start_echo
+from tests.support.exchange import OwnExchange, crl_signed_by, eventually, own_exchange
 
 NOW = dt.datetime.now(dt.UTC)
 
 
-def crl_signed_by(
-    ca: CertificateAuthority,
-    *,
-    number: int,
-    revoked: set[int] = frozenset(),  # type: ignore[assignment]
-    next_update: dt.datetime,
-    last_update: dt.datetime | None = None,
-) -> bytes:
-    """A CRL the CA really signed, with whatever number and dates an attacker replays."""
-    last = last_update or next_update - dt.timedelta(days=7)
-    builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(ca.cert.subject)
-        .last_update(last)
-        .next_update(next_update)
-        .add_extension(x509.CRLNumber(number), critical=False)
-    )
-    for serial in sorted(revoked):
-        builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(last).build()
-        )
-    return builder.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
-
-
 def serial(path: Path) -> int:
     return x509.load_pem_x509_certificate(path.read_bytes()).serial_number
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = 10.0) -> bool:
-    """Poll until ``check`` holds, at most ``seconds`` (a bound, not a timing assertion)."""
-    ends = time.monotonic() + seconds
-    while time.monotonic() < ends:
-        if await check():
-            return True
-        await asyncio.sleep(0.05)
-    return await check()
 
 
 async def unary(channel: grpc.aio.Channel) -> bytes:
@@ -85,31 +49,10 @@ async def refusal(channel: grpc.aio.Channel) -> grpc.aio.AioRpcError:
     return err.value
 
 
-@dataclass
-class Exchange:
-    ca: CertificateAuthority
-    broker: Broker
-    provider: ProviderServer
-    echo: EchoProvider
-    directory: Path
-
-    def consumer(self, agency: str = "post") -> grpc.aio.Channel:
-        return connect(f"127.0.0.1:{self.broker.port}", self.ca.dir / "agencies" / agency)
-
-
 @pytest.fixture
-async def exchange(tmp_path: Path, echo_contracts: Path) -> AsyncIterator[Exchange]:
-    """A PKI of this test's own (so revoking leaves the session alone), a provider that
-    follows the broker's CRL every 0.1 s, and a broker."""
-    ca = own_pki(tmp_path, TRUST_DOMAIN, "post", "echo", "tax")
-    provider, echo = await start_echo(ca.dir / "agencies" / "echo", crl_refresh_seconds=0.1)
-    broker = await start_broker(tmp_path, ca.dir, echo_contracts, [provider.address])
-    provider.follow_broker(f"127.0.0.1:{broker.port}")
-    try:
-        yield Exchange(ca, broker, provider, echo, tmp_path)
-    finally:
-        await broker.stop(0)
-        await provider.stop(0)
+async def exchange(tmp_path: Path, echo_contracts: Path) -> AsyncIterator[OwnExchange]:
+    async with own_exchange(tmp_path, echo_contracts) as running:
+        yield running
 
 
 # --- The CA's records: the CRL is rebuilt from them, and its number only goes up -------------
@@ -252,7 +195,7 @@ def test_a_crl_from_another_ca_is_refused(tmp_path: Path) -> None:
 
 
 async def test_putting_back_an_older_crl_does_not_unrevoke_an_agency(
-    exchange: Exchange,
+    exchange: OwnExchange,
 ) -> None:
     older_crl = (exchange.ca.dir / "crl.pem").read_bytes()
     exchange.ca.revoke_agency("post")
@@ -269,7 +212,7 @@ async def test_putting_back_an_older_crl_does_not_unrevoke_an_agency(
 
 
 async def test_a_stale_crl_is_refused_on_reload_and_the_old_one_keeps_serving(
-    exchange: Exchange,
+    exchange: OwnExchange,
 ) -> None:
     stale = crl_signed_by(exchange.ca, number=1000, next_update=NOW - dt.timedelta(days=393))
     (exchange.ca.dir / "crl.pem").write_bytes(stale)
@@ -365,7 +308,7 @@ def test_the_broker_will_not_start_with_its_own_revoked_certificate(
 # --- The provider leg -------------------------------------------------------------------
 
 
-async def test_a_revoked_provider_gets_no_more_calls_after_reload(exchange: Exchange) -> None:
+async def test_a_revoked_provider_gets_no_more_calls_after_reload(exchange: OwnExchange) -> None:
     async with exchange.consumer("post") as channel:
         assert await unary(channel) == b"ping"
         calls_before = len(exchange.echo.calls)
@@ -424,7 +367,7 @@ async def call_provider_as(
 
 
 async def test_a_superseded_broker_certificate_is_refused_by_providers_without_restart(
-    exchange: Exchange,
+    exchange: OwnExchange,
 ) -> None:
     old_cert = (exchange.ca.dir / "broker.crt").read_bytes()
     old_key = (exchange.ca.dir / "broker.key").read_bytes()
@@ -509,7 +452,7 @@ def test_a_seal_signed_by_an_agency_certificate_does_not_count(tmp_path: Path) -
 
 
 async def test_a_renewed_broker_certificate_keeps_its_spans_reaching_the_collector(
-    exchange: Exchange,
+    exchange: OwnExchange,
 ) -> None:
     """Renewing revokes the old certificate, which the collector then refuses: the broker
     must export with the new one from its reload on, not lose its spans until a restart."""
@@ -617,7 +560,7 @@ def test_a_superseded_broker_certificate_still_vouches_for_seals_until_the_reloa
 
 
 async def test_a_provider_keeps_the_newest_crl_so_a_restart_cannot_roll_it_back(
-    exchange: Exchange,
+    exchange: OwnExchange,
 ) -> None:
     older = (exchange.ca.dir / "crl.pem").read_bytes()
     old_broker = (exchange.ca.dir / "broker.crt").read_bytes()
