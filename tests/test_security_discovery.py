@@ -508,8 +508,10 @@ async def test_a_flood_from_a_revoked_or_undeclared_certificate_is_throttled_and
     tmp_path: Path, echo_contracts: Path
 ) -> None:
     """Refusals are not free: past a small burst, a revoked certificate and an undeclared
-    agency get RESOURCE_EXHAUSTED (gRPC's pushback with it), and every call still has its
-    ledger record, the revoked ones marked unverified. A declared agency is not slowed."""
+    agency get RESOURCE_EXHAUSTED (gRPC's pushback with it). Every refusal within the burst
+    has its ledger record (the revoked ones marked unverified); of the throttled ones, one a
+    second is recorded and the rest are counted, so a flood cannot fill the ledger's disk.
+    A declared agency is not slowed."""
     own = own_pki(tmp_path, TRUST_DOMAIN, "post", "nocr", "ghost", "echo")
     own.revoke_agency("nocr")
     provider, _ = await start_echo(own.dir / "agencies" / "echo")
@@ -540,8 +542,23 @@ async def test_a_flood_from_a_revoked_or_undeclared_certificate_is_throttled_and
     by = {
         agency: [r for r in records if r.consumer == agency] for agency in ("nocr", "ghost", "post")
     }
-    assert len(by["nocr"]) == 120 and not any(r.consumer_verified for r in by["nocr"])
-    assert len(by["ghost"]) == 120 and all(r.consumer_verified for r in by["ghost"])
+    unrecorded = broker.metrics.registry.get_sample_value(
+        "tabadol_calls_refused_total", {"reason": "flood_unrecorded"}
+    )
+    for agency, codes, first in (
+        ("nocr", revoked_codes, "UNAUTHENTICATED"),
+        ("ghost", ghost_codes, "PERMISSION_DENIED"),
+    ):
+        written = by[agency]
+        throttled = [
+            r for r in written if r.status_code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        ]
+        # Every refusal within the burst is written; of the throttled ones, at least one.
+        assert len(written) - len(throttled) == codes[first]
+        assert 1 <= len(throttled) < codes["RESOURCE_EXHAUSTED"]
+    assert not any(r.consumer_verified for r in by["nocr"])
+    assert all(r.consumer_verified for r in by["ghost"])
+    assert unrecorded == 240 - len(by["nocr"]) - len(by["ghost"])
     assert len(by["post"]) == 60
 
 

@@ -98,7 +98,9 @@ class BrokerMetrics:
         self._seen = {"written": 0, "dropped": 0}
         self.refused = Counter(
             "tabadol_calls_refused",
-            "Calls refused before routing: unknown method, or ledger not writable.",
+            "Calls refused before routing: unknown method, ledger not writable, or the "
+            "refusals of a flooding unidentified or undeclared caller left out of the ledger "
+            "(flood_unrecorded).",
             ["reason"],
             registry=self.registry,
         )

@@ -236,6 +236,27 @@ class Drain:
         return True
 
 
+class FloodRecords:
+    """Which throttled refusals of a flooding caller get a ledger record: one a second per
+    caller (a certificate that failed identification, or an agency the registry does not
+    declare). The rest are counted in the metrics and the refusal log, not written one by
+    one: a flood must not fill the ledger's disk, which would stop the whole exchange."""
+
+    def __init__(self, interval_s: float = 1.0, keys_limit: int = 10_000) -> None:
+        self._interval = interval_s
+        self._limit = keys_limit
+        self._last: dict[str, float] = {}
+
+    def record(self, caller: str, now: float) -> bool:
+        last = self._last.get(caller)
+        if last is not None and now - last < self._interval:
+            return False
+        if len(self._last) >= self._limit:
+            self._last.clear()
+        self._last[caller] = now
+        return True
+
+
 @dataclass(frozen=True)
 class Accounting:
     """What the broker does with every finished call, besides answering it."""
@@ -248,6 +269,7 @@ class Accounting:
     limits: Limits | None = None  # rate and concurrency, per consumer (and service)
     retries: RetryBudget | None = None  # for idempotent unary methods
     drain: Drain = field(default_factory=Drain)
+    floods: FloodRecords = field(default_factory=FloodRecords)
 
 
 class Proxy:
@@ -383,6 +405,7 @@ class Proxy:
                 else None
             )
             if too_fast is not None:
+                self._sample_flood(exchange, certificate)
                 await self._over_limit(
                     exchange, context, Refusal(f"{e}; {too_fast.message}", too_fast.retry_after_s)
                 )
@@ -394,6 +417,8 @@ class Proxy:
         if limits is not None and limits.active:
             verdict = limits.admit(consumer, method.service)
             if isinstance(verdict, Refusal):
+                if consumer not in self.agencies:
+                    self._sample_flood(exchange, consumer)
                 await self._over_limit(exchange, context, verdict)
             exchange.admission = verdict
         if not self.policy.allows(consumer, method.path):
@@ -427,6 +452,13 @@ class Proxy:
             if task is not None:
                 task.uncancel()
             await abort(exchange, context, grpc.StatusCode.UNAUTHENTICATED, why)
+
+    def _sample_flood(self, exchange: Exchange, caller: str) -> None:
+        """A throttled refusal of an unidentified or undeclared caller: recorded once a
+        second per caller, otherwise only counted."""
+        if not self.accounting.floods.record(caller, time.monotonic()):
+            exchange.recorded = True  # nothing written for this one: counted instead
+            self.metrics.refused.labels("flood_unrecorded").inc()
 
     @staticmethod
     def _claimed(exchange: Exchange, context: Context) -> str:
