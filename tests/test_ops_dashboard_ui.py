@@ -224,6 +224,7 @@ async def test_dashboard_tiles_show_todays_quarters_and_all_time_counts(
         "Agencies active today": "3",
         "Error rate today": "25%",
         "Refused before identification today": "0",
+        "From agencies not in the registry today": "0",
     }
     for label, value in expected.items():
         await expect(_tile(page, label).locator(".tile-value")).to_have_text(value)

@@ -631,6 +631,85 @@ def test_the_dashboard_counts_unidentified_refusals_apart_from_every_agency(
         assert flooded == clean, agency
 
 
+def undeclared_fixture(directory: Path) -> tuple[BrokerConfig, SqliteLedgerStore]:
+    """The fixture's ledger, plus what an insider adds with a certificate the CA signed for
+    an agency the configuration does not declare: 361 refused calls this quarter (its
+    certificate identified it, so the ledger says verified) and 40 in the previous one."""
+    (directory / "contracts").mkdir(parents=True)
+    write_echo_contracts(directory / "contracts" / "echo.pb")
+    write_tax_contracts(directory / "contracts" / "tax.pb")
+    (directory / "broker.toml").write_text(CONFIG, encoding="utf-8")
+    insider = [
+        Call(T0 + 8 * HOUR + i, "insider-sim", "nocr", ECHO, "Unary", 7, 1, "") for i in range(361)
+    ] + [Call(P0 + HOUR + i, "INSIDER-SIM", "nocr", ECHO, "Unary", 7, 1, "") for i in range(40)]
+    return load(directory / "broker.toml"), write_ledger(
+        directory / "ledger.db", _calls() + insider
+    )
+
+
+def test_refused_calls_of_an_undeclared_agency_skew_no_figure_and_are_counted_apart(
+    tmp_path: Path, report: QuarterlyReport
+) -> None:
+    # Second review of issue 10: 361 refused calls of an agency the registry does not declare
+    # became 361 of 677 transactions, and the national success rate fell from ~74% to 34.6%.
+    cfg, store = undeclared_fixture(tmp_path)
+    try:
+        skewed = build_quarterly(cfg, store, Q3)
+    finally:
+        store.close()
+    assert replace(skewed.national, from_undeclared_agencies=0) == report.national
+    assert skewed.agencies == report.agencies
+    assert skewed.indicators == report.indicators
+    assert skewed.national.transactions == 19  # not 380
+    assert skewed.national.success_rate == Decimal(10) / Decimal(19)
+    assert skewed.national.growth == report.national.growth  # the previous quarter's 40 too
+    assert skewed.national.agencies_active == 3
+    # ...and the insider's calls are one separate count, in every rendering.
+    assert skewed.national.from_undeclared_agencies == 361
+    assert skewed.national.refused_before_identification == 0
+    assert report.national.from_undeclared_agencies == 0
+    data = report_json(skewed)
+    assert data["national"]["from_undeclared_agencies"] == 361
+    assert "from_undeclared_agencies" in data["definitions"]
+    html = render_html(skewed)
+    assert "Calls from agencies not in the registry" in html and "361" in html
+    assert "insider" not in render_csv(skewed).lower()
+
+
+def test_the_dashboard_counts_an_undeclared_agencys_calls_apart_from_every_figure(
+    tmp_path: Path,
+) -> None:
+    from tabadol.ops.dashboard import Accounts, dashboard
+
+    now = dt.datetime.fromtimestamp((T0 + 9 * HOUR) / 1e9, dt.UTC)
+    shown = {}
+    for name, build in (("clean", write_fixture), ("insider", undeclared_fixture)):
+        cfg, store = build(tmp_path / name)
+        try:
+            shown[name] = {
+                agency: dashboard(Accounts(cfg, store), now, agency=agency)
+                for agency in (None, "nocr", "insider-sim")
+            }
+        finally:
+            store.close()
+    assert shown["insider"][None]["fromUndeclaredAgencies"] == {
+        "today": 361, "quarter": 361, "allTime": 401,
+    }  # fmt: skip
+    assert shown["insider"]["nocr"]["fromUndeclaredAgencies"]["quarter"] == 361
+    assert shown["clean"][None]["fromUndeclaredAgencies"]["allTime"] == 0
+    assert shown["insider"][None]["refusedBeforeIdentification"]["allTime"] == 0
+    # Transactions, error rate, top consumers and latency: as if the insider had not called.
+    assert "insider-sim" not in {r["agency"] for r in shown["insider"][None]["topConsumers"]}
+    assert shown["insider"]["insider-sim"]["transactions"] == {
+        "today": 0, "quarter": 0, "allTime": 0,
+    }  # fmt: skip
+    for agency in (None, "nocr"):
+        clean, skewed = shown["clean"][agency], shown["insider"][agency]
+        for figures in (clean, skewed):
+            del figures["fromUndeclaredAgencies"]
+        assert skewed == clean, agency
+
+
 def test_a_quarter_with_no_earlier_transactions_has_no_growth(tmp_path: Path) -> None:
     cfg, store = write_fixture(tmp_path)
     try:
@@ -735,6 +814,7 @@ def test_the_json_holds_the_quarter_every_figure_and_the_definitions(written: li
         "transactions_previous": 5,
         "growth": 2.8,
         "refused_before_identification": 0,
+        "from_undeclared_agencies": 0,
     }
     agencies = {a["id"]: a for a in data["agencies"]}
     assert agencies["tax"] == {

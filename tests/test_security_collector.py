@@ -383,6 +383,58 @@ async def test_an_agency_flooding_the_store_evicts_its_own_spans_not_the_brokers
         )
 
 
+async def test_an_agency_flooding_below_a_fair_share_never_evicts_the_brokers_spans(
+    tmp_path: Path, pki: CertificateAuthority
+) -> None:
+    # Second review of issue 10: with the broker and four agencies, a flooder below a fifth
+    # of the store held no more than a "fair share", so each eviction took the broker's
+    # earliest spans: the index of the other agencies' traces.
+    cap = 1024 * 1024
+    async with running_collector(tmp_path, pki, store_limits=StoreLimits(max_bytes=cap)) as running:
+        store = running.store
+        honest = ("tax", "cra", "nocr")
+        calls: list[Span] = []
+        while store.used_bytes() < cap * 3 // 4:  # the broker's evidence: most of the store
+            batch = [
+                span(attributes={"tabadol.consumer": honest[n % 3], "tabadol.provider": "echo",
+                                 "p": "b" * 4000})
+                for n in range(len(calls), len(calls) + 30)
+            ]  # fmt: skip
+            calls += batch
+            await export(running, pki, ("broker", ""), request(BROKER, *batch))
+        broker = f"spiffe://{TRUST_DOMAIN}/broker"
+        evidence = store.usage()[broker]
+        own = {a: [span(attributes={"p": a * 4000}) for _ in range(5)] for a in honest}
+        for agency, spans in own.items():  # each well under a fifth
+            await export(running, pki, ("agency", agency), request(agency, *spans))
+        flood = []
+        for _ in range(40):  # ~1.3 MB from post
+            batch = [span(attributes={f"p{n}": "z" * 4000 for n in range(8)})]
+            flood += batch
+            await export(running, pki, ("agency", "post"), request("post", *batch))
+            assert store.used_bytes() <= cap
+        held = store.usage()
+        assert held[broker] == evidence
+        assert held[f"spiffe://{TRUST_DOMAIN}/agency/post"] < sum(held.values()) / len(held)
+        for n, call in enumerate(calls):
+            [kept] = store.trace(call.trace_id.hex())
+            assert kept.attributes["tabadol.consumer"] == honest[n % 3]
+        for k, agency in enumerate(honest):
+            assert store.search(TraceQuery(party=agency))[1] == sum(
+                n % 3 == k for n in range(len(calls))
+            )
+            assert all(store.trace(s.trace_id.hex()) for s in own[agency])
+        assert store.trace(flood[0].trace_id.hex()) == []
+        assert store.trace(flood[-1].trace_id.hex())
+
+        # Once only the broker's spans could make room, an agency's batch is refused.
+        too_big = [span(attributes={f"p{n}": "z" * 4000 for n in range(20)}) for _ in range(6)]
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await export(running, pki, ("agency", "tax"), request("tax", *too_big))
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert store.usage()[broker] == evidence
+
+
 def _on_disk(db: Path) -> int:
     """Bytes in the database file, its write-ahead log and its index."""
     return sum(f.stat().st_size for f in db.parent.glob(db.name + "*"))

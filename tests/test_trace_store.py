@@ -731,6 +731,72 @@ def test_the_broker_is_evicted_only_when_no_agency_holds_more_than_a_fair_share(
     store.close()
 
 
+def _brokers_spans_of(trace: int, consumer: str) -> list[SpanRecord]:
+    """The broker's two spans of a call, about as large as an agency's span of it."""
+    return [
+        dataclasses.replace(s, attributes={**s.attributes, "p": "b" * 2000})
+        for s in exchange(trace, consumer=consumer)
+        if s.service == BROKER
+    ]
+
+
+def test_an_agency_flooding_below_a_fair_share_evicts_agencies_spans_never_the_brokers(
+    tmp_path: Path,
+) -> None:
+    # Second review of issue 10: with the broker and four agencies, a flooder under a fifth
+    # of the store held no more than a "fair share", so every eviction took the broker's
+    # earliest spans: the index (trace_parties) of the other agencies' traces.
+    cap = 512 * 1024
+    store = SqliteSpanStore(tmp_path / "traces.db", StoreLimits(max_bytes=cap))
+    honest = ("tax", "cra", "nocr")
+    calls = 0
+    while store.used_bytes() < cap * 65 // 100:  # the broker's evidence: most of the store
+        calls += 1
+        store.add(_brokers_spans_of(calls, honest[calls % 3]))
+    evidence = store.usage()[BROKER_SENDER]
+    for n, agency in enumerate(honest):  # each well under a fifth
+        store.add([_sent_by(agency, 10_000 + 10 * n + k, 1, 4000) for k in range(8)])
+    for n in range(120):  # post floods in small batches, ~1 MB in all
+        store.add([_sent_by("post", 20_000 + n, 1, 8000)])
+        assert store.used_bytes() <= cap
+    held = store.usage()
+    # Every call the broker saw is still there, and still names its parties.
+    assert held[BROKER_SENDER] == evidence
+    assert held[AGENCY.format("post")] < sum(held.values()) / len(held)  # below a fair share
+    assert store.search(TraceQuery(party="echo"))[1] == calls
+    for k, agency in enumerate(honest):
+        assert store.search(TraceQuery(party=agency))[1] == sum(
+            n % 3 == k for n in range(1, calls + 1)
+        )
+        assert all(store.trace(tid(10_000 + 10 * k + n)) for n in range(8))
+    # The flooder lost its own earliest spans, and only those.
+    assert store.trace(tid(20_000)) == []
+    assert store.trace(tid(20_119))
+    store.close()
+
+
+def test_an_agency_batch_that_only_the_brokers_spans_could_make_room_for_is_refused(
+    tmp_path: Path,
+) -> None:
+    cap = 256 * 1024
+    store = SqliteSpanStore(tmp_path / "traces.db", StoreLimits(max_bytes=cap))
+    calls = 0
+    while store.used_bytes() < cap * 9 // 10:
+        calls += 1
+        store.add(_brokers_spans_of(calls, "tax"))
+    evidence = store.usage()
+    with pytest.raises(StoreFull, match="without evicting the broker's spans"):
+        store.add([_sent_by("post", 900 + k, 1, 8000) for k in range(8)])
+    assert store.usage() == evidence
+    assert store.search(TraceQuery(party="tax"))[1] == calls
+    # The broker's own spans still make room for themselves, earliest first.
+    for n in range(calls + 1, calls + 40):
+        store.add(_brokers_spans_of(n, "tax"))
+        assert store.used_bytes() <= cap
+    assert store.trace(tid(1)) == []
+    store.close()
+
+
 def test_a_flooder_that_joins_a_trace_loses_only_its_own_spans_of_it(tmp_path: Path) -> None:
     # An agency knows the ids of traces it took part in and can add spans to them; eviction
     # of its spans leaves the broker's, the trace's summary and who may see it.

@@ -5,13 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from typing import Any
 
 from tabadol.config import BrokerConfig
 from tabadol.ledger.record import GENESIS, LedgerRecord, Seal, StoredRecord
 from tabadol.ledger.sessions import Session
 from tabadol.ledger.store import CallGroup, LedgerStore, LedgerWriteError, SqliteLedgerStore
+from tabadol.reports.figures import declared_caller, undeclared_caller
 from tabadol.reports.quarter import TEHRAN, Quarter
 
 PERCENTS = (50, 95, 99)
@@ -72,7 +73,11 @@ class EmptyLedger:
         return 0
 
     def latency_percentiles(
-        self, start_ns: int, end_ns: int, percents: Sequence[int]
+        self,
+        start_ns: int,
+        end_ns: int,
+        percents: Sequence[int],
+        consumers: Sequence[str] | None = None,
     ) -> dict[str, tuple[int, dict[int, int]]]:
         return {}
 
@@ -120,9 +125,13 @@ def _involving(groups: list[CallGroup], agency: str | None) -> list[CallGroup]:
     return [g for g in groups if agency in (g.consumer, g.provider)]
 
 
-def _identified(groups: list[CallGroup], verified: bool = True) -> int:
-    """Calls of identified consumers (or, with ``verified=False``, refused before that)."""
-    return sum(g.calls for g in groups if g.verified is verified)
+def _apart(groups: list[CallGroup], agencies: Container[str]) -> dict[str, int]:
+    """Calls no figure counts: refused before identification, and from identified agencies
+    the configuration does not declare."""
+    return {
+        "unidentified": sum(g.calls for g in groups if not g.verified),
+        "undeclared": sum(g.calls for g in groups if undeclared_caller(g, agencies)),
+    }
 
 
 def dashboard(accounts: Accounts, now: dt.datetime, agency: str | None = None) -> dict[str, Any]:
@@ -138,27 +147,32 @@ def dashboard(accounts: Accounts, now: dt.datetime, agency: str | None = None) -
     consumers: Counter[str] = Counter()
     providers: Counter[str] = Counter()
     errors = 0
-    # Calls refused before identification name a consumer only as claimed: they are no
-    # agency's traffic and no measure of the exchange's success, so they are counted apart.
-    for group in (g for g in groups if g.verified):
+    # Calls refused before identification name a consumer only as claimed, and calls from an
+    # agency the registry does not declare are refused whole: they are no agency's traffic
+    # and no measure of the exchange's success, so they are counted apart.
+    for group in (g for g in groups if declared_caller(g, cfg.agencies)):
         consumers[group.consumer] += group.calls
         providers[group.provider] += group.calls
         if group.status_code != 0:
             errors += group.calls
     calls_today = sum(consumers.values())
     active = {a for a in (*consumers, *providers) if a in cfg.agencies}
-    latency = store.latency_percentiles(*today, PERCENTS)
+    latency = store.latency_percentiles(*today, PERCENTS, consumers=sorted(cfg.agencies))
     if agency is not None:
         own = {s.name for s in cfg.services.values() if s.provider == agency}
         latency = {service: row for service, row in latency.items() if service in own}
     quarter_groups = _involving(store.call_groups(quarter.start_ns, quarter.end_ns), agency)
     all_groups = _involving(store.call_groups(*ALL_TIME), agency)
-    in_quarter, all_time = _identified(quarter_groups), _identified(all_groups)
-    refused = {
-        "today": _identified(groups, False),
-        "quarter": _identified(quarter_groups, False),
-        "allTime": _identified(all_groups, False),
-    }
+    in_quarter, all_time = (
+        sum(g.calls for g in period if declared_caller(g, cfg.agencies))
+        for period in (quarter_groups, all_groups)
+    )
+    apart = {
+        period: _apart(period_groups, cfg.agencies)
+        for period, period_groups in (
+            ("today", groups), ("quarter", quarter_groups), ("allTime", all_groups)
+        )
+    }  # fmt: skip
     return {
         "generated": now.astimezone(dt.UTC).isoformat(),
         "quarter": str(quarter),
@@ -166,7 +180,8 @@ def dashboard(accounts: Accounts, now: dt.datetime, agency: str | None = None) -
         "agency": agency,
         "agencies": {"registered": len(cfg.agencies), "activeToday": len(active)},
         "transactions": {"today": calls_today, "quarter": in_quarter, "allTime": all_time},
-        "refusedBeforeIdentification": refused,
+        "refusedBeforeIdentification": {p: n["unidentified"] for p, n in apart.items()},
+        "fromUndeclaredAgencies": {p: n["undeclared"] for p, n in apart.items()},
         "errorRateToday": errors / calls_today if calls_today else None,
         "topConsumers": [{"agency": a, "calls": n} for a, n in consumers.most_common(TOP)],
         "topProviders": [{"agency": a, "calls": n} for a, n in providers.most_common(TOP)],

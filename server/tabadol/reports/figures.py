@@ -7,7 +7,7 @@ Ratios are ``Decimal`` so that a figure exactly at a target (12 of 100 visits) m
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, Decimal
 
@@ -27,15 +27,21 @@ DEFINITIONS: dict[str, str] = {
         "quarter's first day (exclusive); a call belongs to the quarter in which it started."
     ),
     "transactions": (
-        "Every call from an identified caller that the broker recorded in the ledger, whatever "
-        "its outcome, including calls it refused (calls without a grant, over a limit, to "
-        "unknown services). Calls refused before identification are not counted here."
+        "Every call the broker recorded in the ledger from an identified caller that the "
+        "configuration declares as an agency, whatever its outcome, including calls it "
+        "refused (calls without a grant, over a limit, to unknown services). Calls refused "
+        "before identification and calls from agencies not in the registry are not counted here."
     ),
     "refused_before_identification": (
         "Calls the broker refused because the caller's certificate identified no agency (revoked, "
         "a stale revocation list, outside the trust domain), recorded in the ledger as "
         "unverified. The agency such a certificate claims is only a claim: these calls count "
         "in no agency's figures and in no national rate, only in this one count."
+    ),
+    "from_undeclared_agencies": (
+        "Calls from agencies not in the registry: the caller's certificate identified an agency "
+        "that the broker configuration does not declare (the broker refuses them). They count in "
+        "no agency's figures and in no national rate, only in this one count."
     ),
     "successful": "Transactions that ended with gRPC status 0 (OK).",
     "success_rate": "Successful transactions divided by transactions.",
@@ -46,7 +52,8 @@ DEFINITIONS: dict[str, str] = {
     "agencies_connected": "Agencies declared in the broker configuration.",
     "agencies_active": (
         "Declared agencies named as consumer or provider by at least one transaction this quarter "
-        "(calls refused before identification do not make an agency active)."
+        "(calls refused before identification or from agencies not in the registry do not make "
+        "an agency active)."
     ),
     "services_offered": "Services declared in the configuration (for an agency: those it provides).",
     "methods_offered": "Methods of those services in the loaded contracts.",
@@ -126,6 +133,7 @@ class National:
     transactions_previous: int
     growth: Decimal | None
     refused_before_identification: int = 0  # counted apart: in no figure above
+    from_undeclared_agencies: int = 0  # identified, but not in the registry: apart too
 
 
 @dataclass(frozen=True)
@@ -224,18 +232,30 @@ def _offered(cfg: BrokerConfig, provider: str | None = None) -> tuple[OfferedSer
     )
 
 
-def identified(groups: Sequence[CallGroup]) -> list[CallGroup]:
-    """The calls of identified consumers: the only ones any figure counts (see
-    refused_before_identification)."""
-    return [g for g in groups if g.verified]
+def declared_caller(group: CallGroup, agencies: Container[str]) -> bool:
+    """Whether calls came from an identified consumer that the registry declares: the only
+    ones any figure counts (see refused_before_identification, from_undeclared_agencies)."""
+    return group.verified and not undeclared_caller(group, agencies)
+
+
+def undeclared_caller(group: CallGroup, agencies: Container[str]) -> bool:
+    """Whether calls came from an agency the certificate identified but the registry does
+    not declare. (A ledger written before refusals were marked unverified names no consumer,
+    "", for a caller never identified: that is no undeclared agency, and counts as before.)"""
+    return group.verified and group.consumer != "" and group.consumer not in agencies
+
+
+def identified(groups: Sequence[CallGroup], agencies: Container[str]) -> list[CallGroup]:
+    """The calls of identified consumers declared in ``agencies`` (``declared_caller``)."""
+    return [g for g in groups if declared_caller(g, agencies)]
 
 
 def national_figures(cfg: BrokerConfig, current: Activity, previous: Activity) -> National:
-    groups = identified(current.groups)
+    groups = identified(current.groups, cfg.agencies)
     named = {g.consumer for g in groups} | {g.provider for g in groups}
     transactions = _sum(groups, lambda g: True)
     successful = _sum(groups, lambda g: g.status_code == OK)
-    transactions_previous = _sum(identified(previous.groups), lambda g: True)
+    transactions_previous = _sum(identified(previous.groups, cfg.agencies), lambda g: True)
     return National(
         agencies_connected=len(cfg.agencies),
         agencies_active=len(named & cfg.agencies.keys()),
@@ -247,11 +267,12 @@ def national_figures(cfg: BrokerConfig, current: Activity, previous: Activity) -
         transactions_previous=transactions_previous,
         growth=ratio(transactions - transactions_previous, transactions_previous),
         refused_before_identification=_sum(current.groups, lambda g: not g.verified),
+        from_undeclared_agencies=_sum(current.groups, lambda g: undeclared_caller(g, cfg.agencies)),
     )
 
 
 def agency_figures(cfg: BrokerConfig, agency: AgencyEntry, current: Activity) -> AgencyFigures:
-    groups = identified(current.groups)
+    groups = identified(current.groups, cfg.agencies)
     served = [g for g in groups if g.provider == agency.id and g.forwarded]
     transactions_served = _sum(served, lambda g: True)
     successful_served = _sum(served, lambda g: g.status_code == OK)

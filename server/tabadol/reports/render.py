@@ -107,6 +107,7 @@ def report_json(report: QuarterlyReport) -> dict[str, Any]:
             "transactions_previous": n.transactions_previous,
             "growth": _number(n.growth),
             "refused_before_identification": n.refused_before_identification,
+            "from_undeclared_agencies": n.from_undeclared_agencies,
         },
         "agencies": [_agency_json(a) for a in report.agencies],
         "indicators": [_indicator_json(i) for i in report.indicators],
@@ -236,6 +237,11 @@ def _national(report: QuarterlyReport) -> str:
             "Calls refused before identification",
             _count(n.refused_before_identification),
             "certificates that identified no agency; in no figure above",
+        ),
+        _figure(
+            "Calls from agencies not in the registry",
+            _count(n.from_undeclared_agencies),
+            "agencies the broker configuration does not declare; in no figure above",
         ),
     ]
     return f'<dl class="national">{"".join(figures)}</dl>'

@@ -34,8 +34,10 @@ class SpanStore(Protocol):
         """Store spans, and the agencies the broker's spans name as parties; then, while the
         store is over ``limits.max_bytes``, evict spans received earlier, earliest first,
         from one sender at a time (by the ``tabadol.sender`` stamp): the non-broker sender
-        holding the most while it holds more than a fair share (the store split evenly among
-        its senders), otherwise the broker. StoreFull if the batch cannot fit at all."""
+        holding the most. The broker's spans go only to make room for the broker's own, and
+        then only while no other sender holds more than a fair share (the store split evenly
+        among its senders). StoreFull if the batch cannot fit: for an agency's batch, also
+        when only the broker's spans are left to evict."""
         ...
 
     def services(self, party: str | None = None) -> list[str]:

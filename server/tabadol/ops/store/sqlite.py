@@ -254,7 +254,10 @@ class SqliteSpanStore:
                     """,
                     [(sender, size, n) for sender, (size, n) in usage.items()],
                 )
-                _, evicted = self._evict_to_fit(conn, before=received)
+                # The broker's spans go only to make room for the broker's own: an agency's
+                # batch evicts agencies' spans, or is refused.
+                for_broker = any(is_broker_sender(sender_of(span)) for span in spans)
+                _, evicted = self._evict_to_fit(conn, before=received, for_broker=for_broker)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -271,20 +274,25 @@ class SqliteSpanStore:
         conn.executescript("PRAGMA incremental_vacuum;")
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
-    def _evict_to_fit(self, conn: sqlite3.Connection, before: int | None) -> tuple[int, int]:
+    def _evict_to_fit(
+        self, conn: sqlite3.Connection, before: int | None, *, for_broker: bool = False
+    ) -> tuple[int, int]:
         """Inside the caller's transaction: evict spans received before ``before`` (all, if
         None), a sender at a time (``_eviction_target``), earliest received first, until the
         store is under its size cap; how many traces went whole, and how many spans. StoreFull
-        if even that is not enough."""
+        if even that is not enough, or if only the broker's spans are left to make room for
+        an agency's batch (``for_broker`` false)."""
         removed = spans = 0
         while (used := _used_bytes(conn)) > self.limits.max_bytes:
-            target = _eviction_target(conn, before)
+            target = _eviction_target(conn, before, for_broker=for_broker)
             if target is None:
                 if before is None:
                     break
+                whose = "a batch" if for_broker else "an agency's batch"
                 raise StoreFull(
-                    f"{self.path}: a batch does not fit under the store's size cap "
+                    f"{self.path}: {whose} does not fit under the store's size cap "
                     f"of {self.limits.max_bytes} bytes"
+                    + ("" if for_broker else " without evicting the broker's spans")
                 )
             # Spans' own sizes undercount the pages they fill (indexes, summaries, slack):
             # free the same share of their sizes as the store is over its cap.
@@ -523,11 +531,15 @@ def _used_bytes(conn: sqlite3.Connection) -> int:
     return int((pages - free) * size)
 
 
-def _eviction_target(conn: sqlite3.Connection, before: int | None) -> str | None:
-    """Whose spans go next while the store is over its cap: the agency (or other non-broker
-    sender) holding the most, while it holds more than a fair share (the store split evenly
-    among its senders); otherwise the broker, then the largest other. Only senders with
-    spans received before ``before`` count; None when there are none."""
+def _eviction_target(
+    conn: sqlite3.Connection, before: int | None, *, for_broker: bool
+) -> str | None:
+    """Whose spans go next while the store is over its cap. The broker's spans index every
+    agency's traces: they go only to make room for the broker's own (``for_broker``), and
+    then only while no agency (any other sender) holds more than a fair share (the store
+    split evenly among its senders); at retention (``before`` None), once no agency's are
+    left. Otherwise the agency holding the most. Only senders with spans received before
+    ``before`` count; None when no sender may lose any."""
     usage = conn.execute("SELECT sender, bytes FROM sender_usage ORDER BY bytes DESC, sender")
     shares: list[tuple[str, int]] = [(str(sender), int(size)) for sender, size in usage if size > 0]
     if not shares:
@@ -542,8 +554,10 @@ def _eviction_target(conn: sqlite3.Connection, before: int | None) -> str | None
         return row is not None
 
     others = [(s, size) for s, size in shares if not is_broker_sender(s) and evictable(s)]
-    if others and others[0][1] > fair:
+    if others and (others[0][1] > fair or not for_broker):
         return others[0][0]
+    if not for_broker and before is not None:
+        return None  # never the broker's evidence for an agency's batch
     brokers = [s for s, _ in shares if is_broker_sender(s) and evictable(s)]
     if brokers:
         return brokers[0]

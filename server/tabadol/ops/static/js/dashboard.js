@@ -35,7 +35,12 @@ function tiles(d) {
     tile('refused-unidentified', 'Refused before identification today',
       count(d.refusedBeforeIdentification ? d.refusedBeforeIdentification.today : 0),
       'revoked, expired or foreign certificates; in no figure above',
-      d.refusedBeforeIdentification && d.refusedBeforeIdentification.today ? 'has-errors' : null));
+      d.refusedBeforeIdentification && d.refusedBeforeIdentification.today ? 'has-errors' : null),
+    // Calls from identified agencies the configuration does not declare: counted apart too.
+    tile('undeclared', 'From agencies not in the registry today',
+      count(d.fromUndeclaredAgencies ? d.fromUndeclaredAgencies.today : 0),
+      'agencies the broker’s configuration does not declare; in no figure above',
+      d.fromUndeclaredAgencies && d.fromUndeclaredAgencies.today ? 'has-errors' : null));
 }
 
 function topList(id, title, rows) {
