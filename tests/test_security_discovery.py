@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import grpc
 import grpc.aio
@@ -55,6 +56,7 @@ from tests.support.echo import (
     own_pki,
     start_echo,
 )
+from tests.support.exchange import own_exchange
 from tests.test_platform import reflect, run_cli
 
 OPEN = "tabadol.open.v1.Open"  # granted to post
@@ -643,3 +645,66 @@ async def test_the_describe_command_prints_no_terminal_control_from_a_contract(
     assert code == 0, out
     assert_harmless(out)
     assert "\\x1b[2J" in out and "// Safe line" in out
+
+
+# --- Refusals on the platform services: logged, counted and throttled like the request path's
+
+
+async def statuses(calls: int, call: Callable[[], Awaitable[object]]) -> Counter[str]:
+    """``calls`` concurrent calls; how many ended with each status."""
+
+    async def one() -> str:
+        try:
+            await call()
+        except grpc.aio.AioRpcError as e:
+            return e.code().name
+        return "OK"
+
+    return Counter(await asyncio.gather(*(one() for _ in range(calls))))
+
+
+def refused_count(broker: Broker, reason: str) -> float:
+    value = broker.metrics.registry.get_sample_value(
+        "tabadol_calls_refused_total", {"reason": reason}
+    )
+    return value or 0.0
+
+
+async def test_a_revoked_certificate_flooding_discovery_is_logged_counted_and_throttled(
+    tmp_path: Path, echo_contracts: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="tabadol.broker")
+    async with own_exchange(tmp_path, echo_contracts) as exchange:
+        exchange.revoke_and_reload("post")
+        async with exchange.consumer("post") as channel:
+            stub = discovery_pb2_grpc.DiscoveryStub(channel)
+            codes = await statuses(
+                200, lambda: stub.ListServices(discovery_pb2.ListServicesRequest(), timeout=10)
+            )
+
+        assert codes["UNAUTHENTICATED"] > 0 and codes["RESOURCE_EXHAUSTED"] > 0, codes
+        assert refused_count(exchange.broker, "platform_unauthenticated") == 200
+        lines = [
+            r.getMessage() for r in caplog.records if "Discovery/ListServices" in r.getMessage()
+        ]
+        assert lines and "revoked" in lines[0]
+        assert len(lines) < 10  # rate-limited, not one line a refusal
+
+
+async def test_an_undeclared_agency_flooding_health_checks_is_logged_counted_and_throttled(
+    tmp_path: Path, echo_contracts: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="tabadol.broker")
+    async with own_exchange(tmp_path, echo_contracts) as exchange:
+        exchange.ca.issue_agency("ghost")  # the CA's, but not in the registry
+        async with exchange.consumer("ghost") as channel:
+            stub: Any = health_pb2_grpc.HealthStub(channel)  # the stubs type it sync
+            codes = await statuses(
+                200, lambda: stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            )
+
+        assert codes["PERMISSION_DENIED"] > 0 and codes["RESOURCE_EXHAUSTED"] > 0, codes
+        assert refused_count(exchange.broker, "platform_undeclared") == 200
+        lines = [r.getMessage() for r in caplog.records if "Health/Check" in r.getMessage()]
+        assert lines and "'ghost'" not in lines[0] and "ghost" in lines[0]
+        assert len(lines) < 10

@@ -7,6 +7,11 @@ as the broker. The CRL comes from the broker (Discovery ``GetRevocationList``, e
 ``refresh_seconds``) or from a ``crl.pem`` file the agency keeps up to date. The platform
 CA's signature makes it trustworthy whoever delivers it; its number only goes up, so an old
 one cannot be replayed; and once it is stale the provider refuses the broker (fail closed).
+
+Once a provider has held a CRL it keeps its number in ``crl.number`` beside ``crl.pem``: a
+crl.pem deleted, damaged or put back older then makes it refuse the broker rather than stop
+checking. (Whoever can delete both files from the credentials directory can also replace the
+agency's key there: that directory is the agency's to protect.)
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +33,7 @@ from tabadol.platform.v1 import discovery_pb2, discovery_pb2_grpc
 from tabadol.protocol import KEEPALIVE_DIAL
 from tabadol.revocation import CrlRefused, RevocationList, check_replacement
 from tabadol.spiffe import broker_dns_name
+from tabadol.state_files import read_regular, replace_file
 
 log = logging.getLogger("tabadol.client")
 
@@ -50,7 +55,12 @@ class BrokerRevocations:
         self._credentials = credentials
         self._keep = keep  # where a newer CRL from the broker is kept, for the next start
         self._ca = x509.load_pem_x509_certificate(credentials.ca_pem)
-        self._crl_file = crl_file
+        # The number of the newest CRL ever held: none older is taken, and with none held
+        # the broker is refused rather than left unchecked.
+        self._number_file = keep.with_name("crl.number") if keep is not None else None
+        self._number_problem: str | None = None
+        self.held_before = self._read_number()
+        self._crl_file = crl_file if crl_file is not None or not self.held_before else keep
         self._file_mtime = 0.0
         self.refresh_seconds = refresh_seconds
         self.current: RevocationList | None = None
@@ -73,6 +83,11 @@ class BrokerRevocations:
         try:
             crl = RevocationList.from_bytes(data, self._ca)
             check_replacement(crl, self.current, dt.datetime.now(dt.UTC))
+            if crl.number < self.held_before:
+                raise CrlRefused(
+                    f"the CRL is number {crl.number}, older than number {self.held_before} "
+                    f"which this provider held before ({self._number_file}): a rollback"
+                )
         except CrlRefused as e:
             if self.current is None or crl_number(data) != self.current.number:
                 log.warning("broker CRL from %s not taken: %s", source, e)
@@ -86,6 +101,7 @@ class BrokerRevocations:
         if newer:
             if source != str(self._crl_file):
                 self._keep_crl(crl)
+            self._keep_number(crl.number)
             for callback in self._on_newer:
                 callback(crl.serials)
         return True
@@ -94,11 +110,8 @@ class BrokerRevocations:
         if self._keep is None:
             return
         pem = x509.load_der_x509_crl(crl.der).public_bytes(serialization.Encoding.PEM)
-        tmp = self._keep.with_name(self._keep.name + ".tmp")
         try:
-            tmp.write_bytes(pem)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self._keep)
+            replace_file(self._keep, pem, 0o644)
             self._crl_file = self._keep
             self._file_mtime = self._keep.stat().st_mtime
         except OSError as e:
@@ -109,9 +122,41 @@ class BrokerRevocations:
                 e.strerror,
             )
 
+    def _read_number(self) -> int:
+        if self._number_file is None:
+            return 0
+        try:
+            return int(read_regular(self._number_file).decode("ascii").strip())
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as e:
+            # Damaged is not "never held one": fail closed, the broker is refused until fixed.
+            self._number_problem = (
+                f"{self._number_file} is damaged ({e}): this provider cannot tell which CRL "
+                "it held before; put back the file, or remove it once crl.pem is the newest CRL"
+            )
+            log.error("%s", self._number_problem)
+            return 1
+
+    def _keep_number(self, number: int) -> None:
+        if self._number_file is None or number <= self.held_before:
+            return
+        self.held_before = number
+        try:
+            replace_file(self._number_file, f"{number}\n".encode(), 0o644)
+        except OSError as e:
+            log.warning(
+                "cannot keep the broker CRL's number in %s (%s): after a restart without "
+                "crl.pem this provider would not know it held one",
+                self._number_file,
+                e.strerror or e,
+            )
+
     def refusal(self, cert_pem: bytes) -> str | None:
         """Why the broker certificate presented must be refused now, or None."""
         self._read_file()
+        if self._number_problem is not None:
+            return self._number_problem
         crl = self.current
         if crl is None:
             if self.broker is None and self._crl_file is None:
@@ -124,6 +169,12 @@ class BrokerRevocations:
                         self._credentials.agency_id,
                     )
                 return None
+            if self.held_before:
+                return (
+                    f"this provider held CRL number {self.held_before} before, but "
+                    f"{self._crl_file} is gone or refused: no CRL to check the broker's "
+                    "certificate against"
+                )
             return "this provider has no CRL yet to check the broker's certificate against"
         if crl.stale(dt.datetime.now(dt.UTC)):
             return (
@@ -156,9 +207,11 @@ class BrokerRevocations:
             if mtime == self._file_mtime:
                 return
             self._file_mtime = mtime
-            self.offer(self._crl_file.read_bytes(), str(self._crl_file))
+            self.offer(read_regular(self._crl_file), str(self._crl_file))
         except OSError as e:
-            log.warning("%s: cannot read the CRL: %s", self._crl_file, e.strerror)
+            if self._file_mtime != -1.0:  # said once until the file changes
+                log.warning("%s: cannot read the CRL: %s", self._crl_file, e.strerror or e)
+            self._file_mtime = -1.0
 
     def follow(self, broker_address: str) -> None:
         """Fetch the CRL from this broker now and every ``refresh_seconds``."""

@@ -100,7 +100,9 @@ class BrokerMetrics:
             "tabadol_calls_refused",
             "Calls refused before routing: unknown method, ledger not writable, or the "
             "refusals of a flooding unidentified or undeclared caller left out of the ledger "
-            "(flood_unrecorded).",
+            "(flood_unrecorded), or a platform service (discovery, reflection, health) refusing "
+            "an unidentified (platform_unauthenticated) or undeclared (platform_undeclared) "
+            "caller.",
             ["reason"],
             registry=self.registry,
         )

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, NoReturn, cast
 
 import grpc
 import grpc.aio
@@ -24,13 +25,15 @@ from tabadol.broker.proxy import Proxy
 from tabadol.broker.upstream import Upstream
 from tabadol.catalogue import Catalogue
 from tabadol.contracts import RpcKind
-from tabadol.identity import IdentityRejected
+from tabadol.identity import IdentityRejected, claimed_agency
 from tabadol.platform.v1 import discovery_pb2, discovery_pb2_grpc
+from tabadol.protocol import RETRY_AFTER_KEY
 from tabadol.revocation import RevocationList
 
 log = logging.getLogger("tabadol.broker")
 
 Context = grpc.aio.ServicerContext[Any, Any]
+_DISCOVERY = discovery_pb2.DESCRIPTOR.services_by_name["Discovery"].full_name + "/"
 _KINDS = {
     RpcKind.UNARY: discovery_pb2.RPC_KIND_UNARY,
     RpcKind.SERVER_STREAMING: discovery_pb2.RPC_KIND_SERVER_STREAMING,
@@ -39,23 +42,62 @@ _KINDS = {
 }
 
 
-async def caller(proxy: Proxy, context: Context) -> str:
+async def caller(proxy: Proxy, context: Context, method: str) -> str:
     """The calling agency, from its certificate; UNAUTHENTICATED otherwise."""
     try:
         return proxy.identities.identify(context).agency_id
     except IdentityRejected as e:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"Tabadol broker: {e}")
+        proxy.refusals.warn(("platform", "identity", str(e)), "refused a call to %s: %s", method, e)
+        proxy.metrics.refused.labels("platform_unauthenticated").inc()
+        await _refuse(
+            proxy, context, _certificate(context), grpc.StatusCode.UNAUTHENTICATED, str(e)
+        )
 
 
-async def declared_caller(proxy: Proxy, context: Context) -> str:
+async def declared_caller(proxy: Proxy, context: Context, method: str) -> str:
     """The calling agency, if the registry declares it; PERMISSION_DENIED otherwise."""
-    agency = await caller(proxy, context)
+    agency = await caller(proxy, context, method)
     if agency not in proxy.agencies:
-        await context.abort(
+        proxy.refusals.warn(
+            ("platform", agency), "refused %s calling %s: not a registered agency", agency, method
+        )
+        proxy.metrics.refused.labels("platform_undeclared").inc()
+        await _refuse(
+            proxy,
+            context,
+            _certificate(context),
             grpc.StatusCode.PERMISSION_DENIED,
-            f"Tabadol broker: agency {agency!r} is not a registered agency of this exchange",
+            f"agency {agency!r} is not a registered agency of this exchange",
         )
     return agency
+
+
+async def _refuse(
+    proxy: Proxy, context: Context, certificate: str, code: grpc.StatusCode, why: str
+) -> NoReturn:
+    """Refuse as the request path does: a certificate refused too often gets
+    RESOURCE_EXHAUSTED (the same per-certificate throttle), the others ``code``."""
+    limits = proxy.accounting.limits
+    too_fast = limits.admit_refused(certificate) if limits is not None else None
+    if too_fast is not None:
+        retry_ms = str(max(1, round(too_fast.retry_after_s * 1000)))
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"Tabadol broker: {why}; {too_fast.message}",
+            (("grpc-retry-pushback-ms", retry_ms), (RETRY_AFTER_KEY, retry_ms)),
+        )
+    await context.abort(code, f"Tabadol broker: {why}")
+
+
+def _certificate(context: Context) -> str:
+    """A refused certificate's name for throttling: the agency and serial it claims."""
+    pems = cast(list[bytes] | None, context.auth_context().get("x509_pem_cert"))
+    if not pems:
+        return ""
+    claim = claimed_agency(pems[0])
+    if claim is None:
+        return hashlib.sha256(pems[0]).hexdigest()
+    return f"{claim[0]}/{claim[1]:x}"
 
 
 class AgencyReflection(reflection_pb2_grpc.ServerReflectionServicer):
@@ -69,12 +111,13 @@ class AgencyReflection(reflection_pb2_grpc.ServerReflectionServicer):
         request_iterator: AsyncIterator[reflection_pb2.ServerReflectionRequest],
         context: Context,
     ) -> AsyncIterator[reflection_pb2.ServerReflectionResponse]:
-        await declared_caller(self._current(), context)
+        method = "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+        await declared_caller(self._current(), context, method)
         async for request in request_iterator:
             # Judged again for every request, by the configuration and CRL of the moment: a
             # stream opened before a revocation or a grant's removal does not outlive it.
             proxy = self._current()
-            agency = await declared_caller(proxy, context)
+            agency = await declared_caller(proxy, context, method)
             yield reflect(proxy.catalogue_for(agency), request)
 
 
@@ -130,7 +173,8 @@ class Discovery(discovery_pb2_grpc.DiscoveryServicer):
     async def GetRevocationList(
         self, request: discovery_pb2.GetRevocationListRequest, context: Context
     ) -> discovery_pb2.GetRevocationListResponse:
-        await declared_caller(self._current(), context)  # providers fetch it: declared agencies
+        # Providers fetch it: declared agencies.
+        await declared_caller(self._current(), context, _DISCOVERY + "GetRevocationList")
         crl = self._revocations()
         if crl is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "Tabadol broker: no CRL loaded")
@@ -162,7 +206,7 @@ class Discovery(discovery_pb2_grpc.DiscoveryServicer):
         self, request: discovery_pb2.ListAgenciesRequest, context: Context
     ) -> discovery_pb2.ListAgenciesResponse:
         proxy = self._current()
-        await declared_caller(proxy, context)
+        await declared_caller(proxy, context, _DISCOVERY + "ListAgencies")
         return discovery_pb2.ListAgenciesResponse(
             agencies=[
                 discovery_pb2.Agency(id=a.id, name=a.name)
@@ -174,7 +218,7 @@ class Discovery(discovery_pb2_grpc.DiscoveryServicer):
         self, request: discovery_pb2.ListServicesRequest, context: Context
     ) -> discovery_pb2.ListServicesResponse:
         proxy = self._current()
-        agency = await declared_caller(proxy, context)
+        agency = await declared_caller(proxy, context, _DISCOVERY + "ListServices")
         services = []
         for name in sorted(proxy.config.services):
             package = name.rpartition(".")[0]
@@ -193,7 +237,7 @@ class Discovery(discovery_pb2_grpc.DiscoveryServicer):
         self, request: discovery_pb2.ListMethodsRequest, context: Context
     ) -> discovery_pb2.ListMethodsResponse:
         proxy = self._current()
-        agency = await declared_caller(proxy, context)
+        agency = await declared_caller(proxy, context, _DISCOVERY + "ListMethods")
         await self._routed(proxy, request.service, context)
         return discovery_pb2.ListMethodsResponse(
             methods=self._methods(proxy, agency, request.service)
@@ -203,7 +247,7 @@ class Discovery(discovery_pb2_grpc.DiscoveryServicer):
         self, request: discovery_pb2.AllowedMethodsRequest, context: Context
     ) -> discovery_pb2.AllowedMethodsResponse:
         proxy = self._current()
-        agency = await declared_caller(proxy, context)
+        agency = await declared_caller(proxy, context, _DISCOVERY + "AllowedMethods")
         allowed = []
         for path in sorted(proxy.policy.allowed_paths(agency)):
             method = proxy.contracts.method(path)
@@ -219,7 +263,7 @@ class Discovery(discovery_pb2_grpc.DiscoveryServicer):
         self, request: discovery_pb2.GetContractRequest, context: Context
     ) -> descriptor_pb2.FileDescriptorSet:
         proxy = self._current()
-        agency = await declared_caller(proxy, context)
+        agency = await declared_caller(proxy, context, _DISCOVERY + "GetContract")
         await self._routed(proxy, request.service, context)
         if request.service not in proxy.catalogue_for(agency).visible:
             # Its name is no secret (ListServices names it), its contract is.
@@ -245,12 +289,12 @@ class AgencyHealth(HealthServicer):
     async def Check(
         self, request: health_pb2.HealthCheckRequest, context: Context
     ) -> health_pb2.HealthCheckResponse:
-        await declared_caller(self._current(), context)
+        await declared_caller(self._current(), context, "grpc.health.v1.Health/Check")
         answer: health_pb2.HealthCheckResponse = await super().Check(request, context)
         return answer
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: Context) -> None:
-        await declared_caller(self._current(), context)
+        await declared_caller(self._current(), context, "grpc.health.v1.Health/Watch")
         await super().Watch(request, context)
 
 
