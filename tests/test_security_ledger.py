@@ -4,17 +4,19 @@ neither free nor anonymous, and nothing a consumer sends or a reader guesses get
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import hmac
 import json
 import logging
+import os
 import signal
 import sqlite3
 import stat
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from tabadol.cli import main
 from tabadol.client import connect
 from tabadol.errors import ConfigError
 from tabadol.ledger import LedgerRecord
+from tabadol.ledger import journal as journal_module
 from tabadol.ledger.journal import (
     Journal,
     JournalEntry,
@@ -39,6 +42,7 @@ from tabadol.ledger.journal import (
     blocks,
     parse_line,
     review,
+    sign,
 )
 from tabadol.ledger.seal import Sealer, fingerprint
 from tabadol.ledger.sessions import Session
@@ -629,3 +633,233 @@ def test_no_journal_bytes_without_the_brokers_key_are_accepted_and_none_are_drop
     assert b"".join(block.raw for block in found) == data  # set aside as found, every byte
     judged = review(found, {SESSION: Session(SESSION, "", "batched", "h", 1, "", 0)}, judge)
     assert judged.accepted == [] and len(judged.refused) == len(found)
+
+
+# --- Second round: the journal under a thief of a revoked key, an outage, a local writer ---
+
+
+async def killed_broker_session(tmp_path: Path, own: CertificateAuthority, contracts: Path) -> str:
+    """A broker that answered calls, then was killed -9: its session stays open in the ledger."""
+    provider, _ = await start_echo(own.dir / "agencies" / "echo")
+    path = write_config(tmp_path, own.dir, contracts, provider.address, "")
+    broker = await Process.start(str(TABADOL), "broker", "--config", str(path))
+    try:
+        port = (await broker.wait_for(r"broker listening on 127\.0\.0\.1:(\d+)"))[1]
+        await answered_calls(f"127.0.0.1:{port}", own.dir / "agencies" / "post", 2)
+    finally:
+        broker.kill()
+        await broker.proc.wait()
+        await provider.stop(0)
+    store = SqliteLedgerStore(tmp_path / "ledger.db", readonly=True)
+    (session,) = store.sessions()
+    store.close()
+    assert not session.ended
+    return session.id
+
+
+async def test_a_thief_of_a_broker_key_revoked_for_compromise_cannot_back_date_journal_records(
+    tmp_path: Path, echo_contracts: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    own = own_pki(tmp_path, TRUST_DOMAIN, "post", "echo")
+    session = await killed_broker_session(tmp_path, own, echo_contracts)
+    stolen = Sealer((own.dir / "broker.key").read_bytes(), (own.dir / "broker.crt").read_bytes())
+    old = x509.load_pem_x509_certificate((own.dir / "broker.crt").read_bytes()).serial_number
+    own.issue_broker(force=True)  # renewed (the old one superseded), then found stolen:
+    own.revoke([old], reason="key-compromise")
+    opened = {s.id: s for s in SqliteLedgerStore(tmp_path / "ledger.db").sessions()}[session]
+    back_dated = opened.opened_ns + 1  # "signed" long before the revocation
+    forged = [JournalEntry(session, record=forged_record(back_dated + i)) for i in range(20)]
+    with (tmp_path / "ledger.db.journal").open("ab") as f:
+        f.write(sign(forged, stolen, back_dated))
+
+    provider, _ = await start_echo(own.dir / "agencies" / "echo")
+    try:
+        await restart(tmp_path, own, echo_contracts, provider)
+    finally:
+        await provider.stop(0)
+    assert FORGED not in ledger_instances(tmp_path / "ledger.db")
+    reasons = {str(line["reason"]) for line in rejected(tmp_path / "ledger.db")}
+    assert len(reasons) == 1 and f"broker certificate {old:x} is revoked for cause" in reasons.pop()
+    code, out = verify(tmp_path / "broker.toml", capsys)
+    assert code == 1 and "REJECTED JOURNAL: 21 lines" in out, out
+
+
+def test_journal_lines_count_only_from_the_certificate_that_opened_their_session(
+    tmp_path: Path,
+) -> None:
+    own = own_pki(tmp_path, TRUST_DOMAIN)
+    opener = fingerprint((own.dir / "broker.crt").read_bytes())
+    own.issue_broker(force=True)  # another broker certificate of this exchange, valid
+    other = Sealer((own.dir / "broker.key").read_bytes(), (own.dir / "broker.crt").read_bytes())
+    ca = x509.load_pem_x509_certificate((own.dir / "ca.crt").read_bytes())
+    judge = signer_check(ca_cert=ca, trust_domain=TRUST_DOMAIN, revoked_at={})
+    data = sign(
+        [JournalEntry(SESSION, record=forged_record(time.time_ns()))], other, time.time_ns()
+    )
+    session = Session(SESSION, "", "batched", "h", 1, "", 0, signer=opener)
+    judged = review(blocks(data), {SESSION: session}, judge)
+    assert judged.accepted == []
+    assert "was opened by broker certificate" in judged.refused[0][1]
+    # The writer binds its session to its certificate, in the ledger (migrated in place).
+    store = SqliteLedgerStore(tmp_path / "ledger.db")
+    store.open_session(Session("b" * 32, "", "batched", "h", 1, "", 0, signer=other.signer))
+    assert store.sessions()[0].signer == other.signer
+    store.close()
+
+
+def test_a_back_dated_seal_appended_after_later_ones_breaks_the_chain(
+    tmp_path: Path, pki: CertificateAuthority
+) -> None:
+    from tabadol.ledger.verify import verify as verify_chain
+
+    sealer = Sealer((pki.dir / "broker.key").read_bytes(), (pki.dir / "broker.crt").read_bytes())
+    store = SqliteLedgerStore(tmp_path / "ledger.db")
+    now = time.time_ns()
+    for sealed_ns in (now + 120 * 10**9, now + 60 * 10**9):  # the second "made" before the first
+        store.append_sealed(
+            [forged_record(now)],
+            lambda seq, count, head, at=sealed_ns: sealer.seal(seq, count, head, at),
+            sealer.cert_pem,
+        )
+    ca = x509.load_pem_x509_certificate((pki.dir / "ca.crt").read_bytes())
+    judge = signer_check(ca_cert=ca, trust_domain=TRUST_DOMAIN, revoked_at={})
+    verdict = verify_chain(store.records(), store.seals(), store.signers(), judge)
+    store.close()
+    assert not verdict.ok and "seal 2 is dated" in str(verdict) and "back-dated" in str(verdict)
+
+
+def journaled_records(journal: Path) -> int:
+    if not journal.exists():
+        return 0
+    return sum(1 for line in journal.read_bytes().splitlines() if b'"record"' in line)
+
+
+async def poll(condition: Callable[[], bool], what: str, bound_s: float = 60.0) -> None:
+    deadline = time.monotonic() + bound_s
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {bound_s} s for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_short_ledger_outage_leaves_no_false_rejected_journal(
+    tmp_path: Path,
+    pki: CertificateAuthority,
+    echo_contracts: Path,
+    echo_provider: RunningProvider,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ledger, journal = tmp_path / "ledger.db", tmp_path / "ledger.db.journal"
+    broker = await start_broker(
+        tmp_path, pki.dir, echo_contracts, [echo_provider.address],
+        ledger='path = "ledger.db"\nbatch_interval_ms = 10\nmax_unwritten_seconds = 600',
+    )  # fmt: skip
+    try:
+        with locked(ledger):
+            acked = await answered_calls(
+                f"127.0.0.1:{broker.port}", pki.dir / "agencies" / "post", 5
+            )
+            await poll(lambda: journaled_records(journal) == 5, "the journal to hold the calls")
+            saved = journal.read_bytes()
+        await poll(lambda: set(ledger_ids(ledger)) == acked, "the lock to lift")
+        # Written through: the running broker takes them out of the journal.
+        await poll(lambda: journaled_records(journal) == 0, "the journal to be settled")
+        code, out = verify(tmp_path / "broker.toml", capsys)
+        assert code == 0 and "JOURNAL" not in out, out
+    finally:
+        await broker.stop()
+    # Had that failed (the journal left as the outage wrote it), nothing is rejected either.
+    journal.write_bytes(saved)
+    journal.chmod(0o600)
+    code, out = verify(tmp_path / "broker.toml", capsys)
+    assert code == 0 and "JOURNAL" not in out, out
+    await restart(tmp_path, pki, echo_contracts, echo_provider)
+    assert not journal.exists() and not journal.with_name(journal.name + ".rejected").exists()
+    assert sorted(ledger_ids(ledger)) == sorted(acked)
+    code, out = verify(tmp_path / "broker.toml", capsys)
+    assert code == 0 and "JOURNAL" not in out and "GAP" not in out, out
+
+
+def test_a_symlink_planted_at_the_rejected_file_is_not_followed(
+    tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path
+) -> None:
+    path = write_config(tmp_path, pki.dir, echo_contracts, "127.0.0.1:1", "")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("untouched\n")
+    victim.chmod(0o644)
+    inject(tmp_path / "ledger.db.journal", 3)
+    (tmp_path / "ledger.db.journal.rejected").symlink_to(victim)
+    with pytest.raises(ConfigError, match=r"ledger\.db\.journal\.rejected: it is a symbolic link"):
+        Broker(config.load(path))
+    assert victim.read_text() == "untouched\n" and mode(victim) == 0o644
+
+
+def test_a_symlink_planted_at_the_journals_temporary_name_is_not_followed(
+    tmp_path: Path, pki: CertificateAuthority
+) -> None:
+    sealer = Sealer((pki.dir / "broker.key").read_bytes(), (pki.dir / "broker.crt").read_bytes())
+    journal = tmp_path / "ledger.db.journal"
+    Journal(journal).append([JournalEntry(SESSION, record=forged_record(1))], sealer)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("untouched\n")
+    (tmp_path / "ledger.db.journal.new").symlink_to(victim)
+    with Journal(journal).exclusive() as held:
+        held.replace(held.blocks)
+    assert victim.read_text() == "untouched\n"
+    assert mode(journal) == 0o600 and len(blocks(journal.read_bytes())) == 1
+
+
+@pytest.mark.parametrize(
+    ("plant", "says"),
+    [
+        (lambda j: os.mkfifo(j), "FIFO"),
+        (lambda j: j.symlink_to("/dev/zero"), "symbolic link"),
+        (lambda j: j.mkdir(), "directory"),
+    ],
+    ids=["fifo", "dev-zero", "directory"],
+)
+def test_a_journal_that_is_not_a_regular_file_stops_the_start_with_an_error_naming_it(
+    tmp_path: Path,
+    pki: CertificateAuthority,
+    echo_contracts: Path,
+    plant: Callable[[Path], None],
+    says: str,
+) -> None:
+    path = write_config(tmp_path, pki.dir, echo_contracts, "127.0.0.1:1", "")
+    plant(tmp_path / "ledger.db.journal")
+    with pytest.raises(ConfigError, match=r"ledger\.db\.journal") as err:
+        Broker(config.load(path))
+    assert says in str(err.value)
+
+
+def test_a_journal_beyond_the_size_cap_stops_the_start_with_an_error_naming_it(
+    tmp_path: Path,
+    pki: CertificateAuthority,
+    echo_contracts: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(journal_module, "MAX_JOURNAL_BYTES", 4096)
+    path = write_config(tmp_path, pki.dir, echo_contracts, "127.0.0.1:1", "")
+    (tmp_path / "ledger.db.journal").write_bytes(b'{"session":"x"}\n' * 1000)
+    with pytest.raises(ConfigError, match=r"ledger\.db\.journal.*more than 4096 bytes"):
+        Broker(config.load(path))
+
+
+def test_a_journal_lock_held_by_another_process_is_waited_for_with_a_log_line_then_refused(
+    tmp_path: Path,
+    pki: CertificateAuthority,
+    echo_contracts: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(journal_module, "LOCK_WAIT_S", 0.3)
+    path = write_config(tmp_path, pki.dir, echo_contracts, "127.0.0.1:1", "")
+    journal = tmp_path / "ledger.db.journal"
+    holder = os.open(journal, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # a separate open file: flock conflicts with it
+        caplog.set_level(logging.WARNING, logger="tabadol.ledger")
+        with pytest.raises(ConfigError, match=r"ledger\.db\.journal.*held its lock"):
+            Broker(config.load(path))
+    finally:
+        os.close(holder)
+    assert f"waiting for the journal lock on {journal} (held by another process)" in caplog.text

@@ -20,6 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 # How long a broker may go on sealing with a certificate its renewal superseded: the time
 # an operator has to reload it (docs/pki.md).
 SUPERSEDED_GRACE = dt.timedelta(hours=24)
+# From when the signatures of a certificate revoked for cause count no more, when the signer
+# wrote their time itself: from the beginning of time (a thief of its key back-dates).
+REVOKED_FOR_CAUSE = dt.datetime.min.replace(tzinfo=dt.UTC)
 
 
 class CrlRefused(ValueError):
@@ -45,6 +48,17 @@ class RevocationList:
         certificate until it is reloaded onto the new one)."""
         return {
             serial: when + grace if serial in self.superseded else when
+            for serial, when in self.revoked_at.items()
+        }
+
+    def signer_dated_signatures_count_until(
+        self, grace: dt.timedelta = SUPERSEDED_GRACE
+    ) -> dict[int, dt.datetime]:
+        """As ``signatures_count_until``, for signatures dated by their signer (the ledger's
+        journal): a certificate revoked for any reason but superseded counts at no time
+        (``REVOKED_FOR_CAUSE``), since a thief of its key writes whatever date it likes."""
+        return {
+            serial: when + grace if serial in self.superseded else REVOKED_FOR_CAUSE
             for serial, when in self.revoked_at.items()
         }
 

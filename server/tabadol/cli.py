@@ -149,9 +149,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _seal_signers(pki_dir: Path, trust_domain: str) -> Callable[[bytes, int], str | None]:
+def _seal_signers(
+    pki_dir: Path, trust_domain: str, *, signer_dated: bool = False
+) -> Callable[[bytes, int], str | None]:
     """Seals count only when signed by a broker certificate of this exchange's CA that was
-    valid, and not revoked, when the seal was made (by the CRL in the PKI directory)."""
+    valid, and not revoked, when the seal was made (by the CRL in the PKI directory).
+    ``signer_dated`` (the journal): a certificate revoked for cause counts at no time."""
     import datetime as dt
 
     from cryptography import x509
@@ -164,9 +167,12 @@ def _seal_signers(pki_dir: Path, trust_domain: str) -> Callable[[bytes, int], st
         ca = x509.load_pem_x509_certificate((pki_dir / "ca.crt").read_bytes())
     except (OSError, ValueError) as e:
         raise TabadolError(f"{pki_dir / 'ca.crt'}: cannot load the CA certificate: {e}") from e
-    revoked_at = RevocationList.from_crl(
-        load_crl(pki_dir / "crl.pem", ca), ca
-    ).signatures_count_until()
+    revocations = RevocationList.from_crl(load_crl(pki_dir / "crl.pem", ca), ca)
+    revoked_at = (
+        revocations.signer_dated_signatures_count_until()
+        if signer_dated
+        else revocations.signatures_count_until()
+    )
 
     def problem(cert_pem: bytes, sealed_ns: int) -> str | None:
         sealed_at = dt.datetime.fromtimestamp(sealed_ns / 1e9, dt.UTC)
@@ -203,7 +209,8 @@ def _cmd_ledger_verify(args: argparse.Namespace) -> int:
     )
     print(f"{cfg.ledger.path}: {verdict}")
     # Answered calls that never reached the ledger: shown by the writers' sessions.
-    sessions, journaled, journal_problems = _journaled(cfg.ledger.path, store, signers)
+    journal_signers = _seal_signers(cfg.broker.pki_dir, cfg.broker.trust_domain, signer_dated=True)
+    sessions, journaled, journal_problems = _journaled(cfg.ledger.path, store, journal_signers)
     findings = session_findings(sessions, alive, journaled)
     for finding in findings:
         print(f"{cfg.ledger.path}: {finding}")
@@ -255,13 +262,22 @@ def _journaled(
     wrong in the journal."""
     from collections import Counter
 
-    from tabadol.ledger.journal import Journal, journal_path, rejected_lines, rejected_path, review
+    from tabadol.ledger.journal import (
+        Journal,
+        in_ledger,
+        journal_path,
+        rejected_lines,
+        rejected_path,
+        review,
+    )
 
     path = journal_path(ledger_path)
     try:
         with Journal(path).reading() as found:  # no start ends a session under our feet
             sessions = store.sessions()
-        judged = review(found, {s.id: s for s in sessions}, signers)
+            # Written through when an outage ended: settled, neither waiting nor refused.
+            written = in_ledger(found, store.records_between)
+        judged = review(found, {s.id: s for s in sessions}, signers, written)
         aside = rejected_lines(path)
     except OSError as e:
         raise TabadolError(f"{path}: cannot read the ledger's journal: {e.strerror}") from e
@@ -271,9 +287,9 @@ def _journaled(
     problems = []
     if judged.refused:
         problems.append(
-            f"UNVERIFIED JOURNAL: {judged.refused_lines} lines in {path} are not signed by a "
-            f"broker of this exchange for a session of this ledger ({judged.reasons()}); the "
-            f"next start will not write them, and sets them aside in {rejected_path(path)}"
+            f"UNVERIFIED JOURNAL: {judged.refused_lines} lines in {path} cannot be written to "
+            f"the ledger ({judged.reasons()}); the next start will not write them, and sets "
+            f"them aside in {rejected_path(path)}"
         )
     if aside:
         problems.append(

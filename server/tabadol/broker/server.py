@@ -57,6 +57,7 @@ from tabadol.protocol import KEEPALIVE_DIAL, KEEPALIVE_LISTEN
 from tabadol.refusals import RefusalLog
 from tabadol.revocation import CrlRefused, RevocationList
 from tabadol.spiffe import agency_dns_name, ops_dns_name
+from tabadol.state_files import read_regular, replace_file
 
 log = logging.getLogger("tabadol.broker")
 
@@ -91,7 +92,9 @@ class Broker:
         self.config = cfg
         # The newest CRL this broker ever accepted: an older one is refused even across
         # restarts (a rollback would un-revoke).
-        self.credentials = self._load_credentials(cfg, held=held_crl(cfg))
+        held = held_crl(cfg)
+        self.credentials = self._load_credentials(cfg, held=held)
+        keep_crl(cfg, self.credentials.crl, held)  # beside the ledger, before it is written
         self._closing: set[asyncio.Task[None]] = set()
         self._refusals = RefusalLog(log)
         self.tracing, self.span_stats = _tracing(cfg)
@@ -103,7 +106,6 @@ class Broker:
         self.retries = RetryBudget(cfg.broker.retry_budget_ratio)
         self.drain = Drain()
         self.ledger = _ledger(cfg, self.credentials)
-        keep_crl(cfg, self.credentials.crl)  # beside the ledger, now that it exists
         self.instance = cfg.broker.instance or f"{socket.gethostname()}:{os.getpid()}"
         self._metrics_task: asyncio.Task[None] | None = None
         self._crl_warned = -_CRL_WARN_EVERY_S
@@ -382,11 +384,11 @@ class Broker:
                 upstream.presented = before.presented
         proxy = self._build_proxy(cfg, creds, upstreams)
         exporter_creds = _exporter_credentials(cfg) if identity_changed else None
+        keep_crl(cfg, creds.crl, self.credentials.crl)  # not kept: the reload is refused
         # Everything is built: commit in one step.
         retired = [u for key, u in self._upstreams.items() if upstreams.get(key) is not u]
         self.config, self.credentials, self._upstreams = cfg, creds, upstreams
         self._crl_warned = -_CRL_WARN_EVERY_S  # a new CRL: say at once if it is due soon
-        keep_crl(cfg, creds.crl)
         # The new CRL applies at once to what each endpoint last presented; endpoints new to
         # this configuration are checked now, and get no calls until they pass.
         self.provider_trust.rejudge(upstreams.values(), creds)
@@ -469,40 +471,67 @@ def _held_crl_path(cfg: BrokerConfig) -> Path:
 
 
 def held_crl(cfg: BrokerConfig) -> RevocationList | None:
-    """The newest CRL this broker accepted before, if it kept one (checked against the CA)."""
+    """The newest CRL this broker accepted before (checked against the CA); None on a first
+    start. ConfigError when it is missing, damaged or not a plain file: without it an older
+    crl.pem would be taken, so the broker does not start."""
     path = _held_crl_path(cfg)
+    recover = (
+        f"restore it, or, once you have checked that {cfg.broker.pki_dir / 'crl.pem'} is the "
+        "newest the CA published, copy it there"
+    )
     try:
-        data = path.read_bytes()
-        ca = x509.load_pem_x509_certificate((cfg.broker.pki_dir / "ca.crt").read_bytes())
+        data = read_regular(path)
     except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{cfg.path}: cannot read the CRL this broker kept, {path}: {e}") from e
+        if not _ledger_has_run(cfg):
+            return None  # a first start: the broker keeps it now
+        raise ConfigError(
+            f"{cfg.path}: {path} is missing but this ledger has run before: {recover}"
+        ) from None
+    except OSError as e:
+        raise ConfigError(
+            f"{cfg.path}: cannot read the CRL this broker kept, {path}: "
+            f"{e.strerror or e}; {recover}"
+        ) from e
+    try:
+        ca = x509.load_pem_x509_certificate((cfg.broker.pki_dir / "ca.crt").read_bytes())
+    except (OSError, ValueError):
+        return None  # the credentials' own check names ca.crt's problem
     try:
         return RevocationList.from_bytes(data, ca)
     except CrlRefused as e:
-        # Not the CA's (or damaged): it cannot vouch for anything; say so, and go on without.
-        log.error("%s: ignored the CRL kept here: %s", path, e)
-        return None
+        raise ConfigError(
+            f"{cfg.path}: {path} is not a CRL of this exchange's CA ({e}): {recover}"
+        ) from e
 
 
-def keep_crl(cfg: BrokerConfig, crl: RevocationList | None) -> None:
-    """Remember the newest CRL accepted, so that no restart can go back to an older one."""
-    if crl is None:
+def _ledger_has_run(cfg: BrokerConfig) -> bool:
+    """Whether a broker has written this ledger before (it has writer sessions)."""
+    if not cfg.ledger.path.exists():
+        return False
+    try:
+        store = SqliteLedgerStore(cfg.ledger.path, readonly=True)
+    except LedgerWriteError as e:
+        raise ConfigError(f"{cfg.path}: [ledger] path: {e}") from e
+    try:
+        return bool(store.sessions())
+    finally:
+        store.close()
+
+
+def keep_crl(cfg: BrokerConfig, crl: RevocationList | None, held: RevocationList | None) -> None:
+    """Remember the newest CRL accepted, so that no restart can go back to an older one;
+    ConfigError if it cannot be kept (the next start would refuse to go on without it)."""
+    if crl is None or (held is not None and held.number >= crl.number):
         return
     path = _held_crl_path(cfg)
     try:
-        if path.exists() and (held := held_crl(cfg)) is not None and held.number >= crl.number:
-            return
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(crl.der)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        replace_file(path, crl.der, 0o600)
     except OSError as e:
-        log.error("cannot keep the CRL in %s (%s): a restart could accept an older one", path, e)
+        raise ConfigError(
+            f"{cfg.path}: cannot keep the CRL in {path} ({e.strerror or e}): without it a "
+            "restart could accept an older one"
+        ) from e
 
 
 def _exporter_credentials(cfg: BrokerConfig) -> ExporterCredentials:
@@ -577,11 +606,14 @@ def _ledger(cfg: BrokerConfig, creds: BrokerCredentials) -> LedgerWriter:
     except LedgerWriteError as e:
         raise ConfigError(f"{cfg.path}: [ledger] path: {e}") from e
     # The journal's lines count only if signed by a broker certificate of this exchange's
-    # CA, valid and unrevoked when it signed: judged as `ledger verify` judges seals.
+    # CA, valid when it signed and not revoked: its signer writes their time itself, so a
+    # certificate revoked for cause counts at no time; a superseded one keeps its grace.
     journal_signers = signer_check(
         ca_cert=x509.load_pem_x509_certificate(creds.ca_pem),
         trust_domain=cfg.broker.trust_domain,
-        revoked_at=creds.crl.signatures_count_until() if creds.crl is not None else {},
+        revoked_at=(
+            creds.crl.signer_dated_signatures_count_until() if creds.crl is not None else {}
+        ),
     )
     try:
         return LedgerWriter(

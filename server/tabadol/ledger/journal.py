@@ -8,25 +8,43 @@ The next start seals what it replays with the broker's key, so the journal must 
 in for records the broker never wrote: every append ends with a signature line, signed by
 the broker's key, over exactly the lines it appended. At replay, only lines under a valid
 signature by a broker certificate of this exchange, for a session the ledger knows and that
-has not ended, count (``refusal``); the others are set aside in ``<journal>.rejected``.
+has not ended, signed by the certificate that opened that session, count (``refusal``); the
+others are set aside in ``<journal>.rejected``. Blocks whose records are all in the ledger
+already (written when an outage ended) are settled: dropped quietly.
+
+Anyone who can write the ledger's directory can put things in the journal's place: every
+journal-family file is opened without following symlinks and without blocking, must be a
+regular file, is read up to ``MAX_JOURNAL_BYTES``, and its lock is waited for at most
+``LOCK_WAIT_S``: each case ends in an error naming the file, never a hang.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
+import stat
+import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tabadol.ledger.record import FIELD_NAMES, FIELD_TYPES, LedgerRecord
+from tabadol.ledger.record import FIELD_NAMES, FIELD_TYPES, LedgerRecord, StoredRecord
 from tabadol.ledger.seal import Sealer, fingerprint, signed_by
 from tabadol.ledger.sessions import Session
+
+log = logging.getLogger("tabadol.ledger")
+
+MAX_JOURNAL_BYTES = 1 << 30  # more than any outage leaves: beyond it, something else is there
+LOCK_WAIT_S = 60.0  # how long to wait for another process's lock on the journal
+_LOCK_LOG_S = 5.0
 
 
 def journal_path(ledger_path: Path) -> Path:
@@ -164,6 +182,15 @@ class Block:
     def entries(self) -> list[JournalEntry]:
         return [entry for raw in self.lines if (entry := parse_line(raw)) is not None]
 
+    @property
+    def records(self) -> list[LedgerRecord] | None:
+        """Its records, when every line is one; else None."""
+        entries = self.entries
+        if not entries or len(entries) != len(self.lines):
+            return None
+        found = [entry.record for entry in entries if entry.record is not None]
+        return found if len(found) == len(entries) else None
+
 
 def blocks(data: bytes) -> list[Block]:
     """The journal's lines, grouped by the signature lines that cover them. Pure.
@@ -232,6 +259,11 @@ def refusal(
     session = sessions.get(signature.session)
     if session is None:
         return f"session {signature.session[:12]} is not one the ledger knows"
+    if session.signer and session.signer != signer:
+        return (
+            f"session {signature.session[:12]} was opened by broker certificate "
+            f"{session.signer[:16]}, not by their signer {signer[:16]}"
+        )
     if session.ended:
         return f"session {signature.session[:12]} had already ended ({session.ended})"
     return None
@@ -243,6 +275,11 @@ class Review:
 
     accepted: list[Block]
     refused: list[tuple[Block, str]]
+    settled: list[Block] = dataclasses.field(default_factory=list)  # all in the ledger already
+
+    @property
+    def settled_records(self) -> int:
+        return sum(len(block.lines) for block in self.settled)
 
     @property
     def refused_lines(self) -> int:
@@ -260,15 +297,42 @@ def review(
     found: list[Block],
     sessions: Mapping[str, Session],
     signer_problem: Callable[[bytes, int], str | None],
+    written: Collection[str] = frozenset(),
 ) -> Review:
-    accepted, refused = [], []
+    """Judge every block; ``written``: request ids of the journal's records the ledger holds
+    (``in_ledger``): a block of records all among them is settled, whoever signed it."""
+    accepted, refused, settled = [], [], []
     for block in found:
+        records = block.records
+        if records is not None and all(r.request_id in written for r in records):
+            settled.append(block)
+            continue
         why = refusal(block, sessions, signer_problem)
         if why is None:
             accepted.append(block)
         else:
             refused.append((block, why))
-    return Review(accepted, refused)
+    return Review(accepted, refused, settled)
+
+
+def in_ledger(
+    found: Iterable[Block], records_between: Callable[[int, int], Iterable[StoredRecord]]
+) -> set[str]:
+    """The request ids of the blocks' records that the ledger already holds."""
+    wanted = {
+        e.record.request_id: e.record.start_ns
+        for block in found
+        for e in block.entries
+        if e.record is not None
+    }
+    if not wanted:
+        return set()
+    starts = wanted.values()
+    return {
+        stored.record.request_id
+        for stored in records_between(min(starts), max(starts) + 1)
+        if stored.record.request_id in wanted
+    }
 
 
 class Journal:
@@ -282,23 +346,39 @@ class Journal:
             return
         data = sign(entries, sealer, time.time_ns())
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = open_regular(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                lock(fd, fcntl.LOCK_EX, self.path)
                 if _same_file(fd, self.path):
                     # After a line a crash cut short, start a new line: this append's lines
                     # must be exactly the lines its signature covers.
                     size = os.fstat(fd).st_size
                     start = b"\n" if size and os.pread(fd, 1, size - 1) != b"\n" else b""
-                    view = memoryview(start + data)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                    os.fsync(fd)
+                    _write_all(fd, start + data)
                     _sync_directory(self.path.parent)
                     return
             finally:
                 os.close(fd)  # and the lock with it
             # A start rewrote the journal while this waited for the lock: append to the new one.
+
+    def settle(self, session: str, written: Collection[str]) -> int:
+        """Remove the session's blocks whose records are all among ``written`` (request ids
+        the writer put in the ledger after journaling them); how many records went."""
+        with self.exclusive() as held:
+            keep, gone = [], 0
+            for block in held.blocks:
+                records = block.records
+                if (
+                    block.session == session
+                    and records is not None
+                    and all(r.request_id in written for r in records)
+                ):
+                    gone += len(records)
+                else:
+                    keep.append(block)
+            if gone:
+                held.replace(keep)
+        return gone
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[list[Block]]:
@@ -314,19 +394,18 @@ class Journal:
             yield HeldJournal(self.path, found)
 
     @contextlib.contextmanager
-    def _locked(self, flags: int, lock: int) -> Iterator[list[Block]]:
+    def _locked(self, flags: int, how: int) -> Iterator[list[Block]]:
         while True:
             try:
-                fd = os.open(self.path, flags)
+                fd = open_regular(self.path, flags)
             except FileNotFoundError:
                 yield []
                 return
             try:
-                fcntl.flock(fd, lock)
+                lock(fd, how, self.path)
                 if not _same_file(fd, self.path):
                     continue  # a start replaced it while this waited: lock the new one
-                with os.fdopen(os.dup(fd), "rb") as f:
-                    found = blocks(f.read())
+                found = blocks(read_capped(fd, self.path))
                 yield found
                 return
             finally:
@@ -355,15 +434,14 @@ class HeldJournal:
             for block, why in refused
             for raw in (*block.lines, *((block.signature_line,) if block.signature_line else ()))
         )
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            os.fchmod(fd, 0o600)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            try:
+                _write_all(fd, data)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise OSError(e.errno, f"{path}: {e.strerror or e}") from e
         _sync_directory(path.parent)
         return path
 
@@ -374,30 +452,114 @@ class HeldJournal:
                 self.path.unlink()
             _sync_directory(self.path.parent)
             return
-        temporary = self.path.with_name(self.path.name + ".new")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # A name of its own, created exclusively (0600): nothing planted at a known name
+        # (a symlink, a FIFO) is followed or written through.
+        fd, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".new.")
         try:
-            view = memoryview(b"".join(block.raw for block in keep))
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
+            _write_all(fd, b"".join(block.raw for block in keep))
             os.close(fd)
-        os.replace(temporary, self.path)
+            os.replace(temporary, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            raise
         _sync_directory(self.path.parent)
 
 
 def rejected_lines(journal: Path) -> int:
     """How many lines earlier starts set aside in ``<journal>.rejected``."""
+    path = rejected_path(journal)
     try:
-        return rejected_path(journal).read_bytes().count(b"\n")
+        fd = open_regular(path, os.O_RDONLY)
+        try:
+            return read_capped(fd, path).count(b"\n")
+        finally:
+            os.close(fd)
     except FileNotFoundError:
         return 0
+    except OSError as e:
+        raise OSError(e.errno, f"{path}: {e.strerror or e}") from e
+
+
+def open_regular(path: Path, flags: int) -> int:
+    """Open a journal-family file (created 0600 with O_CREAT) that must be a regular file:
+    no symlink followed, no FIFO or device waited on. OSError naming what is there instead."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OSError(
+                errno.ELOOP, "it is a symbolic link; the journal's files must be regular files"
+            ) from e
+        if e.errno == errno.ENXIO:  # a FIFO with no reader, opened to write
+            raise OSError(e.errno, "it is a FIFO, not a regular file") from e
+        raise
+    try:
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode):
+            kind = "a directory" if stat.S_ISDIR(found.st_mode) else "a FIFO, device or socket"
+            raise OSError(errno.EINVAL, f"it is {kind}, not a regular file")
+        if found.st_mode & 0o077 and flags & (os.O_WRONLY | os.O_RDWR):
+            os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_capped(fd: int, path: Path) -> bytes:
+    """The file's bytes, up to MAX_JOURNAL_BYTES; OSError beyond."""
+    with os.fdopen(os.dup(fd), "rb") as f:
+        data = f.read(MAX_JOURNAL_BYTES + 1)
+    if len(data) > MAX_JOURNAL_BYTES:
+        raise OSError(
+            errno.EFBIG,
+            f"it holds more than {MAX_JOURNAL_BYTES} bytes, more than any outage leaves; "
+            "move it away and look into it",
+        )
+    return data
+
+
+def lock(fd: int, how: int, path: Path, wait_s: float | None = None) -> None:
+    """flock, waiting at most ``LOCK_WAIT_S`` and saying so in the log while it waits."""
+    limit = LOCK_WAIT_S if wait_s is None else wait_s
+    started = time.monotonic()
+    said = -_LOCK_LOG_S
+    delay = 0.005
+    while True:
+        try:
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        waited = time.monotonic() - started
+        if waited >= limit:
+            raise OSError(
+                errno.EWOULDBLOCK,
+                f"another process has held its lock for {limit:g} s; is another broker "
+                "starting, or someone holding it? Giving up",
+            )
+        if waited - said >= _LOCK_LOG_S:
+            log.warning(
+                "ledger: waiting for the journal lock on %s (held by another process)", path
+            )
+            said = waited
+        time.sleep(min(delay, max(0.0, limit - waited)))
+        delay = min(delay * 2, 0.25)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
 
 
 def _same_file(fd: int, path: Path) -> bool:
     try:
-        return os.fstat(fd).st_ino == os.stat(path).st_ino
+        return os.fstat(fd).st_ino == os.lstat(path).st_ino
     except FileNotFoundError:
         return False
 

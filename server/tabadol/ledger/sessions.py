@@ -33,6 +33,9 @@ class Session:
     accepted: int | None = None  # records handed to the writer (calls answered or refused)
     written: int | None = None  # of them, records that reached the ledger
     acknowledged: str = ""  # who looked into its gap, when and why (`ledger acknowledge`)
+    # The fingerprint of the broker certificate that opened it: the only signer whose journal
+    # lines count for it ("" in a ledger from before sessions were bound to a signer).
+    signer: str = ""
 
     @property
     def missing(self) -> int:

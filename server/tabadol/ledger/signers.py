@@ -10,6 +10,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from tabadol.identity import spiffe_ids
+from tabadol.revocation import REVOKED_FOR_CAUSE
 from tabadol.spiffe import broker_spiffe_id
 
 
@@ -24,7 +25,8 @@ def seal_signer_problem(
     """Why a seal's signer could not vouch for it at the time it was made, or None.
 
     ``revoked_at``: from when each revoked certificate's signatures stop counting
-    (RevocationList.signatures_count_until: its revocation, a day later if superseded).
+    (RevocationList.signatures_count_until: its revocation, a day later if superseded; for
+    signer-dated signatures, ``signer_dated_signatures_count_until``).
     """
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
@@ -39,6 +41,11 @@ def seal_signer_problem(
             f"({sealed_at:%Y-%m-%d %H:%M:%S} UTC)"
         )
     revoked = revoked_at.get(cert.serial_number)
+    if revoked == REVOKED_FOR_CAUSE:
+        return (
+            f"broker certificate {cert.serial_number:x} is revoked for cause (not superseded "
+            "by a renewal): what it dated itself counts at no time"
+        )
     if revoked is not None and revoked <= sealed_at:
         return (
             f"broker certificate {cert.serial_number:x} is revoked, and its signatures stopped "

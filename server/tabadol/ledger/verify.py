@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -38,17 +39,22 @@ def verify(
     Catches an edited record (its digest), a deleted or inserted one (positions and the
     chain), records swapped (the chain), records added at the end (no seal covers them) and
     a truncated tail (a seal, or the anchor file, covers more than remains).
+
+    Seal times never go back along the chain: a seal's signer dates it itself, so a thief of
+    a revoked key could back-date one to before the revocation; appended after later seals,
+    it shows.
     """
     seal_iter, anchor_iter = iter(seals), iter(anchor)
     pending = next(seal_iter, None)
     witnessed = next(anchor_iter, None)
     running, count, sealed, seal_count = GENESIS, 0, 0, 0
+    last_sealed_ns = 0
 
     def broken(position: int | None, problem: str) -> Verdict:
         return Verdict(False, count, seal_count, position, problem)
 
     def check_seal(seal: Seal) -> Verdict | None:
-        nonlocal witnessed
+        nonlocal witnessed, last_sealed_ns
         if seal.seq != seal_count + 1:
             return broken(None, f"seal {seal_count + 1} is missing (found seal {seal.seq} next)")
         if seal.head_digest != running:
@@ -64,6 +70,13 @@ def verify(
             return broken(
                 seal.count, f"seal {seal.seq} is not signed by a broker of this exchange: {why}"
             )
+        if seal.sealed_ns < last_sealed_ns:
+            return broken(
+                seal.count,
+                f"seal {seal.seq} is dated {_utc(seal.sealed_ns)}, before seal {seal.seq - 1} "
+                f"({_utc(last_sealed_ns)}): seals are made in order, so it was back-dated",
+            )
+        last_sealed_ns = seal.sealed_ns
         while witnessed is not None and witnessed.seq <= seal.seq:
             if witnessed.seq == seal.seq and witnessed != seal:
                 return broken(None, f"seal {seal.seq} differs from what the anchor file witnessed")
@@ -107,6 +120,10 @@ def verify(
             f"the anchor file witnessed seal {witnessed.seq} over {witnessed.count} records, which the ledger no longer has: it was truncated",
         )
     return Verdict(True, count, seal_count)
+
+
+def _utc(ns: int) -> str:
+    return f"{dt.datetime.fromtimestamp(ns / 1e9, dt.UTC):%Y-%m-%d %H:%M:%S} UTC"
 
 
 def anchor_path(ledger_path: Path) -> Path:

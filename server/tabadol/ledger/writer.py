@@ -10,8 +10,9 @@ the broker refuses new calls. A stop writes the backlog to the ledger, else to t
 (the next start writes it to the ledger), else raises RecordsLost; each writer's session in
 the ledger lets ``ledger verify`` show a writer that lost records (docs/ledger.md). Every
 journal append is signed with the broker's key, and a start replays only what a broker of
-this exchange signed for a session the ledger knows: the journal is no way in for records
-the broker never wrote.
+this exchange signed for a session the ledger knows, with the certificate that opened that
+session: the journal is no way in for records the broker never wrote. Once what a session
+journaled during an outage is in the ledger, the session takes it out of the journal.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from tabadol.errors import TabadolError
-from tabadol.ledger.journal import Journal, JournalEntry, review
+from tabadol.ledger.journal import Journal, JournalEntry, in_ledger, review
 from tabadol.ledger.record import LedgerRecord, Seal
 from tabadol.ledger.seal import Sealer
 from tabadol.ledger.sessions import ABANDONED, CLEAN, JOURNALED, Session, alive, process_tag
@@ -79,6 +80,9 @@ class LedgerWriter:
             raise ValueError("a journal needs journal_signers to judge its signatures")
         self._store = store
         self._sealer = sealer
+        # The journal is signed by the certificate that opened the session, the only one whose
+        # journal lines count for it at the next start, even after a reload onto another.
+        self._journal_sealer = sealer
         self._interval = batch_interval_s
         self._limit = buffer_records
         self._max_unwritten = max_unwritten_s
@@ -92,15 +96,17 @@ class LedgerWriter:
             collections.deque()
         )
         self._journaled = 0  # how many records at the front of the queue the journal holds
+        self._journaled_ids: set[str] = set()  # their request ids, until written and settled
         self._wake = threading.Condition()
         self._closing = False
         self.problem: str | None = None  # why the last write failed, until one succeeds
         self.journal_problem: str | None = None
         self.accepted = 0
         self.written = 0
-        for path in (anchor, journal):
-            if path is not None:
-                make_private(path)
+        if anchor is not None:
+            make_private(anchor)  # the journal's own files are checked as they are opened
+        last = store.last_seal()
+        self._last_sealed_ns = last.sealed_ns if last is not None else 0
         pid = os.getpid()
         self.session = Session(
             id=uuid.uuid4().hex,
@@ -110,6 +116,7 @@ class LedgerWriter:
             pid=pid,
             process=process_tag(pid) or "",
             opened_ns=time.time_ns(),
+            signer=sealer.signer,
         )
         self._recover()
         store.open_session(self.session)
@@ -210,19 +217,16 @@ class LedgerWriter:
     def _journal_append(self, entries: list[JournalEntry]) -> None:
         if self._journal is None:
             raise OSError("no journal is configured")
-        self._journal.append(entries, self._sealer)
+        self._journal.append(entries, self._journal_sealer)
 
     def _save_backlog(self) -> None:
         """Journal (and fsync) the queued records the journal does not hold yet; OSError if
         it cannot be written."""
         count = len(self._queue)
-        self._journal_append(
-            [
-                JournalEntry(self.session.id, record=self._queue[i][0])
-                for i in range(self._journaled, count)
-            ]
-        )
+        records = [self._queue[i][0] for i in range(self._journaled, count)]
+        self._journal_append([JournalEntry(self.session.id, record=r) for r in records])
         self._journaled = count
+        self._journaled_ids.update(record.request_id for record in records)
 
     def _recover(self) -> None:
         """Write the records stopped writers left in the journal; end their sessions.
@@ -238,7 +242,15 @@ class LedgerWriter:
             with self._journal.exclusive() as held:
                 # Read under the journal's lock: every session that appended is in it.
                 known = {s.id: s for s in self._store.sessions()}
-                judged = review(held.blocks, known, self._journal_signers)
+                written = in_ledger(held.blocks, self._store.records_between)
+                judged = review(held.blocks, known, self._journal_signers, written)
+                if judged.settled:
+                    log.info(
+                        "ledger: %d records in the journal %s were already in the ledger "
+                        "(written when an outage ended); dropped from the journal",
+                        judged.settled_records,
+                        self._journal.path,
+                    )
                 sessions = {sid: s for sid, s in known.items() if not s.ended}
                 running = {sid for sid, s in sessions.items() if alive(s) is not False}
                 entries = [e for block in judged.accepted for e in block.entries]
@@ -285,13 +297,15 @@ class LedgerWriter:
                 fresh.append((sid, record))
         for i in range(0, len(fresh), _MAX_BATCH):
             self._witness(self._append([r for _, r in fresh[i : i + _MAX_BATCH]]))
+        per_session = dict(collections.Counter(sid for sid, _ in fresh))
         if fresh:
             log.warning(
-                "ledger: wrote %d records that stopped brokers had saved in the journal %s",
+                "ledger: wrote %d records that stopped brokers had saved in the journal %s (%s)",
                 len(fresh),
                 self._journal.path if self._journal is not None else "",
+                ", ".join(f"session {sid[:12]}: {n}" for sid, n in per_session.items()),
             )
-        return dict(collections.Counter(sid for sid, _ in fresh))
+        return per_session
 
     def _end_stopped(
         self,
@@ -321,11 +335,15 @@ class LedgerWriter:
 
     def _append(self, records: list[LedgerRecord]) -> Seal:
         sealer = self._sealer
-        return self._store.append_sealed(  # LedgerWriteError: nothing was written
+        # Seal times never go back (`ledger verify` requires it), even if the clock does.
+        sealed_ns = max(time.time_ns(), self._last_sealed_ns)
+        seal = self._store.append_sealed(  # LedgerWriteError: nothing was written
             records,
-            lambda seq, count, head: sealer.seal(seq, count, head, time.time_ns()),
+            lambda seq, count, head: sealer.seal(seq, count, head, sealed_ns),
             sealer.cert_pem,
         )
+        self._last_sealed_ns = sealed_ns
+        return seal
 
     def _run(self) -> None:
         failures = 0
@@ -377,7 +395,10 @@ class LedgerWriter:
         seal = self._append([record for record, _, _ in batch])  # on error the batch stays
         for _ in batch:
             self._queue.popleft()
+        had_journaled = self._journaled
         self._journaled = max(0, self._journaled - len(batch))
+        if had_journaled and not self._journaled:
+            self._settle()
         self.written += len(batch)
         if self.problem is not None:
             log.warning("ledger: writing again after: %s", self.problem)
@@ -386,6 +407,28 @@ class LedgerWriter:
             if done is not None:
                 done.set_result(None)
         self._witness(seal)
+
+    def _settle(self) -> None:
+        """Everything journaled is in the ledger now: take it out of the journal, or the
+        next start would find it there after this session ended."""
+        if self._journal is None:
+            return
+        try:
+            gone = self._journal.settle(self.session.id, self._journaled_ids)
+        except OSError as e:
+            log.error(
+                "ledger: cannot remove the records written since from the journal %s (%s); "
+                "the next start finds them in the ledger and drops them",
+                self._journal.path,
+                e.strerror or e,
+            )
+        else:
+            log.info(
+                "ledger: %d journaled records are in the ledger now; removed from %s",
+                gone,
+                self._journal.path,
+            )
+        self._journaled_ids.clear()
 
     def _witness(self, seal: Seal) -> None:
         """Append the seal to the anchor file: a copy outside the database to detect truncation."""

@@ -85,9 +85,15 @@ class LedgerStore(Protocol):
     def count_between(self, start_ns: int, end_ns: int) -> int: ...
 
     def latency_percentiles(
-        self, start_ns: int, end_ns: int, percents: Sequence[int]
+        self,
+        start_ns: int,
+        end_ns: int,
+        percents: Sequence[int],
+        consumers: Sequence[str] | None = None,
     ) -> dict[str, tuple[int, dict[int, int]]]:
-        """Per service: (calls, {percent: nearest-rank duration in ns})."""
+        """Per service: (calls, {percent: nearest-rank duration in ns}); with ``consumers``,
+        only their calls (and those a ledger written before consumers were marked names no
+        consumer for)."""
         ...
 
     def provider_windows(

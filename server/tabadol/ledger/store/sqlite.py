@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -55,11 +56,13 @@ CREATE TABLE IF NOT EXISTS sessions (
     ended TEXT NOT NULL DEFAULT '',
     accepted INTEGER,
     written INTEGER,
-    acknowledged TEXT NOT NULL DEFAULT ''
+    acknowledged TEXT NOT NULL DEFAULT '',
+    signer TEXT NOT NULL DEFAULT ''
 );
 """
 # Columns added after the first schema, with the value old rows take (docs/ledger.md).
 _ADDED_COLUMNS = {"consumer_serial": "''", "consumer_verified": "1"}
+_ADDED_SESSION_COLUMNS = {"acknowledged": "''", "signer": "''"}
 _RECORD_COLUMNS = ", ".join(("seq", *FIELD_NAMES, "prev_digest", "digest"))
 _SESSION_COLUMNS = ", ".join(f.name for f in dataclasses.fields(Session))
 _PRIVATE = 0o600
@@ -77,7 +80,8 @@ def make_private(path: Path, *, create: bool = False) -> None:
     if create:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT, _PRIVATE))
     try:
-        if path.stat().st_mode & 0o077:
+        found = path.lstat()  # a symlink's target is not the ledger's to narrow
+        if stat.S_ISREG(found.st_mode) and found.st_mode & 0o077:
             path.chmod(_PRIVATE)
     except FileNotFoundError:
         pass
@@ -123,10 +127,11 @@ class SqliteLedgerStore:
                     f"ALTER TABLE records ADD COLUMN {name} NOT NULL DEFAULT {default}"
                 )
         sessions = {row[1] for row in self._conn.execute("PRAGMA table_info(sessions)")}
-        if "acknowledged" not in sessions:
-            self._conn.execute(
-                "ALTER TABLE sessions ADD COLUMN acknowledged TEXT NOT NULL DEFAULT ''"
-            )
+        for name, default in _ADDED_SESSION_COLUMNS.items():
+            if name not in sessions:
+                self._conn.execute(
+                    f"ALTER TABLE sessions ADD COLUMN {name} TEXT NOT NULL DEFAULT {default}"
+                )
 
     def _record_columns(self) -> str:
         """The record columns to select: an older ledger opened read-only lacks the newest."""
@@ -256,8 +261,8 @@ class SqliteLedgerStore:
         try:
             have = {row[1] for row in self._query("PRAGMA table_info(sessions)")}
             columns = ", ".join(
-                name if name in have else "'' AS acknowledged"  # an older ledger, read-only
-                for name in _SESSION_COLUMNS.split(", ")
+                name if name in have else f"{_ADDED_SESSION_COLUMNS[name]} AS {name}"
+                for name in _SESSION_COLUMNS.split(", ")  # an older ledger, read-only
             )
             rows = self._query(f"SELECT {columns} FROM sessions ORDER BY opened_ns")
         except sqlite3.OperationalError:  # a ledger from before sessions, opened read-only
@@ -305,21 +310,29 @@ class SqliteLedgerStore:
         return int(rows[0][0])
 
     def latency_percentiles(
-        self, start_ns: int, end_ns: int, percents: Sequence[int]
+        self,
+        start_ns: int,
+        end_ns: int,
+        percents: Sequence[int],
+        consumers: Sequence[str] | None = None,
     ) -> dict[str, tuple[int, dict[int, int]]]:
         """Per service: (calls, {percent: nearest-rank duration in ns}) in the range, of
-        identified consumers' calls (a refused certificate's call measures nothing)."""
+        identified consumers' calls (a refused certificate's call measures nothing); with
+        ``consumers``, only theirs (and those with no consumer, of a schema 1 ledger)."""
         ranks = ", ".join(f"(n * {p} + 99) / 100" for p in percents)
+        only = ""
+        if consumers is not None:
+            only = f"AND consumer IN ('', {', '.join('?' * len(consumers))})"
         rows = self._query(
             f"""
             SELECT service, n, rn, d FROM (
                 SELECT service, end_ns - start_ns AS d,
                        row_number() OVER (PARTITION BY service ORDER BY end_ns - start_ns) AS rn,
                        count(*) OVER (PARTITION BY service) AS n
-                FROM records WHERE start_ns >= ? AND start_ns < ? AND consumer_verified = 1
+                FROM records WHERE start_ns >= ? AND start_ns < ? AND consumer_verified = 1 {only}
             ) WHERE rn IN ({ranks}) ORDER BY service, rn
             """,
-            (start_ns, end_ns),
+            (start_ns, end_ns, *(consumers or ())),
         )
         result: dict[str, tuple[int, dict[int, int]]] = {}
         for service, n, rn, duration in rows:
