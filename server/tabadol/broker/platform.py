@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
@@ -21,11 +20,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tabadol.broker.proxy import Proxy
+from tabadol.broker.proxy import Proxy, refused_certificate
 from tabadol.broker.upstream import Upstream
 from tabadol.catalogue import Catalogue
 from tabadol.contracts import RpcKind
-from tabadol.identity import IdentityRejected, claimed_agency
+from tabadol.identity import IdentityRejected
 from tabadol.platform.v1 import discovery_pb2, discovery_pb2_grpc
 from tabadol.protocol import RETRY_AFTER_KEY
 from tabadol.revocation import RevocationList
@@ -50,7 +49,7 @@ async def caller(proxy: Proxy, context: Context, method: str) -> str:
         proxy.refusals.warn(("platform", "identity", str(e)), "refused a call to %s: %s", method, e)
         proxy.metrics.refused.labels("platform_unauthenticated").inc()
         await _refuse(
-            proxy, context, _certificate(context), grpc.StatusCode.UNAUTHENTICATED, str(e)
+            proxy, context, refused_certificate(context)[0], grpc.StatusCode.UNAUTHENTICATED, str(e)
         )
 
 
@@ -65,7 +64,7 @@ async def declared_caller(proxy: Proxy, context: Context, method: str) -> str:
         await _refuse(
             proxy,
             context,
-            _certificate(context),
+            refused_certificate(context)[0],
             grpc.StatusCode.PERMISSION_DENIED,
             f"agency {agency!r} is not a registered agency of this exchange",
         )
@@ -87,17 +86,6 @@ async def _refuse(
             (("grpc-retry-pushback-ms", retry_ms), (RETRY_AFTER_KEY, retry_ms)),
         )
     await context.abort(code, f"Tabadol broker: {why}")
-
-
-def _certificate(context: Context) -> str:
-    """A refused certificate's name for throttling: the agency and serial it claims."""
-    pems = cast(list[bytes] | None, context.auth_context().get("x509_pem_cert"))
-    if not pems:
-        return ""
-    claim = claimed_agency(pems[0])
-    if claim is None:
-        return hashlib.sha256(pems[0]).hexdigest()
-    return f"{claim[0]}/{claim[1]:x}"
 
 
 class AgencyReflection(reflection_pb2_grpc.ServerReflectionServicer):

@@ -463,15 +463,11 @@ class Proxy:
     @staticmethod
     def _claimed(exchange: Exchange, context: Context) -> str:
         """For the ledger: whom a refused certificate claims to be, marked unverified. Returns
-        the certificate's name for throttling its refusals: claimed agency and serial."""
-        pems = cast(list[bytes] | None, context.auth_context().get("x509_pem_cert"))
-        if not pems:
-            return ""
-        claim = claimed_agency(pems[0])
-        if claim is None:
-            return hashlib.sha256(pems[0]).hexdigest()  # names no agency: the certificate itself
-        exchange.consumer, exchange.consumer_serial = claim[0], f"{claim[1]:x}"
-        return f"{claim[0]}/{claim[1]:x}"
+        the certificate's name for throttling its refusals."""
+        name, claim = refused_certificate(context)
+        if claim is not None:
+            exchange.consumer, exchange.consumer_serial = claim[0], f"{claim[1]:x}"
+        return name
 
     async def _over_limit(self, exchange: Exchange, context: Context, refusal: Refusal) -> NoReturn:
         self.refusals.warn(
@@ -713,6 +709,18 @@ class _Outcome:
                     grpc.StatusCode.UNKNOWN, f"internal broker error: {exc_type.__name__}"
                 )
         self.proxy._finish(exchange)
+
+
+def refused_certificate(context: Context) -> tuple[str, tuple[str, int] | None]:
+    """A certificate refused at identity: its name for throttling its refusals (the agency
+    and serial it claims, or its digest when it claims none) and that claim, unverified."""
+    pems = cast(list[bytes] | None, context.auth_context().get("x509_pem_cert"))
+    if not pems:
+        return "", None
+    claim = claimed_agency(pems[0])
+    if claim is None:
+        return hashlib.sha256(pems[0]).hexdigest(), None
+    return f"{claim[0]}/{claim[1]:x}", claim
 
 
 def unknown_method_message(contracts: Contracts, offered: frozenset[str], path: str) -> str:
