@@ -9,8 +9,10 @@ import json
 import os
 import sqlite3
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -429,6 +431,43 @@ def test_two_writers_on_one_ledger_interleave_into_one_chain_that_verifies(
     for writer in writers:
         writer.close()
     assert check(path, pki).startswith("OK: 200 records")
+
+
+class HeldStore:
+    """A ledger store whose next batch waits at the door of the write transaction until
+    released: another writer's batch can be made to go first."""
+
+    def __init__(self, inner: SqliteLedgerStore) -> None:
+        self._inner = inner
+        self.waiting = threading.Event()
+        self.release = threading.Event()
+
+    def append_sealed(self, *args: Any, **kwargs: Any) -> Any:
+        self.waiting.set()
+        self.release.wait(10)
+        return self._inner.append_sealed(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def test_writers_sharing_a_ledger_date_their_seals_in_the_order_the_chain_holds_them(
+    tmp_path: Path, pki: CertificateAuthority
+) -> None:
+    """One writer reaches the transaction late: its seal comes after the other's in the
+    chain, so it must not carry an earlier time (verify would call it back-dated)."""
+    sealer = Sealer((pki.dir / "broker.key").read_bytes(), (pki.dir / "broker.crt").read_bytes())
+    path = tmp_path / "ledger.db"
+    late_store = HeldStore(SqliteLedgerStore(path))
+    late = LedgerWriter(late_store, sealer, batch_interval_s=0.001)  # type: ignore[arg-type]
+    prompt = LedgerWriter(SqliteLedgerStore(path), sealer, batch_interval_s=0.001)
+    late.submit(record(1))
+    assert late_store.waiting.wait(10)  # its batch is on its way in, held at the door
+    prompt.submit(record(2))
+    prompt.close()  # written and sealed first
+    late_store.release.set()
+    late.close()
+    assert check(path, pki).startswith("OK: 2 records, 2 seals")
 
 
 def test_a_record_without_serial_keeps_the_digest_it_had_before_serials_were_recorded() -> None:

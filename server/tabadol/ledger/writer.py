@@ -335,14 +335,18 @@ class LedgerWriter:
 
     def _append(self, records: list[LedgerRecord]) -> Seal:
         sealer = self._sealer
-        # Seal times never go back (`ledger verify` requires it), even if the clock does.
-        sealed_ns = max(time.time_ns(), self._last_sealed_ns)
+
+        def seal_now(seq: int, count: int, head: str) -> Seal:
+            # Dated inside the write transaction, so several writers sharing one ledger date
+            # their seals in the order the chain holds them; and never before this writer's
+            # last seal (`ledger verify` requires seal times not to go back), even if the
+            # clock does.
+            return sealer.seal(seq, count, head, max(time.time_ns(), self._last_sealed_ns))
+
         seal = self._store.append_sealed(  # LedgerWriteError: nothing was written
-            records,
-            lambda seq, count, head: sealer.seal(seq, count, head, sealed_ns),
-            sealer.cert_pem,
+            records, seal_now, sealer.cert_pem
         )
-        self._last_sealed_ns = sealed_ns
+        self._last_sealed_ns = seal.sealed_ns
         return seal
 
     def _run(self) -> None:
