@@ -32,8 +32,8 @@ from tabadol import config
 from tabadol.broker import Broker
 from tabadol.cli import main
 from tabadol.client import connect
-from tabadol.errors import ConfigError
-from tabadol.ledger import LedgerRecord
+from tabadol.errors import ConfigError, TabadolError
+from tabadol.ledger import LedgerRecord, LedgerWriter
 from tabadol.ledger import journal as journal_module
 from tabadol.ledger.journal import (
     Journal,
@@ -48,6 +48,7 @@ from tabadol.ledger.seal import Sealer, fingerprint
 from tabadol.ledger.sessions import Session
 from tabadol.ledger.signers import signer_check
 from tabadol.ledger.store import SqliteLedgerStore
+from tabadol.ledger.verify import read_anchor
 from tabadol.pki import CertificateAuthority
 from tests.conftest import (
     DEFAULT_GRANTS,
@@ -791,6 +792,27 @@ def test_a_symlink_planted_at_the_rejected_file_is_not_followed(
     with pytest.raises(ConfigError, match=r"ledger\.db\.journal\.rejected: it is a symbolic link"):
         Broker(config.load(path))
     assert victim.read_text() == "untouched\n" and mode(victim) == 0o644
+
+
+def test_a_symlink_planted_at_the_anchor_file_is_not_followed_and_verify_names_it(
+    tmp_path: Path, pki: CertificateAuthority, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sealer = Sealer((pki.dir / "broker.key").read_bytes(), (pki.dir / "broker.crt").read_bytes())
+    ledger = tmp_path / "ledger.db"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("untouched\n")
+    (tmp_path / "ledger.db.seals").symlink_to(victim)
+    writer = LedgerWriter(
+        SqliteLedgerStore(ledger),
+        sealer,
+        batch_interval_s=0.001,
+        anchor=tmp_path / "ledger.db.seals",
+    )
+    writer.submit(forged_record(1))
+    writer.close()
+    assert victim.read_text() == "untouched\n"
+    with pytest.raises(TabadolError, match=r"ledger\.db\.seals: cannot read the anchor file"):
+        read_anchor(tmp_path / "ledger.db.seals")
 
 
 def test_a_symlink_planted_at_the_journals_temporary_name_is_not_followed(

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from tabadol.ledger.record import GENESIS, Seal, StoredRecord, chain_digest
 from tabadol.ledger.seal import signature_valid
+from tabadol.errors import TabadolError
+from tabadol.state_files import read_regular
 
 
 @dataclass(frozen=True)
@@ -144,10 +146,14 @@ _SEAL_TYPES = {
 def read_anchor(path: Path) -> list[Seal]:
     """The seals the anchor file witnessed. A line that is not a well-formed seal (a write cut
     short by a crash) witnesses nothing; it cannot make the check fail or crash."""
-    if not path.exists():
+    try:
+        data = read_regular(path)
+    except FileNotFoundError:
         return []
+    except OSError as e:  # a link or a special file where the witness should be
+        raise TabadolError(f"{path}: cannot read the anchor file: {e}") from e
     seals = []
-    for raw in path.read_bytes().splitlines():
+    for raw in data.splitlines():
         try:
             fields = json.loads(raw.decode("utf-8"))
         except (ValueError, RecursionError):

@@ -18,12 +18,14 @@ journaled during an outage is in the ledger, the session takes it out of the jou
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import hmac
 import json
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -440,10 +442,21 @@ class LedgerWriter:
             return
         line = (json.dumps(asdict(seal)) + "\n").encode()
         try:
-            fd = os.open(self._anchor, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            # Never through a link a local writer of the directory planted, nor into a FIFO.
+            fd = os.open(
+                self._anchor,
+                os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK,
+                0o600,
+            )
             try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise OSError(errno.EINVAL, "not a regular file")
                 os.write(fd, line)
             finally:
                 os.close(fd)
         except OSError as e:
-            log.error("ledger: cannot append to the anchor file %s: %s", self._anchor, e.strerror)
+            log.error(
+                "ledger: cannot append to the anchor file %s: %s",
+                self._anchor,
+                e.strerror or "a symbolic link, not the file",
+            )
