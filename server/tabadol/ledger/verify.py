@@ -8,9 +8,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tabadol.errors import TabadolError
 from tabadol.ledger.record import GENESIS, Seal, StoredRecord, chain_digest
 from tabadol.ledger.seal import signature_valid
-from tabadol.errors import TabadolError
 from tabadol.state_files import read_regular
 
 
