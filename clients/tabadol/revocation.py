@@ -92,12 +92,8 @@ class RevocationList:
             raise CrlRefused("the CRL is not signed by the platform CA")
         if crl.next_update_utc is None:
             raise CrlRefused("the CRL has no next-update time, so its freshness is unknown")
-        try:
-            number = int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
-        except x509.ExtensionNotFound:
-            number = 0  # published before CRLs were numbered: any numbered one replaces it
         return cls(
-            number=number,
+            number=crl_number(crl),
             issued_at=crl.last_update_utc,
             next_update=crl.next_update_utc,
             revoked_at={r.serial_number: r.revocation_date_utc for r in crl},
@@ -113,6 +109,15 @@ class RevocationList:
     def seconds_left(self, now: dt.datetime) -> float:
         """Until the CRL goes stale (negative once it has)."""
         return (self.next_update - now).total_seconds()
+
+
+def crl_number(crl: x509.CertificateRevocationList) -> int:
+    """The CRL's sequence number (RFC 5280 5.2.3); 0 for one published before CRLs were
+    numbered, which any numbered CRL replaces."""
+    try:
+        return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+    except x509.ExtensionNotFound:
+        return 0
 
 
 def _reason(entry: x509.RevokedCertificate) -> x509.ReasonFlags | None:

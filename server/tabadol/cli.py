@@ -17,6 +17,7 @@ from tabadol.errors import TabadolError
 from tabadol.ops.otlp import DEFAULT_MAX_REQUEST_MB
 from tabadol.ops.server import DEFAULT_HTTP, DEFAULT_OTLP
 from tabadol.ops.store.base import DEFAULT_MAX_AGE_SECONDS, DEFAULT_MAX_BYTES
+from tabadol.pki import REASONS
 
 EPILOG = "Documentation: README.md and docs/ in the Tabadol repository."
 
@@ -120,7 +121,8 @@ def _cmd_pki_revoke(args: argparse.Namespace) -> int:
 
 
 def _cmd_pki_crl(args: argparse.Namespace) -> int:
-    from tabadol.pki import CRL_DAYS, CertificateAuthority, crl_number
+    from tabadol.pki import CRL_DAYS, CertificateAuthority
+    from tabadol.revocation import crl_number
 
     crl = CertificateAuthority(args.dir).write_crl()
     print(
@@ -155,11 +157,10 @@ def _seal_signers(
     """Seals count only when signed by a broker certificate of this exchange's CA that was
     valid, and not revoked, when the seal was made (by the CRL in the PKI directory).
     ``signer_dated`` (the journal): a certificate revoked for cause counts at no time."""
-    import datetime as dt
 
     from cryptography import x509
 
-    from tabadol.ledger.signers import seal_signer_problem
+    from tabadol.ledger.signers import signer_check
     from tabadol.pki import load_crl
     from tabadol.revocation import RevocationList
 
@@ -174,13 +175,7 @@ def _seal_signers(
         else revocations.signatures_count_until()
     )
 
-    def problem(cert_pem: bytes, sealed_ns: int) -> str | None:
-        sealed_at = dt.datetime.fromtimestamp(sealed_ns / 1e9, dt.UTC)
-        return seal_signer_problem(
-            cert_pem, sealed_at, ca_cert=ca, trust_domain=trust_domain, revoked_at=revoked_at
-        )
-
-    return problem
+    return signer_check(ca_cert=ca, trust_domain=trust_domain, revoked_at=revoked_at)
 
 
 def _open_ledger(config: Path) -> tuple[Any, Any]:
@@ -567,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--serial", metavar="HEX", help="one certificate, by serial")
     revoke.add_argument(
         "--reason",
-        choices=["unspecified", "key-compromise", "superseded", "cessation-of-operation"],
+        choices=list(REASONS),
         default="unspecified",
         help="recorded in the CRL (default unspecified)",
     )

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tabadol.errors import PkiError
+from tabadol.revocation import crl_number
 from tabadol.spiffe import (
     AGENCY_ID_PATTERN,
     TRUST_DOMAIN_PATTERN,
@@ -565,14 +566,6 @@ class CertificateAuthority:
             with contextlib.suppress(PkiError):
                 last = max(last, crl_number(load_crl(self.dir / "crl.pem", self.cert)))
         return last + 1
-
-
-def crl_number(crl: x509.CertificateRevocationList) -> int:
-    """The CRL's sequence number (RFC 5280 5.2.3); 0 for a CRL without one."""
-    try:
-        return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
-    except x509.ExtensionNotFound:
-        return 0
 
 
 def _serial_of(cert_path: Path) -> int:

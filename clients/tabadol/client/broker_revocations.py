@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from tabadol.client.credentials import AgencyCredentials
 from tabadol.platform.v1 import discovery_pb2, discovery_pb2_grpc
 from tabadol.protocol import KEEPALIVE_DIAL
-from tabadol.revocation import CrlRefused, RevocationList, check_replacement
+from tabadol.revocation import CrlRefused, RevocationList, check_replacement, crl_number
 from tabadol.spiffe import broker_dns_name
 from tabadol.state_files import read_regular, replace_file
 
@@ -39,6 +40,7 @@ log = logging.getLogger("tabadol.client")
 
 DEFAULT_REFRESH_SECONDS = 60.0
 _FETCH_TIMEOUT_S = 5.0
+_FILE_RECHECK_S = 1.0
 
 
 class BrokerRevocations:
@@ -70,6 +72,7 @@ class BrokerRevocations:
         self._fetching: asyncio.Lock | None = None
         self._serials: dict[bytes, int] = {}
         self._warned = False
+        self._file_checked = -_FILE_RECHECK_S
         self._on_newer: list[Callable[[frozenset[int]], None]] = []
         self._read_file()  # the CRL kept before: no start goes back to an older one
 
@@ -89,7 +92,7 @@ class BrokerRevocations:
                     f"which this provider held before ({self._number_file}): a rollback"
                 )
         except CrlRefused as e:
-            if self.current is None or crl_number(data) != self.current.number:
+            if self.current is None or _number_of(data) != self.current.number:
                 log.warning("broker CRL from %s not taken: %s", source, e)
             return False
         newer = self.current is None or crl.number > self.current.number
@@ -200,8 +203,14 @@ class BrokerRevocations:
         return serial
 
     def _read_file(self) -> None:
+        """Take crl.pem again if it changed: looked at no more than once a second, not on
+        every call."""
         if self._crl_file is None:
             return
+        now = time.monotonic()
+        if now - self._file_checked < _FILE_RECHECK_S:
+            return
+        self._file_checked = now
         try:
             mtime = self._crl_file.stat().st_mtime
             if mtime == self._file_mtime:
@@ -274,14 +283,13 @@ class BrokerRevocations:
             self._channel = None
 
 
-def crl_number(data: bytes) -> int | None:
+def _number_of(data: bytes) -> int | None:
     """The number of a CRL, checked or not (only to keep the log quiet about repeats)."""
     try:
-        crl = (
+        return crl_number(
             x509.load_pem_x509_crl(data)
             if data.lstrip().startswith(b"-----")
             else x509.load_der_x509_crl(data)
         )
-        return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
-    except (ValueError, x509.ExtensionNotFound):
+    except ValueError:
         return None

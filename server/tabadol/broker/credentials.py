@@ -120,11 +120,6 @@ class BrokerCredentials:
             pki_dir / "broker.key",
         )
 
-    def crl_is_stale(self, now: dt.datetime | None = None) -> bool:
-        """Past its next-update time: the CA may have revoked more since."""
-        now = now or dt.datetime.now(dt.UTC)
-        return self.crl_next_update is not None and self.crl_next_update < now
-
 
 def _published_crl_number(pki_dir: Path) -> int | None:
     """The CA's own count of CRLs published, where the broker runs beside the CA."""

@@ -97,7 +97,7 @@ class Broker:
         keep_crl(cfg, self.credentials.crl, held)  # beside the ledger, before it is written
         self._closing: set[asyncio.Task[None]] = set()
         self._refusals = RefusalLog(log)
-        self.tracing, self.span_stats = _tracing(cfg)
+        self.tracing, self.span_stats = _tracing(cfg, self.credentials)
         self.metrics = BrokerMetrics()
         self.metrics.configure(cfg.agencies)
         # Limits and the retry budget outlive reloads: calls in flight still count.
@@ -383,7 +383,7 @@ class Broker:
             if before is not None and upstream is not before:
                 upstream.presented = before.presented
         proxy = self._build_proxy(cfg, creds, upstreams)
-        exporter_creds = _exporter_credentials(cfg) if identity_changed else None
+        exporter_creds = _exporter_credentials(cfg, creds) if identity_changed else None
         keep_crl(cfg, creds.crl, self.credentials.crl)  # not kept: the reload is refused
         # Everything is built: commit in one step.
         retired = [u for key, u in self._upstreams.items() if upstreams.get(key) is not u]
@@ -534,26 +534,22 @@ def keep_crl(cfg: BrokerConfig, crl: RevocationList | None, held: RevocationList
         ) from e
 
 
-def _exporter_credentials(cfg: BrokerConfig) -> ExporterCredentials:
-    pki_dir = cfg.broker.pki_dir
-    try:
-        return ExporterCredentials(
-            (pki_dir / "ca.crt").read_bytes(),
-            (pki_dir / "broker.crt").read_bytes(),
-            (pki_dir / "broker.key").read_bytes(),
-            ops_dns_name(cfg.broker.trust_domain),
-        )
-    except OSError as e:
-        raise ConfigError(f"{cfg.path}: [broker] pki_dir: {e.filename}: {e.strerror}") from e
+def _exporter_credentials(cfg: BrokerConfig, creds: BrokerCredentials) -> ExporterCredentials:
+    """The broker's identity as loaded (not read again: one identity on every leg)."""
+    return ExporterCredentials(
+        creds.ca_pem, creds.cert_pem, creds.key_pem, ops_dns_name(cfg.broker.trust_domain)
+    )
 
 
-def _tracing(cfg: BrokerConfig) -> tuple[BrokerTracing | None, SpanPipelineStats | None]:
+def _tracing(
+    cfg: BrokerConfig, creds: BrokerCredentials
+) -> tuple[BrokerTracing | None, SpanPipelineStats | None]:
     """The broker's tracer; it exports over mTLS with the broker's own certificate, to a
     collector that must prove it is ``ops.<trust domain>`` (docs/tracing.md)."""
     settings = cfg.tracing
     if not settings.enabled:
         return None, None
-    credentials = _exporter_credentials(cfg)
+    credentials = _exporter_credentials(cfg, creds)
     try:
         built = tracer_provider(
             "tabadol-broker",

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -178,11 +179,12 @@ class Block:
     def session(self) -> str:
         return self.signature.session if self.signature is not None else ""
 
-    @property
+    @functools.cached_property
     def entries(self) -> list[JournalEntry]:
+        """Parsed once: recovery looks at a block's entries several times."""
         return [entry for raw in self.lines if (entry := parse_line(raw)) is not None]
 
-    @property
+    @functools.cached_property
     def records(self) -> list[LedgerRecord] | None:
         """Its records, when every line is one; else None."""
         entries = self.entries

@@ -18,14 +18,12 @@ journaled during an outage is in the ledger, the session takes it out of the jou
 from __future__ import annotations
 
 import collections
-import errno
 import hashlib
 import hmac
 import json
 import logging
 import os
 import socket
-import stat
 import threading
 import time
 import uuid
@@ -35,7 +33,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from tabadol.errors import TabadolError
-from tabadol.ledger.journal import Journal, JournalEntry, in_ledger, review
+from tabadol.ledger.journal import Journal, JournalEntry, in_ledger, open_regular, review
 from tabadol.ledger.record import LedgerRecord, Seal
 from tabadol.ledger.seal import Sealer
 from tabadol.ledger.sessions import ABANDONED, CLEAN, JOURNALED, Session, alive, process_tag
@@ -443,14 +441,8 @@ class LedgerWriter:
         line = (json.dumps(asdict(seal)) + "\n").encode()
         try:
             # Never through a link a local writer of the directory planted, nor into a FIFO.
-            fd = os.open(
-                self._anchor,
-                os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK,
-                0o600,
-            )
+            fd = open_regular(self._anchor, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
             try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise OSError(errno.EINVAL, "not a regular file")
                 os.write(fd, line)
             finally:
                 os.close(fd)
@@ -458,5 +450,5 @@ class LedgerWriter:
             log.error(
                 "ledger: cannot append to the anchor file %s: %s",
                 self._anchor,
-                e.strerror or "a symbolic link, not the file",
+                e.strerror,
             )

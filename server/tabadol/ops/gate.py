@@ -9,6 +9,7 @@ A refusal is answered and logged here, in one place; a route reads ``request.sta
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import logging
@@ -100,9 +101,15 @@ def identify(scope: Scope, access: ConsoleAccess) -> tuple[Viewer | None, str]:
     return None, ""
 
 
+@functools.cache
+def _refused_template() -> str:
+    """Read once: a flood of refusals must not cost a file read each."""
+    return REFUSED_PAGE.read_text(encoding="utf-8")
+
+
 def _refusal_page(status: int, title: str, message: str, viewer: Viewer | None) -> bytes:
     who = f"You are logged in as {viewer} ({viewer.via})." if viewer else "You are not logged in."
-    page = REFUSED_PAGE.read_text(encoding="utf-8")
+    page = _refused_template()
     for slot, text in (("title", title), ("message", message), ("who", who)):
         page = page.replace("{{" + slot + "}}", html.escape(text))
     return page.replace("{{status}}", str(status)).encode()

@@ -19,9 +19,10 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from tabadol.errors import PkiError, TabadolError
+from tabadol.errors import TabadolError
 from tabadol.identity import IdentityRejected, PlatformIdentity, identify_peer, spiffe_ids
-from tabadol.pki import load_crl, trust_domain_of
+from tabadol.pki import trust_domain_of
+from tabadol.revocation import CrlRefused, RevocationList, check_replacement
 from tabadol.spiffe import ops_spiffe_id
 
 log = logging.getLogger("tabadol.ops")
@@ -42,8 +43,7 @@ class OpsTrust:
     # send spans or open the console. None only where ops runs without a configuration
     # (embedded in tests and benchmarks; `tabadol ops` needs --config).
     agencies: frozenset[str] | None = None
-    _revoked: frozenset[int] = frozenset()
-    _crl_next_update: dt.datetime | None = None
+    _crl: RevocationList | None = None
     _crl_mtime: float = 0.0
     _checked_at: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -124,33 +124,28 @@ class OpsTrust:
             if mtime == self._crl_mtime and not force:
                 return
             try:
-                crl = load_crl(path, x509.load_pem_x509_certificate(self.ca_pem))
-            except PkiError as e:
+                crl = RevocationList.from_bytes(
+                    path.read_bytes(), x509.load_pem_x509_certificate(self.ca_pem)
+                )
+                # The broker's rule: never an older CRL (a rollback), nor a stale one.
+                check_replacement(crl, self._crl, dt.datetime.now(dt.UTC))
+            except (OSError, CrlRefused) as e:
                 if force:
-                    raise TabadolError(str(e)) from e
-                log.error("%s; keeping the CRL loaded before", e)
+                    raise TabadolError(f"{path}: {e}") from e
+                log.error("%s: %s; keeping the CRL loaded before", path, e)
                 return
-            revoked = frozenset(r.serial_number for r in crl)
-            if not revoked >= self._revoked:
-                # A CRL never un-revokes: this is an older one put back (a rollback).
-                log.error("%s lists fewer revocations than the CRL loaded; refused", path)
-                return
-            self._revoked, self._crl_next_update, self._crl_mtime = (
-                revoked,
-                crl.next_update_utc,
-                mtime,
-            )
+            self._crl, self._crl_mtime = crl, mtime
 
     @property
     def revoked(self) -> frozenset[int]:
         self.refresh_crl()
-        return self._revoked
+        return self._crl.serials if self._crl is not None else frozenset()
 
     def identify(self, cert_pem: bytes) -> PlatformIdentity:
         """Whoever holds a certificate TLS verified against the CA; IdentityRejected when it
         is revoked, expired, of another trust domain, or the CRL itself is stale."""
         revoked = self.revoked
-        next_update = self._crl_next_update
+        next_update = self._crl.next_update if self._crl is not None else None
         if next_update is not None and next_update < dt.datetime.now(dt.UTC):
             raise IdentityRejected(
                 f"the exchange's CRL expired at {next_update:%Y-%m-%d %H:%M} UTC; nobody is "
