@@ -11,7 +11,7 @@ CHROMIUM    := /usr/bin/chromium
 NODE_DIR    := interop/node
 NODE_STAMP  := $(NODE_DIR)/node_modules/.installed
 
-.PHONY: setup protos run test soak lint lint-protos fmt typecheck clean browser node bench
+.PHONY: setup protos run test soak lint lint-protos fmt typecheck clean browser node bench postgres
 
 setup: $(STAMP) $(GEN_STAMP)
 
@@ -59,6 +59,16 @@ $(CHROMIUM):
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 	test -x $@
 
+# The PostgreSQL tests (registry, ledger and span store on a server database) start a private
+# cluster of their own from Debian's postgresql package (tests/support/postgres.py), unless
+# TABADOL_TEST_POSTGRES names a server. `make run` needs no database: SQLite is the default.
+postgres:
+	@if [ -n "$$TABADOL_TEST_POSTGRES" ] || ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then exit 0; fi; \
+	command -v apt-get >/dev/null || { echo "error: the PostgreSQL tests need Debian's postgresql package (or TABADOL_TEST_POSTGRES=postgresql://...)"; exit 1; }; \
+	[ "$$(id -u)" = 0 ] || { echo "error: installing postgresql needs root: run 'sudo apt-get install postgresql', or set TABADOL_TEST_POSTGRES=postgresql://..."; exit 1; }; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	ls /usr/lib/postgresql/*/bin/postgres >/dev/null
+
 run: setup
 	$(VENV)/bin/tabadol demo
 
@@ -77,7 +87,7 @@ fmt: setup
 typecheck: setup
 	$(VENV)/bin/mypy server/tabadol clients/tabadol
 
-test: setup browser node lint lint-protos typecheck
+test: setup browser node postgres lint lint-protos typecheck
 	$(VENV)/bin/pytest -q
 
 # The load and fault suite with ten times the calls (not part of `make test`).

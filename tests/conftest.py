@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from tabadol import config
 from tabadol.broker import Broker
 from tabadol.client import ProviderServer, connect
 from tabadol.pki import CertificateAuthority
+from tests.support import postgres as pg
 from tests.support.echo import SERVICE, EchoProvider, write_echo_contracts
 
 TRUST_DOMAIN = "tabadol.example"
@@ -172,3 +174,24 @@ def plain_channel(broker: Broker, pki: CertificateAuthority, agency: str) -> grp
         creds,
         options=[("grpc.ssl_target_name_override", f"broker.{TRUST_DOMAIN}")],
     )
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """A PostgreSQL server for the session: ``TABADOL_TEST_POSTGRES``, or a private one
+    started here from Debian's binaries (never skipped: `make test` installs them)."""
+    if given := os.environ.get(pg.ENV):
+        yield given
+        return
+    cluster = pg.PostgresCluster()
+    try:
+        cluster.start()
+        yield cluster.url()
+    finally:
+        cluster.remove()
+
+
+@pytest.fixture
+def postgres_url(postgres: str) -> str:
+    """A fresh, empty database of its own for one test."""
+    return pg.create_database(postgres)
