@@ -39,7 +39,7 @@ class Exchange:
     request_hash: Any = None  # keyed HMAC-SHA256 objects, with [ledger] payload_digests
     response_hash: Any = None
     # Strict ledger mode: awaited before the consumer hears the outcome.
-    durable: Callable[[Exchange], Awaitable[None]] | None = None
+    durable: Callable[[Exchange, grpc.aio.ServicerContext[Any, Any]], Awaitable[None]] | None = None
     recorded: bool = False  # its ledger record has been handed over
     admission: Admission | None = None  # held against the consumer's concurrency limits
     unreachable: bool = False  # the provider endpoint could not be reached at all
@@ -67,10 +67,10 @@ class Exchange:
             self.response_hash.update(message)
         return message
 
-    async def settle(self) -> None:
-        """In strict ledger mode, wait until this call's record is on disk."""
+    async def settle(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """In strict ledger mode, wait until this call's record is on disk (or abort)."""
         if self.durable is not None:
-            await self.durable(self)
+            await self.durable(self, context)
 
     def ledger_record(self, instance: str) -> LedgerRecord:
         code = self.code or grpc.StatusCode.UNKNOWN

@@ -77,7 +77,7 @@ async def abort(
     exchange.ended(code, details)
     if trailing is None:
         trailing = ((REQUEST_ID_KEY, exchange.request_id),)
-    await exchange.settle()
+    await exchange.settle(context)
     await context.abort(code, details, trailing)
 
 
@@ -105,7 +105,7 @@ async def forward_unary(
             await context.send_initial_metadata(initial)
         context.set_trailing_metadata(_trailers(await call.trailing_metadata(), exchange))
         exchange.ended(grpc.StatusCode.OK)
-        await exchange.settle()
+        await exchange.settle(context)
         return response
     except grpc.aio.AioRpcError as e:
         if retry is not None and _unreachable(e) and retry(exchange, context):
@@ -148,7 +148,7 @@ async def forward_stream(
             details = _for_the_consumer(code, await call.details() or "", exchange)
             await abort(exchange, context, code, details, trailers)
         exchange.ended(grpc.StatusCode.OK)
-        await exchange.settle()
+        await exchange.settle(context)
     except grpc.aio.AioRpcError as e:
         await relay_error(e, context, exchange, headers_sent=headers_sent)
     except (asyncio.CancelledError, GeneratorExit) as e:

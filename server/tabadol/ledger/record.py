@@ -81,7 +81,7 @@ class StoredRecord:
 
 @dataclass(frozen=True, slots=True)
 class Seal:
-    """A signed statement: the first ``count`` records end in ``head_digest``."""
+    """A signed statement: the first ``count`` records of a chain end in ``head_digest``."""
 
     seq: int
     count: int
@@ -89,10 +89,15 @@ class Seal:
     sealed_ns: int
     signer: str  # SHA-256 fingerprint of the signing broker certificate (hex)
     signature: str  # hex DER ECDSA signature over payload()
+    chain: str = ""  # the chain it seals: "" for a ledger of one chain, else a node's name
 
     def payload(self) -> bytes:
-        return seal_payload(self.seq, self.count, self.head_digest, self.sealed_ns)
+        return seal_payload(self.seq, self.count, self.head_digest, self.sealed_ns, self.chain)
 
 
-def seal_payload(seq: int, count: int, head_digest: str, sealed_ns: int) -> bytes:
+def seal_payload(seq: int, count: int, head_digest: str, sealed_ns: int, chain: str = "") -> bytes:
+    """What a seal signs. A named chain's seals sign its name too (v2), so no seal can be
+    moved from one node's chain to another's."""
+    if chain:
+        return f"tabadol-ledger-seal:v2:{chain}:{seq}:{count}:{head_digest}:{sealed_ns}".encode()
     return f"tabadol-ledger-seal:v1:{seq}:{count}:{head_digest}:{sealed_ns}".encode()

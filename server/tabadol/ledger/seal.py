@@ -28,9 +28,9 @@ class Sealer:
         self.cert_pem = cert_pem
         self.signer = fingerprint(cert_pem)
 
-    def seal(self, seq: int, count: int, head_digest: str, sealed_ns: int) -> Seal:
-        signature = self.sign(seal_payload(seq, count, head_digest, sealed_ns))
-        return Seal(seq, count, head_digest, sealed_ns, self.signer, signature)
+    def seal(self, seq: int, count: int, head_digest: str, sealed_ns: int, chain: str = "") -> Seal:
+        signature = self.sign(seal_payload(seq, count, head_digest, sealed_ns, chain))
+        return Seal(seq, count, head_digest, sealed_ns, self.signer, signature, chain)
 
     def sign(self, payload: bytes) -> str:
         """ECDSA-SHA256 over ``payload``, hex: a seal's, or a journal append's."""

@@ -11,6 +11,7 @@ from pathlib import Path
 from tabadol.errors import TabadolError
 from tabadol.ledger.record import GENESIS, Seal, StoredRecord, chain_digest
 from tabadol.ledger.seal import signature_valid
+from tabadol.ledger.sessions import Session
 from tabadol.state_files import read_regular
 
 
@@ -124,6 +125,25 @@ def verify(
     return Verdict(True, count, seal_count)
 
 
+def chains_missing(
+    sessions: Iterable[Session], chains: Iterable[str], chain_for: Callable[[str], str]
+) -> list[str]:
+    """Nodes that wrote records (their sessions say so) but whose chain is gone whole: a
+    deleted chain leaves no broken link behind, so the sessions are its witness."""
+    have = set(chains)
+    wrote: dict[str, int] = {}
+    for s in sessions:
+        if s.written:
+            chain = chain_for(s.instance)
+            wrote[chain] = wrote.get(chain, 0) + s.written
+    return [
+        f"node {chain or '(the one chain)'} wrote {n} records (its writer sessions say so), "
+        "but the ledger holds no chain for it: it was deleted"
+        for chain, n in sorted(wrote.items())
+        if chain not in have
+    ]
+
+
 def _utc(ns: int) -> str:
     return f"{dt.datetime.fromtimestamp(ns / 1e9, dt.UTC):%Y-%m-%d %H:%M:%S} UTC"
 
@@ -160,9 +180,10 @@ def read_anchor(path: Path) -> list[Seal]:
             continue
         if (
             isinstance(fields, dict)
-            and fields.keys() == _SEAL_TYPES.keys()
+            and fields.keys() - {"chain"} == _SEAL_TYPES.keys()
             and all(type(fields[k]) is t for k, t in _SEAL_TYPES.items())
+            and type(fields.get("chain", "")) is str
         ):
             seals.append(Seal(**fields))
-    # Several broker processes append to one anchor file: order by position.
-    return sorted(seals, key=lambda seal: seal.seq)
+    # Several broker processes append to one anchor file: order by chain and position.
+    return sorted(seals, key=lambda seal: (seal.chain, seal.seq))

@@ -105,7 +105,8 @@ class LedgerWriter:
         self.written = 0
         if anchor is not None:
             make_private(anchor)  # the journal's own files are checked as they are opened
-        last = store.last_seal()
+        self.chain = store.chain_for(instance)
+        last = store.last_seal(self.chain)
         self._last_sealed_ns = last.sealed_ns if last is not None else 0
         pid = os.getpid()
         self.session = Session(
@@ -132,6 +133,11 @@ class LedgerWriter:
         if self._digest_key is None:
             raise ValueError("payload digests need the key: pass digest_key")
         return hmac.new(self._digest_key, digestmod=hashlib.sha256)
+
+    @property
+    def max_unwritten_s(self) -> float:
+        """How long a record may wait for the ledger before the broker fails closed."""
+        return self._max_unwritten
 
     @property
     def backlog(self) -> int:
@@ -341,10 +347,12 @@ class LedgerWriter:
             # their seals in the order the chain holds them; and never before this writer's
             # last seal (`ledger verify` requires seal times not to go back), even if the
             # clock does.
-            return sealer.seal(seq, count, head, max(time.time_ns(), self._last_sealed_ns))
+            return sealer.seal(
+                seq, count, head, max(time.time_ns(), self._last_sealed_ns), self.chain
+            )
 
         seal = self._store.append_sealed(  # LedgerWriteError: nothing was written
-            records, seal_now, sealer.cert_pem
+            records, seal_now, sealer.cert_pem, self.chain
         )
         self._last_sealed_ns = seal.sealed_ns
         return seal
@@ -438,7 +446,10 @@ class LedgerWriter:
         """Append the seal to the anchor file: a copy outside the database to detect truncation."""
         if self._anchor is None:
             return
-        line = (json.dumps(asdict(seal)) + "\n").encode()
+        fields = asdict(seal)
+        if not seal.chain:
+            del fields["chain"]  # a ledger of one chain: the anchor's lines as they always were
+        line = (json.dumps(fields) + "\n").encode()
         try:
             # Never through a link a local writer of the directory planted, nor into a FIFO.
             fd = open_regular(self._anchor, os.O_WRONLY | os.O_APPEND | os.O_CREAT)

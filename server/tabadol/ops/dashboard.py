@@ -5,13 +5,17 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from collections import Counter
-from collections.abc import Callable, Container, Iterator, Sequence
+from collections.abc import Container
 from typing import Any
 
 from tabadol.config import BrokerConfig
-from tabadol.ledger.record import GENESIS, LedgerRecord, Seal, StoredRecord
-from tabadol.ledger.sessions import Session
-from tabadol.ledger.store import CallGroup, LedgerStore, LedgerWriteError, SqliteLedgerStore
+from tabadol.ledger.store import (
+    CallGroup,
+    LedgerMissing,
+    LedgerQueries,
+    MemoryLedgerStore,
+    open_ledger,
+)
 from tabadol.reports.figures import declared_caller, undeclared_caller
 from tabadol.reports.quarter import TEHRAN, Quarter
 
@@ -20,93 +24,24 @@ TOP = 5
 ALL_TIME = (0, 2**63 - 1)
 
 
-class EmptyLedger:
-    """The ledger of a broker that has not written one yet: no records, read-only."""
-
-    def head(self) -> tuple[int, str]:
-        return 0, GENESIS
-
-    def append_sealed(
-        self,
-        records: Sequence[LedgerRecord],
-        seal_with: Callable[[int, int, str], Seal],
-        signer_pem: bytes,
-    ) -> Seal:
-        raise LedgerWriteError("the ops console reads the ledger; it never writes it")
-
-    def records(self, from_seq: int = 1) -> Iterator[StoredRecord]:
-        return iter(())
-
-    def records_between(self, start_ns: int, end_ns: int) -> Iterator[StoredRecord]:
-        return iter(())
-
-    def seals(self) -> Iterator[Seal]:
-        return iter(())
-
-    def last_seal(self) -> Seal | None:
-        return None
-
-    def signers(self) -> dict[str, bytes]:
-        return {}
-
-    def open_session(self, session: Session) -> None:
-        raise LedgerWriteError("the ops console reads the ledger; it never writes it")
-
-    def end_session(
-        self, session_id: str, ended: str, ended_ns: int, accepted: int | None, written: int | None
-    ) -> None:
-        raise LedgerWriteError("the ops console reads the ledger; it never writes it")
-
-    def sessions(self) -> list[Session]:
-        return []
-
-    def acknowledge_session(self, session_id: str, acknowledgement: str) -> None:
-        raise LedgerWriteError("the ledger has not been written yet: no session to acknowledge")
-
-    def call_groups(self, start_ns: int, end_ns: int) -> list[CallGroup]:
-        return []
-
-    def durations(self, provider: str, start_ns: int, end_ns: int) -> list[int]:
-        return []
-
-    def count_between(self, start_ns: int, end_ns: int) -> int:
-        return 0
-
-    def latency_percentiles(
-        self,
-        start_ns: int,
-        end_ns: int,
-        percents: Sequence[int],
-        consumers: Sequence[str] | None = None,
-    ) -> dict[str, tuple[int, dict[int, int]]]:
-        return {}
-
-    def provider_windows(
-        self, start_ns: int, end_ns: int, window_ns: int
-    ) -> dict[str, tuple[int, int]]:
-        return {}
-
-    def close(self) -> None:
-        pass
-
-
 class Accounts:
     """What the ops server reads to show the ledger: the configuration and its ledger,
     opened read-only. A ledger the broker has not written yet reads as empty until it
     appears, so the console can start before the broker."""
 
-    def __init__(self, config: BrokerConfig, store: LedgerStore | None = None) -> None:
+    def __init__(self, config: BrokerConfig, store: LedgerQueries | None = None) -> None:
         self.config = config
         self._store = store
         self._lock = threading.Lock()
 
     @property
-    def store(self) -> LedgerStore:
+    def store(self) -> LedgerQueries:
         with self._lock:
             if self._store is None:
-                if not self.config.ledger.path.exists():
-                    return EmptyLedger()
-                self._store = SqliteLedgerStore(self.config.ledger.path, readonly=True)
+                try:
+                    self._store = open_ledger(self.config.ledger, readonly=True)
+                except LedgerMissing:
+                    return MemoryLedgerStore()  # nothing written yet: an empty ledger
             return self._store
 
     def close(self) -> None:

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from tabadol.config import BrokerConfig
-from tabadol.ledger.store.base import LedgerStore
+from tabadol.ledger.store.base import LedgerQueries
 from tabadol.reports.figures import (
     DEFINITIONS,
     E_SERVICE_TARGET,
@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 
-def build_quarterly(cfg: BrokerConfig, store: LedgerStore, quarter: Quarter) -> QuarterlyReport:
+def build_quarterly(cfg: BrokerConfig, store: LedgerQueries, quarter: Quarter) -> QuarterlyReport:
     """Ask the store about the quarter and the one before it, and compute every figure."""
     start, end = quarter.start_ns, quarter.end_ns
     current = Activity(
@@ -65,6 +65,6 @@ def build_quarterly(cfg: BrokerConfig, store: LedgerStore, quarter: Quarter) -> 
     return assess(cfg, quarter, current, earlier)
 
 
-def quarterly_html(cfg: BrokerConfig, store: LedgerStore, quarter: Quarter) -> str:
+def quarterly_html(cfg: BrokerConfig, store: LedgerQueries, quarter: Quarter) -> str:
     """The report page for a quarter as one self-contained HTML string (for the ops UI)."""
     return render_html(build_quarterly(cfg, store, quarter))

@@ -1,4 +1,5 @@
-"""The ledger's storage interface: append-only records and seals, and the queries on them."""
+"""The ledger's storage interface, split by role: the append-only log (chains of records,
+their seals, the writers' sessions) and the queries the reports and the dashboard run."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ from tabadol.ledger.sessions import Session
 
 class LedgerWriteError(Exception):
     """The ledger could not be written (disk full, locked, read-only...); the text says why."""
+
+
+class LedgerMissing(LedgerWriteError):
+    """There is no ledger to read yet: no broker has written one where the settings say."""
 
 
 @dataclass(frozen=True)
@@ -31,9 +36,21 @@ class CallGroup:
     verified: bool = True
 
 
-class LedgerStore(Protocol):
-    def head(self) -> tuple[int, str]:
-        """(number of records, digest of the last one) — (0, GENESIS) when empty."""
+class LedgerLog(Protocol):
+    """Hash chains of records, sealed in batches. One chain per writer name (a broker node's
+    ``instance``) where the store can keep several (``chain_for``), so nodes never wait on
+    each other; SQLite keeps one chain that every writer extends in turn."""
+
+    def chain_for(self, instance: str) -> str:
+        """The chain a writer named ``instance`` extends."""
+        ...
+
+    def chains(self) -> list[str]:
+        """The chains that hold records or seals, in name order."""
+        ...
+
+    def head(self, chain: str = "") -> tuple[int, str]:
+        """(number of records, digest of the last one) of a chain: (0, GENESIS) when empty."""
         ...
 
     def append_sealed(
@@ -41,22 +58,24 @@ class LedgerStore(Protocol):
         records: Sequence[LedgerRecord],
         seal_with: Callable[[int, int, str], Seal],
         signer_pem: bytes,
+        chain: str = "",
     ) -> Seal:
-        """Chain ``records`` onto the head as it stands inside the write transaction and seal
-        them with ``seal_with(seal_seq, count, head_digest)``; safe with several writers."""
+        """Chain ``records`` onto the chain's head as it stands inside the write transaction
+        and seal them with ``seal_with(seal_seq, count, head_digest)``, all or nothing; safe
+        with several writers of one chain."""
         ...
 
-    def records(self, from_seq: int = 1) -> Iterator[StoredRecord]:
-        """Every record from ``from_seq`` on, in order of position."""
+    def records(self, chain: str = "", from_seq: int = 1) -> Iterator[StoredRecord]:
+        """A chain's records from ``from_seq`` on, in order of position."""
         ...
 
     def records_between(self, start_ns: int, end_ns: int) -> Iterator[StoredRecord]:
-        """Records whose call started in [start_ns, end_ns), in order of position."""
+        """Every chain's records whose call started in [start_ns, end_ns)."""
         ...
 
-    def seals(self) -> Iterator[Seal]: ...
+    def seals(self, chain: str = "") -> Iterator[Seal]: ...
 
-    def last_seal(self) -> Seal | None: ...
+    def last_seal(self, chain: str = "") -> Seal | None: ...
 
     def signers(self) -> dict[str, bytes]:
         """Signing certificates (PEM) by SHA-256 fingerprint."""
@@ -74,6 +93,16 @@ class LedgerStore(Protocol):
 
     def acknowledge_session(self, session_id: str, acknowledgement: str) -> None:
         """Record that someone looked into a session's gap (who, when, why)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class LedgerQueries(Protocol):
+    """Aggregates over every chain's records, for the reports and the dashboard."""
+
+    def records_count(self) -> int:
+        """How many records all chains hold (changes whenever a batch is written)."""
         ...
 
     def call_groups(self, start_ns: int, end_ns: int) -> list[CallGroup]: ...
@@ -103,3 +132,7 @@ class LedgerStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class LedgerStore(LedgerLog, LedgerQueries, Protocol):
+    """A store that is both: every implementation here is."""

@@ -20,7 +20,7 @@ from tabadol.ledger.record import (
     chain_digest,
 )
 from tabadol.ledger.sessions import Session
-from tabadol.ledger.store.base import CallGroup, LedgerWriteError
+from tabadol.ledger.store.base import CallGroup, LedgerMissing, LedgerWriteError
 
 UNAVAILABLE = 14
 
@@ -87,6 +87,11 @@ def make_private(path: Path, *, create: bool = False) -> None:
         pass
 
 
+def _one_chain(chain: str) -> None:
+    if chain:
+        raise ValueError(f"a SQLite ledger keeps one chain, not one named {chain!r}")
+
+
 class SqliteLedgerStore:
     """A LedgerStore in one SQLite file. ``synchronous=FULL``: a commit is on disk."""
 
@@ -96,7 +101,7 @@ class SqliteLedgerStore:
         try:
             if readonly:
                 if not self.path.exists():
-                    raise LedgerWriteError(f"{self.path}: no ledger here")
+                    raise LedgerMissing(f"{self.path}: no ledger here")
                 self._conn = sqlite3.connect(
                     f"file:{self.path}?mode=ro", uri=True, check_same_thread=False
                 )
@@ -145,7 +150,18 @@ class SqliteLedgerStore:
         with self._lock:
             self._conn.close()
 
-    def head(self) -> tuple[int, str]:
+    def chain_for(self, instance: str) -> str:
+        """One chain: SQLite's write lock puts every writer's batches in one order."""
+        return ""
+
+    def chains(self) -> list[str]:
+        return [""] if self.last_seal() is not None or self.head()[0] else []
+
+    def records_count(self) -> int:
+        return self.head()[0]
+
+    def head(self, chain: str = "") -> tuple[int, str]:
+        _one_chain(chain)
         with self._lock:
             row = self._conn.execute(
                 "SELECT seq, digest FROM records ORDER BY seq DESC LIMIT 1"
@@ -169,10 +185,12 @@ class SqliteLedgerStore:
         records: Sequence[LedgerRecord],
         seal_with: Callable[[int, int, str], Seal],
         signer_pem: bytes,
+        chain: str = "",
     ) -> Seal:
         """Extend the chain from the head as it is inside the write transaction, so several
         broker processes can write one ledger: SQLite's write lock puts their batches in
         one order, each linked to the one before."""
+        _one_chain(chain)
         with self._lock:
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
@@ -213,7 +231,8 @@ class SqliteLedgerStore:
                 return
             last = rows[-1][0]
 
-    def records(self, from_seq: int = 1) -> Iterator[StoredRecord]:
+    def records(self, chain: str = "", from_seq: int = 1) -> Iterator[StoredRecord]:
+        _one_chain(chain)
         for row in self._iterate(f"SELECT {self._columns} FROM records WHERE seq >= ?", [from_seq]):
             yield _stored(row)
 
@@ -222,7 +241,8 @@ class SqliteLedgerStore:
         for row in self._iterate(sql, [start_ns, end_ns]):
             yield _stored(row)
 
-    def seals(self) -> Iterator[Seal]:
+    def seals(self, chain: str = "") -> Iterator[Seal]:
+        _one_chain(chain)
         last = 0
         while rows := self._query(
             "SELECT * FROM seals WHERE seq > ? ORDER BY seq LIMIT 5000", (last,)
@@ -230,7 +250,8 @@ class SqliteLedgerStore:
             yield from (Seal(*row) for row in rows)
             last = rows[-1][0]
 
-    def last_seal(self) -> Seal | None:
+    def last_seal(self, chain: str = "") -> Seal | None:
+        _one_chain(chain)
         rows = self._query("SELECT * FROM seals ORDER BY seq DESC LIMIT 1")
         return Seal(*rows[0]) if rows else None
 
