@@ -38,7 +38,7 @@ from tabadol.ops.dashboard import Accounts, dashboard
 from tabadol.ops.gate import ConsoleAccess, Gate
 from tabadol.ops.model import KIND_NAMES, SpanRecord, TraceQuery, TraceSummary
 from tabadol.ops.query import trace_query, window_ns
-from tabadol.ops.store import SpanStore
+from tabadol.ops.store import SpanStore, StoreUnavailable
 from tabadol.reports import (
     Quarter,
     QuarterlyReport,
@@ -286,8 +286,8 @@ def create_app(
                 return render_html(built)
             return render_csv(built) if fmt == "csv" else render_json(built)
 
-        head = await call(accounts.store.head)
-        text = await call(reports.get, (str(quarter), fmt, agency, head), build)
+        written = await call(accounts.store.records_count)  # a new record: a new report
+        text = await call(reports.get, (str(quarter), fmt, agency, written), build)
         if fmt == "html":
             return HTMLResponse(text)
         return Response(text, media_type=REPORT_TYPES[fmt])
@@ -297,6 +297,9 @@ def create_app(
 
     async def refused(request: Request, exc: Exception) -> Response:
         return JSONResponse(jaeger.error_envelope(401, str(exc)), status_code=401)
+
+    async def unavailable(request: Request, exc: Exception) -> Response:
+        return JSONResponse(jaeger.error_envelope(503, str(exc)), status_code=503)
 
     async def index(request: Request) -> Response:
         return FileResponse(STATIC / "index.html")
@@ -337,6 +340,7 @@ def create_app(
             ValueError: bad_request,
             LookupError: not_found,
             PermissionError: refused,
+            StoreUnavailable: unavailable,
         },
     )
     app.state.accounts = accounts

@@ -36,7 +36,7 @@ from tabadol.ops.otlp import (
     server_options,
 )
 from tabadol.ops.sessions import Sessions
-from tabadol.ops.store import SqliteSpanStore, StoreLimits
+from tabadol.ops.store import StoreLimits, open_span_store, shown
 from tabadol.ops.tls import ClientCertH11Protocol, server_context
 from tabadol.ops.trust import OpsTrust
 
@@ -80,7 +80,7 @@ class OpsServer:
 
     def __init__(
         self,
-        db: Path,
+        db: str | Path,
         *,
         trust: OpsTrust,
         http: str = DEFAULT_HTTP,
@@ -93,7 +93,7 @@ class OpsServer:
         self.trust = trust
         if agencies is not None:
             trust.agencies = frozenset(agencies)
-        self.store = SqliteSpanStore(db, limits)
+        self.store = open_span_store(db, limits)
         self.collector = TraceCollector(self.store, trust)
         self._http = _split(http, "--http")
         self._otlp = otlp
@@ -206,22 +206,21 @@ def open_accounts(config_path: Path) -> Accounts:
 
 
 def accounts_of(cfg: BrokerConfig) -> Accounts:
-    from tabadol.ledger.store import LedgerWriteError, SqliteLedgerStore
+    from tabadol.ledger.store import LedgerMissing, LedgerWriteError, open_ledger
 
-    if not cfg.ledger.path.exists():
-        log.info(
-            "%s: no ledger yet; the dashboard shows it once the broker writes it", cfg.ledger.path
-        )
-        return Accounts(cfg)
     try:
-        return Accounts(cfg, SqliteLedgerStore(cfg.ledger.path, readonly=True))
+        return Accounts(cfg, open_ledger(cfg.ledger, readonly=True))
+    except LedgerMissing as e:
+        log.info("%s; the dashboard shows it once the broker writes it", e)
+        return Accounts(cfg)
     except LedgerWriteError as e:
-        raise TabadolError(f"{cfg.path}: [ledger] path: {e}") from e
+        where = "url" if cfg.ledger.url is not None else "path"
+        raise TabadolError(f"{cfg.path}: [ledger] {where}: {e}") from e
 
 
 async def run(
     config_path: Path,
-    db: Path,
+    db: str | Path,
     http: str,
     otlp: str,
     limits: StoreLimits,
@@ -257,7 +256,7 @@ async def run(
         "ops console at %s; OTLP/gRPC collector (mTLS) on %s; spans in %s",
         server.http_url,
         server.otlp_address,
-        db,
+        shown(db),
     )
     print(
         f"Tabadol ops: {server.http_url} (client certificate from {cfg.broker.pki_dir}); "

@@ -1,6 +1,49 @@
-"""Where spans are kept: one small interface, implementations side by side."""
+"""Where spans are kept: one small interface, implementations side by side, one factory."""
 
-from tabadol.ops.store.base import SpanStore, StoreFull, StoreLimits
+from __future__ import annotations
+
+from pathlib import Path
+
+from tabadol.ops.store.base import SpanStore, StoreFull, StoreLimits, StoreUnavailable
+from tabadol.ops.store.memory import MemorySpanStore
 from tabadol.ops.store.sqlite import SqliteSpanStore
 
-__all__ = ["SpanStore", "SqliteSpanStore", "StoreFull", "StoreLimits"]
+MEMORY = "memory:"
+
+
+def is_postgres_url(where: str | Path) -> bool:
+    return isinstance(where, str) and where.startswith(("postgresql://", "postgres://"))
+
+
+def open_span_store(where: str | Path, limits: StoreLimits | None = None) -> SpanStore:
+    """The span store ``where`` names: a ``postgresql://`` (or ``postgres://``) URL, or
+    ``memory:``, or else the path of a SQLite file."""
+    if is_postgres_url(where):
+        from tabadol.ops.store.postgres import PostgresSpanStore  # psycopg only when asked
+
+        return PostgresSpanStore(str(where), limits)
+    if str(where) == MEMORY:
+        return MemorySpanStore(limits)
+    return SqliteSpanStore(where, limits)
+
+
+def shown(where: str | Path) -> str:
+    """``where`` as it may be logged: a URL without its password."""
+    if is_postgres_url(where):
+        from tabadol.ops.store.postgres import safe_url
+
+        return safe_url(str(where))
+    return str(where)
+
+
+__all__ = [
+    "MemorySpanStore",
+    "SpanStore",
+    "SqliteSpanStore",
+    "StoreFull",
+    "StoreLimits",
+    "StoreUnavailable",
+    "is_postgres_url",
+    "open_span_store",
+    "shown",
+]

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from tabadol.errors import TabadolError
 from tabadol.ops.model import Edge, SpanRecord, TraceQuery, TraceSummary
 
 DEFAULT_MAX_AGE_SECONDS = 7 * 24 * 3600
@@ -15,6 +16,11 @@ DEFAULT_MAX_BYTES = 1024**3
 class StoreFull(Exception):
     """A batch of spans cannot fit under the store's size cap even with every span received
     before it evicted."""
+
+
+class StoreUnavailable(TabadolError):
+    """The store's database cannot be reached or answered with an error; the message names
+    it (host and database, never a password). Callers answer "try again later"."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,10 @@ class SpanStore(Protocol):
     def agency_calls(self, start_ns: int, end_ns: int) -> list[Edge]:
         """Consumer agency to provider agency, from the broker's server spans: those the
         collector stamped with the broker's own identity (``tabadol.sender``)."""
+        ...
+
+    def used_bytes(self) -> int:
+        """About what the store takes against ``limits.max_bytes``."""
         ...
 
     def usage(self) -> dict[str, int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import threading
@@ -12,16 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from tabadol.ops.ingest import BROKER_SERVICE, is_broker_sender, parties, sender_of
-from tabadol.ops.model import (
-    STATUS_ERROR,
-    Edge,
-    SpanEvent,
-    SpanRecord,
-    TraceQuery,
-    TraceSummary,
-)
-from tabadol.ops.query import GRPC_CODES
-from tabadol.ops.store.base import StoreFull, StoreLimits
+from tabadol.ops.model import STATUS_ERROR, Edge, SpanRecord, TraceQuery, TraceSummary
+from tabadol.ops.store.base import StoreLimits
+from tabadol.ops.store.encoding import ROW_OVERHEAD, SPAN_COLUMNS, decode_span, encode_span
+from tabadol.ops.store.eviction import eviction_need, eviction_target, store_full
+from tabadol.ops.store.sql import of_party, search_conditions
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spans (
@@ -82,28 +76,6 @@ CREATE TABLE IF NOT EXISTS sender_usage (
 );
 """
 _SCHEMA_VERSION = 2  # PRAGMA user_version: 2 keeps senders, receipt per span and parties
-
-_SPAN_COLUMNS = (
-    "trace_id, span_id, parent_span_id, service, name, kind, start_ns, end_ns, status_code, "
-    "status_message, attributes, events, resource"
-)
-
-# While over the size cap, each step evicts at least this much of one sender's spans.
-_EVICT_STEP_BYTES = 16 * 1024
-# What a span's row and each of its index entries take beyond their text, roughly.
-_ROW_OVERHEAD = 96
-
-# Only short scalar attributes are searchable; the rest is still stored and shown.
-_MAX_TAG_VALUE = 256
-
-
-def _tag_value(value: Any) -> str | None:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float | str):
-        text = str(value)
-        return text if len(text) <= _MAX_TAG_VALUE else None
-    return None
 
 
 class SqliteSpanStore:
@@ -183,16 +155,16 @@ class SqliteSpanStore:
                 received_ns = coalesce(
                     (SELECT received_ns FROM traces t WHERE t.trace_id = spans.trace_id), 0),
                 bytes = length(attributes) + length(events) + length(resource) + length(name)
-                    + length(service) + length(status_message) + {_ROW_OVERHEAD}
+                    + length(service) + length(status_message) + {ROW_OVERHEAD}
             WHERE bytes = 0
             """
         )
         conn.execute("DELETE FROM trace_parties")
         rows = conn.execute(
-            f"SELECT {_SPAN_COLUMNS} FROM spans WHERE service = ?", (BROKER_SERVICE,)
+            f"SELECT {SPAN_COLUMNS} FROM spans WHERE service = ?", (BROKER_SERVICE,)
         ).fetchall()
         for row in rows:
-            span = _span_from_row(row)
+            span = decode_span(row)
             conn.executemany(
                 "INSERT OR IGNORE INTO trace_parties VALUES (?,?,?)",
                 [(agency, span.trace_id, span.span_id) for agency in parties(span)],
@@ -278,31 +250,36 @@ class SqliteSpanStore:
         self, conn: sqlite3.Connection, before: int | None, *, for_broker: bool = False
     ) -> tuple[int, int]:
         """Inside the caller's transaction: evict spans received before ``before`` (all, if
-        None), a sender at a time (``_eviction_target``), earliest received first, until the
+        None), a sender at a time (``eviction_target``), earliest received first, until the
         store is under its size cap; how many traces went whole, and how many spans. StoreFull
         if even that is not enough, or if only the broker's spans are left to make room for
         an agency's batch (``for_broker`` false)."""
         removed = spans = 0
+        limit = _INT64_MAX if before is None else before
+
+        def evictable(sender: str) -> bool:
+            row = conn.execute(
+                "SELECT 1 FROM spans WHERE sender = ? AND received_ns < ? LIMIT 1", (sender, limit)
+            ).fetchone()
+            return row is not None
+
         while (used := _used_bytes(conn)) > self.limits.max_bytes:
-            target = _eviction_target(conn, before, for_broker=for_broker)
+            usage = conn.execute("SELECT sender, bytes FROM sender_usage").fetchall()
+            target = eviction_target(
+                usage, evictable, for_broker=for_broker, at_retention=before is None
+            )
             if target is None:
                 if before is None:
                     break
-                whose = "a batch" if for_broker else "an agency's batch"
-                raise StoreFull(
-                    f"{self.path}: {whose} does not fit under the store's size cap "
-                    f"of {self.limits.max_bytes} bytes"
-                    + ("" if for_broker else " without evicting the broker's spans")
-                )
+                raise store_full(self.path, self.limits.max_bytes, for_broker=for_broker)
             # Spans' own sizes undercount the pages they fill (indexes, summaries, slack):
             # free the same share of their sizes as the store is over its cap.
-            total = conn.execute("SELECT coalesce(sum(bytes), 0) FROM sender_usage").fetchone()[0]
-            over = (used - self.limits.max_bytes) / used
-            need = max(int(total * over) + 1, _EVICT_STEP_BYTES)
+            total = sum(size for _, size in usage)
+            need = eviction_need(used, self.limits.max_bytes, total)
             cursor = conn.execute(
                 "SELECT trace_id, span_id, bytes FROM spans WHERE sender = ? AND received_ns < ?"
                 " ORDER BY received_ns",
-                (target, _INT64_MAX if before is None else before),
+                (target, limit),
             )
             doomed: list[tuple[str, str]] = []
             freed = 0
@@ -321,42 +298,11 @@ class SqliteSpanStore:
     def _add_one(conn: sqlite3.Connection, span: SpanRecord, received_ns: int) -> int:
         """Insert one span, its tags and its parties; the bytes it counts for (0 if it was
         already stored)."""
-        attributes = json.dumps(span.attributes, default=str)
-        events = json.dumps([[e.time_ns, e.name, e.attributes] for e in span.events], default=str)
-        resource = json.dumps(span.resource, default=str)
-        tags = [
-            (span.trace_id, span.span_id, key, text, span.service)
-            for key, value in span.attributes.items()
-            if (text := _tag_value(value)) is not None
-        ]
-        if span.is_error:
-            tags.append((span.trace_id, span.span_id, "error", "true", span.service))
-        size = (
-            len(attributes) + len(events) + len(resource) + len(span.name) + len(span.service)
-            + len(span.status_message) + _ROW_OVERHEAD
-            + sum(len(key) + len(text) + _ROW_OVERHEAD for _, _, key, text, _ in tags)
-        )  # fmt: skip
+        encoded = encode_span(span)
         cursor = conn.execute(
-            f"INSERT OR IGNORE INTO spans ({_SPAN_COLUMNS}, sender, received_ns, bytes)"
+            f"INSERT OR IGNORE INTO spans ({SPAN_COLUMNS}, sender, received_ns, bytes)"
             " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                span.trace_id,
-                span.span_id,
-                span.parent_span_id,
-                span.service,
-                span.name,
-                span.kind,
-                span.start_ns,
-                span.end_ns,
-                span.status_code,
-                span.status_message,
-                attributes,
-                events,
-                resource,
-                sender_of(span),
-                received_ns,
-                size,
-            ),
+            (*encoded.columns(), encoded.sender, received_ns, encoded.size),
         )
         if cursor.rowcount == 0:  # the same span sent twice
             return 0
@@ -388,12 +334,15 @@ class SqliteSpanStore:
                 received_ns,
             ),
         )
-        conn.executemany("INSERT INTO span_tags VALUES (?,?,?,?,?)", tags)
+        conn.executemany(
+            "INSERT INTO span_tags VALUES (?,?,?,?,?)",
+            [(span.trace_id, span.span_id, key, text, span.service) for key, text in encoded.tags],
+        )
         conn.executemany(
             "INSERT OR IGNORE INTO trace_parties VALUES (?,?,?)",
-            [(agency, span.trace_id, span.span_id) for agency in parties(span)],
+            [(agency, span.trace_id, span.span_id) for agency in encoded.parties],
         )
-        return size
+        return encoded.size
 
     # -- queries ------------------------------------------------------------------------
 
@@ -420,7 +369,7 @@ class SqliteSpanStore:
         return [(r[0], r[1]) for r in rows]
 
     def search(self, query: TraceQuery) -> tuple[list[TraceSummary], int]:
-        where, params = _conditions(query)
+        where, params = search_conditions(query, "?")
         conn = self._reader()
         total = conn.execute(f"SELECT count(*) FROM traces t WHERE {where}", params).fetchone()[0]
         rows = conn.execute(
@@ -445,10 +394,10 @@ class SqliteSpanStore:
 
     def trace(self, trace_id: str) -> list[SpanRecord]:
         rows = self._reader().execute(
-            f"SELECT {_SPAN_COLUMNS} FROM spans WHERE trace_id = ? ORDER BY start_ns",
+            f"SELECT {SPAN_COLUMNS} FROM spans WHERE trace_id = ? ORDER BY start_ns",
             (trace_id.lower(),),
         )
-        return [_span_from_row(r) for r in rows]
+        return [decode_span(r) for r in rows]
 
     def dependencies(self, start_ns: int, end_ns: int) -> list[Edge]:
         rows = self._reader().execute(
@@ -520,7 +469,7 @@ class SqliteSpanStore:
 
 _INT64_MAX = 2**63 - 1
 # Spans of the traces an agency is a party to (bound: the agency).
-_OF_PARTY = "trace_id IN (SELECT trace_id FROM trace_parties WHERE agency = ?)"
+_OF_PARTY = of_party("?")
 
 
 def _used_bytes(conn: sqlite3.Connection) -> int:
@@ -529,39 +478,6 @@ def _used_bytes(conn: sqlite3.Connection) -> int:
     free = conn.execute("PRAGMA freelist_count").fetchone()[0]
     size: int = conn.execute("PRAGMA page_size").fetchone()[0]
     return int((pages - free) * size)
-
-
-def _eviction_target(
-    conn: sqlite3.Connection, before: int | None, *, for_broker: bool
-) -> str | None:
-    """Whose spans go next while the store is over its cap. The broker's spans index every
-    agency's traces: they go only to make room for the broker's own (``for_broker``), and
-    then only while no agency (any other sender) holds more than a fair share (the store
-    split evenly among its senders); at retention (``before`` None), once no agency's are
-    left. Otherwise the agency holding the most. Only senders with spans received before
-    ``before`` count; None when no sender may lose any."""
-    usage = conn.execute("SELECT sender, bytes FROM sender_usage ORDER BY bytes DESC, sender")
-    shares: list[tuple[str, int]] = [(str(sender), int(size)) for sender, size in usage if size > 0]
-    if not shares:
-        return None
-    fair = sum(size for _, size in shares) / len(shares)
-    limit = _INT64_MAX if before is None else before
-
-    def evictable(sender: str) -> bool:
-        row = conn.execute(
-            "SELECT 1 FROM spans WHERE sender = ? AND received_ns < ? LIMIT 1", (sender, limit)
-        ).fetchone()
-        return row is not None
-
-    others = [(s, size) for s, size in shares if not is_broker_sender(s) and evictable(s)]
-    if others and (others[0][1] > fair or not for_broker):
-        return others[0][0]
-    if not for_broker and before is not None:
-        return None  # never the broker's evidence for an agency's batch
-    brokers = [s for s, _ in shares if is_broker_sender(s) and evictable(s)]
-    if brokers:
-        return brokers[0]
-    return others[0][0] if others else None
 
 
 def _delete_spans(
@@ -624,85 +540,3 @@ def _delete_spans(
         (STATUS_ERROR,),
     )
     return gone
-
-
-def _conditions(query: TraceQuery) -> tuple[str, list[Any]]:
-    """The WHERE clause over ``traces t`` for a query; values are bound, never spliced."""
-    where = ["1"]
-    params: list[Any] = []
-    if query.start_ns is not None:
-        where.append("t.start_ns >= ?")
-        params.append(query.start_ns)
-    if query.end_ns is not None:
-        where.append("t.start_ns <= ?")
-        params.append(query.end_ns)
-    if query.min_duration_ns is not None:
-        where.append("t.end_ns - t.start_ns >= ?")
-        params.append(query.min_duration_ns)
-    if query.max_duration_ns is not None:
-        where.append("t.end_ns - t.start_ns <= ?")
-        params.append(query.max_duration_ns)
-    if query.service or query.operation:
-        span_where = ["s.trace_id = t.trace_id"]
-        if query.service:
-            span_where.append("s.service = ?")
-            params.append(query.service)
-        if query.operation:
-            span_where.append("s.name = ?")
-            params.append(query.operation)
-        where.append(f"EXISTS (SELECT 1 FROM spans s WHERE {' AND '.join(span_where)})")
-    for key, value in query.tags:
-        # A bare key also matches the platform's own attribute: consumer=post finds
-        # tabadol.consumer=post.
-        where.append(
-            "EXISTS (SELECT 1 FROM span_tags g WHERE g.trace_id = t.trace_id "
-            "AND g.key IN (?, ?) AND g.value = ?)"
-        )
-        params += [key, f"tabadol.{key}", value]
-    if query.party is not None:
-        where.append("t.trace_id IN (SELECT trace_id FROM trace_parties WHERE agency = ?)")
-        params.append(query.party)
-    if query.status == "error":
-        where.append("t.error_count > 0")
-    elif query.status == "ok":
-        where.append("t.error_count = 0")
-    elif query.status:
-        where.append(
-            "EXISTS (SELECT 1 FROM span_tags g WHERE g.trace_id = t.trace_id "
-            "AND g.key = 'rpc.grpc.status_code' AND g.value = ?)"
-        )
-        params.append(str(GRPC_CODES[query.status]))
-    return " AND ".join(where), params
-
-
-def _span_from_row(row: tuple[Any, ...]) -> SpanRecord:
-    (
-        trace_id,
-        span_id,
-        parent,
-        service,
-        name,
-        kind,
-        start,
-        end,
-        code,
-        message,
-        attrs,
-        events,
-        res,
-    ) = row
-    return SpanRecord(
-        trace_id=trace_id,
-        span_id=span_id,
-        parent_span_id=parent,
-        service=service,
-        name=name,
-        kind=kind,
-        start_ns=start,
-        end_ns=end,
-        status_code=code,
-        status_message=message,
-        attributes=json.loads(attrs),
-        events=tuple(SpanEvent(t, n, a) for t, n, a in json.loads(events)),
-        resource=json.loads(res),
-    )

@@ -1,0 +1,93 @@
+"""What every span store keeps of a span: its JSON columns, its searchable tags, whose share
+it counts in, and about how many bytes it takes there."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from tabadol.ops.ingest import parties, sender_of
+from tabadol.ops.model import SpanEvent, SpanRecord
+
+# The columns a span is stored in, in this order (decode_span reads them back).
+SPAN_COLUMNS = (
+    "trace_id, span_id, parent_span_id, service, name, kind, start_ns, end_ns, status_code, "
+    "status_message, attributes, events, resource"
+)
+# What a span's row and each of its index entries take beyond their text, roughly.
+ROW_OVERHEAD = 96
+# Only short scalar attributes are searchable; the rest is still stored and shown.
+MAX_TAG_VALUE = 256
+
+
+def tag_value(value: Any) -> str | None:
+    """An attribute's searchable text; None for one that is not searchable."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | str):
+        text = str(value)
+        return text if len(text) <= MAX_TAG_VALUE else None
+    return None
+
+
+@dataclass(frozen=True)
+class EncodedSpan:
+    span: SpanRecord
+    attributes: str  # JSON
+    events: str  # JSON: [[time_ns, name, attributes], ...]
+    resource: str  # JSON
+    tags: tuple[tuple[str, str], ...]  # (key, text): what a search by tag finds it by
+    sender: str  # the collector's stamp: whose share it counts in
+    parties: frozenset[str]  # the agencies a broker's span names: who may see its trace
+    size: int  # about the bytes it and its tags take: what the size cap counts
+
+    def columns(self) -> tuple[Any, ...]:
+        """The values of SPAN_COLUMNS."""
+        s = self.span
+        return (
+            s.trace_id, s.span_id, s.parent_span_id, s.service, s.name, s.kind, s.start_ns,
+            s.end_ns, s.status_code, s.status_message, self.attributes, self.events, self.resource,
+        )  # fmt: skip
+
+
+def encode_span(span: SpanRecord) -> EncodedSpan:
+    attributes = json.dumps(span.attributes, default=str)
+    events = json.dumps([[e.time_ns, e.name, e.attributes] for e in span.events], default=str)
+    resource = json.dumps(span.resource, default=str)
+    tags = [
+        (key, text)
+        for key, value in span.attributes.items()
+        if (text := tag_value(value)) is not None
+    ]
+    if span.is_error:
+        tags.append(("error", "true"))
+    size = (
+        len(attributes) + len(events) + len(resource) + len(span.name) + len(span.service)
+        + len(span.status_message) + ROW_OVERHEAD
+        + sum(len(key) + len(text) + ROW_OVERHEAD for key, text in tags)
+    )  # fmt: skip
+    return EncodedSpan(
+        span, attributes, events, resource, tuple(tags), sender_of(span), parties(span), size
+    )
+
+
+def decode_span(row: tuple[Any, ...]) -> SpanRecord:
+    """A span from the values of SPAN_COLUMNS."""
+    (trace_id, span_id, parent, service, name, kind, start, end, code, message, attrs, events,
+     res) = row  # fmt: skip
+    return SpanRecord(
+        trace_id=trace_id,
+        span_id=span_id,
+        parent_span_id=parent,
+        service=service,
+        name=name,
+        kind=kind,
+        start_ns=start,
+        end_ns=end,
+        status_code=code,
+        status_message=message,
+        attributes=json.loads(attrs),
+        events=tuple(SpanEvent(t, n, a) for t, n, a in json.loads(events)),
+        resource=json.loads(res),
+    )
