@@ -3,6 +3,7 @@
 Consumer::
 
     channel = tabadol.client.connect("broker.example:7443", "credentials/")
+    # or several broker nodes: connect(["10.0.0.1:7443", "10.0.0.2:7443"], "credentials/")
     stub = person_registry_pb2_grpc.PersonRegistryStub(channel)
 
 Provider::
@@ -16,10 +17,12 @@ Provider::
 from tabadol.client.call_status import keep_call_status
 from tabadol.client.consumer import connect
 from tabadol.client.credentials import AgencyCredentials
+from tabadol.client.nodes import BrokerAddressError
 from tabadol.client.provider import ProviderServer, consumer_agency, request_id
 
 __all__ = [
     "AgencyCredentials",
+    "BrokerAddressError",
     "ProviderServer",
     "connect",
     "consumer_agency",
