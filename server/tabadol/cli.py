@@ -18,6 +18,7 @@ from tabadol.ops.otlp import DEFAULT_MAX_REQUEST_MB
 from tabadol.ops.server import DEFAULT_HTTP, DEFAULT_OTLP
 from tabadol.ops.store.base import DEFAULT_MAX_AGE_SECONDS, DEFAULT_MAX_BYTES
 from tabadol.pki import REASONS
+from tabadol.registry.cli import add_registry_commands
 
 EPILOG = "Documentation: README.md and docs/ in the Tabadol repository."
 
@@ -178,60 +179,70 @@ def _seal_signers(
     return signer_check(ca_cert=ca, trust_domain=trust_domain, revoked_at=revoked_at)
 
 
-def _open_ledger(config: Path) -> tuple[Any, Any]:
+def _open_ledger(config: Path, *, readonly: bool = True) -> tuple[Any, Any]:
     from tabadol.config import load
-    from tabadol.ledger.store import LedgerWriteError, SqliteLedgerStore
+    from tabadol.ledger.store import LedgerWriteError, open_ledger
 
     cfg = load(config)
     try:
-        return cfg, SqliteLedgerStore(cfg.ledger.path, readonly=True)
+        return cfg, open_ledger(cfg.ledger, readonly=readonly)
     except LedgerWriteError as e:
         raise TabadolError(str(e)) from e
 
 
+def _ledger_label(cfg: Any) -> str:
+    from tabadol.ledger.store.postgres import describe
+
+    return describe(cfg.ledger.url) if cfg.ledger.url is not None else str(cfg.ledger.path)
+
+
 def _cmd_ledger_verify(args: argparse.Namespace) -> int:
     from tabadol.ledger.sessions import alive, session_findings
-    from tabadol.ledger.verify import anchor_path, read_anchor, verify
+    from tabadol.ledger.verify import anchor_path, chains_missing, read_anchor, verify
 
     cfg, store = _open_ledger(args.config)
+    label = _ledger_label(cfg)
     signers = _seal_signers(cfg.broker.pki_dir, cfg.broker.trust_domain)
-    verdict = verify(
-        store.records(),
-        store.seals(),
-        store.signers(),
-        signers,
-        read_anchor(anchor_path(cfg.ledger.path)),
-    )
-    print(f"{cfg.ledger.path}: {verdict}")
+    anchor = read_anchor(anchor_path(cfg.ledger.path))
+    chains = store.chains()
+    broken = False
+    for chain in chains or [""]:  # one report per node's chain (SQLite keeps one chain)
+        verdict = verify(
+            store.records(chain),
+            store.seals(chain),
+            store.signers(),
+            signers,
+            [seal for seal in anchor if seal.chain == chain],
+        )
+        print(f"{label}: {f'node {chain}: ' if chain else ''}{verdict}")
+        broken |= not verdict.ok
+    for missing in chains_missing(store.sessions(), chains, store.chain_for):
+        print(f"{label}: BROKEN: {missing}")
+        broken = True
     # Answered calls that never reached the ledger: shown by the writers' sessions.
     journal_signers = _seal_signers(cfg.broker.pki_dir, cfg.broker.trust_domain, signer_dated=True)
     sessions, journaled, journal_problems = _journaled(cfg.ledger.path, store, journal_signers)
     findings = session_findings(sessions, alive, journaled)
     for finding in findings:
-        print(f"{cfg.ledger.path}: {finding}")
+        print(f"{label}: {finding}")
     for problem in journal_problems:
-        print(f"{cfg.ledger.path}: {problem}")
+        print(f"{label}: {problem}")
     gap = any(finding.gap for finding in findings)
-    return 0 if verdict.ok and not gap and not journal_problems else 1
+    return 0 if not broken and not gap and not journal_problems else 1
 
 
 def _cmd_ledger_acknowledge(args: argparse.Namespace) -> int:
-    from tabadol.config import load
-    from tabadol.ledger.store import LedgerWriteError, SqliteLedgerStore
+    from tabadol.ledger.store import LedgerWriteError
 
-    cfg = load(args.config)
     if not args.reason.strip() or not args.by.strip():
         raise TabadolError("--by and --reason must say who looked into the gap and what they found")
-    try:
-        store = SqliteLedgerStore(cfg.ledger.path)
-    except LedgerWriteError as e:
-        raise TabadolError(str(e)) from e
+    cfg, store = _open_ledger(args.config, readonly=False)
     try:
         matches = [s for s in store.sessions() if s.id.startswith(args.session)]
         if len(matches) != 1:
             found = "no session" if not matches else f"{len(matches)} sessions"
             raise TabadolError(
-                f"{cfg.ledger.path}: {found} with an id starting {args.session!r}; "
+                f"{_ledger_label(cfg)}: {found} with an id starting {args.session!r}; "
                 "`tabadol ledger verify` prints each gap's session id"
             )
         session = matches[0]
@@ -245,7 +256,7 @@ def _cmd_ledger_acknowledge(args: argparse.Namespace) -> int:
         raise TabadolError(str(e)) from e
     finally:
         store.close()
-    print(f"{cfg.ledger.path}: session {session.id[:12]}'s gap acknowledged by {args.by}")
+    print(f"{_ledger_label(cfg)}: session {session.id[:12]}'s gap acknowledged by {args.by}")
     return 0
 
 
@@ -464,7 +475,7 @@ def _cmd_call(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         contracts = DynamicContracts(args.contracts)
-        async with connect(args.broker, args.credentials) as channel:
+        async with connect(args.broker.split(","), args.credentials) as channel:
             try:
                 async for response in call_json(
                     channel, contracts, args.method, requests, timeout=args.timeout
@@ -640,6 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     clint.add_argument("--rule", action="append", choices=RULES, help="only this rule (repeatable)")
     clint.set_defaults(func=_cmd_contracts_lint)
 
+    add_registry_commands(sub)  # tabadol registry import/export/diff/history/publish-crl
     ledger = sub.add_parser("ledger", help="check and export the transaction ledger")
     ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True, metavar="ACTION")
     lverify = ledger_sub.add_parser(
@@ -735,9 +747,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ops.add_argument(
         "--db",
-        type=Path,
+        metavar="PATH|URL",
         default=Path("var/ops/traces.db"),
-        help="span store (default var/ops/traces.db)",
+        help="span store: a SQLite file (default var/ops/traces.db), or a postgresql://... "
+        "URL that several ops consoles may share",
     )
     ops.add_argument(
         "--retention-hours",
@@ -777,7 +790,12 @@ def build_parser() -> argparse.ArgumentParser:
         "client-streaming method; '-' reads one JSON object per line from stdin). Each "
         "response is printed as JSON.",
     )
-    call.add_argument("--broker", required=True, help="broker address, e.g. 127.0.0.1:7443")
+    call.add_argument(
+        "--broker",
+        required=True,
+        help="broker address, e.g. 127.0.0.1:7443, or the nodes' IP addresses separated by "
+        "commas (10.0.0.1:7443,10.0.0.2:7443)",
+    )
     call.add_argument("--credentials", type=Path, required=True, help="agency credentials dir")
     call.add_argument(
         "--contracts",

@@ -9,11 +9,19 @@ from __future__ import annotations
 import re
 import tomllib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tabadol.client.tracing import SAMPLERS
 from tabadol.contracts import Contracts
@@ -96,13 +104,26 @@ class BrokerSection(_Strict):
 class LedgerSection(_Strict):
     """Where and how the broker accounts for every call (docs/ledger.md)."""
 
+    # The SQLite ledger; with ``url``, the stem of this node's own files beside it (the
+    # journal, the seals witness and the kept CRL), while the records go to PostgreSQL.
     path: LoosePath = Path("var/ledger.db")
+    url: str | None = None  # postgresql://user@host:port/db: one ledger for every node
     mode: Literal["batched", "strict"] = "batched"
     batch_interval_ms: int = Field(default=100, ge=1, le=60_000)
     buffer_records: int = Field(default=100_000, ge=1)
     # Fail closed once a record has waited this long for the ledger (docs/ledger.md).
     max_unwritten_seconds: float = Field(default=5.0, gt=0, le=3600)
     payload_digests: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError(
+                "expected postgresql://USER@HOST:PORT/DATABASE (leave it out for the SQLite "
+                "ledger at path)"
+            )
+        return value
 
     @field_validator("max_unwritten_seconds")
     @classmethod
@@ -156,6 +177,25 @@ class TracingSection(_Strict):
         return value
 
 
+def _registry_url(value: str | None) -> str | None:
+    if value is not None and not value.startswith(("postgresql://", "postgres://")):
+        raise ValueError("expected a postgresql://USER@HOST:PORT/DB URL")
+    return value
+
+
+class RegistrySection(_Strict):
+    """Where the registry entries live: this file (no url) or a PostgreSQL database
+    that every broker node follows (docs/registry.md)."""
+
+    url: Annotated[str | None, AfterValidator(_registry_url)] = None
+    poll_seconds: float = Field(default=1.0, gt=0, le=60)  # when LISTEN/NOTIFY is lost
+    # When the version in force could not be confirmed current for this long (the database
+    # unreachable): "refuse" every new call (fail closed, the default) or "serve" on with it
+    # (logged, and a metric).
+    max_age_seconds: float = Field(default=3600.0, gt=0)
+    stale: Literal["refuse", "serve"] = "refuse"
+
+
 class AgencyEntry(_Strict):
     id: AgencyId
     name: str = Field(min_length=1)
@@ -195,14 +235,33 @@ class GrantEntry(_Strict):
     methods: list[str] = Field(min_length=1)
 
 
-class ConfigFile(_Strict):
-    broker: BrokerSection
-    tracing: TracingSection = TracingSection()
-    ledger: LedgerSection = LedgerSection()
+ENTRY_SECTIONS = ("agency", "service", "grant", "limit")
+
+
+class RegistryFile(_Strict):
+    """The registry entries alone: a file for `tabadol registry import`, or a version in the
+    registry database."""
+
     agency: list[AgencyEntry] = []
     service: list[ServiceEntry] = []
     grant: list[GrantEntry] = []
     limit: list[LimitEntry] = []
+
+
+class ConfigFile(RegistryFile):
+    broker: BrokerSection
+    tracing: TracingSection = TracingSection()
+    ledger: LedgerSection = LedgerSection()
+    registry: RegistrySection = RegistrySection()
+
+    @model_validator(mode="after")
+    def _node_named_for_a_shared_ledger(self) -> ConfigFile:
+        if self.ledger.url is not None and not self.broker.instance:
+            raise ValueError(
+                "[ledger] url needs [broker] instance: a name for this node, the same at "
+                "every start (its chain in the shared ledger is named after it)"
+            )
+        return self
 
 
 @dataclass(frozen=True)
@@ -218,6 +277,8 @@ class BrokerConfig:
     grants: tuple[GrantEntry, ...]
     contracts: Contracts
     limits: tuple[LimitEntry, ...] = ()
+    registry: RegistrySection = field(default_factory=RegistrySection)
+    registry_version: int | None = None  # the database version applied; None: from the file
 
 
 def _describe_location(loc: tuple[Any, ...], data: dict[str, Any]) -> str:
@@ -230,7 +291,7 @@ def _describe_location(loc: tuple[Any, ...], data: dict[str, Any]) -> str:
         section, index = loc[0], loc[1]
         entry = data.get(section, [])[index] if index < len(data.get(section, [])) else {}
         return f"{_entry_label(section, index, entry)}{' ' + '.'.join(map(str, loc[2:])) if loc[2:] else ''}"
-    if loc and loc[0] in ("broker", "tracing", "ledger"):
+    if loc and loc[0] in ("broker", "tracing", "ledger", "registry"):
         return f"[{loc[0]}]" + (f" {'.'.join(map(str, loc[1:]))}" if loc[1:] else "")
     return ".".join(map(str, loc)) or "(top level)"
 
@@ -242,20 +303,25 @@ def _entry_label(section: str, index: int, entry: Any) -> str:
     return f"[[{section}]] #{index + 1}{suffix}"
 
 
-def parse(text: str, path: Path) -> ConfigFile:
-    """Parse and shape-check the TOML text; ConfigError lists every problem found."""
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _toml(text: str, path: Path | str) -> dict[str, Any]:
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
     except RecursionError:
         raise ConfigError(f"{path}: not a broker configuration: nested too deeply") from None
+
+
+def _validate(model: type[_M], data: Any, path: Path | str) -> _M:
     try:
-        return ConfigFile.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         problems = []
         for err in e.errors():
-            where = _describe_location(tuple(err["loc"]), data)
+            where = _describe_location(tuple(err["loc"]), data if isinstance(data, dict) else {})
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key (a typo?)"
@@ -263,8 +329,39 @@ def parse(text: str, path: Path) -> ConfigFile:
         raise ConfigError("\n".join(problems)) from None
 
 
+def parse(text: str, path: Path) -> ConfigFile:
+    """Parse and shape-check the TOML text; ConfigError lists every problem found."""
+    return _validate(ConfigFile, _toml(text, path), path)
+
+
+def parse_entries(data: Any, source: Path | str) -> RegistryFile:
+    """Shape-check registry entries (from a file or a database version), with the same
+    messages as a configuration file's; ``source`` names where they came from."""
+    return _validate(RegistryFile, data, source)
+
+
+def read_registry_file(path: Path) -> RegistryFile:
+    """The entries of a registry-only TOML file, or of a whole broker configuration (whose
+    other sections are left aside); ConfigError as for a configuration file."""
+    path = path.resolve()
+    data = _toml(_read_text(path, "the registry file"), path)
+    if "broker" in data:
+        cfg = _validate(ConfigFile, data, path)  # a whole configuration: all of it must hold
+        return RegistryFile(
+            agency=cfg.agency, service=cfg.service, grant=cfg.grant, limit=cfg.limit
+        )
+    return parse_entries(data, path)
+
+
 def check(cfg: ConfigFile, path: Path, contracts: Contracts) -> list[str]:
     """Cross-entry checks against each other and the contracts; returns the problems."""
+    return check_entries(cfg, path, contracts, cfg.broker.max_message_bytes)
+
+
+def check_entries(
+    cfg: RegistryFile, path: Path | str, contracts: Contracts, max_message_bytes: int
+) -> list[str]:
+    """``check`` for entries alone, against the contracts and the broker's message limit."""
     problems: list[str] = []
 
     def problem(section: str, index: int, entry: BaseModel, text: str) -> None:
@@ -317,25 +414,40 @@ def check(cfg: ConfigFile, path: Path, contracts: Contracts) -> list[str]:
             where = f"service {scope!r}" if scope else "all services"
             problems.append(f"{path}: [[limit]] for {consumer!r} on {where} is defined {n} times")
     for i, svc in enumerate(cfg.service):
-        if svc.max_message_bytes and svc.max_message_bytes > cfg.broker.max_message_bytes:
+        if svc.max_message_bytes and svc.max_message_bytes > max_message_bytes:
             problem(
                 "service", i, svc,
                 f"max_message_bytes {svc.max_message_bytes} is above the broker's "
-                f"{cfg.broker.max_message_bytes}, which bounds every message",
+                f"{max_message_bytes}, which bounds every message",
             )  # fmt: skip
     return problems
 
 
-def load(path: Path) -> BrokerConfig:
-    """Read, validate and resolve a broker configuration file."""
-    path = path.resolve()
+def _read_text(path: Path, what: str) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read the configuration: {e.strerror}") from e
+        raise ConfigError(f"{path}: cannot read {what}: {e.strerror}") from e
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text: {e}") from e
-    cfg = parse(text, path)
+
+
+def load(path: Path) -> BrokerConfig:
+    """Read, validate and resolve a broker configuration file.
+
+    With ``[registry] url`` the result has no entries: they come from the database
+    (``apply_entries``), and entries in the file are an error.
+    """
+    path = path.resolve()
+    cfg = parse(_read_text(path, "the configuration"), path)
+    if cfg.registry.url is not None:
+        present = [f"[[{name}]]" for name in ENTRY_SECTIONS if getattr(cfg, name)]
+        if present:
+            raise ConfigError(
+                f"{path}: {', '.join(present)} entries are in the file, but with [registry] url "
+                "set the registry entries live in the registry database; import them with "
+                f"`tabadol registry import --config {path} FILE` and remove them from here"
+            )
     base = path.parent
     broker = cfg.broker.model_copy(
         update={
@@ -360,4 +472,33 @@ def load(path: Path) -> BrokerConfig:
         grants=tuple(cfg.grant),
         contracts=contracts,
         limits=tuple(cfg.limit),
+        registry=cfg.registry,
+    )
+
+
+def apply_entries(
+    cfg: BrokerConfig, entries: RegistryFile, source: Path | str, version: int | None = None
+) -> BrokerConfig:
+    """``cfg`` with these registry entries in place of its own, checked exactly as a file's
+    against ``cfg``'s contracts; ConfigError lists the problems, naming ``source``."""
+    problems = check_entries(entries, source, cfg.contracts, cfg.broker.max_message_bytes)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return replace(
+        cfg,
+        agencies={a.id: a for a in entries.agency},
+        services={s.name: s for s in entries.service},
+        grants=tuple(entries.grant),
+        limits=tuple(entries.limit),
+        registry_version=version,
+    )
+
+
+def entries_of(cfg: BrokerConfig) -> RegistryFile:
+    """The registry entries a configuration holds."""
+    return RegistryFile(
+        agency=list(cfg.agencies.values()),
+        service=list(cfg.services.values()),
+        grant=list(cfg.grants),
+        limit=list(cfg.limits),
     )

@@ -85,6 +85,20 @@ class BrokerMetrics:
             registry=self.registry,
             multiprocess_mode="livemin",
         )
+        self.registry_version = Gauge(
+            "tabadol_registry_version",
+            "The registry database version this broker applies (0 with a file registry).",
+            registry=self.registry,
+            multiprocess_mode="livemin",
+        )
+        self.registry_age = Gauge(
+            "tabadol_registry_age_seconds",
+            "Seconds since the registry version in force was last confirmed current in the "
+            "registry database (grows while it is unreachable): alert well before [registry] "
+            'max_age_seconds, when calls are refused unless [registry] stale = "serve".',
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
         self.ledger_written = Counter(
             "tabadol_ledger_records_written",
             "Ledger records committed.",
@@ -98,7 +112,8 @@ class BrokerMetrics:
         self._seen = {"written": 0, "dropped": 0}
         self.refused = Counter(
             "tabadol_calls_refused",
-            "Calls refused before routing: unknown method, ledger not writable, or the "
+            "Calls refused before routing: unknown method, ledger not writable, registry "
+            "stale (registry_stale), or the "
             "refusals of a flooding unidentified or undeclared caller left out of the ledger "
             "(flood_unrecorded), or a platform service (discovery, reflection, health) refusing "
             "an unidentified (platform_unauthenticated) or undeclared (platform_undeclared) "

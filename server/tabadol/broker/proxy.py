@@ -51,6 +51,7 @@ from tabadol.metadata import (
 )
 from tabadol.policy import Policy
 from tabadol.refusals import RefusalLog
+from tabadol.registry.freshness import RegistryFreshness
 
 log = logging.getLogger("tabadol.broker")
 
@@ -270,6 +271,7 @@ class Accounting:
     retries: RetryBudget | None = None  # for idempotent unary methods
     drain: Drain = field(default_factory=Drain)
     floods: FloodRecords = field(default_factory=FloodRecords)
+    registry: RegistryFreshness | None = None  # with a registry database: how old it may grow
 
 
 class Proxy:
@@ -357,6 +359,11 @@ class Proxy:
                 "Tabadol broker: this broker is shutting down; retry the call (another broker "
                 "instance answers it)",
             )
+        registry = self.accounting.registry
+        if registry is not None and (stale := registry.refusal(time.time())) is not None:
+            # Fail closed ([registry] stale = "refuse"): grants may have changed since.
+            self.metrics.refused.labels("registry_stale").inc()
+            await abort(exchange, context, grpc.StatusCode.UNAVAILABLE, f"Tabadol broker: {stale}")
         if self.ledger is not None and not self.ledger.accepting:
             # Fail closed: an exchange the ledger cannot account for must not happen.
             self.metrics.refused.labels("ledger_unavailable").inc()
@@ -563,14 +570,34 @@ class Proxy:
             exchange.durable = self._durable
         return exchange
 
-    async def _durable(self, exchange: Exchange) -> None:
-        """Strict mode: hand over the record now, and wait until it is on disk."""
-        assert self.ledger is not None
+    async def _durable(
+        self, exchange: Exchange, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        """Strict mode: hand over the record now, and wait until it is on disk; past the
+        ledger's max_unwritten_seconds the answer is withheld and the call fails closed."""
+        ledger = self.ledger
+        assert ledger is not None
         exchange.ended_ns = time.time_ns()
         exchange.recorded = True
-        done = self.ledger.submit(exchange.ledger_record(self.accounting.instance))
-        if done is not None:
-            await asyncio.wrap_future(done)
+        done = ledger.submit(exchange.ledger_record(self.accounting.instance))
+        if done is None:
+            return
+        try:
+            # Shielded: the writer still completes the future when the record is written.
+            await asyncio.wait_for(
+                asyncio.shield(asyncio.wrap_future(done)), ledger.max_unwritten_s
+            )
+        except TimeoutError:
+            self.metrics.refused.labels("ledger_unavailable").inc()
+            details = (
+                "Tabadol broker: the transaction ledger could not record this call within "
+                f"{ledger.max_unwritten_s:g} s ({ledger.problem or 'its writer is behind'}); "
+                "the provider's answer is withheld (strict mode: no answer goes out "
+                "unaccounted); its record is written once the ledger can be"
+            )
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, details, ((REQUEST_ID_KEY, exchange.request_id),)
+            )
 
     def _finish(self, exchange: Exchange) -> None:
         if not exchange.ended_ns:

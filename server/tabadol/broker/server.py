@@ -23,6 +23,7 @@ from tabadol.broker.credentials import BrokerCredentials
 from tabadol.broker.metrics import BrokerMetrics
 from tabadol.broker.provider_trust import ProviderTrust
 from tabadol.broker.proxy import Accounting, Drain, Identities, Proxy
+from tabadol.broker.registry_follower import RegistryFollower
 from tabadol.broker.supervisor import follow_supervisor, worker_slot
 from tabadol.broker.tracing import BrokerTracing
 from tabadol.broker.upstream import Route, Upstream
@@ -41,7 +42,7 @@ from tabadol.ledger.digests import payload_digest_key
 from tabadol.ledger.journal import journal_path
 from tabadol.ledger.seal import Sealer
 from tabadol.ledger.signers import signer_check
-from tabadol.ledger.store import LedgerWriteError, SqliteLedgerStore
+from tabadol.ledger.store import LedgerMissing, LedgerWriteError, open_ledger
 from tabadol.ledger.verify import anchor_path
 from tabadol.ledger.writer import RecordsLost
 from tabadol.limits import (
@@ -89,6 +90,10 @@ class Broker:
     def __init__(self, cfg: BrokerConfig) -> None:
         # Relay the status a provider sent, not grpc.aio's INTERNAL when a write races it.
         keep_call_status()
+        # With a registry database, its current version's entries (or the one this node kept).
+        self.registry = RegistryFollower.for_config(cfg)
+        if self.registry is not None:
+            cfg = self.registry.first(cfg)
         self.config = cfg
         # The newest CRL this broker ever accepted: an older one is refused even across
         # restarts (a rollback would un-revoke).
@@ -253,6 +258,8 @@ class Broker:
                     f"{self.config.path}: [broker] metrics_listen: cannot listen on "
                     f"{self.config.broker.metrics_listen}: {e.strerror}"
                 ) from e
+        if self.registry is not None:
+            await self.registry.start(self)
 
     async def _abandon(self) -> None:
         """Undo a start that failed half-way, so the process can report it and exit."""
@@ -340,6 +347,7 @@ class Broker:
                 limits=self.limits,
                 retries=self.retries,
                 drain=self.drain,
+                registry=self.registry.freshness if self.registry is not None else None,
             ),
             refusals=self._refusals,
         )
@@ -426,6 +434,8 @@ class Broker:
         # and only then stop the server, cutting whatever is left.
         ends = time.monotonic() + grace
         self.drain.active = True
+        if self.registry is not None:
+            await self.registry.stop()  # no registry version applies mid-shutdown
         await self.health.stop()
         for task in (self._metrics_task, self._trust_task):
             if task is not None:
@@ -505,15 +515,16 @@ def held_crl(cfg: BrokerConfig) -> RevocationList | None:
 
 
 def _ledger_has_run(cfg: BrokerConfig) -> bool:
-    """Whether a broker has written this ledger before (it has writer sessions)."""
-    if not cfg.ledger.path.exists():
+    """Whether this node has written its ledger before (its chain has writer sessions)."""
+    try:
+        store = open_ledger(cfg.ledger, readonly=True)
+    except LedgerMissing:
         return False
-    try:
-        store = SqliteLedgerStore(cfg.ledger.path, readonly=True)
     except LedgerWriteError as e:
-        raise ConfigError(f"{cfg.path}: [ledger] path: {e}") from e
+        raise ConfigError(f"{cfg.path}: [ledger] {_where(cfg)}: {e}") from e
     try:
-        return bool(store.sessions())
+        mine = store.chain_for(cfg.broker.instance or "")
+        return any(store.chain_for(s.instance) == mine for s in store.sessions())
     finally:
         store.close()
 
@@ -598,9 +609,9 @@ def _ledger(cfg: BrokerConfig, creds: BrokerCredentials) -> LedgerWriter:
     settings = cfg.ledger
     key = payload_digest_key(cfg.broker.pki_dir) if settings.payload_digests else None
     try:
-        store = SqliteLedgerStore(settings.path)
+        store = open_ledger(settings)
     except LedgerWriteError as e:
-        raise ConfigError(f"{cfg.path}: [ledger] path: {e}") from e
+        raise ConfigError(f"{cfg.path}: [ledger] {_where(cfg)}: {e}") from e
     # The journal's lines count only if signed by a broker certificate of this exchange's
     # CA, valid when it signed and not revoked: its signer writes their time itself, so a
     # certificate revoked for cause counts at no time; a superseded one keeps its grace.
@@ -627,7 +638,11 @@ def _ledger(cfg: BrokerConfig, creds: BrokerCredentials) -> LedgerWriter:
         )
     except LedgerWriteError as e:
         store.close()
-        raise ConfigError(f"{cfg.path}: [ledger] path: {e}") from e
+        raise ConfigError(f"{cfg.path}: [ledger] {_where(cfg)}: {e}") from e
+
+
+def _where(cfg: BrokerConfig) -> str:
+    return "url" if cfg.ledger.url is not None else "path"
 
 
 def _identity(creds: BrokerCredentials) -> tuple[bytes, bytes, bytes]:
@@ -645,6 +660,8 @@ def reload_from_file(broker: Broker, config_path: Path) -> bool:
     the outcome; on any error the previous configuration keeps serving (False)."""
     try:
         new = config_module.load(config_path)
+        if broker.registry is not None:  # the file's settings, the registry database's entries
+            new = broker.registry.over(new)
         broker.reload(new)
     except TabadolError as e:
         log.error("configuration reload refused; the previous configuration keeps serving:\n%s", e)

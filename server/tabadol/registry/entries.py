@@ -1,0 +1,154 @@
+"""Registry entries as data: their digest, what changes between two versions, and TOML.
+
+Pure: no database, no files. Entries are kept as JSON-shaped dicts, the four lists of a
+registry file (``agency``, ``service``, ``grant``, ``limit``) as the operator wrote them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from tabadol.config import ENTRY_SECTIONS, RegistryFile
+
+Entries = dict[str, list[dict[str, Any]]]
+_KEYS = {"agency": ("id",), "service": ("name",), "grant": ("consumer", "service")}
+_KEYS["limit"] = ("consumer", "service")
+
+
+def entries_data(entries: RegistryFile) -> Entries:
+    """What a version stores: each entry's keys as written (defaults left out)."""
+    return {
+        name: [e.model_dump(mode="json", exclude_unset=True) for e in getattr(entries, name)]
+        for name in ENTRY_SECTIONS
+    }
+
+
+def digest(data: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    """SHA-256 of the entries in a canonical JSON form: equal entries, equal digest."""
+    canonical = json.dumps(
+        {name: list(data.get(name, [])) for name in ENTRY_SECTIONS},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Change:
+    """One entry added, removed or changed (then ``fields`` names what changed)."""
+
+    kind: Literal["added", "removed", "changed"]
+    section: str
+    key: str
+    fields: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        sign = {"added": "+", "removed": "-", "changed": "~"}[self.kind]
+        text = f"{sign} [[{self.section}]] {self.key}"
+        return text + (f": {', '.join(self.fields)}" if self.fields else "")
+
+
+def _keyed(section: str, entries: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    keyed: dict[str, Mapping[str, Any]] = {}
+    seen: Counter[str] = Counter()
+    for entry in entries:
+        parts = [entry.get(k) for k in _KEYS[section]]
+        key = " ".join(repr(p) if p is not None else "(all services)" for p in parts)
+        seen[key] += 1
+        keyed[key if seen[key] == 1 else f"{key} #{seen[key]}"] = entry
+    return keyed
+
+
+def _describe(section: str, before: Mapping[str, Any], after: Mapping[str, Any]) -> tuple[str, ...]:
+    fields = []
+    for name in sorted(before.keys() | after.keys()):
+        old, new = before.get(name), after.get(name)
+        if old == new:
+            continue
+        if isinstance(old, list) and isinstance(new, list):
+            gone = [str(v) for v in old if v not in new]
+            came = [str(v) for v in new if v not in old]
+            fields.append(
+                f"{name} " + " ".join([*(f"-{v}" for v in gone), *(f"+{v}" for v in came)])
+            )
+        else:
+            fields.append(f"{name} {_short(old)} -> {_short(new)}")
+    return tuple(fields)
+
+
+def _short(value: Any) -> str:
+    return "(unset)" if value is None else json.dumps(value, ensure_ascii=False)
+
+
+def diff(
+    before: Mapping[str, Sequence[Mapping[str, Any]]],
+    after: Mapping[str, Sequence[Mapping[str, Any]]],
+) -> list[Change]:
+    """Per entry, what turns ``before`` into ``after``, in section order."""
+    changes: list[Change] = []
+    for section in ENTRY_SECTIONS:
+        old = _keyed(section, before.get(section, []))
+        new = _keyed(section, after.get(section, []))
+        for key in old.keys() - new.keys():
+            changes.append(Change("removed", section, key))
+        for key in new.keys() - old.keys():
+            changes.append(Change("added", section, key))
+        for key in old.keys() & new.keys():
+            if old[key] != new[key]:
+                changes.append(
+                    Change("changed", section, key, _describe(section, old[key], new[key]))
+                )
+    order = {"removed": 0, "changed": 1, "added": 2}
+    return sorted(changes, key=lambda c: (ENTRY_SECTIONS.index(c.section), order[c.kind], c.key))
+
+
+def summary(changes: Sequence[Change]) -> str:
+    """One line: how many entries of each section were added, removed or changed."""
+    if not changes:
+        return "no change"
+    counts = Counter((c.section, c.kind) for c in changes)
+    parts = []
+    for section in ENTRY_SECTIONS:
+        kinds = [
+            f"{counts[section, kind]} {kind}"
+            for kind in ("added", "removed", "changed")
+            if counts[section, kind]
+        ]
+        if kinds:
+            parts.append(f"{section}: {', '.join(kinds)}")
+    return "; ".join(parts)
+
+
+def to_toml(data: Mapping[str, Sequence[Mapping[str, Any]]], header: str = "") -> str:
+    """The entries as a registry TOML file that `tabadol registry import` takes back."""
+    lines = [f"# {line}" for line in header.splitlines()]
+    for section in ENTRY_SECTIONS:
+        for entry in data.get(section, []):
+            lines += ["", f"[[{section}]]"]
+            lines += [f"{key} = {_toml_value(value)}" for key, value in entry.items()]
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {type(value).__name__} in a registry entry")

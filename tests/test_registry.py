@@ -1,0 +1,413 @@
+"""The registry on PostgreSQL: import, export, diff and history; the store's contract over
+every implementation; and the pure parts (diff, freshness)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tabadol import config
+from tabadol.errors import ConfigError
+from tabadol.pki import CertificateAuthority
+from tabadol.registry import open_registry
+from tabadol.registry.entries import Change, diff, digest, entries_data, summary
+from tabadol.registry.freshness import RegistryFreshness
+from tabadol.registry.store import Registry, RegistryRefused, RegistryUnavailable
+from tabadol.registry.store.memory import MemoryRegistryStore
+from tests.conftest import DEFAULT_GRANTS
+from tests.support.echo import SERVICE
+from tests.support.exchange import crl_signed_by
+from tests.support.registry import import_registry, registry_config, registry_toml, tabadol
+
+ENDPOINTS = ["127.0.0.1:1"]
+
+
+@pytest.fixture
+def setup(
+    tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path, postgres_url: str
+) -> tuple[Path, Path]:
+    """A registry configuration on a fresh database, and a registry file for it."""
+    cfg = registry_config(tmp_path, pki.dir, echo_contracts, postgres_url)
+    file = tmp_path / "registry.toml"
+    file.write_text(registry_toml(ENDPOINTS))
+    return cfg, file
+
+
+def current_version(cfg: Path) -> int | None:
+    url = config.load(cfg).registry.url
+    assert url is not None
+    store = open_registry(url)
+    try:
+        head = store.head()
+        return head.number if head is not None else None
+    finally:
+        store.close()
+
+
+def test_import_then_export_round_trips(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    cfg, file = setup
+    out = import_registry(cfg, file)
+    assert "committed registry version 1" in out
+    code, exported, _ = tabadol("registry", "export", "--config", str(cfg))
+    assert code == 0
+    assert "# Tabadol registry version 1" in exported
+    back = tmp_path / "exported.toml"
+    back.write_text(exported)
+    expected = entries_data(config.read_registry_file(file))
+    assert entries_data(config.read_registry_file(back)) == expected
+    # Importing what was exported changes nothing: no new version.
+    assert "unchanged: version 1" in import_registry(cfg, back)
+    assert current_version(cfg) == 1
+
+
+def test_a_whole_broker_configuration_can_be_imported(
+    setup: tuple[Path, Path], tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path
+) -> None:
+    from tests.conftest import broker_toml
+
+    cfg, file = setup
+    whole = tmp_path / "old-broker.toml"
+    whole.write_text(
+        broker_toml(
+            pki_dir=pki.dir, contracts=echo_contracts, endpoints=ENDPOINTS, grants=DEFAULT_GRANTS
+        )
+    )
+    import_registry(cfg, whole)
+    assert "unchanged" in import_registry(cfg, file)  # the same entries, from either form
+
+
+def test_diff_shows_added_removed_and_changed_entries(
+    setup: tuple[Path, Path], tmp_path: Path
+) -> None:
+    cfg, file = setup
+    import_registry(cfg, file)
+    edited = tmp_path / "edited.toml"
+    edited.write_text(
+        registry_toml(
+            ["127.0.0.1:1", "127.0.0.1:2"],
+            grants=f'[[grant]]\nconsumer = "post"\nservice = "{SERVICE}"\nmethods = ["Unary"]\n\n'
+            f'[[grant]]\nconsumer = "tax"\nservice = "{SERVICE}"\nmethods = ["Unary"]\n',
+        )
+    )
+    code, out, _ = tabadol("registry", "diff", "--config", str(cfg), str(edited))
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("from version 1 ")
+    assert f"~ [[service]] '{SERVICE}': endpoints +127.0.0.1:2" in lines
+    assert f"~ [[grant]] 'post' '{SERVICE}': methods -* +Unary" in lines
+    assert f"- [[grant]] 'nocr' '{SERVICE}'" in lines
+    assert f"+ [[grant]] 'tax' '{SERVICE}'" in lines
+    assert current_version(cfg) == 1  # diff changes nothing
+    code, out, _ = tabadol("registry", "diff", "--config", str(cfg), str(file))
+    assert out.strip() == "no change from version 1"
+
+
+def test_history_says_who_changed_what_when_and_why(
+    setup: tuple[Path, Path], tmp_path: Path
+) -> None:
+    cfg, file = setup
+    import_registry(cfg, file, reason="first registry", by="alice")
+    revoked = tmp_path / "revoked.toml"
+    revoked.write_text(
+        registry_toml(ENDPOINTS, grants=DEFAULT_GRANTS.split('[[grant]]\nconsumer = "nocr"')[0])
+    )
+    import_registry(cfg, revoked, reason="TICKET-7: nocr's grant ends", by="bob")
+    code, out, _ = tabadol("registry", "history", "--config", str(cfg))
+    assert code == 0
+    newest, oldest = out.splitlines()
+    assert newest.split()[0] == "2" and "bob" in newest and "TICKET-7: nocr's grant ends" in newest
+    assert "[grant: 1 removed]" in newest
+    assert oldest.split()[0] == "1" and "alice" in oldest and "first registry" in oldest
+    assert "agency: 5 added" in oldest
+    assert str(dt.date.today().year) in oldest
+
+
+def test_by_defaults_to_user_at_host(setup: tuple[Path, Path]) -> None:
+    import getpass
+    import socket
+
+    cfg, file = setup
+    code, _, _ = tabadol("registry", "import", "--config", str(cfg), str(file))
+    assert code == 0
+    _, out, _ = tabadol("registry", "history", "--config", str(cfg))
+    assert f"{getpass.getuser()}@{socket.gethostname()}" in out
+    assert "(no reason given)" in out
+
+
+def test_a_bad_import_is_refused_whole_naming_the_entry(
+    setup: tuple[Path, Path], tmp_path: Path
+) -> None:
+    cfg, file = setup
+    import_registry(cfg, file)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        registry_toml(
+            ["127.0.0.1:9"],  # a good change, refused with the bad one
+            grants=f'[[grant]]\nconsumer = "post"\nservice = "{SERVICE}"\nmethods = ["Nope"]\n\n'
+            '[[grant]]\nconsumer = "ghost"\nservice = "x"\nmethods = ["*"]\n',
+        )
+    )
+    code, out, err = tabadol("registry", "import", "--config", str(cfg), str(bad))
+    assert code == 2 and out == ""
+    assert f"{bad}: [[grant]] #1 (consumer 'post'): method 'Nope' is not in service" in err
+    assert (
+        f"{bad}: [[grant]] #2 (consumer 'ghost'): consumer 'ghost' is not a declared [[agency]]"
+        in err
+    )
+    assert current_version(cfg) == 1
+    # The same messages as for entries in a broker configuration file.
+    shaped = tmp_path / "shape.toml"
+    shaped.write_text('[[agency]]\nid = "Bad Id"\nname = "x"\n[[grant]]\nconsumer = "x"\n')
+    code, _, err = tabadol("registry", "import", "--config", str(cfg), str(shaped))
+    assert code == 2
+    assert "[[agency]] #1 (id 'Bad Id') id: Value error" not in err
+    assert f"{shaped}: [[agency]] #1 (id 'Bad Id') id: 'Bad Id' is not an agency id" in err
+    assert f"{shaped}: [[grant]] #1 (consumer 'x') service: Field required" in err
+    assert current_version(cfg) == 1
+
+
+def test_entries_in_a_configuration_with_a_registry_url_are_an_error(
+    tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path
+) -> None:
+    cfg = registry_config(tmp_path, pki.dir, echo_contracts, "postgresql://u@127.0.0.1:1/db")
+    cfg.write_text(cfg.read_text() + "\n" + registry_toml(ENDPOINTS))
+    with pytest.raises(
+        ConfigError,
+        match=r"\[\[agency\]\], \[\[service\]\], \[\[grant\]\] entries are in the file.*live in the registry database; import them with `tabadol registry import",
+    ):
+        config.load(cfg)
+
+
+def test_a_registry_url_must_be_postgresql(
+    tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path
+) -> None:
+    cfg = registry_config(tmp_path, pki.dir, echo_contracts, "mysql://x@h/db")
+    with pytest.raises(ConfigError, match=r"\[registry\] url: expected a postgresql://"):
+        config.load(cfg)
+
+
+def test_an_unreachable_database_is_named_without_its_password(
+    tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path
+) -> None:
+    cfg = registry_config(
+        tmp_path, pki.dir, echo_contracts, "postgresql://reg:s3cr3t-pw@127.0.0.1:1/exchange"
+    )
+    code, _, err = tabadol("registry", "history", "--config", str(cfg))
+    assert code == 2
+    assert "postgresql://reg@127.0.0.1:1/exchange is unreachable" in err
+    assert "s3cr3t-pw" not in err
+
+
+def test_registry_commands_need_a_registry_url(
+    tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path
+) -> None:
+    from tests.conftest import broker_toml
+
+    cfg = tmp_path / "broker.toml"
+    cfg.write_text(
+        broker_toml(pki_dir=pki.dir, contracts=echo_contracts, endpoints=ENDPOINTS, grants="")
+    )
+    code, _, err = tabadol("registry", "export", "--config", str(cfg))
+    assert code == 2 and "[registry] url is not set" in err
+
+
+# -- publishing the CRL ---------------------------------------------------------------
+
+
+def test_publish_crl_stores_a_newer_crl_of_the_ca_only(
+    setup: tuple[Path, Path], tmp_path: Path
+) -> None:
+    cfg, _ = setup
+    ca = CertificateAuthority.init(tmp_path / "own-pki", "tabadol.example")
+    cfg.write_text(cfg.read_text().replace(str(config.load(cfg).broker.pki_dir), str(ca.dir)))
+    ca.issue_broker()
+    ca.write_crl()
+    code, out, err = tabadol("registry", "publish-crl", "--config", str(cfg))
+    assert code == 0, err
+    assert "published CRL number" in out
+    # The same CRL again, or an older one, is refused: a CRL only moves forward.
+    code, _, err = tabadol("registry", "publish-crl", "--config", str(cfg))
+    assert code == 2 and "a CRL only moves forward" in err
+    # A CRL some other CA signed is refused.
+    other = CertificateAuthority.init(tmp_path / "other-pki", "tabadol.example")
+    forged = tmp_path / "forged.pem"
+    forged.write_bytes(
+        crl_signed_by(other, number=99, next_update=dt.datetime.now(dt.UTC) + dt.timedelta(days=1))
+    )
+    code, _, err = tabadol("registry", "publish-crl", "--config", str(cfg), str(forged))
+    assert code == 2 and "not signed by the platform CA" in err
+    newer = tmp_path / "newer.pem"
+    newer.write_bytes(
+        crl_signed_by(ca, number=50, next_update=dt.datetime.now(dt.UTC) + dt.timedelta(days=1))
+    )
+    code, out, err = tabadol("registry", "publish-crl", "--config", str(cfg), str(newer))
+    assert code == 0 and "number 50" in out, err
+
+
+# -- the store's contract, over every implementation ---------------------------------------
+
+
+@pytest.fixture(params=["memory", "postgres"])
+def store(request: pytest.FixtureRequest) -> Iterator[Registry]:
+    if request.param == "memory":
+        yield MemoryRegistryStore()
+        return
+    opened = open_registry(request.getfixturevalue("postgres_url"))
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+ONE = {"agency": [{"id": "post", "name": "Post"}], "service": [], "grant": [], "limit": []}
+TWO = {
+    "agency": [{"id": "post", "name": "Post"}, {"id": "tax", "name": "Tax"}],
+    "service": [],
+    "grant": [],
+    "limit": [],
+}
+
+
+def test_store_starts_empty_and_numbers_versions_one_after_another(store: Registry) -> None:
+    assert store.head() is None and store.current() is None and store.history() == []
+    first = store.commit(ONE, "alice", "first", digest(ONE))
+    second = store.commit(TWO, "bob", "second", digest(TWO))
+    assert (first.number, second.number) == (1, 2)
+    head = store.head()
+    assert head is not None and (head.number, head.digest) == (2, digest(TWO))
+    current = store.current()
+    assert current is not None and current.entries == TWO and current.created_by == "bob"
+    v1 = store.version(1)
+    assert v1 is not None and v1.entries == ONE and v1.reason == "first"
+    assert store.version(3) is None
+    assert [v.number for v in store.history()] == [1, 2]
+    assert first.created_at <= second.created_at
+
+
+async def test_store_announces_each_commit(store: Registry) -> None:
+    heard: list[tuple[str, int]] = []
+    ready = asyncio.Event()
+
+    async def listen() -> None:
+        stream = store.announcements()
+        first = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0)  # the listener registers before the commit
+        ready.set()
+        a = await first
+        heard.append((a.kind, a.number))
+
+    task = asyncio.create_task(listen())
+    await ready.wait()
+    # LISTEN takes a moment on a server: commit until the listener hears one (bounded).
+    for _ in range(100):
+        await asyncio.to_thread(store.commit, ONE, "a", "r", digest(ONE))
+        done, _ = await asyncio.wait({task}, timeout=0.1)
+        if done:
+            break
+    assert heard and heard[0][0] == "registry" and heard[0][1] >= 1
+
+
+def test_store_crl_only_moves_forward(store: Registry) -> None:
+    assert store.crl() is None
+    store.publish_crl(b"der-1", 5, "alice")
+    with pytest.raises(RegistryRefused, match="not newer"):
+        store.publish_crl(b"der-0", 5, "mallory")
+    with pytest.raises(RegistryRefused, match="not newer"):
+        store.publish_crl(b"der-0", 4, "mallory")
+    store.publish_crl(b"der-2", 6, "bob")
+    held = store.crl()
+    assert held is not None and (held.number, held.der, held.published_by) == (6, b"der-2", "bob")
+
+
+def test_postgres_versions_are_never_updated_or_deleted(postgres_url: str) -> None:
+    store = open_registry(postgres_url)
+    try:
+        store.commit(ONE, "alice", "first", digest(ONE))
+    finally:
+        store.close()
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        for statement in (
+            "UPDATE registry_versions SET created_by = 'mallory'",
+            "DELETE FROM registry_versions",
+            "TRUNCATE registry_versions",
+        ):
+            with pytest.raises(psycopg.errors.RaiseException, match="never changed"):
+                conn.execute(statement)
+        row = conn.execute("SELECT created_by FROM registry_versions").fetchone()
+        assert row == ("alice",)
+
+
+def test_postgres_commits_from_many_writers_get_serial_versions(postgres_url: str) -> None:
+    import concurrent.futures
+
+    stores = [open_registry(postgres_url) for _ in range(4)]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            numbers = list(
+                pool.map(
+                    lambda s: [s.commit(ONE, "w", "r", digest(ONE)).number for _ in range(5)],
+                    stores,
+                )
+            )
+        assert sorted(n for ns in numbers for n in ns) == list(range(1, 21))
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_an_unreachable_postgres_store_raises_registry_unavailable() -> None:
+    store = open_registry("postgresql://reg:pw@127.0.0.1:1/db")
+    with pytest.raises(
+        RegistryUnavailable, match=r"postgresql://reg@127.0.0.1:1/db is unreachable"
+    ):
+        store.head()
+
+
+# -- pure parts -------------------------------------------------------------------------
+
+
+def test_diff_keys_entries_by_their_identity() -> None:
+    before = {
+        "grant": [{"consumer": "post", "service": "s", "methods": ["*"]}],
+        "limit": [{"consumer": "post", "rate": 1.0}],
+    }
+    after = {
+        "grant": [{"consumer": "post", "service": "s", "methods": ["A"]}],
+        "limit": [{"consumer": "post", "rate": 2.0}],
+    }
+    changes = diff(before, after)
+    assert changes == [
+        Change("changed", "grant", "'post' 's'", ("methods -* +A",)),
+        Change("changed", "limit", "'post' (all services)", ("rate 1.0 -> 2.0",)),
+    ]
+    assert summary(changes) == "grant: 1 changed; limit: 1 changed"
+    assert summary([]) == "no change"
+    assert digest(before) != digest(after) and digest(before) == digest(
+        dict(reversed(before.items()))
+    )
+
+
+def test_freshness_refuses_only_past_max_age_under_refuse() -> None:
+    fresh = RegistryFreshness(10.0, "refuse", confirmed_at=1000.0)
+    assert fresh.refusal(1010.0) is None and fresh.age(1005.0) == 5.0
+    why = fresh.refusal(1011.0)
+    assert why is not None and "registry is stale" in why and "1970-01-01 00:16:40 UTC" in why
+    fresh.confirm(1011.0)
+    assert fresh.refusal(1011.5) is None
+    serving = RegistryFreshness(10.0, "serve", confirmed_at=1000.0)
+    assert serving.stale(2000.0) and serving.refusal(2000.0) is None
+
+
+def test_exported_toml_is_valid_toml_for_awkward_values() -> None:
+    from tabadol.registry.entries import to_toml
+
+    data = {
+        "agency": [{"id": "a", "name": 'Quote " and \\ and é\nnewline', "visits_per_exchange": 0.5}]
+    }
+    assert tomllib.loads(to_toml(data, "header\nline")) == {"agency": data["agency"]}

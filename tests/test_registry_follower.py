@@ -1,0 +1,297 @@
+"""Broker nodes following the registry database: changes applied within seconds without
+SIGHUP, a version a node cannot apply refused, and the database going away and coming back."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tabadol import config
+from tabadol.broker import Broker
+from tabadol.broker.registry_follower import kept_registry_path
+from tabadol.broker.server import reload_from_file
+from tabadol.client import connect
+from tabadol.errors import ConfigError
+from tabadol.pki import CertificateAuthority
+from tabadol.registry import open_registry
+from tabadol.registry.entries import digest
+from tests.conftest import DEFAULT_GRANTS, RunningProvider
+from tests.support.echo import SERVICE, UNARY
+from tests.support.exchange import eventually
+from tests.support.postgres import PostgresCluster, create_database
+from tests.support.registry import import_registry, registry_config, registry_toml
+
+ONLY_POST = f'[[grant]]\nconsumer = "post"\nservice = "{SERVICE}"\nmethods = ["*"]\n'
+
+
+async def call(
+    broker: Broker, pki: CertificateAuthority, agency: str, body: bytes = b"hi", **kw: object
+) -> grpc.StatusCode:
+    async with connect(f"127.0.0.1:{broker.port}", pki.dir / "agencies" / agency) as channel:
+        try:
+            await channel.unary_unary(UNARY)(body, timeout=10, **kw)  # type: ignore[arg-type]
+        except grpc.aio.AioRpcError as e:
+            return e.code()
+    return grpc.StatusCode.OK
+
+
+def gauge(broker: Broker, name: str) -> float:
+    value = broker.metrics.registry.get_sample_value(name)
+    assert value is not None
+    return value
+
+
+class Node:
+    def __init__(
+        self,
+        directory: Path,
+        pki: CertificateAuthority,
+        contracts: Path,
+        url: str,
+        provider: str,
+        registry: str = "",
+    ) -> None:
+        self.config = registry_config(directory, pki.dir, contracts, url, registry)
+        self.file = directory / "registry.toml"
+        self.provider = provider
+        self.directory = directory
+
+    def publish(self, grants: str, reason: str = "test") -> None:
+        self.file.write_text(registry_toml([self.provider], grants))
+        import_registry(self.config, self.file, reason=reason)
+
+    async def start(self) -> Broker:
+        broker = Broker(config.load(self.config))
+        await broker.start()
+        return broker
+
+
+@pytest.fixture
+async def node(
+    tmp_path: Path,
+    pki: CertificateAuthority,
+    echo_contracts: Path,
+    echo_provider: RunningProvider,
+    postgres_url: str,
+) -> AsyncIterator[tuple[Node, Broker]]:
+    n = Node(tmp_path, pki, echo_contracts, postgres_url, echo_provider.address)
+    n.publish(DEFAULT_GRANTS, "first")
+    broker = await n.start()
+    try:
+        yield n, broker
+    finally:
+        await broker.stop(0)
+
+
+async def test_a_committed_grant_revocation_applies_within_two_seconds_without_sighup(
+    node: tuple[Node, Broker], pki: CertificateAuthority, echo_provider: RunningProvider
+) -> None:
+    n, broker = node
+    assert broker.config.registry_version == 1
+    assert await call(broker, pki, "nocr") == grpc.StatusCode.OK
+    async with connect(f"127.0.0.1:{broker.port}", pki.dir / "agencies" / "nocr") as channel:
+        echo_provider.echo.call_started.clear()
+        in_flight = asyncio.ensure_future(
+            channel.unary_unary(UNARY)(
+                b"started before", metadata=(("x-test-sleep", "1.5"),), timeout=30
+            )
+        )
+        await echo_provider.echo.call_started.wait()  # admitted on version 1
+        n.publish(ONLY_POST, "nocr's grant ends")
+        committed = time.monotonic()
+        assert await eventually(lambda: broker.config.registry_version == 2, seconds=2.0)
+        applied_in = time.monotonic() - committed
+        assert await call(broker, pki, "nocr") == grpc.StatusCode.PERMISSION_DENIED
+        assert await in_flight == b"started before"  # finished on the version it started with
+    assert applied_in <= 2.0
+    assert await call(broker, pki, "post") == grpc.StatusCode.OK
+    assert gauge(broker, "tabadol_registry_version") == 2
+    assert kept_registry_path(broker.config).stat().st_mode & 0o777 == 0o600
+
+
+async def test_a_version_this_node_cannot_apply_is_refused_and_the_old_one_keeps_serving(
+    node: tuple[Node, Broker], pki: CertificateAuthority, caplog: pytest.LogCaptureFixture
+) -> None:
+    n, broker = node
+    # Committed past `registry import`'s checks (say, by a node with other contracts).
+    bad = {
+        "agency": [{"id": "post", "name": "Post"}],
+        "service": [],
+        "grant": [{"consumer": "post", "service": "missing", "methods": ["*"]}],
+        "limit": [],
+    }
+    url = broker.config.registry.url
+    assert url is not None
+    store = open_registry(url)
+    try:
+        with caplog.at_level(logging.ERROR, "tabadol.broker.registry"):
+            store.commit(bad, "someone", "bad", digest(bad))
+            assert await eventually(
+                lambda: (
+                    "registry version 2 of" in caplog.text and "refused by this node" in caplog.text
+                )
+            )
+        assert (
+            "[[grant]] #1 (consumer 'post'): service 'missing' is not a declared [[service]]"
+            in caplog.text
+        )
+        assert broker.config.registry_version == 1
+        assert await call(broker, pki, "nocr") == grpc.StatusCode.OK
+        # The next good version is applied.
+        n.publish(ONLY_POST, "fixed")
+        assert await eventually(lambda: broker.config.registry_version == 3, seconds=2.0)
+    finally:
+        store.close()
+
+
+async def test_sighup_rereads_the_file_and_keeps_the_registry_version(
+    node: tuple[Node, Broker], pki: CertificateAuthority
+) -> None:
+    n, broker = node
+    assert reload_from_file(broker, n.config)
+    assert broker.config.registry_version == 1 and len(broker.config.grants) == 2
+    assert await call(broker, pki, "nocr") == grpc.StatusCode.OK
+
+
+async def test_a_node_refuses_to_start_with_an_empty_registry(
+    tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path, postgres_url: str
+) -> None:
+    cfg = registry_config(tmp_path, pki.dir, echo_contracts, postgres_url)
+    with pytest.raises(ConfigError, match="holds no registry version yet: import one"):
+        Broker(config.load(cfg))
+
+
+async def test_the_database_going_away_is_survived_then_refused_past_max_age_then_caught_up(
+    tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path, echo_provider: RunningProvider
+) -> None:
+    cluster = PostgresCluster()  # a server of this test's own, to stop and start
+    try:
+        cluster.start()
+        url = create_database(cluster.url())
+        n = Node(
+            tmp_path,
+            pki,
+            echo_contracts,
+            url,
+            echo_provider.address,
+            'max_age_seconds = 3\nstale = "refuse"',
+        )
+        n.publish(DEFAULT_GRANTS)
+        broker = await n.start()
+        try:
+            await cluster_stop(cluster)
+            # Within max_age the last good version serves, and its age grows.
+            assert await call(broker, pki, "nocr") == grpc.StatusCode.OK
+            assert await eventually(lambda: gauge(broker, "tabadol_registry_age_seconds") >= 1.0)
+            # Past it: new calls are refused, saying why and since when; health says so.
+            assert await eventually(lambda: stale_refusal(broker, pki), seconds=10)
+            assert await eventually(
+                lambda: is_health(broker, pki, health_pb2.HealthCheckResponse.NOT_SERVING)
+            )
+            # A restart while the database is down starts from the version the node kept.
+            await broker.stop(0)
+            broker = await n.start()
+            assert broker.config.registry_version == 1
+            await cluster_start(cluster)
+            assert await eventually(
+                lambda: gauge(broker, "tabadol_registry_age_seconds") < 1.0, seconds=10
+            )
+            assert await call(broker, pki, "nocr") == grpc.StatusCode.OK
+            assert await eventually(
+                lambda: is_health(broker, pki, health_pb2.HealthCheckResponse.SERVING)
+            )
+            n.publish(ONLY_POST)  # LISTEN is back: a change applies within seconds again
+            assert await eventually(lambda: broker.config.registry_version == 2, seconds=2.0)
+        finally:
+            await broker.stop(0)
+        # With neither the database nor a kept version, a node does not start.
+        await cluster_stop(cluster)
+        kept_registry_path(broker.config).unlink()
+        with pytest.raises(ConfigError, match=r"is unreachable.*no registry version of its own"):
+            Broker(config.load(n.config))
+    finally:
+        cluster.remove()
+
+
+async def cluster_stop(cluster: PostgresCluster) -> None:
+    await asyncio.to_thread(cluster.stop)
+
+
+async def cluster_start(cluster: PostgresCluster) -> None:
+    await asyncio.to_thread(cluster.start)
+
+
+async def stale_refusal(broker: Broker, pki: CertificateAuthority) -> bool:
+    async with connect(f"127.0.0.1:{broker.port}", pki.dir / "agencies" / "nocr") as channel:
+        try:
+            await channel.unary_unary(UNARY)(b"x", timeout=10)
+        except grpc.aio.AioRpcError as e:
+            details = e.details() or ""
+            return (
+                e.code() == grpc.StatusCode.UNAVAILABLE
+                and "registry is stale" in details
+                and "has not been reachable since" in details
+            )
+    return False
+
+
+async def health(broker: Broker, pki: CertificateAuthority) -> int:
+    async with connect(f"127.0.0.1:{broker.port}", pki.dir / "agencies" / "post") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        answer = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        return int(answer.status)
+
+
+async def is_health(broker: Broker, pki: CertificateAuthority, status: int) -> bool:
+    return await health(broker, pki) == status
+
+
+async def test_a_crl_published_in_the_database_is_taken_by_the_node(
+    tmp_path: Path, echo_contracts: Path, postgres_url: str
+) -> None:
+    import shutil
+
+    from tests.conftest import TRUST_DOMAIN
+    from tests.support.echo import own_pki, start_echo
+    from tests.support.registry import tabadol
+
+    ca = own_pki(tmp_path, TRUST_DOMAIN, "echo", "post", "nocr")
+    ca.write_crl()
+    node_pki = tmp_path / "node-pki"  # the node's copy: the CA publishes through the database
+    node_pki.mkdir()
+    for name in ("ca.crt", "broker.crt", "broker.key", "crl.pem"):
+        shutil.copy(ca.dir / name, node_pki / name)
+    provider, _ = await start_echo(ca.dir / "agencies" / "echo")
+    n = Node(tmp_path, ca, echo_contracts, postgres_url, provider.address)
+    n.config.write_text(n.config.read_text().replace(str(ca.dir), str(node_pki)))
+    n.publish(DEFAULT_GRANTS)
+    broker = await n.start()
+    try:
+        assert await call(broker, ca, "nocr") == grpc.StatusCode.OK
+        ca.revoke_agency("nocr")
+        code, _, err = tabadol(
+            "registry", "publish-crl", "--config", str(n.config), str(ca.dir / "crl.pem")
+        )
+        assert code == 0, err
+        assert await eventually(
+            lambda: call_code_is(broker, ca, "nocr", grpc.StatusCode.UNAUTHENTICATED), seconds=5
+        )
+        assert await call(broker, ca, "post") == grpc.StatusCode.OK
+        assert (node_pki / "crl.pem").read_bytes() == (ca.dir / "crl.pem").read_bytes()
+    finally:
+        await broker.stop(0)
+        await provider.stop(0)
+
+
+async def call_code_is(
+    broker: Broker, pki: CertificateAuthority, agency: str, code: grpc.StatusCode
+) -> bool:
+    return await call(broker, pki, agency) == code
