@@ -16,9 +16,10 @@ from tabadol import config
 from tabadol.broker import Broker
 from tabadol.cli import main
 from tabadol.client import connect
+from tabadol.database import describe
 from tabadol.ledger import LedgerWriter
 from tabadol.ledger.seal import Sealer
-from tabadol.ledger.store.postgres import PostgresLedgerStore, describe
+from tabadol.ledger.store.postgres import PostgresLedgerStore
 from tabadol.pki import CertificateAuthority
 from tests.conftest import DEFAULT_GRANTS, RunningProvider, broker_toml
 from tests.support.echo import UNARY

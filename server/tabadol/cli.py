@@ -191,7 +191,7 @@ def _open_ledger(config: Path, *, readonly: bool = True) -> tuple[Any, Any]:
 
 
 def _ledger_label(cfg: Any) -> str:
-    from tabadol.ledger.store.postgres import describe
+    from tabadol.database import describe
 
     return describe(cfg.ledger.url) if cfg.ledger.url is not None else str(cfg.ledger.path)
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import psycopg
 import psycopg_pool
-from psycopg.conninfo import conninfo_to_dict
 
+from tabadol.database import Database
 from tabadol.ledger.record import (
     FIELD_NAMES,
     FIELD_TYPES,
@@ -83,17 +83,6 @@ _SEAL_COLUMNS = "seq, count, head_digest, sealed_ns, signer, signature, chain"
 _SESSION_COLUMNS = ", ".join(f.name for f in dataclasses.fields(Session))
 
 
-def describe(url: str) -> str:
-    """The database a URL names, for messages: never its password."""
-    try:
-        parts = conninfo_to_dict(url)
-    except psycopg.ProgrammingError:
-        return "postgresql://(an invalid URL)"
-    host, port = parts.get("host") or "localhost", parts.get("port") or "5432"
-    user = f"{parts['user']}@" if parts.get("user") else ""
-    return f"postgresql://{user}{host}:{port}/{parts.get('dbname') or ''}"
-
-
 def _stored(row: Sequence[Any]) -> StoredRecord:
     _chain, seq, *values, prev_digest, digest = row
     return StoredRecord(seq, LedgerRecord(*values), prev_digest, digest)
@@ -103,7 +92,8 @@ class PostgresLedgerStore:
     """A LedgerStore in a PostgreSQL database, over a small connection pool."""
 
     def __init__(self, url: str, *, readonly: bool = False, connect_timeout_s: float = 5.0) -> None:
-        self.where = describe(url)
+        self._database = Database(url)
+        self.where = self._database.where
         options = "-c default_transaction_read_only=on" if readonly else ""
         self._pool = psycopg_pool.ConnectionPool(
             url,
@@ -134,7 +124,9 @@ class PostgresLedgerStore:
                     raise LedgerMissing(f"{self.where}: no ledger here (no broker wrote it yet)")
         except (psycopg.Error, psycopg_pool.PoolTimeout) as e:
             self._pool.close()
-            raise LedgerWriteError(f"{self.where}: cannot open the ledger: {_why(e)}") from e
+            raise LedgerWriteError(
+                f"{self.where}: cannot open the ledger: {self._database.why(e)}"
+            ) from e
 
     def close(self) -> None:
         self._pool.close()
@@ -144,14 +136,14 @@ class PostgresLedgerStore:
             with self._pool.connection() as conn:
                 return conn.execute(sql, params).fetchall()
         except (psycopg.Error, psycopg_pool.PoolTimeout) as e:
-            raise LedgerWriteError(f"{self.where}: {_why(e)}") from e
+            raise LedgerWriteError(f"{self.where}: {self._database.why(e)}") from e
 
     def _write(self, sql: str, params: Sequence[Any]) -> None:
         try:
             with self._pool.connection() as conn:
                 conn.execute(sql, params)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as e:
-            raise LedgerWriteError(f"{self.where}: {_why(e)}") from e
+            raise LedgerWriteError(f"{self.where}: {self._database.why(e)}") from e
 
     def chain_for(self, instance: str) -> str:
         """A chain per node, so nodes never wait on one lock."""
@@ -210,7 +202,7 @@ class PostgresLedgerStore:
                     (count, head, seal.seq, chain),
                 )
         except (psycopg.Error, psycopg_pool.PoolTimeout) as e:
-            raise LedgerWriteError(f"{self.where}: {_why(e)}") from e
+            raise LedgerWriteError(f"{self.where}: {self._database.why(e)}") from e
         with self._signers_lock:
             self._known_signers.add(seal.signer)
         return seal
@@ -376,8 +368,3 @@ class PostgresLedgerStore:
             (start_ns, window_ns, UNAVAILABLE, start_ns, end_ns),
         )
         return {provider: (int(windows), int(answered)) for provider, windows, answered in rows}
-
-
-def _why(e: Exception) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0] if isinstance(e, psycopg.OperationalError) else text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tabadol.database import describe, is_database_url
 from tabadol.ops.store.base import SpanStore, StoreFull, StoreLimits, StoreUnavailable
 from tabadol.ops.store.memory import MemorySpanStore
 from tabadol.ops.store.sqlite import SqliteSpanStore
@@ -11,14 +12,10 @@ from tabadol.ops.store.sqlite import SqliteSpanStore
 MEMORY = "memory:"
 
 
-def is_postgres_url(where: str | Path) -> bool:
-    return isinstance(where, str) and where.startswith(("postgresql://", "postgres://"))
-
-
 def open_span_store(where: str | Path, limits: StoreLimits | None = None) -> SpanStore:
     """The span store ``where`` names: a ``postgresql://`` (or ``postgres://``) URL, or
     ``memory:``, or else the path of a SQLite file."""
-    if is_postgres_url(where):
+    if is_database_url(where):
         from tabadol.ops.store.postgres import PostgresSpanStore  # psycopg only when asked
 
         return PostgresSpanStore(str(where), limits)
@@ -29,11 +26,7 @@ def open_span_store(where: str | Path, limits: StoreLimits | None = None) -> Spa
 
 def shown(where: str | Path) -> str:
     """``where`` as it may be logged: a URL without its password."""
-    if is_postgres_url(where):
-        from tabadol.ops.store.postgres import safe_url
-
-        return safe_url(str(where))
-    return str(where)
+    return describe(where) if isinstance(where, str) and is_database_url(where) else str(where)
 
 
 __all__ = [

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
+from tabadol.database import Database
 from tabadol.errors import TabadolError
 from tabadol.ops.ingest import is_broker_sender, sender_of
 from tabadol.ops.model import STATUS_ERROR, Edge, SpanRecord, TraceQuery, TraceSummary
@@ -120,40 +120,6 @@ INSERT INTO receipt_clock VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
 Connection = psycopg.Connection[tuple[Any, ...]]
 
 
-def _secrets(url: str) -> list[str]:
-    """The password in ``url``, as written and decoded: never to be shown."""
-    netloc = urllib.parse.urlsplit(url).netloc
-    userinfo = netloc.rpartition("@")[0]
-    raw = userinfo.partition(":")[2] if ":" in userinfo else ""
-    found = {raw, urllib.parse.unquote(raw)}
-    with contextlib.suppress(psycopg.Error):
-        found.add(str(conninfo_to_dict(url).get("password") or ""))
-    query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
-    found.update(query.get("password", []))
-    return sorted((s for s in found if s), key=len, reverse=True)
-
-
-def safe_url(url: str) -> str:
-    """``url`` as it may be shown in a message or a log: user, host, port and database,
-    never a password."""
-    try:
-        info = conninfo_to_dict(url)
-    except psycopg.Error:
-        parts = urllib.parse.urlsplit(url)
-        user, _, hostport = parts.netloc.rpartition("@")
-        user = user.partition(":")[0]
-        return f"{parts.scheme}://{user + '@' if user else ''}{hostport}{parts.path}"
-    user = f"{info['user']}@" if info.get("user") else ""
-    port = f":{info['port']}" if info.get("port") else ""
-    return f"postgresql://{user}{info.get('host', '')}{port}/{info.get('dbname', '')}"
-
-
-def _scrubbed(text: str, secrets: Iterable[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
-
-
 class PostgresSpanStore:
     """A SpanStore in a PostgreSQL database; safe to use from several threads, and from
     several processes on one database."""
@@ -168,16 +134,16 @@ class PostgresSpanStore:
         timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
         max_connections: int = 8,
     ) -> None:
-        self.where = safe_url(url)
+        self._database = Database(url)
+        self.where = self._database.where
         self.limits = limits or StoreLimits()
         self.batch_spans = batch_spans
         self._clock = clock
         self._timeout = timeout_seconds
-        self._secrets = _secrets(url)
         try:
             conninfo_to_dict(url)
         except psycopg.Error as e:
-            reason = _scrubbed(str(e), self._secrets)
+            reason = self._database.scrub(str(e))
             raise TabadolError(f"{self.where}: not a PostgreSQL URL: {reason}") from e
         self._pool: ConnectionPool[Connection] = ConnectionPool(
             url,
@@ -219,7 +185,7 @@ class PostgresSpanStore:
         else:
             lines = str(error).strip().splitlines()
             reason = lines[0] if lines else type(error).__name__
-        return StoreUnavailable(f"span store {self.where}: {_scrubbed(reason, self._secrets)}")
+        return StoreUnavailable(f"span store {self.where}: {self._database.scrub(reason)}")
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[Connection]:

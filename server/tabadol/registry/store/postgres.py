@@ -15,10 +15,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 
+from tabadol.database import Database
 from tabadol.registry.entries import Entries
 from tabadol.registry.store.base import (
     Announcement,
@@ -68,32 +68,11 @@ CREATE OR REPLACE TRIGGER registry_crls_immutable
 """
 
 
-def describe_url(url: str) -> str:
-    """``postgresql://USER@HOST:PORT/DB`` for messages: never the password."""
-    try:
-        parts = conninfo_to_dict(url)
-    except psycopg.ProgrammingError:
-        return "postgresql://(an invalid URL)"
-    user = f"{parts['user']}@" if parts.get("user") else ""
-    host = parts.get("host") or "localhost"
-    port = parts.get("port") or "5432"
-    return f"postgresql://{user}{host}:{port}/{parts.get('dbname') or ''}"
-
-
-def _why(error: Exception, url: str) -> str:
-    """The driver's reason, first line, with the password cut out should it ever appear."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    try:
-        password = conninfo_to_dict(url).get("password")
-    except psycopg.ProgrammingError:
-        password = None
-    return text.replace(str(password), "***") if password else text
-
-
 class PostgresRegistryStore:
     def __init__(self, url: str) -> None:
         self.url = url
-        self.where = describe_url(url)
+        self._database = Database(url)
+        self.where = self._database.where
         self._conn: psycopg.Connection[TupleRow] | None = None
         self._lock = threading.Lock()  # one statement at a time on the one connection
         self._ready = False  # the tables are there (made on first use: a node may start
@@ -117,7 +96,7 @@ class PostgresRegistryStore:
                 if self._conn is not None and (self._conn.closed or self._conn.broken):
                     self._conn = None
                 raise RegistryUnavailable(
-                    f"registry database {self.where} is unreachable: {_why(e, self.url)}"
+                    f"registry database {self.where} is unreachable: {self._database.why(e)}"
                 ) from None
 
     def head(self) -> RegistryHead | None:
@@ -187,7 +166,7 @@ class PostgresRegistryStore:
             conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, **_TIMEOUTS)
         except psycopg.OperationalError as e:
             raise RegistryUnavailable(
-                f"registry database {self.where} is unreachable: {_why(e, self.url)}"
+                f"registry database {self.where} is unreachable: {self._database.why(e)}"
             ) from None
         try:
             await conn.execute(f"LISTEN {REGISTRY_CHANNEL}")
@@ -200,7 +179,7 @@ class PostgresRegistryStore:
                     yield Announcement("crl", number)
         except psycopg.OperationalError as e:
             raise RegistryUnavailable(
-                f"registry database {self.where}: lost the LISTEN connection: {_why(e, self.url)}"
+                f"registry database {self.where}: lost the LISTEN connection: {self._database.why(e)}"
             ) from None
         finally:
             await conn.close()

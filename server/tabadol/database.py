@@ -1,0 +1,65 @@
+"""PostgreSQL URLs as the stores show them: who, where and which database, never a password."""
+
+from __future__ import annotations
+
+import contextlib
+import urllib.parse
+from dataclasses import dataclass
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_database_url(where: object) -> bool:
+    return isinstance(where, str) and where.startswith(SCHEMES)
+
+
+def describe(url: str) -> str:
+    """``postgresql://USER@HOST:PORT/DB`` for messages and logs: never the password."""
+    try:
+        parts = conninfo_to_dict(url)
+    except psycopg.Error:
+        split = urllib.parse.urlsplit(url)
+        user, _, hostport = split.netloc.rpartition("@")
+        user = user.partition(":")[0]
+        return f"postgresql://{user + '@' if user else ''}{hostport}{split.path}"
+    user = f"{parts['user']}@" if parts.get("user") else ""
+    host = parts.get("host") or "localhost"
+    port = parts.get("port") or "5432"
+    return f"postgresql://{user}{host}:{port}/{parts.get('dbname') or ''}"
+
+
+def _secrets(url: str) -> list[str]:
+    """The password in ``url``, as written and decoded: psycopg may quote either."""
+    split = urllib.parse.urlsplit(url)
+    userinfo = split.netloc.rpartition("@")[0]
+    raw = userinfo.partition(":")[2] if ":" in userinfo else ""
+    found = {raw, urllib.parse.unquote(raw)}
+    with contextlib.suppress(psycopg.Error):
+        found.add(str(conninfo_to_dict(url).get("password") or ""))
+    found.update(urllib.parse.parse_qs(split.query).get("password", []))
+    return sorted((s for s in found if s), key=len, reverse=True)
+
+
+@dataclass(frozen=True)
+class Database:
+    """A database URL and what may be said of it."""
+
+    url: str
+
+    @property
+    def where(self) -> str:
+        return describe(self.url)
+
+    def scrub(self, text: str) -> str:
+        """``text`` with the URL's password cut out, should the driver ever quote it."""
+        for secret in _secrets(self.url):
+            text = text.replace(secret, "***")
+        return text
+
+    def why(self, error: BaseException) -> str:
+        """The driver's reason, its first line, without the password."""
+        text = str(error).strip()
+        return self.scrub(text.splitlines()[0] if text else type(error).__name__)
