@@ -91,7 +91,7 @@ async def node(
         await broker.stop(0)
 
 
-async def test_a_committed_grant_revocation_applies_within_two_seconds_without_sighup(
+async def test_a_committed_grant_revocation_applies_without_sighup(
     node: tuple[Node, Broker], pki: CertificateAuthority, echo_provider: RunningProvider
 ) -> None:
     n, broker = node
