@@ -708,8 +708,8 @@ def build_parser() -> argparse.ArgumentParser:
         "dashboard shows. Both ports serve with ops.crt (`tabadol pki issue --ops`). "
         "Operators, auditors and agencies log in with a client certificate of the platform "
         "PKI; operators see everything, auditors the ledger views, an agency only its own "
-        "traces, ledger rows and assessment. Spans are kept in SQLite, removed by age and by "
-        "size.",
+        "traces, ledger rows and assessment. Spans are kept in SQLite, or with --db "
+        "postgresql://... in PostgreSQL shared by several consoles, removed by age and by size.",
     )
     ops.add_argument(
         "--config",
