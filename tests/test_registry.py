@@ -408,6 +408,12 @@ def test_exported_toml_is_valid_toml_for_awkward_values() -> None:
     from tabadol.registry.entries import to_toml
 
     data = {
-        "agency": [{"id": "a", "name": 'Quote " and \\ and é\nnewline', "visits_per_exchange": 0.5}]
+        "agency": [
+            {
+                "id": "a",
+                "name": 'Quote " and \\ and é\nnewline, DEL \x7f and \x1f',
+                "visits_per_exchange": 0.5,
+            }
+        ]
     }
     assert tomllib.loads(to_toml(data, "header\nline")) == {"agency": data["agency"]}

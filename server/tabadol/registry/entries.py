@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import tomli_w
 
 from tabadol.config import ENTRY_SECTIONS, RegistryFile
 
@@ -128,27 +129,6 @@ def summary(changes: Sequence[Change]) -> str:
 
 def to_toml(data: Mapping[str, Sequence[Mapping[str, Any]]], header: str = "") -> str:
     """The entries as a registry TOML file that `tabadol registry import` takes back."""
-    lines = [f"# {line}" for line in header.splitlines()]
-    for section in ENTRY_SECTIONS:
-        for entry in data.get(section, []):
-            lines += ["", f"[[{section}]]"]
-            lines += [f"{key} = {_toml_value(value)}" for key, value in entry.items()]
-    return "\n".join(lines).lstrip("\n") + "\n"
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # a valid TOML basic string
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"no TOML form for {type(value).__name__} in a registry entry")
+    comments = "".join(f"# {line}\n" for line in header.splitlines())
+    tables = {section: list(data[section]) for section in ENTRY_SECTIONS if data.get(section)}
+    return comments + ("\n" if comments and tables else "") + tomli_w.dumps(tables)
