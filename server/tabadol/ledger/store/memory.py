@@ -10,7 +10,12 @@ from typing import Any
 
 from tabadol.ledger.record import GENESIS, LedgerRecord, Seal, StoredRecord, chain_digest
 from tabadol.ledger.sessions import Session
-from tabadol.ledger.store.base import CallGroup, LedgerWriteError
+from tabadol.ledger.store.base import (
+    CallGroup,
+    LedgerWriteError,
+    nearest_rank,
+    percentile_table,
+)
 
 UNAVAILABLE = 14
 
@@ -158,13 +163,13 @@ class MemoryLedgerStore:
         for r in _in_range(self._all(), start_ns, end_ns):
             if r.consumer_verified and (allowed is None or r.consumer in allowed):
                 per_service[r.service].append(r.duration_ns)
-        result = {}
+        rows = []
         for service in sorted(per_service):
             durations = sorted(per_service[service])
             n = len(durations)
-            ranks = {p: (n * p + 99) // 100 for p in percents}
-            result[service] = (n, {p: durations[rank - 1] for p, rank in ranks.items() if rank})
-        return result
+            ranks = {nearest_rank(n, p) for p in percents} - {0}
+            rows += [(service, n, rank, durations[rank - 1]) for rank in sorted(ranks)]
+        return percentile_table(rows, percents)
 
     def provider_windows(
         self, start_ns: int, end_ns: int, window_ns: int

@@ -20,7 +20,12 @@ from tabadol.ledger.record import (
     chain_digest,
 )
 from tabadol.ledger.sessions import Session
-from tabadol.ledger.store.base import CallGroup, LedgerMissing, LedgerWriteError
+from tabadol.ledger.store.base import (
+    CallGroup,
+    LedgerMissing,
+    LedgerWriteError,
+    percentile_table,
+)
 
 UNAVAILABLE = 14
 
@@ -355,13 +360,7 @@ class SqliteLedgerStore:
             """,
             (start_ns, end_ns, *(consumers or ())),
         )
-        result: dict[str, tuple[int, dict[int, int]]] = {}
-        for service, n, rn, duration in rows:
-            _, table = result.setdefault(service, (n, {}))
-            for p in percents:
-                if (n * p + 99) // 100 == rn:
-                    table[p] = duration
-        return result
+        return percentile_table(rows, percents)
 
     def provider_windows(
         self, start_ns: int, end_ns: int, window_ns: int
