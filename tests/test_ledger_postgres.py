@@ -92,17 +92,30 @@ async def test_each_node_keeps_its_own_chain_and_verify_reports_every_node(
     assert sorted(r["broker_instance"] for r in rows) == ["node-1"] * 3 + ["node-2"] * 3
 
 
+async def verify_tampered(
+    nodes: list[Broker], pki: CertificateAuthority, url: str,
+    capsys: pytest.CaptureFixture[str], *statements: str,
+) -> str:  # fmt: skip
+    """Two calls through each node, the nodes stopped, the database tampered with by
+    ``statements``: what `ledger verify` prints (it must fail)."""
+    await call_each(nodes, pki, 2)
+    for broker in nodes:
+        await broker.stop(0)
+    with psycopg.connect(url, autocommit=True) as conn:
+        for statement in statements:
+            conn.execute(statement)
+    assert main(["ledger", "verify", "--config", str(nodes[0].config.path)]) == 1
+    return capsys.readouterr().out
+
+
 async def test_an_edited_record_breaks_only_its_nodes_chain(
     two_nodes: list[Broker], pki: CertificateAuthority, postgres_url: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    await call_each(two_nodes, pki, 2)
-    for broker in two_nodes:
-        await broker.stop(0)
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute("UPDATE ledger_records SET status_code = 5 WHERE chain = 'node-2' AND seq = 2")
-    assert main(["ledger", "verify", "--config", str(two_nodes[0].config.path)]) == 1
-    out = capsys.readouterr().out
+    out = await verify_tampered(
+        two_nodes, pki, postgres_url, capsys,
+        "UPDATE ledger_records SET status_code = 5 WHERE chain = 'node-2' AND seq = 2",
+    )  # fmt: skip
     assert "node node-1: OK: 2 records" in out
     assert "node node-2: BROKEN at position 2" in out
 
@@ -111,14 +124,10 @@ async def test_a_nodes_chain_deleted_whole_is_caught_by_its_writer_sessions(
     two_nodes: list[Broker], pki: CertificateAuthority, postgres_url: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    await call_each(two_nodes, pki, 2)
-    for broker in two_nodes:
-        await broker.stop(0)
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        for table in ("ledger_records", "ledger_seals", "ledger_chains"):
-            conn.execute(f"DELETE FROM {table} WHERE chain = 'node-2'")
-    assert main(["ledger", "verify", "--config", str(two_nodes[0].config.path)]) == 1
-    out = capsys.readouterr().out
+    out = await verify_tampered(
+        two_nodes, pki, postgres_url, capsys,
+        *(f"DELETE FROM {t} WHERE chain = 'node-2'" for t in ("ledger_records", "ledger_seals", "ledger_chains")),
+    )  # fmt: skip
     assert "node node-1: OK: 2 records" in out
     assert "node node-2 wrote 2 records" in out and "it was deleted" in out
 
