@@ -195,3 +195,14 @@ def postgres() -> Iterator[str]:
 def postgres_url(postgres: str) -> str:
     """A fresh, empty database of its own for one test."""
     return pg.create_database(postgres)
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[pg.PostgresCluster]:
+    """A private PostgreSQL server for one test, which it may stop and start again."""
+    cluster = pg.PostgresCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()

@@ -4,7 +4,7 @@ and failing closed while the database is away."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -151,16 +151,6 @@ def test_a_broker_does_not_start_on_a_ledger_database_it_cannot_reach(
         Broker(config.load(path))
     assert "[ledger] url" in str(err.value) and "127.0.0.1:1" in str(err.value)
     assert "pw" not in str(err.value).replace("postgresql", "")
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[PostgresCluster]:
-    cluster = PostgresCluster()
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.remove()
 
 
 async def test_a_stopped_database_fails_calls_closed_and_everything_catches_up_after(

@@ -8,13 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import grpc.aio
-import pytest
 
 from tabadol.client import connect
 from tabadol.ledger.store.postgres import PostgresLedgerStore
@@ -215,16 +214,6 @@ def ledger_ids(url: str) -> set[str]:
 def verify(config: Path) -> tuple[int, str]:
     code, out, err = tabadol("ledger", "verify", "--config", str(config))
     return code, out + err
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[PostgresCluster]:
-    cluster = PostgresCluster()
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.remove()
 
 
 STRICT = 'mode = "strict"'
