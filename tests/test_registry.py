@@ -417,3 +417,32 @@ def test_exported_toml_is_valid_toml_for_awkward_values() -> None:
         ]
     }
     assert tomllib.loads(to_toml(data, "header\nline")) == {"agency": data["agency"]}
+
+
+def test_the_tools_that_read_the_registry_read_the_version_in_force(
+    setup: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`config check`, the quarterly report and the ops console take the agencies from the
+    registry database, not from the file (which holds none)."""
+    from tabadol.ledger.store import SqliteLedgerStore
+    from tabadol.ops.server import open_accounts
+
+    cfg, file = setup
+    code, _, err = tabadol("config", "check", "--config", str(cfg))
+    assert code != 0 and "holds no registry version yet" in err
+    import_registry(cfg, file)
+    code, out, _ = tabadol("config", "check", "--config", str(cfg))
+    assert code == 0 and "OK (registry version 1): 5 agencies, 1 services, 2 grants" in out
+    out_dir = tmp_path / "reports"
+    SqliteLedgerStore(tmp_path / "var" / "ledger.db").close()  # a broker has run: empty ledger
+    code, _, err = tabadol(
+        "report", "quarterly", "--config", str(cfg), "--quarter", "1405-Q3", "--out", str(out_dir)
+    )
+    assert code == 0, err
+    report = next(out_dir.glob("*.json")).read_text()
+    assert '"echo"' in report and '"tax"' in report
+    accounts = open_accounts(cfg)
+    try:
+        assert set(accounts.config.agencies) == {"echo", "post", "nocr", "cra", "tax"}
+    finally:
+        accounts.close()

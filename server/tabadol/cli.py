@@ -38,12 +38,13 @@ def _cmd_broker(args: argparse.Namespace) -> int:
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
     from tabadol.broker.credentials import BrokerCredentials
-    from tabadol.config import load
+    from tabadol.registry.current import load_current
 
-    cfg = load(args.config)
+    cfg = load_current(args.config)
     BrokerCredentials.load(cfg.broker.pki_dir, cfg.broker.trust_domain, cfg.path)
+    version = f" (registry version {cfg.registry_version})" if cfg.registry_version else ""
     print(
-        f"{cfg.path}: OK: {len(cfg.agencies)} agencies, {len(cfg.services)} services, "
+        f"{cfg.path}: OK{version}: {len(cfg.agencies)} agencies, {len(cfg.services)} services, "
         f"{len(cfg.grants)} grants, {len(cfg.contracts.services)} services in the contracts"
     )
     return 0
@@ -179,11 +180,13 @@ def _seal_signers(
     return signer_check(ca_cert=ca, trust_domain=trust_domain, revoked_at=revoked_at)
 
 
-def _open_ledger(config: Path, *, readonly: bool = True) -> tuple[Any, Any]:
+def _open_ledger(config: Path, *, readonly: bool = True, registry: bool = False) -> tuple[Any, Any]:
+    """The configuration (with ``registry``, the registry in force) and its ledger."""
     from tabadol.config import load
     from tabadol.ledger.store import LedgerWriteError, open_ledger
+    from tabadol.registry.current import load_current
 
-    cfg = load(config)
+    cfg = load_current(config) if registry else load(config)
     try:
         return cfg, open_ledger(cfg.ledger, readonly=readonly)
     except LedgerWriteError as e:
@@ -339,7 +342,7 @@ def _cmd_report_quarterly(args: argparse.Namespace) -> int:
         quarter = Quarter.parse(args.quarter)
     except ValueError as e:
         raise TabadolError(f"--quarter: {e}") from e
-    cfg, store = _open_ledger(args.config)
+    cfg, store = _open_ledger(args.config, registry=True)  # the agencies it assesses
     try:
         report = build_quarterly(cfg, store, quarter)
     finally:

@@ -19,9 +19,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2
 
-from tabadol import config as config_module
 from tabadol.config import BrokerConfig
 from tabadol.errors import ConfigError, TabadolError
+from tabadol.registry.current import with_version
 from tabadol.registry.entries import digest
 from tabadol.registry.freshness import RegistryFreshness
 from tabadol.registry.store import (
@@ -81,9 +81,7 @@ class RegistryFollower:
 
     def _entries(self, cfg: BrokerConfig, version: RegistryVersion) -> BrokerConfig:
         """``cfg`` (the local settings) with this version's entries, checked as a file's."""
-        label = self._label(version.number)
-        entries = config_module.parse_entries(version.entries, label)
-        return config_module.apply_entries(cfg, entries, label, version.number)
+        return with_version(cfg, version, self.store.where)
 
     def first(self, cfg: BrokerConfig) -> BrokerConfig:
         """At start: the database's current version, or when the database is unreachable

@@ -200,9 +200,9 @@ def declared_agencies(cfg: BrokerConfig) -> frozenset[str]:
 def open_accounts(config_path: Path) -> Accounts:
     """The ledger named by a broker configuration, opened read-only; one the broker has not
     written yet reads as empty until it appears."""
-    from tabadol import config as config_module
+    from tabadol.registry.current import load_current
 
-    return accounts_of(config_module.load(config_path))
+    return accounts_of(load_current(config_path))
 
 
 def accounts_of(cfg: BrokerConfig) -> Accounts:
@@ -229,9 +229,9 @@ async def run(
     otlp_max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> None:
     """``tabadol ops --config``: the PKI and trust domain come from the broker's [broker]."""
-    from tabadol import config as config_module
+    from tabadol.registry.current import load_current
 
-    cfg = config_module.load(config_path)
+    cfg = load_current(config_path)  # the agencies it admits are the registry's in force
     trust = OpsTrust.load(cfg.broker.pki_dir, cfg.broker.trust_domain)
     server = OpsServer(
         db,
