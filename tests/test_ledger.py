@@ -25,7 +25,7 @@ from tabadol.client import connect
 from tabadol.ledger import LedgerRecord, LedgerWriter, verify
 from tabadol.ledger.record import FIELD_NAMES
 from tabadol.ledger.seal import Sealer
-from tabadol.ledger.store import SqliteLedgerStore
+from tabadol.ledger.store import LedgerWriteError, SqliteLedgerStore
 from tabadol.ledger.verify import anchor_path, read_anchor
 from tabadol.pki import CertificateAuthority
 from tests.conftest import DEFAULT_GRANTS, TRUST_DOMAIN, RunningProvider, broker_toml, start_broker
@@ -164,6 +164,23 @@ def test_a_tail_truncated_with_its_seals_is_detected_by_the_anchor(
         "BROKEN at position 8: the anchor file witnessed seal 3 over 12 records, which the "
         "ledger no longer has: it was truncated"
     )
+
+
+def test_a_writer_refuses_to_start_on_a_ledger_that_lost_sealed_batches(
+    ledger: Path, pki: CertificateAuthority
+) -> None:
+    """A restore that lost the last batch: new seals would take its number and the chain
+    would never verify again, so the writer does not start; the seals witness says why."""
+    tamper(ledger, "DELETE FROM records WHERE seq > 7", "DELETE FROM seals WHERE seq = 3")
+    sealer = Sealer((pki.dir / "broker.key").read_bytes(), (pki.dir / "broker.crt").read_bytes())
+    with pytest.raises(LedgerWriteError) as err:
+        LedgerWriter(SqliteLedgerStore(ledger), sealer, anchor=anchor_path(ledger))
+    assert "lost sealed batches" in str(err.value)
+    assert "holds seal 3 over 12 records, the ledger only seal 2 over 7 records" in str(err.value)
+    assert str(anchor_path(ledger)) in str(err.value)
+    # Once someone decides the batch is lost for good and keeps the witness aside: it starts.
+    anchor_path(ledger).rename(ledger.with_name("lost-batches.seals"))
+    LedgerWriter(SqliteLedgerStore(ledger), sealer, anchor=anchor_path(ledger)).close()
 
 
 def test_records_appended_after_the_fact_are_detected(

@@ -19,6 +19,7 @@ from tabadol.client import connect
 from tabadol.database import describe
 from tabadol.ledger import LedgerWriter
 from tabadol.ledger.seal import Sealer
+from tabadol.ledger.store import LedgerWriteError
 from tabadol.ledger.store.postgres import PostgresLedgerStore
 from tabadol.pki import CertificateAuthority
 from tests.conftest import DEFAULT_GRANTS, RunningProvider, broker_toml
@@ -259,3 +260,43 @@ def test_writers_of_one_node_take_turns_on_its_chain(
         assert [r.seq for r in store.records("n")] == list(range(1, 401))
     finally:
         store.close()
+
+
+def test_readers_work_through_a_url_that_asks_for_the_primary(
+    postgres_url: str, pki: CertificateAuthority
+) -> None:
+    """Readers (verify, export, reports) open read-only sessions; libpq's
+    target_session_attrs must still take the server for a writable primary."""
+    sealer = Sealer((pki.dir / "broker.key").read_bytes(), (pki.dir / "broker.crt").read_bytes())
+    writer = LedgerWriter(PostgresLedgerStore(postgres_url), sealer, instance="n")
+    writer.submit(record(1))
+    writer.close()
+    for attrs in ("read-write", "primary"):
+        reader = PostgresLedgerStore(f"{postgres_url}?target_session_attrs={attrs}", readonly=True)
+        try:
+            assert reader.head("n")[0] == 1
+            with pytest.raises(LedgerWriteError, match="read-only"):
+                reader.open_session(writer.session)
+        finally:
+            reader.close()
+
+
+def test_a_node_role_that_does_not_own_the_tables_writes_once_they_exist(
+    postgres_url: str, pki: CertificateAuthority
+) -> None:
+    """The DBA (or a first start as the owner) makes the tables; a node's own role needs
+    only to read and write rows, not to own them."""
+    PostgresLedgerStore(postgres_url).close()  # the owner makes the schema
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("CREATE ROLE node_writer LOGIN")
+        conn.execute(
+            "GRANT SELECT, INSERT, UPDATE ON ledger_chains, ledger_records, ledger_seals, "
+            "ledger_signers, ledger_sessions TO node_writer"
+        )
+    node_url = postgres_url.replace("postgres@", "node_writer@", 1)
+    sealer = Sealer((pki.dir / "broker.key").read_bytes(), (pki.dir / "broker.crt").read_bytes())
+    writer = LedgerWriter(PostgresLedgerStore(node_url), sealer, instance="n")
+    writer.submit(record(1))
+    writer.close()
+    with psycopg.connect(node_url, autocommit=True) as conn, pytest.raises(psycopg.Error):
+        conn.execute("DELETE FROM ledger_records")  # and it cannot delete a record

@@ -47,7 +47,7 @@ from tabadol.ledger.journal import (
 from tabadol.ledger.seal import Sealer, fingerprint
 from tabadol.ledger.sessions import Session
 from tabadol.ledger.signers import signer_check
-from tabadol.ledger.store import SqliteLedgerStore
+from tabadol.ledger.store import LedgerWriteError, SqliteLedgerStore
 from tabadol.ledger.verify import read_anchor
 from tabadol.pki import CertificateAuthority
 from tests.conftest import (
@@ -802,12 +802,18 @@ def test_a_symlink_planted_at_the_anchor_file_is_not_followed_and_verify_names_i
     victim = tmp_path / "victim.txt"
     victim.write_text("untouched\n")
     (tmp_path / "ledger.db.seals").symlink_to(victim)
+    # The writer reads its seals witness at start (lost batches): a link stops it there.
+    with pytest.raises(LedgerWriteError, match=r"ledger\.db\.seals: cannot read the anchor file"):
+        LedgerWriter(SqliteLedgerStore(ledger), sealer, anchor=tmp_path / "ledger.db.seals")
+    # Planted while it runs: its appends do not follow it either.
+    (tmp_path / "ledger.db.seals").unlink()
     writer = LedgerWriter(
         SqliteLedgerStore(ledger),
         sealer,
         batch_interval_s=0.001,
         anchor=tmp_path / "ledger.db.seals",
     )
+    (tmp_path / "ledger.db.seals").symlink_to(victim)
     writer.submit(forged_record(1))
     writer.close()
     assert victim.read_text() == "untouched\n"

@@ -39,6 +39,7 @@ from tabadol.ledger.seal import Sealer
 from tabadol.ledger.sessions import ABANDONED, CLEAN, JOURNALED, Session, alive, process_tag
 from tabadol.ledger.store import LedgerStore, LedgerWriteError
 from tabadol.ledger.store.sqlite import make_private
+from tabadol.ledger.verify import read_anchor
 
 log = logging.getLogger("tabadol.ledger")
 
@@ -52,6 +53,28 @@ class RecordsLost(TabadolError):
     def __init__(self, count: int, message: str) -> None:
         super().__init__(message)
         self.count = count
+
+
+def _refuse_lost_batches(anchor: Path, chain: str, last: Seal | None) -> None:
+    """LedgerWriteError when the seals witness holds seals the ledger no longer has (a
+    restore that lost batches): a start would seal new batches under their numbers and
+    break the chain for good."""
+    try:
+        witnessed = [seal for seal in read_anchor(anchor) if seal.chain == chain]
+    except TabadolError as e:
+        raise LedgerWriteError(str(e)) from e
+    if not witnessed or (last is not None and witnessed[-1].seq <= last.seq):
+        return
+    held = f"seal {last.seq} over {last.count} records" if last is not None else "no seal"
+    raise LedgerWriteError(
+        f"the ledger has lost sealed batches: this node's seals witness {anchor} holds seal "
+        f"{witnessed[-1].seq} over {witnessed[-1].count} records"
+        f"{f' of chain {chain}' if chain else ''}, the ledger only {held} (a restore that "
+        "lost them?). Starting would seal new batches under their numbers and break the "
+        "chain for good: restore the lost batches (replay the archived WAL, or an older "
+        f"copy), or, if they are lost for good, move {anchor} aside, keep it as evidence "
+        "of the loss, and start again"
+    )
 
 
 class LedgerWriter:
@@ -107,6 +130,8 @@ class LedgerWriter:
             make_private(anchor)  # the journal's own files are checked as they are opened
         self.chain = store.chain_for(instance)
         last = store.last_seal(self.chain)
+        if anchor is not None:
+            _refuse_lost_batches(anchor, self.chain, last)
         self._last_sealed_ns = last.sealed_ns if last is not None else 0
         pid = os.getpid()
         self.session = Session(

@@ -88,6 +88,24 @@ _SEAL_COLUMNS = "seq, count, head_digest, sealed_ns, signer, signature, chain"
 _SESSION_COLUMNS = ", ".join(f.name for f in dataclasses.fields(Session))
 
 
+_OBJECTS = (
+    "ledger_chains", "ledger_records", "ledger_records_by_start", "ledger_seals",
+    "ledger_signers", "ledger_sessions",
+)  # fmt: skip
+
+
+def _missing_objects(conn: psycopg.Connection[Any]) -> bool:
+    """Whether any table or index of the ledger is missing (the schema is then made)."""
+    found = conn.execute(
+        "SELECT count(to_regclass(name)) FROM unnest(%s::text[]) AS name", (list(_OBJECTS),)
+    ).fetchone()
+    return found is None or found[0] < len(_OBJECTS)
+
+
+def _read_only(conn: psycopg.Connection[Any]) -> None:
+    conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+
+
 def _stored(row: Sequence[Any]) -> StoredRecord:
     _chain, seq, *values, prev_digest, digest = row
     return StoredRecord(seq, LedgerRecord(*values), prev_digest, digest)
@@ -99,7 +117,6 @@ class PostgresLedgerStore:
     def __init__(self, url: str, *, readonly: bool = False, connect_timeout_s: float = 5.0) -> None:
         self._database = Database(url)
         self.where = self._database.where
-        options = "-c default_transaction_read_only=on" if readonly else ""
         self._pool = psycopg_pool.ConnectionPool(
             url,
             min_size=1,
@@ -111,8 +128,11 @@ class PostgresLedgerStore:
             kwargs={
                 "autocommit": True,
                 "connect_timeout": max(1, round(connect_timeout_s)),
-                "options": options,
             },
+            # Read-only after connecting, not in the startup options: libpq's
+            # target_session_attrs=read-write (or primary) would take such a session for a
+            # standby's and refuse every host.
+            configure=_read_only if readonly else None,
             name="tabadol-ledger",
         )
         self._known_signers: set[str] = set()
@@ -120,13 +140,14 @@ class PostgresLedgerStore:
         try:
             self._pool.open(wait=True, timeout=connect_timeout_s)
             with self._pool.connection() as conn:
-                if not readonly:
+                missing = _missing_objects(conn)
+                if missing and readonly:
+                    self._pool.close()
+                    raise LedgerMissing(f"{self.where}: no ledger here (no broker wrote it yet)")
+                if missing:  # only then: a role that does not own the tables may write them
                     with conn.transaction():
                         conn.execute("SELECT pg_advisory_xact_lock(hashtext('tabadol-ledger'))")
                         conn.execute(_SCHEMA)
-                elif conn.execute("SELECT to_regclass('ledger_sessions')").fetchone() == (None,):
-                    self._pool.close()
-                    raise LedgerMissing(f"{self.where}: no ledger here (no broker wrote it yet)")
         except (psycopg.Error, psycopg_pool.PoolTimeout) as e:
             self._pool.close()
             raise LedgerWriteError(
