@@ -230,3 +230,16 @@ def test_the_report_queries_count_every_node_alike(open_store: OpenStore, sealer
     # 100 ms windows: [0,100) had calls that were answered, [400,500) only an unavailable one.
     assert store.provider_windows(start, end, 100 * ms) == {"nocr": (2, 1)}
     assert store.records_count() == 12
+
+
+def test_a_running_writers_session_counts_what_it_wrote_with_each_batch(
+    open_store: OpenStore, sealer: Sealer
+) -> None:
+    """In the batch's own transaction: verify can tell what a node that still runs wrote."""
+    store = open_store()
+    store.open_session(Session("s1", "node-1", "batched", "h", 10, "t", opened_ns=1))
+    chain = store.chain_for("node-1")
+    for n in (3, 2):
+        batch = [record(i) for i in range(n)]
+        store.append_sealed(batch, seal_with(sealer, chain), sealer.cert_pem, chain, "s1")
+    assert [s.written for s in store.sessions()] == [5]

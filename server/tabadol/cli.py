@@ -206,9 +206,20 @@ def _cmd_ledger_verify(args: argparse.Namespace) -> int:
     cfg, store = _open_ledger(args.config)
     label = _ledger_label(cfg)
     signers = _seal_signers(cfg.broker.pki_dir, cfg.broker.trust_domain)
-    anchor = read_anchor(anchor_path(cfg.ledger.path))
+    anchor = sorted(
+        {s for path in [anchor_path(cfg.ledger.path), *args.seals] for s in read_anchor(path)},
+        key=lambda seal: (seal.chain, seal.seq),
+    )
     chains = store.chains()
     broken = False
+    for gone in sorted({seal.chain for seal in anchor} - set(chains)):
+        witnessed = [seal for seal in anchor if seal.chain == gone]
+        print(
+            f"{label}: BROKEN: {f'node {gone}: ' if gone else ''}the seals witness holds "
+            f"{len(witnessed)} seals over {witnessed[-1].count} records of this chain, which "
+            "the ledger no longer holds at all: it was deleted"
+        )
+        broken = True
     for chain in chains or [""]:  # one report per node's chain (SQLite keeps one chain)
         verdict = verify(
             store.records(chain),
@@ -660,11 +671,21 @@ def build_parser() -> argparse.ArgumentParser:
     lverify = ledger_sub.add_parser(
         "verify",
         help="check every record, link and seal; prints OK with the count or the first break",
-        description="Check the ledger named by the configuration's [ledger] path: positions, "
-        "the hash chain, every seal's signature (a broker certificate of this exchange's CA) "
-        "and the anchor file beside the ledger. Exit status 0 when intact, 1 when broken.",
+        description="Check the ledger named by the configuration's [ledger] path or url: "
+        "positions, the hash chain, every seal's signature (a broker certificate of this "
+        "exchange's CA) and the seals witness (anchor file) beside the ledger; on PostgreSQL, "
+        "every node's chain, one line per node. Exit status 0 when intact, 1 when broken.",
     )
     lverify.add_argument("--config", type=Path, required=True, help="broker configuration")
+    lverify.add_argument(
+        "--seals",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="another node's seals witness (its <ledger path>.seals, shipped off-box) to check "
+        "its chain against; repeat for each node",
+    )
     lverify.set_defaults(func=_cmd_ledger_verify)
     lack = ledger_sub.add_parser(
         "acknowledge",

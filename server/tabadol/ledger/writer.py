@@ -133,6 +133,7 @@ class LedgerWriter:
         if anchor is not None:
             _refuse_lost_batches(anchor, self.chain, last)
         self._last_sealed_ns = last.sealed_ns if last is not None else 0
+        self._last_seal_seq = last.seq if last is not None else 0
         pid = os.getpid()
         self.session = Session(
             id=uuid.uuid4().hex,
@@ -368,6 +369,14 @@ class LedgerWriter:
         sealer = self._sealer
 
         def seal_now(seq: int, count: int, head: str) -> Seal:
+            if seq <= self._last_seal_seq:
+                # Inside the transaction: nothing is written on a chain that went back.
+                raise LedgerWriteError(
+                    f"the ledger no longer holds this node's chain{f' {self.chain}' if self.chain else ''} "
+                    f"as it sealed it: this node's last seal was {self._last_seal_seq}, the "
+                    f"ledger now ends before seal {seq} (sealed batches were removed): calls "
+                    "are refused; `tabadol ledger verify` shows the break"
+                )
             # Dated inside the write transaction, so several writers sharing one ledger date
             # their seals in the order the chain holds them; and never before this writer's
             # last seal (`ledger verify` requires seal times not to go back), even if the
@@ -377,9 +386,10 @@ class LedgerWriter:
             )
 
         seal = self._store.append_sealed(  # LedgerWriteError: nothing was written
-            records, seal_now, sealer.cert_pem, self.chain
+            records, seal_now, sealer.cert_pem, self.chain, self.session.id
         )
         self._last_sealed_ns = seal.sealed_ns
+        self._last_seal_seq = seal.seq
         return seal
 
     def _run(self) -> None:

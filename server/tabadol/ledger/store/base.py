@@ -78,10 +78,12 @@ class LedgerLog(Protocol):
         seal_with: Callable[[int, int, str], Seal],
         signer_pem: bytes,
         chain: str = "",
+        session: str = "",
     ) -> Seal:
         """Chain ``records`` onto the chain's head as it stands inside the write transaction
         and seal them with ``seal_with(seal_seq, count, head_digest)``, all or nothing; safe
-        with several writers of one chain."""
+        with several writers of one chain. With ``session``, that writer's count of records
+        written grows in the same transaction (verify knows what a running node wrote)."""
         ...
 
     def records(self, chain: str = "", from_seq: int = 1) -> Iterator[StoredRecord]:

@@ -54,6 +54,7 @@ class MemoryLedgerStore:
         seal_with: Callable[[int, int, str], Seal],
         signer_pem: bytes,
         chain: str = "",
+        session: str = "",
     ) -> Seal:
         with self._lock:
             self._writable()
@@ -69,6 +70,11 @@ class MemoryLedgerStore:
             stored.extend(batch)
             self._seals[chain].append(seal)
             self._signers.setdefault(seal.signer, signer_pem)
+            if session in self._sessions:
+                before = self._sessions[session]
+                self._sessions[session] = dataclasses.replace(
+                    before, written=(before.written or 0) + len(batch)
+                )
             return seal
 
     def records(self, chain: str = "", from_seq: int = 1) -> Iterator[StoredRecord]:

@@ -146,6 +146,8 @@ class PostgresLedgerStore:
                     raise LedgerMissing(f"{self.where}: no ledger here (no broker wrote it yet)")
                 if missing:  # only then: a role that does not own the tables may write them
                     with conn.transaction():
+                        # Any role may hold an advisory lock: wait for it, not for ever.
+                        conn.execute("SET LOCAL lock_timeout = '10s'")
                         conn.execute("SELECT pg_advisory_xact_lock(hashtext('tabadol-ledger'))")
                         conn.execute(_SCHEMA)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as e:
@@ -189,6 +191,7 @@ class PostgresLedgerStore:
         seal_with: Callable[[int, int, str], Seal],
         signer_pem: bytes,
         chain: str = "",
+        session: str = "",
     ) -> Seal:
         try:
             with self._pool.connection() as conn, conn.transaction():
@@ -227,6 +230,12 @@ class PostgresLedgerStore:
                     "UPDATE ledger_chains SET count = %s, head = %s, seals = %s WHERE chain = %s",
                     (count, head, seal.seq, chain),
                 )
+                if session:
+                    conn.execute(
+                        "UPDATE ledger_sessions SET written = coalesce(written, 0) + %s "
+                        "WHERE id = %s",
+                        (len(stored), session),
+                    )
         except (psycopg.Error, psycopg_pool.PoolTimeout) as e:
             raise LedgerWriteError(f"{self.where}: {self._database.why(e)}") from e
         with self._signers_lock:

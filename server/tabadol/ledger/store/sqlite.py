@@ -191,6 +191,7 @@ class SqliteLedgerStore:
         seal_with: Callable[[int, int, str], Seal],
         signer_pem: bytes,
         chain: str = "",
+        session: str = "",
     ) -> Seal:
         """Extend the chain from the head as it is inside the write transaction, so several
         broker processes can write one ledger: SQLite's write lock puts their batches in
@@ -213,6 +214,11 @@ class SqliteLedgerStore:
                         head = digest
                     seal = seal_with(last + 1, count, head)
                     self._insert(stored, seal, signer_pem)
+                    if session:
+                        self._conn.execute(
+                            "UPDATE sessions SET written = coalesce(written, 0) + ? WHERE id = ?",
+                            (len(stored), session),
+                        )
                     self._conn.execute("COMMIT")
                     return seal
                 except BaseException:

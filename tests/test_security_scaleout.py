@@ -1,0 +1,447 @@
+"""Attacks on the scale-out (issue 11): the registry, the CRL and the ledger on PostgreSQL,
+and the span store there. Each test states what must hold; those marked xfail are holes a
+review found (the reason says what to fix), kept failing on purpose until they are fixed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import psycopg
+import pytest
+
+from tabadol import config
+from tabadol.broker import Broker
+from tabadol.broker.registry_follower import kept_registry_path
+from tabadol.cli import main
+from tabadol.errors import ConfigError, TabadolError
+from tabadol.ledger.store.postgres import PostgresLedgerStore
+from tabadol.ops.store import open_span_store
+from tabadol.pki import CertificateAuthority
+from tabadol.registry.entries import digest, to_toml
+from tabadol.registry.store.postgres import _LOCK as REGISTRY_LOCK
+from tests.conftest import DEFAULT_GRANTS, TRUST_DOMAIN, RunningProvider
+from tests.support.echo import own_pki, start_echo
+from tests.support.exchange import eventually
+from tests.support.postgres import PostgresCluster, create_database
+from tests.support.registry import registry_config, tabadol
+from tests.support.spans import make_span
+from tests.test_ledger_postgres import call_each, two_nodes  # noqa: F401 (a fixture)
+from tests.test_registry_follower import ONLY_POST, Node, call, call_code_is, gauge
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def role_url(url: str, role: str) -> str:
+    """``url`` for a role of the same server (the test clusters trust every local login)."""
+    return url.replace("postgres@", f"{role}@", 1)
+
+
+def make_role(url: str, role: str, *grants: str) -> str:
+    """A login role with only these grants (CONNECT comes from PUBLIC); its URL."""
+    with psycopg.connect(url, autocommit=True) as su:
+        su.execute(f"DROP ROLE IF EXISTS {role}")
+        su.execute(f"CREATE ROLE {role} LOGIN")
+        for grant in grants:
+            su.execute(grant.format(role=role))
+    return role_url(url, role)
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[PostgresCluster]:
+    """A server of the test's own, to stop and start."""
+    cluster = PostgresCluster()
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+def finishes_within(work: threading.Thread, seconds: float) -> bool:
+    work.start()
+    work.join(seconds)
+    return not work.is_alive()
+
+
+# -- the registry: rollback ---------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="HIGH: RegistryFollower.check compares only the version NUMBER with the one in "
+    "force, never the digest: a kept file (<ledger>.registry.json, written by whoever can "
+    "write the node's directory) with forged entries under the database's current number "
+    "is applied at a start without the database and then confirmed current for ever once "
+    "the database is back. Fix: compare (number, digest) with the database's head, and on "
+    "reconnection re-read and re-apply unless the digests match; never take the kept "
+    "file's mtime as 'confirmed at' (store it, signed or not, inside, and cap it at start).",
+)
+async def test_a_forged_kept_registry_never_outlives_the_databases_return(
+    tmp_path: Path,
+    pki: CertificateAuthority,
+    echo_contracts: Path,
+    echo_provider: RunningProvider,
+    own_cluster: PostgresCluster,
+) -> None:
+    url = create_database(own_cluster.url())
+    n = Node(tmp_path, pki, echo_contracts, url, echo_provider.address)
+    n.publish(DEFAULT_GRANTS, "v1")
+    n.publish(ONLY_POST, "v2: nocr's grant ends")
+    broker = await n.start()
+    kept = kept_registry_path(broker.config)
+    assert broker.config.registry_version == 2
+    await broker.stop(0)
+    # A writer of the node's directory: version 2's number over version 1's entries.
+    data = json.loads(kept.read_text())
+    service = data["entries"]["grant"][0]["service"]
+    data["entries"]["grant"].append({"consumer": "nocr", "service": service, "methods": ["*"]})
+    data["digest"] = digest(data["entries"])
+    kept.write_text(json.dumps(data))
+    own_cluster.stop()  # the node restarts while the database is away (or is cut off)
+    broker = await n.start()
+    try:
+        own_cluster.start()
+        assert await eventually(lambda: gauge(broker, "tabadol_registry_age_seconds") < 1.0)
+        # The database is back and says version 2 has no grant for nocr.
+        assert await call(broker, pki, "nocr") == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        await broker.stop(0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="MEDIUM: a node applies whatever version is the database's head, even one LOWER "
+    "than the version in force (a database restored from backup, a failover to an async "
+    "replica that missed the last commit, a MITM): a revoked grant comes back on every "
+    "node. Fix: refuse a head below the version in force (log an error, keep serving the "
+    "newer one, count it in a metric) until an operator imports a new version.",
+)
+async def test_a_registry_version_going_backwards_does_not_restore_a_revoked_grant(
+    tmp_path: Path,
+    pki: CertificateAuthority,
+    echo_contracts: Path,
+    echo_provider: RunningProvider,
+    postgres_url: str,
+) -> None:
+    n = Node(tmp_path, pki, echo_contracts, postgres_url, echo_provider.address)
+    n.publish(DEFAULT_GRANTS, "v1")
+    broker = await n.start()
+    try:
+        n.publish(ONLY_POST, "v2: nocr's grant ends")
+        assert await eventually(lambda: broker.config.registry_version == 2, seconds=5)
+        # What a restore from last night's backup looks like to the nodes.
+        with psycopg.connect(postgres_url, autocommit=True) as su:
+            su.execute("ALTER TABLE registry_versions DISABLE TRIGGER USER")
+            su.execute("DELETE FROM registry_versions WHERE version = 2")
+        rolled_back = await eventually(lambda: broker.config.registry_version == 1, seconds=3)
+        assert not rolled_back
+        assert await call(broker, pki, "nocr") == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        await broker.stop(0)
+
+
+# -- the CRL through the database ---------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="MEDIUM: registry_crls.number is whatever the writer says, not the DER's own CRL "
+    "number: one row with a huge number (any role that can INSERT there: with the one "
+    "database user docs/registry.md asks for, every node) makes publish-crl refuse every "
+    "later genuine CRL, for ever (the trigger forbids deleting it), and nodes only ever "
+    "look at that row. Fix: store and compare the number read from the signed DER (check "
+    "on read: take the newest row whose DER verifies against the CA and whose number "
+    "matches), and let publish-crl compare with the newest VERIFIED row.",
+)
+async def test_a_crl_row_with_a_made_up_number_cannot_block_later_crls(
+    tmp_path: Path, echo_contracts: Path, postgres_url: str
+) -> None:
+    ca = own_pki(tmp_path, TRUST_DOMAIN, "echo", "post", "nocr")
+    ca.write_crl()
+    node_pki = tmp_path / "node-pki"
+    node_pki.mkdir()
+    for name in ("ca.crt", "broker.crt", "broker.key", "crl.pem"):
+        shutil.copy(ca.dir / name, node_pki / name)
+    provider, _ = await start_echo(ca.dir / "agencies" / "echo")
+    n = Node(tmp_path, ca, echo_contracts, postgres_url, provider.address)
+    n.config.write_text(n.config.read_text().replace(str(ca.dir), str(node_pki)))
+    n.publish(DEFAULT_GRANTS)
+    code, _, err = tabadol("registry", "publish-crl", "--config", str(n.config))
+    assert code == 0, err
+    broker = await n.start()
+    try:
+        # Someone with the node's database role re-inserts the CA's genuine CRL, numbered high.
+        with psycopg.connect(postgres_url, autocommit=True) as db:
+            der = db.execute("SELECT der FROM registry_crls").fetchone()
+            assert der is not None
+            db.execute(
+                "INSERT INTO registry_crls (number, der, published_by) VALUES (%s, %s, 'x')",
+                (10**12, der[0]),
+            )
+        ca.revoke_agency("nocr")
+        code, _, err = tabadol(
+            "registry", "publish-crl", "--config", str(n.config), str(ca.dir / "crl.pem")
+        )
+        assert code == 0, err
+        assert await eventually(
+            lambda: call_code_is(broker, ca, "nocr", grpc.StatusCode.UNAUTHENTICATED), seconds=5
+        )
+    finally:
+        await broker.stop(0)
+        await provider.stop(0)
+
+
+# -- denial of service by any role that can log in ----------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="MEDIUM: advisory locks need no privilege: a role with no grants at all (CONNECT "
+    "is PUBLIC's) holding pg_advisory_lock on the registry's key makes `registry import` "
+    "(and publish-crl) wait for ever, so no grant can be revoked and no CRL published. "
+    "Fix: SET LOCAL lock_timeout (and statement_timeout) in commit/publish_crl and fail "
+    "with a message naming the database; prefer a row lock on a table only writers can "
+    "touch (SELECT ... FOR UPDATE on a one-row registry_head) to a public advisory key.",
+)
+def test_a_role_without_grants_cannot_stall_registry_changes(
+    tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path, postgres_url: str
+) -> None:
+    n = Node(tmp_path, pki, echo_contracts, postgres_url, "127.0.0.1:1")
+    n.publish(DEFAULT_GRANTS, "v1")
+    nobody = make_role(postgres_url, "nobody")
+    outcome: list[BaseException | str] = []
+
+    def revoke() -> None:
+        try:
+            n.publish(ONLY_POST, "nocr's grant ends")
+            outcome.append("committed")
+        except BaseException as e:
+            outcome.append(e)
+
+    with psycopg.connect(nobody, autocommit=True) as attacker:
+        attacker.execute("SELECT pg_advisory_lock(%s)", (REGISTRY_LOCK,))
+        finished = finishes_within(threading.Thread(target=revoke, daemon=True), 20)
+        attacker.execute("SELECT pg_advisory_unlock_all()")
+    assert finished, "registry import still waiting on a lock held by a role with no grants"
+    assert outcome and isinstance(outcome[0], TabadolError)
+
+
+def test_a_role_without_grants_cannot_stall_a_nodes_start(postgres_url: str) -> None:
+    PostgresLedgerStore(postgres_url).close()  # the ledger exists
+    nobody = make_role(postgres_url, "nobody")
+    outcome: list[BaseException | str] = []
+
+    def open_ledger() -> None:
+        try:
+            PostgresLedgerStore(postgres_url, connect_timeout_s=2).close()
+            outcome.append("opened")
+        except BaseException as e:
+            outcome.append(e)
+
+    with psycopg.connect(nobody, autocommit=True) as attacker:
+        attacker.execute("SELECT pg_advisory_lock(hashtext('tabadol-ledger'))")
+        finished = finishes_within(threading.Thread(target=open_ledger, daemon=True), 20)
+        attacker.execute("SELECT pg_advisory_unlock_all()")
+    assert finished, "the ledger's open still waiting on a lock held by a role with no grants"
+
+
+# -- least privilege ----------------------------------------------------------------------
+
+
+def test_a_ledger_role_with_only_table_grants_can_write(postgres_url: str) -> None:
+    PostgresLedgerStore(postgres_url).close()  # created by the owner
+    writer = make_role(
+        postgres_url,
+        "ledger_writer",
+        "GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO {role}",
+    )
+    PostgresLedgerStore(writer).close()
+
+
+def test_a_node_follows_the_registry_with_a_read_only_role(
+    tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path, postgres_url: str
+) -> None:
+    """Held: with the tables there, a node needs only SELECT (and LISTEN) on the registry."""
+    n = Node(tmp_path, pki, echo_contracts, postgres_url, "127.0.0.1:1")
+    n.publish(DEFAULT_GRANTS, "v1")
+    reader = make_role(
+        postgres_url, "registry_reader", "GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}"
+    )
+    (tmp_path / "ro").mkdir()
+    cfg = registry_config(tmp_path / "ro", pki.dir, echo_contracts, reader)
+    assert Broker(config.load(cfg)).config.registry_version == 1
+    # And it cannot write: a read-only node cannot commit a version for the others.
+    from tabadol.registry import open_registry
+
+    store = open_registry(reader)
+    try:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            store.commit({}, "node", "x", digest({}))
+    finally:
+        store.close()
+
+
+# -- the network between nodes and database -----------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="HIGH: registry versions are not signed, so their integrity is the database "
+    "connection's; yet a [registry] url to a remote host without sslmode=verify-full is "
+    "taken, and libpq's default (prefer) lets a network attacker downgrade to plain text "
+    "and answer with any grants (or keep confirming an old version, so the stale bound "
+    "never trips). Fix: refuse a non-loopback, non-socket url unless sslmode=verify-full "
+    "(with sslrootcert), for [registry], [ledger] and --db alike; or sign versions.",
+)
+def test_a_remote_registry_database_without_verified_tls_is_refused(
+    tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path
+) -> None:
+    path = registry_config(
+        tmp_path, pki.dir, echo_contracts, "postgresql://tabadol@db.exchange.example:5432/tabadol"
+    )
+    with pytest.raises(ConfigError, match="sslmode"):
+        config.load(path)
+
+
+# -- the ledger: chains that vanish -------------------------------------------------------
+
+
+async def test_a_running_nodes_chain_deleted_and_restarted_is_caught(
+    two_nodes: list[Broker],  # noqa: F811
+    pki: CertificateAuthority,
+    postgres_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    await call_each(two_nodes, pki, 3)
+    assert await eventually(lambda: _chain_count(postgres_url, "node-2") == 3, seconds=5)  # sealed
+    with psycopg.connect(postgres_url, autocommit=True) as db:  # ledger role, node-2 running
+        for table in ("ledger_records", "ledger_seals", "ledger_chains"):
+            db.execute(f"DELETE FROM {table} WHERE chain = 'node-2'")
+    await call_each(two_nodes[1:], pki, 1)  # node-2 writes on: a new chain from genesis
+    for broker in two_nodes:
+        await broker.stop(0)
+    capsys.readouterr()
+    assert main(["ledger", "verify", "--config", str(two_nodes[0].config.path)]) == 1
+    out = capsys.readouterr().out
+    assert "node-2" in out and "BROKEN" in out
+
+
+def _chain_count(url: str, chain: str) -> int:
+    with psycopg.connect(url, autocommit=True) as db:
+        row = db.execute("SELECT count FROM ledger_chains WHERE chain = %s", (chain,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+async def test_a_chain_deleted_with_its_sessions_is_caught_by_its_own_anchor(
+    two_nodes: list[Broker],  # noqa: F811
+    pki: CertificateAuthority,
+    postgres_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    await call_each(two_nodes, pki, 2)
+    for broker in two_nodes:
+        await broker.stop(0)
+    with psycopg.connect(postgres_url, autocommit=True) as db:
+        for table in ("ledger_records", "ledger_seals", "ledger_chains"):
+            db.execute(f"DELETE FROM {table} WHERE chain = 'node-2'")
+        db.execute("DELETE FROM ledger_sessions WHERE instance = 'node-2'")
+    node2 = two_nodes[1].config
+    anchor = node2.ledger.path.with_name(node2.ledger.path.name + ".seals")
+    assert '"chain": "node-2"' in anchor.read_text()  # the witness is there
+    capsys.readouterr()
+    assert main(["ledger", "verify", "--config", str(node2.path)]) == 1
+    assert "node-2" in capsys.readouterr().out
+
+
+# -- registry export --------------------------------------------------------------------
+
+
+def test_an_exported_registry_reads_back_whatever_its_strings_hold() -> None:
+    """Held (fixed during the review): a DEL in a name no longer breaks the round trip."""
+    entries = {"agency": [{"id": "post", "name": "Post\u007f office"}]}
+    assert tomllib.loads(to_toml(entries))["agency"] == entries["agency"]
+
+
+def test_an_exported_registry_cannot_be_steered_by_a_reason_or_author(
+    tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path, postgres_url: str
+) -> None:
+    """Held: --reason and --by with newlines stay comments in the exported TOML."""
+    n = Node(tmp_path, pki, echo_contracts, postgres_url, "127.0.0.1:1")
+    n.file.write_text(
+        "[[agency]]\nid = \"post\"\nname = \"Post\"\n"
+    )  # fmt: skip
+    injected = 'x\n[[agency]]\nid = "evil"\nname = "Evil"\r\n[[agency]]\u2028id="e2"'
+    code, _, err = tabadol(
+        "registry", "import", "--config", str(n.config), str(n.file),
+        "--reason", injected, "--by", injected,
+    )  # fmt: skip
+    assert code == 0, err
+    code, out, err = tabadol("registry", "export", "--config", str(n.config))
+    assert code == 0, err
+    assert [a["id"] for a in tomllib.loads(out)["agency"]] == ["post"]
+
+
+# -- the span store on PostgreSQL ---------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="LOW: PostgreSQL text cannot hold U+0000, and the PostgreSQL span store passes "
+    "an agency's attribute (and span name, tag) text through as is: psycopg.DataError, "
+    "which the collector answers UNAVAILABLE, so the agency's SDK retries the batch for "
+    "ever and each retry logs an error (not throttled). SQLite stores it. Fix: in "
+    "encode_span (or the PostgreSQL store) replace U+0000 in every text column and tag, "
+    "and add the case to the span store contract suite.",
+)
+def test_a_span_with_a_nul_character_is_stored_like_any_other(postgres_url: str) -> None:
+    store = open_span_store(postgres_url)
+    try:
+        store.add([make_span(1, 1, name="a\x00b", attributes={"national_id": "12\x0034"})])
+    finally:
+        store.close()
+
+
+def test_span_searches_bind_every_value(postgres_url: str) -> None:
+    """Held: tags, service and operation are bound parameters, never spliced."""
+    from tabadol.ops.model import TraceQuery
+
+    store = open_span_store(postgres_url)
+    try:
+        store.add([make_span(1, 1, attributes={"k": "v"})])
+        hostile = "x' OR '1'='1"
+        for query in (
+            TraceQuery(service=hostile),
+            TraceQuery(operation=hostile),
+            TraceQuery(tags=((hostile, hostile),)),
+            TraceQuery(tags=(("k", "%"),)),
+            TraceQuery(party=hostile),
+        ):
+            assert store.search(query) == ([], 0)
+    finally:
+        store.close()
+
+
+def test_database_passwords_never_reach_messages(tmp_path: Path) -> None:
+    """Held: the three stores name a database without its password, whatever is wrong."""
+    from tabadol.registry import open_registry
+
+    for url in (
+        "postgresql://tabadol:s3cret@127.0.0.1:1/db",
+        "postgresql://tabadol:s3cret@127.0.0.1:notaport/db",
+        "postgresql://tabadol:s3cret@127.0.0.1:1/db?sslmode=bogus",
+        "postgresql://127.0.0.1:1/db?password=s3cret",
+    ):
+        for attempt in (
+            lambda u: PostgresLedgerStore(u, connect_timeout_s=1),
+            lambda u: open_span_store(u),
+            lambda u: open_registry(u).head(),
+        ):
+            with pytest.raises(Exception) as err:
+                attempt(url)
+            assert "s3cret" not in str(err.value)
