@@ -17,10 +17,12 @@ from tabadol.broker import Broker
 from tabadol.cli import main
 from tabadol.client import connect
 from tabadol.database import describe
+from tabadol.errors import ConfigError, TabadolError
 from tabadol.ledger import LedgerWriter
 from tabadol.ledger.seal import Sealer
 from tabadol.ledger.store import LedgerWriteError
 from tabadol.ledger.store.postgres import PostgresLedgerStore
+from tabadol.ops.store import open_span_store
 from tabadol.pki import CertificateAuthority
 from tests.conftest import DEFAULT_GRANTS, RunningProvider, broker_toml
 from tests.support.echo import UNARY
@@ -300,3 +302,36 @@ def test_a_node_role_that_does_not_own_the_tables_writes_once_they_exist(
     writer.close()
     with psycopg.connect(node_url, autocommit=True) as conn, pytest.raises(psycopg.Error):
         conn.execute("DELETE FROM ledger_records")  # and it cannot delete a record
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("postgresql://tabadol@127.0.0.1:5432/t", True),
+        ("postgresql://tabadol@[::1]:5432/t", True),
+        ("postgresql://tabadol@localhost/t", True),
+        ("postgresql:///t?host=/var/run/postgresql", True),
+        ("postgresql://tabadol@db.exchange.example/t", False),
+        ("postgresql://tabadol@db.exchange.example/t?sslmode=require", False),
+        ("postgresql://tabadol@db.exchange.example/t?sslmode=verify-full", True),
+        ("postgresql://tabadol@127.0.0.1,10.0.0.5/t", False),
+        (
+            "postgresql://tabadol@10.0.0.4,10.0.0.5/t?sslmode=verify-full&target_session_attrs=primary",
+            True,
+        ),
+    ],
+)
+def test_a_database_on_another_host_must_be_reached_over_verified_tls(
+    url: str, allowed: bool, tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path
+) -> None:
+    """The ledger's records, the registry's grants and the spans cross to the database: on
+    another host, only over TLS that verifies its name; the refusal says what to set."""
+    path = node_config(tmp_path, pki, echo_contracts, "127.0.0.1:1", url, "node-1")
+    if allowed:
+        assert config.load(path).ledger.url == url
+        return
+    with pytest.raises(ConfigError, match="sslmode=verify-full") as err:
+        config.load(path)
+    assert "[ledger] url" in str(err.value)
+    with pytest.raises(TabadolError, match="sslmode=verify-full"):
+        open_span_store(url)

@@ -25,6 +25,7 @@ from pydantic import (
 
 from tabadol.client.tracing import SAMPLERS
 from tabadol.contracts import Contracts
+from tabadol.database import is_database_url, transport_problem
 from tabadol.errors import ConfigError, ContractError
 from tabadol.spiffe import AGENCY_ID_PATTERN, TRUST_DOMAIN_PATTERN
 
@@ -118,12 +119,12 @@ class LedgerSection(_Strict):
     @field_validator("url")
     @classmethod
     def _postgres_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+        if value is not None and not is_database_url(value):
             raise ValueError(
                 "expected postgresql://USER@HOST:PORT/DATABASE (leave it out for the SQLite "
                 "ledger at path)"
             )
-        return value
+        return _safe_transport(value)
 
     @field_validator("max_unwritten_seconds")
     @classmethod
@@ -178,9 +179,15 @@ class TracingSection(_Strict):
 
 
 def _registry_url(value: str | None) -> str | None:
-    if value is not None and not value.startswith(("postgresql://", "postgres://")):
+    if value is not None and not is_database_url(value):
         raise ValueError("expected a postgresql://USER@HOST:PORT/DB URL")
-    return value
+    return _safe_transport(value)
+
+
+def _safe_transport(url: str | None) -> str | None:
+    if url is not None and (problem := transport_problem(url)):
+        raise ValueError(problem)
+    return url
 
 
 class RegistrySection(_Strict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import urllib.parse
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ def describe(url: str) -> str:
     """``postgresql://USER@HOST:PORT/DB`` for messages and logs: never the password."""
     try:
         parts = conninfo_to_dict(url)
-    except psycopg.Error:
+    except (psycopg.Error, ValueError):
         split = urllib.parse.urlsplit(url)
         user, _, hostport = split.netloc.rpartition("@")
         user = user.partition(":")[0]
@@ -29,6 +30,35 @@ def describe(url: str) -> str:
     host = parts.get("host") or "localhost"
     port = parts.get("port") or "5432"
     return f"postgresql://{user}{host}:{port}/{parts.get('dbname') or ''}"
+
+
+def transport_problem(url: str) -> str | None:
+    """Why a URL does not protect what crosses to its database, or None. The registry's
+    grants and the ledger's records are only as sound as the connection: a database on
+    another host must be reached over TLS that verifies its name (``sslmode=verify-full``);
+    libpq's default (``prefer``) lets whoever sits between fall back to plain text."""
+    try:
+        parts = conninfo_to_dict(url)
+    except (psycopg.Error, ValueError) as e:
+        return f"not a PostgreSQL URL: {e}"
+    hosts = [h for h in str(parts.get("hostaddr") or parts.get("host") or "").split(",") if h]
+    remote = [h for h in hosts if not _local(h)]
+    if remote and parts.get("sslmode") != "verify-full":
+        return (
+            f"{', '.join(remote)} is another host: reach it with sslmode=verify-full (and "
+            "sslrootcert=FILE, the database server's CA), so that no one between can read or "
+            "change what crosses; only loopback addresses and Unix sockets may go without"
+        )
+    return None
+
+
+def _local(host: str) -> bool:
+    if host.startswith("/") or host == "localhost":
+        return True  # a Unix socket directory, or this machine
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _secrets(url: str) -> list[str]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tabadol.database import describe, is_database_url
+from tabadol.database import describe, is_database_url, transport_problem
+from tabadol.errors import TabadolError
 from tabadol.ops.store.base import SpanStore, StoreFull, StoreLimits, StoreUnavailable
 from tabadol.ops.store.memory import MemorySpanStore
 from tabadol.ops.store.sqlite import SqliteSpanStore
@@ -18,6 +19,8 @@ def open_span_store(where: str | Path, limits: StoreLimits | None = None) -> Spa
     if is_database_url(where):
         from tabadol.ops.store.postgres import PostgresSpanStore  # psycopg only when asked
 
+        if problem := transport_problem(str(where)):
+            raise TabadolError(f"--db {describe(str(where))}: {problem}")
         return PostgresSpanStore(str(where), limits)
     if str(where) == MEMORY:
         return MemorySpanStore(limits)
