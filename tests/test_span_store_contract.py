@@ -978,3 +978,14 @@ async def test_the_ops_console_keeps_answering_while_its_database_is_away(
                 await asyncio.sleep(0.1)
             services = (await web.get("/api/services")).json()["data"]
             assert services == [BROKER]
+
+
+def test_a_nul_character_an_agency_sends_is_stored_as_a_replacement_everywhere(
+    store: SpanStore,
+) -> None:
+    """PostgreSQL's text cannot hold U+0000: every store keeps U+FFFD in its place, so an
+    agency's batch with one is stored (not refused, and retried, for ever)."""
+    store.add([make_span(1, 1, name="a\x00b", attributes={"national_id": "12\x0034", "k\x00": 1})])
+    [span] = store.trace(tid(1))
+    assert span.name == "a\ufffdb"
+    assert span.attributes["national_id"] == "12\ufffd34" and span.attributes["k\ufffd"] == 1

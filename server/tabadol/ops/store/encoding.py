@@ -4,7 +4,7 @@ it counts in, and about how many bytes it takes there."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tabadol.ops.ingest import parties, sender_of
@@ -51,7 +51,46 @@ class EncodedSpan:
         )  # fmt: skip
 
 
+_NUL = "\x00"
+
+
+def _without_nul(value: Any) -> Any:
+    """``value`` with U+0000 replaced (U+FFFD): PostgreSQL's text cannot hold it, and every
+    store keeps the same span."""
+    if isinstance(value, str):
+        return value.replace(_NUL, "\ufffd")
+    if isinstance(value, list | tuple):
+        return type(value)(_without_nul(v) for v in value)
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    return value
+
+
+def _has_nul(span: SpanRecord, *encoded: str) -> bool:
+    texts = (span.name, span.service, span.status_message)
+    return any(_NUL in t for t in texts) or any("\\u0000" in e for e in encoded)
+
+
 def encode_span(span: SpanRecord) -> EncodedSpan:
+    encoded = _encoded(span)
+    if _has_nul(span, *encoded[:3]):
+        span = replace(
+            span,
+            name=_without_nul(span.name),
+            service=_without_nul(span.service),
+            status_message=_without_nul(span.status_message),
+            attributes=_without_nul(span.attributes),
+            events=tuple(
+                replace(e, name=_without_nul(e.name), attributes=_without_nul(e.attributes))
+                for e in span.events
+            ),
+            resource=_without_nul(span.resource),
+        )
+        encoded = _encoded(span)
+    return encoded[3]
+
+
+def _encoded(span: SpanRecord) -> tuple[str, str, str, EncodedSpan]:
     attributes = json.dumps(span.attributes, default=str)
     events = json.dumps([[e.time_ns, e.name, e.attributes] for e in span.events], default=str)
     resource = json.dumps(span.resource, default=str)
@@ -67,8 +106,13 @@ def encode_span(span: SpanRecord) -> EncodedSpan:
         + len(span.status_message) + ROW_OVERHEAD
         + sum(len(key) + len(text) + ROW_OVERHEAD for key, text in tags)
     )  # fmt: skip
-    return EncodedSpan(
-        span, attributes, events, resource, tuple(tags), sender_of(span), parties(span), size
+    return (
+        attributes,
+        events,
+        resource,
+        EncodedSpan(
+            span, attributes, events, resource, tuple(tags), sender_of(span), parties(span), size
+        ),
     )
 
 
