@@ -11,7 +11,7 @@ CHROMIUM    := /usr/bin/chromium
 NODE_DIR    := interop/node
 NODE_STAMP  := $(NODE_DIR)/node_modules/.installed
 
-.PHONY: setup protos run test soak lint lint-protos fmt typecheck clean browser node bench postgres
+.PHONY: setup protos run test soak lint lint-protos fmt typecheck clean browser node bench bench-scale postgres
 
 setup: $(STAMP) $(GEN_STAMP)
 
@@ -98,6 +98,11 @@ soak: setup
 BENCH_SECONDS ?= 5
 bench: setup
 	BENCH_SECONDS=$(BENCH_SECONDS) $(PY) bench/run.py
+
+# Several broker nodes on one PostgreSQL (docs/performance.md): a private server from
+# Debian's package unless TABADOL_TEST_POSTGRES names one.
+bench-scale: setup postgres
+	BENCH_SECONDS=$(BENCH_SECONDS) $(PY) bench/scale_out.py
 
 clean:
 	rm -rf build $(VENV)

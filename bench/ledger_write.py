@@ -21,6 +21,28 @@ from tabadol.ledger.store import SqliteLedgerStore  # noqa: E402
 from tabadol.pki import CertificateAuthority  # noqa: E402
 
 
+def broker_like_record(i: int, instance: str = "bench") -> LedgerRecord:
+    """The record a broker writes for one small unary call, numbered ``i``."""
+    return LedgerRecord(
+        start_ns=time.time_ns(),
+        end_ns=time.time_ns() + 1_000_000,
+        trace_id=f"{i:032x}",
+        request_id=f"{i:032x}",
+        consumer="post",
+        provider="nocr",
+        service="tabadol.agencies.nocr.v1.PersonRegistry",
+        method="InquirePerson",
+        kind="unary",
+        status_code=0,
+        request_bytes=40,
+        request_messages=1,
+        response_bytes=180,
+        response_messages=1,
+        endpoint="127.0.0.1:9101",
+        broker_instance=instance,
+    )
+
+
 def measure(records_count: int, batch_ms: float) -> dict[str, Any]:
     """Commit ``records_count`` broker-like records; the rate, the time and the seals."""
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -30,27 +52,7 @@ def measure(records_count: int, batch_ms: float) -> dict[str, Any]:
         sealer = Sealer((ca.dir / "broker.key").read_bytes(), (ca.dir / "broker.crt").read_bytes())
         store = SqliteLedgerStore(tmp / "ledger.db")
         writer = LedgerWriter(store, sealer, batch_interval_s=batch_ms / 1000, buffer_records=10**9)
-        records = [
-            LedgerRecord(
-                start_ns=time.time_ns(),
-                end_ns=time.time_ns() + 1_000_000,
-                trace_id=f"{i:032x}",
-                request_id=f"{i:032x}",
-                consumer="post",
-                provider="nocr",
-                service="tabadol.agencies.nocr.v1.PersonRegistry",
-                method="InquirePerson",
-                kind="unary",
-                status_code=0,
-                request_bytes=40,
-                request_messages=1,
-                response_bytes=180,
-                response_messages=1,
-                endpoint="127.0.0.1:9101",
-                broker_instance="bench",
-            )
-            for i in range(records_count)
-        ]
+        records = [broker_like_record(i) for i in range(records_count)]
         started = time.perf_counter()
         for record in records:
             writer.submit(record)

@@ -168,30 +168,42 @@ def direct(platform: Platform, provider: str) -> Target:
 
 
 async def start_broker(
-    platform: Platform, provider: str, otlp: str, *, name: str = "broker", sampler: str = ""
+    platform: Platform,
+    provider: str,
+    otlp: str,
+    *,
+    name: str = "broker",
+    sampler: str = "",
+    ledger_url: str | None = None,
 ) -> tuple[BrokerProcess, Target]:
     """``tabadol broker --config`` with every feature: mTLS both legs, authorization,
     tracing exported over OTLP with mTLS (its own certificate), the ledger in batched mode and
-    /metrics."""
+    /metrics. With ``ledger_url``, the ledger is on PostgreSQL (the node named ``name``)."""
     directory = platform.dir / name
     directory.mkdir()
     tracing = f'otlp_endpoint = "https://{otlp}"' + (f'\nsampler = "{sampler}"' if sampler else "")
     text = broker_toml(
         pki_dir=platform.pki, contracts=platform.contracts, endpoints=[provider],
         grants=DEFAULT_GRANTS, tracing=tracing,
+        extra_broker=f'instance = "{name}"' if ledger_url else "",
     )  # fmt: skip
+    url = f'url = "{ledger_url}"\n' if ledger_url else ""
     config = directory / "broker.toml"
-    config.write_text(f'{text}\n[ledger]\npath = "ledger.db"\nmode = "batched"\n')
+    config.write_text(f'{text}\n[ledger]\npath = "ledger.db"\n{url}mode = "batched"\n')
     broker = await BrokerProcess.start(config, metrics_port=0)
-    # The broker logs its /metrics port (it was asked for any free one).
-    pattern = r"metrics at https://[\d.]+:(\d+)/metrics"
-    logged = re.search(pattern, broker.lines[await broker.wait_for_log(pattern)])
-    assert logged is not None
-    broker.metrics_port = int(logged[1])
+    broker.metrics_port = await logged_metrics_port(broker)
     description = "tabadol broker: mTLS, identity, policy, tracing, ledger, metrics"
     if sampler:
         description += f" (sampler {sampler})"
     return broker, Target(name, platform.as_consumer(broker.address), description, [broker.pid])
+
+
+async def logged_metrics_port(broker: BrokerProcess) -> int:
+    """The /metrics port the broker logs (it was asked for any free one)."""
+    pattern = r"metrics at https://[\d.]+:(\d+)/metrics"
+    logged = re.search(pattern, broker.lines[await broker.wait_for_log(pattern)])
+    assert logged is not None
+    return int(logged[1])
 
 
 async def broker_counters(broker: BrokerProcess) -> dict[str, float]:
