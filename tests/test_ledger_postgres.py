@@ -284,24 +284,30 @@ def test_readers_work_through_a_url_that_asks_for_the_primary(
 
 
 def test_a_node_role_that_does_not_own_the_tables_writes_once_they_exist(
-    postgres_url: str, pki: CertificateAuthority
+    tmp_path: Path, postgres_url: str, pki: CertificateAuthority, echo_contracts: Path
 ) -> None:
     """The DBA (or a first start as the owner) makes the tables; a node's own role needs
     only to read and write rows, not to own them."""
-    PostgresLedgerStore(postgres_url).close()  # the owner makes the schema
+    owner = node_config(tmp_path, pki, echo_contracts, "127.0.0.1:1", postgres_url, "owner")
+    assert main(["ledger", "init", "--config", str(owner)]) == 0  # the owner makes the schema
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         conn.execute("CREATE ROLE node_writer LOGIN")
+        # As docs/deployment.md grants it: records and seals are only ever added.
         conn.execute(
-            "GRANT SELECT, INSERT, UPDATE ON ledger_chains, ledger_records, ledger_seals, "
-            "ledger_signers, ledger_sessions TO node_writer"
+            "GRANT SELECT, INSERT ON ledger_records, ledger_seals, ledger_signers TO node_writer"
+        )
+        conn.execute(
+            "GRANT SELECT, INSERT, UPDATE ON ledger_chains, ledger_sessions TO node_writer"
         )
     node_url = postgres_url.replace("postgres@", "node_writer@", 1)
     sealer = Sealer((pki.dir / "broker.key").read_bytes(), (pki.dir / "broker.crt").read_bytes())
     writer = LedgerWriter(PostgresLedgerStore(node_url), sealer, instance="n")
     writer.submit(record(1))
     writer.close()
-    with psycopg.connect(node_url, autocommit=True) as conn, pytest.raises(psycopg.Error):
-        conn.execute("DELETE FROM ledger_records")  # and it cannot delete a record
+    with psycopg.connect(node_url, autocommit=True) as conn:
+        for statement in ("DELETE FROM ledger_records", "UPDATE ledger_records SET seq = 9"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)  # it can change no record
 
 
 @pytest.mark.parametrize(

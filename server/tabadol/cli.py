@@ -245,6 +245,13 @@ def _cmd_ledger_verify(args: argparse.Namespace) -> int:
     return 0 if not broken and not gap and not journal_problems else 1
 
 
+def _cmd_ledger_init(args: argparse.Namespace) -> int:
+    cfg, store = _open_ledger(args.config, readonly=False)  # makes what is missing
+    store.close()
+    print(f"{_ledger_label(cfg)}: the ledger's tables are there")
+    return 0
+
+
 def _cmd_ledger_acknowledge(args: argparse.Namespace) -> int:
     from tabadol.ledger.store import LedgerWriteError
 
@@ -687,6 +694,16 @@ def build_parser() -> argparse.ArgumentParser:
         "its chain against; repeat for each node",
     )
     lverify.set_defaults(func=_cmd_ledger_verify)
+    linit = ledger_sub.add_parser(
+        "init",
+        help="create the ledger's tables (run once, as the role that is to own them)",
+        description="Create the ledger named by the configuration's [ledger] url (or path) "
+        "if it is not there. On PostgreSQL, run it once as the role that owns the tables: "
+        "broker nodes then need only SELECT, INSERT and UPDATE on them (docs/deployment.md). "
+        "A broker creates them itself when its role may.",
+    )
+    linit.add_argument("--config", type=Path, required=True, help="broker configuration")
+    linit.set_defaults(func=_cmd_ledger_init)
     lack = ledger_sub.add_parser(
         "acknowledge",
         help="record that a reported gap was looked into (who and why)",
