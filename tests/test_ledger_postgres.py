@@ -16,7 +16,7 @@ from tabadol import config
 from tabadol.broker import Broker
 from tabadol.cli import main
 from tabadol.client import connect
-from tabadol.database import describe
+from tabadol.database import describe, transport_problem
 from tabadol.errors import ConfigError, TabadolError
 from tabadol.ledger import LedgerWriter
 from tabadol.ledger.seal import Sealer
@@ -133,6 +133,22 @@ async def test_a_nodes_chain_deleted_whole_is_caught_by_its_writer_sessions(
     )  # fmt: skip
     assert "node node-1: OK: 2 records" in out
     assert "node node-2 wrote 2 records" in out and "it was deleted" in out
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            "postgresql://tabadol:s3cret@db1:5432,db2:5433/t",
+            "postgresql://tabadol@db1:5432,db2:5433/t",
+        ),
+        ("postgresql://tabadol@db1,db2/t", "postgresql://tabadol@db1:5432,db2:5432/t"),
+        ("postgresql://tabadol:s3cret@[::1/t", "postgresql://(an invalid URL)"),
+    ],
+)
+def test_a_database_is_named_host_by_host_and_never_with_its_password(url: str, shown: str) -> None:
+    assert describe(url) == shown
+    assert "s3cret" not in (transport_problem(url) or "")
 
 
 def test_an_unreachable_database_is_named_without_its_password() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import re
 import urllib.parse
 from dataclasses import dataclass
 
@@ -22,14 +23,20 @@ def describe(url: str) -> str:
     try:
         parts = conninfo_to_dict(url)
     except (psycopg.Error, ValueError):
-        split = urllib.parse.urlsplit(url)
+        try:
+            split = urllib.parse.urlsplit(url)
+        except ValueError:
+            return "postgresql://(an invalid URL)"
         user, _, hostport = split.netloc.rpartition("@")
         user = user.partition(":")[0]
         return f"postgresql://{user + '@' if user else ''}{hostport}{split.path}"
     user = f"{parts['user']}@" if parts.get("user") else ""
-    host = parts.get("host") or "localhost"
-    port = parts.get("port") or "5432"
-    return f"postgresql://{user}{host}:{port}/{parts.get('dbname') or ''}"
+    hosts = str(parts.get("host") or "localhost").split(",")
+    ports = str(parts.get("port") or "5432").split(",")
+    if len(ports) == 1:
+        ports *= len(hosts)  # one port for every host
+    where = ",".join(f"{h}:{p or 5432}" for h, p in zip(hosts, ports, strict=False))
+    return f"postgresql://{user}{where}/{parts.get('dbname') or ''}"
 
 
 def transport_problem(url: str) -> str | None:
@@ -40,7 +47,7 @@ def transport_problem(url: str) -> str | None:
     try:
         parts = conninfo_to_dict(url)
     except (psycopg.Error, ValueError) as e:
-        return f"not a PostgreSQL URL: {e}"
+        return f"not a PostgreSQL URL: {Database(url).why(e)}"  # the driver quotes the URL
     hosts = [h for h in str(parts.get("hostaddr") or parts.get("host") or "").split(",") if h]
     remote = [h for h in hosts if not _local(h)]
     if remote and parts.get("sslmode") != "verify-full":
@@ -62,14 +69,16 @@ def _local(host: str) -> bool:
 
 
 def _secrets(url: str) -> list[str]:
-    """The password in ``url``, as written and decoded: psycopg may quote either."""
-    split = urllib.parse.urlsplit(url)
-    userinfo = split.netloc.rpartition("@")[0]
-    raw = userinfo.partition(":")[2] if ":" in userinfo else ""
-    found = {raw, urllib.parse.unquote(raw)}
-    with contextlib.suppress(psycopg.Error):
+    """The password in ``url``, as written and decoded: psycopg may quote either. Read by
+    hand: a URL too broken for a parser may still hold one."""
+    rest = url.partition("://")[2]
+    netloc, _, tail = rest.partition("/")
+    userinfo = netloc.rpartition("@")[0]
+    found = {userinfo.partition(":")[2]} if ":" in userinfo else set()
+    found.update(re.findall(r"(?:^|[?&])password=([^&]*)", tail.partition("?")[2]))
+    with contextlib.suppress(psycopg.Error, ValueError):
         found.add(str(conninfo_to_dict(url).get("password") or ""))
-    found.update(urllib.parse.parse_qs(split.query).get("password", []))
+    found |= {urllib.parse.unquote(s) for s in found}
     return sorted((s for s in found if s), key=len, reverse=True)
 
 
