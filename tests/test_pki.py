@@ -770,3 +770,21 @@ def test_help_exits_0_and_names_every_subcommand(capsys: pytest.CaptureFixture[s
     out = capsys.readouterr().out
     listed = {line.split()[0] for line in out.splitlines() if line.startswith("    ")}
     assert {"broker", "pki", "demo", "config"} <= listed
+
+
+def test_a_server_certificate_names_each_name_once(tmp_path: Path) -> None:
+    ca = CertificateAuthority.init(tmp_path / "pki", "exchange.example")
+    path = ca.issue_broker(
+        dns_names=["broker.exchange.example", "node1.exchange.example", "node1.exchange.example"],
+        ips=["10.0.0.11", "10.0.0.11"],
+    )
+    names = (
+        x509.load_pem_x509_certificate(path.read_bytes())
+        .extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        .value
+    )
+    assert names.get_values_for_type(x509.DNSName) == [
+        "broker.exchange.example",
+        "node1.exchange.example",
+    ]
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["10.0.0.11"]

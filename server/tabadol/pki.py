@@ -333,8 +333,8 @@ class CertificateAuthority:
         superseded = _serial_of(cert_path) if cert_path.exists() else None
         self._issue(
             spiffe_id=spiffe_id,
-            dns_names=dns_names,
-            ips=ips,
+            dns_names=list(dict.fromkeys(dns_names)),  # each name once, in order
+            ips=list(dict.fromkeys(ips)),
             common_name=name,
             cert_path=cert_path,
             key_path=key_path,
