@@ -18,7 +18,13 @@ from tabadol.pki import CertificateAuthority
 from tabadol.registry import open_registry
 from tabadol.registry.entries import Change, diff, digest, entries_data, summary
 from tabadol.registry.freshness import RegistryFreshness
-from tabadol.registry.store import Registry, RegistryRefused, RegistryUnavailable
+from tabadol.registry.store import (
+    Registry,
+    RegistryBusy,
+    RegistryRefused,
+    RegistryUnavailable,
+    StoredCrl,
+)
 from tabadol.registry.store.memory import MemoryRegistryStore
 from tests.conftest import DEFAULT_GRANTS
 from tests.support.echo import SERVICE
@@ -217,6 +223,74 @@ def test_registry_commands_need_a_registry_url(
     assert code == 2 and "[registry] url is not set" in err
 
 
+def test_skip_to_commits_the_file_as_a_version_above_the_newest(
+    setup: tuple[Path, Path],
+) -> None:
+    cfg, file = setup
+    import_registry(cfg, file)
+    code, out, err = tabadol(
+        "registry", "import", "--config", str(cfg), str(file), "--skip-to", "1"
+    )
+    assert code == 2 and out == ""
+    assert "--skip-to 1: the registry's newest version is 1; the number must be above it" in err
+    with pytest.raises(SystemExit):  # argparse: "0 is not a version number (1 or more)"
+        tabadol("registry", "import", "--config", str(cfg), str(file), "--skip-to", "0")
+    code, out, _ = tabadol("registry", "import", "--config", str(cfg), str(file), "--skip-to", "7")
+    assert code == 0 and "committed registry version 7 (no change)" in out  # even unchanged
+    assert current_version(cfg) == 7
+    _, out, _ = tabadol("registry", "history", "--config", str(cfg))
+    assert [line.split()[0] for line in out.splitlines()] == ["7", "1"]
+
+
+def test_import_refuses_a_file_too_large_or_not_a_file_before_reading_it(
+    setup: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from tabadol.registry.cli import MAX_REGISTRY_FILE_BYTES
+
+    cfg, _ = setup
+    huge = tmp_path / "huge.toml"
+    with huge.open("wb") as f:
+        f.truncate(MAX_REGISTRY_FILE_BYTES + 1)  # sparse: nothing is written
+    code, _, err = tabadol("registry", "import", "--config", str(cfg), str(huge))
+    assert code == 2
+    assert f"{huge}: {MAX_REGISTRY_FILE_BYTES + 1} bytes, more than a registry file may " in err
+    assert "(16 MiB)" in err
+    code, _, err = tabadol("registry", "diff", "--config", str(cfg), "/dev/zero")
+    assert code == 2 and "/dev/zero: not a regular file" in err
+    assert current_version(cfg) is None
+
+
+def test_history_reads_the_versions_a_page_at_a_time(
+    setup: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tabadol.registry import cli as registry_cli
+
+    cfg, file = setup
+    import_registry(cfg, file, reason="first")
+    url = config.load(cfg).registry.url
+    assert url is not None
+    store = open_registry(url)
+    try:
+        for n in range(4):  # alternately with and without a grant
+            entries = store.current()
+            assert entries is not None
+            data = dict(entries.entries)
+            data["grant"] = data["grant"][:1] if n % 2 == 0 else entries.entries["grant"]
+            if n % 2:
+                data["grant"] = [*data["grant"], {"consumer": "tax", "service": SERVICE}]
+            store.commit(data, "w", f"change {n}", digest(data))
+    finally:
+        store.close()
+    monkeypatch.setattr(registry_cli, "_HISTORY_PAGE", 2)
+    code, out, _ = tabadol("registry", "history", "--config", str(cfg))
+    assert code == 0
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines] == ["5", "4", "3", "2", "1"]
+    assert "change 2" in lines[1] and "[grant: 1 removed]" in lines[1]
+    assert "change 1" in lines[2] and "[grant: 1 added]" in lines[2]  # from the page before
+    assert "change 0" in lines[3] and "[grant: 1 removed]" in lines[3]
+
+
 # -- publishing the CRL ---------------------------------------------------------------
 
 
@@ -248,6 +322,36 @@ def test_publish_crl_stores_a_newer_crl_of_the_ca_only(
     )
     code, out, err = tabadol("registry", "publish-crl", "--config", str(cfg), str(newer))
     assert code == 0 and "number 50" in out, err
+
+
+def test_a_stored_crl_counts_only_if_the_ca_signed_it_under_that_number(
+    tmp_path: Path,
+) -> None:
+    from tabadol.registry.crl import counts, newest_counting
+
+    ca = CertificateAuthority.init(tmp_path / "pki", "tabadol.example")
+    other = CertificateAuthority.init(tmp_path / "other", "tabadol.example")
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    now = dt.datetime.now(dt.UTC)
+
+    def row(der: bytes, number: int) -> StoredCrl:
+        return StoredCrl(number, der, now, "x")
+
+    def der(signer: CertificateAuthority, number: int) -> bytes:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        pem = crl_signed_by(signer, number=number, next_update=later)
+        return x509.load_pem_x509_crl(pem).public_bytes(serialization.Encoding.DER)
+
+    genuine = der(ca, 4)
+    assert counts(row(genuine, 4), ca.cert)
+    assert not counts(row(genuine, 10**12), ca.cert)  # the CA's CRL, renumbered in the table
+    assert not counts(row(der(other, 9), 9), ca.cert)  # another CA's
+    assert not counts(row(b"junk", 9), ca.cert)
+    rows = [row(genuine, 10**12), row(der(other, 9), 9), row(genuine, 4), row(der(ca, 3), 3)]
+    chosen = newest_counting(rows, ca.cert)
+    assert chosen is not None and chosen.number == 4
 
 
 # -- the store's contract, over every implementation ---------------------------------------
@@ -313,24 +417,60 @@ async def test_store_announces_each_commit(store: Registry) -> None:
     assert heard and heard[0][0] == "registry" and heard[0][1] >= 1
 
 
-def test_store_crl_only_moves_forward(store: Registry) -> None:
-    assert store.crl() is None
-    store.publish_crl(b"der-1", 5, "alice")
-    with pytest.raises(RegistryRefused, match="not newer"):
-        store.publish_crl(b"der-0", 5, "mallory")
-    with pytest.raises(RegistryRefused, match="not newer"):
-        store.publish_crl(b"der-0", 4, "mallory")
-    store.publish_crl(b"der-2", 6, "bob")
-    held = store.crl()
-    assert held is not None and (held.number, held.der, held.published_by) == (6, b"der-2", "bob")
+def good(row: StoredCrl) -> bool:
+    """The contract's stand-in for "signed by the CA, numbered as in the CRL itself"."""
+    return row.der.startswith(b"good")
 
 
-def test_postgres_versions_are_never_updated_or_deleted(postgres_url: str) -> None:
-    store = open_registry(postgres_url)
+def test_store_crl_only_moves_forward_over_the_rows_that_count(store: Registry) -> None:
+    assert store.crls() == []
+    store.publish_crl(b"good-1", 5, "alice", good)
+    with pytest.raises(RegistryRefused, match="not newer"):
+        store.publish_crl(b"good-0", 5, "mallory", good)
+    with pytest.raises(RegistryRefused, match="not newer"):
+        store.publish_crl(b"good-0", 4, "mallory", good)
+    store.publish_crl(b"good-2", 6, "bob", good)
+    # A row that does not count, however high its number, blocks nothing and is still
+    # handed to readers, who judge it.
+    store.publish_crl(b"junk", 10**12, "mallory", lambda row: True)
+    store.publish_crl(b"good-3", 7, "carol", good)
+    rows = store.crls()
+    assert [(c.number, c.der) for c in rows] == [
+        (10**12, b"junk"),
+        (7, b"good-3"),
+        (6, b"good-2"),
+        (5, b"good-1"),
+    ]
+    assert rows[1].published_by == "carol"
+    assert [c.number for c in store.crls(above=6)] == [10**12, 7]
+
+
+def test_store_versions_page_and_skip_to_a_number(store: Registry) -> None:
+    for _ in range(3):
+        store.commit(ONE, "a", "r", digest(ONE))
+    with pytest.raises(RegistryRefused, match=r"newest version is 3.*--skip-to 4"):
+        store.commit(TWO, "a", "r", digest(TWO), number=3)
+    skipped = store.commit(TWO, "a", "after a restore", digest(TWO), number=10)
+    assert skipped.number == 10
+    assert store.commit(ONE, "a", "r", digest(ONE)).number == 11
+    v10 = store.version(10)
+    assert v10 is not None and v10.entries == TWO and store.version(5) is None
+    assert [v.number for v in store.history(limit=2)] == [1, 2]
+    assert [v.number for v in store.history(after=2, limit=2)] == [3, 10]
+    assert [v.number for v in store.history(after=10)] == [11]
+
+
+def commit_one(url: str) -> None:
+    """Version 1 (ONE, by alice), which also creates the tables."""
+    store = open_registry(url)
     try:
         store.commit(ONE, "alice", "first", digest(ONE))
     finally:
         store.close()
+
+
+def test_postgres_versions_are_never_updated_or_deleted(postgres_url: str) -> None:
+    commit_one(postgres_url)
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         for statement in (
             "UPDATE registry_versions SET created_by = 'mallory'",
@@ -359,6 +499,62 @@ def test_postgres_commits_from_many_writers_get_serial_versions(postgres_url: st
     finally:
         for s in stores:
             s.close()
+
+
+def test_postgres_change_waits_for_another_at_most_lock_timeout(postgres_url: str) -> None:
+    from tabadol.registry.store.postgres import PostgresRegistryStore
+
+    store = PostgresRegistryStore(postgres_url, lock_timeout_s=0.5)
+    try:
+        store.commit(ONE, "alice", "first", digest(ONE))
+        with psycopg.connect(postgres_url) as other:  # a change in progress, stuck
+            other.execute("SELECT id FROM registry_lock FOR UPDATE")
+            with pytest.raises(RegistryBusy, match="another change held the registry lock"):
+                store.commit(TWO, "bob", "second", digest(TWO))
+            with pytest.raises(RegistryBusy, match="cannot publish a CRL"):
+                store.publish_crl(b"good", 1, "bob", good)
+            other.rollback()
+        assert store.commit(TWO, "bob", "second", digest(TWO)).number == 2
+        assert store.crls() == []
+    finally:
+        store.close()
+
+
+def test_postgres_only_a_role_that_may_update_the_lock_row_can_hold_changes_up(
+    postgres_url: str,
+) -> None:
+    commit_one(postgres_url)
+    with psycopg.connect(postgres_url, autocommit=True) as su:
+        su.execute("DROP ROLE IF EXISTS reader")
+        su.execute("CREATE ROLE reader LOGIN")
+        su.execute("GRANT SELECT ON ALL TABLES IN SCHEMA public TO reader")
+        with pytest.raises(psycopg.errors.RaiseException, match="never changed"):
+            su.execute("DELETE FROM registry_lock")
+    with psycopg.connect(postgres_url.replace("postgres@", "reader@", 1)) as reader:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            reader.execute("SELECT id FROM registry_lock FOR UPDATE")
+        reader.rollback()
+        for mode in ("SHARE", "SHARE ROW EXCLUSIVE", "EXCLUSIVE"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                reader.execute(f"LOCK TABLE registry_lock IN {mode} MODE")
+            reader.rollback()
+
+
+def test_postgres_crl_rows_no_crl_can_have_are_passed_over(postgres_url: str) -> None:
+    store = open_registry(postgres_url)
+    try:
+        store.publish_crl(b"good-1", 1, "alice", good)
+        with psycopg.connect(postgres_url, autocommit=True) as db:
+            for number in ("NaN", "Infinity", "2.5"):
+                db.execute(
+                    "INSERT INTO registry_crls (number, der, published_by) VALUES (%s, 'x', 'm')",
+                    (number,),
+                )
+        assert [c.number for c in store.crls()] == [1]
+        store.publish_crl(b"good-2", 2, "alice", good)
+        assert [c.der for c in store.crls(above=1)] == [b"good-2"]
+    finally:
+        store.close()
 
 
 def test_an_unreachable_postgres_store_raises_registry_unavailable() -> None:

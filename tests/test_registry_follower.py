@@ -4,13 +4,16 @@ SIGHUP, a version a node cannot apply refused, and the database going away and c
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import grpc.aio
+import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -27,7 +30,7 @@ from tests.conftest import DEFAULT_GRANTS, RunningProvider
 from tests.support.echo import SERVICE, UNARY
 from tests.support.exchange import eventually
 from tests.support.postgres import PostgresCluster, create_database
-from tests.support.registry import import_registry, registry_config, registry_toml
+from tests.support.registry import import_registry, registry_config, registry_toml, tabadol
 
 ONLY_POST = f'[[grant]]\nconsumer = "post"\nservice = "{SERVICE}"\nmethods = ["*"]\n'
 
@@ -295,3 +298,111 @@ async def call_code_is(
     broker: Broker, pki: CertificateAuthority, agency: str, code: grpc.StatusCode
 ) -> bool:
     return await call(broker, pki, agency) == code
+
+
+# -- what the node kept, and versions going backwards --------------------------------------
+
+
+def keep_by_hand(cfg: Path, provider: str, number: int, confirmed_at: float | None) -> Path:
+    """A kept registry file as a node writes it, with whatever number and time."""
+    from tabadol.registry.entries import entries_data
+
+    file = cfg.parent / "kept-source.toml"
+    file.write_text(registry_toml([provider]))
+    entries = entries_data(config.read_registry_file(file))
+    data: dict[str, object] = {
+        "database": "x",
+        "version": number,
+        "created_at": "2026-01-01T00:00:00+00:00",
+        "created_by": "tester",
+        "reason": "",
+        "digest": digest(entries),
+        "entries": entries,
+    }
+    if confirmed_at is not None:
+        data["confirmed_at"] = confirmed_at
+    kept = kept_registry_path(config.load(cfg))
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_text(json.dumps(data))
+    kept.chmod(0o600)
+    return kept
+
+
+@pytest.mark.parametrize(
+    ("confirmed", "age_at_least"),
+    [(-500.0, 499.0), (None, 10**9)],  # as the file says; without a time, long ago
+)
+def test_a_start_without_the_database_takes_the_confirmed_time_inside_the_kept_file(
+    tmp_path: Path,
+    pki: CertificateAuthority,
+    echo_contracts: Path,
+    confirmed: float | None,
+    age_at_least: float,
+) -> None:
+    cfg = registry_config(tmp_path, pki.dir, echo_contracts, "postgresql://u@127.0.0.1:1/db")
+    kept = keep_by_hand(
+        cfg, "127.0.0.1:1", 4, None if confirmed is None else time.time() + confirmed
+    )
+    os.utime(kept)  # the file's own time says nothing
+    broker = Broker(config.load(cfg))
+    assert broker.config.registry_version == 4
+    assert broker.registry is not None
+    assert broker.registry.freshness.age(time.time()) >= age_at_least
+
+
+def test_a_kept_time_in_the_future_is_taken_as_now(
+    tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path
+) -> None:
+    cfg = registry_config(tmp_path, pki.dir, echo_contracts, "postgresql://u@127.0.0.1:1/db")
+    keep_by_hand(cfg, "127.0.0.1:1", 4, time.time() + 10**6)
+    broker = Broker(config.load(cfg))
+    assert broker.registry is not None
+    assert broker.registry.freshness.confirmed_at <= time.time()
+
+
+def test_a_restart_takes_the_databases_version_even_below_the_kept_one_and_says_so(
+    tmp_path: Path,
+    pki: CertificateAuthority,
+    echo_contracts: Path,
+    postgres_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    n = Node(tmp_path, pki, echo_contracts, postgres_url, "127.0.0.1:1")
+    n.publish(DEFAULT_GRANTS, "v1")
+    keep_by_hand(n.config, "127.0.0.1:1", 5, time.time())
+    with caplog.at_level(logging.WARNING, "tabadol.broker.registry"):
+        broker = Broker(config.load(n.config))
+    assert broker.config.registry_version == 1
+    assert "holds version 1 as its newest, below version 5 this node applied before" in caplog.text
+    assert "--skip-to 6" in caplog.text
+
+
+async def test_a_head_going_backwards_is_refused_once_logged_and_skip_to_moves_on(
+    node: tuple[Node, Broker], pki: CertificateAuthority, caplog: pytest.LogCaptureFixture
+) -> None:
+    n, broker = node
+    n.publish(ONLY_POST, "v2: nocr's grant ends")
+    assert await eventually(lambda: broker.config.registry_version == 2)
+    url = broker.config.registry.url
+    assert url is not None and broker.registry is not None
+    with caplog.at_level(logging.ERROR, "tabadol.broker.registry"):
+        with psycopg.connect(url, autocommit=True) as su:  # a restore that lost version 2
+            su.execute("ALTER TABLE registry_versions DISABLE TRIGGER USER")
+            su.execute("DELETE FROM registry_versions WHERE version = 2")
+        for _ in range(3):
+            await broker.registry.check()
+    said = "says its newest version is 1, below version 2 this node has read there"
+    assert caplog.text.count(said) == 1
+    assert "keeps serving version 2" in caplog.text and "--skip-to 3" in caplog.text
+    assert broker.config.registry_version == 2
+    assert await eventually(lambda: gauge(broker, "tabadol_registry_version") == 2)
+    assert await call(broker, pki, "nocr") == grpc.StatusCode.PERMISSION_DENIED
+    assert gauge(broker, "tabadol_registry_age_seconds") < 60  # the database is reachable
+    # The operator's way on: the registry meant to be in force, above every version seen.
+    n.file.write_text(registry_toml([n.provider], DEFAULT_GRANTS))
+    code, _, err = tabadol(
+        "registry", "import", "--config", str(n.config), str(n.file), "--skip-to", "3"
+    )
+    assert code == 0, err
+    assert await eventually(lambda: broker.config.registry_version == 3)
+    assert await call(broker, pki, "nocr") == grpc.StatusCode.OK

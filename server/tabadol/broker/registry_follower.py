@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import logging
-import os
+import math
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,11 +23,13 @@ from grpc_health.v1 import health_pb2
 
 from tabadol.config import BrokerConfig
 from tabadol.errors import ConfigError, TabadolError
+from tabadol.registry.crl import counts
 from tabadol.registry.current import with_version
 from tabadol.registry.entries import digest
 from tabadol.registry.freshness import RegistryFreshness
 from tabadol.registry.store import (
     Registry,
+    RegistryHead,
     RegistryUnavailable,
     RegistryVersion,
     StoredCrl,
@@ -38,7 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tabadol.broker.registry")
 
-_KEEP_TOUCH_S = 60.0  # how often the kept version's "last confirmed" time is refreshed
+_KEEP_TOUCH_S = 60.0  # how often the kept version's "confirmed_at" is rewritten
 _LOG_EVERY_S = 60.0  # repeated warnings while the database stays unreachable
 
 
@@ -59,8 +63,14 @@ class RegistryFollower:
         )
         self.version: RegistryVersion | None = None  # the version in force
         self._broker: Broker | None = None
-        self._refused: int | None = None  # a version this node could not apply (logged once)
+        # The highest version number this node has read in the database in this run (never
+        # from the kept file): a head below it is a rollback, not applied.
+        self._seen = 0
+        self._going_back: tuple[int, str] | None = None  # the head below it, logged once
+        self._refused: tuple[int, str] | None = None  # a version this node could not apply
         self._refused_crl: int | None = None
+        self._ignored_crls: set[tuple[int, str]] = set()  # rows that do not count, logged once
+        self._ca: tuple[bytes, x509.Certificate] | None = None
         self._reachable = True
         self._last_warning = 0.0
         self._touched = 0.0
@@ -73,8 +83,11 @@ class RegistryFollower:
         """A follower when ``[registry] url`` is set; None for a registry in the file."""
         return cls(cfg, cfg.registry.url) if cfg.registry.url is not None else None
 
-    def _in_force(self) -> int | None:
-        return self.version.number if self.version is not None else None
+    def _in_force(self) -> tuple[int, str] | None:
+        return (self.version.number, self.version.digest) if self.version is not None else None
+
+    def _number_in_force(self) -> str:
+        return str(self.version.number) if self.version is not None else "(none)"
 
     def _label(self, number: int) -> str:
         return f"registry version {number} of {self.store.where}"
@@ -96,7 +109,8 @@ class RegistryFollower:
                     f"of its own to start from ({self.kept} does not exist): start it once the "
                     "database is reachable"
                 ) from None
-            version, confirmed_at = kept
+            version, kept_confirmed_at = kept
+            confirmed_at = min(kept_confirmed_at, time.time())  # a future time is no proof
             log.warning(
                 "%s; starting from the registry version this node kept, %d (%s, last "
                 "confirmed current %s UTC): it follows the database once reachable",
@@ -112,6 +126,17 @@ class RegistryFollower:
                 f"{cfg.path}: [registry] url: {self.store.where} holds no registry version "
                 f"yet: import one with `tabadol registry import --config {cfg.path} FILE`"
             )
+        self._seen = current.number  # at a start, the database's version whatever its number
+        kept_number = self._kept_number(cfg)
+        if kept_number is not None and kept_number > current.number:
+            log.warning(
+                "registry database %s holds version %d as its newest, below version %d this "
+                "node applied before (%s): a restore or failover lost versions? Starting from "
+                "the database's version %d. Import the registry you mean to be in force with "
+                "`tabadol registry import --skip-to %d` (docs/registry.md)",
+                self.store.where, current.number, kept_number, self.kept, current.number,
+                kept_number + 1,
+            )  # fmt: skip
         try:
             applied = self._entries(cfg, current)
         except ConfigError as e:
@@ -124,7 +149,7 @@ class RegistryFollower:
                 "this node cannot apply the current registry version %d; it starts from the "
                 "version it kept, %d:\n%s", current.number, kept[0].number, e,
             )  # fmt: skip
-            self._refused = current.number
+            self._refused = (current.number, current.digest)
             self.version = kept[0]
             return self._entries(cfg, kept[0])
         self.version = current
@@ -176,8 +201,11 @@ class RegistryFollower:
             if check is None or check.done():
                 self._wake.clear()
                 check = asyncio.create_task(self.check())
+                waiting: Awaitable[Any] = self._wake.wait()
+            else:  # a wake-up while a check runs: the next check follows it, no spinning
+                waiting = asyncio.shield(check)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), min(self.settings.poll_seconds, 1.0))
+                await asyncio.wait_for(waiting, min(self.settings.poll_seconds, 1.0))
             try:
                 self._publish()
                 await self._health()
@@ -185,17 +213,24 @@ class RegistryFollower:
                 log.exception("publishing the registry's state failed; trying again")
 
     async def check(self) -> None:
-        """Ask the database which version is current, and apply it if it is new."""
+        """Ask the database which version is current, and apply it if it differs from the
+        one in force (number or digest), unless it goes back; then take a newer CRL."""
         try:
             head = await asyncio.to_thread(self.store.head)
-            new = head is not None and head.number not in (self._in_force(), self._refused)
-            if new and head is not None:
-                version = await asyncio.to_thread(self.store.version, head.number)
-                if version is not None:
-                    self._apply(version)
-            crl = await asyncio.to_thread(self.store.crl)
-            if crl is not None:
-                self._take_crl(crl)
+            if head is None or head.number < self._seen:
+                self._going_backwards(head)
+            else:
+                self._seen, self._going_back = head.number, None
+                key = (head.number, head.digest)
+                if key not in (self._in_force(), self._refused):
+                    version = await asyncio.to_thread(self.store.version, head.number)
+                    if version is not None:
+                        self._apply(version)
+            held = self._broker.credentials.crl if self._broker is not None else None
+            rows = await asyncio.to_thread(
+                self.store.crls, held.number if held is not None else None
+            )
+            self._take_newest_crl(rows)
         except RegistryUnavailable as e:
             self._lost(str(e))
             return
@@ -203,7 +238,30 @@ class RegistryFollower:
             log.exception("following the registry failed; trying again")
             self._lost(f"registry database {self.store.where}: {type(e).__name__}")
             return
-        self._confirmed()
+        self._confirmed(head)
+
+    def _going_backwards(self, head: RegistryHead | None) -> None:
+        """The database's head is below a version this node has read there: keep serving
+        the version in force, and say once per such head what to do."""
+        if head is None and self._seen == 0:
+            return  # nothing read there yet, nothing there now: nothing to go back from
+        key = (head.number, head.digest) if head is not None else (0, "")
+        if key == self._going_back:
+            return
+        self._going_back = key
+        log.error(
+            "registry database %s says its newest version is %s, below version %d this node "
+            "has read there (a restore or a failover that lost versions?): not applied; this "
+            "node keeps serving version %s. To move every node on, import the registry you "
+            "mean to be in force as a version above %d: `tabadol registry import --config "
+            "CONFIG FILE --skip-to %d` (docs/registry.md)",
+            self.store.where,
+            head.number if head is not None else "none (it holds no version)",
+            self._seen,
+            self._number_in_force(),
+            self._seen,
+            self._seen + 1,
+        )
 
     def _apply(self, version: RegistryVersion) -> None:
         broker = self._broker
@@ -216,11 +274,11 @@ class RegistryFollower:
             new = self._entries(broker.config, version)
             broker.reload(new)
         except TabadolError as e:
-            self._refused = version.number
+            self._refused = (version.number, version.digest)
             log.error(
                 "%s refused by this node; version %s keeps serving:\n%s",
                 self._label(version.number),
-                self.version.number if self.version is not None else "(none)",
+                self._number_in_force(),
                 e,
             )
             return
@@ -239,6 +297,32 @@ class RegistryFollower:
             len(new.services),
             len(new.grants),
         )
+
+    def _exchange_ca(self, broker: Broker) -> x509.Certificate:
+        pem = broker.credentials.ca_pem
+        if self._ca is None or self._ca[0] != pem:
+            self._ca = (pem, x509.load_pem_x509_certificate(pem))
+        return self._ca[1]
+
+    def _take_newest_crl(self, rows: list[StoredCrl]) -> None:
+        """Of the stored rows (newest first), take the first that counts: a row is only what
+        its writer said, so one that is not the CA's CRL of that number is passed over."""
+        broker = self._broker
+        assert broker is not None
+        for row in rows:
+            mark = (row.number, hashlib.sha256(row.der).hexdigest())
+            if mark in self._ignored_crls:
+                continue
+            if counts(row, self._exchange_ca(broker)):
+                self._take_crl(row)
+                return
+            self._ignored_crls.add(mark)
+            log.warning(
+                "a row of registry_crls in %s, numbered %d and published by %r, is not the "
+                "exchange's CRL of that number (not signed by its CA, or numbered otherwise "
+                "in the CRL itself): ignored",
+                self.store.where, row.number, row.published_by,
+            )  # fmt: skip
 
     def _take_crl(self, stored: StoredCrl) -> None:
         """A CRL newer than the one in force goes to crl.pem and is loaded as on SIGHUP, with
@@ -275,21 +359,20 @@ class RegistryFollower:
             stored.number, self.store.where, stored.published_by, len(broker.credentials.revoked),
         )  # fmt: skip
 
-    def _confirmed(self) -> None:
+    def _confirmed(self, head: RegistryHead | None) -> None:
         now = time.time()
         if not self._reachable:
             log.warning(
-                "registry database %s is reachable again after %.0f s; version %s is current",
+                "registry database %s is reachable again after %.0f s; version %s is in force",
                 self.store.where,
                 self.freshness.age(now),
-                self.version.number if self.version is not None else "(none)",
+                self._number_in_force(),
             )
         self._reachable = True
         self.freshness.confirm(now)
-        if now - self._touched >= _KEEP_TOUCH_S:
-            self._touched = now
-            with contextlib.suppress(OSError):
-                os.utime(self.kept)  # its time says when it was last confirmed current
+        current = head is not None and (head.number, head.digest) == self._in_force()
+        if current and self.version is not None and now - self._touched >= _KEEP_TOUCH_S:
+            self._keep(self.version)  # with the time it was confirmed current: now
 
     def _lost(self, why: str) -> None:
         now = time.monotonic()
@@ -346,8 +429,11 @@ class RegistryFollower:
             )
 
     def _keep(self, version: RegistryVersion) -> None:
-        """Keep the version applied beside the ledger (0600), for a start without database."""
+        """Keep the version applied beside the ledger (0600), for a start without database,
+        with when it was last confirmed current (now: it comes from the database)."""
+        now = time.time()
         data: dict[str, Any] = {
+            "confirmed_at": now,
             "database": self.store.where,
             "version": version.number,
             "created_at": version.created_at.isoformat(),
@@ -359,7 +445,7 @@ class RegistryFollower:
         try:
             self.kept.parent.mkdir(parents=True, exist_ok=True)
             replace_file(self.kept, json.dumps(data, indent=1).encode(), 0o600)
-            self._touched = time.time()
+            self._touched = now
         except OSError as e:
             log.error(
                 "cannot keep registry version %d in %s (%s): a start while the database is "
@@ -370,10 +456,10 @@ class RegistryFollower:
             )
 
     def _read_kept(self, cfg: BrokerConfig) -> tuple[RegistryVersion, float] | None:
-        """The version kept and when it was last confirmed current; None if there is none."""
+        """The version kept and when it was last confirmed current (as the file says: 0, long
+        ago, when it does not); None if there is none."""
         try:
             raw = read_regular(self.kept)
-            confirmed_at = os.stat(self.kept).st_mtime
         except FileNotFoundError:
             return None
         except OSError as e:
@@ -391,10 +477,21 @@ class RegistryFollower:
                 data["entries"],
                 str(data["digest"]),
             )
-        except (ValueError, KeyError, TypeError) as e:
+            confirmed_at = float(data.get("confirmed_at", 0.0))
+            if not math.isfinite(confirmed_at):
+                confirmed_at = 0.0
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ConfigError(
                 f"{cfg.path}: {self.kept} is not a registry version this node kept ({e})"
             ) from e
         if digest(version.entries) != version.digest:
             raise ConfigError(f"{cfg.path}: {self.kept}: its entries do not match its digest")
         return version, confirmed_at
+
+    def _kept_number(self, cfg: BrokerConfig) -> int | None:
+        """The number of the version kept, if a good one is there (for a warning only)."""
+        try:
+            kept = self._read_kept(cfg)
+        except ConfigError:
+            return None
+        return kept[0].number if kept is not None else None

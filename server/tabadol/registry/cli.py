@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import socket
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +16,10 @@ from tabadol import config as config_module
 from tabadol.config import BrokerConfig
 from tabadol.errors import ConfigError
 from tabadol.registry.entries import Entries, diff, digest, entries_data, summary, to_toml
-from tabadol.registry.store import Registry, open_registry
+from tabadol.registry.store import Registry, RegistryRefused, open_registry
+
+MAX_REGISTRY_FILE_BYTES = 16 * 1024 * 1024
+_HISTORY_PAGE = 100  # versions read at a time: their entries are needed only for the diff
 
 
 def default_by() -> str:
@@ -45,8 +50,24 @@ def _opened(url: str) -> Iterator[Registry]:
         store.close()
 
 
+def _bounded(path: Path) -> None:
+    """Refuse what is not a regular file of at most MAX_REGISTRY_FILE_BYTES, before reading."""
+    try:
+        info = os.stat(path)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the registry file: {e.strerror}") from e
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{path}: not a regular file: a registry file is read whole")
+    if info.st_size > MAX_REGISTRY_FILE_BYTES:
+        raise ConfigError(
+            f"{path}: {info.st_size} bytes, more than a registry file may hold "
+            f"({MAX_REGISTRY_FILE_BYTES // (1024 * 1024)} MiB)"
+        )
+
+
 def _checked_file(cfg: BrokerConfig, path: Path) -> Entries:
     """A registry file's entries, validated exactly as the broker validates its own file."""
+    _bounded(path)
     entries = config_module.read_registry_file(path)
     config_module.apply_entries(cfg, entries, path.resolve())
     return entries_data(entries)
@@ -58,11 +79,18 @@ def _cmd_import(args: argparse.Namespace) -> int:
     new_digest = digest(data)
     with _opened(url) as store:
         current = store.current()
-        if current is not None and current.digest == new_digest:
+        if args.skip_to is not None and current is not None and args.skip_to <= current.number:
+            raise RegistryRefused(
+                f"{store.where}: --skip-to {args.skip_to}: the registry's newest version is "
+                f"{current.number}; the number must be above it"
+            )
+        if args.skip_to is None and current is not None and current.digest == new_digest:
             print(f"{store.where}: unchanged: version {current.number} already holds these entries")
             return 0
         changes = diff(current.entries if current is not None else {}, data)
-        version = store.commit(data, args.by or default_by(), args.reason, new_digest)
+        version = store.commit(
+            data, args.by or default_by(), args.reason, new_digest, number=args.skip_to
+        )
     print(
         f"{store.where}: committed registry version {version.number} "
         f"({summary(changes)}); every broker node applies it within seconds"
@@ -110,20 +138,21 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
 def _cmd_history(args: argparse.Namespace) -> int:
     _, url = _registry_config(args.config)
+    previous: Entries = {}
+    lines: list[str] = []  # one short line a version; the entries are read a page at a time
     with _opened(url) as store:
-        versions = store.history()
-    if not versions:
+        after = 0
+        while page := store.history(after=after, limit=_HISTORY_PAGE):
+            for v in page:
+                when = f"{v.created_at.astimezone():%Y-%m-%d %H:%M:%S %z}"
+                why = v.reason or "(no reason given)"
+                changes = summary(diff(previous, v.entries))
+                lines.append(f"{v.number:>5}  {when}  {v.created_by}  {why}  [{changes}]")
+                previous = v.entries
+            after = page[-1].number
+    if not lines:
         print(f"{store.where}: no version yet")
         return 0
-    previous: Entries = {}
-    lines = []
-    for v in versions:
-        when = f"{v.created_at.astimezone():%Y-%m-%d %H:%M:%S %z}"
-        why = v.reason or "(no reason given)"
-        lines.append(
-            f"{v.number:>5}  {when}  {v.created_by}  {why}  [{summary(diff(previous, v.entries))}]"
-        )
-        previous = v.entries
     print("\n".join(reversed(lines)))  # newest first
     return 0
 
@@ -137,6 +166,16 @@ def _cmd_publish_crl(args: argparse.Namespace) -> int:
         number = publish_crl(store, cfg, path, args.by or default_by())
     print(f"{store.where}: published CRL number {number} from {path}; broker nodes take it now")
     return 0
+
+
+def _version_number(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a version number") from None
+    if not 1 <= number < 2**63:
+        raise argparse.ArgumentTypeError(f"{number} is not a version number (1 or more)")
+    return number
 
 
 def add_registry_commands(
@@ -168,6 +207,13 @@ def add_registry_commands(
     imp.add_argument("file", type=Path, metavar="REGISTRY.toml")
     imp.add_argument("--reason", default="", help="why (kept in the history)")
     imp.add_argument("--by", help="who (default: user@host)")
+    imp.add_argument(
+        "--skip-to",
+        type=_version_number,
+        metavar="N",
+        help="commit as version N (above the database's newest), even if unchanged: after a "
+        "restore or failover that lost versions, so the nodes take it (docs/registry.md)",
+    )
 
     exp = action("export", _cmd_export, help="the current version as TOML (import takes it back)")
     exp.add_argument("--out", type=Path, help="file to write (default: standard output)")

@@ -6,7 +6,9 @@ from tabadol.errors import ConfigError
 from tabadol.registry.store.base import (
     Announcement,
     CrlStore,
+    CrlTrusted,
     Registry,
+    RegistryBusy,
     RegistryHead,
     RegistryRefused,
     RegistryStore,
@@ -33,7 +35,9 @@ def open_registry(url: str) -> Registry:
 __all__ = [
     "Announcement",
     "CrlStore",
+    "CrlTrusted",
     "Registry",
+    "RegistryBusy",
     "RegistryHead",
     "RegistryRefused",
     "RegistryStore",

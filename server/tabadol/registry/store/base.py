@@ -4,7 +4,7 @@ exchange's current CRL, each announced to the broker nodes when it changes."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -18,6 +18,26 @@ class RegistryUnavailable(TabadolError):
 
 class RegistryRefused(TabadolError):
     """The store refused a change (a CRL not newer than the one stored, say)."""
+
+
+class RegistryBusy(RegistryUnavailable):
+    """Another change held the registry's lock past the wait allowed; nothing was changed."""
+
+
+def skip_refused(where: str, number: int, newest: int) -> str:
+    """Why version ``number`` cannot be committed over ``newest``."""
+    return (
+        f"{where}: cannot commit version {number}: the registry's newest version is "
+        f"{newest}, and a version number must be above it (--skip-to {newest + 1} or more)"
+    )
+
+
+def crl_refused(where: str, held: int, number: int) -> str:
+    """Why CRL ``number`` cannot be published over ``held``."""
+    return (
+        f"{where}: the registry holds CRL number {held}; number {number} is not newer "
+        "(a CRL only moves forward)"
+    )
 
 
 @dataclass(frozen=True)
@@ -40,6 +60,9 @@ class RegistryVersion:
 
 @dataclass(frozen=True)
 class StoredCrl:
+    """A row of the CRL table. Its ``number`` is what the writer said: it counts only when
+    the DER's own CRL number says the same and the CA signed it (``registry.crl``)."""
+
     number: int
     der: bytes
     published_at: dt.datetime
@@ -67,25 +90,35 @@ class RegistryStore(Protocol):
 
     def version(self, number: int) -> RegistryVersion | None: ...
 
-    def history(self) -> list[RegistryVersion]:
-        """Every version, oldest first."""
+    def history(self, after: int = 0, limit: int | None = None) -> list[RegistryVersion]:
+        """The versions numbered above ``after``, oldest first, at most ``limit`` of them."""
         ...
 
-    def commit(self, entries: Entries, by: str, reason: str, digest: str) -> RegistryVersion:
-        """Store ``entries`` as the next version, in one transaction, and announce it."""
+    def commit(
+        self, entries: Entries, by: str, reason: str, digest: str, number: int | None = None
+    ) -> RegistryVersion:
+        """Store ``entries`` as the next version (or as version ``number``, which must be
+        above the newest: RegistryRefused if not), in one transaction, and announce it."""
         ...
 
     def close(self) -> None: ...
 
 
+CrlTrusted = Callable[[StoredCrl], bool]
+
+
 class CrlStore(Protocol):
-    """The exchange's current CRL: it only moves forward."""
+    """The exchange's CRLs as published: the newest that counts is the current one."""
 
-    def crl(self) -> StoredCrl | None: ...
+    def crls(self, above: int | None = None) -> list[StoredCrl]:
+        """The stored CRLs (numbered above ``above``, if given), newest first. Whoever can
+        write the table can add any row: the reader decides which count."""
+        ...
 
-    def publish_crl(self, der: bytes, number: int, by: str) -> StoredCrl:
-        """Store a CRL whose number is above the stored one's (RegistryRefused if not) and
-        announce it, in one transaction. The caller has checked it is the CA's."""
+    def publish_crl(self, der: bytes, number: int, by: str, trusted: CrlTrusted) -> StoredCrl:
+        """Store a CRL whose number is above every stored row that ``trusted`` accepts
+        (RegistryRefused if not) and announce it, in one transaction. The caller has
+        checked it is the CA's."""
         ...
 
 

@@ -10,10 +10,13 @@ from collections.abc import AsyncIterator
 from tabadol.registry.entries import Entries
 from tabadol.registry.store.base import (
     Announcement,
+    CrlTrusted,
     RegistryHead,
     RegistryRefused,
     RegistryVersion,
     StoredCrl,
+    crl_refused,
+    skip_refused,
 )
 
 
@@ -21,7 +24,7 @@ class MemoryRegistryStore:
     def __init__(self, where: str = "memory:") -> None:
         self.where = where
         self._versions: list[RegistryVersion] = []
-        self._crl: StoredCrl | None = None
+        self._crls: list[StoredCrl] = []  # as published, oldest first
         self._lock = threading.Lock()
         self._listeners: set[tuple[asyncio.AbstractEventLoop, asyncio.Queue[Announcement]]] = set()
 
@@ -36,33 +39,47 @@ class MemoryRegistryStore:
 
     def version(self, number: int) -> RegistryVersion | None:
         with self._lock:
-            return self._versions[number - 1] if 1 <= number <= len(self._versions) else None
+            return next((v for v in self._versions if v.number == number), None)
 
-    def history(self) -> list[RegistryVersion]:
+    def history(self, after: int = 0, limit: int | None = None) -> list[RegistryVersion]:
         with self._lock:
-            return list(self._versions)
+            later = [v for v in self._versions if v.number > after]
+        return later if limit is None else later[:limit]
 
-    def commit(self, entries: Entries, by: str, reason: str, digest: str) -> RegistryVersion:
+    def commit(
+        self, entries: Entries, by: str, reason: str, digest: str, number: int | None = None
+    ) -> RegistryVersion:
         with self._lock:
+            newest = self._versions[-1].number if self._versions else 0
+            if number is not None and number <= newest:
+                raise RegistryRefused(skip_refused(self.where, number, newest))
             version = RegistryVersion(
-                len(self._versions) + 1, dt.datetime.now(dt.UTC), by, reason, entries, digest
+                number if number is not None else newest + 1,
+                dt.datetime.now(dt.UTC),
+                by,
+                reason,
+                entries,
+                digest,
             )
             self._versions.append(version)
         self._announce(Announcement("registry", version.number))
         return version
 
-    def crl(self) -> StoredCrl | None:
-        return self._crl
-
-    def publish_crl(self, der: bytes, number: int, by: str) -> StoredCrl:
+    def crls(self, above: int | None = None) -> list[StoredCrl]:
         with self._lock:
-            if self._crl is not None and number <= self._crl.number:
-                raise RegistryRefused(
-                    f"{self.where}: the registry holds CRL number {self._crl.number}; "
-                    f"number {number} is not newer"
-                )
-            self._crl = StoredCrl(number, der, dt.datetime.now(dt.UTC), by)
-            stored = self._crl
+            rows = list(reversed(self._crls))
+        rows.sort(key=lambda c: c.number, reverse=True)  # stable: later rows first on a tie
+        return [c for c in rows if above is None or c.number > above]
+
+    def publish_crl(self, der: bytes, number: int, by: str, trusted: CrlTrusted) -> StoredCrl:
+        with self._lock:
+            held = next(
+                (c for c in sorted(self._crls, key=lambda c: -c.number) if trusted(c)), None
+            )
+            if held is not None and number <= held.number:
+                raise RegistryRefused(crl_refused(self.where, held.number, number))
+            stored = StoredCrl(number, der, dt.datetime.now(dt.UTC), by)
+            self._crls.append(stored)
         self._announce(Announcement("crl", number))
         return stored
 

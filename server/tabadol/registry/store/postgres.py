@@ -1,14 +1,17 @@
 """The registry on PostgreSQL (psycopg 3): a ``registry_versions`` table whose rows are never
 updated or deleted (a trigger refuses it), and ``registry_crls``, the CRLs published.
 
-Each commit takes a transaction-level advisory lock, so versions are numbered one after
-another whoever commits, and NOTIFY ``tabadol_registry`` in the same transaction: nodes
-hear of a version only once it is there to read.
+Each change locks the one row of ``registry_lock`` (``FOR UPDATE``, which needs the UPDATE
+privilege there: a role that may only read cannot hold changes up, as it could an advisory
+key), waiting at most ``lock_timeout_s``, so versions are numbered one after another
+whoever commits; and it sends NOTIFY in the same transaction: nodes hear of a version only
+once it is there to read.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -22,17 +25,24 @@ from tabadol.database import Database
 from tabadol.registry.entries import Entries
 from tabadol.registry.store.base import (
     Announcement,
+    CrlTrusted,
+    RegistryBusy,
     RegistryHead,
     RegistryRefused,
     RegistryUnavailable,
     RegistryVersion,
     StoredCrl,
+    crl_refused,
+    skip_refused,
 )
 
 REGISTRY_CHANNEL = "tabadol_registry"
 CRL_CHANNEL = "tabadol_crl"
-_LOCK = 0x7461626164_01  # pg_advisory_xact_lock key: "tabad" + 1
+_LOCK = 0x7461626164_01  # pg_advisory_xact_lock key: "tabad" + 1 (creating the tables only)
 _TIMEOUTS: dict[str, Any] = {"connect_timeout": 3, "tcp_user_timeout": 5000}
+LOCK_TIMEOUT_S = 10.0  # how long a change waits for another to finish
+STATEMENT_TIMEOUT_S = 30.0  # and for any one statement of its transaction
+MAX_CRL_BYTES = 16 * 1024 * 1024  # a larger row is no CRL of this exchange's: never read
 
 _SCHEMA = f"""
 SELECT pg_advisory_xact_lock({_LOCK});
@@ -45,11 +55,17 @@ CREATE TABLE IF NOT EXISTS registry_versions (
     digest      text NOT NULL
 );
 CREATE TABLE IF NOT EXISTS registry_crls (
-    number       numeric PRIMARY KEY,
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    number       numeric NOT NULL,
     der          bytea NOT NULL,
     published_at timestamptz NOT NULL DEFAULT now(),
     published_by text NOT NULL
 );
+CREATE INDEX IF NOT EXISTS registry_crls_newest ON registry_crls (number DESC, id DESC);
+CREATE TABLE IF NOT EXISTS registry_lock (
+    id integer PRIMARY KEY CHECK (id = 1)
+);
+INSERT INTO registry_lock (id) VALUES (1) ON CONFLICT DO NOTHING;
 CREATE OR REPLACE FUNCTION tabadol_registry_immutable() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -65,12 +81,19 @@ CREATE OR REPLACE TRIGGER registry_versions_no_truncate
 CREATE OR REPLACE TRIGGER registry_crls_immutable
     BEFORE UPDATE OR DELETE ON registry_crls
     FOR EACH ROW EXECUTE FUNCTION tabadol_registry_immutable();
+CREATE OR REPLACE TRIGGER registry_lock_immutable
+    BEFORE UPDATE OR DELETE ON registry_lock
+    FOR EACH ROW EXECUTE FUNCTION tabadol_registry_immutable();
+CREATE OR REPLACE TRIGGER registry_lock_no_truncate
+    BEFORE TRUNCATE ON registry_lock
+    FOR EACH STATEMENT EXECUTE FUNCTION tabadol_registry_immutable();
 """
 
 
 class PostgresRegistryStore:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, lock_timeout_s: float = LOCK_TIMEOUT_S) -> None:
         self.url = url
+        self.lock_timeout_s = lock_timeout_s
         self._database = Database(url)
         self.where = self._database.where
         self._conn: psycopg.Connection[TupleRow] | None = None
@@ -86,10 +109,9 @@ class PostgresRegistryStore:
                 if self._conn is None or self._conn.closed or self._conn.broken:
                     self._conn = psycopg.connect(self.url, autocommit=True, **_TIMEOUTS)
                 if not self._ready:
-                    found = self._conn.execute("SELECT to_regclass('registry_crls')").fetchone()
+                    found = self._conn.execute("SELECT to_regclass('registry_lock')").fetchone()
                     if not (found and found[0]):
-                        with self._conn.transaction():
-                            self._conn.execute(_SCHEMA)
+                        self._create_tables(self._conn)
                     self._ready = True
                 yield self._conn
             except psycopg.OperationalError as e:
@@ -97,6 +119,56 @@ class PostgresRegistryStore:
                     self._conn = None
                 raise RegistryUnavailable(
                     f"registry database {self.where} is unreachable: {self._database.why(e)}"
+                ) from None
+
+    def _create_tables(self, conn: psycopg.Connection[TupleRow]) -> None:
+        try:
+            with conn.transaction():
+                self._bound(conn)
+                conn.execute(_SCHEMA)
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
+            raise RegistryBusy(
+                f"registry database {self.where}: cannot create the registry tables: another "
+                f"session held their lock for more than {self.lock_timeout_s:g} s; try again"
+            ) from None
+
+    def _bound(self, conn: psycopg.Connection[TupleRow]) -> None:
+        """Within a transaction: wait for no lock, nor any statement, for ever."""
+        conn.execute(
+            "SELECT set_config('lock_timeout', %s, true), "
+            "set_config('statement_timeout', %s, true)",
+            (f"{round(self.lock_timeout_s * 1000)}ms", f"{round(STATEMENT_TIMEOUT_S * 1000)}ms"),
+        )
+
+    @contextmanager
+    def _changing(self, what: str) -> Iterator[psycopg.Connection[TupleRow]]:
+        """One transaction holding the registry's lock; RegistryBusy when another change
+        holds it too long (nothing is changed then)."""
+        with self._session() as conn:
+            try:
+                with conn.transaction():
+                    self._bound(conn)
+                    locked = conn.execute(
+                        "SELECT id FROM registry_lock WHERE id = 1 FOR UPDATE"
+                    ).fetchone()
+                    if locked is None:
+                        raise RegistryRefused(
+                            f"registry database {self.where}: the registry_lock table has lost "
+                            "its row, so changes cannot be serialised; as the tables' owner: "
+                            "INSERT INTO registry_lock VALUES (1)"
+                        )
+                    yield conn
+            except psycopg.errors.LockNotAvailable:
+                raise RegistryBusy(
+                    f"registry database {self.where}: cannot {what}: another change held the "
+                    f"registry lock for more than {self.lock_timeout_s:g} s; nothing was "
+                    "changed: try again (if it persists, look for a session holding "
+                    "registry_lock in pg_locks)"
+                ) from None
+            except psycopg.errors.QueryCanceled:
+                raise RegistryBusy(
+                    f"registry database {self.where}: cannot {what}: a statement took more "
+                    f"than {STATEMENT_TIMEOUT_S:g} s; nothing was changed: try again"
                 ) from None
 
     def head(self) -> RegistryHead | None:
@@ -112,9 +184,11 @@ class PostgresRegistryStore:
     def version(self, number: int) -> RegistryVersion | None:
         return self._one("WHERE version = %s", (number,))
 
-    def history(self) -> list[RegistryVersion]:
+    def history(self, after: int = 0, limit: int | None = None) -> list[RegistryVersion]:
         with self._session() as conn:
-            rows = conn.execute(f"{_SELECT} ORDER BY version").fetchall()
+            rows = conn.execute(
+                f"{_SELECT} WHERE version > %s ORDER BY version LIMIT %s", (after, limit)
+            ).fetchall()
         return [_version(row) for row in rows]
 
     def _one(self, where: str, args: tuple[Any, ...]) -> RegistryVersion | None:
@@ -122,36 +196,43 @@ class PostgresRegistryStore:
             row = conn.execute(f"{_SELECT} {where}", args).fetchone()
         return _version(row) if row else None
 
-    def commit(self, entries: Entries, by: str, reason: str, digest: str) -> RegistryVersion:
-        with self._session() as conn, conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
+    def commit(
+        self, entries: Entries, by: str, reason: str, digest: str, number: int | None = None
+    ) -> RegistryVersion:
+        with self._changing("commit a registry version") as conn:
+            found = conn.execute("SELECT coalesce(max(version), 0) FROM registry_versions")
+            newest = int(_one_value(found.fetchone()))
+            if number is not None and number <= newest:
+                raise RegistryRefused(skip_refused(self.where, number, newest))
             row = conn.execute(
                 "INSERT INTO registry_versions (version, created_by, reason, entries, digest) "
-                "SELECT coalesce(max(version), 0) + 1, %s, %s, %s, %s FROM registry_versions "
+                "VALUES (%s, %s, %s, %s, %s) "
                 "RETURNING version, created_at, created_by, reason, entries, digest",
-                (by, reason, Jsonb(entries), digest),
+                (number if number is not None else newest + 1, by, reason, Jsonb(entries), digest),
             ).fetchone()
             assert row is not None
             conn.execute("SELECT pg_notify(%s, %s)", (REGISTRY_CHANNEL, str(row[0])))
         return _version(row)
 
-    def crl(self) -> StoredCrl | None:
+    def crls(self, above: int | None = None) -> list[StoredCrl]:
         with self._session() as conn:
-            row = conn.execute(
-                "SELECT number, der, published_at, published_by FROM registry_crls "
-                "ORDER BY number DESC LIMIT 1"
-            ).fetchone()
-        return StoredCrl(int(row[0]), bytes(row[1]), row[2], row[3]) if row else None
+            rows = conn.execute(
+                f"{_SELECT_CRLS} WHERE (%s::numeric IS NULL OR number > %s::numeric) "
+                f"AND octet_length(der) <= {MAX_CRL_BYTES} ORDER BY number DESC, id DESC",
+                (above, above),
+            ).fetchall()
+        return [c for c in map(_crl, rows) if c is not None]
 
-    def publish_crl(self, der: bytes, number: int, by: str) -> StoredCrl:
-        with self._session() as conn, conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
-            held = conn.execute("SELECT max(number) FROM registry_crls").fetchone()
-            if held and held[0] is not None and number <= int(held[0]):
-                raise RegistryRefused(
-                    f"{self.where}: the registry holds CRL number {int(held[0])}; number "
-                    f"{number} is not newer (a CRL only moves forward)"
-                )
+    def publish_crl(self, der: bytes, number: int, by: str, trusted: CrlTrusted) -> StoredCrl:
+        with self._changing("publish a CRL") as conn:
+            rows = conn.execute(
+                f"{_SELECT_CRLS} WHERE number >= %s AND octet_length(der) <= {MAX_CRL_BYTES} "
+                "ORDER BY number DESC, id DESC",
+                (number,),
+            ).fetchall()
+            held = next((c for c in map(_crl, rows) if c is not None and trusted(c)), None)
+            if held is not None:
+                raise RegistryRefused(crl_refused(self.where, held.number, number))
             row = conn.execute(
                 "INSERT INTO registry_crls (number, der, published_by) VALUES (%s, %s, %s) "
                 "RETURNING published_at",
@@ -192,6 +273,20 @@ class PostgresRegistryStore:
 
 
 _SELECT = "SELECT version, created_at, created_by, reason, entries, digest FROM registry_versions"
+_SELECT_CRLS = "SELECT number, der, published_at, published_by FROM registry_crls"
+
+
+def _one_value(row: tuple[Any, ...] | None) -> Any:
+    assert row is not None
+    return row[0]
+
+
+def _crl(row: tuple[Any, ...]) -> StoredCrl | None:
+    """A CRL row; None for a number no CRL can have (NaN, infinite, fractional)."""
+    number, der, published_at, published_by = row
+    if not isinstance(number, decimal.Decimal) or not number.is_finite() or number % 1 != 0:
+        return None
+    return StoredCrl(int(number), bytes(der), published_at, str(published_by))
 
 
 def _version(row: tuple[Any, ...]) -> RegistryVersion:
