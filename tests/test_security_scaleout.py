@@ -99,8 +99,10 @@ async def test_a_forged_kept_registry_never_outlives_the_databases_return(
         own_cluster.start()
         # (The kept time may be under a second old: wait for the database's version itself.)
         assert await eventually(
-            lambda: gauge(broker, "tabadol_registry_age_seconds") < 1.0
-            and json.loads(kept.read_text())["digest"] != data["digest"]
+            lambda: (
+                gauge(broker, "tabadol_registry_age_seconds") < 1.0
+                and json.loads(kept.read_text())["digest"] != data["digest"]
+            )
         )
         # The database is back and says version 2 has no grant for nocr.
         assert await call(broker, pki, "nocr") == grpc.StatusCode.PERMISSION_DENIED
