@@ -428,16 +428,17 @@ def test_a_seal_made_before_its_signer_was_revoked_still_counts(tmp_path: Path) 
     ca = CertificateAuthority.init(tmp_path / "ca", TRUST_DOMAIN)
     cert = ca.issue_broker().read_bytes()
     number = serial(ca.dir / "broker.crt")
-    revoked_at = {number: NOW}
+    now = dt.datetime.now(dt.UTC)  # not the module's NOW: the suite may reach here much later
+    revoked_at = {number: now}
 
     def problem(at: dt.datetime) -> str | None:
         return seal_signer_problem(
             cert, at, ca_cert=ca.cert, trust_domain=TRUST_DOMAIN, revoked_at=revoked_at
         )
 
-    assert problem(NOW - dt.timedelta(minutes=1)) is None
-    assert "revoked" in (problem(NOW + dt.timedelta(minutes=1)) or "")
-    assert "not valid at the seal's time" in (problem(NOW + dt.timedelta(days=400)) or "")
+    assert problem(now - dt.timedelta(minutes=1)) is None
+    assert "revoked" in (problem(now + dt.timedelta(minutes=1)) or "")
+    assert "not valid at the seal's time" in (problem(now + dt.timedelta(days=400)) or "")
 
 
 def test_a_seal_signed_by_an_agency_certificate_does_not_count(tmp_path: Path) -> None:

@@ -4,12 +4,14 @@ directory would make them. Each test states what must hold."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import threading
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psycopg
@@ -397,3 +399,348 @@ def test_database_passwords_never_reach_messages(tmp_path: Path) -> None:
             with pytest.raises(Exception) as err:
                 attempt(url)
             assert "s3cret" not in str(err.value)
+
+
+# == second review round ================================================================
+# Attacks on the round-1 fixes and what they missed. Each xfail is a hole still open: its
+# reason says how bad, what and the fix.
+
+
+# -- the transport rule ------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="MEDIUM: transport_problem reads hostaddr instead of host, so an empty hostaddr "
+    "entry (libpq then uses that entry's host name) hides a remote host reached without TLS; "
+    "fix: judge each host/hostaddr pair (hostaddr[i] or else host[i])",
+)
+def test_the_transport_rule_checks_a_host_named_beside_an_empty_hostaddr() -> None:
+    from tabadol.database import transport_problem
+
+    # Two hosts: the first by address (loopback), the second by its name alone.
+    url = "postgresql://tabadol@localhost:5432,db.exchange.example:5432/t?hostaddr=127.0.0.1,"
+    assert transport_problem(url) is not None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="LOW: a URL that names no host (or a service=) passes the rule, but libpq then "
+    "takes the host from PGHOST/PGHOSTADDR or pg_service.conf, possibly remote, with sslmode "
+    "prefer; fix: judge the URL merged with libpq's defaults (psycopg.pq.Conninfo.get_defaults"
+    "), or require the URL itself to name its host and refuse service=",
+)
+def test_the_transport_rule_checks_the_host_libpq_takes_from_its_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from tabadol.database import transport_problem
+
+    services = tmp_path / "pg_service.conf"
+    services.write_text("[ledger]\nhost=db.exchange.example\nsslmode=prefer\n")
+    monkeypatch.setenv("PGSERVICEFILE", str(services))
+    assert transport_problem("postgresql:///t?service=ledger") is not None
+    monkeypatch.setenv("PGHOST", "db.exchange.example")
+    assert transport_problem("postgresql://tabadol@/t") is not None
+
+
+def test_the_transport_rule_holds_against_spellings_of_a_remote_host() -> None:
+    """Held: uppercase, percent-encoding, query-string hosts, mapped and numeric addresses,
+    a later sslmode overriding an earlier one: each remote host is still refused."""
+    from tabadol.database import transport_problem
+
+    for url in (
+        "postgresql:///t?host=db.exchange.example",
+        "postgresql://tabadol@localhost/t?host=db.exchange.example",
+        "postgresql://tabadol@localhost/t?hostaddr=10.0.0.5",
+        "postgresql://tabadol@%31%30.0.0.5/t",
+        "postgresql://tabadol@LOCALHOST./t",
+        "postgresql://tabadol@[::ffff:10.0.0.1]/t",
+        "postgresql://tabadol@2130706433/t",
+        "postgresql://tabadol@0.0.0.0/t",
+        "postgresql://tabadol@10.0.0.5/t?sslmode=verify-full&sslmode=prefer",
+        "postgresql://tabadol@10.0.0.5/t?sslmode=VERIFY-FULL",
+        "host=db.exchange.example dbname=t",
+    ):
+        assert transport_problem(url) is not None, url
+
+
+# -- the ledger: records no chain check covers --------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="HIGH: verify walks only the chains ledger_chains lists with seals > 0, while "
+    "export, reports and the dashboard read every row of ledger_records: a node's ledger role "
+    "(INSERT) adds records under a chain name no seal covers (or sets a chain's seals to 0) "
+    "and they are exported and counted as genuine while verify says OK; fix: verify every "
+    "chain found in ledger_records and ledger_seals (a loose index scan over the primary "
+    "key), and report records no seal covers in a chain no node writes",
+)
+async def test_records_in_a_chain_no_seal_covers_fail_verify(
+    two_nodes: list[Broker],  # noqa: F811
+    pki: CertificateAuthority,
+    postgres_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    await call_each(two_nodes, pki, 2)
+    for broker in two_nodes:
+        await broker.stop(0)
+    config_path = str(two_nodes[0].config.path)
+    capsys.readouterr()
+    assert main(["ledger", "export", "--config", config_path, "--format", "jsonl"]) == 0
+    genuine = len(capsys.readouterr().out.splitlines())
+    with psycopg.connect(postgres_url, autocommit=True) as db:  # the nodes' ledger role
+        columns = [
+            row[0]
+            for row in db.execute(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_name = 'ledger_records' ORDER BY ordinal_position"
+            )
+        ]
+        rest = ", ".join(c for c in columns if c != "chain")
+        db.execute(
+            f"INSERT INTO ledger_records (chain, {rest}) "
+            f"SELECT 'node-9', {rest} FROM ledger_records WHERE chain = 'node-1'"
+        )
+    assert main(["ledger", "export", "--config", config_path, "--format", "jsonl"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == genuine + 2  # the forged ones count
+    assert main(["ledger", "verify", "--config", config_path]) == 1
+    assert "node-9" in capsys.readouterr().out
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="MEDIUM: every node shares one ledger role with UPDATE on ledger_chains (and INSERT "
+    "on any chain's records), so one compromised node rewinds another's chain row and that "
+    "node fails closed for good, even across restarts (its 'chain went back' check); fix: a "
+    "role per node and row-level security (chain = the node's role) on ledger_chains, "
+    "ledger_records, ledger_seals and ledger_sessions, or writes through a SECURITY DEFINER "
+    "function keyed by session_user; document it in deployment.md",
+)
+async def test_one_nodes_ledger_role_cannot_stop_another_nodes_chain(
+    two_nodes: list[Broker],  # noqa: F811
+    pki: CertificateAuthority,
+    postgres_url: str,
+) -> None:
+    await call_each(two_nodes, pki, 1)
+    assert await eventually(lambda: _chain_count(postgres_url, "node-2") == 1, seconds=5)
+    # The grants docs/deployment.md gives the one role every node uses.
+    node_role = make_role(
+        postgres_url,
+        "tabadol_ledger_node",
+        "GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA public TO {role}",
+        "GRANT UPDATE ON ledger_chains, ledger_sessions TO {role}",
+    )
+    with (
+        psycopg.connect(node_role, autocommit=True) as node1,
+        contextlib.suppress(psycopg.errors.InsufficientPrivilege),  # what the fix does
+    ):
+        node1.execute("UPDATE ledger_chains SET seals = 0, count = 0 WHERE chain = 'node-2'")
+    await call_each(two_nodes[1:], pki, 1)
+    assert await eventually(lambda: _chain_count(postgres_url, "node-2") >= 2, seconds=5)
+
+
+# -- the registry: numbers, shapes and refused versions -----------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="MEDIUM: `registry import --skip-to` takes any number below 2**63, so one typo "
+    "(--skip-to 9223372036854775807) leaves no number for the next version: every later "
+    "import fails (bigint out of range) and versions can never be deleted, so the registry is "
+    "frozen for good; fix: refuse a --skip-to far above the newest (say newest + 1,000,000) "
+    "unless asked twice, and keep numbers well under 2**63",
+)
+def test_a_skip_to_typo_cannot_freeze_the_registry(
+    tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path, postgres_url: str
+) -> None:
+    n = Node(tmp_path, pki, echo_contracts, postgres_url, "127.0.0.1:1")
+    n.publish(DEFAULT_GRANTS, "v1")
+    tabadol(
+        "registry", "import", "--config", str(n.config), str(n.file),
+        "--reason", "typo", "--skip-to", str(2**63 - 1),
+    )  # fmt: skip
+    n.file.write_text(n.file.read_text().replace("Agency post", "Agency post office"))
+    try:
+        code, _, err = tabadol(
+            "registry", "import", "--config", str(n.config), str(n.file), "--reason", "next"
+        )
+    except psycopg.Error as e:  # (a traceback today)
+        code, err = 1, str(e)
+    assert code == 0, err
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason='MEDIUM: a version whose entries are JSON of another shape ([] or {"agency": 5}) '
+    "makes digest() raise AttributeError/TypeError in _apply, outside the TabadolError the "
+    "refusal catches: the follower takes it for an outage, every poll, so the version in "
+    "force stops being confirmed and with stale=refuse every node refuses every call after "
+    "max_age_seconds; fix: check the shape (a mapping of lists of mappings) before digest and "
+    "treat anything else as a refused version",
+)
+async def test_a_version_of_the_wrong_shape_is_refused_not_taken_for_an_outage(
+    tmp_path: Path,
+    pki: CertificateAuthority,
+    echo_contracts: Path,
+    echo_provider: RunningProvider,
+    postgres_url: str,
+) -> None:
+    n = Node(
+        tmp_path, pki, echo_contracts, postgres_url, echo_provider.address,
+        registry="max_age_seconds = 1.5",
+    )  # fmt: skip
+    n.publish(DEFAULT_GRANTS, "v1")
+    broker = await n.start()
+    try:
+        with psycopg.connect(postgres_url, autocommit=True) as registrar:
+            registrar.execute(
+                "INSERT INTO registry_versions (version, created_by, reason, entries, digest) "
+                "VALUES (2, 'x', 'x', '[]'::jsonb, 'x')"
+            )
+        went_stale = await eventually(
+            lambda: gauge(broker, "tabadol_registry_age_seconds") > 2.0, seconds=4
+        )
+        assert not went_stale
+        assert await call(broker, pki, "post") == grpc.StatusCode.OK
+    finally:
+        await broker.stop(0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="MEDIUM: a node that refuses the database's current version (say a contract it "
+    "lacks) keeps serving the previous one, grants revoked since included, and still counts "
+    "as confirmed current every poll: the max_age_seconds bound that limits a revoked grant "
+    "on a cut-off node never applies, and SIGHUP does not retry the refused version; fix: "
+    "confirm freshness only while the database's head is the version in force (a refused "
+    "head lets the age grow, so stale=refuse bounds it), expose the refused number as a "
+    "metric, and let SIGHUP clear _refused",
+)
+async def test_a_revocation_a_node_cannot_apply_is_still_bounded_by_max_age(
+    tmp_path: Path,
+    pki: CertificateAuthority,
+    echo_contracts: Path,
+    echo_provider: RunningProvider,
+    postgres_url: str,
+) -> None:
+    n = Node(
+        tmp_path, pki, echo_contracts, postgres_url, echo_provider.address,
+        registry="max_age_seconds = 1.5",
+    )  # fmt: skip
+    n.publish(DEFAULT_GRANTS, "v1")
+    broker = await n.start()
+    try:
+        assert await call(broker, pki, "nocr") == grpc.StatusCode.OK
+        # Version 2 ends nocr's grant, and names a service this node has no contract for.
+        entries = json.loads(json.dumps(broker.registry.version.entries))  # type: ignore[union-attr]
+        entries["grant"] = [g for g in entries["grant"] if g["consumer"] != "nocr"]
+        entries["grant"].append({"consumer": "post", "service": "missing", "methods": ["*"]})
+        from tabadol.registry import open_registry
+
+        store = open_registry(postgres_url)
+        try:
+            store.commit(entries, "registrar", "nocr's grant ends", digest(entries))
+        finally:
+            store.close()
+
+        async def nocr_refused() -> bool:  # by the grant's end, or by the stale bound
+            return await call(broker, pki, "nocr") != grpc.StatusCode.OK
+
+        assert await eventually(nocr_refused, seconds=5)
+    finally:
+        await broker.stop(0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="LOW-MEDIUM: a row of registry_crls that never counts (any writer of the table, "
+    "numbered above every real CRL) is read again, der and all, by every node on every poll "
+    "for ever (crls(above=held) returns it; _ignored_crls only skips the check), and rows "
+    "cannot be deleted: with 16 MiB rows, a few inserts cost each node tens of MiB a second; "
+    "fix: read (id, number, length, sha256) first and fetch der only for rows not yet judged, "
+    "or remember the highest id judged",
+)
+async def test_a_crl_row_that_never_counts_is_not_read_again_on_every_poll(
+    tmp_path: Path,
+    pki: CertificateAuthority,
+    echo_contracts: Path,
+    echo_provider: RunningProvider,
+    postgres_url: str,
+) -> None:
+    n = Node(tmp_path, pki, echo_contracts, postgres_url, echo_provider.address)
+    n.publish(DEFAULT_GRANTS, "v1")
+    broker = await n.start()
+    try:
+        follower = broker.registry
+        assert follower is not None
+        read: list[int] = []
+        crls = follower.store.crls
+
+        def counted(above: int | None = None) -> list[Any]:
+            rows = crls(above)
+            read.append(sum(len(row.der) for row in rows))
+            return rows
+
+        follower.store.crls = counted  # type: ignore[method-assign]
+        with psycopg.connect(postgres_url, autocommit=True) as registrar:
+            registrar.execute(
+                "INSERT INTO registry_crls (number, der, published_by) VALUES (%s, %s, 'x')",
+                (10**12, b"\x30" * (1024 * 1024)),
+            )
+        assert await eventually(lambda: len([r for r in read if r]) >= 1, seconds=5)
+        assert await eventually(lambda: len(read) >= 8, seconds=10)  # polls go on
+        assert len([r for r in read if r]) <= 1  # the junk crossed the wire once
+    finally:
+        await broker.stop(0)
+
+
+# -- the span store: values JSON refuses --------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="MEDIUM: an OTLP double attribute NaN or Infinity is stored as it came "
+    "(json.dumps writes NaN), and the console's JSON responses refuse non-finite numbers: the "
+    "trace, and every search page that lists it, answers 500 for every viewer until retention "
+    "drops it; any declared sender can do it in every store (SQLite, memory, PostgreSQL); "
+    "fix: in ingest (or encode_span), store a non-finite double as its text ('NaN', "
+    "'Infinity', '-Infinity'), as OTLP's own JSON mapping does",
+)
+def test_a_span_with_a_non_finite_number_still_renders_as_json() -> None:
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+    from tabadol.ops import jaeger
+    from tabadol.ops.otlp import any_value
+
+    store = open_span_store("memory:")
+    try:
+        sent = {"ratio": any_value(AnyValue(double_value=float("nan")))}
+        span = make_span(1, 1, attributes={**sent, "peak": float("inf")})
+        store.add([span])
+        spans = store.trace(span.trace_id)
+        json.dumps(jaeger.envelope([jaeger.trace_json(spans)], total=1), allow_nan=False)
+    finally:
+        store.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="LOW: a span's size (what the per-sender size cap counts) is its length in "
+    "characters, while the stores keep UTF-8: name, service, status message and tag keys and "
+    "values of 4-byte characters take up to 4 times what is counted (attributes are counted "
+    "escaped, so they are safe), and a sender can hold several times its share; fix: count "
+    "len(text.encode()) for the unescaped columns and the tags",
+)
+def test_a_spans_counted_size_covers_its_utf8_bytes() -> None:
+    from tabadol.ops.store.encoding import encode_span
+
+    wide = "\U0001f600" * 200
+    encoded = encode_span(
+        make_span(1, 1, name=wide, message=wide, attributes={wide[:50]: wide})
+    )  # fmt: skip
+    stored = sum(
+        len(text.encode())
+        for text in (encoded.span.name, encoded.span.status_message, encoded.attributes)
+    ) + sum(len(k.encode()) + len(v.encode()) for k, v in encoded.tags)
+    assert encoded.size >= stored
