@@ -980,12 +980,16 @@ async def test_the_ops_console_keeps_answering_while_its_database_is_away(
             assert services == [BROKER]
 
 
-def test_a_nul_character_an_agency_sends_is_stored_as_a_replacement_everywhere(
+def test_what_a_database_or_json_cannot_hold_is_stored_alike_everywhere(
     store: SpanStore,
 ) -> None:
     """PostgreSQL's text cannot hold U+0000: every store keeps U+FFFD in its place, so an
-    agency's batch with one is stored (not refused, and retried, for ever)."""
+    agency's batch with one is stored (not refused, and retried, for ever); a NaN or
+    infinite double is kept as OTLP's JSON writes it, which the console can send."""
     store.add([make_span(1, 1, name="a\x00b", attributes={"national_id": "12\x0034", "k\x00": 1})])
     [span] = store.trace(tid(1))
     assert span.name == "a\ufffdb"
     assert span.attributes["national_id"] == "12\ufffd34" and span.attributes["k\ufffd"] == 1
+    store.add([make_span(2, 1, attributes={"ratio": float("nan"), "peak": [float("-inf"), 1.5]})])
+    [span] = store.trace(tid(2))
+    assert span.attributes == {"ratio": "NaN", "peak": ["-Infinity", 1.5]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import re
 import urllib.parse
 from dataclasses import dataclass
@@ -48,8 +49,17 @@ def transport_problem(url: str) -> str | None:
         parts = conninfo_to_dict(url)
     except (psycopg.Error, ValueError) as e:
         return f"not a PostgreSQL URL: {Database(url).why(e)}"  # the driver quotes the URL
-    hosts = [h for h in str(parts.get("hostaddr") or parts.get("host") or "").split(",") if h]
-    remote = [h for h in hosts if not _local(h)]
+    if parts.get("service") or os.environ.get("PGSERVICE"):
+        return "a service name leaves the host to a file Tabadol does not read: name the host"
+    # Where libpq goes: each host's address if given, else its name; what the URL leaves
+    # out, libpq takes from its environment.
+    hosts = _entries(parts.get("host") or os.environ.get("PGHOST"))
+    addresses = _entries(parts.get("hostaddr") or os.environ.get("PGHOSTADDR"))
+    targets = [
+        (addresses[i] if i < len(addresses) else "") or (hosts[i] if i < len(hosts) else "")
+        for i in range(max(len(hosts), len(addresses)))
+    ]  # an empty one: libpq's Unix socket
+    remote = [target for target in targets if target and not _local(target)]
     if remote and parts.get("sslmode") != "verify-full":
         return (
             f"{', '.join(remote)} is another host: reach it with sslmode=verify-full (and "
@@ -57,6 +67,10 @@ def transport_problem(url: str) -> str | None:
             "change what crosses; only loopback addresses and Unix sockets may go without"
         )
     return None
+
+
+def _entries(value: object) -> list[str]:
+    return str(value).split(",") if value else []
 
 
 def _local(host: str) -> bool:

@@ -41,7 +41,8 @@ class MemoryLedgerStore:
 
     def chains(self) -> list[str]:
         with self._lock:
-            return sorted(chain for chain, seals in self._seals.items() if seals)
+            named = [c for c, rows in (*self._records.items(), *self._seals.items()) if rows]
+            return sorted(set(named))
 
     def head(self, chain: str = "") -> tuple[int, str]:
         with self._lock:

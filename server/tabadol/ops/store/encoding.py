@@ -4,6 +4,7 @@ it counts in, and about how many bytes it takes there."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -52,39 +53,45 @@ class EncodedSpan:
 
 
 _NUL = "\x00"
+_NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
 
 
-def _without_nul(value: Any) -> Any:
-    """``value`` with U+0000 replaced (U+FFFD): PostgreSQL's text cannot hold it, and every
-    store keeps the same span."""
+def _storable(value: Any) -> Any:
+    """``value`` as every store keeps it: U+0000 replaced (U+FFFD; PostgreSQL's text cannot
+    hold it), and a NaN or infinite double as OTLP's JSON writes it ("NaN", "Infinity"),
+    which the console's JSON can carry."""
     if isinstance(value, str):
         return value.replace(_NUL, "\ufffd")
+    if isinstance(value, float) and not math.isfinite(value):
+        return _NON_FINITE.get(value, "NaN")
     if isinstance(value, list | tuple):
-        return type(value)(_without_nul(v) for v in value)
+        return type(value)(_storable(v) for v in value)
     if isinstance(value, dict):
-        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+        return {_storable(k): _storable(v) for k, v in value.items()}
     return value
 
 
-def _has_nul(span: SpanRecord, *encoded: str) -> bool:
+def _needs_cleaning(span: SpanRecord, *encoded: str) -> bool:
     texts = (span.name, span.service, span.status_message)
-    return any(_NUL in t for t in texts) or any("\\u0000" in e for e in encoded)
+    return any(_NUL in t for t in texts) or any(
+        "\\u0000" in e or "NaN" in e or "Infinity" in e for e in encoded
+    )  # a false alarm (a string holding "NaN") only costs a second encoding
 
 
 def encode_span(span: SpanRecord) -> EncodedSpan:
     encoded = _encoded(span)
-    if _has_nul(span, *encoded[:3]):
+    if _needs_cleaning(span, *encoded[:3]):
         span = replace(
             span,
-            name=_without_nul(span.name),
-            service=_without_nul(span.service),
-            status_message=_without_nul(span.status_message),
-            attributes=_without_nul(span.attributes),
+            name=_storable(span.name),
+            service=_storable(span.service),
+            status_message=_storable(span.status_message),
+            attributes=_storable(span.attributes),
             events=tuple(
-                replace(e, name=_without_nul(e.name), attributes=_without_nul(e.attributes))
+                replace(e, name=_storable(e.name), attributes=_storable(e.attributes))
                 for e in span.events
             ),
-            resource=_without_nul(span.resource),
+            resource=_storable(span.resource),
         )
         encoded = _encoded(span)
     return encoded[3]
@@ -101,10 +108,11 @@ def _encoded(span: SpanRecord) -> tuple[str, str, str, EncodedSpan]:
     ]
     if span.is_error:
         tags.append(("error", "true"))
+    # In bytes as stored (UTF-8); the JSON columns are ASCII (escaped) already.
     size = (
-        len(attributes) + len(events) + len(resource) + len(span.name) + len(span.service)
-        + len(span.status_message) + ROW_OVERHEAD
-        + sum(len(key) + len(text) + ROW_OVERHEAD for key, text in tags)
+        len(attributes) + len(events) + len(resource) + _bytes(span.name)
+        + _bytes(span.service) + _bytes(span.status_message) + ROW_OVERHEAD
+        + sum(_bytes(key) + _bytes(text) + ROW_OVERHEAD for key, text in tags)
     )  # fmt: skip
     return (
         attributes,
@@ -114,6 +122,10 @@ def _encoded(span: SpanRecord) -> tuple[str, str, str, EncodedSpan]:
             span, attributes, events, resource, tuple(tags), sender_of(span), parties(span), size
         ),
     )
+
+
+def _bytes(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode())
 
 
 def decode_span(row: tuple[Any, ...]) -> SpanRecord:
