@@ -19,6 +19,7 @@ from tabadol.client import connect
 from tabadol.database import describe, transport_problem
 from tabadol.errors import ConfigError, TabadolError
 from tabadol.ledger import LedgerWriter
+from tabadol.ledger.record import FIELD_NAMES
 from tabadol.ledger.seal import Sealer
 from tabadol.ledger.store import LedgerWriteError
 from tabadol.ledger.store.postgres import PostgresLedgerStore
@@ -357,3 +358,43 @@ def test_a_database_on_another_host_must_be_reached_over_verified_tls(
     assert "[ledger] url" in str(err.value)
     with pytest.raises(TabadolError, match="sslmode=verify-full"):
         open_span_store(url)
+
+
+def test_with_one_role_per_node_each_node_writes_its_own_chain_only(
+    tmp_path: Path, postgres_url: str, pki: CertificateAuthority, echo_contracts: Path
+) -> None:
+    """docs/deployment.md's per-node roles: a node whose role is named as its instance
+    writes its chain; a node configured under another's name is refused by the database."""
+    owner = node_config(tmp_path, pki, echo_contracts, "127.0.0.1:1", postgres_url, "owner")
+    assert main(["ledger", "init", "--config", str(owner), "--one-role-per-node"]) == 0
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("CREATE ROLE tabadol_ledger NOLOGIN")
+        conn.execute(
+            "GRANT SELECT, INSERT ON ledger_records, ledger_seals, ledger_signers TO tabadol_ledger"
+        )
+        conn.execute(
+            "GRANT SELECT, INSERT, UPDATE ON ledger_chains, ledger_sessions TO tabadol_ledger"
+        )
+        for node in ("node-1", "node-2"):
+            conn.execute(f'CREATE ROLE "{node}" LOGIN IN ROLE tabadol_ledger')
+    sealer = Sealer((pki.dir / "broker.key").read_bytes(), (pki.dir / "broker.crt").read_bytes())
+    as_node_1 = postgres_url.replace("postgres@", "node-1@", 1)
+    writer = LedgerWriter(PostgresLedgerStore(as_node_1), sealer, instance="node-1")
+    writer.submit(record(1))
+    writer.close()
+    with pytest.raises(LedgerWriteError, match="row-level security"):
+        LedgerWriter(PostgresLedgerStore(as_node_1), sealer, instance="node-2")
+    with psycopg.connect(as_node_1, autocommit=True) as conn:
+        # Records are added by COPY, which row-level security does not allow: a trigger.
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="its own chain"):
+            conn.execute(
+                "INSERT INTO ledger_records SELECT 'node-2', seq + 100, "
+                f"{', '.join(FIELD_NAMES)}, prev_digest, digest FROM ledger_records"
+            )
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("INSERT INTO ledger_chains (chain) VALUES ('node-2')")
+    reader = PostgresLedgerStore(postgres_url, readonly=True)
+    try:
+        assert reader.chains() == ["node-1"] and reader.head("node-1")[0] == 1
+    finally:
+        reader.close()

@@ -247,9 +247,23 @@ def _cmd_ledger_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_ledger_init(args: argparse.Namespace) -> int:
+    from tabadol.ledger.store import LedgerWriteError
+
     cfg, store = _open_ledger(args.config, readonly=False)  # makes what is missing
-    store.close()
+    try:
+        if args.one_role_per_node:
+            if cfg.ledger.url is None:
+                raise TabadolError(
+                    "--one-role-per-node is for a ledger on PostgreSQL ([ledger] url)"
+                )
+            store.confine_chains_to_roles()
+    except LedgerWriteError as e:
+        raise TabadolError(str(e)) from e
+    finally:
+        store.close()
     print(f"{_ledger_label(cfg)}: the ledger's tables are there")
+    if args.one_role_per_node:
+        print("each node's role, named as its [broker] instance, may write only its own chain")
     return 0
 
 
@@ -704,6 +718,12 @@ def build_parser() -> argparse.ArgumentParser:
         "A broker creates them itself when its role may.",
     )
     linit.add_argument("--config", type=Path, required=True, help="broker configuration")
+    linit.add_argument(
+        "--one-role-per-node",
+        action="store_true",
+        help="row-level security: each node connects as a role named as its [broker] "
+        "instance, and may add to and move only its own chain (docs/deployment.md)",
+    )
     linit.set_defaults(func=_cmd_ledger_init)
     lack = ledger_sub.add_parser(
         "acknowledge",

@@ -83,6 +83,39 @@ CREATE TABLE IF NOT EXISTS ledger_sessions (
     signer text NOT NULL DEFAULT ''
 );
 """
+# One role per node (`tabadol ledger init --one-role-per-node`): a node's role, named as its
+# [broker] instance, reads every chain but adds to, and moves, only its own. Row-level
+# security guards the rows that move (chains, sessions); records and seals, only ever
+# added and added by COPY (which row-level security does not allow), a trigger. Neither
+# binds the tables' owner.
+_OWN_CHAINS = (
+    "\n".join(
+        f"""ALTER TABLE {table} ENABLE ROW LEVEL SECURITY;
+DROP POLICY IF EXISTS tabadol_read ON {table};
+CREATE POLICY tabadol_read ON {table} FOR SELECT USING (true);
+DROP POLICY IF EXISTS tabadol_add_own ON {table};
+CREATE POLICY tabadol_add_own ON {table} FOR INSERT WITH CHECK ({column} = current_user);
+DROP POLICY IF EXISTS tabadol_move_own ON {table};
+CREATE POLICY tabadol_move_own ON {table} FOR UPDATE USING ({column} = current_user);"""
+        for table, column in (("ledger_chains", "chain"), ("ledger_sessions", "instance"))
+    )
+    + """
+CREATE OR REPLACE FUNCTION tabadol_own_chain() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.chain <> current_user AND NOT pg_has_role(
+        current_user, (SELECT relowner FROM pg_class WHERE oid = TG_RELID), 'USAGE'
+    ) THEN
+        RAISE EXCEPTION 'role % may add only to its own chain, not to %', current_user,
+            NEW.chain USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE OR REPLACE TRIGGER tabadol_own_chain BEFORE INSERT ON ledger_records
+    FOR EACH ROW EXECUTE FUNCTION tabadol_own_chain();
+CREATE OR REPLACE TRIGGER tabadol_own_chain BEFORE INSERT ON ledger_seals
+    FOR EACH ROW EXECUTE FUNCTION tabadol_own_chain();
+"""
+)
 _RECORD_COLUMNS = ", ".join(("chain", "seq", *FIELD_NAMES, "prev_digest", "digest"))
 _SEAL_COLUMNS = "seq, count, head_digest, sealed_ns, signer, signature, chain"
 _SESSION_COLUMNS = ", ".join(f.name for f in dataclasses.fields(Session))
@@ -171,6 +204,15 @@ class PostgresLedgerStore:
 
     def close(self) -> None:
         self._pool.close()
+
+    def confine_chains_to_roles(self) -> None:
+        """Row-level security: each node's role (named as its instance) may add to and move
+        only its own chain and sessions; run by the tables' owner, whom it does not bind."""
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                conn.execute(_OWN_CHAINS)
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as e:
+            raise LedgerWriteError(f"{self.where}: {self._database.why(e)}") from e
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         try:
