@@ -367,34 +367,35 @@ def test_with_one_role_per_node_each_node_writes_its_own_chain_only(
     writes its chain; a node configured under another's name is refused by the database."""
     owner = node_config(tmp_path, pki, echo_contracts, "127.0.0.1:1", postgres_url, "owner")
     assert main(["ledger", "init", "--config", str(owner), "--one-role-per-node"]) == 0
+    # Roles belong to the whole server, which other tests share: names of this test's own.
+    suffix = postgres_url.rsplit("_", 1)[1]
+    group, node_1, node_2 = f"ledger_{suffix}", f"node-1-{suffix}", f"node-2-{suffix}"
     with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute("CREATE ROLE tabadol_ledger NOLOGIN")
+        conn.execute(f"CREATE ROLE {group} NOLOGIN")
         conn.execute(
-            "GRANT SELECT, INSERT ON ledger_records, ledger_seals, ledger_signers TO tabadol_ledger"
+            f"GRANT SELECT, INSERT ON ledger_records, ledger_seals, ledger_signers TO {group}"
         )
-        conn.execute(
-            "GRANT SELECT, INSERT, UPDATE ON ledger_chains, ledger_sessions TO tabadol_ledger"
-        )
-        for node in ("node-1", "node-2"):
-            conn.execute(f'CREATE ROLE "{node}" LOGIN IN ROLE tabadol_ledger')
+        conn.execute(f"GRANT SELECT, INSERT, UPDATE ON ledger_chains, ledger_sessions TO {group}")
+        for node in (node_1, node_2):
+            conn.execute(f'CREATE ROLE "{node}" LOGIN IN ROLE {group}')
     sealer = Sealer((pki.dir / "broker.key").read_bytes(), (pki.dir / "broker.crt").read_bytes())
-    as_node_1 = postgres_url.replace("postgres@", "node-1@", 1)
-    writer = LedgerWriter(PostgresLedgerStore(as_node_1), sealer, instance="node-1")
+    as_node_1 = postgres_url.replace("postgres@", f"{node_1}@", 1)
+    writer = LedgerWriter(PostgresLedgerStore(as_node_1), sealer, instance=node_1)
     writer.submit(record(1))
     writer.close()
     with pytest.raises(LedgerWriteError, match="row-level security"):
-        LedgerWriter(PostgresLedgerStore(as_node_1), sealer, instance="node-2")
+        LedgerWriter(PostgresLedgerStore(as_node_1), sealer, instance=node_2)
     with psycopg.connect(as_node_1, autocommit=True) as conn:
         # Records are added by COPY, which row-level security does not allow: a trigger.
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="its own chain"):
             conn.execute(
-                "INSERT INTO ledger_records SELECT 'node-2', seq + 100, "
+                f"INSERT INTO ledger_records SELECT '{node_2}', seq + 100, "
                 f"{', '.join(FIELD_NAMES)}, prev_digest, digest FROM ledger_records"
             )
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            conn.execute("INSERT INTO ledger_chains (chain) VALUES ('node-2')")
+            conn.execute("INSERT INTO ledger_chains (chain) VALUES (%s)", (node_2,))
     reader = PostgresLedgerStore(postgres_url, readonly=True)
     try:
-        assert reader.chains() == ["node-1"] and reader.head("node-1")[0] == 1
+        assert reader.chains() == [node_1] and reader.head(node_1)[0] == 1
     finally:
         reader.close()

@@ -242,6 +242,23 @@ def test_skip_to_commits_the_file_as_a_version_above_the_newest(
     assert [line.split()[0] for line in out.splitlines()] == ["7", "1"]
 
 
+def test_skip_to_far_above_the_newest_is_refused_as_a_typo(setup: tuple[Path, Path]) -> None:
+    cfg, file = setup
+    import_registry(cfg, file)
+    for typo in (1_000_002, 2**63 - 1):
+        code, out, err = tabadol(
+            "registry", "import", "--config", str(cfg), str(file), "--skip-to", str(typo)
+        )
+        assert code == 2 and out == ""
+        assert f"cannot commit version {typo}: that is more than 1,000,000 above" in err
+        assert "newest version, 1 (a typo?)" in err and "at most 1000001" in err
+    code, out, err = tabadol(
+        "registry", "import", "--config", str(cfg), str(file), "--skip-to", "1000001"
+    )
+    assert code == 0, err
+    assert current_version(cfg) == 1_000_001
+
+
 def test_import_refuses_a_file_too_large_or_not_a_file_before_reading_it(
     setup: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -445,6 +462,18 @@ def test_store_crl_only_moves_forward_over_the_rows_that_count(store: Registry) 
     assert [c.number for c in store.crls(above=6)] == [10**12, 7]
 
 
+def test_store_crls_leave_out_the_rows_a_reader_has_judged(store: Registry) -> None:
+    first = store.publish_crl(b"good-1", 5, "alice", good)
+    junk = store.publish_crl(b"junk", 10**12, "mallory", lambda row: True)
+    rows = store.crls(above=5)
+    assert [(c.id, c.der) for c in rows] == [(junk.id, b"junk")]
+    assert store.crls(above=5, skip={junk.id}) == []
+    later = store.publish_crl(b"good-2", 6, "bob", good)
+    assert [c.id for c in store.crls(above=5, skip={junk.id})] == [later.id]
+    assert [c.id for c in store.crls(skip={junk.id, later.id})] == [first.id]
+    assert len({first.id, junk.id, later.id}) == 3
+
+
 def test_store_versions_page_and_skip_to_a_number(store: Registry) -> None:
     for _ in range(3):
         store.commit(ONE, "a", "r", digest(ONE))
@@ -458,6 +487,44 @@ def test_store_versions_page_and_skip_to_a_number(store: Registry) -> None:
     assert [v.number for v in store.history(limit=2)] == [1, 2]
     assert [v.number for v in store.history(after=2, limit=2)] == [3, 10]
     assert [v.number for v in store.history(after=10)] == [11]
+
+
+def test_store_refuses_a_number_far_above_the_newest(store: Registry) -> None:
+    from tabadol.registry.store.base import MAX_SKIP
+
+    store.commit(ONE, "a", "r", digest(ONE))
+    with pytest.raises(RegistryRefused, match=r"more than 1,000,000 above .* newest version, 1"):
+        store.commit(TWO, "a", "typo", digest(TWO), number=2 + MAX_SKIP)
+    assert store.commit(TWO, "a", "r", digest(TWO), number=1 + MAX_SKIP).number == 1 + MAX_SKIP
+    assert store.commit(ONE, "a", "r", digest(ONE)).number == 2 + MAX_SKIP
+
+
+def test_version_numbers_stop_far_below_the_end_of_bigint() -> None:
+    from tabadol.registry.store.base import MAX_VERSION, number_refused
+
+    assert MAX_VERSION * 1000 < 2**63
+    assert number_refused("db", None, MAX_VERSION - 1) is None
+    why = number_refused("db", None, MAX_VERSION)  # a number written past `registry import`
+    assert why is not None and f"version numbers stop at {MAX_VERSION}" in why
+    assert number_refused("db", MAX_VERSION + 1, MAX_VERSION - 5) is not None
+
+
+def test_postgres_a_version_numbered_near_the_end_is_said_not_a_traceback(
+    postgres_url: str,
+) -> None:
+    commit_one(postgres_url)
+    with psycopg.connect(postgres_url, autocommit=True) as registrar:
+        registrar.execute(
+            "INSERT INTO registry_versions (version, created_by, reason, entries, digest) "
+            "VALUES (%s, 'x', 'x', '{}'::jsonb, 'x')",
+            (2**63 - 1,),
+        )
+    store = open_registry(postgres_url)
+    try:
+        with pytest.raises(RegistryRefused, match="version numbers stop at 9007199254740992"):
+            store.commit(ONE, "a", "r", digest(ONE))
+    finally:
+        store.close()
 
 
 def commit_one(url: str) -> None:
@@ -598,6 +665,34 @@ def test_freshness_refuses_only_past_max_age_under_refuse() -> None:
     assert fresh.refusal(1011.5) is None
     serving = RegistryFreshness(10.0, "serve", confirmed_at=1000.0)
     assert serving.stale(2000.0) and serving.refusal(2000.0) is None
+
+
+def test_freshness_of_a_node_behind_a_database_that_answers_says_why() -> None:
+    behind = RegistryFreshness(10.0, "refuse", confirmed_at=1000.0)
+    behind.behind = "this node cannot apply the registry database's current version, 7"
+    why = behind.refusal(1011.0)
+    assert why is not None and "registry is stale: this node cannot apply" in why
+    assert "last confirmed current at 1970-01-01 00:16:40 UTC" in why
+    assert "has not been reachable" not in why
+
+
+@pytest.mark.parametrize(
+    ("entries", "said"),
+    [
+        ([], "its entries are a list, not a table of agency, service, grant, limit"),
+        ("x", "its entries are a string, not a table"),
+        ({"agency": 5}, "its 'agency' is a number, not a list of [[agency]] entries"),
+        ({"grant": {"a": 1}}, "its 'grant' is a table, not a list"),
+        ({"service": [{"name": "s"}, None]}, "its [[service]] #2 is null, not a table"),
+        ({"limit": [[1]]}, "its [[limit]] #1 is a list, not a table"),
+    ],
+)
+def test_entries_of_the_wrong_shape_are_named_before_any_digest(entries: object, said: str) -> None:
+    from tabadol.registry.entries import shape_problem
+
+    problem = shape_problem(entries)
+    assert problem is not None and said in problem
+    assert shape_problem(ONE) is None and shape_problem({}) is None
 
 
 def test_exported_toml_is_valid_toml_for_awkward_values() -> None:

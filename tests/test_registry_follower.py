@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from tabadol.errors import ConfigError
 from tabadol.pki import CertificateAuthority
 from tabadol.registry import open_registry
 from tabadol.registry.entries import digest
+from tabadol.registry.store import RegistryHead
 from tests.conftest import DEFAULT_GRANTS, RunningProvider
 from tests.support.echo import SERVICE, UNARY
 from tests.support.exchange import eventually
@@ -153,6 +155,72 @@ async def test_a_version_this_node_cannot_apply_is_refused_and_the_old_one_keeps
         assert await eventually(lambda: broker.config.registry_version == 3)
     finally:
         store.close()
+
+
+async def test_a_refused_version_lets_the_age_grow_is_shown_and_is_tried_again_on_sighup(
+    node: tuple[Node, Broker], pki: CertificateAuthority, caplog: pytest.LogCaptureFixture
+) -> None:
+    n, broker = node
+    follower = broker.registry
+    assert follower is not None
+    bad = {
+        "agency": [{"id": "post", "name": "Post"}],
+        "grant": [{"consumer": "post", "service": "missing", "methods": ["*"]}],
+    }
+    url = broker.config.registry.url
+    assert url is not None
+    store = open_registry(url)
+    try:
+        with caplog.at_level(logging.ERROR, "tabadol.broker.registry"):
+            store.commit(bad, "someone", "bad", digest(bad))
+            assert await eventually(lambda: gauge(broker, "tabadol_registry_refused_version") == 2)
+            confirmed = follower.freshness.confirmed_at
+            await follower.check()  # the database answers, but its head is not in force
+            assert follower.freshness.confirmed_at == confirmed
+            assert "cannot apply the registry database's current version, 2" in (
+                follower.freshness.behind or ""
+            )
+            assert caplog.text.count("refused by this node") == 1  # said once
+            assert reload_from_file(broker, n.config)  # SIGHUP: tried again
+            assert await eventually(lambda: caplog.text.count("refused by this node") == 2)
+        assert broker.config.registry_version == 1
+        n.publish(ONLY_POST, "fixed")
+        assert await eventually(lambda: broker.config.registry_version == 3)
+        assert await eventually(lambda: gauge(broker, "tabadol_registry_refused_version") == 0)
+        assert follower.freshness.behind is None
+        assert follower.freshness.confirmed_at > confirmed
+    finally:
+        store.close()
+
+
+async def test_nothing_of_the_follower_runs_on_after_it_stops(
+    node: tuple[Node, Broker],
+) -> None:
+    n, broker = node
+    follower = broker.registry
+    assert follower is not None
+    entered, release = threading.Event(), threading.Event()
+    head = follower.store.head
+
+    def held_head() -> RegistryHead | None:
+        entered.set()
+        release.wait(10)
+        return head()
+
+    follower.store.head = held_head  # type: ignore[method-assign]
+    try:
+        n.publish(ONLY_POST, "v2")  # the follower's next check waits in head()
+        assert await asyncio.to_thread(entered.wait, 10)
+
+        def checks() -> list[asyncio.Task[object]]:
+            return [t for t in asyncio.all_tasks() if "RegistryFollower.check" in repr(t)]
+
+        assert checks() != []
+        await follower.stop()
+        assert checks() == []  # cancelled and awaited: it will apply nothing, keep nothing
+    finally:
+        release.set()
+    assert broker.config.registry_version == 1
 
 
 async def test_sighup_rereads_the_file_and_keeps_the_registry_version(
@@ -358,6 +426,27 @@ def test_a_kept_time_in_the_future_is_taken_as_now(
     broker = Broker(config.load(cfg))
     assert broker.registry is not None
     assert broker.registry.freshness.confirmed_at <= time.time()
+
+
+def test_a_start_on_a_current_version_this_node_refuses_counts_the_age_from_the_kept_one(
+    tmp_path: Path, pki: CertificateAuthority, echo_contracts: Path, postgres_url: str
+) -> None:
+    n = Node(tmp_path, pki, echo_contracts, postgres_url, "127.0.0.1:1")
+    n.publish(DEFAULT_GRANTS, "v1")
+    bad = {"grant": [{"consumer": "post", "service": "missing", "methods": ["*"]}]}
+    store = open_registry(postgres_url)
+    try:
+        store.commit(bad, "someone", "bad", digest(bad))
+    finally:
+        store.close()
+    keep_by_hand(n.config, "127.0.0.1:1", 1, time.time() - 500)
+    broker = Broker(config.load(n.config))
+    assert broker.config.registry_version == 1
+    assert broker.registry is not None
+    assert broker.registry.freshness.age(time.time()) >= 499
+    assert "cannot apply the registry database's current version, 2" in (
+        broker.registry.freshness.behind or ""
+    )
 
 
 def test_a_restart_takes_the_databases_version_even_below_the_kept_one_and_says_so(

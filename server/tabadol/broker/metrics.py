@@ -94,8 +94,16 @@ class BrokerMetrics:
         self.registry_age = Gauge(
             "tabadol_registry_age_seconds",
             "Seconds since the registry version in force was last confirmed current in the "
-            "registry database (grows while it is unreachable): alert well before [registry] "
-            'max_age_seconds, when calls are refused unless [registry] stale = "serve".',
+            "registry database (grows while it is unreachable, or while this broker cannot "
+            "apply its current version): alert well before [registry] max_age_seconds, when "
+            'calls are refused unless [registry] stale = "serve".',
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+        self.registry_refused = Gauge(
+            "tabadol_registry_refused_version",
+            "The registry database version this broker refused to apply (its log says why; "
+            "0 when none): while it is the database's current one, the age above grows.",
             registry=self.registry,
             multiprocess_mode="livemax",
         )

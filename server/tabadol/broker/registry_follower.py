@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import logging
 import math
@@ -25,7 +24,7 @@ from tabadol.config import BrokerConfig
 from tabadol.errors import ConfigError, TabadolError
 from tabadol.registry.crl import counts
 from tabadol.registry.current import with_version
-from tabadol.registry.entries import digest
+from tabadol.registry.entries import digest, shape_problem
 from tabadol.registry.freshness import RegistryFreshness
 from tabadol.registry.store import (
     Registry,
@@ -68,8 +67,10 @@ class RegistryFollower:
         self._seen = 0
         self._going_back: tuple[int, str] | None = None  # the head below it, logged once
         self._refused: tuple[int, str] | None = None  # a version this node could not apply
-        self._refused_crl: int | None = None
-        self._ignored_crls: set[tuple[int, str]] = set()  # rows that do not count, logged once
+        # Rows of registry_crls judged in this run, by id, never read again: those that do
+        # not count under the CA in force (logged once), and those this node refused.
+        self._ignored_crls: set[int] = set()
+        self._refused_crls: set[int] = set()
         self._ca: tuple[bytes, x509.Certificate] | None = None
         self._reachable = True
         self._last_warning = 0.0
@@ -77,6 +78,7 @@ class RegistryFollower:
         self._refusing = False  # stale under "refuse": health says NOT_SERVING
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._check: asyncio.Task[None] | None = None  # the look at the database under way
 
     @classmethod
     def for_config(cls, cfg: BrokerConfig) -> RegistryFollower | None:
@@ -151,6 +153,9 @@ class RegistryFollower:
             )  # fmt: skip
             self._refused = (current.number, current.digest)
             self.version = kept[0]
+            # Not current: its age runs from when it last was, so the stale policy bounds it.
+            self.freshness.confirmed_at = min(kept[1], time.time())
+            self.freshness.behind = self._behind(RegistryHead(current.number, current.digest))
             return self._entries(cfg, kept[0])
         self.version = current
         self._keep(current)
@@ -158,7 +163,9 @@ class RegistryFollower:
 
     def over(self, cfg: BrokerConfig) -> BrokerConfig:
         """SIGHUP: new local settings with the version in force (the database is asked again
-        at once, and a newer version follows)."""
+        at once, and a newer version follows; a version or CRL refused is tried again)."""
+        self._refused = None
+        self._refused_crls.clear()
         self._wake.set()
         if self.version is None:
             return cfg
@@ -173,12 +180,15 @@ class RegistryFollower:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        # The check too (shielded from the loop's timeouts): nothing is applied, nor the kept
+        # file written, after stop.
+        tasks = [*self._tasks, *([self._check] if self._check is not None else [])]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._tasks = []
+        self._tasks, self._check = [], None
         await asyncio.to_thread(self.store.close)
 
     async def _listen_forever(self) -> None:
@@ -195,15 +205,14 @@ class RegistryFollower:
             self._wake.set()  # a change may have come while nobody listened
 
     async def _follow_forever(self) -> None:
-        check: asyncio.Task[None] | None = None
         while True:
             # One look at the database at a time: a hung one shows as a growing age.
-            if check is None or check.done():
+            if self._check is None or self._check.done():
                 self._wake.clear()
-                check = asyncio.create_task(self.check())
+                self._check = asyncio.create_task(self.check())
                 waiting: Awaitable[Any] = self._wake.wait()
             else:  # a wake-up while a check runs: the next check follows it, no spinning
-                waiting = asyncio.shield(check)
+                waiting = asyncio.shield(self._check)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(waiting, min(self.settings.poll_seconds, 1.0))
             try:
@@ -226,11 +235,15 @@ class RegistryFollower:
                     version = await asyncio.to_thread(self.store.version, head.number)
                     if version is not None:
                         self._apply(version)
-            held = self._broker.credentials.crl if self._broker is not None else None
-            rows = await asyncio.to_thread(
-                self.store.crls, held.number if held is not None else None
-            )
-            self._take_newest_crl(rows)
+            if self._broker is not None:
+                held = self._broker.credentials.crl
+                self._exchange_ca(self._broker)  # a new CA: rows are judged again
+                rows = await asyncio.to_thread(
+                    self.store.crls,
+                    held.number if held is not None else None,
+                    skip=self._ignored_crls | self._refused_crls,
+                )
+                self._take_newest_crl(rows)
         except RegistryUnavailable as e:
             self._lost(str(e))
             return
@@ -267,11 +280,7 @@ class RegistryFollower:
         broker = self._broker
         assert broker is not None
         try:
-            if digest(version.entries) != version.digest:
-                raise ConfigError(
-                    f"{self._label(version.number)}: its entries do not match its digest"
-                )
-            new = self._entries(broker.config, version)
+            new = self._entries(broker.config, version)  # its shape and digest checked first
             broker.reload(new)
         except TabadolError as e:
             self._refused = (version.number, version.digest)
@@ -301,22 +310,24 @@ class RegistryFollower:
     def _exchange_ca(self, broker: Broker) -> x509.Certificate:
         pem = broker.credentials.ca_pem
         if self._ca is None or self._ca[0] != pem:
+            if self._ca is not None:  # what counted, or not, under the CA before is open again
+                self._ignored_crls.clear()
+                self._refused_crls.clear()
             self._ca = (pem, x509.load_pem_x509_certificate(pem))
         return self._ca[1]
 
     def _take_newest_crl(self, rows: list[StoredCrl]) -> None:
-        """Of the stored rows (newest first), take the first that counts: a row is only what
-        its writer said, so one that is not the CA's CRL of that number is passed over."""
+        """Of the stored rows not judged yet (newest first), take the first that counts and
+        that this node accepts: a row is only what its writer said, so one that is not the
+        CA's CRL of that number is passed over, and never read again in this run."""
         broker = self._broker
         assert broker is not None
         for row in rows:
-            mark = (row.number, hashlib.sha256(row.der).hexdigest())
-            if mark in self._ignored_crls:
-                continue
             if counts(row, self._exchange_ca(broker)):
-                self._take_crl(row)
-                return
-            self._ignored_crls.add(mark)
+                if self._take_crl(row):
+                    return
+                continue
+            self._ignored_crls.add(row.id)
             log.warning(
                 "a row of registry_crls in %s, numbered %d and published by %r, is not the "
                 "exchange's CRL of that number (not signed by its CA, or numbered otherwise "
@@ -324,17 +335,15 @@ class RegistryFollower:
                 self.store.where, row.number, row.published_by,
             )  # fmt: skip
 
-    def _take_crl(self, stored: StoredCrl) -> None:
+    def _take_crl(self, stored: StoredCrl) -> bool:
         """A CRL newer than the one in force goes to crl.pem and is loaded as on SIGHUP, with
         the same checks (the CA's, fresh, never older than one held); refused, crl.pem is
-        put back as it was."""
+        put back as it was, and False (an older row may still be newer than the one held)."""
         broker = self._broker
         assert broker is not None
         held = broker.credentials.crl
-        if (
-            held is not None and stored.number <= held.number
-        ) or stored.number == self._refused_crl:
-            return
+        if held is not None and stored.number <= held.number:
+            return True  # nothing older than it is wanted either
         path = broker.config.broker.pki_dir / "crl.pem"
         try:
             before = path.read_bytes()
@@ -345,7 +354,7 @@ class RegistryFollower:
             replace_file(path, pem, 0o644)
             broker.reload(broker.config)
         except (TabadolError, OSError, ValueError) as e:
-            self._refused_crl = stored.number
+            self._refused_crls.add(stored.id)
             if before is not None:
                 with contextlib.suppress(OSError):
                     replace_file(path, before, 0o644)
@@ -353,13 +362,17 @@ class RegistryFollower:
                 "CRL number %d from %s refused by this node; the CRL in force stays:\n%s",
                 stored.number, self.store.where, e,
             )  # fmt: skip
-            return
+            return False
         log.info(
             "CRL number %d from %s (published by %s) is in force: %d revoked certificates",
             stored.number, self.store.where, stored.published_by, len(broker.credentials.revoked),
         )  # fmt: skip
+        return True
 
     def _confirmed(self, head: RegistryHead | None) -> None:
+        """The database answered. The version in force is confirmed current only if it IS
+        the database's head: a node that cannot apply the current version (refused, or a
+        head gone below what it read) is, for max_age_seconds, not current."""
         now = time.time()
         if not self._reachable:
             log.warning(
@@ -369,10 +382,30 @@ class RegistryFollower:
                 self._number_in_force(),
             )
         self._reachable = True
-        self.freshness.confirm(now)
         current = head is not None and (head.number, head.digest) == self._in_force()
-        if current and self.version is not None and now - self._touched >= _KEEP_TOUCH_S:
+        if not current:
+            self.freshness.behind = self._behind(head)
+            return
+        self.freshness.behind = None
+        self.freshness.confirm(now)
+        if self.version is not None and now - self._touched >= _KEEP_TOUCH_S:
             self._keep(self.version)  # with the time it was confirmed current: now
+
+    def _behind(self, head: RegistryHead | None) -> str:
+        """Why the database answers but the version in force is not its current one."""
+        if head is None:
+            return f"the registry database {self.store.where} holds no version"
+        if head.number < self._seen:
+            return (
+                f"the registry database's newest version, {head.number}, is below version "
+                f"{self._seen} this node has read there"
+            )
+        if (head.number, head.digest) == self._refused:
+            return (
+                f"this node cannot apply the registry database's current version, "
+                f"{head.number} (its log says why)"
+            )
+        return f"the registry database's current version, {head.number}, is not applied yet"
 
     def _lost(self, why: str) -> None:
         now = time.monotonic()
@@ -388,6 +421,7 @@ class RegistryFollower:
                 "calls are refused" if self.settings.stale == "refuse" else "served on",
             )
         self._reachable = False
+        self.freshness.behind = None  # the outage is the reason now
 
     def _publish(self) -> None:
         if self._broker is None:
@@ -395,6 +429,7 @@ class RegistryFollower:
         metrics = self._broker.metrics
         metrics.registry_age.set(self.freshness.age(time.time()))
         metrics.registry_version.set(self.version.number if self.version is not None else 0)
+        metrics.registry_refused.set(self._refused[0] if self._refused is not None else 0)
 
     async def _health(self) -> None:
         """The broker's health ("") is NOT_SERVING while the stale policy refuses calls."""
@@ -484,6 +519,9 @@ class RegistryFollower:
             raise ConfigError(
                 f"{cfg.path}: {self.kept} is not a registry version this node kept ({e})"
             ) from e
+        problem = shape_problem(version.entries)
+        if problem is not None:
+            raise ConfigError(f"{cfg.path}: {self.kept}: {problem}")
         if digest(version.entries) != version.digest:
             raise ConfigError(f"{cfg.path}: {self.kept}: its entries do not match its digest")
         return version, confirmed_at

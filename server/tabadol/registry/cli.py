@@ -17,6 +17,7 @@ from tabadol.config import BrokerConfig
 from tabadol.errors import ConfigError
 from tabadol.registry.entries import Entries, diff, digest, entries_data, summary, to_toml
 from tabadol.registry.store import Registry, RegistryRefused, open_registry
+from tabadol.registry.store.base import number_refused
 
 MAX_REGISTRY_FILE_BYTES = 16 * 1024 * 1024
 _HISTORY_PAGE = 100  # versions read at a time: their entries are needed only for the diff
@@ -84,6 +85,11 @@ def _cmd_import(args: argparse.Namespace) -> int:
                 f"{store.where}: --skip-to {args.skip_to}: the registry's newest version is "
                 f"{current.number}; the number must be above it"
             )
+        refused = number_refused(
+            store.where, args.skip_to, current.number if current is not None else 0
+        )
+        if refused is not None:  # before the diff: a typo is said at once
+            raise RegistryRefused(refused)
         if args.skip_to is None and current is not None and current.digest == new_digest:
             print(f"{store.where}: unchanged: version {current.number} already holds these entries")
             return 0

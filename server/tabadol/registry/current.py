@@ -8,12 +8,19 @@ from pathlib import Path
 from tabadol import config as config_module
 from tabadol.config import BrokerConfig
 from tabadol.errors import ConfigError
+from tabadol.registry.entries import digest, shape_problem
 from tabadol.registry.store import RegistryUnavailable, RegistryVersion, open_registry
 
 
 def with_version(cfg: BrokerConfig, version: RegistryVersion, where: str) -> BrokerConfig:
-    """``cfg`` (its local settings) with a registry version's entries, checked as a file's."""
+    """``cfg`` (its local settings) with a registry version's entries, checked as a file's
+    once they are entries at all and match the version's digest."""
     label = f"registry version {version.number} of {where}"
+    problem = shape_problem(version.entries)
+    if problem is not None:
+        raise ConfigError(f"{label}: {problem}")
+    if digest(version.entries) != version.digest:
+        raise ConfigError(f"{label}: its entries do not match its digest")
     entries = config_module.parse_entries(version.entries, label)
     return config_module.apply_entries(cfg, entries, label, version.number)
 

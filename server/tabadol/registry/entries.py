@@ -30,6 +30,27 @@ def entries_data(entries: RegistryFile) -> Entries:
     }
 
 
+def shape_problem(data: object) -> str | None:
+    """What keeps ``data`` (JSON as stored) from being entries, a table of the sections to
+    lists of tables; None when nothing does. Checked before ``digest``, which needs that."""
+    if not isinstance(data, Mapping):
+        return f"its entries are {_kind(data)}, not a table of {', '.join(ENTRY_SECTIONS)}"
+    for section in ENTRY_SECTIONS:
+        entries = data.get(section, [])
+        if not isinstance(entries, list):
+            return f"its {section!r} is {_kind(entries)}, not a list of [[{section}]] entries"
+        for n, entry in enumerate(entries, 1):
+            if not isinstance(entry, Mapping):
+                return f"its [[{section}]] #{n} is {_kind(entry)}, not a table"
+    return None
+
+
+def _kind(value: object) -> str:
+    names = {dict: "a table", list: "a list", str: "a string", bool: "a boolean"}
+    names |= {int: "a number", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
 def digest(data: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     """SHA-256 of the entries in a canonical JSON form: equal entries, equal digest."""
     canonical = json.dumps(

@@ -17,6 +17,9 @@ class RegistryFreshness:
     max_age_s: float
     policy: Literal["refuse", "serve"]
     confirmed_at: float
+    # Why the database answers yet the version in force is not its current one (a version
+    # this node refused, say): None when it is, or when the database does not answer.
+    behind: str | None = None
 
     def confirm(self, now: float) -> None:
         self.confirmed_at = max(self.confirmed_at, now)
@@ -32,6 +35,14 @@ class RegistryFreshness:
         if self.policy != "refuse" or not self.stale(now):
             return None
         since = dt.datetime.fromtimestamp(self.confirmed_at, dt.UTC)
+        if self.behind is not None:
+            return (
+                f"the exchange's registry is stale: {self.behind}, so the version in force "
+                f"was last confirmed current at {since:%Y-%m-%d %H:%M:%S} UTC "
+                f"({self.age(now):.0f} s ago, more than [registry] max_age_seconds = "
+                f"{self.max_age_s:g}) and grants may have changed; calls are refused until "
+                "this node applies the database's current version"
+            )
         return (
             "the exchange's registry is stale: the registry database has not been reachable "
             f"since {since:%Y-%m-%d %H:%M:%S} UTC ({self.age(now):.0f} s, more than [registry] "

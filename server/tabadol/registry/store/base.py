@@ -4,7 +4,7 @@ exchange's current CRL, each announced to the broker nodes when it changes."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -24,12 +24,32 @@ class RegistryBusy(RegistryUnavailable):
     """Another change held the registry's lock past the wait allowed; nothing was changed."""
 
 
-def skip_refused(where: str, number: int, newest: int) -> str:
-    """Why version ``number`` cannot be committed over ``newest``."""
-    return (
-        f"{where}: cannot commit version {number}: the registry's newest version is "
-        f"{newest}, and a version number must be above it (--skip-to {newest + 1} or more)"
-    )
+MAX_SKIP = 1_000_000  # how far above the newest version one commit may number itself
+MAX_VERSION = 2**53  # far below bigint's 2**63, exact as a JSON number everywhere
+
+
+def number_refused(where: str, number: int | None, newest: int) -> str | None:
+    """Why the next version (or version ``number``) cannot be committed over ``newest``;
+    None if it can. A number far above the newest is a typo that would use up the numbers
+    every later version needs, and versions are never deleted."""
+    if number is not None and number <= newest:
+        return (
+            f"{where}: cannot commit version {number}: the registry's newest version is "
+            f"{newest}, and a version number must be above it (--skip-to {newest + 1} or more)"
+        )
+    if number is not None and number > newest + MAX_SKIP:
+        return (
+            f"{where}: cannot commit version {number}: that is more than {MAX_SKIP:,} above "
+            f"the registry's newest version, {newest} (a typo?); versions are never deleted, "
+            "so numbers used up would stay used up: --skip-to only needs to be above the "
+            f"highest version any node reports (at most {newest + MAX_SKIP})"
+        )
+    if (number if number is not None else newest + 1) > MAX_VERSION:
+        return (
+            f"{where}: cannot commit a version above {newest}: version numbers stop at "
+            f"{MAX_VERSION}; a version numbered that high was written past `registry import`"
+        )
+    return None
 
 
 def crl_refused(where: str, held: int, number: int) -> str:
@@ -67,6 +87,7 @@ class StoredCrl:
     der: bytes
     published_at: dt.datetime
     published_by: str
+    id: int = 0  # the row's own, in the order rows were added
 
 
 @dataclass(frozen=True)
@@ -110,9 +131,10 @@ CrlTrusted = Callable[[StoredCrl], bool]
 class CrlStore(Protocol):
     """The exchange's CRLs as published: the newest that counts is the current one."""
 
-    def crls(self, above: int | None = None) -> list[StoredCrl]:
-        """The stored CRLs (numbered above ``above``, if given), newest first. Whoever can
-        write the table can add any row: the reader decides which count."""
+    def crls(self, above: int | None = None, skip: Collection[int] = ()) -> list[StoredCrl]:
+        """The stored CRLs (numbered above ``above``, if given), newest first, but for the
+        rows whose id is in ``skip`` (judged already: not read again). Whoever can write the
+        table can add any row: the reader decides which count."""
         ...
 
     def publish_crl(self, der: bytes, number: int, by: str, trusted: CrlTrusted) -> StoredCrl:

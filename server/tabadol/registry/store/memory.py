@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 
 from tabadol.registry.entries import Entries
 from tabadol.registry.store.base import (
@@ -16,7 +16,7 @@ from tabadol.registry.store.base import (
     RegistryVersion,
     StoredCrl,
     crl_refused,
-    skip_refused,
+    number_refused,
 )
 
 
@@ -51,8 +51,9 @@ class MemoryRegistryStore:
     ) -> RegistryVersion:
         with self._lock:
             newest = self._versions[-1].number if self._versions else 0
-            if number is not None and number <= newest:
-                raise RegistryRefused(skip_refused(self.where, number, newest))
+            refused = number_refused(self.where, number, newest)
+            if refused is not None:
+                raise RegistryRefused(refused)
             version = RegistryVersion(
                 number if number is not None else newest + 1,
                 dt.datetime.now(dt.UTC),
@@ -65,11 +66,11 @@ class MemoryRegistryStore:
         self._announce(Announcement("registry", version.number))
         return version
 
-    def crls(self, above: int | None = None) -> list[StoredCrl]:
+    def crls(self, above: int | None = None, skip: Collection[int] = ()) -> list[StoredCrl]:
         with self._lock:
             rows = list(reversed(self._crls))
         rows.sort(key=lambda c: c.number, reverse=True)  # stable: later rows first on a tie
-        return [c for c in rows if above is None or c.number > above]
+        return [c for c in rows if (above is None or c.number > above) and c.id not in skip]
 
     def publish_crl(self, der: bytes, number: int, by: str, trusted: CrlTrusted) -> StoredCrl:
         with self._lock:
@@ -78,7 +79,7 @@ class MemoryRegistryStore:
             )
             if held is not None and number <= held.number:
                 raise RegistryRefused(crl_refused(self.where, held.number, number))
-            stored = StoredCrl(number, der, dt.datetime.now(dt.UTC), by)
+            stored = StoredCrl(number, der, dt.datetime.now(dt.UTC), by, len(self._crls) + 1)
             self._crls.append(stored)
         self._announce(Announcement("crl", number))
         return stored

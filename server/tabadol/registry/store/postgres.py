@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -33,7 +33,7 @@ from tabadol.registry.store.base import (
     RegistryVersion,
     StoredCrl,
     crl_refused,
-    skip_refused,
+    number_refused,
 )
 
 REGISTRY_CHANNEL = "tabadol_registry"
@@ -202,8 +202,9 @@ class PostgresRegistryStore:
         with self._changing("commit a registry version") as conn:
             found = conn.execute("SELECT coalesce(max(version), 0) FROM registry_versions")
             newest = int(_one_value(found.fetchone()))
-            if number is not None and number <= newest:
-                raise RegistryRefused(skip_refused(self.where, number, newest))
+            refused = number_refused(self.where, number, newest)
+            if refused is not None:
+                raise RegistryRefused(refused)
             row = conn.execute(
                 "INSERT INTO registry_versions (version, created_by, reason, entries, digest) "
                 "VALUES (%s, %s, %s, %s, %s) "
@@ -214,19 +215,20 @@ class PostgresRegistryStore:
             conn.execute("SELECT pg_notify(%s, %s)", (REGISTRY_CHANNEL, str(row[0])))
         return _version(row)
 
-    def crls(self, above: int | None = None) -> list[StoredCrl]:
+    def crls(self, above: int | None = None, skip: Collection[int] = ()) -> list[StoredCrl]:
         with self._session() as conn:
             rows = conn.execute(
                 f"{_SELECT_CRLS} WHERE (%s::numeric IS NULL OR number > %s::numeric) "
-                f"AND octet_length(der) <= {MAX_CRL_BYTES} ORDER BY number DESC, id DESC",
-                (above, above),
+                f"AND {_CAN_BE_CRL} AND NOT (id = ANY(%s::bigint[])) "
+                "ORDER BY number DESC, id DESC",
+                (above, above, sorted(skip)),
             ).fetchall()
         return [c for c in map(_crl, rows) if c is not None]
 
     def publish_crl(self, der: bytes, number: int, by: str, trusted: CrlTrusted) -> StoredCrl:
         with self._changing("publish a CRL") as conn:
             rows = conn.execute(
-                f"{_SELECT_CRLS} WHERE number >= %s AND octet_length(der) <= {MAX_CRL_BYTES} "
+                f"{_SELECT_CRLS} WHERE number >= %s AND {_CAN_BE_CRL} "
                 "ORDER BY number DESC, id DESC",
                 (number,),
             ).fetchall()
@@ -235,12 +237,12 @@ class PostgresRegistryStore:
                 raise RegistryRefused(crl_refused(self.where, held.number, number))
             row = conn.execute(
                 "INSERT INTO registry_crls (number, der, published_by) VALUES (%s, %s, %s) "
-                "RETURNING published_at",
+                "RETURNING published_at, id",
                 (number, der, by),
             ).fetchone()
             assert row is not None
             conn.execute("SELECT pg_notify(%s, %s)", (CRL_CHANNEL, str(number)))
-        return StoredCrl(number, der, row[0], by)
+        return StoredCrl(number, der, row[0], by, row[1])
 
     async def announcements(self) -> AsyncIterator[Announcement]:
         try:
@@ -273,7 +275,13 @@ class PostgresRegistryStore:
 
 
 _SELECT = "SELECT version, created_at, created_by, reason, entries, digest FROM registry_versions"
-_SELECT_CRLS = "SELECT number, der, published_at, published_by FROM registry_crls"
+_SELECT_CRLS = "SELECT number, der, published_at, published_by, id FROM registry_crls"
+# A row no CRL of the exchange can be is never read: too large, or a number that is not a
+# whole one below 2**160 (RFC 5280: at most 20 octets; NaN and infinities compare above all).
+_CAN_BE_CRL = (
+    f"octet_length(der) <= {MAX_CRL_BYTES} AND number < 1e49 AND number > -1e49 "
+    "AND number = trunc(number)"
+)
 
 
 def _one_value(row: tuple[Any, ...] | None) -> Any:
@@ -283,10 +291,10 @@ def _one_value(row: tuple[Any, ...] | None) -> Any:
 
 def _crl(row: tuple[Any, ...]) -> StoredCrl | None:
     """A CRL row; None for a number no CRL can have (NaN, infinite, fractional)."""
-    number, der, published_at, published_by = row
+    number, der, published_at, published_by, row_id = row
     if not isinstance(number, decimal.Decimal) or not number.is_finite() or number % 1 != 0:
         return None
-    return StoredCrl(int(number), bytes(der), published_at, str(published_by))
+    return StoredCrl(int(number), bytes(der), published_at, str(published_by), int(row_id))
 
 
 def _version(row: tuple[Any, ...]) -> RegistryVersion:
