@@ -884,6 +884,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         + ": %(message)s",
         stream=sys.stderr,
     )
+    # The stores say once that a database is unreachable, and again when it is back; the
+    # pool's own warning for every reconnect attempt would bury that.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     if getattr(args, "contracts", None) is None and args.command == "call":
         args.contracts = [Path("build/contracts.pb")]
     try:
