@@ -522,3 +522,22 @@ def test_a_ledger_written_before_serials_opens_migrates_and_verifies(
     assert [(r.consumer_serial, r.consumer_verified) for r in records] == [
         ("", True), ("", True), ("", True), ("2a", False),
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE records SET consumer_verified = 'x' WHERE seq = 5",
+        "UPDATE records SET consumer_verified = 2 WHERE seq = 5",
+        "UPDATE records SET method = x'00ff' WHERE seq = 5",
+        "UPDATE records SET start_ns = 1000005.0 WHERE seq = 5",
+    ],
+)
+def test_a_value_of_another_type_is_an_edit_not_a_crash(
+    ledger: Path, pki: CertificateAuthority, statement: str
+) -> None:
+    """A value no writer writes (what the reports would read otherwise than verify does)."""
+    tamper(ledger, statement)
+    assert check(ledger, pki) == (
+        "BROKEN at position 5: its contents do not match its digest (the record was edited)"
+    )

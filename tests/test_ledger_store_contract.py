@@ -243,3 +243,55 @@ def test_a_running_writers_session_counts_what_it_wrote_with_each_batch(
         batch = [record(i) for i in range(n)]
         store.append_sealed(batch, seal_with(sealer, chain), sealer.cert_pem, chain, "s1")
     assert [s.written for s in store.sessions()] == [5]
+
+
+def test_seals_wait_for_a_timestamp_in_order_and_each_keeps_its_first_token(
+    open_store: OpenStore, sealer: Sealer
+) -> None:
+    store = open_store()
+    chain = store.chain_for("node-1")
+    assert store.untimestamped(chain) == [] and store.untimestamped_count(chain) == 0
+    seals = [
+        store.append_sealed([record(i)], seal_with(sealer, chain), sealer.cert_pem, chain)
+        for i in range(1, 5)
+    ]
+    assert store.untimestamped(chain, limit=2) == seals[:2]
+    assert store.untimestamped_count(chain) == 4
+
+    store.add_timestamp(chain, 1, b"token-1", 111)
+    store.add_timestamp(chain, 2, b"token-2", 222)
+    store.add_timestamp(chain, 2, b"a second token", 333)  # another worker's, later: ignored
+
+    assert store.untimestamped(chain) == seals[2:]
+    assert store.untimestamped_count(chain) == 2
+    stamps = list(open_store().timestamps(chain))  # another handle sees them
+    assert [(s.seal_seq, s.token, s.gen_time_ns) for s in stamps] == [
+        (1, b"token-1", 111),
+        (2, b"token-2", 222),
+    ]
+    assert all(s.chain == chain for s in stamps)
+
+
+def test_timestamps_belong_to_their_nodes_chain(open_store: OpenStore, sealer: Sealer) -> None:
+    store = open_store()
+    one, two = store.chain_for("node-1"), store.chain_for("node-2")
+    for chain in (one, two):
+        store.append_sealed([record(1)], seal_with(sealer, chain), sealer.cert_pem, chain)
+    store.add_timestamp(one, 1, b"token", 1)
+    if one == two:  # SQLite: one chain, whose second seal is the second node's
+        assert [s.seq for s in store.untimestamped(two)] == [2]
+        return
+    assert store.untimestamped_count(one) == 0
+    assert [s.seq for s in store.untimestamped(two)] == [1]
+    assert list(store.timestamps(two)) == []
+
+
+def test_a_seal_timestamped_while_the_ledger_cannot_be_written_is_refused(
+    sealer: Sealer,
+) -> None:
+    store = MemoryLedgerStore()  # the store that can be made to fail on demand
+    store.append_sealed([record(1)], seal_with(sealer, ""), sealer.cert_pem)
+    store.fail = "disk full"
+    with pytest.raises(LedgerWriteError, match="disk full"):
+        store.add_timestamp("", 1, b"token", 1)
+    assert store.untimestamped_count("") == 1

@@ -200,9 +200,103 @@ def _ledger_label(cfg: Any) -> str:
     return describe(cfg.ledger.url) if cfg.ledger.url is not None else str(cfg.ledger.path)
 
 
+def _checkpoints(args: argparse.Namespace, cfg: Any) -> tuple[list[Any], list[str]]:
+    """The trusted checkpoints of the file verify reads (none with --full), and why any
+    other line of it is refused."""
+    from cryptography import x509
+
+    from tabadol.ledger import checkpoints
+    from tabadol.pki import load_crl
+
+    if args.full:
+        return [], []
+    path = args.checkpoints or checkpoints.checkpoints_path(cfg.ledger.path)
+    found, problems = checkpoints.read(path)
+    if not found:
+        return [], problems
+    pki_dir = cfg.broker.pki_dir
+    try:
+        ca = x509.load_pem_x509_certificate((pki_dir / "ca.crt").read_bytes())
+        revoked = {entry.serial_number for entry in load_crl(pki_dir / "crl.pem", ca)}
+    except (OSError, ValueError) as e:
+        raise TabadolError(f"{pki_dir}: cannot judge the checkpoints: {e}") from e
+    trusted = []
+    for checkpoint in found:
+        why = checkpoints.problem(
+            checkpoint, ca_cert=ca, trust_domain=cfg.broker.trust_domain, revoked=revoked
+        )
+        if why:
+            problems.append(f"{path}: checkpoint at {checkpoint.describe()}: {why}; not used")
+        else:
+            trusted.append(checkpoint)
+    return trusted, problems
+
+
+def _verify_chain(
+    args: argparse.Namespace,
+    cfg: Any,
+    store: Any,
+    chain: str,
+    signers: Callable[[bytes, int], str | None],
+    anchor: list[Any],
+    trusted: list[Any],
+) -> Any:
+    """One chain's verdict: from its newest trusted checkpoint whose seal still holds, on
+    every core; with --as, a new checkpoint signed at its last seal when intact."""
+    import functools
+    import time
+
+    from tabadol.ledger import checkpoints
+    from tabadol.ledger.store import open_ledger
+    from tabadol.ledger.verify import Start, Verdict, verify_chain
+
+    witnessed = [seal for seal in anchor if seal.chain == chain]
+    seals = {seal.seq: seal for seal in store.seals(chain)}
+    start = Start()
+    for checkpoint in sorted((c for c in trusted if c.chain == chain), key=lambda c: c.seal):
+        seal = seals.get(checkpoint.seal)
+        if seal is None or (seal.count, seal.head_digest) != (
+            checkpoint.count,
+            checkpoint.head_digest,
+        ):
+            return Verdict(
+                False,
+                checkpoint.count,
+                checkpoint.seal,
+                checkpoint.count,
+                f"seal {checkpoint.seal} no longer matches the checkpoint at "
+                f"{checkpoint.describe()}: history before the checkpoint was rewritten",
+            )
+        start = Start.after(seal)
+    for seal in witnessed:  # the witness covers the whole chain: seals are cheap to compare
+        if seal.seq <= start.seal_count and seals.get(seal.seq) != seal:
+            return Verdict(
+                False,
+                start.count,
+                start.seal_count,
+                None,
+                f"seal {seal.seq} differs from what the anchor file witnessed",
+            )
+    verdict = verify_chain(
+        store,
+        signers,
+        witnessed,
+        chain=chain,
+        start=start,
+        reader=functools.partial(open_ledger, cfg.ledger, readonly=True),
+    )
+    if verdict.ok and args.as_ is not None and verdict.seals > start.seal_count:
+        path = args.checkpoints or checkpoints.checkpoints_path(cfg.ledger.path)
+        signed = checkpoints.sign(
+            args.as_, cfg.broker.trust_domain, seals[verdict.seals], time.time_ns()
+        )
+        checkpoints.append(path, signed)
+    return verdict
+
+
 def _cmd_ledger_verify(args: argparse.Namespace) -> int:
     from tabadol.ledger.sessions import alive, session_findings
-    from tabadol.ledger.verify import anchor_path, chains_missing, read_anchor, verify
+    from tabadol.ledger.verify import anchor_path, chains_missing, read_anchor
 
     cfg, store = _open_ledger(args.config)
     label = _ledger_label(cfg)
@@ -221,16 +315,22 @@ def _cmd_ledger_verify(args: argparse.Namespace) -> int:
             "the ledger no longer holds at all: it was deleted"
         )
         broken = True
+    checkpoints, checkpoint_problems = _checkpoints(args, cfg)
+    for problem in checkpoint_problems:  # the verifier's own file was written by someone else
+        print(f"{label}: checkpoint refused: {problem}")
+        broken = True
     for chain in chains or [""]:  # one report per node's chain (SQLite keeps one chain)
-        verdict = verify(
-            store.records(chain),
-            store.seals(chain),
-            store.signers(),
-            signers,
-            [seal for seal in anchor if seal.chain == chain],
-        )
+        verdict = _verify_chain(args, cfg, store, chain, signers, anchor, checkpoints)
         print(f"{label}: {f'node {chain}: ' if chain else ''}{verdict}")
         broken |= not verdict.ok
+        if cfg.ledger.tsa_certificate is not None:  # RFC 3161 tokens of the chain's seals
+            from tabadol.ledger.timestamper import read_tsa_certificate
+            from tabadol.ledger.timestamps import timestamp_findings
+
+            tsa_pem = read_tsa_certificate(cfg.ledger.tsa_certificate)
+            for stamped in timestamp_findings(store, chain, store.seals(chain), tsa_pem):
+                print(f"{label}: {f'node {chain}: ' if chain else ''}timestamps: {stamped}")
+                broken |= stamped.startswith("BROKEN")
     for missing in chains_missing(store.sessions(), chains, store.chain_for):
         print(f"{label}: BROKEN: {missing}")
         broken = True
@@ -707,6 +807,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="another node's seals witness (its <ledger path>.seals, shipped off-box) to check "
         "its chain against; repeat for each node",
+    )
+    lverify.add_argument(
+        "--full",
+        action="store_true",
+        help="check every record from the first, whatever the checkpoints say",
+    )
+    lverify.add_argument(
+        "--as",
+        dest="as_",
+        type=Path,
+        metavar="DIR",
+        help="your credentials (from `tabadol pki issue --auditor NAME` or --operator NAME): "
+        "sign a checkpoint at the last seal when intact, so the next verify checks only "
+        "what comes after it",
+    )
+    lverify.add_argument(
+        "--checkpoints",
+        type=Path,
+        metavar="FILE",
+        help="where signed checkpoints are read and appended (default: <ledger path>.checkpoints)",
     )
     lverify.set_defaults(func=_cmd_ledger_verify)
     linit = ledger_sub.add_parser(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -115,6 +116,34 @@ class LedgerSection(_Strict):
     # Fail closed once a record has waited this long for the ledger (docs/ledger.md).
     max_unwritten_seconds: float = Field(default=5.0, gt=0, le=3600)
     payload_digests: bool = False
+    # RFC 3161 timestamps on seals (docs/ledger.md, "Trusted timestamps"): the TSA's URL, and
+    # its certificate with its CA chain up to the root (PEM), which every token must chain to.
+    tsa_url: str | None = None
+    tsa_certificate: LoosePath | None = None
+
+    @field_validator("tsa_url")
+    @classmethod
+    def _tsa_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            split = urllib.parse.urlsplit(value)
+            try:
+                port_ok = split.port is None or split.port > 0
+            except ValueError:  # not a number, or out of range
+                port_ok = False
+            if split.scheme not in ("http", "https") or not split.hostname or not port_ok:
+                raise ValueError(f"{value!r} is not a TSA URL: expected http(s)://HOST:PORT/PATH")
+            if split.username is not None or split.password is not None:
+                raise ValueError("a TSA URL must not hold a user name or password")
+        return value
+
+    @model_validator(mode="after")
+    def _tsa_needs_its_certificate(self) -> LedgerSection:
+        if self.tsa_url is not None and self.tsa_certificate is None:
+            raise ValueError(
+                "tsa_url needs tsa_certificate: the TSA's certificate and CA chain (PEM), "
+                "to check every token it signs"
+            )
+        return self
 
     @field_validator("url")
     @classmethod
@@ -473,7 +502,12 @@ def load(path: Path) -> BrokerConfig:
         path=path,
         broker=broker,
         tracing=cfg.tracing,
-        ledger=cfg.ledger.model_copy(update={"path": base / cfg.ledger.path}),
+        ledger=cfg.ledger.model_copy(
+            update={
+                "path": base / cfg.ledger.path,
+                "tsa_certificate": cfg.ledger.tsa_certificate and base / cfg.ledger.tsa_certificate,
+            }
+        ),
         agencies={a.id: a for a in cfg.agency},
         services={s.name: s for s in cfg.service},
         grants=tuple(cfg.grant),

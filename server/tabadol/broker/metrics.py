@@ -72,6 +72,12 @@ class BrokerMetrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
+        self.ledger_untimestamped = Gauge(
+            "tabadol_ledger_seals_untimestamped",
+            "Seals of this node's chain waiting for an RFC 3161 timestamp from the TSA.",
+            registry=self.registry,
+            multiprocess_mode="livemax",  # every worker counts the same chain
+        )
         self.ledger_accepting = Gauge(
             "tabadol_ledger_accepting",
             "1 while the ledger accepts records; 0 when failing or full (calls are refused).",

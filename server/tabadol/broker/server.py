@@ -43,6 +43,7 @@ from tabadol.ledger.journal import journal_path
 from tabadol.ledger.seal import Sealer
 from tabadol.ledger.signers import signer_check
 from tabadol.ledger.store import LedgerMissing, LedgerWriteError, open_ledger
+from tabadol.ledger.timestamper import Timestamper, read_tsa_certificate
 from tabadol.ledger.verify import anchor_path
 from tabadol.ledger.writer import RecordsLost
 from tabadol.limits import (
@@ -110,6 +111,7 @@ class Broker:
         self.limits.configure(_limit_rules(cfg))
         self.retries = RetryBudget(cfg.broker.retry_budget_ratio)
         self.drain = Drain()
+        self.timestamper = _timestamper(cfg)  # RFC 3161 timestamps of seals, off the call path
         self.ledger = _ledger(cfg, self.credentials)
         self.instance = cfg.broker.instance or f"{socket.gethostname()}:{os.getpid()}"
         self._metrics_task: asyncio.Task[None] | None = None
@@ -145,6 +147,8 @@ class Broker:
             written=self.ledger.written,
             dropped=self.span_stats.dropped() if self.span_stats is not None else 0,
         )
+        if self.timestamper is not None:
+            self.metrics.ledger_untimestamped.set(self.timestamper.backlog)
 
     def _watch_crl(self) -> None:
         """Warn well before the CRL goes stale, and loudly once it has (once an hour)."""
@@ -241,6 +245,8 @@ class Broker:
         await self._server.start()
         await self.health.start()
         self._metrics_task = asyncio.create_task(self._refresh_metrics_forever())
+        if self.timestamper is not None:
+            self.timestamper.start()
         self._trust_task = asyncio.create_task(self._check_providers_forever())
         if self.config.broker.metrics_listen is not None and worker_slot() is None:
             try:
@@ -459,6 +465,8 @@ class Broker:
         await asyncio.gather(*(u.channel.close() for u in self._upstreams.values() if u.in_flight))
         # Every record of every call is written (or journaled) before the process goes;
         # RecordsLost, raised once the rest has stopped, says how many could not be.
+        if self.timestamper is not None:
+            await asyncio.to_thread(self.timestamper.close)
         try:
             await asyncio.to_thread(self.ledger.close)
         finally:
@@ -639,6 +647,20 @@ def _ledger(cfg: BrokerConfig, creds: BrokerCredentials) -> LedgerWriter:
     except LedgerWriteError as e:
         store.close()
         raise ConfigError(f"{cfg.path}: [ledger] {_where(cfg)}: {e}") from e
+
+
+def _timestamper(cfg: BrokerConfig) -> Timestamper | None:
+    """With ``[ledger] tsa_url``: a timestamper of this node's chain, on its own handle."""
+    settings = cfg.ledger
+    if settings.tsa_url is None or settings.tsa_certificate is None:
+        return None
+    try:
+        pem = read_tsa_certificate(settings.tsa_certificate)
+        store = open_ledger(settings)
+    except (TabadolError, LedgerWriteError) as e:
+        raise ConfigError(f"{cfg.path}: {e}") from e
+    chain = store.chain_for(cfg.broker.instance or f"{socket.gethostname()}:{os.getpid()}")
+    return Timestamper(store, chain, settings.tsa_url, pem)
 
 
 def _where(cfg: BrokerConfig) -> str:

@@ -155,5 +155,36 @@ class LedgerQueries(Protocol):
     def close(self) -> None: ...
 
 
-class LedgerStore(LedgerLog, LedgerQueries, Protocol):
-    """A store that is both: every implementation here is."""
+@dataclass(frozen=True)
+class SealTimestamp:
+    """An RFC 3161 timestamp token a TSA signed over a seal's payload (docs/ledger.md)."""
+
+    chain: str
+    seal_seq: int
+    token: bytes  # DER TimeStampToken (a CMS ContentInfo), as `openssl ts -verify -token_in` reads
+    gen_time_ns: int  # the time the TSA put in it (UTC, ns)
+
+
+class TimestampLog(Protocol):
+    """Trusted timestamps of seals. The timestamper works along a chain in order, so the
+    seals waiting for one are those after the last timestamped seal."""
+
+    def add_timestamp(self, chain: str, seal_seq: int, token_der: bytes, gen_time_ns: int) -> None:
+        """Keep a seal's token; a seal already timestamped keeps its first one."""
+        ...
+
+    def timestamps(self, chain: str = "") -> Iterator[SealTimestamp]:
+        """A chain's tokens, in order of seal."""
+        ...
+
+    def untimestamped(self, chain: str = "", limit: int = 100) -> list[Seal]:
+        """The first ``limit`` seals after the chain's last timestamped seal, in order."""
+        ...
+
+    def untimestamped_count(self, chain: str = "") -> int:
+        """How many seals follow the chain's last timestamped seal."""
+        ...
+
+
+class LedgerStore(LedgerLog, LedgerQueries, TimestampLog, Protocol):
+    """A store that is all of these: every implementation here is."""

@@ -13,6 +13,7 @@ from tabadol.ledger.sessions import Session
 from tabadol.ledger.store.base import (
     CallGroup,
     LedgerWriteError,
+    SealTimestamp,
     nearest_rank,
     percentile_table,
 )
@@ -30,6 +31,7 @@ class MemoryLedgerStore:
         self._seals: dict[str, list[Seal]] = defaultdict(list)
         self._signers: dict[str, bytes] = {}
         self._sessions: dict[str, Session] = {}
+        self._timestamps: dict[str, dict[int, SealTimestamp]] = defaultdict(dict)
         self.fail: str | None = None
 
     def _writable(self) -> None:
@@ -128,6 +130,30 @@ class MemoryLedgerStore:
     def sessions(self) -> list[Session]:
         with self._lock:
             return sorted(self._sessions.values(), key=lambda s: s.opened_ns)
+
+    def add_timestamp(self, chain: str, seal_seq: int, token_der: bytes, gen_time_ns: int) -> None:
+        with self._lock:
+            self._writable()
+            stamp = SealTimestamp(chain, seal_seq, token_der, gen_time_ns)
+            self._timestamps[chain].setdefault(seal_seq, stamp)
+
+    def timestamps(self, chain: str = "") -> Iterator[SealTimestamp]:
+        with self._lock:
+            snapshot = sorted(self._timestamps.get(chain, {}).items())
+        yield from (stamp for _, stamp in snapshot)
+
+    def _last_timestamped(self, chain: str) -> int:
+        return max(self._timestamps.get(chain, {}), default=0)
+
+    def untimestamped(self, chain: str = "", limit: int = 100) -> list[Seal]:
+        with self._lock:
+            after = self._last_timestamped(chain)
+            return [s for s in self._seals.get(chain, ()) if s.seq > after][:limit]
+
+    def untimestamped_count(self, chain: str = "") -> int:
+        with self._lock:
+            seals = self._seals.get(chain)
+            return max(0, seals[-1].seq - self._last_timestamped(chain)) if seals else 0
 
     def records_count(self) -> int:
         with self._lock:

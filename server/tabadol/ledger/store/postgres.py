@@ -31,6 +31,7 @@ from tabadol.ledger.store.base import (
     CallGroup,
     LedgerMissing,
     LedgerWriteError,
+    SealTimestamp,
     percentile_table,
 )
 
@@ -82,6 +83,13 @@ CREATE TABLE IF NOT EXISTS ledger_sessions (
     acknowledged text NOT NULL DEFAULT '',
     signer text NOT NULL DEFAULT ''
 );
+CREATE TABLE IF NOT EXISTS ledger_seal_timestamps (
+    chain text NOT NULL,
+    seal_seq bigint NOT NULL,
+    token bytea NOT NULL,
+    gen_time_ns bigint NOT NULL,
+    PRIMARY KEY (chain, seal_seq)
+);
 """
 # One role per node (`tabadol ledger init --one-role-per-node`): a node's role, named as its
 # [broker] instance, reads every chain but adds to, and moves, only its own. Row-level
@@ -114,6 +122,8 @@ CREATE OR REPLACE TRIGGER tabadol_own_chain BEFORE INSERT ON ledger_records
     FOR EACH ROW EXECUTE FUNCTION tabadol_own_chain();
 CREATE OR REPLACE TRIGGER tabadol_own_chain BEFORE INSERT ON ledger_seals
     FOR EACH ROW EXECUTE FUNCTION tabadol_own_chain();
+CREATE OR REPLACE TRIGGER tabadol_own_chain BEFORE INSERT ON ledger_seal_timestamps
+    FOR EACH ROW EXECUTE FUNCTION tabadol_own_chain();
 """
 )
 _RECORD_COLUMNS = ", ".join(("chain", "seq", *FIELD_NAMES, "prev_digest", "digest"))
@@ -123,7 +133,7 @@ _SESSION_COLUMNS = ", ".join(f.name for f in dataclasses.fields(Session))
 
 _OBJECTS = (
     "ledger_chains", "ledger_records", "ledger_records_by_start", "ledger_seals",
-    "ledger_signers", "ledger_sessions",
+    "ledger_signers", "ledger_sessions", "ledger_seal_timestamps",
 )  # fmt: skip
 
 
@@ -378,6 +388,40 @@ class PostgresLedgerStore:
     def sessions(self) -> list[Session]:
         rows = self._query(f"SELECT {_SESSION_COLUMNS} FROM ledger_sessions ORDER BY opened_ns")
         return [Session(*row) for row in rows]
+
+    def add_timestamp(self, chain: str, seal_seq: int, token_der: bytes, gen_time_ns: int) -> None:
+        self._write(
+            "INSERT INTO ledger_seal_timestamps VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            (chain, seal_seq, token_der, gen_time_ns),
+        )
+
+    def timestamps(self, chain: str = "") -> Iterator[SealTimestamp]:
+        sql = (
+            "SELECT chain, seal_seq, token, gen_time_ns FROM ledger_seal_timestamps "
+            f"WHERE chain = %s AND seal_seq > %s ORDER BY seal_seq LIMIT {_PAGE}"
+        )
+        for c, seq, token, ns in self._pages(sql, [chain], lambda r: (r[1],), (0,)):
+            yield SealTimestamp(c, seq, bytes(token), ns)
+
+    _AFTER_TIMESTAMPED = (
+        "(SELECT coalesce(max(seal_seq), 0) FROM ledger_seal_timestamps WHERE chain = %s)"
+    )
+
+    def untimestamped(self, chain: str = "", limit: int = 100) -> list[Seal]:
+        rows = self._query(
+            f"SELECT {_SEAL_COLUMNS} FROM ledger_seals WHERE chain = %s "
+            f"AND seq > {self._AFTER_TIMESTAMPED} ORDER BY seq LIMIT %s",
+            (chain, chain, limit),
+        )
+        return [Seal(*row) for row in rows]
+
+    def untimestamped_count(self, chain: str = "") -> int:
+        rows = self._query(
+            "SELECT greatest(0, coalesce((SELECT seals FROM ledger_chains WHERE chain = %s), 0) "
+            f"- {self._AFTER_TIMESTAMPED})",
+            (chain, chain),
+        )
+        return int(rows[0][0])
 
     def records_count(self) -> int:
         return int(self._query("SELECT coalesce(sum(count), 0) FROM ledger_chains")[0][0])

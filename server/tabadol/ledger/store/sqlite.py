@@ -24,6 +24,7 @@ from tabadol.ledger.store.base import (
     CallGroup,
     LedgerMissing,
     LedgerWriteError,
+    SealTimestamp,
     percentile_table,
 )
 
@@ -64,6 +65,11 @@ CREATE TABLE IF NOT EXISTS sessions (
     acknowledged TEXT NOT NULL DEFAULT '',
     signer TEXT NOT NULL DEFAULT ''
 );
+CREATE TABLE IF NOT EXISTS seal_timestamps (
+    seal_seq INTEGER PRIMARY KEY,
+    token BLOB NOT NULL,
+    gen_time_ns INTEGER NOT NULL
+);
 """
 # Columns added after the first schema, with the value old rows take (docs/ledger.md).
 _ADDED_COLUMNS = {"consumer_serial": "''", "consumer_verified": "1"}
@@ -71,11 +77,14 @@ _ADDED_SESSION_COLUMNS = {"acknowledged": "''", "signer": "''"}
 _RECORD_COLUMNS = ", ".join(("seq", *FIELD_NAMES, "prev_digest", "digest"))
 _SESSION_COLUMNS = ", ".join(f.name for f in dataclasses.fields(Session))
 _PRIVATE = 0o600
+_CANONICAL_PAGE = 20_000
 
 
 def _stored(row: Sequence[Any]) -> StoredRecord:
     seq, *values, prev_digest, digest = row
-    values[-1] = bool(values[-1])  # consumer_verified: SQLite keeps 0 or 1
+    # consumer_verified: SQLite keeps 0 or 1; anything else is no value a writer wrote, and
+    # must not read as true (the reports count verified calls as = 1).
+    values[-1] = values[-1] == 1 and type(values[-1]) is int
     return StoredRecord(seq, LedgerRecord(*values), prev_digest, digest)
 
 
@@ -247,6 +256,45 @@ class SqliteLedgerStore:
         for row in self._iterate(f"SELECT {self._columns} FROM records WHERE seq >= ?", [from_seq]):
             yield _stored(row)
 
+    def canonical_rows(self, from_seq: int, to_seq: int) -> Iterator[tuple[int, str, str, bytes]]:
+        """(seq, prev_digest, digest, LedgerRecord.canonical()) of records ``from_seq`` to
+        ``to_seq``: a verifier's fast read. SQLite renders the JSON itself where that is
+        byte for byte what Python renders (the written types, nothing to escape)."""
+        missing = {c.rsplit(" AS ", 1)[1] for c in self._columns.split(", ") if " AS " in c}
+        value = {n: _ADDED_COLUMNS[n] if n in missing else n for n in FIELD_NAMES}
+        v1 = ", ".join(value[n] for n in FIELD_NAMES[: FIELD_NAMES.index("consumer_serial")])
+        v2 = ", ".join(value[n] for n in FIELD_NAMES[:-1])
+        serial, verified = value["consumer_serial"], value["consumer_verified"]
+        sql = f"""
+            SELECT seq, prev_digest, digest, CASE
+                WHEN typeof({serial}) != 'text' OR typeof({verified}) != 'integer'
+                    OR {verified} NOT IN (0, 1) THEN NULL
+                WHEN {serial} = '' AND {verified} = 1 THEN json_array(1, {v1})
+                ELSE json_array(2, {v2}, json(CASE {verified} WHEN 1 THEN 'true' ELSE 'false' END))
+            END FROM records WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT {_CANONICAL_PAGE}
+        """
+        last = from_seq - 1
+        while last < to_seq:
+            rows = self._query(sql, (last, to_seq))
+            # Python escapes DEL and beyond ASCII and SQLite does not: Python renders those.
+            odd = [
+                seq
+                for seq, _, _, text in rows
+                if text is None or not text.isascii() or not text.isprintable() or "\\" in text
+            ]
+            exact: dict[int, bytes] = {}
+            if odd:
+                found = self._query(
+                    f"SELECT {self._columns} FROM records WHERE seq IN ({', '.join('?' * len(odd))})",
+                    odd,
+                )
+                exact = {row[0]: _stored(row).record.canonical() for row in found}
+            for seq, prev, digest, text in rows:
+                yield seq, prev, digest, exact[seq] if seq in exact else text.encode()
+            if len(rows) < _CANONICAL_PAGE:
+                return
+            last = rows[-1][0]
+
     def records_between(self, start_ns: int, end_ns: int) -> Iterator[StoredRecord]:
         sql = f"SELECT {self._columns} FROM records WHERE start_ns >= ? AND start_ns < ?"
         for row in self._iterate(sql, [start_ns, end_ns]):
@@ -307,6 +355,47 @@ class SqliteLedgerStore:
                 self._conn.execute(sql, params)
             except sqlite3.Error as e:
                 raise LedgerWriteError(f"{self.path}: {e}") from e
+
+    def add_timestamp(self, chain: str, seal_seq: int, token_der: bytes, gen_time_ns: int) -> None:
+        _one_chain(chain)
+        self._write(
+            "INSERT OR IGNORE INTO seal_timestamps VALUES (?, ?, ?)",
+            (seal_seq, token_der, gen_time_ns),
+        )
+
+    def timestamps(self, chain: str = "") -> Iterator[SealTimestamp]:
+        _one_chain(chain)
+        last = 0
+        while True:
+            try:
+                rows = self._query(
+                    "SELECT seal_seq, token, gen_time_ns FROM seal_timestamps WHERE seal_seq > ? "
+                    "ORDER BY seal_seq LIMIT 5000",
+                    (last,),
+                )
+            except sqlite3.OperationalError:  # a ledger from before timestamps, read-only
+                return
+            yield from (SealTimestamp("", seq, bytes(token), ns) for seq, token, ns in rows)
+            if len(rows) < 5000:
+                return
+            last = rows[-1][0]
+
+    _AFTER_TIMESTAMPED = "(SELECT coalesce(max(seal_seq), 0) FROM seal_timestamps)"
+
+    def untimestamped(self, chain: str = "", limit: int = 100) -> list[Seal]:
+        _one_chain(chain)
+        rows = self._query(
+            f"SELECT * FROM seals WHERE seq > {self._AFTER_TIMESTAMPED} ORDER BY seq LIMIT ?",
+            (limit,),
+        )
+        return [Seal(*row) for row in rows]
+
+    def untimestamped_count(self, chain: str = "") -> int:
+        _one_chain(chain)
+        rows = self._query(
+            f"SELECT max(0, coalesce((SELECT max(seq) FROM seals), 0) - {self._AFTER_TIMESTAMPED})"
+        )
+        return int(rows[0][0])
 
     def call_groups(self, start_ns: int, end_ns: int) -> list[CallGroup]:
         rows = self._query(
