@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import functools
 import json
 import time
@@ -214,7 +215,12 @@ def test_a_checkpoint_by_a_revoked_auditor_is_refused(tmp_path: Path) -> None:
     seal = Seal(1, 4, "ab" * 32, 0, "", "")
     cp = checkpoints.sign(bundle, TRUST_DOMAIN, seal, time.time_ns())
     ca_cert = x509.load_pem_x509_certificate((ca.dir / "ca.crt").read_bytes())
-    judge = functools.partial(checkpoints.problem, ca_cert=ca_cert, trust_domain=TRUST_DOMAIN)
+    judge = functools.partial(
+        checkpoints.problem,
+        ca_cert=ca_cert,
+        trust_domain=TRUST_DOMAIN,
+        now=dt.datetime.now(dt.UTC),
+    )
     assert judge(cp, revoked=set()) is None
     (serial,) = ca.revoke([x509.load_pem_x509_certificate(cp.certificate.encode()).serial_number])
     revoked = {e.serial_number for e in load_crl(ca.dir / "crl.pem", ca_cert)}

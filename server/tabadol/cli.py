@@ -203,10 +203,8 @@ def _ledger_label(cfg: Any) -> str:
 def _checkpoints(args: argparse.Namespace, cfg: Any) -> tuple[list[Any], list[str]]:
     """The trusted checkpoints of the file verify reads (none with --full), and why any
     other line of it is refused."""
-    from cryptography import x509
 
     from tabadol.ledger import checkpoints
-    from tabadol.pki import load_crl
 
     if args.full:
         return [], []
@@ -214,22 +212,36 @@ def _checkpoints(args: argparse.Namespace, cfg: Any) -> tuple[list[Any], list[st
     found, problems = checkpoints.read(path)
     if not found:
         return [], problems
-    pki_dir = cfg.broker.pki_dir
-    try:
-        ca = x509.load_pem_x509_certificate((pki_dir / "ca.crt").read_bytes())
-        revoked = {entry.serial_number for entry in load_crl(pki_dir / "crl.pem", ca)}
-    except (OSError, ValueError) as e:
-        raise TabadolError(f"{pki_dir}: cannot judge the checkpoints: {e}") from e
+    ca, revoked = _checkpoint_trust(cfg)
     trusted = []
     for checkpoint in found:
         why = checkpoints.problem(
-            checkpoint, ca_cert=ca, trust_domain=cfg.broker.trust_domain, revoked=revoked
+            checkpoint,
+            ca_cert=ca,
+            trust_domain=cfg.broker.trust_domain,
+            revoked=revoked,
+            now=dt.datetime.now(dt.UTC),
         )
         if why:
             problems.append(f"{path}: checkpoint at {checkpoint.describe()}: {why}; not used")
         else:
             trusted.append(checkpoint)
     return trusted, problems
+
+
+def _checkpoint_trust(cfg: Any) -> tuple[Any, set[int]]:
+    """The CA and the revoked serials that checkpoints are judged by."""
+    from cryptography import x509
+
+    from tabadol.pki import load_crl
+
+    pki_dir = cfg.broker.pki_dir
+    try:
+        ca = x509.load_pem_x509_certificate((pki_dir / "ca.crt").read_bytes())
+        revoked = {entry.serial_number for entry in load_crl(pki_dir / "crl.pem", ca)}
+    except (OSError, ValueError) as e:
+        raise TabadolError(f"{pki_dir}: cannot judge the checkpoints: {e}") from e
+    return ca, revoked
 
 
 def _verify_chain(
@@ -267,6 +279,8 @@ def _verify_chain(
                 f"seal {checkpoint.seal} no longer matches the checkpoint at "
                 f"{checkpoint.describe()}: history before the checkpoint was rewritten",
             )
+        if checkpoint.verified_ns < seal.sealed_ns:
+            continue  # dated before the seal it vouches for: no one verified it then
         start = Start.after(seal)
     for seal in witnessed:  # the witness covers the whole chain: seals are cheap to compare
         if seal.seq <= start.seal_count and seals.get(seal.seq) != seal:
@@ -290,6 +304,16 @@ def _verify_chain(
         signed = checkpoints.sign(
             args.as_, cfg.broker.trust_domain, seals[verdict.seals], time.time_ns()
         )
+        ca, revoked = _checkpoint_trust(cfg)
+        why = checkpoints.problem(
+            signed,
+            ca_cert=ca,
+            trust_domain=cfg.broker.trust_domain,
+            revoked=revoked,
+            now=dt.datetime.now(dt.UTC),
+        )
+        if why:  # a checkpoint every later verify would refuse: say so now, write nothing
+            raise TabadolError(f"--as {args.as_}: cannot vouch for the ledger: {why}")
         checkpoints.append(path, signed)
     return verdict
 
@@ -328,7 +352,9 @@ def _cmd_ledger_verify(args: argparse.Namespace) -> int:
             from tabadol.ledger.timestamps import timestamp_findings
 
             tsa_pem = read_tsa_certificate(cfg.ledger.tsa_certificate)
-            for stamped in timestamp_findings(store, chain, store.seals(chain), tsa_pem):
+            for stamped in timestamp_findings(
+                store, chain, store.seals(chain), tsa_pem, cfg.ledger.tsa_max_delay_seconds
+            ):
                 print(f"{label}: {f'node {chain}: ' if chain else ''}timestamps: {stamped}")
                 broken |= stamped.startswith("BROKEN")
     for missing in chains_missing(store.sessions(), chains, store.chain_for):

@@ -120,6 +120,9 @@ class LedgerSection(_Strict):
     # its certificate with its CA chain up to the root (PEM), which every token must chain to.
     tsa_url: str | None = None
     tsa_certificate: LoosePath | None = None
+    # A token dated later than this after its seal fixes the records only from its own date:
+    # verify calls it BROKEN (raise it if your TSA can be down longer).
+    tsa_max_delay_seconds: float = Field(default=86_400.0, gt=0)
 
     @field_validator("tsa_url")
     @classmethod

@@ -128,9 +128,11 @@ def problem(
     ca_cert: x509.Certificate,
     trust_domain: str,
     revoked: Collection[int],
+    now: dt.datetime,
 ) -> str | None:
     """Why a checkpoint cannot be trusted, or None: it must be signed by an operator's or
-    auditor's certificate of this exchange's CA, valid when signed and never revoked."""
+    auditor's certificate of this exchange's CA, valid when signed and still valid ``now``
+    (its date is the signer's word), and never revoked."""
     pem = checkpoint.certificate.encode()
     try:
         cert = x509.load_pem_x509_certificate(pem)
@@ -148,6 +150,8 @@ def problem(
     signed_at = dt.datetime.fromtimestamp(checkpoint.verified_ns / 1e9, dt.UTC)
     if not cert.not_valid_before_utc <= signed_at <= cert.not_valid_after_utc:
         return f"certificate {cert.serial_number:x} was not valid when it says it signed"
+    if now > cert.not_valid_after_utc:
+        return f"certificate {cert.serial_number:x} has expired: it vouches for nothing now"
     if cert.serial_number in revoked:
         return f"certificate {cert.serial_number:x} is revoked (by the CRL)"
     return None

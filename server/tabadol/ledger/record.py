@@ -52,7 +52,7 @@ class LedgerRecord:
         written before serials were recorded): its digest covers schema 1's fields only, so
         old ledgers still verify. Any other record is schema 2 and covers every field.
         """
-        if not self.consumer_serial and self.consumer_verified:
+        if self.consumer_serial == "" and self.consumer_verified:  # "" itself, no other empty
             return _CANONICAL.encode((1, *_values(self)[:_SCHEMA_1_FIELDS])).encode()
         return _CANONICAL.encode((SCHEMA_VERSION, *_values(self))).encode()
 

@@ -96,6 +96,9 @@ class Timestamper:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if self._thread.is_alive():  # a TSA answer still on its way: the thread ends at it
+            log.warning("ledger: the timestamper did not stop within %g s; left to end", timeout)
+            return
         self._store.close()
 
     def timestamp_waiting(self) -> int:

@@ -163,12 +163,25 @@ def _iso(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9, UTC).isoformat(timespec="seconds")
 
 
+# A seal's own date is written by its signer: a token may date it a little before (clocks
+# differ), and as late as a TSA outage lasts, but no more. A token much later than its seal
+# fixes the records only from its own date: history rewritten with the broker's key, the
+# tokens deleted and asked for again, would otherwise pass.
+CLOCK_SKEW_NS = 300 * 10**9
+DEFAULT_MAX_DELAY_S = 86_400.0
+
+
 def timestamp_findings(
-    store: TimestampLog, chain: str, seals: Iterable[Seal], tsa_cert_pem: bytes
+    store: TimestampLog,
+    chain: str,
+    seals: Iterable[Seal],
+    tsa_cert_pem: bytes,
+    max_delay_s: float = DEFAULT_MAX_DELAY_S,
 ) -> list[str]:
     """What the chain's timestamps show: "BROKEN: ..." for a token that does not date its
-    seal (or dates a seal the ledger no longer holds), "NOTE: ..." for seals not timestamped
-    yet, else one "OK: ..." line. ValueError if ``tsa_cert_pem`` cannot serve."""
+    seal, dates it too late or before it was made (or dates a seal the ledger no longer
+    holds), "NOTE: ..." for seals not timestamped yet, else one "OK: ..." line. ValueError
+    if ``tsa_cert_pem`` cannot serve."""
     trust = TsaTrust.from_pem(tsa_cert_pem)
     broken: list[str] = []
     waiting: list[Seal] = []
@@ -195,6 +208,19 @@ def timestamp_findings(
                 f"does not hold: {e}; the seal was rewritten after the TSA dated it"
             )
         else:
+            if gen_time_ns < seal.sealed_ns - CLOCK_SKEW_NS:
+                broken.append(
+                    f"BROKEN: seal {seal.seq}: the TSA dated it {_iso(gen_time_ns)}, before the "
+                    f"date it claims ({_iso(seal.sealed_ns)}): its date was forged"
+                )
+            elif gen_time_ns > seal.sealed_ns + max_delay_s * 1e9:
+                broken.append(
+                    f"BROKEN: seal {seal.seq} (sealed {_iso(seal.sealed_ns)}) was timestamped "
+                    f"only {_iso(gen_time_ns)}, more than tsa_max_delay_seconds "
+                    f"({max_delay_s:g}) later: its records are fixed only from then (tokens "
+                    "removed and asked for again after a rewrite look so; a TSA outage that "
+                    "long, too)"
+                )
             checked += 1
             newest = max(newest, gen_time_ns)
         stamp = next(stamps, None)
