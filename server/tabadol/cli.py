@@ -203,7 +203,6 @@ def _ledger_label(cfg: Any) -> str:
 def _checkpoints(args: argparse.Namespace, cfg: Any) -> tuple[list[Any], list[str]]:
     """The trusted checkpoints of the file verify reads (none with --full), and why any
     other line of it is refused."""
-
     from tabadol.ledger import checkpoints
 
     if args.full:
@@ -212,27 +211,23 @@ def _checkpoints(args: argparse.Namespace, cfg: Any) -> tuple[list[Any], list[st
     found, problems = checkpoints.read(path)
     if not found:
         return [], problems
-    ca, revoked = _checkpoint_trust(cfg)
+    judge = _checkpoint_judge(cfg)
     trusted = []
     for checkpoint in found:
-        why = checkpoints.problem(
-            checkpoint,
-            ca_cert=ca,
-            trust_domain=cfg.broker.trust_domain,
-            revoked=revoked,
-            now=dt.datetime.now(dt.UTC),
-        )
-        if why:
+        if why := judge(checkpoint):
             problems.append(f"{path}: checkpoint at {checkpoint.describe()}: {why}; not used")
         else:
             trusted.append(checkpoint)
     return trusted, problems
 
 
-def _checkpoint_trust(cfg: Any) -> tuple[Any, set[int]]:
-    """The CA and the revoked serials that checkpoints are judged by."""
+def _checkpoint_judge(cfg: Any) -> Callable[[Any], str | None]:
+    """Why a checkpoint cannot be trusted now (the CA, the CRL and the clock), or None."""
+    import functools
+
     from cryptography import x509
 
+    from tabadol.ledger import checkpoints
     from tabadol.pki import load_crl
 
     pki_dir = cfg.broker.pki_dir
@@ -241,7 +236,13 @@ def _checkpoint_trust(cfg: Any) -> tuple[Any, set[int]]:
         revoked = {entry.serial_number for entry in load_crl(pki_dir / "crl.pem", ca)}
     except (OSError, ValueError) as e:
         raise TabadolError(f"{pki_dir}: cannot judge the checkpoints: {e}") from e
-    return ca, revoked
+    return functools.partial(
+        checkpoints.problem,
+        ca_cert=ca,
+        trust_domain=cfg.broker.trust_domain,
+        revoked=revoked,
+        now=dt.datetime.now(dt.UTC),
+    )
 
 
 def _verify_chain(
@@ -304,15 +305,7 @@ def _verify_chain(
         signed = checkpoints.sign(
             args.as_, cfg.broker.trust_domain, seals[verdict.seals], time.time_ns()
         )
-        ca, revoked = _checkpoint_trust(cfg)
-        why = checkpoints.problem(
-            signed,
-            ca_cert=ca,
-            trust_domain=cfg.broker.trust_domain,
-            revoked=revoked,
-            now=dt.datetime.now(dt.UTC),
-        )
-        if why:  # a checkpoint every later verify would refuse: say so now, write nothing
+        if why := _checkpoint_judge(cfg)(signed):  # later runs would refuse it: write none
             raise TabadolError(f"--as {args.as_}: cannot vouch for the ledger: {why}")
         checkpoints.append(path, signed)
     return verdict
