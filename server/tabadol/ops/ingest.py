@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from tabadol.identity import PlatformIdentity
 from tabadol.ops.model import SpanEvent, SpanRecord
+from tabadol.spiffe import agency_spiffe_id, broker_spiffe_id
 
 BROKER_SERVICE = "tabadol-broker"
 SENDER_ATTRIBUTE = "tabadol.sender"
@@ -66,9 +67,11 @@ class SenderRefused:
 
 
 def sender_spiffe_id(who: PlatformIdentity, trust_domain: str) -> str:
-    """The SPIFFE ID the sender's certificate carries (identity already verified)."""
-    path = f"{who.role}/{who.name}" if who.name else who.role
-    return f"spiffe://{trust_domain}/{path}"
+    """The SPIFFE ID the sender's certificate carries (identity already verified: the
+    broker or an agency, the only senders admit_sender lets through)."""
+    if who.role == "broker":
+        return broker_spiffe_id(trust_domain)
+    return agency_spiffe_id(trust_domain, who.name)
 
 
 def is_broker_sender(sender: str) -> bool:

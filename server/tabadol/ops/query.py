@@ -117,11 +117,10 @@ def trace_query(params: Mapping[str, Sequence[str]], now_ns: int) -> TraceQuery:
         if text in (None, ""):
             return None
         try:
-            return _in_range(name, int(text) * 1000, text)
-        except ValueError as e:
-            if "too large" in str(e):
-                raise
+            value = int(text)
+        except ValueError:
             raise ValueError(f"{name} must be microseconds since the epoch, got {text!r}") from None
+        return _in_range(name, value * 1000, text)
 
     start, end = micros("start"), micros("end")
     lookback = one("lookback")

@@ -88,11 +88,8 @@ class OpsServer:
         limits: StoreLimits | None = None,
         allowed_hosts: Iterable[str] = (),
         otlp_max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-        agencies: Iterable[str] | None = None,
     ) -> None:
         self.trust = trust
-        if agencies is not None:
-            trust.agencies = frozenset(agencies)
         self.store = open_span_store(db, limits)
         self.collector = TraceCollector(self.store, trust)
         self._http = _split(http, "--http")
@@ -162,7 +159,7 @@ class OpsServer:
     def show_ledger(self, accounts: Accounts) -> None:
         """Serve the dashboard and quarterly reports from this configuration's ledger; from
         now on only the agencies it declares may send spans or open the console."""
-        self.trust.agencies = declared_agencies(accounts.config)
+        self.trust.agencies = frozenset(accounts.config.agencies)
         self.app.state.accounts = accounts
 
     async def _retention_loop(self) -> None:
@@ -190,11 +187,6 @@ class OpsServer:
         if accounts is not None:
             accounts.close()
         self.store.close()
-
-
-def declared_agencies(cfg: BrokerConfig) -> frozenset[str]:
-    """The agencies a broker configuration declares ([[agency]])."""
-    return frozenset(cfg.agencies)
 
 
 def open_accounts(config_path: Path) -> Accounts:
@@ -241,7 +233,6 @@ async def run(
         limits=limits,
         allowed_hosts=allowed_hosts,
         otlp_max_request_bytes=otlp_max_request_bytes,
-        agencies=declared_agencies(cfg),
     )
     server.show_ledger(accounts_of(cfg))
     link = ""

@@ -39,7 +39,6 @@ __all__ = [
     "StoreFull",
     "StoreLimits",
     "StoreUnavailable",
-    "is_postgres_url",
     "open_span_store",
     "shown",
 ]

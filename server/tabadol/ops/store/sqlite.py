@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -377,19 +378,18 @@ class SqliteSpanStore:
             f"root_name FROM traces t WHERE {where} ORDER BY start_ns DESC LIMIT ? OFFSET ?",
             [*params, query.limit, query.offset],
         ).fetchall()
-        summaries = []
-        for row in rows:
-            services = tuple(
-                r[0]
-                for r in conn.execute(
-                    "SELECT DISTINCT service FROM spans WHERE trace_id = ? ORDER BY service",
-                    (row[0],),
-                )
-            )
-            trace_id, start, end, spans, errors, root_service, root_name = row
-            summaries.append(
-                TraceSummary(trace_id, start, end, spans, errors, root_service, root_name, services)
-            )
+        services: dict[str, list[str]] = {}
+        for trace_id, service in conn.execute(  # one query for the page, not one per trace
+            "SELECT DISTINCT trace_id, service FROM spans WHERE trace_id IN "
+            "(SELECT value FROM json_each(?)) ORDER BY 1, 2",
+            (json.dumps([row[0] for row in rows]),),
+        ):
+            services.setdefault(trace_id, []).append(service)
+        summaries = [
+            TraceSummary(trace_id, start, end, spans, errors, root_service, root_name,
+                         tuple(services.get(trace_id, ())))
+            for trace_id, start, end, spans, errors, root_service, root_name in rows
+        ]  # fmt: skip
         return summaries, total
 
     def trace(self, trace_id: str) -> list[SpanRecord]:
