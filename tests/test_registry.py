@@ -232,7 +232,10 @@ def test_skip_to_commits_the_file_as_a_version_above_the_newest(
         "registry", "import", "--config", str(cfg), str(file), "--skip-to", "1"
     )
     assert code == 2 and out == ""
-    assert "--skip-to 1: the registry's newest version is 1; the number must be above it" in err
+    assert (
+        "cannot commit version 1: the registry's newest version is 1" in err
+        and "--skip-to 2" in err
+    )
     with pytest.raises(SystemExit):  # argparse: "0 is not a version number (1 or more)"
         tabadol("registry", "import", "--config", str(cfg), str(file), "--skip-to", "0")
     code, out, _ = tabadol("registry", "import", "--config", str(cfg), str(file), "--skip-to", "7")

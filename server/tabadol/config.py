@@ -227,7 +227,9 @@ class RegistrySection(_Strict):
     that every broker node follows (docs/registry.md)."""
 
     url: Annotated[str | None, AfterValidator(_registry_url)] = None
-    poll_seconds: float = Field(default=1.0, gt=0, le=60)  # when LISTEN/NOTIFY is lost
+    poll_seconds: float = Field(
+        default=1.0, gt=0, le=60
+    )  # also polled, should a notification be lost
     # When the version in force could not be confirmed current for this long (the database
     # unreachable): "refuse" every new call (fail closed, the default) or "serve" on with it
     # (logged, and a metric).
@@ -535,14 +537,4 @@ def apply_entries(
         grants=tuple(entries.grant),
         limits=tuple(entries.limit),
         registry_version=version,
-    )
-
-
-def entries_of(cfg: BrokerConfig) -> RegistryFile:
-    """The registry entries a configuration holds."""
-    return RegistryFile(
-        agency=list(cfg.agencies.values()),
-        service=list(cfg.services.values()),
-        grant=list(cfg.grants),
-        limit=list(cfg.limits),
     )

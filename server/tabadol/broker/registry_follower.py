@@ -205,14 +205,21 @@ class RegistryFollower:
             self._wake.set()  # a change may have come while nobody listened
 
     async def _follow_forever(self) -> None:
+        poll = self.settings.poll_seconds
+        last_check = -math.inf
         while True:
-            # One look at the database at a time: a hung one shows as a growing age.
-            if self._check is None or self._check.done():
+            # One look at the database at a time (a hung one shows as a growing age): when a
+            # notification (or SIGHUP) wakes the follower, else every poll_seconds.
+            idle = self._check is None or self._check.done()
+            if idle and (self._wake.is_set() or time.monotonic() - last_check >= poll):
                 self._wake.clear()
+                last_check = time.monotonic()
                 self._check = asyncio.create_task(self.check())
-                waiting: Awaitable[Any] = self._wake.wait()
-            else:  # a wake-up while a check runs: the next check follows it, no spinning
-                waiting = asyncio.shield(self._check)
+            waiting: Awaitable[Any]
+            if self._check is not None and not self._check.done():
+                waiting = asyncio.shield(self._check)  # a wake-up now: the next check follows
+            else:
+                waiting = self._wake.wait()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(waiting, min(self.settings.poll_seconds, 1.0))
             try:

@@ -80,11 +80,6 @@ def _cmd_import(args: argparse.Namespace) -> int:
     new_digest = digest(data)
     with _opened(url) as store:
         current = store.current()
-        if args.skip_to is not None and current is not None and args.skip_to <= current.number:
-            raise RegistryRefused(
-                f"{store.where}: --skip-to {args.skip_to}: the registry's newest version is "
-                f"{current.number}; the number must be above it"
-            )
         refused = number_refused(
             store.where, args.skip_to, current.number if current is not None else 0
         )
