@@ -41,6 +41,7 @@ log = logging.getLogger("tabadol.client")
 DEFAULT_REFRESH_SECONDS = 60.0
 _FETCH_TIMEOUT_S = 5.0
 _FILE_RECHECK_S = 1.0
+_CALL_FETCH_EVERY_S = 5.0  # calls arriving with no CRL held ask the broker no more often
 
 
 class BrokerRevocations:
@@ -70,6 +71,7 @@ class BrokerRevocations:
         self._channel: grpc.aio.Channel | None = None
         self._task: asyncio.Task[None] | None = None
         self._fetching: asyncio.Lock | None = None
+        self._last_call_fetch = -_CALL_FETCH_EVERY_S
         self._serials: dict[bytes, int] = {}
         self._warned = False
         self._file_checked = -_FILE_RECHECK_S
@@ -260,8 +262,13 @@ class BrokerRevocations:
             return self.offer(answer.crl_der, f"the broker at {self.broker}")
 
     async def ensure(self) -> None:
-        """Before judging a call with no CRL held: try to get one (bounded)."""
+        """Before judging a call with no CRL held: try to get one, at most once every few
+        seconds whatever the calls (each waiting call must not start a fetch of its own)."""
         if self.current is None and self._channel is not None:
+            now = time.monotonic()
+            if now - self._last_call_fetch < _CALL_FETCH_EVERY_S:
+                return
+            self._last_call_fetch = now
             await self.fetch()
 
     async def _refresh_forever(self) -> None:

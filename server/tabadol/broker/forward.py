@@ -179,7 +179,9 @@ def _trailers(trailing: Metadata | None, exchange: Exchange) -> Metadata:
 
 
 # gRPC's own words when the broker could not reach the provider at all: then the broker says
-# so in its own words, naming the provider agency (a provider's own UNAVAILABLE passes unchanged).
+# so in its own words, naming the provider agency. A provider's own UNAVAILABLE passes
+# unchanged, unless it names an address (an endpoint, ipv4:, ipv6:, unix:): consumers are
+# not shown the exchange's internal addresses.
 _UNREACHABLE = ("failed to connect to all addresses", "DNS resolution failed")
 MAX_ATTEMPTS = 3
 
