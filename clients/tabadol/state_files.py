@@ -29,16 +29,21 @@ def replace_file(path: Path, data: bytes, mode: int) -> None:
     except BaseException:
         Path(name).unlink(missing_ok=True)
         raise
-    try:  # the rename itself survives a crash
-        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    sync_directory(path.parent)  # the rename itself survives a crash
+
+
+def sync_directory(directory: Path) -> None:
+    """fsync a directory, so that names created, renamed or removed in it survive a crash."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
         return
     try:
-        os.fsync(directory)
+        os.fsync(fd)
     except OSError:
         pass  # some file systems cannot sync a directory; the data itself is synced
     finally:
-        os.close(directory)
+        os.close(fd)
 
 
 def read_regular(path: Path) -> bytes:

@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import stat
-import tempfile
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -40,6 +39,7 @@ from typing import Any
 from tabadol.ledger.record import FIELD_NAMES, FIELD_TYPES, LedgerRecord, StoredRecord
 from tabadol.ledger.seal import Sealer, fingerprint, signed_by
 from tabadol.ledger.sessions import Session
+from tabadol.state_files import replace_file, sync_directory
 
 log = logging.getLogger("tabadol.ledger")
 
@@ -357,7 +357,7 @@ class Journal:
                     size = os.fstat(fd).st_size
                     start = b"\n" if size and os.pread(fd, 1, size - 1) != b"\n" else b""
                     _write_all(fd, start + data)
-                    _sync_directory(self.path.parent)
+                    sync_directory(self.path.parent)
                     return
             finally:
                 os.close(fd)  # and the lock with it
@@ -444,7 +444,7 @@ class HeldJournal:
                 os.close(fd)
         except OSError as e:
             raise OSError(e.errno, f"{path}: {e.strerror or e}") from e
-        _sync_directory(path.parent)
+        sync_directory(path.parent)
         return path
 
     def replace(self, keep: list[Block]) -> None:
@@ -452,22 +452,11 @@ class HeldJournal:
         if not keep:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
-            _sync_directory(self.path.parent)
+            sync_directory(self.path.parent)
             return
-        # A name of its own, created exclusively (0600): nothing planted at a known name
+        # A temporary name of its own, created exclusively: nothing planted at a known name
         # (a symlink, a FIFO) is followed or written through.
-        fd, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".new.")
-        try:
-            _write_all(fd, b"".join(block.raw for block in keep))
-            os.close(fd)
-            os.replace(temporary, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
-            raise
-        _sync_directory(self.path.parent)
+        replace_file(self.path, b"".join(block.raw for block in keep), 0o600)
 
 
 def rejected_lines(journal: Path) -> int:
@@ -524,9 +513,9 @@ def read_capped(fd: int, path: Path) -> bytes:
     return data
 
 
-def lock(fd: int, how: int, path: Path, wait_s: float | None = None) -> None:
+def lock(fd: int, how: int, path: Path) -> None:
     """flock, waiting at most ``LOCK_WAIT_S`` and saying so in the log while it waits."""
-    limit = LOCK_WAIT_S if wait_s is None else wait_s
+    limit = LOCK_WAIT_S
     started = time.monotonic()
     said = -_LOCK_LOG_S
     delay = 0.005
@@ -564,11 +553,3 @@ def _same_file(fd: int, path: Path) -> bool:
         return os.fstat(fd).st_ino == os.lstat(path).st_ino
     except FileNotFoundError:
         return False
-
-
-def _sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

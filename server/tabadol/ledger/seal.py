@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 from cryptography import x509
@@ -37,13 +38,20 @@ class Sealer:
         return self._key.sign(payload, ec.ECDSA(hashes.SHA256())).hex()
 
 
-def signed_by(payload: bytes, signature: str, cert_pem: bytes) -> bool:
-    """Whether ``signature`` (hex) over ``payload`` was made with the certificate's key."""
+@functools.lru_cache(maxsize=64)
+def _public_key(cert_pem: bytes) -> ec.EllipticCurvePublicKey | None:
+    """The certificate's EC key (parsed once: a ledger has many seals, few signers)."""
     try:
         public_key = x509.load_pem_x509_certificate(cert_pem).public_key()
     except ValueError:
-        return False
-    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        return None
+    return public_key if isinstance(public_key, ec.EllipticCurvePublicKey) else None
+
+
+def signed_by(payload: bytes, signature: str, cert_pem: bytes) -> bool:
+    """Whether ``signature`` (hex) over ``payload`` was made with the certificate's key."""
+    public_key = _public_key(cert_pem)
+    if public_key is None:
         return False
     try:
         public_key.verify(bytes.fromhex(signature), payload, ec.ECDSA(hashes.SHA256()))

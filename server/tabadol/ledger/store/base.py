@@ -10,6 +10,8 @@ from typing import Protocol
 from tabadol.ledger.record import LedgerRecord, Seal, StoredRecord
 from tabadol.ledger.sessions import Session
 
+UNAVAILABLE = 14  # gRPC's code when the provider could not be reached: it answered nothing
+
 
 class LedgerWriteError(Exception):
     """The ledger could not be written (disk full, locked, read-only...); the text says why."""

@@ -11,14 +11,13 @@ from typing import Any
 from tabadol.ledger.record import GENESIS, LedgerRecord, Seal, StoredRecord, chain_digest
 from tabadol.ledger.sessions import Session
 from tabadol.ledger.store.base import (
+    UNAVAILABLE,
     CallGroup,
     LedgerWriteError,
     SealTimestamp,
     nearest_rank,
     percentile_table,
 )
-
-UNAVAILABLE = 14
 
 
 class MemoryLedgerStore:

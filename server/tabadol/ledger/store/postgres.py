@@ -28,6 +28,7 @@ from tabadol.ledger.record import (
 )
 from tabadol.ledger.sessions import Session
 from tabadol.ledger.store.base import (
+    UNAVAILABLE,
     CallGroup,
     LedgerMissing,
     LedgerWriteError,
@@ -35,7 +36,6 @@ from tabadol.ledger.store.base import (
     percentile_table,
 )
 
-UNAVAILABLE = 14
 _PAGE = 5000
 _SQL_TYPES = {int: "bigint", str: "text", bool: "boolean"}
 _SCHEMA = f"""

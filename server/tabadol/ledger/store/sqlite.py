@@ -21,14 +21,13 @@ from tabadol.ledger.record import (
 )
 from tabadol.ledger.sessions import Session
 from tabadol.ledger.store.base import (
+    UNAVAILABLE,
     CallGroup,
     LedgerMissing,
     LedgerWriteError,
     SealTimestamp,
     percentile_table,
 )
-
-UNAVAILABLE = 14
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS records (
