@@ -127,19 +127,20 @@ class CallsBySerial:
     """
 
     def __init__(self) -> None:
-        self._calls: dict[int, dict[str, _HeldCall]] = {}
+        # By the serial as the exchange holds it (hex): no conversion on each call's way.
+        self._calls: dict[str, dict[str, _HeldCall]] = {}
 
     def __bool__(self) -> bool:
         return bool(self._calls)
 
-    def add(self, serial: int, exchange: Exchange) -> None:
+    def add(self, exchange: Exchange) -> None:
         held = _HeldCall(exchange, asyncio.current_task())
-        self._calls.setdefault(serial, {})[exchange.request_id] = held
+        self._calls.setdefault(exchange.consumer_serial, {})[exchange.request_id] = held
 
     def _held(self, exchange: Exchange) -> _HeldCall | None:
         if not exchange.consumer_verified:
             return None
-        calls = self._calls.get(int(exchange.consumer_serial, 16))
+        calls = self._calls.get(exchange.consumer_serial)
         return calls.get(exchange.request_id) if calls is not None else None
 
     def forwarding(self, exchange: Exchange, call: Any) -> None:
@@ -154,7 +155,7 @@ class CallsBySerial:
     def discard(self, exchange: Exchange) -> None:
         if not exchange.consumer_verified:
             return
-        serial = int(exchange.consumer_serial, 16)
+        serial = exchange.consumer_serial
         calls = self._calls.get(serial)
         if calls is not None:
             calls.pop(exchange.request_id, None)
@@ -169,10 +170,10 @@ class CallsBySerial:
     def end_revoked(self, revoked: frozenset[int]) -> int:
         """End every call made with a certificate in ``revoked``; how many were ended."""
         ended = 0
-        for serial in revoked & self._calls.keys():
+        for serial in {f"{number:x}" for number in revoked} & self._calls.keys():
             for held in list(self._calls[serial].values()):
                 why = (
-                    f"certificate {serial:x} of agency {held.exchange.consumer!r} was revoked "
+                    f"certificate {serial} of agency {held.exchange.consumer!r} was revoked "
                     "during the call"
                 )
                 ended += self._end(held, why)
@@ -419,7 +420,7 @@ class Proxy:
             await abort(exchange, context, grpc.StatusCode.UNAUTHENTICATED, f"Tabadol broker: {e}")
         consumer = exchange.consumer = identity.agency_id
         exchange.consumer_serial, exchange.consumer_verified = f"{identity.serial:x}", True
-        self.accounting.drain.calls.add(identity.serial, exchange)  # revocable from now on
+        self.accounting.drain.calls.add(exchange)  # revocable from now on
         limits = self.accounting.limits
         if limits is not None and limits.active:
             verdict = limits.admit(consumer, method.service)

@@ -113,7 +113,9 @@ class LedgerWriter:
         self._anchor = anchor
         self._journal = Journal(journal) if journal is not None else None
         self._journal_signers = journal_signers
-        self._digest_key = digest_key
+        self._keyed = (
+            hmac.new(digest_key, digestmod=hashlib.sha256) if digest_key is not None else None
+        )
         # (record, strict mode's future, monotonic time it was queued)
         self._queue: collections.deque[tuple[LedgerRecord, Future[None] | None, float]] = (
             collections.deque()
@@ -156,9 +158,9 @@ class LedgerWriter:
 
     def payload_digest(self) -> hmac.HMAC:
         """A keyed digest of one direction of a call's payload ([ledger] payload_digests)."""
-        if self._digest_key is None:
+        if self._keyed is None:
             raise ValueError("payload digests need the key: pass digest_key")
-        return hmac.new(self._digest_key, digestmod=hashlib.sha256)
+        return self._keyed.copy()  # the key is set up once, not for every call
 
     @property
     def max_unwritten_s(self) -> float:
