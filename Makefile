@@ -11,7 +11,7 @@ CHROMIUM    := /usr/bin/chromium
 NODE_DIR    := interop/node
 NODE_STAMP  := $(NODE_DIR)/node_modules/.installed
 
-.PHONY: setup protos run test soak lint lint-protos fmt typecheck clean browser node bench bench-scale postgres
+.PHONY: setup protos run test soak lint lint-protos fmt typecheck clean browser node bench bench-scale bench-ledger postgres
 
 setup: $(STAMP) $(GEN_STAMP)
 
@@ -103,6 +103,13 @@ bench: setup
 # Debian's package unless TABADOL_TEST_POSTGRES names one.
 bench-scale: setup postgres
 	BENCH_SECONDS=$(BENCH_SECONDS) $(PY) bench/scale_out.py
+
+# The ledger at national scale (docs/performance.md): SQLite ledgers of 1 M and 10 M records
+# over a quarter, about 10 GB in a temporary directory on /tmp; writes
+# bench/results/ledger-scale.json. LEDGER_BENCH_ARGS=--quick for a sanity run of a few minutes.
+LEDGER_BENCH_ARGS ?=
+bench-ledger: setup
+	$(PY) bench/ledger_scale.py $(LEDGER_BENCH_ARGS)
 
 clean:
 	rm -rf build $(VENV)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from tabadol.cli import _seal_signers
 from tabadol.ledger import LedgerWriter, verify
 from tabadol.ledger.record import GENESIS, Seal
+from tabadol.ledger.rollup import WINDOW_NS, bin_of, bin_value
 from tabadol.ledger.seal import Sealer, signature_valid
 from tabadol.ledger.sessions import CLEAN, Session
 from tabadol.ledger.store import LedgerStore, LedgerWriteError, MemoryLedgerStore, SqliteLedgerStore
@@ -195,6 +197,11 @@ def _traffic(store: LedgerStore, sealer: Sealer) -> None:
         store.append_sealed(batch, seal_with(sealer, chain), sealer.cert_pem, chain)
 
 
+def binned(ns: int) -> int:
+    """What a percentile reads for a duration: the midpoint of its histogram bin."""
+    return bin_value(bin_of(ns))
+
+
 def test_the_report_queries_count_every_node_alike(open_store: OpenStore, sealer: Sealer) -> None:
     store = open_store()
     _traffic(store, sealer)
@@ -209,26 +216,21 @@ def test_the_report_queries_count_every_node_alike(open_store: OpenStore, sealer
         CallGroup("tax", "nocr", "t.T", "M", 0, True, 1, 2 * ms),
     ]
     # Answered by the provider: not refused, not unavailable.
-    assert store.durations("nocr", start, end) == [
-        ms,
-        2 * ms,
-        2 * ms,
-        3 * ms,
-        4 * ms,
-        5 * ms,
-        6 * ms,
-    ]
-    # Nearest rank over identified callers, per service.
+    answered = [ms, 2 * ms, 2 * ms, 3 * ms, 4 * ms, 5 * ms, 6 * ms]
+    assert store.answered_histograms(start, end) == {"nocr": Counter(map(bin_of, answered))}
+    # Nearest rank over identified callers, per service: the midpoint of the rank's bin.
     latencies = store.latency_percentiles(start, end, (50, 99))
     assert latencies == {
-        "s.S": (9, {50: 3 * ms, 99: 9 * ms}),
-        "t.T": (1, {50: 2 * ms, 99: 2 * ms}),
+        "s.S": (9, {50: binned(3 * ms), 99: binned(9 * ms)}),
+        "t.T": (1, {50: binned(2 * ms), 99: binned(2 * ms)}),
     }
     assert store.latency_percentiles(start, end, (50,), consumers=["tax"]) == {
-        "t.T": (1, {50: 2 * ms})
+        "t.T": (1, {50: binned(2 * ms)})
     }
-    # 100 ms windows: [0,100) had calls that were answered, [400,500) only an unavailable one.
-    assert store.provider_windows(start, end, 100 * ms) == {"nocr": (2, 1)}
+    # One five-minute window, in which the calls were answered (all but the unavailable one).
+    assert store.provider_windows(start, end, WINDOW_NS) == {"nocr": (1, 1)}
+    with pytest.raises(ValueError, match="300 s"):
+        store.provider_windows(start, end, 100 * ms)
     assert store.records_count() == 12
 
 

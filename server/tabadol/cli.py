@@ -13,13 +13,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tabadol.client.credentials import CredentialsError
 from tabadol.errors import TabadolError
-from tabadol.ops.otlp import DEFAULT_MAX_REQUEST_MB
-from tabadol.ops.server import DEFAULT_HTTP, DEFAULT_OTLP
-from tabadol.ops.store.base import DEFAULT_MAX_AGE_SECONDS, DEFAULT_MAX_BYTES
-from tabadol.pki import REASONS
-from tabadol.registry.cli import add_registry_commands
+
+# Only what every command needs is imported here: `ledger verify`'s worker processes import
+# this module afresh, and the broker's, the console's and the registry's modules are heavy.
 
 EPILOG = "Documentation: README.md and docs/ in the Tabadol repository."
 
@@ -253,9 +250,13 @@ def _verify_chain(
     signers: Callable[[bytes, int], str | None],
     anchor: list[Any],
     trusted: list[Any],
+    floor: Any = None,
+    sums: Any = None,
 ) -> Any:
     """One chain's verdict: from its newest trusted checkpoint whose seal still holds, on
-    every core; with --as, a new checkpoint signed at its last seal when intact."""
+    every core; with --as, a new checkpoint signed at its last seal when intact. ``floor``
+    (archive.LiveStart): where the live part begins, the records before it archived.
+    ``sums`` (a rollup.Rollup): the records checked are summed into it."""
     import functools
     import time
 
@@ -265,8 +266,13 @@ def _verify_chain(
 
     witnessed = [seal for seal in anchor if seal.chain == chain]
     seals = {seal.seq: seal for seal in store.seals(chain)}
-    start = Start()
+    start = floor.start if floor is not None else Start()
+    if floor is not None and floor.seal is not None:
+        seals.setdefault(floor.seal.seq, floor.seal)
+    lowest = start.seal_count  # seals before it are archived: checked in their files
     for checkpoint in sorted((c for c in trusted if c.chain == chain), key=lambda c: c.seal):
+        if checkpoint.seal < lowest:
+            continue
         seal = seals.get(checkpoint.seal)
         if seal is None or (seal.count, seal.head_digest) != (
             checkpoint.count,
@@ -284,7 +290,7 @@ def _verify_chain(
             continue  # dated before the seal it vouches for: no one verified it then
         start = Start.after(seal)
     for seal in witnessed:  # the witness covers the whole chain: seals are cheap to compare
-        if seal.seq <= start.seal_count and seals.get(seal.seq) != seal:
+        if lowest <= seal.seq <= start.seal_count and seals.get(seal.seq) != seal:
             return Verdict(
                 False,
                 start.count,
@@ -299,6 +305,7 @@ def _verify_chain(
         chain=chain,
         start=start,
         reader=functools.partial(open_ledger, cfg.ledger, readonly=True),
+        sums=sums,
     )
     if verdict.ok and args.as_ is not None and verdict.seals > start.seal_count:
         path = args.checkpoints or checkpoints.checkpoints_path(cfg.ledger.path)
@@ -312,8 +319,15 @@ def _verify_chain(
 
 
 def _cmd_ledger_verify(args: argparse.Namespace) -> int:
+    from tabadol.ledger.rollup import Rollup
     from tabadol.ledger.sessions import alive, session_findings
-    from tabadol.ledger.verify import anchor_path, chains_missing, read_anchor
+    from tabadol.ledger.verify import (
+        anchor_path,
+        chains_missing,
+        day_rollup_findings,
+        read_anchor,
+        rollup_findings,
+    )
 
     cfg, store = _open_ledger(args.config)
     label = _ledger_label(cfg)
@@ -333,13 +347,37 @@ def _cmd_ledger_verify(args: argparse.Namespace) -> int:
         )
         broken = True
     checkpoints, checkpoint_problems = _checkpoints(args, cfg)
+    days: set[int] = set()  # of records after the checkpoints: their rollups are rechecked
     for problem in checkpoint_problems:  # the verifier's own file was written by someone else
         print(f"{label}: checkpoint refused: {problem}")
         broken = True
-    for chain in chains or [""]:  # one report per node's chain (SQLite keeps one chain)
-        verdict = _verify_chain(args, cfg, store, chain, signers, anchor, checkpoints)
+    archived: dict[str, Any] = {}
+    if args.archives is not None:  # the archive files, checked with the live store as one
+        from tabadol.ledger.archive import check_archives
+
+        archived, unreadable = check_archives(args.archives, signers, signers)
+        for problem in unreadable:
+            print(f"{label}: archives: BROKEN: {problem}")
+            broken = True
+    for chain in sorted({*chains, *archived}) or [""]:  # one report per node's chain
+        floor, archive_broken = _archived_part(args, store, label, chain, chains, archived, signers)
+        broken |= archive_broken
+        if chain not in chains and chains:
+            continue
+        # Rollups of intact records: all of them, summed as they are checked, or, resuming
+        # from a checkpoint, those of the days the new records fall in.
+        resumed = max((c.count for c in checkpoints if c.chain == chain), default=0)
+        sums = Rollup()  # the walk covers every live record, archived copies or not
+        verdict = _verify_chain(args, cfg, store, chain, signers, anchor, checkpoints, floor, sums)
         print(f"{label}: {f'node {chain}: ' if chain else ''}{verdict}")
         broken |= not verdict.ok
+        if verdict.ok:
+            if resumed:  # the days of the records the walk checked: those after a checkpoint
+                days |= {key.day_ns for key in sums.groups}
+            else:
+                for difference in rollup_findings(store, chain, sums):
+                    print(f"{label}: {f'node {chain}: ' if chain else ''}BROKEN: {difference}")
+                    broken = True
         if cfg.ledger.tsa_certificate is not None:  # RFC 3161 tokens of the chain's seals
             from tabadol.ledger.timestamper import read_tsa_certificate
             from tabadol.ledger.timestamps import timestamp_findings
@@ -350,6 +388,9 @@ def _cmd_ledger_verify(args: argparse.Namespace) -> int:
             ):
                 print(f"{label}: {f'node {chain}: ' if chain else ''}timestamps: {stamped}")
                 broken |= stamped.startswith("BROKEN")
+    for difference in day_rollup_findings(store, days):
+        print(f"{label}: BROKEN: {difference}{' (every chain)' if len(chains) > 1 else ''}")
+        broken = True
     for missing in chains_missing(store.sessions(), chains, store.chain_for):
         print(f"{label}: BROKEN: {missing}")
         broken = True
@@ -363,6 +404,163 @@ def _cmd_ledger_verify(args: argparse.Namespace) -> int:
         print(f"{label}: {problem}")
     gap = any(finding.gap for finding in findings)
     return 0 if not broken and not gap and not journal_problems else 1
+
+
+def _archived_part(
+    args: argparse.Namespace,
+    store: Any,
+    label: str,
+    chain: str,
+    chains: list[str],
+    archived: dict[str, Any],
+    seal_signers: Callable[[bytes, int], str | None],
+) -> tuple[Any, bool]:
+    """Print what verify says of a chain's archived part (its files with --archives, else
+    that it is archived; its signed prefix and archived rollup rows either way); where the
+    live part begins, and whether something is wrong."""
+    from tabadol.ledger.archive import ChainOfArchives, live_start, prefix_problem
+    from tabadol.ledger.verify import Start
+
+    node = f"{label}: {f'node {chain}: ' if chain else ''}"
+    broken = False
+    found = archived.get(chain)
+    if found is not None:
+        if found.problem:
+            print(f"{node}archives: BROKEN: {found.problem}")
+            broken = True
+        else:
+            print(
+                f"{node}archives: OK: records 1 to {found.end.count} (seals 1 to "
+                f"{found.end.seal_count}) in {len(found.files)} files, intact and signed"
+            )
+    if chains and chain not in chains:
+        print(f"{node}BROKEN: the archives hold this chain, but the live ledger does not")
+        return None, True
+    if args.archives is not None and found is None:
+        found = ChainOfArchives(chain, (), Start())
+    prefix = store.archived(chain)
+    archived_rows = store.rollup_rows(chain, archived=True)
+    if why := prefix_problem(prefix, archived_rows, store.signers(), seal_signers):
+        print(f"{node}BROKEN: {why}")
+        broken = True
+    floor = live_start(
+        found if args.archives is not None else None,
+        prefix,
+        lambda n: next((s for s in store.seals(chain) if s.seq == n), None),
+    )
+    for note in floor.notes:
+        print(f"{node}{note}")
+    if floor.problem:
+        print(f"{node}BROKEN: {floor.problem}")
+        broken = True
+    return floor, broken
+
+
+def _cmd_ledger_archive(args: argparse.Namespace) -> int:
+    import time
+
+    from tabadol.broker.credentials import BrokerCredentials
+    from tabadol.ledger.archive import archive_chain, parse_before
+    from tabadol.ledger.seal import Sealer
+    from tabadol.ledger.store import LedgerWriteError
+
+    try:
+        before_ns = parse_before(args.before)
+    except ValueError as e:
+        raise TabadolError(f"--before: {e}") from e
+    cfg, store = _open_ledger(args.config, readonly=False)
+    try:
+        creds = BrokerCredentials.load(cfg.broker.pki_dir, cfg.broker.trust_domain, cfg.path)
+        sealer = Sealer(creds.key_pem, creds.cert_pem)
+        signers = _seal_signers(cfg.broker.pki_dir, cfg.broker.trust_domain)
+        try:
+            args.out.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise TabadolError(
+                f"{args.out}: cannot make the archive directory: {e.strerror}"
+            ) from e
+        for chain in store.chains():
+            done = archive_chain(
+                store, chain, before_ns, args.out, sealer, signers, time.time_ns,
+                records_per_file=args.records_per_file,
+            )  # fmt: skip
+            print(f"{_ledger_label(cfg)}: {done}")
+    except LedgerWriteError as e:
+        raise TabadolError(str(e)) from e
+    finally:
+        store.close()
+    return 0
+
+
+def _records_per_file(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of records, 1 or more")
+    return int(text)
+
+
+def _cmd_ledger_verify_archive(args: argparse.Namespace) -> int:
+    """The auditor's check: archive files and the CA certificate, no configuration."""
+    from cryptography import x509
+
+    from tabadol.errors import PkiError
+    from tabadol.ledger.archive import archive_files, check_archives, timestamps_of
+    from tabadol.ledger.signers import signer_check
+    from tabadol.ledger.timestamps import DEFAULT_MAX_DELAY_S, timestamp_findings
+    from tabadol.pki import load_crl, trust_domain_of
+    from tabadol.revocation import RevocationList
+
+    try:
+        ca = x509.load_pem_x509_certificate(args.ca.read_bytes())
+    except (OSError, ValueError) as e:
+        raise TabadolError(f"--ca {args.ca}: cannot load the CA certificate: {e}") from e
+    try:
+        trust_domain = args.trust_domain or trust_domain_of(ca)
+    except PkiError as e:
+        raise TabadolError(f"--ca {args.ca}: {e}; give --trust-domain") from e
+    revoked_at: dict[int, dt.datetime] = {}
+    if args.crl is not None:
+        try:
+            revoked_at = RevocationList.from_crl(
+                load_crl(args.crl, ca), ca
+            ).signatures_count_until()
+        except (OSError, ValueError, PkiError) as e:
+            raise TabadolError(f"--crl {args.crl}: {e}") from e
+    tsa_pem = None
+    if args.tsa_certificate is not None:
+        from tabadol.ledger.timestamper import read_tsa_certificate
+
+        tsa_pem = read_tsa_certificate(args.tsa_certificate)
+    signers = signer_check(ca_cert=ca, trust_domain=trust_domain, revoked_at=revoked_at)
+    if not archive_files(args.directory):
+        print(f"{args.directory}: BROKEN: no archive files (*.tabadol-archive) here")
+        return 1
+    chains, unreadable = check_archives(
+        args.directory, signers, signers, keep_seals=tsa_pem is not None
+    )
+    broken = bool(unreadable)
+    for problem in unreadable:
+        print(f"{args.directory}: BROKEN: {problem}")
+    for chain, found in chains.items():
+        name = f"chain {chain or 'main'}"
+        if found.problem:
+            print(f"{args.directory}: {name}: BROKEN: {found.problem}")
+            broken = True
+        else:
+            print(
+                f"{args.directory}: {name}: OK: records 1 to {found.end.count}, seals 1 to "
+                f"{found.end.seal_count}, in {len(found.files)} files; chain, seals and "
+                "signatures intact"
+            )
+        for checked in found.files:
+            if tsa_pem is None:
+                break
+            for stamped in timestamp_findings(
+                timestamps_of(checked), chain, checked.seals, tsa_pem,
+                args.tsa_max_delay_seconds or DEFAULT_MAX_DELAY_S,
+            ):  # fmt: skip
+                print(f"{args.directory}: {name}: {checked.path.name}: timestamps: {stamped}")
+                broken |= stamped.startswith("BROKEN")
+    return 1 if broken else 0
 
 
 def _cmd_ledger_init(args: argparse.Namespace) -> int:
@@ -383,6 +581,27 @@ def _cmd_ledger_init(args: argparse.Namespace) -> int:
     print(f"{_ledger_label(cfg)}: the ledger's tables are there")
     if args.one_role_per_node:
         print("each node's role, named as its [broker] instance, may write only its own chain")
+    return 0
+
+
+def _cmd_ledger_rollup(args: argparse.Namespace) -> int:
+    from tabadol.ledger.store import LedgerWriteError
+
+    cfg, store = _open_ledger(args.config, readonly=False)
+    label = _ledger_label(cfg)
+    try:
+        for chain in store.chains() or [""]:
+            before = store.rebuild_rollup(chain)
+            differed = len(list(before.differences(store.rollup_rows(chain))))
+            node = f"node {chain}: " if chain else ""
+            if differed:
+                print(f"{label}: {node}{differed} rollup rows differed from the records: rebuilt")
+            else:
+                print(f"{label}: {node}rollups match the records")
+    except LedgerWriteError as e:
+        raise TabadolError(str(e)) from e
+    finally:
+        store.close()
     return 0
 
 
@@ -648,6 +867,11 @@ def _cmd_call(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tabadol.ops.defaults import DEFAULT_HTTP, DEFAULT_MAX_REQUEST_MB, DEFAULT_OTLP
+    from tabadol.ops.store.base import DEFAULT_MAX_AGE_SECONDS, DEFAULT_MAX_BYTES
+    from tabadol.pki import REASONS
+    from tabadol.registry.cli import add_registry_commands
+
     parser = argparse.ArgumentParser(
         prog="tabadol",
         description="Tabadol: the national information-exchange platform.",
@@ -847,7 +1071,70 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="where signed checkpoints are read and appended (default: <ledger path>.checkpoints)",
     )
+    lverify.add_argument(
+        "--archives",
+        type=Path,
+        metavar="DIR",
+        help="the archive files (`tabadol ledger archive --out DIR`): check them and the live "
+        "ledger as one chain per node",
+    )
     lverify.set_defaults(func=_cmd_ledger_verify)
+    larchive = ledger_sub.add_parser(
+        "archive",
+        help="move the oldest sealed batches into signed archive files",
+        description="Per chain, write the longest run of whole sealed batches sealed before "
+        "--before that is not archived yet into signed, compressed archive files in --out of "
+        "about --records-per-file records each (checked as verify checks them), removing each "
+        "file's records from the live ledger once it is written. The chain "
+        "continues in the live ledger; rollups are kept, so reports still count the records "
+        '(docs/ledger.md, "Archives").',
+    )
+    larchive.add_argument("--config", type=Path, required=True, help="broker configuration")
+    larchive.add_argument(
+        "--before",
+        required=True,
+        metavar="DATE",
+        help="archive batches sealed before this: a date (00:00 Asia/Tehran) or an ISO "
+        "date-time (Asia/Tehran unless it names its zone)",
+    )
+    larchive.add_argument("--out", type=Path, required=True, help="directory for the archives")
+    larchive.add_argument(
+        "--records-per-file",
+        type=_records_per_file,
+        default=1_000_000,
+        metavar="N",
+        help="records per archive file (default 1000000): whole sealed batches, so a file "
+        "ends with the batch that reaches N",
+    )
+    larchive.set_defaults(func=_cmd_ledger_archive)
+    lcheck = ledger_sub.add_parser(
+        "verify-archive",
+        help="the auditor's offline check of archive files: no configuration, no database",
+        description="Check every archive file in DIR with only the exchange's CA certificate: "
+        "each file's signature (a broker certificate of the CA), every record, link and seal, "
+        "and that the files continue one another. One OK or BROKEN line per chain; exit "
+        "status 0 when intact, 1 when not.",
+    )
+    lcheck.add_argument("directory", type=Path, metavar="DIR", help="the archive files")
+    lcheck.add_argument("--ca", type=Path, required=True, help="the exchange's CA certificate")
+    lcheck.add_argument(
+        "--crl", type=Path, help="the CA's CRL: also refuse signatures made after a revocation"
+    )
+    lcheck.add_argument(
+        "--trust-domain", help="the exchange's trust domain (default: the CA certificate's)"
+    )
+    lcheck.add_argument(
+        "--tsa-certificate",
+        type=Path,
+        metavar="FILE",
+        help="the TSA's certificate with its CA chain: check the seals' RFC 3161 tokens",
+    )
+    lcheck.add_argument(
+        "--tsa-max-delay-seconds",
+        type=float,
+        help="how late a token may date its seal (default 86400, as [ledger] says)",
+    )
+    lcheck.set_defaults(func=_cmd_ledger_verify_archive)
     linit = ledger_sub.add_parser(
         "init",
         help="create the ledger's tables (run once, as the role that is to own them)",
@@ -877,6 +1164,19 @@ def build_parser() -> argparse.ArgumentParser:
     lack.add_argument("--by", required=True, help="who looked into it")
     lack.add_argument("--reason", required=True, help="what was found, e.g. an incident number")
     lack.set_defaults(func=_cmd_ledger_acknowledge)
+    lrollup = ledger_sub.add_parser(
+        "rollup",
+        help="rebuild the rollups (the reports' sums) from the records",
+        description="Replace the rollup rows of the live records (per day, consumer, provider, "
+        "service, method and status; per provider and five-minute window) with the sums of "
+        "the records, in one transaction, and say per chain how many rows differed. Rows of "
+        "archived records are kept. `ledger verify` reports rows that differ.",
+    )
+    lrollup.add_argument("--config", type=Path, required=True, help="broker configuration")
+    lrollup.add_argument(
+        "--rebuild", action="store_true", required=True, help="rebuild them from the records"
+    )
+    lrollup.set_defaults(func=_cmd_ledger_rollup)
     lexport = ledger_sub.add_parser("export", help="write records as CSV or JSON lines")
     lexport.add_argument("--config", type=Path, required=True, help="broker configuration")
     lexport.add_argument("--from", dest="start", help="ISO date or date-time (UTC by default)")
@@ -1013,6 +1313,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from tabadol.client.credentials import CredentialsError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     slot = os.environ.get("TABADOL_WORKER")

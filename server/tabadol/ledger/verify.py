@@ -9,16 +9,17 @@ import itertools
 import json
 import multiprocessing
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from tabadol.errors import TabadolError
-from tabadol.ledger.record import GENESIS, Seal, StoredRecord, chain_digest
+from tabadol.ledger import rollup
+from tabadol.ledger.record import GENESIS, LedgerRecord, Seal, StoredRecord, chain_digest
 from tabadol.ledger.seal import signature_valid
 from tabadol.ledger.sessions import Session
-from tabadol.ledger.store.base import LedgerLog
+from tabadol.ledger.store.base import LedgerLog, LedgerStore
 from tabadol.state_files import read_regular
 
 
@@ -169,6 +170,7 @@ def verify_chain(
     reader: Callable[[], LedgerLog] | None = None,
     workers: int | None = None,
     chunk_records: int = CHUNK_RECORDS,
+    sums: rollup.Rollup | None = None,
 ) -> Verdict:
     """``verify`` of one chain of a store, from ``start``, with the same verdict, on every core.
 
@@ -178,6 +180,9 @@ def verify_chain(
     each seal is genuine. From the first range or seal found wrong (or if the seals are not
     in order at all), the one-by-one walk takes over from the last good seal: it finds the
     same first break the walk from the beginning would, and words it the same way.
+
+    With ``sums``, the rollup of every record checked is added to it on the way (the
+    workers sum their ranges), so checking the rollup rows costs no second read.
     """
     signers = store.signers()
     seals = [seal for seal in store.seals(chain) if seal.seq > start.seal_count]
@@ -186,10 +191,11 @@ def verify_chain(
     if reader is not None and (workers or os.cpu_count() or 1) > 1:
         good = _checked_in_parallel(
             reader, chain, seals, start, signers, signer_problem, witnessed,
-            workers or os.cpu_count() or 1, chunk_records,
+            workers or os.cpu_count() or 1, chunk_records, sums,
         )  # fmt: skip
+    records = store.records(chain, good.count + 1)
     return verify(
-        store.records(chain, good.count + 1),
+        records if sums is None else _summing(records, sums),
         [seal for seal in seals if seal.seq > good.seal_count],
         signers,
         signer_problem,
@@ -208,6 +214,7 @@ def _checked_in_parallel(
     witnessed: list[Seal],
     workers: int,
     chunk_records: int,
+    sums: rollup.Rollup | None,
 ) -> Start:
     """The last seal up to which every record, link and seal checked out, ranges of batches
     checked in worker processes. Stops at the first doubt: the walk then says what it is."""
@@ -231,18 +238,29 @@ def _checked_in_parallel(
         running = [start.running, *(chunk[-1].head_digest for chunk in chunks[:-1])]
         firsts = [start.count + 1, *(chunk[-1].count + 1 for chunk in chunks[:-1])]
         futures = [
-            pool.submit(_range_digests, reader, chain, first, prev, [s.count for s in chunk])
+            pool.submit(
+                _range_digests,
+                reader,
+                chain,
+                first,
+                prev,
+                [s.count for s in chunk],
+                sums is not None,
+            )
             for chunk, first, prev in zip(chunks, firsts, running, strict=True)
         ]
         try:
             for chunk, future in zip(chunks, futures, strict=True):
-                digests = future.result()
-                if digests is None:
+                checked = future.result()
+                if checked is None:
                     return good
+                digests, summed = checked
                 for seal, digest in zip(chunk, digests, strict=True):
                     if not _seal_holds(seal, digest, good, signers, signer_problem, by_seq):
                         return good
                     good = Start.after(seal)
+                if sums is not None and summed is not None:
+                    sums.add(summed)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
     return good
@@ -273,12 +291,39 @@ def _seal_holds(
     )
 
 
+def _summing(records: Iterable[StoredRecord], sums: rollup.Rollup) -> Iterator[StoredRecord]:
+    """``records`` as they are, their rollup added to ``sums`` as they pass, a page at a time."""
+    page: list[LedgerRecord] = []
+    for stored in records:
+        page.append(stored.record)
+        if len(page) == 10_000:
+            sums.add(rollup.rollup(page))
+            page.clear()
+        yield stored
+    sums.add(rollup.rollup(page))
+
+
+def _keeping_fields(
+    rows: Iterable[tuple[int, str, str, bytes, rollup.RollupFields]],
+    fields: list[rollup.RollupFields],
+) -> Iterator[tuple[int, str, str, bytes]]:
+    for seq, prev, digest, canonical, row_fields in rows:
+        fields.append(row_fields)
+        yield seq, prev, digest, canonical
+
+
 def _range_digests(
-    reader: Callable[[], LedgerLog], chain: str, first: int, running: str, marks: list[int]
-) -> list[str] | None:
+    reader: Callable[[], LedgerLog],
+    chain: str,
+    first: int,
+    running: str,
+    marks: list[int],
+    summing: bool = False,
+) -> tuple[list[str], rollup.Rollup | None] | None:
     """In a worker: check records ``first`` to ``marks[-1]`` (positions, links, digests)
-    from ``running``, the digest before them; the digests at each mark, or None at the
-    first doubt. SQLite renders most records' canonical bytes itself (canonical_rows)."""
+    from ``running``, the digest before them; the digests at each mark (and, ``summing``,
+    the records' rollup), or None at the first doubt. SQLite renders most records'
+    canonical bytes itself (canonical_rows)."""
     last = marks[-1]
     try:
         store = reader()
@@ -291,8 +336,13 @@ def _range_digests(
         expected = first
         fromhex, sha256 = bytes.fromhex, hashlib.sha256
         rows = getattr(store, "canonical_rows", None)
+        both = getattr(store, "canonical_and_rollup_rows", None)
         stream: Iterable[tuple[int, str, str, bytes]]
-        if rows is not None and not chain:
+        fields: list[rollup.RollupFields] | None = None
+        if summing and both is not None and not chain:  # the rollup's fields in the same read
+            fields = []
+            stream = _keeping_fields(both(first, last), fields)
+        elif rows is not None and not chain:
             stream = rows(first, last)
         else:
             stream = (
@@ -309,7 +359,14 @@ def _range_digests(
                 digests.append(digest)
                 mark = next(wanted, 0)
             expected += 1
-        return digests if expected == last + 1 else None
+        if expected != last + 1:
+            return None
+        if not summing:
+            return digests, None
+        if fields is not None:
+            return digests, rollup.rollup_of_fields(fields)
+        upto = itertools.takewhile(lambda r: r.seq <= last, store.records(chain, first))
+        return digests, rollup.rollup(stored.record for stored in upto)
     except Exception:  # an odd value, a read error: the walk meets it and says what it is
         return None
     finally:
@@ -378,3 +435,44 @@ def read_anchor(path: Path) -> list[Seal]:
             seals.append(Seal(**fields))
     # Several broker processes append to one anchor file: order by chain and position.
     return sorted(seals, key=lambda seal: (seal.chain, seal.seq))
+
+
+# -- rollups ------------------------------------------------------------------------------
+
+SHOWN_DIFFERENCES = 5  # rollup rows reported as different, at most (then "and more")
+
+
+def rollup_findings(
+    store: LedgerStore, chain: str = "", expected: rollup.Rollup | None = None
+) -> list[str]:
+    """How a chain's live rollup rows differ from the rollup of its live records
+    (``expected``, as verify_chain summed them; else read here), first rows first; empty
+    when they match."""
+    if expected is None:
+        expected = rollup.rollup(stored.record for stored in store.records(chain))
+    return _first_differences(store.rollup_rows(chain), expected)
+
+
+def day_rollup_findings(store: LedgerStore, days: Iterable[int]) -> list[str]:
+    """How the rollup rows of some days (every chain's, summed) differ from the rollup of
+    those days' live records: a check that costs the records of those days only."""
+    chains = store.chains()
+    for day in sorted(days):
+        bounds = rollup.day_of(day)
+        rows = rollup.Rollup()
+        for chain in chains:
+            rows.add(store.rollup_rows(chain, days=bounds))
+        expected = rollup.rollup(stored.record for stored in store.records_between(*bounds))
+        if found := _first_differences(rows, expected):
+            return found
+    return []
+
+
+def _first_differences(rows: rollup.Rollup, expected: rollup.Rollup) -> list[str]:
+    if rows == expected:  # the usual answer, without sorting every row to compare them
+        return []
+    found = list(itertools.islice(rows.differences(expected), SHOWN_DIFFERENCES + 1))
+    shown = [f"the rollup row of {d} (rows != records)" for d in found[:SHOWN_DIFFERENCES]]
+    if len(found) > SHOWN_DIFFERENCES:
+        shown.append("and more rollup rows differ (`tabadol ledger rollup --rebuild` lists them)")
+    return shown

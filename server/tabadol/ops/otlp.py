@@ -22,6 +22,7 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 
 from tabadol.errors import TabadolError
 from tabadol.identity import IdentityRejected, PlatformIdentity
+from tabadol.ops.defaults import DEFAULT_MAX_REQUEST_MB
 from tabadol.ops.ingest import (
     SenderRefused,
     SpanLimits,
@@ -37,7 +38,6 @@ from tabadol.refusals import RefusalLog
 log = logging.getLogger("tabadol.ops")
 
 # gRPC's own default, and what OpenTelemetry exporters send at most by default.
-DEFAULT_MAX_REQUEST_MB = 4
 DEFAULT_MAX_REQUEST_BYTES = DEFAULT_MAX_REQUEST_MB * 1024 * 1024
 
 

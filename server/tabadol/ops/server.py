@@ -28,6 +28,7 @@ from tabadol.identity import Role
 from tabadol.ops.access import is_loopback, served_names
 from tabadol.ops.app import create_app
 from tabadol.ops.dashboard import Accounts
+from tabadol.ops.defaults import DEFAULT_HTTP, DEFAULT_OTLP
 from tabadol.ops.gate import ConsoleAccess
 from tabadol.ops.otlp import (
     DEFAULT_MAX_REQUEST_BYTES,
@@ -42,8 +43,6 @@ from tabadol.ops.trust import OpsTrust
 
 log = logging.getLogger("tabadol.ops")
 
-DEFAULT_HTTP = "127.0.0.1:16686"
-DEFAULT_OTLP = "127.0.0.1:4317"
 RETENTION_INTERVAL_SECONDS = 60.0
 
 

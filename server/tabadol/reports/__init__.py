@@ -57,7 +57,7 @@ def build_quarterly(cfg: BrokerConfig, store: LedgerQueries, quarter: Quarter) -
     start, end = quarter.start_ns, quarter.end_ns
     current = Activity(
         groups=store.call_groups(start, end),
-        durations={agency: store.durations(agency, start, end) for agency in cfg.agencies},
+        histograms=store.answered_histograms(start, end),
         windows=store.provider_windows(start, end, WINDOW_NS),
     )
     previous = quarter.previous()

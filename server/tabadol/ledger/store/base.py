@@ -3,11 +3,14 @@ their seals, the writers' sessions) and the queries the reports and the dashboar
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from tabadol.ledger.record import LedgerRecord, Seal, StoredRecord
+from tabadol.ledger.rollup import Histogram, Rollup
 from tabadol.ledger.sessions import Session
 
 UNAVAILABLE = 14  # gRPC's code when the provider could not be reached: it answered nothing
@@ -130,8 +133,10 @@ class LedgerQueries(Protocol):
 
     def call_groups(self, start_ns: int, end_ns: int) -> list[CallGroup]: ...
 
-    def durations(self, provider: str, start_ns: int, end_ns: int) -> list[int]:
-        """Durations (ns), ascending, of the calls a provider answered in the range."""
+    def answered_histograms(self, start_ns: int, end_ns: int) -> dict[str, Histogram]:
+        """Per provider, the duration histogram (``tabadol.ledger.rollup``) of the calls it
+        answered in the range: forwarded, and not UNAVAILABLE. Providers that answered
+        none are left out."""
         ...
 
     def count_between(self, start_ns: int, end_ns: int) -> int: ...
@@ -143,9 +148,9 @@ class LedgerQueries(Protocol):
         percents: Sequence[int],
         consumers: Sequence[str] | None = None,
     ) -> dict[str, tuple[int, dict[int, int]]]:
-        """Per service: (calls, {percent: nearest-rank duration in ns}); with ``consumers``,
-        only their calls (and those a ledger written before consumers were marked names no
-        consumer for)."""
+        """Per service: (calls, {percent: nearest-rank duration in ns, read from the
+        histograms}) of verified consumers' calls; with ``consumers``, only their calls (and
+        those a ledger written before consumers were marked names no consumer for)."""
         ...
 
     def provider_windows(
@@ -188,5 +193,100 @@ class TimestampLog(Protocol):
         ...
 
 
-class LedgerStore(LedgerLog, LedgerQueries, TimestampLog, Protocol):
+class RollupLog(Protocol):
+    """Rollups (``tabadol.ledger.rollup``) kept beside the records: each batch's rollup is
+    added in the transaction that writes the batch, so they never drift from the ledger.
+    The queries above read them for whole Asia/Tehran days, and records only at the edges
+    of a range that does not start and end at midnight. Rows of archived records are kept
+    apart (``archived``), so reports still count them and verify still checks the rest."""
+
+    def rollup_rows(
+        self, chain: str = "", *, archived: bool = False, days: tuple[int, int] | None = None
+    ) -> Rollup:
+        """A chain's rollup rows: those of its live records, or of its archived ones; with
+        ``days`` (a, b), only those of the days that start in [a, b)."""
+        ...
+
+    def rebuild_rollup(self, chain: str = "") -> Rollup:
+        """Replace a chain's live rollup rows with the rollup of its live records, in one
+        transaction; the rows of archived records stay. Returns what the rows held before."""
+        ...
+
+
+@dataclass(frozen=True)
+class ArchivedPrefix:
+    """Where a chain's live part begins: its records up to seal ``seal.seq`` (record
+    ``seal.count``) were archived (``tabadol ledger archive``) and removed from the store."""
+
+    chain: str
+    seal: Seal  # the last archived seal: the live chain continues from its head digest
+    archived_ns: int  # when it was removed
+    archive: str  # the archive file's name and SHA-256, as the archiver wrote them
+    rollup_sha256: str  # Rollup.digest() of the chain's archived rollup rows after the move
+    signature: str  # the archiver's ECDSA signature (hex) over statement()
+    certificate: bytes  # the archiver's certificate (PEM)
+
+    def statement(self) -> bytes:
+        """What the archiver signs: this prefix, and the archived rollup rows' digest."""
+        seal = self.seal
+        fields = [self.chain, seal.seq, seal.count, seal.head_digest, self.archived_ns,
+                  self.archive, self.rollup_sha256]  # fmt: skip
+        return b"tabadol-ledger-archived:v1:" + json.dumps(fields).encode()
+
+
+def signed_prefix(
+    chain: str,
+    through: Seal,
+    archived_ns: int,
+    archive: str,
+    archived_rows: Rollup,
+    sign_with: Callable[[bytes], str],
+    signer_pem: bytes,
+) -> ArchivedPrefix:
+    """The prefix a store notes, its statement signed over ``archived_rows`` (the chain's
+    archived rollup rows as the move left them, read back inside its transaction)."""
+    unsigned = ArchivedPrefix(
+        chain, through, archived_ns, archive, archived_rows.digest(), "", signer_pem
+    )
+    return dataclasses.replace(unsigned, signature=sign_with(unsigned.statement()))
+
+
+def archived_rows_problem(previous: ArchivedPrefix | None, archived_rows: Rollup) -> str | None:
+    """Why a chain's archived rollup rows are not those its last archiving signed (no
+    prefix: no rows), so a removal would sign rows someone else wrote; None: they are."""
+    signed = previous.rollup_sha256 if previous is not None else Rollup().digest()
+    if archived_rows.digest() == signed:
+        return None
+    return (
+        "the chain's archived rollup rows are not those its last archiving signed (they "
+        "were changed since; `tabadol ledger verify` says so): nothing removed"
+    )
+
+
+class ArchiveLog(Protocol):
+    """Removing a chain's oldest sealed batches once they are safe in archive files."""
+
+    def archived(self, chain: str = "") -> ArchivedPrefix | None:
+        """The chain's archived prefix; None when nothing was archived."""
+        ...
+
+    def remove_archived(
+        self,
+        chain: str,
+        through: Seal,
+        archived_ns: int,
+        archive: str,
+        sign_with: Callable[[bytes], str],
+        signer_pem: bytes,
+    ) -> ArchivedPrefix:
+        """In one transaction: remove the chain's records 1..``through.count`` and seals
+        1..``through.seq`` (and their timestamps), move their rollup to the archived rows,
+        and note the prefix, its statement signed with ``sign_with`` over the archived rows'
+        digest as they are then. Refuses (LedgerWriteError) unless ``through`` is a seal the
+        chain holds, after any prefix already archived, and the archived rows are still those
+        the previous prefix signed (none: none). Returns the prefix noted."""
+        ...
+
+
+class LedgerStore(LedgerLog, LedgerQueries, TimestampLog, RollupLog, ArchiveLog, Protocol):
     """A store that is all of these: every implementation here is."""

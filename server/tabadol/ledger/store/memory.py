@@ -8,15 +8,17 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+from tabadol.ledger import rollup
 from tabadol.ledger.record import GENESIS, LedgerRecord, Seal, StoredRecord, chain_digest
+from tabadol.ledger.rollup import Histogram, Rollup
 from tabadol.ledger.sessions import Session
 from tabadol.ledger.store.base import (
-    UNAVAILABLE,
+    ArchivedPrefix,
     CallGroup,
     LedgerWriteError,
     SealTimestamp,
-    nearest_rank,
-    percentile_table,
+    archived_rows_problem,
+    signed_prefix,
 )
 
 
@@ -31,6 +33,9 @@ class MemoryLedgerStore:
         self._signers: dict[str, bytes] = {}
         self._sessions: dict[str, Session] = {}
         self._timestamps: dict[str, dict[int, SealTimestamp]] = defaultdict(dict)
+        self._archived: dict[str, ArchivedPrefix] = {}
+        # Rollup rows by (chain, archived): a chain's live rows grow with each batch.
+        self._rollups: dict[tuple[str, bool], Rollup] = defaultdict(Rollup)
         self.fail: str | None = None
 
     def _writable(self) -> None:
@@ -43,12 +48,23 @@ class MemoryLedgerStore:
     def chains(self) -> list[str]:
         with self._lock:
             named = [c for c, rows in (*self._records.items(), *self._seals.items()) if rows]
-            return sorted(set(named))
+            return sorted({*named, *self._archived})
 
     def head(self, chain: str = "") -> tuple[int, str]:
         with self._lock:
-            records = self._records.get(chain)
-            return (len(records), records[-1].digest) if records else (0, GENESIS)
+            return self._tip(chain)[:2]
+
+    def _tip(self, chain: str) -> tuple[int, str, int]:
+        """(records, head digest, last seal's number), the archived prefix included."""
+        records, seals = self._records.get(chain), self._seals.get(chain)
+        prefix = self._archived.get(chain)
+        start = (
+            (0, GENESIS, 0)
+            if prefix is None
+            else (prefix.seal.count, prefix.seal.head_digest, prefix.seal.seq)
+        )
+        count, head = (records[-1].seq, records[-1].digest) if records else start[:2]
+        return count, head, seals[-1].seq if seals else start[2]
 
     def append_sealed(
         self,
@@ -61,14 +77,15 @@ class MemoryLedgerStore:
         with self._lock:
             self._writable()
             stored = self._records[chain]
-            count, head = (len(stored), stored[-1].digest) if stored else (0, GENESIS)
+            count, head, last = self._tip(chain)
             batch = []
             for record in records:
                 count += 1
                 digest = chain_digest(head, record)
                 batch.append(StoredRecord(count, record, head, digest))
                 head = digest
-            seal = seal_with(len(self._seals[chain]) + 1, count, head)
+            seal = seal_with(last + 1, count, head)
+            self._rollups[chain, False].add(rollup.rollup(records))
             stored.extend(batch)
             self._seals[chain].append(seal)
             self._signers.setdefault(seal.signer, signer_pem)
@@ -81,7 +98,9 @@ class MemoryLedgerStore:
 
     def records(self, chain: str = "", from_seq: int = 1) -> Iterator[StoredRecord]:
         with self._lock:
-            snapshot = list(self._records.get(chain, ())[max(0, from_seq - 1) :])
+            records = self._records.get(chain, [])
+            first = records[0].seq if records else 1  # after an archived prefix, not 1
+            snapshot = list(records[max(0, from_seq - first) :])
         yield from snapshot
 
     def _all(self) -> list[StoredRecord]:
@@ -99,7 +118,8 @@ class MemoryLedgerStore:
     def last_seal(self, chain: str = "") -> Seal | None:
         with self._lock:
             seals = self._seals.get(chain)
-            return seals[-1] if seals else None
+            prefix = self._archived.get(chain)  # every seal archived: the chain goes on
+            return seals[-1] if seals else prefix.seal if prefix is not None else None
 
     def signers(self) -> dict[str, bytes]:
         with self._lock:
@@ -142,7 +162,8 @@ class MemoryLedgerStore:
         yield from (stamp for _, stamp in snapshot)
 
     def _last_timestamped(self, chain: str) -> int:
-        return max(self._timestamps.get(chain, {}), default=0)
+        prefix = self._archived.get(chain)  # archived seals are done with
+        return max(self._timestamps.get(chain, {}), default=prefix.seal.seq if prefix else 0)
 
     def untimestamped(self, chain: str = "", limit: int = 100) -> list[Seal]:
         with self._lock:
@@ -154,34 +175,103 @@ class MemoryLedgerStore:
             seals = self._seals.get(chain)
             return max(0, seals[-1].seq - self._last_timestamped(chain)) if seals else 0
 
+    def archived(self, chain: str = "") -> ArchivedPrefix | None:
+        with self._lock:
+            return self._archived.get(chain)
+
+    def remove_archived(
+        self,
+        chain: str,
+        through: Seal,
+        archived_ns: int,
+        archive: str,
+        sign_with: Callable[[bytes], str],
+        signer_pem: bytes,
+    ) -> ArchivedPrefix:
+        with self._lock:
+            self._writable()
+            seals = self._seals.get(chain, [])
+            if through not in seals:
+                raise LedgerWriteError(
+                    f"seal {through.seq} is not in the live ledger (chain {chain!r}) as "
+                    "archived: nothing removed"
+                )
+            archived_rows = self._rollups.get((chain, True), Rollup())
+            if why := archived_rows_problem(self._archived.get(chain), archived_rows):
+                raise LedgerWriteError(why)
+            records = self._records[chain]
+            removed = [r for r in records if r.seq <= through.count]
+            self._move_to_archived(chain, rollup.rollup(r.record for r in removed))
+            self._records[chain] = records[len(removed) :]
+            self._seals[chain] = [s for s in seals if s.seq > through.seq]
+            stamps = self._timestamps.get(chain, {})
+            for seq in [seq for seq in stamps if seq <= through.seq]:
+                del stamps[seq]
+            self._archived[chain] = prefix = signed_prefix(
+                chain, through, archived_ns, archive, self._rollups[chain, True],
+                sign_with, signer_pem,
+            )  # fmt: skip
+            return prefix
+
+    def _move_to_archived(self, chain: str, removed: rollup.Rollup) -> None:
+        """The removed records' rollup leaves the chain's live rows for its archived ones."""
+        self._rollups[chain, False].add(removed, sign=-1)
+        self._rollups[chain, True].add(removed)
+
     def records_count(self) -> int:
         with self._lock:
             return sum(len(records) for records in self._records.values())
 
+    def rollup_rows(
+        self, chain: str = "", *, archived: bool = False, days: tuple[int, int] | None = None
+    ) -> Rollup:
+        with self._lock:
+            return _copy(self._rollups.get((chain, archived), Rollup()), days)
+
+    def rebuild_rollup(self, chain: str = "") -> Rollup:
+        with self._lock:
+            self._writable()
+            before = _copy(self._rollups.get((chain, False), Rollup()))
+            live = self._records.get(chain, ())
+            self._rollups[chain, False] = rollup.rollup(r.record for r in live)
+            return before
+
+    def _range(self, start_ns: int, end_ns: int) -> Rollup:
+        """The rollup of the calls that started in the range: the rows of the whole days in
+        it (every chain, live and archived), and the records at its edges."""
+        a, b = rollup.whole_days(start_ns, end_ns)
+        result = Rollup()
+        with self._lock:
+            for rows in self._rollups.values():
+                result.add(_copy(rows, (a, b)))
+        edges = (r for r in _in_range(self._all(), start_ns, end_ns) if not a <= r.start_ns < b)
+        result.add(rollup.rollup(edges))
+        return result
+
     def call_groups(self, start_ns: int, end_ns: int) -> list[CallGroup]:
         groups: dict[tuple[str, str, str, str, int, bool, bool], list[int]] = {}
-        for r in _in_range(self._all(), start_ns, end_ns):
-            key = (
-                r.consumer, r.provider, r.service, r.method, r.status_code,
-                r.endpoint != "", r.consumer_verified,
+        for key, totals in self._range(start_ns, end_ns).groups.items():
+            calls_and_total = groups.setdefault(
+                (key.consumer, key.provider, key.service, key.method, key.status_code,
+                 key.forwarded, key.verified),
+                [0, 0],
             )  # fmt: skip
-            calls_and_total = groups.setdefault(key, [0, 0])
-            calls_and_total[0] += 1
-            calls_and_total[1] += r.duration_ns
+            calls_and_total[0] += totals.calls
+            calls_and_total[1] += totals.duration_ns
         return [
             CallGroup(c, p, s, m, code, fwd, n, total, verified)
             for (c, p, s, m, code, fwd, verified), (n, total) in sorted(groups.items())
         ]
 
-    def durations(self, provider: str, start_ns: int, end_ns: int) -> list[int]:
-        return sorted(
-            r.duration_ns
-            for r in _in_range(self._all(), start_ns, end_ns)
-            if r.provider == provider and r.endpoint and r.status_code != UNAVAILABLE
-        )
+    def answered_histograms(self, start_ns: int, end_ns: int) -> dict[str, Histogram]:
+        found: dict[str, Histogram] = {}
+        for key, day in self._range(start_ns, end_ns).provider_days.items():
+            if day.histogram:
+                rollup.add_histogram(found.setdefault(key.provider, {}), day.histogram)
+        return found
 
     def count_between(self, start_ns: int, end_ns: int) -> int:
-        return sum(1 for _ in _in_range(self._all(), start_ns, end_ns))
+        return sum(totals.calls for totals in self._range(start_ns, end_ns).groups.values())
 
     def latency_percentiles(
         self,
@@ -191,28 +281,31 @@ class MemoryLedgerStore:
         consumers: Sequence[str] | None = None,
     ) -> dict[str, tuple[int, dict[int, int]]]:
         allowed = None if consumers is None else {"", *consumers}
-        per_service: dict[str, list[int]] = defaultdict(list)
-        for r in _in_range(self._all(), start_ns, end_ns):
-            if r.consumer_verified and (allowed is None or r.consumer in allowed):
-                per_service[r.service].append(r.duration_ns)
-        rows = []
-        for service in sorted(per_service):
-            durations = sorted(per_service[service])
-            n = len(durations)
-            ranks = {nearest_rank(n, p) for p in percents} - {0}
-            rows += [(service, n, rank, durations[rank - 1]) for rank in sorted(ranks)]
-        return percentile_table(rows, percents)
+        per_service: dict[str, Histogram] = defaultdict(dict)
+        for key, totals in self._range(start_ns, end_ns).groups.items():
+            if key.verified and (allowed is None or key.consumer in allowed):
+                rollup.add_histogram(per_service[key.service], totals.histogram)
+        return {
+            service: (sum(histogram.values()), rollup.percentiles(histogram, percents))
+            for service, histogram in sorted(per_service.items())
+        }
 
     def provider_windows(
         self, start_ns: int, end_ns: int, window_ns: int
     ) -> dict[str, tuple[int, int]]:
-        answered: dict[str, dict[int, bool]] = defaultdict(dict)
-        for r in _in_range(self._all(), start_ns, end_ns):
-            if r.endpoint:
-                windows = answered[r.provider]
-                window = (r.start_ns - start_ns) // window_ns
-                windows[window] = windows.get(window, False) or r.status_code != UNAVAILABLE
-        return {p: (len(w), sum(w.values())) for p, w in answered.items()}
+        _five_minutes(window_ns)
+        found: dict[str, tuple[int, int]] = {}
+        # The range's rows are summed across chains first, so a window whose calls and
+        # answer were written by two nodes counts once.
+        for key, day in self._range(start_ns, end_ns).provider_days.items():
+            calls_mask, answered_mask = day.masks()
+            if calls_mask:
+                windows, answered = found.get(key.provider, (0, 0))
+                found[key.provider] = (
+                    windows + calls_mask.bit_count(),
+                    answered + answered_mask.bit_count(),
+                )
+        return found
 
     def close(self) -> None:
         pass
@@ -226,3 +319,29 @@ def _in_range(
     records: Iterable[StoredRecord], start_ns: int, end_ns: int
 ) -> Iterator[LedgerRecord]:
     return (r.record for r in _between(records, start_ns, end_ns))
+
+
+def _copy(rows: Rollup, days: tuple[int, int] | None = None) -> Rollup:
+    """A copy of rollup rows (of the days that start in ``days``) that owes them nothing."""
+    result = Rollup()
+    for key, totals in rows.groups.items():
+        if days is None or days[0] <= key.day_ns < days[1]:
+            result.groups[key] = rollup.GroupTotals(
+                totals.calls, totals.duration_ns, totals.request_bytes, totals.response_bytes,
+                dict(totals.histogram),
+            )  # fmt: skip
+    for dkey, day in rows.provider_days.items():
+        if days is None or days[0] <= dkey.day_ns < days[1]:
+            result.provider_days[dkey] = rollup.ProviderDay(
+                {index: list(counts) for index, counts in day.windows.items()},
+                dict(day.histogram),
+            )
+    return result
+
+
+def _five_minutes(window_ns: int) -> None:
+    if window_ns != rollup.WINDOW_NS:
+        raise ValueError(
+            f"availability windows are the rollups' {rollup.WINDOW_NS // 10**9} s ones, "
+            f"not {window_ns} ns (tabadol.ledger.rollup.WINDOW_NS)"
+        )
