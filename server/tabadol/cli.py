@@ -261,7 +261,7 @@ def _verify_chain(
     import time
 
     from tabadol.ledger import checkpoints
-    from tabadol.ledger.store import open_ledger
+    from tabadol.ledger.store import open_ledger_at
     from tabadol.ledger.verify import Start, Verdict, verify_chain
 
     witnessed = [seal for seal in anchor if seal.chain == chain]
@@ -304,7 +304,7 @@ def _verify_chain(
         witnessed,
         chain=chain,
         start=start,
-        reader=functools.partial(open_ledger, cfg.ledger, readonly=True),
+        reader=functools.partial(open_ledger_at, cfg.ledger.url, cfg.ledger.path, readonly=True),
         sums=sums,
     )
     if verdict.ok and args.as_ is not None and verdict.seals > start.seal_count:

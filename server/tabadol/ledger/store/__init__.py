@@ -3,6 +3,7 @@ and one factory that everything else calls."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tabadol.ledger.store.base import (
@@ -29,14 +30,21 @@ __all__ = [
     "MemoryLedgerStore",
     "SqliteLedgerStore",
     "open_ledger",
+    "open_ledger_at",
 ]
 
 
 def open_ledger(settings: LedgerSection, *, readonly: bool = False) -> LedgerStore:
     """The ledger ``[ledger]`` names: PostgreSQL at ``url``, else the SQLite file at
     ``path``. LedgerWriteError says why it cannot be opened."""
-    if settings.url is not None:
+    return open_ledger_at(settings.url, settings.path, readonly=readonly)
+
+
+def open_ledger_at(url: str | None, path: Path, *, readonly: bool = False) -> LedgerStore:
+    """``open_ledger`` from the two settings themselves: a verify worker process opens its
+    own handle with this, without loading the configuration's modules."""
+    if url is not None:
         from tabadol.ledger.store.postgres import PostgresLedgerStore
 
-        return PostgresLedgerStore(settings.url, readonly=readonly)
-    return SqliteLedgerStore(settings.path, readonly=readonly)
+        return PostgresLedgerStore(url, readonly=readonly)
+    return SqliteLedgerStore(path, readonly=readonly)
