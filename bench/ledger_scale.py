@@ -866,7 +866,7 @@ def projection(
                 f"({rows[0]:,} and {rows[1]:,} rows); the rows at {records:,} records are those "
                 "expected if calls keep this exchange's mix and spread evenly over the quarter "
                 "(every (day, call group) row and (day, provider) row that gets at least one call, "
-                "Poisson); they cannot exceed {out['rollup_rows_possible']:,} for "
+                f"Poisson); they cannot exceed {out['rollup_rows_possible']:,} for "
                 "this exchange whatever the number of records"
             )
         else:

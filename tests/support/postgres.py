@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -35,9 +36,18 @@ def server_binaries() -> Path:
 
 
 def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A free port below the kernel's ephemeral range. A cluster keeps its port across a stop
+    and a start: one the kernel hands out (bind to port 0) could go to a test's broker or
+    provider while the cluster is stopped, and then the cluster could not start again."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.sample(range(20_000, min(low, 32_768)), 200):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port for PostgreSQL on {host} between 20000 and {low}")
 
 
 class PostgresCluster:
