@@ -527,6 +527,14 @@ class SqliteLedgerStore:
         _one_chain(chain)
         with self._lock:
             try:
+                # Summed before the write lock is taken, so brokers writing the same file wait
+                # less: sealed records do not change, and the seal is checked under the lock.
+                removed = rollup.rollup_of_fields(
+                    self._conn.execute(
+                        f"SELECT {self._rollup_columns()} FROM records WHERE seq <= ?",
+                        (through.count,),
+                    )
+                )
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
                     row = self._conn.execute(
@@ -539,11 +547,6 @@ class SqliteLedgerStore:
                         )
                     if why := archived_rows_problem(self._prefix(), self._rollup_rows(True, None)):
                         raise LedgerWriteError(f"{self.path}: {why}")
-                    cursor = self._conn.execute(
-                        f"SELECT {self._rollup_columns()} FROM records WHERE seq <= ?",
-                        (through.count,),
-                    )
-                    removed = rollup.rollup_of_fields(cursor)
                     self._move_to_archived(chain, removed)
                     self._conn.execute("DELETE FROM records WHERE seq <= ?", (through.count,))
                     self._conn.execute("DELETE FROM seals WHERE seq <= ?", (through.seq,))
