@@ -1038,8 +1038,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="check every record, link and seal; prints OK with the count or the first break",
         description="Check the ledger named by the configuration's [ledger] path or url: "
         "positions, the hash chain, every seal's signature (a broker certificate of this "
-        "exchange's CA) and the seals witness (anchor file) beside the ledger; on PostgreSQL, "
-        "every node's chain, one line per node. Exit status 0 when intact, 1 when broken.",
+        "exchange's CA) and the seals witness (anchor file) beside the ledger; that the "
+        "rollups the reports read are the sums of the records; and the archived prefix's "
+        "signature, or with --archives the archive files themselves. On PostgreSQL, every "
+        "node's chain, one line per node. Exit status 0 when intact, 1 when broken.",
     )
     lverify.add_argument("--config", type=Path, required=True, help="broker configuration")
     lverify.add_argument(
