@@ -120,6 +120,17 @@ def _entry(key: int, counts: Sequence[int]) -> str:
     return ",".join(map(str, (key, *counts)))
 
 
+def masks_after(calls: int, answered: int, touched: Mapping[int, Sequence[int]]) -> tuple[int, int]:
+    """A provider day's window bitmasks once the windows ``touched`` (index -> the new
+    [calls, answered], as add_encoded returns them) changed; the other bits stay as they
+    were, so a mask changed by hand elsewhere stays wrong for verify to find."""
+    for index, (n, ok) in touched.items():
+        bit = 1 << index
+        calls = calls | bit if n > 0 else calls & ~bit
+        answered = answered | bit if ok > 0 else answered & ~bit
+    return calls, answered
+
+
 def add_encoded(mine: str, added: str) -> tuple[str, dict[int, list[int]]]:
     """Two encoded tables of ``[[key, count, ...], ...]`` (histograms, windows) added as
     text: (the sum, encoded; {key: its counts now} of the keys ``added`` changed). Entries

@@ -42,6 +42,7 @@ from tabadol.ledger.rollup import (
     decode_windows,
     encode_histogram,
     encode_windows,
+    masks_after,
     percentiles,
     rollup,
     whole_days,
@@ -467,11 +468,7 @@ def _add_days(
         histogram, _ = add_encoded(
             histogram, encode_histogram({i: sign * n for i, n in day.histogram.items()})
         )
-        calls, answered = _mask(calls_bits), _mask(answered_bits)
-        for index, (n, ok) in touched.items():
-            bit = 1 << index
-            calls = calls | bit if n > 0 else calls & ~bit
-            answered = answered | bit if ok > 0 else answered & ~bit
+        calls, answered = masks_after(_mask(calls_bits), _mask(answered_bits), touched)
         if windows == "[]" and histogram == "[]":
             gone.append((key.day_ns, key.provider))
         else:

@@ -199,11 +199,9 @@ def _merged_windows(
     mine: str, calls_mask: str, answered_mask: str, added: str
 ) -> tuple[str, str, str]:
     windows, changed = rollup.add_encoded(mine, added)
-    calls, answered = rollup.decode_mask(calls_mask), rollup.decode_mask(answered_mask)
-    for index, (n, ok) in changed.items():  # only the windows the batch touched change
-        bit = 1 << index
-        calls = calls | bit if n > 0 else calls & ~bit
-        answered = answered | bit if ok > 0 else answered & ~bit
+    calls, answered = rollup.masks_after(
+        rollup.decode_mask(calls_mask), rollup.decode_mask(answered_mask), changed
+    )
     return windows, rollup.encode_mask(calls), rollup.encode_mask(answered)
 
 
