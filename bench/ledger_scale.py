@@ -1,7 +1,7 @@
 """The ledger at national scale: a quarter of synthetic traffic between many agencies, in a
 SQLite ledger filled to 1 M and then 10 M records, and what accounting costs at each size:
 the quarterly report (time, peak RSS), a dashboard request, full and incremental verify,
-bytes per record, and archive and restore-verify (when `tabadol ledger archive` exists).
+bytes per record, and archive and restore-verify.
 
     .venv/bin/python bench/ledger_scale.py [--records 1000000,10000000] [--new 100000]
         [--keep DIR] [--quick]                                  # or: make bench-ledger
@@ -484,12 +484,6 @@ def tabadol() -> list[str]:
     return [sys.executable, "-c", "import sys; from tabadol.cli import main; sys.exit(main())"]
 
 
-def has_command(*words: str, option: str | None = None) -> bool:
-    """Whether `tabadol WORDS --help` works (and mentions ``option``)."""
-    found = subprocess.run([*tabadol(), *words, "--help"], capture_output=True, text=True)
-    return found.returncode == 0 and (option is None or option in found.stdout)
-
-
 def verified_records(m: Measured) -> int | None:
     """The record count `ledger verify` printed in its OK line."""
     found = re.search(r"OK: ([0-9]+) records", m.stdout)
@@ -521,7 +515,6 @@ class Bench:
     quarter: Quarter
     auditor: Path  # credentials for signed checkpoints
     ca_pem: Path
-    archive: dict[str, bool]  # which archive commands exist
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -634,9 +627,6 @@ class Bench:
         """On a copy of the ledger: archive the sealed batches before ``before`` (about
         half the records), then verify archives and live store together, and the archives
         alone offline."""
-        if not self.archive["archive"]:
-            self.say("  archive: not available")
-            return {"available": False, "why": "`tabadol ledger archive` is not there"}
         copy_dir = self.work / "archived"
         copy_dir.mkdir(exist_ok=True)
         copy = copy_dir / "ledger.db"
@@ -651,7 +641,7 @@ class Bench:
         os.chmod(copy, 0o600)
         copied = time.perf_counter() - began
         out = self.work / "archives"
-        result: dict[str, Any] = {"available": True, "before": before, "copy_seconds": copied}
+        result: dict[str, Any] = {"before": before, "copy_seconds": copied}
         m = self.command(
             "archive", "ledger", "archive", "--config", str(config), "--before", before,
             "--out", str(out),
@@ -672,34 +662,28 @@ class Bench:
             self.say(
                 f"  archive: {archived:,} records in {m.seconds:.2f} s, {archived_bytes:,} bytes"
             )
-            if self.archive["verify_archives"]:
-                v = self.command(
-                    "verify --archives", "ledger", "verify", "--config", str(config), "--full",
-                    "--archives", str(out),
-                )  # fmt: skip
-                if v is not None:
-                    result.update(
-                        verify_archives_seconds=v.seconds,
-                        verify_archives_records_per_s=records / v.seconds,
-                        verify_archives_output=v.stdout.strip().splitlines()[:5],
-                    )
-                    self.say(f"  verify --archives: {v.seconds:.2f} s")
-            else:
-                result["verify_archives"] = "not available"
-            if self.archive["verify_archive"]:
-                o = self.command(
-                    "verify-archive", "ledger", "verify-archive", str(out), "--ca",
-                    str(self.ca_pem),
-                )  # fmt: skip
-                if o is not None:
-                    result.update(
-                        verify_archive_offline_seconds=o.seconds,
-                        verify_archive_offline_records_per_s=archived / o.seconds,
-                        verify_archive_offline_output=o.stdout.strip().splitlines()[:5],
-                    )
-                    self.say(f"  verify-archive (offline): {o.seconds:.2f} s")
-            else:
-                result["verify_archive_offline"] = "not available"
+            v = self.command(
+                "verify --archives", "ledger", "verify", "--config", str(config), "--full",
+                "--archives", str(out),
+            )  # fmt: skip
+            if v is not None:
+                result.update(
+                    verify_archives_seconds=v.seconds,
+                    verify_archives_records_per_s=records / v.seconds,
+                    verify_archives_output=v.stdout.strip().splitlines()[:5],
+                )
+                self.say(f"  verify --archives: {v.seconds:.2f} s")
+            o = self.command(
+                "verify-archive", "ledger", "verify-archive", str(out), "--ca",
+                str(self.ca_pem),
+            )  # fmt: skip
+            if o is not None:
+                result.update(
+                    verify_archive_offline_seconds=o.seconds,
+                    verify_archive_offline_records_per_s=archived / o.seconds,
+                    verify_archive_offline_output=o.stdout.strip().splitlines()[:5],
+                )
+                self.say(f"  verify-archive (offline): {o.seconds:.2f} s")
         shutil.rmtree(copy_dir, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
         config.unlink()
@@ -925,8 +909,7 @@ def table(sizes: list[dict[str, Any]]) -> str:
         row("full verify, s", lambda s: n(_figure(s, "verify_full", "seconds"), ".2f")),
         row("incremental verify of new records, s", lambda s: n(_figure(s, "verify_incremental", "seconds"), ".2f")),
         row("verify with nothing new, s", lambda s: n(_figure(s, "verify_nothing_new", "seconds"), ".2f")),
-        row("archive first half, s", lambda s: n(_figure(s, "archive", "archive_seconds"), ".2f")
-            if s["archive"].get("available") else "not available"),
+        row("archive first half, s", lambda s: n(_figure(s, "archive", "archive_seconds"), ".2f")),
         row("archive bytes per record", lambda s: n(_figure(s, "archive", "archive_bytes_per_record"))),
         row("verify --archives (restore-verify), s", lambda s: n(_figure(s, "archive", "verify_archives_seconds"), ".2f")),
         row("verify-archive (offline), s", lambda s: n(_figure(s, "archive", "verify_archive_offline_seconds"), ".2f")),
@@ -940,13 +923,6 @@ def main(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     exchange = Exchange.make(rng, args.agencies, args.providers)
     command = f"{shlex.quote(PYTHON)} bench/ledger_scale.py {shlex.join(args.argv)}".rstrip()
-    archive = {
-        "archive": has_command("ledger", "archive"),
-        "verify_archives": has_command("ledger", "verify", option="--archives"),
-        "verify_archive": has_command("ledger", "verify-archive"),
-    }
-    if not archive["archive"]:
-        print("archive: not available (no `tabadol ledger archive` yet)", flush=True)
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
         if any(args.keep.iterdir()):
@@ -958,7 +934,7 @@ def main(args: argparse.Namespace) -> int:
         work = Path(cleanup.name)
     try:
         sealer, auditor, ca_pem = prepare(work, exchange)
-        bench = Bench(work, exchange, quarter, auditor, ca_pem, archive)
+        bench = Bench(work, exchange, quarter, auditor, ca_pem)
         print(
             f"{len(exchange.agencies)} agencies, {len(exchange.methods)} methods, "
             f"{len(exchange.pairs)} (consumer, method) pairs; quarter {quarter} "
@@ -983,7 +959,6 @@ def main(args: argparse.Namespace) -> int:
         "exchange": {**exchange.describe(), "seed": args.seed},
         "batch_records": args.batch,
         "new_records": args.new,
-        "archive_commands": archive,
         "sizes": sizes,
         "ratios": ratios,
         "targets": targets,

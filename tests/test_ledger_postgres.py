@@ -731,14 +731,8 @@ def test_a_ledger_written_before_rollups_gets_them_from_ledger_init(
 ) -> None:
     """`ledger init` (the tables' owner) builds the rollups from the records in the
     transaction that makes their tables; a node's role, which may not, refuses to start."""
-    sealer = chain_sealer(pki)
     calls = traffic(5, 200)
-    store = PostgresLedgerStore(postgres_url)
-    try:
-        for chain in ("node-1", "node-2"):
-            append(store, sealer, chain, calls[:120] if chain == "node-1" else calls[120:])
-    finally:
-        store.close()
+    write_two_chains(postgres_url, pki, calls, 120)
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         conn.execute("DROP TABLE ledger_rollup_groups, ledger_rollup_provider_days")
     node = make_role(
@@ -767,14 +761,8 @@ def test_ledger_init_builds_a_missing_provider_days_table_from_the_records(
     chain as the group rows already were; the group rows it finds stay as they are."""
     owner = node_config(tmp_path, pki, echo_contracts, "127.0.0.1:1", postgres_url, "owner")
     assert main(["ledger", "init", "--config", str(owner), "--one-role-per-node"]) == 0
-    sealer = chain_sealer(pki)
     calls = traffic(6, 200)
-    store = PostgresLedgerStore(postgres_url)
-    try:
-        for chain in ("node-1", "node-2"):
-            append(store, sealer, chain, calls[:90] if chain == "node-1" else calls[90:])
-    finally:
-        store.close()
+    write_two_chains(postgres_url, pki, calls, 90)
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         conn.execute("DROP TABLE ledger_rollup_provider_days")
         conn.execute("UPDATE ledger_rollup_groups SET calls = calls + 1 WHERE chain = 'node-2'")
@@ -837,5 +825,18 @@ def test_a_tampered_mask_survives_later_batches_for_verify_to_find(
         store.rebuild_rollup("n")
         assert store.rollup_rows("n") == rollup.rollup(first + later)
         assert store.provider_windows(*day, rollup.WINDOW_NS) == {"nocr": (2, 2)}
+    finally:
+        store.close()
+
+
+def write_two_chains(
+    url: str, pki: CertificateAuthority, calls: list[LedgerRecord], split: int
+) -> None:
+    """``calls[:split]`` sealed on node-1's chain and the rest on node-2's."""
+    sealer = chain_sealer(pki)
+    store = PostgresLedgerStore(url)
+    try:
+        append(store, sealer, "node-1", calls[:split])
+        append(store, sealer, "node-2", calls[split:])
     finally:
         store.close()
