@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -39,25 +39,6 @@ class CallGroup:
     duration_ns_total: int
     # False: refused before identification (revoked, stale CRL...); consumer is only claimed
     verified: bool = True
-
-
-def nearest_rank(n: int, percent: int) -> int:
-    """The 1-based rank of a percentile among ``n`` sorted values (nearest-rank method)."""
-    return (n * percent + 99) // 100
-
-
-def percentile_table(
-    rows: Iterable[tuple[str, int, int, int]], percents: Sequence[int]
-) -> dict[str, tuple[int, dict[int, int]]]:
-    """(service, n, rank, duration) rows of the ranks asked for, into per service: (calls,
-    {percent: duration})."""
-    result: dict[str, tuple[int, dict[int, int]]] = {}
-    for service, n, rank, duration in rows:
-        _, table = result.setdefault(service, (n, {}))
-        for p in percents:
-            if nearest_rank(n, p) == rank:
-                table[p] = duration
-    return result
 
 
 class LedgerLog(Protocol):
