@@ -149,7 +149,9 @@ async def _calls(channel: grpc.aio.Channel, order: Order, seconds: float) -> Out
     async def loop() -> None:
         while (started := clock()) < deadline:
             try:
-                outcome.messages += await one()
+                # Not `outcome.messages += await one()`: that reads the count before the
+                # await, and the other loops' messages received meanwhile would be lost.
+                received = await one()
             except (grpc.aio.AioRpcError, ValueError) as e:
                 outcome.errors += 1
                 outcome.error = outcome.error or _describe(e)
@@ -157,6 +159,7 @@ async def _calls(channel: grpc.aio.Channel, order: Order, seconds: float) -> Out
                 continue
             outcome.latencies_s.append(clock() - started)
             outcome.units += 1
+            outcome.messages += received
 
     begun = clock()
     await asyncio.gather(*(loop() for _ in range(order.concurrency)))

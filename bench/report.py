@@ -16,12 +16,21 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import Measurement, Workload
+from bench.loadgen import WORKLOADS, Measurement, Workload
 
-# The issue's targets for the broker with every feature on, on 2 cores.
-CPU_VS_BARE_MAX = 1.15
-ADDED_P50_MAX_MS = 0.6
-BIDI_VS_DIRECT_MIN = 0.5
+# Issue 13's targets for the broker with every feature on, each a ratio to the bare
+# pass-through measured in the same run.
+CPU_PER_CALL_VS_BARE_MAX = 1.3
+CPU_PER_CALL_VS_BARE_STRETCH = 1.15
+P99_C1_VS_BARE_MAX = 2.0
+CPU_PER_MESSAGE_VS_BARE_MAX = 1.05
+# The workloads each target is checked on, and how they are named in the checks.
+CPU_PER_CALL_WORKLOADS = {"unary_100B": "100 B", "unary_64KiB": "64 KiB"}
+CPU_PER_MESSAGE_WORKLOADS = {
+    "server_stream": "server streaming",
+    "bidi_pingpong": "bidi ping-pong",
+    "bidi_pipelined": "bidi pipelined",
+}
 
 
 def machine() -> dict[str, Any]:
@@ -65,6 +74,76 @@ def code_version() -> str:
     )
 
 
+@dataclass(frozen=True)
+class Check:
+    """One of issue 13's targets in one run: the ratio, the figures it came from, the limit."""
+
+    key: str  # the same in every run, e.g. cpu_per_call_unary_100B
+    what: str
+    value: float | None  # None: this run did not measure the figures
+    figures: dict[str, float]  # e.g. {"broker_cpu_us_per_call": 723.0, "bare_...": 364.0}
+    shown: str  # the value and its figures, as a reader wants them
+    limit: float | None  # None: information, not a target
+    stretch: float | None = None
+    failed: int = 0  # calls (or streams) that failed in the measurements it came from
+
+    @property
+    def met(self) -> bool | None:
+        """Whether the target is met; None for information or figures not measured. Failed
+        calls void a measurement: they are not in its latencies or its CPU per call."""
+        if self.limit is None or self.value is None:
+            return None
+        return not self.failed and self.value <= self.limit
+
+    @property
+    def stretch_met(self) -> bool | None:
+        if self.stretch is None or self.value is None:
+            return None
+        return not self.failed and self.value <= self.stretch
+
+    @property
+    def target(self) -> str | None:
+        if self.limit is None:
+            return None
+        stretch = f" (stretch <= {self.stretch:g}x)" if self.stretch is not None else ""
+        return f"<= {self.limit:g}x{stretch}"
+
+    @property
+    def verdict(self) -> str:
+        if self.limit is None:
+            return "information, not a target"
+        if self.value is None:
+            return "NOT MEASURED"
+        verdict = "MET" if self.met else "NOT MET"
+        if self.failed:
+            verdict += f" ({self.failed} failed calls void the measurement)"
+        if self.stretch is not None:
+            verdict += f"; stretch {'MET' if self.stretch_met else 'not met'}"
+        return verdict
+
+    def line(self) -> str:
+        """The check as one line of the report."""
+        if self.limit is None:
+            return f"{self.what}: {self.shown} ({self.verdict})"
+        return f"{self.what}: {self.shown}; target {self.target}: {self.verdict}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "what": self.what,
+            "value": self.value,
+            "figures": self.figures,
+            "shown": self.shown,
+            "target": self.target,
+            "limit": self.limit,
+            "stretch": self.stretch,
+            "failed": self.failed,
+            "met": self.met,
+            "stretch_met": self.stretch_met,
+            "verdict": self.verdict,
+        }
+
+
 @dataclass
 class Run:
     """Everything one run measured, and how."""
@@ -92,52 +171,58 @@ class Run:
     def load(self, target: str, workload: Workload) -> Measurement | None:
         return self.get(target, workload.key, 1 if workload.one_stream else self.concurrency)
 
-    def checks(self) -> list[dict[str, Any]]:
-        """Where the broker stands against the issue's targets."""
-        unary = next(w for w in self.workloads if w.key == "unary_100B")
-        out: list[dict[str, Any]] = []
-        broker, bare = self.load("broker", unary), self.load("bare", unary)
-        if broker and bare and broker.proxy_cpu_us and bare.proxy_cpu_us:
-            ratio = broker.proxy_cpu_us / bare.proxy_cpu_us
+    def checks(self) -> list[Check]:
+        """Where the broker stands against issue 13's targets, each from this run's figures,
+        met or not; a target whose figures this run did not measure says so."""
+        out: list[Check] = []
+        for key, size in CPU_PER_CALL_WORKLOADS.items():
+            c = self._concurrency(key)
             out.append(
-                {
-                    "what": f"CPU per unary call (100 B, concurrency {self.concurrency}), "
-                    "broker / bare pass-through",
-                    "value": ratio,
-                    "shown": f"{ratio:.2f}x ({broker.proxy_cpu_us:.0f} vs {bare.proxy_cpu_us:.0f} µs)",
-                    "target": f"<= {CPU_VS_BARE_MAX}x",
-                    "met": ratio <= CPU_VS_BARE_MAX,
-                }
-            )
-        broker1, direct1 = self.get("broker", unary.key, 1), self.get("direct", unary.key, 1)
-        if broker1 and direct1 and broker1.p50_ms is not None and direct1.p50_ms is not None:
-            added = broker1.p50_ms - direct1.p50_ms
-            out.append(
-                {
-                    "what": "added p50 latency at concurrency 1 (unary 100 B), broker - direct",
-                    "value": added,
-                    "shown": f"{added:+.2f} ms ({broker1.p50_ms:.2f} vs {direct1.p50_ms:.2f} ms)",
-                    "target": f"<= {ADDED_P50_MAX_MS} ms",
-                    "met": added <= ADDED_P50_MAX_MS,
-                }
-            )
-        for w in self.workloads:
-            if not w.one_stream:
-                continue
-            b, d = self.load("broker", w), self.load("direct", w)
-            if b and d and d.per_s:
-                ratio = b.per_s / d.per_s
-                out.append(
-                    {
-                        "what": f"messages/s on one bidi stream ({w.kind.split('_')[1]}), "
-                        "broker / direct",
-                        "value": ratio,
-                        "shown": f"{ratio:.2f}x ({b.per_s:,.0f} vs {d.per_s:,.0f} msg/s)",
-                        "target": f">= {BIDI_VS_DIRECT_MIN}x",
-                        "met": ratio >= BIDI_VS_DIRECT_MIN,
-                    }
+                _vs_bare(
+                    self, f"cpu_per_call_{key}", key, c, "cpu_us_per_call", _cpu_per_unit, _show_us,
+                    f"CPU per unary call, {size} at concurrency {c}, broker / bare",
+                    CPU_PER_CALL_VS_BARE_MAX, CPU_PER_CALL_VS_BARE_STRETCH,
                 )
+            )  # fmt: skip
+        out.append(
+            _vs_bare(
+                self, "p99_c1_unary_100B", "unary_100B", 1, "p99_ms_c1", _p99, _show_ms,
+                "p99 latency at concurrency 1, unary 100 B, broker / bare", P99_C1_VS_BARE_MAX,
+            )
+        )  # fmt: skip
+        for key, kind in CPU_PER_MESSAGE_WORKLOADS.items():
+            c = self._concurrency(key)
+            at = "one stream" if c == 1 and _WORKLOADS[key].one_stream else f"concurrency {c}"
+            out.append(
+                _vs_bare(
+                    self, f"cpu_per_message_{key}", key, c, "cpu_us_per_msg", _cpu_per_message, _show_us,
+                    f"CPU per message, {kind} ({at}), broker / bare", CPU_PER_MESSAGE_VS_BARE_MAX,
+                )
+            )  # fmt: skip
+        out.append(self._added_latency())
         return out
+
+    def _concurrency(self, workload: str) -> int:
+        return 1 if _WORKLOADS[workload].one_stream else self.concurrency
+
+    def _added_latency(self) -> Check:
+        """The broker's p50 at concurrency 1 over calling the provider directly: information."""
+        broker, direct = self.get("broker", "unary_100B", 1), self.get("direct", "unary_100B", 1)
+        what = "added p50 latency at concurrency 1, unary 100 B, broker - direct"
+        key = "added_p50_c1_unary_100B"
+        if broker is None or direct is None or broker.p50_ms is None or direct.p50_ms is None:
+            missing = "no p50 for broker and direct on unary_100B at concurrency 1 in this run"
+            return Check(key, what, None, {}, missing, limit=None)
+        added = broker.p50_ms - direct.p50_ms
+        return Check(
+            key,
+            what,
+            added,
+            {"broker_p50_ms_c1": broker.p50_ms, "direct_p50_ms_c1": direct.p50_ms},
+            f"{added:+.2f} ms (broker {broker.p50_ms:.2f} ms, direct {direct.p50_ms:.2f} ms)",
+            limit=None,
+            failed=broker.errors + direct.errors,
+        )
 
     def summary(self) -> dict[str, dict[str, dict[str, Any]]]:
         """Per workload and target: the headline figures and their ratios."""
@@ -174,6 +259,8 @@ class Run:
                     f"provider_cpu_us_per_{w.unit}": m.provider_cpu_us,
                     "errors": m.errors + (one.errors if one is not None and one is not m else 0),
                 }
+                if w.kind == "server_stream":
+                    row["proxy_cpu_us_per_msg"] = _cpu_per_message(m)
                 if not w.one_stream:
                     row.update(
                         {
@@ -199,7 +286,7 @@ class Run:
             "skipped": self.skipped,
             "workloads": {w.key: w.title for w in self.workloads},
             "summary": self.summary(),
-            "checks": self.checks(),
+            "checks": [check.as_dict() for check in self.checks()],
             "tracing": self.tracing,
             "ledger": self.ledger,
             "broker_counters": self.broker_counters,
@@ -236,6 +323,11 @@ class Run:
             ("/nginx", lambda r: _x(r["p50_ms_load_vs_nginx"])),
             (f"p99 c={c}", lambda r: _ms(r["p99_ms_load"])),
             ("CPU µs/call", lambda r: _us(r["proxy_cpu_us_per_call"])),
+            *(
+                [("CPU µs/msg", lambda r: _us_fine(r["proxy_cpu_us_per_msg"]))]
+                if workload.kind == "server_stream"
+                else []
+            ),
             ("/bare", lambda r: _x(r["proxy_cpu_vs_bare"])),
             ("/nginx", lambda r: _x(r["proxy_cpu_vs_nginx"])),
         ]
@@ -303,22 +395,80 @@ class Run:
             ]
         for note in self.notes:
             lines += [f"```\n{note}\n```" if markdown else note, ""]
-        checks = self.checks()
-        if checks:
-            lines.append(_heading("Against the targets (broker, every feature on)", markdown))
-            for check in checks:
-                verdict = "MET" if check["met"] else "NOT MET"
-                lines.append(
-                    f"{'- ' if markdown else '  '}{check['what']}: {check['shown']}; "
-                    f"target {check['target']}: {verdict}"
-                )
-            lines.append("")
+        lines.append(_heading("Against issue 13's targets (broker, every feature on)", markdown))
+        lines += [f"{'- ' if markdown else '  '}{check.line()}" for check in self.checks()]
+        lines.append("")
         return "\n".join(lines)
 
     def write(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "latest.json").write_text(json.dumps(self.as_json(), indent=2) + "\n")
         (directory / "latest.md").write_text(self.text(markdown=True))
+
+
+_WORKLOADS = {w.key: w for w in WORKLOADS}
+
+
+def _vs_bare(
+    run: Run,
+    key: str,
+    workload: str,
+    concurrency: int,
+    figure: str,
+    of: Callable[[Measurement], float | None],
+    show: Callable[[float], str],
+    what: str,
+    limit: float,
+    stretch: float | None = None,
+) -> Check:
+    """The broker's ``figure`` over the bare pass-through's, both from ``run``."""
+    broker, bare = run.get("broker", workload, concurrency), run.get("bare", workload, concurrency)
+    b, base = (of(broker) if broker else None), (of(bare) if bare else None)
+    if broker is None or bare is None or b is None or not base:
+        missing = " and ".join(name for name, value in (("broker", b), ("bare", base)) if not value)
+        return Check(
+            key,
+            what,
+            None,
+            {},
+            f"no {figure} for {missing} on {workload} at concurrency {concurrency} in this run",
+            limit,
+            stretch,
+        )
+    ratio = b / base
+    return Check(
+        key,
+        what,
+        ratio,
+        {f"broker_{figure}": b, f"bare_{figure}": base},
+        f"{ratio:.2f}x (broker {show(b)}, bare {show(base)})",
+        limit,
+        stretch,
+        failed=broker.errors + bare.errors,
+    )
+
+
+def _cpu_per_unit(m: Measurement) -> float | None:
+    return m.proxy_cpu_us
+
+
+def _cpu_per_message(m: Measurement) -> float | None:
+    """The proxy's CPU per message received: per call over a call's messages when streaming."""
+    if m.proxy_cpu_us is None or not m.messages:
+        return None
+    return m.proxy_cpu_us * m.units / m.messages
+
+
+def _p99(m: Measurement) -> float | None:
+    return m.p99_ms
+
+
+def _show_us(value: float) -> str:
+    return f"{value:,.1f} µs" if value < 100 else f"{value:,.0f} µs"
+
+
+def _show_ms(value: float) -> str:
+    return f"{value:.2f} ms"
 
 
 def _heading(text: str, markdown: bool) -> str:
@@ -370,3 +520,7 @@ def _plus(value: float | None) -> str:
 
 def _us(value: float | None) -> str:
     return "—" if value is None else f"{value:,.0f}"
+
+
+def _us_fine(value: float | None) -> str:
+    return "—" if value is None else f"{value:,.1f}"

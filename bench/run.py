@@ -2,9 +2,13 @@
 directly, nginx, and a bare Python pass-through, all on loopback over mTLS.
 
     BENCH_SECONDS=5 .venv/bin/python bench/run.py      # or: make bench
+    BENCH_SECONDS=2 .venv/bin/python bench/run.py --targets bare,broker --workloads unary_100B
 
-Every measurement lasts BENCH_SECONDS (default 5). Prints a table per workload and writes
-bench/results/latest.json and latest.md. Method and reading: docs/performance.md.
+Every measurement lasts BENCH_SECONDS (default 5). Prints a table per workload and the
+targets of issue 13, and writes latest.json and latest.md: to bench/results after a full
+run; a partial run (--targets or --workloads) measures only those, skips the ledger writer
+and writes to --out DIR, or to a new directory under /tmp, never to bench/results unless
+--out says so. Method and reading: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 import shlex
 import sys
 import tempfile
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -22,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import ledger_write, targets  # noqa: E402
-from bench.loadgen import WORKLOADS, Generators, Measurement  # noqa: E402
+from bench.loadgen import WORKLOADS, Generators, Measurement, Workload  # noqa: E402
 from bench.report import Run  # noqa: E402
 from bench.targets import Platform, Target  # noqa: E402
 from tests.support.load import BrokerProcess  # noqa: E402
@@ -30,6 +35,7 @@ from tests.support.load import BrokerProcess  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 PYTHON = os.path.relpath(sys.executable, ROOT)  # as the command to repeat a run shows it
 LEDGER_RECORDS_PER_SECOND = 50_000  # about one BENCH_SECOND of the ledger writer's work
+TARGETS = ("direct", "nginx", "bare", "broker", "broker-unsampled")  # in table order
 
 
 def default_seconds() -> float:
@@ -41,6 +47,36 @@ def default_seconds() -> float:
     if seconds <= 0:
         raise SystemExit(f"BENCH_SECONDS={text!r} must be more than 0")
     return seconds
+
+
+def chosen(text: str | None, known: Sequence[str], what: str) -> list[str]:
+    """The names in a comma-separated ``--targets``/``--workloads`` value, in ``known``'s
+    order; all of ``known`` when not given."""
+    if text is None:
+        return list(known)
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise SystemExit(
+            f"--{what} {text!r}: {'unknown ' + ', '.join(unknown) if unknown else 'names none'}; "
+            f"choose from {','.join(known)}"
+        )
+    return [name for name in known if name in names]
+
+
+def command(args: argparse.Namespace) -> str:
+    """The command that repeats this run, as the report shows it."""
+    words = [f"BENCH_SECONDS={args.seconds:g}", shlex.quote(PYTHON), "bench/run.py"]
+    if args.concurrency != 32:
+        words.append(f"--concurrency {args.concurrency}")
+    if args.generators != 2:
+        words.append(f"--generators {args.generators}")
+    if args.targets is not None:
+        words.append(f"--targets {','.join(chosen(args.targets, TARGETS, 'targets'))}")
+    if args.workloads is not None:
+        keys = [w.key for w in WORKLOADS]
+        words.append(f"--workloads {','.join(chosen(args.workloads, keys, 'workloads'))}")
+    return " ".join(words)
 
 
 def progress(m: Measurement) -> None:
@@ -55,34 +91,55 @@ def progress(m: Measurement) -> None:
     )
 
 
-async def start_targets(
-    stack: AsyncExitStack, run: Run, platform: Platform, provider: str, otlp: str, install: bool
-) -> tuple[list[Target], BrokerProcess, targets.NginxProcess | None]:
-    """Every target, each in its own process(es); stopped when ``stack`` closes."""
-    started = [targets.direct(platform, provider)]
-    nginx_process: targets.NginxProcess | None = None
+async def start_nginx(
+    stack: AsyncExitStack, run: Run, platform: Platform, provider: str, install: bool
+) -> tuple[Target | None, targets.NginxProcess | None]:
+    """nginx in front of the provider, or None (and why, in ``run.skipped``)."""
     nginx, how = await asyncio.to_thread(targets.find_nginx, install)
     if nginx is None:
         run.skipped["nginx"] = how
         print(f"nginx: SKIPPED ({how}); the nginx column stays empty", flush=True)
-    else:
-        try:
-            nginx_process, target, _ = await targets.start_nginx(platform, provider, nginx)
-        except RuntimeError as e:
-            run.skipped["nginx"] = f"nginx would not start: {e}"
-            print(f"nginx: SKIPPED (it would not start: {e})", flush=True)
-        else:
-            stack.push_async_callback(nginx_process.stop)
-            started.append(target)
-    bare_process, bare = await targets.start_bare(platform, provider)
-    stack.push_async_callback(bare_process.stop)
-    broker_process, broker = await targets.start_broker(platform, provider, otlp)
-    stack.push_async_callback(broker_process.stop)
-    unsampled_process, unsampled = await targets.start_broker(
-        platform, provider, otlp, name="broker-unsampled", sampler="always_off"
-    )
-    stack.push_async_callback(unsampled_process.stop)
-    started += [bare, broker, unsampled]
+        return None, None
+    try:
+        process, target, _ = await targets.start_nginx(platform, provider, nginx)
+    except RuntimeError as e:
+        run.skipped["nginx"] = f"nginx would not start: {e}"
+        print(f"nginx: SKIPPED (it would not start: {e})", flush=True)
+        return None, None
+    stack.push_async_callback(process.stop)
+    return target, process
+
+
+async def start_targets(
+    stack: AsyncExitStack,
+    run: Run,
+    platform: Platform,
+    provider: str,
+    otlp: str,
+    install: bool,
+    names: Sequence[str] = TARGETS,
+) -> tuple[list[Target], BrokerProcess | None, targets.NginxProcess | None]:
+    """The targets ``names``, each in its own process(es); stopped when ``stack`` closes."""
+    started = [targets.direct(platform, provider)] if "direct" in names else []
+    nginx_process: targets.NginxProcess | None = None
+    if "nginx" in names:
+        nginx, nginx_process = await start_nginx(stack, run, platform, provider, install)
+        started += [nginx] if nginx is not None else []
+    if "bare" in names:
+        bare_process, bare = await targets.start_bare(platform, provider)
+        stack.push_async_callback(bare_process.stop)
+        started.append(bare)
+    broker_process: BrokerProcess | None = None
+    if "broker" in names:
+        broker_process, broker = await targets.start_broker(platform, provider, otlp)
+        stack.push_async_callback(broker_process.stop)
+        started.append(broker)
+    if "broker-unsampled" in names:
+        unsampled_process, unsampled = await targets.start_broker(
+            platform, provider, otlp, name="broker-unsampled", sampler="always_off"
+        )
+        stack.push_async_callback(unsampled_process.stop)
+        started.append(unsampled)
     run.targets = {t.name: t.description for t in started}
     return started, broker_process, nginx_process
 
@@ -130,25 +187,38 @@ def tracing_cost(run: Run) -> dict[str, float]:
     }
 
 
+def partial(args: argparse.Namespace) -> bool:
+    return args.targets is not None or args.workloads is not None
+
+
+def workloads(args: argparse.Namespace) -> list[Workload]:
+    keys = chosen(args.workloads, [w.key for w in WORKLOADS], "workloads")
+    return [w for w in WORKLOADS if w.key in keys]
+
+
 async def main(args: argparse.Namespace) -> Run:
+    names = chosen(args.targets, TARGETS, "targets")
     run = Run(
-        command=f"BENCH_SECONDS={args.seconds:g} {shlex.quote(PYTHON)} bench/run.py",
+        command=command(args),
         seconds=args.seconds,
         concurrency=args.concurrency,
         generators=args.generators,
-        workloads=WORKLOADS,
+        workloads=workloads(args),
         targets={},
     )
+    brokers = any(name.startswith("broker") for name in names)
     with tempfile.TemporaryDirectory(prefix="tabadol-bench-") as tmp_name:
         tmp = Path(tmp_name)
         platform = Platform.create(tmp)
         async with AsyncExitStack() as stack:
             provider, provider_address = await targets.start_provider(platform)
             stack.push_async_callback(provider.stop)
-            collector, otlp = await targets.start_collector(platform)
-            stack.push_async_callback(collector.stop)
+            otlp = ""
+            if brokers:
+                collector, otlp = await targets.start_collector(platform)
+                stack.push_async_callback(collector.stop)
             all_targets, broker, nginx = await start_targets(
-                stack, run, platform, provider_address, otlp, not args.no_install
+                stack, run, platform, provider_address, otlp, not args.no_install, names
             )
             print(
                 f"measuring {len(all_targets)} targets, {args.seconds:g} s each "
@@ -157,19 +227,28 @@ async def main(args: argparse.Namespace) -> Run:
                 flush=True,
             )
             await measure_all(run, all_targets, provider.proc.pid)
-            run.broker_counters = await targets.broker_counters(broker)
-            run.broker_counters["spans_stored"] = stored = targets.spans_stored(platform)
-            if not stored:
-                run.notes.append("the collector stored no spans: it refused the broker's exports")
+            if broker is not None:
+                run.broker_counters = await targets.broker_counters(broker)
+                run.broker_counters["spans_stored"] = stored = targets.spans_stored(platform)
+                if not stored:
+                    run.notes.append(
+                        "the collector stored no spans: it refused the broker's exports"
+                    )
             if nginx is not None and (said := nginx.log().strip()):
                 run.notes.append(f"nginx logged (warn and above):\n{said}")
         run.tracing = tracing_cost(run)
-    records = max(10_000, int(LEDGER_RECORDS_PER_SECOND * args.seconds))
-    run.ledger = ledger_write.measure(records, batch_ms=100)
+    if partial(args):
+        run.notes.append(
+            f"A partial run: {', '.join(run.targets) or 'no target'} over "
+            f"{', '.join(w.key for w in run.workloads)}; the ledger writer was not measured."
+        )
+    else:
+        records = max(10_000, int(LEDGER_RECORDS_PER_SECOND * args.seconds))
+        run.ledger = ledger_write.measure(records, batch_ms=100)
     return run
 
 
-if __name__ == "__main__":
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -181,12 +260,49 @@ if __name__ == "__main__":
     parser.add_argument(
         "--no-install", action="store_true", help="skip nginx if it is missing (no apt-get)"
     )
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where latest.* go")
-    arguments = parser.parse_args()
-    if arguments.seconds is None:
-        arguments.seconds = default_seconds()
-    result = asyncio.run(main(arguments))
+    parser.add_argument(
+        "--targets",
+        metavar="NAMES",
+        help=f"measure only these, comma-separated, from {','.join(TARGETS)} (a partial run)",
+    )
+    parser.add_argument(
+        "--workloads",
+        metavar="KEYS",
+        help=f"measure only these, comma-separated, from {','.join(w.key for w in WORKLOADS)} "
+        "(a partial run)",
+    )
+    parser.add_argument(
+        "--out",
+        "--results",
+        dest="out",
+        metavar="DIR",
+        type=Path,
+        default=None,
+        help=f"where latest.json and latest.md go (default: {os.path.relpath(RESULTS, ROOT)} "
+        "after a full run, a new directory under /tmp after a partial one)",
+    )
+    return parser
+
+
+def arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, checked before anything starts; ``out`` is where the results go."""
+    args = argument_parser().parse_args(argv)
+    if args.seconds is None:
+        args.seconds = default_seconds()
+    chosen(args.targets, TARGETS, "targets")  # a misspelt name fails here, not after minutes
+    workloads(args)
+    if args.out is None:
+        # A partial run must not replace the committed results of a full one.
+        args.out = (
+            Path(tempfile.mkdtemp(prefix="tabadol-bench-partial-")) if partial(args) else RESULTS
+        )
+    return args
+
+
+if __name__ == "__main__":
+    chosen_arguments = arguments()
+    result = asyncio.run(main(chosen_arguments))
     print()
     print(result.text())
-    result.write(arguments.results)
-    print(f"wrote {arguments.results / 'latest.json'} and {arguments.results / 'latest.md'}")
+    result.write(chosen_arguments.out)
+    print(f"wrote {chosen_arguments.out / 'latest.json'} and {chosen_arguments.out / 'latest.md'}")
