@@ -292,19 +292,22 @@ async def test_consumer_cancel_mid_client_stream_reaches_the_provider(
 async def test_a_request_stream_cut_by_a_cancel_ends_in_a_cancel_not_a_half_close() -> None:
     # gRPC ends a server's request iterator alike for a half-close and a cancel; the broker
     # must pass a cancel on as a cancel, or a provider could commit an abandoned batch.
-    from tabadol.broker.exchange import Exchange
+    from tabadol.admission import CallFacts
+    from tabadol.broker.call import Call, Traffic
     from tabadol.broker.forward import requests_of
+    from tabadol.broker.tracing import NOT_TRACED
     from tabadol.contracts import MethodContract, RpcKind
 
     async def two() -> AsyncIterator[bytes]:
         yield b"a"
         yield b"b"
 
-    def exchange() -> Exchange:
-        return Exchange(MethodContract("s.S", "M", RpcKind.CLIENT_STREAMING), "p")
+    def call() -> Call:
+        method = MethodContract("s.S", "M", RpcKind.CLIENT_STREAMING)
+        return Call(CallFacts(method, "p", "r", None, ()), NOT_TRACED, Traffic())
 
     async def relay(handler: asyncio.Task[None] | None) -> list[bytes]:
-        return [m async for m in requests_of(two(), exchange(), handler)]
+        return [m async for m in requests_of(two(), call(), handler)]
 
     calm = asyncio.create_task(asyncio.sleep(3600))
     assert await relay(calm) == [b"a", b"b"]  # a genuine half-close stays one

@@ -470,7 +470,7 @@ async def test_a_renewed_broker_certificate_keeps_its_spans_reaching_the_collect
             assert broker.tracing is not None
 
             async def broker_traces() -> int:
-                await asyncio.to_thread(broker.tracing.provider.force_flush)  # type: ignore[union-attr]
+                await asyncio.to_thread(broker.tracing.force_flush)  # type: ignore[union-attr]
                 _, total = ops.store.search(TraceQuery(service="tabadol-broker"))
                 return total
 

@@ -271,7 +271,7 @@ async def test_an_idempotent_call_is_retried_elsewhere_and_a_non_idempotent_one_
     broker.health._interval = 3600
     for upstream in broker._upstreams.values():
         # As if the dead endpoint had passed its checks just before it died.
-        upstream.healthy = upstream.trusted = True
+        upstream.health.healthy = upstream.health.trusted = True
     try:
         async with connect(f"127.0.0.1:{broker.port}", pki.dir / "agencies" / "post") as channel:
             failures = 0

@@ -57,7 +57,7 @@ class Refusal:
     retry_after_s: float
 
 
-@dataclass
+@dataclass(eq=False)
 class Admission:
     """Permission for one call; hand it back with ``release`` when the call ends."""
 
@@ -69,7 +69,7 @@ class Admission:
         self.counters = []
 
 
-_NOTHING_HELD = Admission()
+NOTHING_HELD = Admission()  # what a call holds when no limit applies; releasing it does nothing
 
 
 class Limits:
@@ -149,7 +149,7 @@ class Limits:
     def admit(self, consumer: str, service: str) -> Admission | Refusal:
         """Admit a call, or say which limit it is over (checked for the service first)."""
         if not self._rules:
-            return _NOTHING_HELD
+            return NOTHING_HELD
         now = self._clock()
         held: list[list[int]] = []
         for key in ((consumer, service), (consumer, None)):

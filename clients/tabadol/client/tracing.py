@@ -70,8 +70,9 @@ class TracingConfigError(ValueError):
     """A sampler, ratio or exporter setting that the SDK would not understand."""
 
 
-def make_sampler(name: str, arg: str | None) -> Sampler:
-    """The sampler the OpenTelemetry spec names ``name`` (as in ``OTEL_TRACES_SAMPLER``)."""
+def parse_sampler(name: str, arg: str | None) -> tuple[str, float]:
+    """A sampler's name as the spec spells it (``OTEL_TRACES_SAMPLER``) and its ratio (1.0
+    when it takes none), or TracingConfigError naming what is wrong."""
     name = name.strip().lower()
     if name not in SAMPLERS:
         raise TracingConfigError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
@@ -83,6 +84,12 @@ def make_sampler(name: str, arg: str | None) -> Sampler:
             raise TracingConfigError(f"sampler ratio {arg!r} is not a number") from None
         if not 0.0 <= ratio <= 1.0:
             raise TracingConfigError(f"sampler ratio {ratio} is outside 0..1")
+    return name, ratio
+
+
+def make_sampler(name: str, arg: str | None) -> Sampler:
+    """The sampler the OpenTelemetry spec names ``name`` (as in ``OTEL_TRACES_SAMPLER``)."""
+    name, ratio = parse_sampler(name, arg)
     root: Sampler = {
         "always_on": ALWAYS_ON,
         "always_off": ALWAYS_OFF,
@@ -197,10 +204,13 @@ class ExporterCredentials:
 def _exporter(
     name: str,
     otlp_endpoint: str | None,
-    meter_provider: MeterProvider,
+    meter_provider: MeterProvider | None,
     credentials: ExporterCredentials | None = None,
     env: Mapping[str, str] = os.environ,
+    otlp_class: Callable[..., SpanExporter] | None = None,
 ) -> SpanExporter | None:
+    """The exporter ``name`` (otlp, console, none); ``otlp_class`` stands in for the SDK's
+    OTLPSpanExporter (a subclass taking the same arguments)."""
     if name == "none":
         return None
     if name == "console":
@@ -211,19 +221,18 @@ def _exporter(
         )
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
+    otlp = otlp_class or OTLPSpanExporter
     endpoint = otlp_endpoint or next((env[v] for v in _ENDPOINT_VARIABLES if env.get(v)), None)
     plaintext = endpoint is not None and endpoint.startswith("http://")
     if credentials is None or plaintext or any(env.get(v) for v in _CERTIFICATE_VARIABLES):
         insecure = True if otlp_endpoint and otlp_endpoint.startswith("http://") else None
-        return OTLPSpanExporter(
-            endpoint=otlp_endpoint, insecure=insecure, meter_provider=meter_provider
-        )
+        return otlp(endpoint=otlp_endpoint, insecure=insecure, meter_provider=meter_provider)
     options = (
         (("grpc.ssl_target_name_override", credentials.server_name),)
         if credentials.server_name
         else None
     )
-    return OTLPSpanExporter(
+    return otlp(
         endpoint=endpoint or DEFAULT_TLS_ENDPOINT,
         insecure=False,
         credentials=grpc.ssl_channel_credentials(

@@ -1,6 +1,8 @@
 """How a call crosses the broker once admitted: messages, metadata, status and time limits.
 
-Payloads are opaque bytes: no serializer is configured on either leg.
+Payloads are opaque bytes: no serializer is configured on either leg. Nothing here answers
+the consumer with a status: a call that must end raises ``Ending``, and the request path
+(``tabadol.broker.proxy``) answers it in one place.
 """
 
 from __future__ import annotations
@@ -14,17 +16,23 @@ from typing import Any, NoReturn, cast
 import grpc
 import grpc.aio
 
-from tabadol.broker.exchange import Exchange
+from tabadol.broker.call import Call, Ending
 from tabadol.broker.upstream import Route
 from tabadol.metadata import REQUEST_ID_KEY, Metadata, response_metadata
+from tabadol.status import Code
 
 log = logging.getLogger("tabadol.broker")
 Context = grpc.aio.ServicerContext[Any, Any]
+GRPC_CODES = {Code(c.value[0]): c for c in grpc.StatusCode}
+
+
+def code_of(status: grpc.StatusCode) -> Code:
+    return Code(status.value[0])
 
 
 async def requests_of(
     requests: AsyncIterator[bytes],
-    exchange: Exchange,
+    call: Call,
     handler: asyncio.Task[Any] | None,
     route: Route | None = None,
 ) -> AsyncIterator[bytes]:
@@ -38,9 +46,9 @@ async def requests_of(
     async for message in requests:
         if limit is not None and len(message) > limit:
             # Ends the provider call; forwarding then reports this status to the consumer.
-            exchange.ended(grpc.StatusCode.RESOURCE_EXHAUSTED, _too_big(len(message), route))
+            call.cut(Code.RESOURCE_EXHAUSTED, _too_big(len(message), route))
             raise asyncio.CancelledError("a request message is over the service's size limit")
-        yield exchange.request(message)
+        yield call.traffic.request(message)
     # The consumer's cancel reaches the handler's task a loop turn or two after the iterator
     # ends (more on a busy loop); raising here makes gRPC cancel the provider call instead
     # of half-closing it. Ten turns cost microseconds on a genuine half-close.
@@ -50,7 +58,7 @@ async def requests_of(
         await asyncio.sleep(0)
 
 
-async def single_request(exchange: Exchange, context: Context) -> bytes:
+async def single_request(context: Context) -> bytes:
     """The one request message of a unary-request call, or INTERNAL without it.
 
     Read from the context, not through the handler's request iterator: the same read
@@ -59,26 +67,10 @@ async def single_request(exchange: Exchange, context: Context) -> bytes:
     message = await context.read()
     if message is not grpc.aio.EOF:
         return cast(bytes, message)
-    await abort(
-        exchange,
-        context,
-        grpc.StatusCode.INTERNAL,
+    raise Ending(
+        Code.INTERNAL,
         "Tabadol broker: the call ended its request stream without a request message",
     )
-
-
-async def abort(
-    exchange: Exchange,
-    context: Context,
-    code: grpc.StatusCode,
-    details: str,
-    trailing: Metadata | None = None,
-) -> NoReturn:
-    exchange.ended(code, details)
-    if trailing is None:
-        trailing = ((REQUEST_ID_KEY, exchange.request_id),)
-    await exchange.settle(context)
-    await context.abort(code, details, trailing)
 
 
 def _cancelled_by_broker() -> bool:
@@ -92,90 +84,78 @@ class TryElsewhere(Exception):
 
 
 async def forward_unary(
-    call: Any,
+    provider_call: Any,
     context: Context,
-    exchange: Exchange,
-    retry: Callable[[Exchange, Context], bool] | None = None,
+    call: Call,
+    retry: Callable[[Call, Context], bool] | None = None,
 ) -> bytes:
-    """Await a unary-response call and relay its metadata and status to the consumer."""
+    """Await a unary-response call and relay its metadata to the consumer."""
     try:
-        response: bytes = await call
-        initial = response_metadata(await call.initial_metadata())
+        response: bytes = await provider_call
+        initial = response_metadata(await provider_call.initial_metadata())
         if initial:
             await context.send_initial_metadata(initial)
-        context.set_trailing_metadata(_trailers(await call.trailing_metadata(), exchange))
-        exchange.ended(grpc.StatusCode.OK)
-        await exchange.settle(context)
+        context.set_trailing_metadata(_trailers(await provider_call.trailing_metadata(), call))
         return response
     except grpc.aio.AioRpcError as e:
-        if retry is not None and _unreachable(e) and retry(exchange, context):
-            exchange.unreachable = True
+        if retry is not None and _unreachable(e) and retry(call, context):
+            call.unreachable = True
             raise TryElsewhere from e
-        await relay_error(e, context, exchange, headers_sent=False)
+        await relay_error(e, context, call, headers_sent=False)
     except asyncio.CancelledError:
-        call.cancel()
+        provider_call.cancel()
         if _cancelled_by_broker():
-            await _provider_lost(exchange, context)
+            _provider_lost(call)
         raise
 
 
 async def forward_stream(
-    call: Any, context: Context, exchange: Exchange, route: Route | None = None
+    provider_call: Any, context: Context, call: Call, route: Route | None = None
 ) -> AsyncIterator[bytes]:
-    """Relay a streaming-response call message by message, then its trailers and status."""
+    """Relay a streaming-response call message by message, then its trailers; a status
+    other than OK ends the call with it."""
     headers_sent = False
     try:
-        initial = response_metadata(await call.initial_metadata())
+        initial = response_metadata(await provider_call.initial_metadata())
         if initial:
             await context.send_initial_metadata(initial)
             headers_sent = True
         limit = route.max_message_bytes if route is not None else None
-        while (message := await call.read()) is not grpc.aio.EOF:
+        while (message := await provider_call.read()) is not grpc.aio.EOF:
             headers_sent = True
             if limit is not None and len(message) > limit:
-                call.cancel()
-                await abort(
-                    exchange,
-                    context,
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    _too_big(len(message), route, "response"),
-                )
-            yield exchange.response(message)
-        trailers = _trailers(await call.trailing_metadata(), exchange)
+                provider_call.cancel()
+                raise Ending(Code.RESOURCE_EXHAUSTED, _too_big(len(message), route, "response"))
+            yield call.traffic.response(message)
+        trailers = _trailers(await provider_call.trailing_metadata(), call)
         context.set_trailing_metadata(trailers)
-        code = await call.code()
+        code = await provider_call.code()
         if code is not grpc.StatusCode.OK:
-            details = _for_the_consumer(code, await call.details() or "", exchange)
-            await abort(exchange, context, code, details, trailers)
-        exchange.ended(grpc.StatusCode.OK)
-        await exchange.settle(context)
+            details = _for_the_consumer(code, await provider_call.details() or "", call)
+            raise Ending(code_of(code), details, trailers)
     except grpc.aio.AioRpcError as e:
-        await relay_error(e, context, exchange, headers_sent=headers_sent)
+        await relay_error(e, context, call, headers_sent=headers_sent)
     except (asyncio.CancelledError, GeneratorExit) as e:
-        call.cancel()
+        provider_call.cancel()
         if isinstance(e, asyncio.CancelledError) and _cancelled_by_broker():
-            await _provider_lost(exchange, context)
+            _provider_lost(call)
         raise
 
 
-async def _provider_lost(exchange: Exchange, context: Context) -> NoReturn:
-    if exchange.code is not None:
+def _provider_lost(call: Call) -> NoReturn:
+    if call.cut_off is not None:
         # The broker itself ended the provider call, for a reason already recorded (a size
-        # or time limit of the service): that is what the consumer is told.
-        await context.abort(
-            exchange.code, exchange.details, ((REQUEST_ID_KEY, exchange.request_id),)
-        )
-    await abort(
-        exchange,
-        context,
-        grpc.StatusCode.UNAVAILABLE,
-        f"Tabadol broker: the call to provider {exchange.provider!r} was cut off on the "
+        # or time limit of the service, a revocation): that is what the consumer is told.
+        raise call.cut_off
+    raise Ending(
+        Code.UNAVAILABLE,
+        f"Tabadol broker: the call to provider {call.facts.provider!r} was cut off on the "
         "broker's side (its channel closed); it is safe to retry only if the method is idempotent",
     )
 
 
-def _trailers(trailing: Metadata | None, exchange: Exchange) -> Metadata:
-    return (*response_metadata(trailing), (REQUEST_ID_KEY, exchange.request_id))
+def _trailers(trailing: Metadata | None, call: Call) -> Metadata:
+    return (*response_metadata(trailing), (REQUEST_ID_KEY, call.request_id))
 
 
 # gRPC's own words when the broker could not reach the provider at all: then the broker says
@@ -186,19 +166,20 @@ _UNREACHABLE = ("failed to connect to all addresses", "DNS resolution failed")
 MAX_ATTEMPTS = 3
 
 
-def unreachable_message(exchange: Exchange) -> str:
+def unreachable_message(call: Call) -> str:
     """What a consumer is told when no endpoint of the provider could be reached."""
     return (
-        f"Tabadol broker: provider {exchange.provider!r} unreachable for service "
-        f"{exchange.method.service!r}: the broker's connection to it failed; retry later"
+        f"Tabadol broker: provider {call.facts.provider!r} unreachable for service "
+        f"{call.facts.method.service!r}: the broker's connection to it failed; retry later"
     )
 
 
-def _names_the_endpoint(details: str, exchange: Exchange) -> bool:
+def _names_the_endpoint(details: str, call: Call) -> bool:
     """gRPC's own transport failure (it names the peer's address), not the provider's text."""
+    endpoint = call.endpoint
     return (
         details.startswith(_UNREACHABLE)
-        or (bool(exchange.endpoint) and exchange.endpoint in details)
+        or (bool(endpoint) and endpoint in details)
         or any(scheme in details for scheme in ("ipv4:", "ipv6:", "unix:"))
     )
 
@@ -219,29 +200,23 @@ def _too_big(size: int, route: Route | None, what: str = "request") -> str:
     )
 
 
-async def within_size(
-    exchange: Exchange, route: Route, context: Context, message: bytes, what: str = "request"
-) -> None:
+def within_size(route: Route, message: bytes, what: str = "request") -> bytes:
     limit = route.max_message_bytes
     if limit is not None and len(message) > limit:
-        await abort(
-            exchange,
-            context,
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            _too_big(len(message), route, what),
-        )
+        raise Ending(Code.RESOURCE_EXHAUSTED, _too_big(len(message), route, what))
+    return message
 
 
 class StreamWatch:
     """Ends a stream that runs past the service's maximum duration or falls idle."""
 
-    def __init__(self, call: Any, exchange: Exchange, route: Route) -> None:
-        self._call, self._exchange, self._route = call, exchange, route
+    def __init__(self, provider_call: Any, call: Call, route: Route) -> None:
+        self._provider_call, self._call, self._route = provider_call, call, route
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> None:
         if self._route.max_stream_seconds or self._route.stream_idle_seconds:
-            self._exchange.last_activity = time.monotonic()
+            self._call.traffic.last_activity = time.monotonic()
             self._task = asyncio.create_task(self._watch())
 
     async def __aexit__(self, *exc: object) -> None:
@@ -249,13 +224,13 @@ class StreamWatch:
             self._task.cancel()
 
     async def _watch(self) -> None:
-        route, exchange = self._route, self._exchange
+        route, traffic = self._route, self._call.traffic
         started = time.monotonic()
         while True:
             now = time.monotonic()
             ends = started + route.max_stream_seconds if route.max_stream_seconds else None
             idles = (
-                exchange.last_activity + route.stream_idle_seconds
+                traffic.last_activity + route.stream_idle_seconds
                 if route.stream_idle_seconds
                 else None
             )
@@ -266,15 +241,15 @@ class StreamWatch:
             else:
                 await asyncio.sleep(min(t for t in (ends, idles) if t is not None) - now)
                 continue
-            exchange.ended(grpc.StatusCode.DEADLINE_EXCEEDED, f"Tabadol broker: {why}")
-            self._call.cancel()
+            self._call.cut(Code.DEADLINE_EXCEEDED, f"Tabadol broker: {why}")
+            self._provider_call.cancel()
             return
 
 
 async def relay_error(
     error: grpc.aio.AioRpcError,
     context: Context,
-    exchange: Exchange,
+    call: Call,
     *,
     headers_sent: bool,
 ) -> NoReturn:
@@ -285,20 +260,20 @@ async def relay_error(
         if initial:
             await context.send_initial_metadata(initial)
     trailing = cast(Metadata | None, error.trailing_metadata())
-    details = _for_the_consumer(code, details, exchange)
-    await abort(exchange, context, code, details, _trailers(trailing, exchange))
+    details = _for_the_consumer(code, details, call)
+    raise Ending(code_of(code), details, _trailers(trailing, call))
 
 
-def _for_the_consumer(code: grpc.StatusCode, details: str, exchange: Exchange) -> str:
+def _for_the_consumer(code: grpc.StatusCode, details: str, call: Call) -> str:
     """The provider's status details, unless they are gRPC's own words naming the endpoint's
     address: that is the operator's to know (the log has it; the ledger record and the span
     name the endpoint), not the consumer's."""
-    if code is not grpc.StatusCode.UNAVAILABLE or not _names_the_endpoint(details, exchange):
+    if code is not grpc.StatusCode.UNAVAILABLE or not _names_the_endpoint(details, call):
         return details
-    upstream = exchange.upstream
-    if upstream is not None and upstream.report_due(time.monotonic()):
+    upstream = call.upstream
+    if upstream is not None and upstream.health.report_due(time.monotonic()):
         log.warning(
             "provider %s endpoint %s unreachable (request %s): %s",
-            exchange.provider, exchange.endpoint, exchange.request_id, details,
+            call.facts.provider, upstream.endpoint, call.request_id, details,
         )  # fmt: skip
-    return unreachable_message(exchange)
+    return unreachable_message(call)

@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from tabadol.broker.exchange import Exchange
+from tabadol.ledger.record import LedgerRecord
+from tabadol.status import Code
 
 if TYPE_CHECKING:
     from tabadol.broker.credentials import BrokerCredentials
@@ -136,7 +136,7 @@ class BrokerMetrics:
             registry=self.registry,
         )
         self._agencies: frozenset[str] = frozenset()
-        self._children: dict[tuple[str, str, str, str, grpc.StatusCode], tuple[Any, Any]] = {}
+        self._children: dict[tuple[str, str, str, str, int], tuple[Any, Any]] = {}
         self._server: MetricsServer | None = None
         self.port = 0
 
@@ -144,21 +144,20 @@ class BrokerMetrics:
         """The agencies that may appear as label values (on start and every reload)."""
         self._agencies = frozenset(agencies)
 
-    def observe(self, exchange: Exchange) -> None:
+    def observe(self, record: LedgerRecord) -> None:
         """Count a finished call. Label children are looked up once per combination."""
-        consumer = exchange.consumer
+        consumer = record.consumer
         if consumer not in self._agencies:
             consumer = UNREGISTERED if consumer else UNAUTHENTICATED
-        method = exchange.method
-        code = exchange.code or grpc.StatusCode.UNKNOWN
-        key = (consumer, exchange.provider, method.service, method.name, code)
+        key = (consumer, record.provider, record.service, record.method, record.status_code)
         children = self._children.get(key)
         if children is None:
-            labels = (consumer, exchange.provider, method.service, method.name)
-            children = (self.calls.labels(*labels, code.name), self.latency.labels(*labels))
+            labels = (consumer, record.provider, record.service, record.method)
+            code = Code(record.status_code).name
+            children = (self.calls.labels(*labels, code), self.latency.labels(*labels))
             self._children[key] = children
         children[0].inc()
-        children[1].observe((exchange.ended_ns - exchange.started_ns) / 1e9)
+        children[1].observe(record.duration_ns / 1e9)
 
     def refresh(self, backlog: int, accepting: bool, written: int, dropped: int) -> None:
         """Carry the ledger's and the span pipeline's own counts into the metrics."""

@@ -44,12 +44,12 @@ _KINDS = {
 async def caller(proxy: Proxy, context: Context, method: str) -> str:
     """The calling agency, from its certificate; UNAUTHENTICATED otherwise."""
     try:
-        return proxy.identities.identify(context).agency_id
+        return proxy.identify(context).agency_id
     except IdentityRejected as e:
         proxy.refusals.warn(("platform", "identity", str(e)), "refused a call to %s: %s", method, e)
         proxy.metrics.refused.labels("platform_unauthenticated").inc()
         await _refuse(
-            proxy, context, refused_certificate(context)[0], grpc.StatusCode.UNAUTHENTICATED, str(e)
+            proxy, context, refused_certificate(context), grpc.StatusCode.UNAUTHENTICATED, str(e)
         )
 
 
@@ -64,7 +64,7 @@ async def declared_caller(proxy: Proxy, context: Context, method: str) -> str:
         await _refuse(
             proxy,
             context,
-            refused_certificate(context)[0],
+            refused_certificate(context),
             grpc.StatusCode.PERMISSION_DENIED,
             f"agency {agency!r} is not a registered agency of this exchange",
         )
@@ -316,14 +316,14 @@ class ProviderHealth:
             healthy = answer.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.aio.AioRpcError as e:
             healthy = e.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND)
-        if healthy != upstream.healthy:
+        if healthy != upstream.health.healthy:
             log.warning(
                 "provider %s endpoint %s is %s",
                 upstream.provider,
                 upstream.endpoint,
                 "healthy again" if healthy else "failing its health check",
             )
-        upstream.healthy = healthy
+        upstream.health.healthy = healthy
 
     async def refresh(self) -> None:
         proxy = self._current()
@@ -332,7 +332,7 @@ class ProviderHealth:
         for service, serving in proxy.upstreams_by_service.items():
             status = (
                 health_pb2.HealthCheckResponse.SERVING
-                if any(u.healthy for u in serving)
+                if any(u.health.healthy for u in serving)
                 else health_pb2.HealthCheckResponse.NOT_SERVING
             )
             if self._known.get(service) != status:

@@ -117,8 +117,8 @@ class ProviderTrust:
         why = judge_presented(
             der, provider=upstream.provider, trust_domain=self.trust_domain, revoked=creds.revoked
         )
-        was = upstream.trusted
-        upstream.trusted = why is None
+        was = upstream.health.trusted
+        upstream.health.trusted = why is None
         if why is not None and was is not False:
             log.error(
                 "provider %s endpoint %s gets no calls: %s",

@@ -18,22 +18,18 @@ import grpc.aio
 from cryptography import x509
 
 from tabadol import config as config_module
+from tabadol.admission import Identities
 from tabadol.broker import platform
 from tabadol.broker.credentials import BrokerCredentials
 from tabadol.broker.metrics import BrokerMetrics
 from tabadol.broker.provider_trust import ProviderTrust
-from tabadol.broker.proxy import Accounting, Drain, Identities, Proxy
+from tabadol.broker.proxy import Accounting, Drain, Proxy
 from tabadol.broker.registry_follower import RegistryFollower
 from tabadol.broker.supervisor import follow_supervisor, worker_slot
-from tabadol.broker.tracing import BrokerTracing
+from tabadol.broker.tracing import NO_TRACING, BrokerTracing, broker_tracing
 from tabadol.broker.upstream import Route, Upstream
 from tabadol.client.call_status import keep_call_status
-from tabadol.client.tracing import (
-    ExporterCredentials,
-    SpanPipelineStats,
-    TracingConfigError,
-    tracer_provider,
-)
+from tabadol.client.tracing import ExporterCredentials, TracingConfigError
 from tabadol.config import BrokerConfig
 from tabadol.errors import ConfigError, TabadolError
 from tabadol.governance import breaking_changes
@@ -103,7 +99,7 @@ class Broker:
         keep_crl(cfg, self.credentials.crl, held)  # beside the ledger, before it is written
         self._closing: set[asyncio.Task[None]] = set()
         self._refusals = RefusalLog(log)
-        self.tracing, self.span_stats = _tracing(cfg, self.credentials)
+        self.tracing = _tracing(cfg, self.credentials)
         self.metrics = BrokerMetrics()
         self.metrics.configure(cfg.agencies)
         # Limits and the retry budget outlive reloads: calls in flight still count.
@@ -145,7 +141,7 @@ class Broker:
             backlog=self.ledger.backlog,
             accepting=self.ledger.accepting and self.ledger.problem is None,
             written=self.ledger.written,
-            dropped=self.span_stats.dropped() if self.span_stats is not None else 0,
+            dropped=self.tracing.dropped() if self.tracing is not None else 0,
         )
         if self.timestamper is not None:
             self.metrics.ledger_untimestamped.set(self.timestamper.backlog)
@@ -304,7 +300,9 @@ class Broker:
                 channel = grpc.aio.secure_channel(endpoint, channel_creds, options=options)
                 planned[key] = Upstream(svc.provider, endpoint, channel, self._closing)
             for endpoint in svc.endpoints:
-                planned[(svc.provider, endpoint)].eject_after = cfg.broker.eject_after_failures
+                planned[
+                    (svc.provider, endpoint)
+                ].health.eject_after = cfg.broker.eject_after_failures
         return planned
 
     def _build_proxy(
@@ -347,7 +345,7 @@ class Broker:
             accounting=Accounting(
                 instance=self.instance,
                 metrics=self.metrics,
-                tracing=self.tracing,
+                tracing=self.tracing or NO_TRACING,
                 ledger=self.ledger,
                 payload_digests=cfg.ledger.payload_digests,
                 limits=self.limits,
@@ -424,9 +422,9 @@ class Broker:
         self.retries.ratio = cfg.broker.retry_budget_ratio
         if identity_changed:
             self._server_cert_update = _certificate_configuration(creds)
-            if self.span_stats is not None and exporter_creds is not None:
+            if self.tracing is not None and exporter_creds is not None:
                 # The old certificate is revoked as superseded: the collector would refuse it.
-                self.span_stats.renew_credentials(exporter_creds)
+                self.tracing.renew_credentials(exporter_creds)
             self.ledger.use_sealer(Sealer(creds.key_pem, creds.cert_pem))
         for upstream in retired:
             upstream.retire()
@@ -473,7 +471,7 @@ class Broker:
             self.metrics.stop()
             if self.tracing is not None:
                 # Flush what is queued; bounded by the exporter's own timeout.
-                await asyncio.to_thread(self.tracing.provider.shutdown)
+                await asyncio.to_thread(self.tracing.shutdown)
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
@@ -560,31 +558,14 @@ def _exporter_credentials(cfg: BrokerConfig, creds: BrokerCredentials) -> Export
     )
 
 
-def _tracing(
-    cfg: BrokerConfig, creds: BrokerCredentials
-) -> tuple[BrokerTracing | None, SpanPipelineStats | None]:
-    """The broker's tracer; it exports over mTLS with the broker's own certificate, to a
-    collector that must prove it is ``ops.<trust domain>`` (docs/tracing.md)."""
-    settings = cfg.tracing
-    if not settings.enabled:
-        return None, None
-    credentials = _exporter_credentials(cfg, creds)
+def _tracing(cfg: BrokerConfig, creds: BrokerCredentials) -> BrokerTracing | None:
+    """The broker's tracing (None when off); it exports over mTLS with the broker's own
+    certificate, to a collector that must prove it is ``ops.<trust domain>``
+    (docs/tracing.md)."""
     try:
-        built = tracer_provider(
-            "tabadol-broker",
-            service_name=settings.service_name,
-            sampler=settings.sampler,
-            sampler_arg=settings.sampler_arg,
-            exporter=settings.exporter,
-            otlp_endpoint=settings.otlp_endpoint,
-            credentials=credentials,
-        )
+        return broker_tracing(cfg.tracing, _exporter_credentials(cfg, creds))
     except TracingConfigError as e:
         raise ConfigError(f"{cfg.path}: [tracing] (or OTEL_* variables): {e}") from e
-    if built is None:  # OTEL_SDK_DISABLED
-        return None, None
-    provider, stats = built
-    return BrokerTracing(provider), stats
 
 
 def _limit_rules(cfg: BrokerConfig) -> list[LimitRule]:
