@@ -24,10 +24,10 @@ from pydantic import (
     model_validator,
 )
 
-from tabadol.client.tracing import SAMPLERS
 from tabadol.contracts import Contracts
 from tabadol.database import is_database_url, transport_problem
 from tabadol.errors import ConfigError, ContractError
+from tabadol.samplers import SAMPLERS
 from tabadol.spiffe import AGENCY_ID_PATTERN, TRUST_DOMAIN_PATTERN
 
 _HOST_PORT = re.compile(r"(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(?P<port>\d{1,5})")

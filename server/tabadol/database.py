@@ -8,11 +8,21 @@ import os
 import re
 import urllib.parse
 from dataclasses import dataclass
-
-import psycopg
-from psycopg.conninfo import conninfo_to_dict
+from typing import Any
 
 SCHEMES = ("postgresql://", "postgres://")
+
+
+def _conninfo(url: str) -> dict[str, Any]:
+    """libpq's reading of ``url``, or ValueError. The driver loads here, not on import:
+    checking a configuration must not load psycopg (and the asyncio it imports)."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        return conninfo_to_dict(url)
+    except psycopg.Error as e:
+        raise ValueError(str(e)) from e
 
 
 def is_database_url(where: object) -> bool:
@@ -22,8 +32,8 @@ def is_database_url(where: object) -> bool:
 def describe(url: str) -> str:
     """``postgresql://USER@HOST:PORT/DB`` for messages and logs: never the password."""
     try:
-        parts = conninfo_to_dict(url)
-    except (psycopg.Error, ValueError):
+        parts = _conninfo(url)
+    except ValueError:
         try:
             split = urllib.parse.urlsplit(url)
         except ValueError:
@@ -46,8 +56,8 @@ def transport_problem(url: str) -> str | None:
     another host must be reached over TLS that verifies its name (``sslmode=verify-full``);
     libpq's default (``prefer``) lets whoever sits between fall back to plain text."""
     try:
-        parts = conninfo_to_dict(url)
-    except (psycopg.Error, ValueError) as e:
+        parts = _conninfo(url)
+    except ValueError as e:
         return f"not a PostgreSQL URL: {Database(url).why(e)}"  # the driver quotes the URL
     if parts.get("service") or os.environ.get("PGSERVICE"):
         return "a service name leaves the host to a file Tabadol does not read: name the host"
@@ -90,8 +100,8 @@ def _secrets(url: str) -> list[str]:
     userinfo = netloc.rpartition("@")[0]
     found = {userinfo.partition(":")[2]} if ":" in userinfo else set()
     found.update(re.findall(r"(?:^|[?&])password=([^&]*)", tail.partition("?")[2]))
-    with contextlib.suppress(psycopg.Error, ValueError):
-        found.add(str(conninfo_to_dict(url).get("password") or ""))
+    with contextlib.suppress(ValueError):
+        found.add(str(_conninfo(url).get("password") or ""))
     found |= {urllib.parse.unquote(s) for s in found}
     return sorted((s for s in found if s), key=len, reverse=True)
 

@@ -47,17 +47,9 @@ from opentelemetry.sdk.trace.sampling import (
 )
 
 from tabadol.client.credentials import AgencyCredentials
+from tabadol.samplers import DEFAULT_SAMPLER, SAMPLERS
 from tabadol.spiffe import ops_dns_name
 
-DEFAULT_SAMPLER = "parentbased_always_on"
-SAMPLERS = (
-    "always_on",
-    "always_off",
-    "traceidratio",
-    "parentbased_always_on",
-    "parentbased_always_off",
-    "parentbased_traceidratio",
-)
 DEFAULT_TLS_ENDPOINT = "https://localhost:4317"
 _ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 # The SDK reads these itself when set, and then they decide the exporter's TLS.

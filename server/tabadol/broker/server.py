@@ -32,7 +32,6 @@ from tabadol.client.call_status import keep_call_status
 from tabadol.client.tracing import ExporterCredentials, TracingConfigError
 from tabadol.config import BrokerConfig
 from tabadol.errors import ConfigError, TabadolError
-from tabadol.governance import breaking_changes
 from tabadol.ledger import LedgerWriter
 from tabadol.ledger.digests import payload_digest_key
 from tabadol.ledger.journal import journal_path
@@ -53,6 +52,7 @@ from tabadol.limits import (
 from tabadol.policy import GrantRule, Policy
 from tabadol.protocol import KEEPALIVE_DIAL, KEEPALIVE_LISTEN
 from tabadol.refusals import RefusalLog
+from tabadol.reloading import reload_refusals
 from tabadol.revocation import CrlRefused, RevocationList
 from tabadol.spiffe import agency_dns_name, ops_dns_name
 from tabadol.state_files import read_regular, replace_file
@@ -362,27 +362,9 @@ class Broker:
         Provider channels that the new configuration no longer uses close once their last
         call has ended, however long that takes.
         """
-        for setting in ("listen", "trust_domain", "max_message_bytes"):
-            if getattr(cfg.broker, setting) != getattr(self.config.broker, setting):
-                raise ConfigError(
-                    f"{cfg.path}: [broker] {setting} cannot change on reload; restart the broker"
-                )
-        for section in ("tracing", "ledger"):
-            if getattr(cfg, section) != getattr(self.config, section):
-                raise ConfigError(
-                    f"{cfg.path}: [{section}] cannot change on reload; restart the broker"
-                )
-        breaking = breaking_changes(
-            self.config.contracts.files.values(), cfg.contracts.files.values()
-        )
-        if breaking:
-            # Publishing a contract that breaks its consumers within a major version is refused:
-            # such a change needs a new version (v2) beside the old one.
-            raise ConfigError(
-                f"{cfg.path}: [broker] contracts: {len(breaking)} change(s) would break "
-                "consumers; publish them as a new major version instead:\n"
-                + "\n".join(f"  {b}" for b in breaking)
-            )
+        refusals = reload_refusals(self.config, cfg)
+        if refusals:
+            raise ConfigError("\n".join(refusals))
         # The CRL only moves forward: an older one put back is refused with the whole reload.
         creds = self._load_credentials(cfg, held=self.credentials.crl)
         identity_changed = _identity(creds) != _identity(self.credentials)

@@ -1,0 +1,80 @@
+"""The pure core decides without I/O frameworks: importing any of its modules, in a fresh
+interpreter, loads no grpc, asyncio, sqlite3 or OpenTelemetry."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+PURE_CORE = (
+    "tabadol.admission",
+    "tabadol.balancer",
+    "tabadol.catalogue",
+    "tabadol.config",
+    "tabadol.contracts",
+    "tabadol.errors",
+    "tabadol.governance",
+    "tabadol.identity",
+    "tabadol.ledger.record",
+    "tabadol.ledger.rollup",
+    "tabadol.ledger.seal",
+    "tabadol.limits",
+    "tabadol.metadata",
+    "tabadol.policy",
+    "tabadol.protocol",
+    "tabadol.refusals",
+    "tabadol.reloading",
+    "tabadol.spiffe",
+    "tabadol.status",
+    "tabadol.samplers",
+)
+FORBIDDEN = ("grpc", "asyncio", "sqlite3", "opentelemetry")
+
+# Prints what the import loaded of FORBIDDEN, and for each what first imported it.
+_PROBE = """
+import builtins, sys
+forbidden, first = {forbidden!r}, {{}}
+real_import = builtins.__import__
+def watching(name, globals=None, *args, **kwargs):
+    top = name.partition(".")[0]
+    if top in forbidden and top not in first and top not in sys.modules:
+        first[top] = (globals or {{}}).get("__name__", "?")
+    return real_import(name, globals, *args, **kwargs)
+builtins.__import__ = watching
+import {module}
+loaded = sorted({{n.partition(".")[0] for n in sys.modules}} & set(forbidden))
+print(", ".join(f"{{top}} (imported by {{first.get(top, '?')}})" for top in loaded))
+"""
+
+
+@pytest.fixture(scope="module")
+def loaded_by() -> dict[str, str]:
+    """What each core module loads of FORBIDDEN, each in its own fresh interpreter."""
+    probes = {
+        module: subprocess.Popen(
+            [sys.executable, "-c", _PROBE.format(forbidden=FORBIDDEN, module=module)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for module in PURE_CORE
+    }
+    out = {}
+    for module, probe in probes.items():
+        stdout, stderr = probe.communicate(timeout=120)
+        assert probe.returncode == 0, f"importing {module} failed:\n{stderr}"
+        out[module] = stdout.strip()
+    return out
+
+
+@pytest.mark.parametrize("module", PURE_CORE)
+def test_a_core_module_loads_no_io_framework(module: str, loaded_by: dict[str, str]) -> None:
+    assert loaded_by[module] == "", f"import {module} loads {loaded_by[module]}"
+
+
+def test_the_probe_sees_a_module_that_does_load_one() -> None:
+    probe = _PROBE.format(forbidden=FORBIDDEN, module="tabadol.ledger.writer")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert "sqlite3" in out.stdout
