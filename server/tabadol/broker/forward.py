@@ -98,8 +98,9 @@ async def forward_unary(
         context.set_trailing_metadata(_trailers(await provider_call.trailing_metadata(), call))
         return response
     except grpc.aio.AioRpcError as e:
-        if retry is not None and _unreachable(e) and retry(call, context):
-            call.unreachable = True
+        # Counted against the endpoint whether or not the call is retried elsewhere.
+        call.unreachable = _unreachable(e)
+        if call.unreachable and retry is not None and retry(call, context):
             raise TryElsewhere from e
         await relay_error(e, context, call, headers_sent=False)
     except asyncio.CancelledError:
@@ -134,6 +135,7 @@ async def forward_stream(
             details = _for_the_consumer(code, await provider_call.details() or "", call)
             raise Ending(code_of(code), details, trailers)
     except grpc.aio.AioRpcError as e:
+        call.unreachable = _unreachable(e)
         await relay_error(e, context, call, headers_sent=headers_sent)
     except (asyncio.CancelledError, GeneratorExit) as e:
         provider_call.cancel()

@@ -45,7 +45,7 @@ from tabadol.broker.forward import (
 )
 from tabadol.broker.metrics import BrokerMetrics
 from tabadol.broker.tracing import NO_TRACING, BrokerTracing
-from tabadol.broker.upstream import Route, Upstream
+from tabadol.broker.upstream import Route, Target, Upstream
 from tabadol.catalogue import Catalogue
 from tabadol.config import BrokerConfig
 from tabadol.contracts import Contracts, RpcKind
@@ -318,16 +318,14 @@ class Proxy:
         self.accounting.drain.begin()
         return Call(facts, trace, traffic)
 
-    def _admit(self, call: Call, route: Route) -> tuple[Any, dict[str, Any]]:
-        """The admission decision: the stub to call and how, or the call ends refused."""
+    def _admit(self, call: Call, route: Route) -> tuple[Target, dict[str, Any]]:
+        """The admission decision: the endpoint to call and how, or the call ends refused."""
         decision = admit(call.facts, self.rules, route.balancer, Now(time.time(), time.monotonic()))
         if isinstance(decision, Refused):
             self._refused(call, decision)
         call.caller, call.held = decision.caller, decision.held
         self.accounting.drain.calls.add(call)  # revocable from now on
-        upstream, stub = decision.endpoint
-        self._attempt(call, upstream)
-        return stub, {"metadata": decision.headers}
+        return decision.endpoint, {"metadata": decision.headers}
 
     def _refused(self, call: Call, refused: Refused) -> NoReturn:
         call.caller = refused.caller
@@ -339,12 +337,16 @@ class Proxy:
             self.refusals.warn(key, message, *args)
         raise Ending(refused.code, refused.details, trailers_of(refused, call.request_id))
 
-    def _attempt(self, call: Call, upstream: Upstream) -> None:
+    def _attempt(self, call: Call, target: Target) -> Any:
+        """The call goes to this endpoint now: its stub. Only a call forwarded names an
+        endpoint in its record and counts for or against the endpoint's health."""
+        upstream = target.upstream
         upstream.acquire()
         call.upstream, call.unreachable = upstream, False
         call.attempts += 1
         if not call.hop_started_ns:
             call.hop_started_ns = time.time_ns()
+        return target.stub
 
     async def _request(self, call: Call, context: Context) -> bytes:
         """The call's one request message; if the broker ended the call while waiting for it
@@ -367,12 +369,11 @@ class Proxy:
         failed.release()
         call.upstream = None
         try:
-            upstream, stub = route.balancer.pick(time.monotonic(), avoid=failed)
+            target = route.balancer.pick(time.monotonic(), avoid=failed)
         except UntrustedProvider as e:
             self._refused(call, untrusted(call.facts, call.caller, e))
-        self._attempt(call, upstream)
         options["timeout"] = context.time_remaining()
-        return stub
+        return self._attempt(call, target)
 
     def _may_retry(self, call: Call, context: Context) -> bool:
         """Only an idempotent unary call, not yet answered, with time and budget left."""
@@ -492,10 +493,11 @@ class Proxy:
             async def unary_unary(requests: AsyncIterator[bytes], context: Context) -> bytes:
                 call = self._arrive(route, context)
                 try:
-                    stub, options = self._admit(call, route)
+                    target, options = self._admit(call, route)
                     request = await self._request(call, context)
                     request = within_size(route, call.traffic.request(request))
                     options["timeout"] = context.time_remaining()
+                    stub = self._attempt(call, target)
                     while True:
                         provider_call = stub(request, **options)
                         calls.forwarding(call, provider_call)
@@ -526,9 +528,10 @@ class Proxy:
             ) -> AsyncIterator[bytes]:
                 call = self._arrive(route, context)
                 try:
-                    stub, options = self._admit(call, route)
+                    target, options = self._admit(call, route)
                     request = await self._request(call, context)
                     request = within_size(route, call.traffic.request(request))
+                    stub = self._attempt(call, target)
                     provider_call = stub(request, timeout=context.time_remaining(), **options)
                     calls.forwarding(call, provider_call)
                     async with StreamWatch(provider_call, call, route):
@@ -550,9 +553,9 @@ class Proxy:
             async def stream_unary(requests: AsyncIterator[bytes], context: Context) -> bytes:
                 call = self._arrive(route, context)
                 try:
-                    stub, options = self._admit(call, route)
+                    target, options = self._admit(call, route)
                     handler = asyncio.current_task()
-                    provider_call = stub(
+                    provider_call = self._attempt(call, target)(
                         requests_of(requests, call, handler, route),
                         timeout=context.time_remaining(),
                         **options,
@@ -578,9 +581,9 @@ class Proxy:
         ) -> AsyncIterator[bytes]:
             call = self._arrive(route, context)
             try:
-                stub, options = self._admit(call, route)
+                target, options = self._admit(call, route)
                 handler = asyncio.current_task()
-                provider_call = stub(
+                provider_call = self._attempt(call, target)(
                     requests_of(requests, call, handler, route),
                     timeout=context.time_remaining(),
                     **options,
