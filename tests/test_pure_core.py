@@ -3,6 +3,7 @@ interpreter, loads no grpc, asyncio, sqlite3 or OpenTelemetry."""
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 
@@ -14,21 +15,34 @@ PURE_CORE = (
     "tabadol.catalogue",
     "tabadol.config",
     "tabadol.contracts",
+    "tabadol.describe",
     "tabadol.errors",
     "tabadol.governance",
     "tabadol.identity",
     "tabadol.ledger.record",
     "tabadol.ledger.rollup",
     "tabadol.ledger.seal",
+    "tabadol.ledger.signers",
+    "tabadol.ledger.timestamps",
     "tabadol.limits",
     "tabadol.metadata",
+    "tabadol.ops.access",
+    "tabadol.ops.ingest",
+    "tabadol.ops.model",
+    "tabadol.ops.query",
+    "tabadol.ops.sessions",
+    "tabadol.ops.store.eviction",
     "tabadol.policy",
     "tabadol.protocol",
     "tabadol.refusals",
+    "tabadol.registry.entries",
+    "tabadol.registry.freshness",
     "tabadol.reloading",
+    "tabadol.reports.figures",
+    "tabadol.revocation",
+    "tabadol.samplers",
     "tabadol.spiffe",
     "tabadol.status",
-    "tabadol.samplers",
 )
 FORBIDDEN = ("grpc", "asyncio", "sqlite3", "opentelemetry")
 
@@ -78,3 +92,21 @@ def test_the_probe_sees_a_module_that_does_load_one() -> None:
     probe = _PROBE.format(forbidden=FORBIDDEN, module="tabadol.ledger.writer")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert "sqlite3" in out.stdout
+
+
+def test_the_names_loaded_on_first_use_are_the_ones_their_packages_always_gave() -> None:
+    from tabadol import ledger
+    from tabadol.ledger import store as ledger_store
+    from tabadol.ledger.store import sqlite as ledger_sqlite
+    from tabadol.ledger.writer import LedgerWriter
+    from tabadol.ops import store as span_store
+    from tabadol.ops.store import sqlite as span_sqlite
+
+    # The submodule ``verify`` is loaded, and still the package's ``verify`` is the function.
+    verify_module = importlib.import_module("tabadol.ledger.verify")
+    assert ledger.verify is verify_module.verify
+    assert ledger.LedgerWriter is LedgerWriter
+    assert ledger_store.SqliteLedgerStore is ledger_sqlite.SqliteLedgerStore
+    assert span_store.SqliteSpanStore is span_sqlite.SqliteSpanStore
+    with pytest.raises(AttributeError, match=r"tabadol\.ledger' has no attribute 'Nothing'"):
+        ledger.Nothing  # noqa: B018

@@ -1,32 +1,28 @@
 """The transaction ledger: one record per call, hash-chained and sealed, off the hot path.
 
-The names below load on first use: ``tabadol.ledger.record`` and the other pure modules
-must not pull in the writer's and the stores' SQLite and threads.
+``LedgerWriter`` loads on first use: ``tabadol.ledger.record`` and the other pure modules
+must not pull in the writer's SQLite and threads.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from tabadol.ledger.record import LedgerRecord, Seal, StoredRecord
+
+# Imported here, not on first use: once the submodule ``verify`` is loaded, the package's
+# attribute of that name would be the module, never the function.
+from tabadol.ledger.verify import Verdict, verify
 
 if TYPE_CHECKING:
-    from tabadol.ledger.record import LedgerRecord, Seal, StoredRecord
-    from tabadol.ledger.verify import Verdict, verify
     from tabadol.ledger.writer import LedgerWriter
 
 __all__ = ["LedgerRecord", "LedgerWriter", "Seal", "StoredRecord", "Verdict", "verify"]
-_HOMES = {
-    "LedgerRecord": "record",
-    "Seal": "record",
-    "StoredRecord": "record",
-    "Verdict": "verify",
-    "verify": "verify",
-    "LedgerWriter": "writer",
-}
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'tabadol.ledger' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"tabadol.ledger.{home}"), name)
+def __getattr__(name: str) -> object:
+    if name == "LedgerWriter":
+        from tabadol.ledger.writer import LedgerWriter
+
+        return LedgerWriter
+    raise AttributeError(f"module 'tabadol.ledger' has no attribute {name!r}")

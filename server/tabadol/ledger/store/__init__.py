@@ -15,10 +15,10 @@ from tabadol.ledger.store.base import (
     LedgerWriteError,
 )
 from tabadol.ledger.store.memory import MemoryLedgerStore
-from tabadol.ledger.store.sqlite import SqliteLedgerStore
 
 if TYPE_CHECKING:
     from tabadol.config import LedgerSection
+    from tabadol.ledger.store.sqlite import SqliteLedgerStore
 
 __all__ = [
     "CallGroup",
@@ -47,4 +47,15 @@ def open_ledger_at(url: str | None, path: Path, *, readonly: bool = False) -> Le
         from tabadol.ledger.store.postgres import PostgresLedgerStore
 
         return PostgresLedgerStore(url, readonly=readonly)
+    from tabadol.ledger.store.sqlite import SqliteLedgerStore
+
     return SqliteLedgerStore(path, readonly=readonly)
+
+
+def __getattr__(name: str) -> object:
+    # sqlite3 loads on first use: the pure modules that read store.base must not load it.
+    if name == "SqliteLedgerStore":
+        from tabadol.ledger.store.sqlite import SqliteLedgerStore
+
+        return SqliteLedgerStore
+    raise AttributeError(f"module 'tabadol.ledger.store' has no attribute {name!r}")
