@@ -25,6 +25,8 @@ from tabadol.pki import CertificateAuthority
 from tests.conftest import TRUST_DOMAIN, start_broker
 from tests.support.collector import RunningCollector, running_collector
 from tests.support.echo import BIDI, SERVER_STREAM, SERVICE, UNARY, EchoProvider
+from tests.support.exchange import eventually
+from tests.support.metrics import scrape_async
 
 
 @dataclass
@@ -254,5 +256,22 @@ async def test_calls_keep_flowing_with_the_collector_down_and_dropped_spans_are_
         assert broker.tracing.dropped() > 0
         # Counted without switching the SDK's internal metrics on for the whole process.
         assert "OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED" not in os.environ
+        # The batches the exporter gave up on are counted too, and both reach /metrics.
+        assert await eventually(
+            lambda: broker.tracing is not None and broker.tracing.export_failed() > 0, 30
+        )
+        broker.refresh_metrics()
+        text = await scrape_async(
+            f"https://127.0.0.1:{broker.metrics.port}/metrics", broker.config.broker.pki_dir
+        )
+        assert _counter(text, "tabadol_spans_dropped_total") == broker.tracing.dropped()
+        assert _counter(text, "tabadol_spans_export_failed_total") >= 1
     finally:
         await broker.stop(0)
+
+
+def _counter(metrics: str, name: str) -> float:
+    """A label-less counter's value in Prometheus' text format."""
+    return next(
+        float(line.split()[1]) for line in metrics.splitlines() if line.startswith(f"{name} ")
+    )

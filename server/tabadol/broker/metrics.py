@@ -123,7 +123,12 @@ class BrokerMetrics:
             "Spans dropped because the export queue was full (collector slow or down).",
             registry=self.registry,
         )
-        self._seen = {"written": 0, "dropped": 0}
+        self.spans_export_failed = Counter(
+            "tabadol_spans_export_failed",
+            "Spans the exporter gave up on (the collector down or refusing them).",
+            registry=self.registry,
+        )
+        self._seen = {"written": 0, "dropped": 0, "export_failed": 0}
         self.refused = Counter(
             "tabadol_calls_refused",
             "Calls refused before routing: unknown method, ledger not writable, registry "
@@ -159,13 +164,16 @@ class BrokerMetrics:
         children[0].inc()
         children[1].observe(record.duration_ns / 1e9)
 
-    def refresh(self, backlog: int, accepting: bool, written: int, dropped: int) -> None:
+    def refresh(
+        self, backlog: int, accepting: bool, written: int, dropped: int, export_failed: int = 0
+    ) -> None:
         """Carry the ledger's and the span pipeline's own counts into the metrics."""
         self.ledger_backlog.set(backlog)
         self.ledger_accepting.set(1 if accepting else 0)
         for name, counter, now in (
             ("written", self.ledger_written, written),
             ("dropped", self.spans_dropped, dropped),
+            ("export_failed", self.spans_export_failed, export_failed),
         ):
             if now > self._seen[name]:
                 counter.inc(now - self._seen[name])

@@ -142,6 +142,7 @@ class Broker:
             accepting=self.ledger.accepting and self.ledger.problem is None,
             written=self.ledger.written,
             dropped=self.tracing.dropped() if self.tracing is not None else 0,
+            export_failed=self.tracing.export_failed() if self.tracing is not None else 0,
         )
         if self.timestamper is not None:
             self.metrics.ledger_untimestamped.set(self.timestamper.backlog)
