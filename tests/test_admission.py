@@ -179,6 +179,20 @@ def test_an_operators_certificate_cannot_call_a_service(ca: CertificateAuthority
     assert decision.code is Code.UNAUTHENTICATED and decision.caller == NOBODY
 
 
+def test_a_certificate_is_judged_by_the_time_admission_is_given(
+    ca: CertificateAuthority,
+) -> None:
+    later = Now(NOW.wall + 20 * 365 * 86400, NOW.monotonic)  # past every certificate's end
+    decision = refused(admit(facts(pem(ca, "post")), rules(ca), Endpoints("e"), later))
+    assert decision.code is Code.UNAUTHENTICATED
+    assert "outside its validity period" in decision.details
+    earlier = Now(NOW.wall - 20 * 365 * 86400, NOW.monotonic)  # before it was issued
+    assert (
+        "outside its validity period"
+        in refused(admit(facts(pem(ca, "tax")), rules(ca), Endpoints("e"), earlier)).details
+    )
+
+
 def test_nobody_is_identified_once_the_crl_is_stale(ca: CertificateAuthority) -> None:
     stale = rules(ca, stale_at=NOW.wall - 1)
     decision = refused(admit(facts(pem(ca, "tax")), stale, Endpoints("e"), NOW))

@@ -23,7 +23,7 @@ from tabadol.balancer import (
     EndpointHealth,
     UntrustedProvider,
 )
-from tabadol.broker.upstream import Route, Upstream
+from tabadol.broker.upstream import Route, Target, Upstream
 from tabadol.contracts import MethodContract, RpcKind
 
 T0 = 1000.0
@@ -275,12 +275,12 @@ def test_recovery_resets_the_back_off_once_the_ejection_has_passed() -> None:
     assert eject(node, T0 + 4) == EJECT_BASE_S
 
 
-def test_record_through_the_balancer_ejects_the_endpoint_picked() -> None:
+def test_an_outcome_recorded_on_the_endpoint_picked_steers_the_balancer() -> None:
     a, b = nodes("a", "b")
     bal = balancer(a, b)
-    assert [bal.record(a, False, T0) for _ in range(3)] == [False, False, True]
+    assert [a.health.record(False, T0) for _ in range(3)] == [False, False, True]
     assert picks(bal, 3) == ["b", "b", "b"]
-    assert bal.record(b, True, T0) is False
+    assert b.health.record(True, T0) is False
 
 
 # Reports
@@ -327,8 +327,8 @@ async def test_routes_pick_upstreams_with_their_stubs_and_share_their_health() -
         )
         for upstream in (a, b):
             upstream.health.trusted = True
-        lookup = Route(METHOD, "civil-registry", tuple((u, u.stub(METHOD)) for u in (a, b)))
-        listing = Route(OTHER, "civil-registry", tuple((u, u.stub(OTHER)) for u in (a, b)))
+        lookup = Route(METHOD, "civil-registry", tuple(Target(u, u.stub(METHOD)) for u in (a, b)))
+        listing = Route(OTHER, "civil-registry", tuple(Target(u, u.stub(OTHER)) for u in (a, b)))
 
         upstream, stub = lookup.balancer.pick(T0)
         assert upstream is a and stub is lookup.targets[0][1]

@@ -296,18 +296,21 @@ async def test_a_request_stream_cut_by_a_cancel_ends_in_a_cancel_not_a_half_clos
     from tabadol.broker.call import Call, Traffic
     from tabadol.broker.forward import requests_of
     from tabadol.broker.tracing import NOT_TRACED
+    from tabadol.broker.upstream import Route
     from tabadol.contracts import MethodContract, RpcKind
 
     async def two() -> AsyncIterator[bytes]:
         yield b"a"
         yield b"b"
 
+    method = MethodContract("s.S", "M", RpcKind.CLIENT_STREAMING)
+    route = Route(method, "p", ())
+
     def call() -> Call:
-        method = MethodContract("s.S", "M", RpcKind.CLIENT_STREAMING)
         return Call(CallFacts(method, "p", "r", None, ()), NOT_TRACED, Traffic())
 
     async def relay(handler: asyncio.Task[None] | None) -> list[bytes]:
-        return [m async for m in requests_of(two(), call(), handler)]
+        return [m async for m in requests_of(two(), call(), handler, route)]
 
     calm = asyncio.create_task(asyncio.sleep(3600))
     assert await relay(calm) == [b"a", b"b"]  # a genuine half-close stays one

@@ -9,6 +9,8 @@ and turns a refusal into its protocol's status in one place. Every entry uses it
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import hashlib
 from dataclasses import dataclass
 from typing import Generic, NamedTuple, Protocol, TypeVar
@@ -81,7 +83,10 @@ class Identities:
             raise IdentityRejected(known)
         try:
             identity = identify_consumer(
-                pem, trust_domain=self._trust_domain, revoked=self._revoked
+                pem,
+                trust_domain=self._trust_domain,
+                revoked=self._revoked,
+                now=lambda: dt.datetime.fromtimestamp(now, dt.UTC),
             )
         except IdentityRejected as e:
             self._remember(pem, str(e))
@@ -146,7 +151,7 @@ class Rules:
     policy: Policy
     agencies: frozenset[str]  # declared by the registry
     limits: Limits | None = None
-    floods: FloodRecords | None = None  # which refusals of a flood are recorded
+    floods: FloodRecords = dataclasses.field(default_factory=FloodRecords)  # see FloodRecords
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,15 +278,7 @@ def _unidentified(facts: CallFacts, rules: Rules, e: IdentityRejected, now: Now)
     if too_fast is not None:
         refusal = Refusal(f"{e}; {too_fast.message}", too_fast.retry_after_s)
         limited = over_limit(facts, rules, caller, refusal, name, now)
-        return Refused(
-            limited.code,
-            limited.details,
-            caller,
-            limited.trailers,
-            limited.recorded,
-            limited.counted,
-            warning,
-        )
+        return dataclasses.replace(limited, warning=warning)
     return Refused(Code.UNAUTHENTICATED, f"Tabadol broker: {e}", caller, warning=warning)
 
 
@@ -296,9 +293,7 @@ def over_limit(
     """RESOURCE_EXHAUSTED with gRPC's retry pushback (gRFC A6), and the same for people and
     scripts. A flooding caller's refusals (``flooding`` names it) are recorded once a second."""
     retry_ms = str(max(1, round(refusal.retry_after_s * 1000)))
-    recorded = (
-        flooding is None or rules.floods is None or rules.floods.record(flooding, now.monotonic)
-    )
+    recorded = flooding is None or rules.floods.record(flooding, now.monotonic)
     return Refused(
         Code.RESOURCE_EXHAUSTED,
         f"Tabadol broker: {refusal.message}",

@@ -14,8 +14,8 @@ The API, as the broker's shell uses it:
   a ``health`` (``Endpoint``). ``pick(now, avoid=None)`` returns the next available one,
   round robin (not ``avoid`` if another will do); when none is available, the trusted one
   back soonest, so that the call fails fast and tells; when none is trusted it raises
-  ``UntrustedProvider``. ``record(endpoint, reached, now)`` is ``EndpointHealth.record``
-  for the endpoint picked.
+  ``UntrustedProvider``. A call's outcome is counted on the endpoint picked:
+  ``endpoint.health.record(reached, now)``.
 """
 
 from __future__ import annotations
@@ -134,7 +134,3 @@ class Balancer(Generic[E]):
             revoked = any(h.trusted is False for h, _ in self._entries)
             raise UntrustedProvider(self.provider, revoked)
         return fallback[1]
-
-    def record(self, endpoint: Endpoint, reached: bool, now: float) -> bool:
-        """Count a call's outcome at ``endpoint``; True when this one ejected it."""
-        return endpoint.health.record(reached, now)

@@ -34,7 +34,7 @@ async def requests_of(
     requests: AsyncIterator[bytes],
     call: Call,
     handler: asyncio.Task[Any] | None,
-    route: Route | None = None,
+    route: Route,
 ) -> AsyncIterator[bytes]:
     """The consumer's messages, counted, ending in a cancel (not a half-close) if it cancelled.
 
@@ -42,7 +42,7 @@ async def requests_of(
     went away. Passing that on as a half-close would tell the provider the stream was
     complete; a provider might then commit a batch the consumer abandoned.
     """
-    limit = route.max_message_bytes if route is not None else None
+    limit = route.max_message_bytes
     async for message in requests:
         if limit is not None and len(message) > limit:
             # Ends the provider call; forwarding then reports this status to the consumer.
@@ -111,7 +111,7 @@ async def forward_unary(
 
 
 async def forward_stream(
-    provider_call: Any, context: Context, call: Call, route: Route | None = None
+    provider_call: Any, context: Context, call: Call, route: Route
 ) -> AsyncIterator[bytes]:
     """Relay a streaming-response call message by message, then its trailers; a status
     other than OK ends the call with it."""
@@ -121,7 +121,7 @@ async def forward_stream(
         if initial:
             await context.send_initial_metadata(initial)
             headers_sent = True
-        limit = route.max_message_bytes if route is not None else None
+        limit = route.max_message_bytes
         while (message := await provider_call.read()) is not grpc.aio.EOF:
             headers_sent = True
             if limit is not None and len(message) > limit:
@@ -193,12 +193,10 @@ def _unreachable(error: grpc.aio.AioRpcError) -> bool:
     )
 
 
-def _too_big(size: int, route: Route | None, what: str = "request") -> str:
-    limit = route.max_message_bytes if route is not None else None
-    service = route.method.service if route is not None else "?"
+def _too_big(size: int, route: Route, what: str = "request") -> str:
     return (
-        f"Tabadol broker: a {what} message of {size} bytes is over the limit of {limit} bytes "
-        f"for service {service!r}"
+        f"Tabadol broker: a {what} message of {size} bytes is over the limit of "
+        f"{route.max_message_bytes} bytes for service {route.method.service!r}"
     )
 
 

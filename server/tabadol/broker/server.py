@@ -27,7 +27,7 @@ from tabadol.broker.proxy import Accounting, Drain, Proxy
 from tabadol.broker.registry_follower import RegistryFollower
 from tabadol.broker.supervisor import follow_supervisor, worker_slot
 from tabadol.broker.tracing import NO_TRACING, BrokerTracing, broker_tracing
-from tabadol.broker.upstream import Route, Upstream
+from tabadol.broker.upstream import Route, Target, Upstream
 from tabadol.client.call_status import keep_call_status
 from tabadol.client.tracing import ExporterCredentials, TracingConfigError
 from tabadol.config import BrokerConfig
@@ -316,7 +316,7 @@ class Broker:
         for svc in cfg.services.values():
             targets = [upstreams[(svc.provider, e)] for e in svc.endpoints]
             for method in cfg.contracts.services[svc.name].methods.values():
-                stubs = tuple((upstream, upstream.stub(method)) for upstream in targets)
+                stubs = tuple(Target(upstream, upstream.stub(method)) for upstream in targets)
                 routes[method.path] = Route(
                     method,
                     svc.provider,

@@ -103,13 +103,11 @@ class Route:
 
     method: MethodContract
     provider: str
-    targets: tuple[tuple[Upstream, Any], ...]  # (endpoint, its stub for this method)
+    targets: tuple[Target, ...]  # each endpoint, with its stub for this method
     max_message_bytes: int | None = None
     max_stream_seconds: float | None = None
     stream_idle_seconds: float | None = None
     balancer: Balancer[Target] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        targets = tuple(Target(u, stub) for u, stub in self.targets)
-        self.targets = targets
-        self.balancer = Balancer(self.provider, targets)
+        self.balancer = Balancer(self.provider, self.targets)

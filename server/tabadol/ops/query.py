@@ -8,26 +8,9 @@ from collections.abc import Mapping, Sequence
 from decimal import Decimal
 
 from tabadol.ops.model import TraceQuery
+from tabadol.status import Code
 
-GRPC_CODES = {
-    "OK": 0,
-    "CANCELLED": 1,
-    "UNKNOWN": 2,
-    "INVALID_ARGUMENT": 3,
-    "DEADLINE_EXCEEDED": 4,
-    "NOT_FOUND": 5,
-    "ALREADY_EXISTS": 6,
-    "PERMISSION_DENIED": 7,
-    "RESOURCE_EXHAUSTED": 8,
-    "FAILED_PRECONDITION": 9,
-    "ABORTED": 10,
-    "OUT_OF_RANGE": 11,
-    "UNIMPLEMENTED": 12,
-    "INTERNAL": 13,
-    "UNAVAILABLE": 14,
-    "DATA_LOSS": 15,
-    "UNAUTHENTICATED": 16,
-}
+GRPC_CODES = {code.name: code.value for code in Code}
 MAX_LIMIT = 1500  # Jaeger's UI offers up to 1500 results
 # Each tag filter is a subquery: thousands of them overflow SQLite's expression tree.
 MAX_TAGS = 32
