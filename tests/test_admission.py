@@ -18,6 +18,7 @@ from tabadol.admission import (
     Refused,
     Rules,
     admit,
+    admit_platform,
     trailers_of,
 )
 from tabadol.balancer import UntrustedProvider
@@ -323,3 +324,33 @@ def test_identities_are_cached_per_certificate_and_so_are_refusals(
     for _ in range(2):
         with pytest.raises(Exception, match="revoked"):
             identities.identify(pem(ca, "revoked"), NOW.wall)
+
+
+def test_the_brokers_own_services_answer_only_declared_agencies(ca: CertificateAuthority) -> None:
+    gate = rules(ca)
+    assert admit_platform(pem(ca, "tax"), "/d.D/M", gate, NOW) == Caller(
+        "tax", serial(ca, "tax"), True
+    )
+    stranger = refused(admit_platform(pem(ca, "stranger"), "/d.D/M", gate, NOW))
+    assert stranger.code is Code.PERMISSION_DENIED and stranger.counted == "platform_undeclared"
+    assert stranger.details == (
+        "Tabadol broker: agency 'stranger' is not a registered agency of this exchange"
+    )
+    nobody = refused(admit_platform(None, "/d.D/M", gate, NOW))
+    assert nobody.code is Code.UNAUTHENTICATED and nobody.counted == "platform_unauthenticated"
+    revoked = refused(admit_platform(pem(ca, "revoked"), "/d.D/M", gate, NOW))
+    assert revoked.code is Code.UNAUTHENTICATED and revoked.caller.agency == "revoked"
+
+
+def test_a_certificate_refused_by_the_brokers_own_services_is_throttled_too(
+    ca: CertificateAuthority,
+) -> None:
+    limits = Limits(Clock(), refused_rate=1.0, refused_burst=1.0)
+    gate = rules(ca, limits=limits)
+    assert refused(admit_platform(pem(ca, "stranger"), "/d.D/M", gate, NOW)).code is (
+        Code.PERMISSION_DENIED
+    )
+    throttled = refused(admit_platform(pem(ca, "stranger"), "/d.D/M", gate, NOW))
+    assert throttled.code is Code.RESOURCE_EXHAUSTED
+    assert "not a registered agency" in throttled.details and "retry after" in throttled.details
+    assert dict(throttled.trailers)["grpc-retry-pushback-ms"].isdigit()

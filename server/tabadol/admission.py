@@ -246,6 +246,43 @@ def admit(
     return Admitted(caller, endpoint, headers, held)
 
 
+def admit_platform(
+    certificate: bytes | None, method: str, rules: Rules, now: Now
+) -> Caller | Refused:
+    """A call to the broker's own services (discovery, reflection, health): only a declared
+    agency may ask. A certificate refused too often is throttled as on the request path."""
+    try:
+        identity = rules.identities.identify(certificate, now.wall)
+    except IdentityRejected as e:
+        why, counted = str(e), "platform_unauthenticated"
+        code, key = Code.UNAUTHENTICATED, ("platform", "identity", why)
+        warning: Warning = (key, "refused a call to %s: %s", (method, why))
+    else:
+        agency = identity.agency_id
+        if agency in rules.agencies:
+            return Caller(agency, f"{identity.serial:x}", True)
+        why, counted = (
+            f"agency {agency!r} is not a registered agency of this exchange",
+            ("platform_undeclared"),
+        )
+        code = Code.PERMISSION_DENIED
+        warning = (("platform", agency), "refused %s calling %s: not a registered agency",
+                   (agency, method))  # fmt: skip
+    name, caller = claimed(certificate)
+    too_fast = rules.limits.admit_refused(name) if rules.limits is not None else None
+    if too_fast is not None:
+        retry_ms = str(max(1, round(too_fast.retry_after_s * 1000)))
+        return Refused(
+            Code.RESOURCE_EXHAUSTED,
+            f"Tabadol broker: {why}; {too_fast.message}",
+            caller,
+            (("grpc-retry-pushback-ms", retry_ms), (RETRY_AFTER_KEY, retry_ms)),
+            counted=counted,
+            warning=warning,
+        )
+    return Refused(code, f"Tabadol broker: {why}", caller, counted=counted, warning=warning)
+
+
 def untrusted(facts: CallFacts, caller: Caller, e: UntrustedProvider) -> Refused:
     """No endpoint of the provider may be called: its certificate is revoked or unchecked."""
     why = (

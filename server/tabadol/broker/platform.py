@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -20,13 +21,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tabadol.broker.proxy import Proxy, refused_certificate
+from tabadol.admission import Now, Refused, admit_platform
+from tabadol.broker.forward import GRPC_CODES
+from tabadol.broker.proxy import Proxy, peer_certificate
 from tabadol.broker.upstream import Upstream
 from tabadol.catalogue import Catalogue
 from tabadol.contracts import RpcKind
-from tabadol.identity import IdentityRejected
 from tabadol.platform.v1 import discovery_pb2, discovery_pb2_grpc
-from tabadol.protocol import RETRY_AFTER_KEY
 from tabadol.revocation import RevocationList
 
 log = logging.getLogger("tabadol.broker")
@@ -41,51 +42,19 @@ _KINDS = {
 }
 
 
-async def caller(proxy: Proxy, context: Context, method: str) -> str:
-    """The calling agency, from its certificate; UNAUTHENTICATED otherwise."""
-    try:
-        return proxy.identify(context).agency_id
-    except IdentityRejected as e:
-        proxy.refusals.warn(("platform", "identity", str(e)), "refused a call to %s: %s", method, e)
-        proxy.metrics.refused.labels("platform_unauthenticated").inc()
-        await _refuse(
-            proxy, context, refused_certificate(context), grpc.StatusCode.UNAUTHENTICATED, str(e)
-        )
-
-
 async def declared_caller(proxy: Proxy, context: Context, method: str) -> str:
-    """The calling agency, if the registry declares it; PERMISSION_DENIED otherwise."""
-    agency = await caller(proxy, context, method)
-    if agency not in proxy.agencies:
-        proxy.refusals.warn(
-            ("platform", agency), "refused %s calling %s: not a registered agency", agency, method
-        )
-        proxy.metrics.refused.labels("platform_undeclared").inc()
-        await _refuse(
-            proxy,
-            context,
-            refused_certificate(context),
-            grpc.StatusCode.PERMISSION_DENIED,
-            f"agency {agency!r} is not a registered agency of this exchange",
-        )
-    return agency
-
-
-async def _refuse(
-    proxy: Proxy, context: Context, certificate: str, code: grpc.StatusCode, why: str
-) -> NoReturn:
-    """Refuse as the request path does: a certificate refused too often gets
-    RESOURCE_EXHAUSTED (the same per-certificate throttle), the others ``code``."""
-    limits = proxy.accounting.limits
-    too_fast = limits.admit_refused(certificate) if limits is not None else None
-    if too_fast is not None:
-        retry_ms = str(max(1, round(too_fast.retry_after_s * 1000)))
-        await context.abort(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"Tabadol broker: {why}; {too_fast.message}",
-            (("grpc-retry-pushback-ms", retry_ms), (RETRY_AFTER_KEY, retry_ms)),
-        )
-    await context.abort(code, f"Tabadol broker: {why}")
+    """The calling agency, if its certificate proves it and the registry declares it;
+    UNAUTHENTICATED or PERMISSION_DENIED otherwise (``tabadol.admission.admit_platform``)."""
+    decision = admit_platform(
+        peer_certificate(context), method, proxy.rules, Now(time.time(), time.monotonic())
+    )
+    if isinstance(decision, Refused):
+        if decision.warning is not None:
+            key, message, args = decision.warning
+            proxy.refusals.warn(key, message, *args)
+        proxy.metrics.refused.labels(decision.counted).inc()
+        await context.abort(GRPC_CODES[decision.code], decision.details, decision.trailers)
+    return decision.agency
 
 
 class AgencyReflection(reflection_pb2_grpc.ServerReflectionServicer):

@@ -26,7 +26,6 @@ from tabadol.admission import (
     Refused,
     Rules,
     admit,
-    claimed,
     trailers_of,
     untrusted,
 )
@@ -602,11 +601,6 @@ class Proxy:
                 self._finish(call)
 
         return grpc.stream_stream_rpc_method_handler(stream_stream)
-
-
-def refused_certificate(context: Context) -> str:
-    """A certificate refused at identity, named for throttling its refusals."""
-    return claimed(peer_certificate(context))[0]
 
 
 def unknown_method_message(contracts: Contracts, offered: frozenset[str], path: str) -> str:
