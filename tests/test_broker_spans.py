@@ -331,6 +331,42 @@ def test_the_console_exporter_gets_the_same_spans_as_sdk_spans() -> None:
     assert hop.attributes is not None and hop.attributes["server.port"] == 7001
 
 
+def test_the_hand_encoder_writes_what_the_sdks_own_encoder_writes() -> None:
+    # The SDK's encoder, given the SDK's spans for the same calls, is the oracle.
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    tracing = BrokerTracing()
+    batch: list[Finished] = [
+        (tracing.begin((("traceparent", VALID),)), record(), 1_700_000_000_001_000_000),
+        (tracing.begin(()), record(status_code=7, endpoint="", consumer=""), 0),
+        (
+            tracing.begin((("traceparent", VALID), ("tracestate", "vendor=1,other=x"))),
+            record(status_code=14, kind="server_streaming", response_messages=100),
+            1_700_000_000_002_000_000,
+        ),
+    ]
+    resource = broker_resource("tabadol-broker")
+    ours = ExportTraceServiceRequest.FromString(SpanEncoder(resource).encode(batch))
+    sdk = encode_spans([s for f in batch for s in ConsoleSink(resource).readable(*f)])
+
+    def normal(request: ExportTraceServiceRequest) -> list[tuple[Any, ...]]:
+        (resource_spans,) = request.resource_spans
+        (scope_spans,) = resource_spans.scope_spans
+        return [
+            (
+                resource_spans.resource,
+                scope_spans.scope.name,
+                span.trace_id, span.span_id, span.parent_span_id, span.trace_state, span.name,
+                span.kind, span.start_time_unix_nano, span.end_time_unix_nano, span.status,
+                sorted(attributes(span).items()),
+            )
+            for span in scope_spans.spans
+        ]  # fmt: skip
+
+    assert normal(ours) == normal(sdk)
+    assert len(normal(ours)) == 5
+
+
 # The queue
 
 

@@ -141,8 +141,8 @@ class Broker:
             backlog=self.ledger.backlog,
             accepting=self.ledger.accepting and self.ledger.problem is None,
             written=self.ledger.written,
-            dropped=self.tracing.dropped() if self.tracing is not None else 0,
-            export_failed=self.tracing.export_failed() if self.tracing is not None else 0,
+            dropped=self.tracing.dropped(),
+            export_failed=self.tracing.export_failed(),
         )
         if self.timestamper is not None:
             self.metrics.ledger_untimestamped.set(self.timestamper.backlog)
@@ -346,7 +346,7 @@ class Broker:
             accounting=Accounting(
                 instance=self.instance,
                 metrics=self.metrics,
-                tracing=self.tracing or NO_TRACING,
+                tracing=self.tracing,
                 ledger=self.ledger,
                 payload_digests=cfg.ledger.payload_digests,
                 limits=self.limits,
@@ -405,7 +405,7 @@ class Broker:
         self.retries.ratio = cfg.broker.retry_budget_ratio
         if identity_changed:
             self._server_cert_update = _certificate_configuration(creds)
-            if self.tracing is not None and exporter_creds is not None:
+            if exporter_creds is not None:
                 # The old certificate is revoked as superseded: the collector would refuse it.
                 self.tracing.renew_credentials(exporter_creds)
             self.ledger.use_sealer(Sealer(creds.key_pem, creds.cert_pem))
@@ -452,9 +452,8 @@ class Broker:
             await asyncio.to_thread(self.ledger.close)
         finally:
             self.metrics.stop()
-            if self.tracing is not None:
-                # Flush what is queued; bounded by the exporter's own timeout.
-                await asyncio.to_thread(self.tracing.shutdown)
+            # Flush what is queued; bounded by the exporter's own timeout.
+            await asyncio.to_thread(self.tracing.shutdown)
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
@@ -541,12 +540,12 @@ def _exporter_credentials(cfg: BrokerConfig, creds: BrokerCredentials) -> Export
     )
 
 
-def _tracing(cfg: BrokerConfig, creds: BrokerCredentials) -> BrokerTracing | None:
-    """The broker's tracing (None when off); it exports over mTLS with the broker's own
+def _tracing(cfg: BrokerConfig, creds: BrokerCredentials) -> BrokerTracing:
+    """The broker's tracing (NO_TRACING when off); it exports over mTLS with the broker's own
     certificate, to a collector that must prove it is ``ops.<trust domain>``
     (docs/tracing.md)."""
     try:
-        return broker_tracing(cfg.tracing, _exporter_credentials(cfg, creds))
+        return broker_tracing(cfg.tracing, _exporter_credentials(cfg, creds)) or NO_TRACING
     except TracingConfigError as e:
         raise ConfigError(f"{cfg.path}: [tracing] (or OTEL_* variables): {e}") from e
 
