@@ -31,12 +31,12 @@ from tabadol.broker.tracing import (
     broker_tracing,
     parse_trace_context,
 )
-from tabadol.client.tracing import ExporterCredentials, TracingConfigError
+from tabadol.client.tracing import ExporterCredentials
 from tabadol.config import TracingSection
 from tabadol.ledger.record import LedgerRecord
 from tabadol.ops.model import TraceQuery
 from tabadol.pki import CertificateAuthority
-from tabadol.samplers import SAMPLERS
+from tabadol.samplers import SAMPLERS, TracingConfigError
 from tabadol.spiffe import ops_dns_name
 from tests.conftest import TRUST_DOMAIN
 from tests.support.collector import running_collector

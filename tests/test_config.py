@@ -476,3 +476,26 @@ def test_parse_keeps_paths_as_written() -> None:
 
     assert cfg.broker.pki_dir == Path("pki")
     assert cfg.broker.contracts == [Path("contracts/echo.pb")]
+
+
+@pytest.mark.parametrize(
+    ("tracing", "words"),
+    [
+        ('sampler = "sometimes"', "unknown sampler 'sometimes'"),
+        ('sampler = "traceidratio"\nsampler_arg = "half"', "sampler ratio 'half' is not a number"),
+        ('sampler = "parentbased_traceidratio"\nsampler_arg = "1.5"', "outside 0..1"),
+        ('exporter = "zipkin"', "unknown traces exporter 'zipkin'"),
+    ],
+)
+def test_a_tracing_setting_the_sdk_would_not_understand_is_refused_at_load(
+    config_dir: Path, tracing: str, words: str
+) -> None:
+    message = load_error(config_dir, VALID + f"\n[tracing]\n{tracing}\n")
+    assert words in message and "[tracing]" in message
+
+
+def test_a_sampler_ratio_in_range_loads(config_dir: Path) -> None:
+    path = write_config(
+        config_dir, VALID + '\n[tracing]\nsampler = "traceidratio"\nsampler_arg = "0.25"\n'
+    )
+    assert load(path).tracing.sampler_arg == "0.25"

@@ -27,7 +27,7 @@ from pydantic import (
 from tabadol.contracts import Contracts
 from tabadol.database import is_database_url, transport_problem
 from tabadol.errors import ConfigError, ContractError
-from tabadol.samplers import SAMPLERS
+from tabadol.samplers import check_exporter, parse_sampler
 from tabadol.spiffe import AGENCY_ID_PATTERN, TRUST_DOMAIN_PATTERN
 
 _HOST_PORT = re.compile(r"(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(?P<port>\d{1,5})")
@@ -195,19 +195,16 @@ class TracingSection(_Strict):
                 )
         return value
 
-    @field_validator("sampler")
-    @classmethod
-    def _known_sampler(cls, value: str | None) -> str | None:
-        if value is not None and value.strip().lower() not in SAMPLERS:
-            raise ValueError(f"unknown sampler {value!r}; expected one of {', '.join(SAMPLERS)}")
-        return value
-
     @field_validator("exporter")
     @classmethod
     def _known_exporter(cls, value: str | None) -> str | None:
-        if value is not None and value not in ("otlp", "console", "none"):
-            raise ValueError(f"unknown exporter {value!r}; expected otlp, console or none")
-        return value
+        return check_exporter(value) if value is not None else None
+
+    @model_validator(mode="after")
+    def _known_sampler(self) -> TracingSection:
+        if self.sampler is not None:  # the ratio too: a typo must not wait for the broker
+            parse_sampler(self.sampler, self.sampler_arg)
+        return self
 
 
 def _registry_url(value: str | None) -> str | None:

@@ -47,7 +47,11 @@ from opentelemetry.sdk.trace.sampling import (
 )
 
 from tabadol.client.credentials import AgencyCredentials
-from tabadol.samplers import DEFAULT_SAMPLER, SAMPLERS
+from tabadol.samplers import (
+    DEFAULT_SAMPLER,
+    check_exporter,
+    parse_sampler,
+)
 from tabadol.spiffe import ops_dns_name
 
 DEFAULT_TLS_ENDPOINT = "https://localhost:4317"
@@ -56,27 +60,6 @@ _ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP
 _CERTIFICATE_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE")
 # The SDK's own switch for counting what its processors drop and its exporters fail.
 _INTERNAL_METRICS = "OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED"
-
-
-class TracingConfigError(ValueError):
-    """A sampler, ratio or exporter setting that the SDK would not understand."""
-
-
-def parse_sampler(name: str, arg: str | None) -> tuple[str, float]:
-    """A sampler's name as the spec spells it (``OTEL_TRACES_SAMPLER``) and its ratio (1.0
-    when it takes none), or TracingConfigError naming what is wrong."""
-    name = name.strip().lower()
-    if name not in SAMPLERS:
-        raise TracingConfigError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
-    ratio = 1.0
-    if name.endswith("traceidratio"):
-        try:
-            ratio = float(arg) if arg not in (None, "") else 1.0
-        except ValueError:
-            raise TracingConfigError(f"sampler ratio {arg!r} is not a number") from None
-        if not 0.0 <= ratio <= 1.0:
-            raise TracingConfigError(f"sampler ratio {ratio} is outside 0..1")
-    return name, ratio
 
 
 def make_sampler(name: str, arg: str | None) -> Sampler:
@@ -207,10 +190,7 @@ def _exporter(
         return None
     if name == "console":
         return ConsoleSpanExporter()
-    if name != "otlp":
-        raise TracingConfigError(
-            f"unknown traces exporter {name!r}; expected otlp, console or none"
-        )
+    check_exporter(name)
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
     otlp = otlp_class or OTLPSpanExporter

@@ -29,7 +29,7 @@ from tabadol.broker.supervisor import follow_supervisor, worker_slot
 from tabadol.broker.tracing import NO_TRACING, BrokerTracing, broker_tracing
 from tabadol.broker.upstream import Route, Target, Upstream
 from tabadol.client.call_status import keep_call_status
-from tabadol.client.tracing import ExporterCredentials, TracingConfigError
+from tabadol.client.tracing import ExporterCredentials
 from tabadol.config import BrokerConfig
 from tabadol.errors import ConfigError, TabadolError
 from tabadol.ledger import LedgerWriter
@@ -54,6 +54,7 @@ from tabadol.protocol import KEEPALIVE_DIAL, KEEPALIVE_LISTEN
 from tabadol.refusals import RefusalLog
 from tabadol.reloading import reload_refusals
 from tabadol.revocation import CrlRefused, RevocationList
+from tabadol.samplers import TracingConfigError
 from tabadol.spiffe import agency_dns_name, ops_dns_name
 from tabadol.state_files import read_regular, replace_file
 

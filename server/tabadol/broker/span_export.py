@@ -29,8 +29,9 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext
 
 from tabadol.broker.tracing import CallTrace, Finished
-from tabadol.client.tracing import ExporterCredentials, TracingConfigError
+from tabadol.client.tracing import ExporterCredentials
 from tabadol.ledger.record import LedgerRecord
+from tabadol.samplers import TracingConfigError, check_exporter
 from tabadol.status import Code
 
 log = logging.getLogger(__name__)
@@ -569,10 +570,7 @@ def span_export(
     """The exporting thread for ``exporter`` (otlp, console, none: None)."""
     if exporter == "none":
         return None
-    if exporter not in ("otlp", "console"):
-        raise TracingConfigError(
-            f"unknown traces exporter {exporter!r}; expected otlp, console or none"
-        )
+    check_exporter(exporter)
     settings = BatchSettings.from_env(env)
     resource = broker_resource(service_name)
     sink: SpanSink = (

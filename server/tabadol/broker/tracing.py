@@ -269,8 +269,7 @@ def broker_tracing(
     tracing is off. ``credentials``: the broker's own, for mTLS to the collector.
     Raises TracingConfigError naming a setting that is wrong."""
     from tabadol.broker.span_export import span_export
-    from tabadol.client.tracing import parse_sampler
-    from tabadol.samplers import DEFAULT_SAMPLER
+    from tabadol.samplers import DEFAULT_SAMPLER, parse_sampler
 
     if not settings.enabled or env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return None
