@@ -11,6 +11,7 @@ the call's own attributes are added. Batching follows ``OTEL_BSP_*``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import struct
 import threading
@@ -130,7 +131,8 @@ _request_messages = _IntAttribute("tabadol.request.messages")
 _response_bytes = _IntAttribute("tabadol.response.bytes")
 _response_messages = _IntAttribute("tabadol.response.messages")
 _request_id = _StrAttribute("tabadol.request_id")
-_consumer = _StrAttribute("tabadol.consumer")
+# Consumers are few: encoded once each (bounded: a refused certificate's claim is anyone's).
+_consumer = functools.lru_cache(maxsize=4096)(_StrAttribute("tabadol.consumer"))
 _status_code = _IntAttribute("rpc.grpc.status_code")
 
 
@@ -162,6 +164,49 @@ def server_address(endpoint: str) -> tuple[str, int]:
     return host.strip("[]"), int(port) if port.isdigit() else 0
 
 
+# A method's (and an endpoint's) constant part of its spans, serialized once: methods and
+# endpoints are few, and the cache is bounded all the same.
+@functools.lru_cache(maxsize=4096)
+def _server_part(service: str, method: str, provider: str, kind: str) -> bytes:
+    return Span(
+        name=f"{service}/{method}",
+        kind=Span.SPAN_KIND_SERVER,
+        attributes=[
+            KeyValue(key=k, value=_value(v))
+            for k, v in (
+                ("rpc.system", "grpc"),
+                ("rpc.service", service),
+                ("rpc.method", method),
+                ("tabadol.provider", provider),
+                ("tabadol.rpc_kind", kind),
+            )
+        ],
+        status=Status(),
+    ).SerializeToString()
+
+
+@functools.lru_cache(maxsize=4096)
+def _hop_part(service: str, method: str, endpoint: str) -> bytes:
+    host, port = server_address(endpoint)
+    return Span(
+        name=f"{service}/{method}",
+        kind=Span.SPAN_KIND_CLIENT,
+        attributes=[
+            KeyValue(key=k, value=_value(v))
+            for k, v in (
+                ("rpc.system", "grpc"),
+                ("rpc.service", service),
+                ("rpc.method", method),
+                ("server.address", host),
+                ("server.port", port),
+                ("tabadol.endpoint", endpoint),
+            )
+        ],
+        status=Status(),
+        flags=0x100,
+    ).SerializeToString()
+
+
 class SpanEncoder:
     """Finished calls as one OTLP ExportTraceServiceRequest (serialized); pure."""
 
@@ -183,66 +228,6 @@ class SpanEncoder:
         self._scope_spans_head = scope_spans.SerializeToString()
         resource_spans.ClearField("scope_spans")
         self._resource_spans_head = resource_spans.SerializeToString()
-        self._servers: dict[tuple[str, str, str, str], bytes] = {}
-        self._hops: dict[tuple[str, str, str], bytes] = {}
-        self._consumers: dict[str, bytes] = {}
-
-    def _server_part(self, record: LedgerRecord) -> bytes:
-        key = (record.service, record.method, record.provider, record.kind)
-        part = self._servers.get(key)
-        if part is None:
-            if len(self._servers) > 4096:  # methods are few; bound it all the same
-                self._servers.clear()
-            part = self._servers[key] = Span(
-                name=f"{record.service}/{record.method}",
-                kind=Span.SPAN_KIND_SERVER,
-                attributes=[
-                    KeyValue(key=k, value=_value(v))
-                    for k, v in (
-                        ("rpc.system", "grpc"),
-                        ("rpc.service", record.service),
-                        ("rpc.method", record.method),
-                        ("tabadol.provider", record.provider),
-                        ("tabadol.rpc_kind", record.kind),
-                    )
-                ],
-                status=Status(),
-            ).SerializeToString()
-        return part
-
-    def _hop_part(self, record: LedgerRecord) -> bytes:
-        key = (record.service, record.method, record.endpoint)
-        part = self._hops.get(key)
-        if part is None:
-            if len(self._hops) > 4096:
-                self._hops.clear()
-            host, port = server_address(record.endpoint)
-            part = self._hops[key] = Span(
-                name=f"{record.service}/{record.method}",
-                kind=Span.SPAN_KIND_CLIENT,
-                attributes=[
-                    KeyValue(key=k, value=_value(v))
-                    for k, v in (
-                        ("rpc.system", "grpc"),
-                        ("rpc.service", record.service),
-                        ("rpc.method", record.method),
-                        ("server.address", host),
-                        ("server.port", port),
-                        ("tabadol.endpoint", record.endpoint),
-                    )
-                ],
-                status=Status(),
-                flags=0x100,
-            ).SerializeToString()
-        return part
-
-    def _consumer(self, consumer: str) -> bytes:
-        encoded = self._consumers.get(consumer)
-        if encoded is None:
-            if len(self._consumers) > 4096:  # a refused certificate's claim is anyone's
-                self._consumers.clear()
-            encoded = self._consumers[consumer] = _consumer(consumer)
-        return encoded
 
     def encode(self, batch: Sequence[Finished]) -> bytes:
         """The serialized request carrying every span of ``batch``."""
@@ -263,10 +248,10 @@ class SpanEncoder:
                     _START,
                     _fixed64(record.start_ns),
                     end,
-                    self._server_part(record),
+                    _server_part(record.service, record.method, record.provider, record.kind),
                     _REMOTE_PARENT if trace.parent_id else _LOCAL_PARENT,
                     status,
-                    self._consumer(record.consumer),
+                    _consumer(record.consumer),
                     _request_id(record.request_id),
                     _request_bytes(record.request_bytes),
                     _request_messages(record.request_messages),
@@ -287,7 +272,7 @@ class SpanEncoder:
                         _START,
                         _fixed64(hop_started_ns),
                         end,
-                        self._hop_part(record),
+                        _hop_part(record.service, record.method, record.endpoint),
                         status,
                     )
                 )
@@ -490,11 +475,23 @@ class SpanExport:
         self.wake = threading.Event()
         self.exported = 0
         self.failed = 0
+        self.dropped = 0
         self._flushes: list[threading.Event] = []
         self._lock = threading.Lock()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="tabadol-spans", daemon=True)
         self._thread.start()
+
+    def offer(self, finished: Finished) -> None:
+        """Queue a finished call's spans (called on the request path: never waits). A full
+        queue drops them, counted; a full batch wakes the thread."""
+        queue = self.queue
+        if len(queue) >= self.capacity:
+            self.dropped += 2 if finished[2] else 1
+            return
+        queue.append(finished)
+        if len(queue) == self.batch:
+            self.wake.set()
 
     def _run(self) -> None:
         delay = self.settings.schedule_delay_ms / 1000

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections import deque
 from collections.abc import Mapping
 from random import getrandbits
 from typing import TYPE_CHECKING, NamedTuple
@@ -153,11 +152,7 @@ class BrokerTracing:
     ) -> None:
         self.sampling = sampling
         self.export = export
-        self._queue: deque[Finished] = export.queue if export is not None else deque()
-        self._capacity = export.capacity if export is not None else 0
-        self._batch = export.batch if export is not None else 0
-        self._wake = export.wake if export is not None else None
-        self._dropped = 0
+        self._offer = export.offer if export is not None else None
 
     def begin(self, incoming: Metadata) -> CallTrace:
         """The call's trace: the consumer's, continued, or a new one; sampled or not."""
@@ -202,19 +197,12 @@ class BrokerTracing:
     def end(self, trace: CallTrace, record: LedgerRecord, hop_started_ns: int) -> None:
         """Hand a sampled call's spans to the exporting thread; a full queue drops them,
         counted, rather than wait. ``hop_started_ns`` 0: no provider hop, one span."""
-        if not trace.sampled or self._wake is None:
-            return
-        queue = self._queue
-        if len(queue) >= self._capacity:
-            self._dropped += 2 if hop_started_ns else 1
-            return
-        queue.append((trace, record, hop_started_ns))
-        if len(queue) == self._batch:
-            self._wake.set()
+        if trace.sampled and self._offer is not None:
+            self._offer((trace, record, hop_started_ns))
 
     def dropped(self) -> int:
         """Spans dropped because the export queue was full (collector slow or down)."""
-        return self._dropped
+        return self.export.dropped if self.export is not None else 0
 
     def exported(self) -> int:
         """Spans the collector accepted."""
