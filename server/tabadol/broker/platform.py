@@ -148,7 +148,7 @@ class Discovery(discovery_pb2_grpc.DiscoveryServicer):
                 kind=_KINDS[contract.methods[m.name].kind],
                 input_type=m.input_type.lstrip("."),
                 output_type=m.output_type.lstrip("."),
-                allowed=proxy.policy.allows(agency, contract.methods[m.name].path),
+                allowed=proxy.rules.policy.allows(agency, contract.methods[m.name].path),
             )
             for m in declared.method
         ]
@@ -206,7 +206,7 @@ class Discovery(discovery_pb2_grpc.DiscoveryServicer):
         proxy = self._current()
         agency = await declared_caller(proxy, context, _DISCOVERY + "AllowedMethods")
         allowed = []
-        for path in sorted(proxy.policy.allowed_paths(agency)):
+        for path in sorted(proxy.rules.policy.allowed_paths(agency)):
             method = proxy.contracts.method(path)
             if method is not None and method.service in proxy.config.services:
                 allowed.append(

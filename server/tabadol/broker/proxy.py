@@ -225,15 +225,14 @@ class Proxy:
     ) -> None:
         self.config = config  # the registry this handling was built from
         self.contracts = contracts
-        self.identities = identities
-        self.policy = policy
-        self.agencies = frozenset(config.agencies)
         self.accounting = accounting
         self.tracing = accounting.tracing
         self.metrics = accounting.metrics
         self.ledger = accounting.ledger
         self.refusals = refusals or RefusalLog(log)
-        self.rules = Rules(identities, policy, self.agencies, accounting.limits, accounting.floods)
+        self.rules = Rules(
+            identities, policy, frozenset(config.agencies), accounting.limits, accounting.floods
+        )
         self.offered = frozenset(route.method.service for route in routes.values())
         self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
             path: self._handler(route) for path, route in routes.items()
@@ -251,10 +250,10 @@ class Proxy:
         if catalogue is None:
             visible = {
                 method.service
-                for path in self.policy.allowed_paths(agency)
+                for path in self.rules.policy.allowed_paths(agency)
                 if (method := self.contracts.method(path)) is not None
             }
-            if agency in self.agencies:  # contract_public: shown to every declared agency
+            if agency in self.rules.agencies:  # contract_public: shown to every declared agency
                 visible |= {s.name for s in self.config.services.values() if s.contract_public}
             catalogue = Catalogue(self.contracts.files, visible)
             self._catalogues[agency] = catalogue
@@ -262,7 +261,7 @@ class Proxy:
 
     def identify(self, context: Context) -> ConsumerIdentity:
         """The agency whose certificate made this call, or IdentityRejected."""
-        return self.identities.identify(peer_certificate(context), time.time())
+        return self.rules.identities.identify(peer_certificate(context), time.time())
 
     def handler_for(self, method_path: str) -> grpc.RpcMethodHandler[Any, Any]:
         handler = self.handlers.get(method_path)
