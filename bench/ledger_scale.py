@@ -48,7 +48,7 @@ RESULTS = ROOT / "bench" / "results"
 PYTHON = os.path.relpath(sys.executable, ROOT)
 TRUST_DOMAIN = "tabadol.example"
 BILLION = 1_000_000_000
-# The issue's targets (issue 12, "Prove it").
+# The targets the ledger at national scale is held to.
 REPORT_GROWTH_MAX = 1.5  # report time at the largest size / at the smallest
 REPORT_SECONDS_MAX = 5.0
 FULL_VERIFY_MIN_PER_S = 200_000

@@ -76,7 +76,7 @@ def code_version() -> str:
 
 @dataclass(frozen=True)
 class Check:
-    """One of issue 13's targets in one run: the ratio, the figures it came from, the limit."""
+    """One of the request path's targets in one run: the ratio, the figures it came from, the limit."""
 
     key: str  # the same in every run, e.g. cpu_per_call_unary_100B
     what: str
@@ -172,7 +172,7 @@ class Run:
         return self.get(target, workload.key, 1 if workload.one_stream else self.concurrency)
 
     def checks(self) -> list[Check]:
-        """Where the broker stands against issue 13's targets, each from this run's figures,
+        """Where the broker stands against the request path's targets, each from this run's figures,
         met or not; a target whose figures this run did not measure says so."""
         out: list[Check] = []
         for key, size in CPU_PER_CALL_WORKLOADS.items():
@@ -395,7 +395,9 @@ class Run:
             ]
         for note in self.notes:
             lines += [f"```\n{note}\n```" if markdown else note, ""]
-        lines.append(_heading("Against issue 13's targets (broker, every feature on)", markdown))
+        lines.append(
+            _heading("Against the request path's targets (broker, every feature on)", markdown)
+        )
         lines += [f"{'- ' if markdown else '  '}{check.line()}" for check in self.checks()]
         lines.append("")
         return "\n".join(lines)

@@ -5,7 +5,7 @@ directly, nginx, and a bare Python pass-through, all on loopback over mTLS.
     BENCH_SECONDS=2 .venv/bin/python bench/run.py --targets bare,broker --workloads unary_100B
 
 Every measurement lasts BENCH_SECONDS (default 5). Prints a table per workload and the
-targets of issue 13, and writes latest.json and latest.md: to bench/results after a full
+request path's targets, and writes latest.json and latest.md: to bench/results after a full
 run; a partial run (--targets or --workloads) measures only those, skips the ledger writer
 and writes to --out DIR, or to a new directory under /tmp, never to bench/results unless
 --out says so. Method and reading: docs/performance.md.

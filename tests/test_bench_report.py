@@ -1,4 +1,4 @@
-"""`make bench`'s report: issue 13's targets checked from a run's figures, and the command
+"""`make bench`'s report: the request path's targets checked from a run's figures, and the command
 line that repeats part of a run. Runs from hand-made measurements: no process is started."""
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ def test_checks_are_written_to_json_with_their_figures() -> None:
 @pytest.mark.parametrize("markdown", [False, True])
 def test_text_shows_every_check_with_its_verdict(markdown: bool) -> None:
     text = full_run(broker_cpu=120.0).text(markdown=markdown)
-    assert "Against issue 13's targets" in text
+    assert "Against the request path's targets" in text
     assert (
         "CPU per unary call, 100 B at concurrency 32, broker / bare: 1.20x "
         "(broker 120 µs, bare 100 µs); target <= 1.3x (stretch <= 1.15x): MET; stretch not met"

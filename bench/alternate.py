@@ -1,0 +1,77 @@
+"""The broker's CPU per small unary call against the bare pass-through's, measured in turns.
+
+    BENCH_SECONDS=4 .venv/bin/python bench/alternate.py [--rounds 8]
+
+``make bench`` measures each target once, one after the other, and on a shared machine the
+load drifts between the two: the broker/bare ratio of one run moves by more than the
+targets' margins. Here both run side by side and are measured alternately, bare then broker,
+then broker then bare, round after round (unary 100 B, 32 in flight); each round's ratio
+comes from two measurements seconds apart. Prints every round and the median with its range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import targets  # noqa: E402
+from bench.loadgen import WORKLOADS, Generators  # noqa: E402
+
+
+async def main(rounds: int, seconds: float, concurrency: int) -> list[float]:
+    workload = next(w for w in WORKLOADS if w.key == "unary_100B")
+    with tempfile.TemporaryDirectory(prefix="tabadol-alternate-") as tmp_name:
+        platform = targets.Platform.create(Path(tmp_name))
+        async with AsyncExitStack() as stack:
+            provider, address = await targets.start_provider(platform)
+            stack.push_async_callback(provider.stop)
+            collector, otlp = await targets.start_collector(platform)
+            stack.push_async_callback(collector.stop)
+            bare_process, bare = await targets.start_bare(platform, address)
+            stack.push_async_callback(bare_process.stop)
+            broker_process, broker = await targets.start_broker(platform, address, otlp)
+            stack.push_async_callback(broker_process.stop)
+            generators = Generators(2)
+            stack.push_async_callback(generators.close)
+            ratios = []
+            for turn in range(rounds):
+                cpu = {}
+                for target in (bare, broker) if turn % 2 == 0 else (broker, bare):
+                    measured = await generators.measure(
+                        target, workload, concurrency, seconds, 0.3,
+                        lambda: targets.cpu_seconds(provider.proc.pid),
+                    )  # fmt: skip
+                    if measured.errors or not measured.proxy_cpu_us:
+                        raise SystemExit(f"{target.name}: {measured.errors} failed calls")
+                    cpu[target.name] = measured.proxy_cpu_us
+                ratios.append(cpu["broker"] / cpu["bare"])
+                print(
+                    f"round {turn + 1}: bare {cpu['bare']:,.0f} µs, broker {cpu['broker']:,.0f} "
+                    f"µs per call: {ratios[-1]:.2f}x",
+                    flush=True,
+                )
+    print(
+        f"broker / bare, CPU per unary call (100 B, {concurrency} in flight): median "
+        f"{statistics.median(ratios):.2f}x, range {min(ratios):.2f} to {max(ratios):.2f}x "
+        f"over {rounds} rounds of {seconds:g} s"
+    )
+    return ratios
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args()
+    asyncio.run(main(args.rounds, float(os.environ.get("BENCH_SECONDS", "4")), args.concurrency))
