@@ -3,8 +3,9 @@
 ``admit`` takes what the broker knows when a call arrives (its certificate, method, metadata,
 the broker's own state) and returns ``Admitted`` (who called, the provider endpoint, the
 metadata the provider receives) or ``Refused`` (the status, the details the consumer reads,
-whether the ledger records it). It reads no clock, socket or file: the shell passes ``now``
-and turns a refusal into its protocol's status in one place. Every entry uses it.
+whether the ledger records it). It reads no socket or file, and no clock but the one the
+limits were given: the shell passes ``now`` and turns a refusal into its protocol's status
+in one place. The broker's own services use ``admit_platform``, the same checks.
 """
 
 from __future__ import annotations

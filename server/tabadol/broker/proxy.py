@@ -461,7 +461,8 @@ class Proxy:
     def _finish(self, call: Call) -> None:
         """On the way out, however the call ended: release what it held, then its span,
         metrics and ledger record, from one record of it."""
-        call.end(Ending(Code.UNKNOWN, ""))  # only if nothing ended it: never expected
+        if call.outcome is None:  # nothing ended it: never expected
+            call.end(Ending(Code.UNKNOWN, "the call ended without an outcome"))
         drain = self.accounting.drain
         drain.end()
         drain.calls.discard(call)
