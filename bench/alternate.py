@@ -1,12 +1,13 @@
-"""The broker's CPU per small unary call against the bare pass-through's, measured in turns.
+"""The broker's CPU against the bare pass-through's, measured in turns.
 
-    BENCH_SECONDS=4 .venv/bin/python bench/alternate.py [--rounds 8]
+    BENCH_SECONDS=4 .venv/bin/python bench/alternate.py [--rounds 8] [--workload unary_100B]
 
 ``make bench`` measures each target once, one after the other, and on a shared machine the
 load drifts between the two: the broker/bare ratio of one run moves by more than the
 targets' margins. Here both run side by side and are measured alternately, bare then broker,
-then broker then bare, round after round (unary 100 B, 32 in flight); each round's ratio
-comes from two measurements seconds apart. Prints every round and the median with its range.
+then broker then bare, round after round (32 in flight); each round's ratio comes from two
+measurements seconds apart: CPU per call, or per message on a streaming workload. Prints
+every round and the median with its range.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from bench import targets  # noqa: E402
 from bench.loadgen import WORKLOADS, Generators  # noqa: E402
 
 
-async def main(rounds: int, seconds: float, concurrency: int) -> list[float]:
-    workload = next(w for w in WORKLOADS if w.key == "unary_100B")
+async def main(rounds: int, seconds: float, concurrency: int, key: str) -> list[float]:
+    workload = next(w for w in WORKLOADS if w.key == key)
     with tempfile.TemporaryDirectory(prefix="tabadol-alternate-") as tmp_name:
         platform = targets.Platform.create(Path(tmp_name))
         async with AsyncExitStack() as stack:
@@ -42,6 +43,7 @@ async def main(rounds: int, seconds: float, concurrency: int) -> list[float]:
             stack.push_async_callback(broker_process.stop)
             generators = Generators(2)
             stack.push_async_callback(generators.close)
+            unit = "message" if workload.kind == "server_stream" else workload.unit
             ratios = []
             for turn in range(rounds):
                 cpu = {}
@@ -50,17 +52,25 @@ async def main(rounds: int, seconds: float, concurrency: int) -> list[float]:
                         target, workload, concurrency, seconds, 0.3,
                         lambda: targets.cpu_seconds(provider.proc.pid),
                     )  # fmt: skip
-                    if measured.errors or not measured.proxy_cpu_us:
+                    if measured.errors or not measured.proxy_cpu_us or not measured.messages:
                         raise SystemExit(f"{target.name}: {measured.errors} failed calls")
-                    cpu[target.name] = measured.proxy_cpu_us
+                    cpu[target.name] = (
+                        measured.proxy_cpu_us
+                        * measured.units
+                        / (
+                            measured.messages
+                            if workload.kind == "server_stream"
+                            else measured.units
+                        )
+                    )
                 ratios.append(cpu["broker"] / cpu["bare"])
                 print(
-                    f"round {turn + 1}: bare {cpu['bare']:,.0f} µs, broker {cpu['broker']:,.0f} "
-                    f"µs per call: {ratios[-1]:.2f}x",
+                    f"round {turn + 1}: bare {cpu['bare']:,.1f} µs, broker {cpu['broker']:,.1f} "
+                    f"µs per {unit}: {ratios[-1]:.2f}x",
                     flush=True,
                 )
     print(
-        f"broker / bare, CPU per unary call (100 B, {concurrency} in flight): median "
+        f"broker / bare, CPU per {unit} ({workload.title}, {concurrency} in flight): median "
         f"{statistics.median(ratios):.2f}x, range {min(ratios):.2f} to {max(ratios):.2f}x "
         f"over {rounds} rounds of {seconds:g} s"
     )
@@ -73,5 +83,9 @@ if __name__ == "__main__":
     )
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument(
+        "--workload", default="unary_100B", choices=[w.key for w in WORKLOADS if not w.one_stream]
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.rounds, float(os.environ.get("BENCH_SECONDS", "4")), args.concurrency))
+    seconds = float(os.environ.get("BENCH_SECONDS", "4"))
+    asyncio.run(main(args.rounds, seconds, args.concurrency, args.workload))
