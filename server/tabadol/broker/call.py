@@ -33,8 +33,8 @@ OK = Ending(Code.OK, "")
 
 
 class RequestIds:
-    """Request ids: 128 bits from the OS's random source, read 4 KiB at a time. One system
-    call per call cost 24 µs, more than the rest of the broker's own bookkeeping for it."""
+    """Request ids: 128 bits from the OS's random source, read 4 KiB at a time: a system
+    call for each call cost about 24 µs of it (cProfile, on the test machine)."""
 
     __slots__ = ("_at", "_pool")
 
