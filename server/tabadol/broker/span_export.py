@@ -164,47 +164,36 @@ def server_address(endpoint: str) -> tuple[str, int]:
     return host.strip("[]"), int(port) if port.isdigit() else 0
 
 
-# A method's (and an endpoint's) constant part of its spans, serialized once: methods and
-# endpoints are few, and the cache is bounded all the same.
-@functools.lru_cache(maxsize=4096)
-def _server_part(service: str, method: str, provider: str, kind: str) -> bytes:
+def _constant_part(
+    service: str,
+    method: str,
+    kind: Span.SpanKind.ValueType,
+    own: tuple[tuple[str, str | int], ...],
+    flags: int = 0,
+) -> bytes:
+    """What every span of one kind for one method has in common, serialized."""
+    attributes = (("rpc.system", "grpc"), ("rpc.service", service), ("rpc.method", method), *own)
     return Span(
         name=f"{service}/{method}",
-        kind=Span.SPAN_KIND_SERVER,
-        attributes=[
-            KeyValue(key=k, value=_value(v))
-            for k, v in (
-                ("rpc.system", "grpc"),
-                ("rpc.service", service),
-                ("rpc.method", method),
-                ("tabadol.provider", provider),
-                ("tabadol.rpc_kind", kind),
-            )
-        ],
+        kind=kind,
+        attributes=[KeyValue(key=k, value=_value(v)) for k, v in attributes],
         status=Status(),
+        flags=flags,
     ).SerializeToString()
+
+
+# Serialized once per method (and endpoint): they are few, and the cache is bounded anyway.
+@functools.lru_cache(maxsize=4096)
+def _server_part(service: str, method: str, provider: str, kind: str) -> bytes:
+    own = (("tabadol.provider", provider), ("tabadol.rpc_kind", kind))
+    return _constant_part(service, method, Span.SPAN_KIND_SERVER, own)
 
 
 @functools.lru_cache(maxsize=4096)
 def _hop_part(service: str, method: str, endpoint: str) -> bytes:
     host, port = server_address(endpoint)
-    return Span(
-        name=f"{service}/{method}",
-        kind=Span.SPAN_KIND_CLIENT,
-        attributes=[
-            KeyValue(key=k, value=_value(v))
-            for k, v in (
-                ("rpc.system", "grpc"),
-                ("rpc.service", service),
-                ("rpc.method", method),
-                ("server.address", host),
-                ("server.port", port),
-                ("tabadol.endpoint", endpoint),
-            )
-        ],
-        status=Status(),
-        flags=0x100,
-    ).SerializeToString()
+    own = (("server.address", host), ("server.port", port), ("tabadol.endpoint", endpoint))
+    return _constant_part(service, method, Span.SPAN_KIND_CLIENT, own, flags=0x100)
 
 
 class SpanEncoder:
