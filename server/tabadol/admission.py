@@ -272,12 +272,11 @@ def admit_platform(
     name, caller = claimed(certificate)
     too_fast = rules.limits.admit_refused(name) if rules.limits is not None else None
     if too_fast is not None:
-        retry_ms = str(max(1, round(too_fast.retry_after_s * 1000)))
         return Refused(
             Code.RESOURCE_EXHAUSTED,
             f"Tabadol broker: {why}; {too_fast.message}",
             caller,
-            (("grpc-retry-pushback-ms", retry_ms), (RETRY_AFTER_KEY, retry_ms)),
+            _pushback(too_fast),
             counted=counted,
             warning=warning,
         )
@@ -328,15 +327,13 @@ def over_limit(
     flooding: str | None,
     now: Now,
 ) -> Refused:
-    """RESOURCE_EXHAUSTED with gRPC's retry pushback (gRFC A6), and the same for people and
-    scripts. A flooding caller's refusals (``flooding`` names it) are recorded once a second."""
-    retry_ms = str(max(1, round(refusal.retry_after_s * 1000)))
+    """RESOURCE_EXHAUSTED with when to retry. A flooding caller's refusals (``flooding`` names it) are recorded once a second."""
     recorded = flooding is None or rules.floods.record(flooding, now.monotonic)
     return Refused(
         Code.RESOURCE_EXHAUSTED,
         f"Tabadol broker: {refusal.message}",
         caller,
-        (("grpc-retry-pushback-ms", retry_ms), (RETRY_AFTER_KEY, retry_ms)),
+        _pushback(refusal),
         recorded=recorded,
         counted="" if recorded else "flood_unrecorded",
         warning=(
@@ -345,6 +342,13 @@ def over_limit(
             (caller.agency, facts.method.path, refusal.message),
         ),
     )
+
+
+def _pushback(refusal: Refusal) -> Metadata:
+    """When to try again: gRPC's own retry pushback (gRFC A6), and the same for people and
+    scripts, in milliseconds."""
+    retry_ms = str(max(1, round(refusal.retry_after_s * 1000)))
+    return (("grpc-retry-pushback-ms", retry_ms), (RETRY_AFTER_KEY, retry_ms))
 
 
 def trailers_of(refused: Refused, request_id: str) -> Metadata:
