@@ -327,7 +327,8 @@ def over_limit(
     flooding: str | None,
     now: Now,
 ) -> Refused:
-    """RESOURCE_EXHAUSTED with when to retry. A flooding caller's refusals (``flooding`` names it) are recorded once a second."""
+    """RESOURCE_EXHAUSTED with when to retry. A flooding caller's refusals (``flooding``
+    names it) are recorded once a second."""
     recorded = flooding is None or rules.floods.record(flooding, now.monotonic)
     return Refused(
         Code.RESOURCE_EXHAUSTED,
