@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tabadol import admission
 from tabadol.admission import (
     NOBODY,
     Admitted,
@@ -23,6 +24,7 @@ from tabadol.admission import (
 )
 from tabadol.balancer import UntrustedProvider
 from tabadol.contracts import MethodContract, RpcKind
+from tabadol.identity import ConsumerIdentity, IdentityRejected
 from tabadol.limits import LimitRule, Limits
 from tabadol.metadata import CONSUMER_KEY, REQUEST_ID_KEY
 from tabadol.pki import CertificateAuthority
@@ -315,15 +317,35 @@ def test_a_provider_whose_certificate_is_not_allowed_gets_no_call(
         assert decision.caller.agency == "tax" and decision.recorded
 
 
-def test_identities_are_cached_per_certificate_and_so_are_refusals(
-    ca: CertificateAuthority, tmp_path: Path
+def test_identities_are_cached_per_certificate_and_so_are_refusals_for_a_while(
+    ca: CertificateAuthority, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    judged: list[bytes] = []
+    real = admission.identify_consumer
+
+    def counted(pem: bytes, **kw: Any) -> ConsumerIdentity:
+        judged.append(pem)
+        return real(pem, **kw)
+
+    monkeypatch.setattr(admission, "identify_consumer", counted)
     identities = Identities(ca.trust_domain, frozenset(ca.revoked_serials()))
-    tax = pem(ca, "tax")
+    tax, revoked = pem(ca, "tax"), pem(ca, "revoked")
     assert identities.identify(tax, NOW.wall) is identities.identify(bytes(tax), NOW.wall)
     for _ in range(2):
-        with pytest.raises(Exception, match="revoked"):
-            identities.identify(pem(ca, "revoked"), NOW.wall)
+        with pytest.raises(IdentityRejected, match="revoked"):
+            identities.identify(revoked, NOW.wall)
+    assert judged == [tax, revoked]  # one judgement each
+    with pytest.raises(IdentityRejected, match="revoked"):
+        identities.identify(revoked, NOW.wall + 61)  # a refusal is judged again later
+    assert judged == [tax, revoked, revoked]
+
+
+def test_a_certificate_not_yet_valid_is_admitted_once_it_is(ca: CertificateAuthority) -> None:
+    identities = Identities(ca.trust_domain, frozenset(ca.revoked_serials()))
+    early = NOW.wall - 20 * 365 * 86400  # before it was issued
+    with pytest.raises(IdentityRejected, match="outside its validity period"):
+        identities.identify(pem(ca, "tax"), early)
+    assert identities.identify(pem(ca, "tax"), NOW.wall).agency_id == "tax"
 
 
 def test_the_brokers_own_services_answer_only_declared_agencies(ca: CertificateAuthority) -> None:

@@ -1,9 +1,5 @@
-"""The rewritten request path (admission, Call/Ending, tracing, span export) as an outsider
-attacks it: an agency certificate, a revoked one, or a hostile provider.
-
-Tests that pass document a defence that holds; a test that fails demonstrates a weakness
-(see the report that came with this file).
-"""
+"""The request path (admission, Call/Ending, tracing, span export) against a hostile agency
+(its certificate, a revoked one) or a hostile provider."""
 
 from __future__ import annotations
 
@@ -100,7 +96,7 @@ async def test_the_provider_gets_only_the_brokers_trace_context_and_the_ledger_t
     )  # fmt: skip
     try:
         channel = plain(broker, pki.dir, "post")
-        await eventually(lambda: all(u.health.trusted for u in broker._upstreams.values()))
+        assert await eventually(lambda: all(u.health.trusted for u in broker._upstreams.values()))
         assert await channel.unary_unary(UNARY)(b"x", metadata=SMUGGLED, timeout=10) == b"x"
         valid = (("traceparent", f"00-{TRACE}-00f067aa0ba902b7-01"), ("tracestate", "k=v"))
         await channel.unary_unary(UNARY)(b"y", metadata=valid, timeout=10)
@@ -200,7 +196,7 @@ async def test_every_ending_gives_back_the_concurrency_permit_and_the_in_flight_
         ledger='path = "ledger.db"',
     )  # fmt: skip
     try:
-        await eventually(lambda: all(u.health.trusted for u in broker._upstreams.values()))
+        assert await eventually(lambda: all(u.health.trusted for u in broker._upstreams.values()))
         post = plain(broker, pki.dir, "post")
         nocr = plain(broker, pki.dir, "nocr")
         # nocr: refused by policy after its concurrency limit admitted it, many times over.
@@ -285,7 +281,7 @@ async def test_a_call_cancelled_while_strict_mode_waits_for_the_ledger_leaks_not
         "max_unwritten_seconds = 30",
     )  # fmt: skip
     try:
-        await eventually(lambda: all(u.health.trusted for u in broker._upstreams.values()))
+        assert await eventually(lambda: all(u.health.trusted for u in broker._upstreams.values()))
         post = plain(broker, pki.dir, "post")
         with locked(tmp_path / "ledger.db"):
             waiting = post.unary_unary(UNARY)(b"w", timeout=30)

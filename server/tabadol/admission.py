@@ -30,6 +30,7 @@ from tabadol.policy import Policy
 from tabadol.status import Code
 
 _CACHE_LIMIT = 10_000
+_REFUSAL_KEPT_S = 60.0  # how long a refused certificate's verdict is reused
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 
@@ -64,9 +65,9 @@ class Identities:
         self._trust_domain = trust_domain
         self._revoked = revoked
         self._stale_at = stale_at
-        # An identity, or why the certificate was refused (a string: a cached exception
-        # would grow its traceback with every re-raise).
-        self._cache: dict[bytes, ConsumerIdentity | str] = {}
+        # An identity, or why the certificate was refused and until when that stands (a
+        # string: a cached exception would grow its traceback with every re-raise).
+        self._cache: dict[bytes, ConsumerIdentity | tuple[str, float]] = {}
 
     def identify(self, pem: bytes | None, now: float) -> ConsumerIdentity:
         """The agency ``pem`` (the certificate TLS verified) proves, or IdentityRejected."""
@@ -80,8 +81,8 @@ class Identities:
         known = self._cache.get(pem)
         if isinstance(known, ConsumerIdentity) and now < known.expires_at:
             return known
-        if isinstance(known, str):
-            raise IdentityRejected(known)
+        if isinstance(known, tuple) and now < known[1]:
+            raise IdentityRejected(known[0])
         try:
             identity = identify_consumer(
                 pem,
@@ -90,12 +91,13 @@ class Identities:
                 now=lambda: dt.datetime.fromtimestamp(now, dt.UTC),
             )
         except IdentityRejected as e:
-            self._remember(pem, str(e))
+            # Judged again after a while: a certificate not yet valid becomes valid.
+            self._remember(pem, (str(e), now + _REFUSAL_KEPT_S))
             raise
         self._remember(pem, identity)
         return identity
 
-    def _remember(self, pem: bytes, outcome: ConsumerIdentity | str) -> None:
+    def _remember(self, pem: bytes, outcome: ConsumerIdentity | tuple[str, float]) -> None:
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache.clear()
         self._cache[pem] = outcome
