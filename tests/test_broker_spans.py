@@ -465,6 +465,11 @@ def test_batch_settings_come_from_the_otel_bsp_variables() -> None:
         ({"OTEL_BSP_MAX_QUEUE_SIZE": "lots"}, "OTEL_BSP_MAX_QUEUE_SIZE"),
         ({"OTEL_BSP_SCHEDULE_DELAY": "0"}, "OTEL_BSP_SCHEDULE_DELAY"),
         ({"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "4096"}, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"),
+        ({"OTEL_BSP_EXPORT_TIMEOUT": "-1"}, "OTEL_BSP_EXPORT_TIMEOUT=-1 must be positive"),
+        (
+            {"OTEL_BSP_MAX_QUEUE_SIZE": "10", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "20"},
+            "more than OTEL_BSP_MAX_QUEUE_SIZE=10",
+        ),
         ({"OTEL_TRACES_SAMPLER": "sometimes"}, "sometimes"),
         ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "2"}, "outside"),
         ({"OTEL_TRACES_EXPORTER": "zipkin"}, "zipkin"),
