@@ -1,6 +1,6 @@
 """The broker's CPU against the bare pass-through's, measured in turns.
 
-    BENCH_SECONDS=4 .venv/bin/python bench/alternate.py [--rounds 8] [--workload unary_100B]
+    BENCH_SECONDS=5 .venv/bin/python bench/alternate.py [--rounds 8] [--workload unary_100B]
 
 ``make bench`` measures each target once, one after the other, and on a shared machine the
 load drifts between the two: the broker/bare ratio of one run moves by more than the
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import tempfile
@@ -26,6 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench import targets  # noqa: E402
 from bench.loadgen import WORKLOADS, Generators  # noqa: E402
+from bench.report import cpu_per_message  # noqa: E402
+from bench.run import default_seconds  # noqa: E402
 
 
 async def main(rounds: int, seconds: float, concurrency: int, key: str) -> list[float]:
@@ -49,20 +50,17 @@ async def main(rounds: int, seconds: float, concurrency: int, key: str) -> list[
                 cpu = {}
                 for target in (bare, broker) if turn % 2 == 0 else (broker, bare):
                     measured = await generators.measure(
-                        target, workload, concurrency, seconds, 0.3,
+                        target, workload, concurrency, seconds, min(0.5, max(0.2, seconds / 4)),
                         lambda: targets.cpu_seconds(provider.proc.pid),
                     )  # fmt: skip
-                    if measured.errors or not measured.proxy_cpu_us or not measured.messages:
-                        raise SystemExit(f"{target.name}: {measured.errors} failed calls")
-                    cpu[target.name] = (
-                        measured.proxy_cpu_us
-                        * measured.units
-                        / (
-                            measured.messages
-                            if workload.kind == "server_stream"
-                            else measured.units
-                        )
+                    per_unit = (
+                        cpu_per_message(measured)
+                        if workload.kind == "server_stream"
+                        else measured.proxy_cpu_us
                     )
+                    if measured.errors or not per_unit:
+                        raise SystemExit(f"{target.name}: {measured.errors} failed calls")
+                    cpu[target.name] = per_unit
                 ratios.append(cpu["broker"] / cpu["bare"])
                 print(
                     f"round {turn + 1}: bare {cpu['bare']:,.1f} µs, broker {cpu['broker']:,.1f} "
@@ -87,5 +85,6 @@ if __name__ == "__main__":
         "--workload", default="unary_100B", choices=[w.key for w in WORKLOADS if not w.one_stream]
     )
     args = parser.parse_args()
-    seconds = float(os.environ.get("BENCH_SECONDS", "4"))
-    asyncio.run(main(args.rounds, seconds, args.concurrency, args.workload))
+    if args.rounds <= 0 or args.concurrency <= 0:
+        raise SystemExit("--rounds and --concurrency must be more than 0")
+    asyncio.run(main(args.rounds, default_seconds(), args.concurrency, args.workload))

@@ -195,7 +195,7 @@ class Run:
             at = "one stream" if c == 1 and _WORKLOADS[key].one_stream else f"concurrency {c}"
             out.append(
                 _vs_bare(
-                    self, f"cpu_per_message_{key}", key, c, "cpu_us_per_msg", _cpu_per_message, _show_us,
+                    self, f"cpu_per_message_{key}", key, c, "cpu_us_per_msg", cpu_per_message, _show_us,
                     f"CPU per message, {kind} ({at}), broker / bare", CPU_PER_MESSAGE_VS_BARE_MAX,
                 )
             )  # fmt: skip
@@ -260,7 +260,7 @@ class Run:
                     "errors": m.errors + (one.errors if one is not None and one is not m else 0),
                 }
                 if w.kind == "server_stream":
-                    row["proxy_cpu_us_per_msg"] = _cpu_per_message(m)
+                    row["proxy_cpu_us_per_msg"] = cpu_per_message(m)
                 if not w.one_stream:
                     row.update(
                         {
@@ -454,7 +454,7 @@ def _cpu_per_unit(m: Measurement) -> float | None:
     return m.proxy_cpu_us
 
 
-def _cpu_per_message(m: Measurement) -> float | None:
+def cpu_per_message(m: Measurement) -> float | None:
     """The proxy's CPU per message received: per call over a call's messages when streaming."""
     if m.proxy_cpu_us is None or not m.messages:
         return None

@@ -289,6 +289,13 @@ def arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = argument_parser().parse_args(argv)
     if args.seconds is None:
         args.seconds = default_seconds()
+    for option, value in (
+        ("--seconds", args.seconds),
+        ("--concurrency", args.concurrency),
+        ("--generators", args.generators),
+    ):
+        if value <= 0:
+            raise SystemExit(f"{option} {value:g} must be more than 0")
     chosen(args.targets, TARGETS, "targets")  # a misspelt name fails here, not after minutes
     workloads(args)
     if args.out is None:

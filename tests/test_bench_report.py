@@ -298,6 +298,9 @@ def test_the_command_shown_repeats_a_partial_run() -> None:
             "--workloads 'unary_1B': unknown unary_1B; choose from unary_100B,",
         ),
         (["--targets", " , "], "--targets ' , ': names none; choose from"),
+        (["--seconds", "0"], "--seconds 0 must be more than 0"),
+        (["--concurrency", "-1"], "--concurrency -1 must be more than 0"),
+        (["--generators", "0"], "--generators 0 must be more than 0"),
     ],
 )
 def test_a_misspelt_choice_is_refused_before_anything_starts(argv: list[str], says: str) -> None:
