@@ -135,7 +135,7 @@ def live_verdict(store: Any, pki: CertificateAuthority) -> str:
 
 def archives_verdict(out: Path, pki: CertificateAuthority) -> tuple[str, str]:
     """(the problem, "" if none; where the archives end) of the one chain in ``out``."""
-    chains, unreadable = check_archives(out, signers(pki), signers(pki))
+    chains, unreadable = check_archives(out, signers(pki))
     assert not unreadable, unreadable
     found = chains[""]
     return found.problem, f"{found.end.count} records, {found.end.seal_count} seals"
@@ -305,7 +305,7 @@ def test_a_run_writes_files_of_whole_batches_up_to_records_per_file(
     assert [r.seq for r in store.records()] == [21]
     assert live_verdict(store, pki) == "OK: 21 records, 6 seals, chain and seals intact"
     for workers in (1, 2):  # one by one, and in parallel: the same verdict
-        chains, unreadable = check_archives(out, signers(pki), signers(pki), workers=workers)
+        chains, unreadable = check_archives(out, signers(pki), workers=workers)
         assert not unreadable and chains[""].problem == ""
         assert (chains[""].end.count, chains[""].end.seal_count) == (20, 5)
         assert [f.verdict.records for f in chains[""].files] == [7, 14, 20]
@@ -352,7 +352,7 @@ def test_a_file_missing_from_the_middle_of_a_run_is_found_in_parallel(
     out = several_files(tmp_path, pki)
     files(out)[1].unlink()
     for workers in (1, 2):
-        chains, _ = check_archives(out, signers(pki), signers(pki), workers=workers)
+        chains, _ = check_archives(out, signers(pki), workers=workers)
         assert chains[""].problem == (
             "ledger-main-000000000005-000000000006.tabadol-archive: BROKEN at position 10: it "
             "begins after seal 4 (record 9), but the chain before it ends at seal 2 (record "
@@ -377,7 +377,7 @@ def test_the_parallel_check_reports_the_first_problem_in_chain_order(
     # The second file's batch of records 6 and 7 (seal 3) was edited; the fourth's too.
     expected = f"{second.name}: BROKEN at position 7: seal 3 does not match the chain at record 7"
     for workers in (1, 2):  # the sequential check, and the parallel one: the same words
-        chains, _ = check_archives(out, signers(pki), signers(pki), workers=workers)
+        chains, _ = check_archives(out, signers(pki), workers=workers)
         assert chains[""].problem == expected
         assert [f.path.name for f in chains[""].files] == [files(out)[0].name, second.name]
         assert (chains[""].end.count, chains[""].end.seal_count) == (5, 2)

@@ -371,7 +371,7 @@ def test_a_tampered_rollup_is_reported_by_verify_and_repaired_by_rebuild(
     broken = [line for line in out.splitlines() if "BROKEN" in line]
     assert broken[0].startswith(f"{ledger}: BROKEN: the rollup row of call group ")
     assert "(rows != records)" in broken[0]
-    assert broken[-1].endswith("`tabadol ledger rollup --rebuild` lists them)")
+    assert broken[-1].endswith("rebuilds them from the records, and counts them)")
 
     assert main(["ledger", "rollup", "--rebuild", "--config", str(config)]) == 0
     assert "rollup rows differed from the records: rebuilt" in capsys.readouterr().out

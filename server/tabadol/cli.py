@@ -355,7 +355,7 @@ def _cmd_ledger_verify(args: argparse.Namespace) -> int:
     if args.archives is not None:  # the archive files, checked with the live store as one
         from tabadol.ledger.archive import check_archives
 
-        archived, unreadable = check_archives(args.archives, signers, signers)
+        archived, unreadable = check_archives(args.archives, signers)
         for problem in unreadable:
             print(f"{label}: archives: BROKEN: {problem}")
             broken = True
@@ -534,9 +534,7 @@ def _cmd_ledger_verify_archive(args: argparse.Namespace) -> int:
     if not archive_files(args.directory):
         print(f"{args.directory}: BROKEN: no archive files (*.tabadol-archive) here")
         return 1
-    chains, unreadable = check_archives(
-        args.directory, signers, signers, keep_seals=tsa_pem is not None
-    )
+    chains, unreadable = check_archives(args.directory, signers, keep_seals=tsa_pem is not None)
     broken = bool(unreadable)
     for problem in unreadable:
         print(f"{args.directory}: BROKEN: {problem}")
@@ -1039,8 +1037,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check the ledger named by the configuration's [ledger] path or url: "
         "positions, the hash chain, every seal's signature (a broker certificate of this "
         "exchange's CA) and the seals witness (anchor file) beside the ledger; that the "
-        "rollups the reports read are the sums of the records; and the archived prefix's "
-        "signature, or with --archives the archive files themselves. On PostgreSQL, every "
+        "rollups the reports read are the sums of the records; the archived prefix's signature "
+        "and rows, and with --archives the archive files too. On PostgreSQL, every "
         "node's chain, one line per node. Exit status 0 when intact, 1 when broken.",
     )
     lverify.add_argument("--config", type=Path, required=True, help="broker configuration")

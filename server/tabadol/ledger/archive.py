@@ -489,8 +489,7 @@ def _accepted(
     path: Path,
     start: Start | None,
     read: FileDigests,
-    seal_signers: SignerProblem,
-    archive_signers: SignerProblem,
+    brokers: SignerProblem,
     keep_seals: bool,
 ) -> ArchiveVerdict | None:
     """The verdict on a file read by ``digest_file``, if it is intact; None at any doubt.
@@ -513,12 +512,12 @@ def _accepted(
         seal = batch.seal
         before = Start(seal.count - 1, batch.prev_digest, good.seal_count, good.sealed_ns)
         last = StoredRecord(seal.count, batch.last, batch.prev_digest, batch.head)
-        if not verify([last], [seal], read.signers, seal_signers, (), before).ok:
+        if not verify([last], [seal], read.signers, brokers, (), before).ok:
             return None
         good = Start.after(seal)
     if (good.seal_count, good.count) != (header.last_seal, header.last_record):
         return None
-    if _signature_problem(read.signature, read.content_sha256, archive_signers):
+    if _signature_problem(read.signature, read.content_sha256, brokers):
         return None
     seals = tuple(batch.seal for batch in read.batches) if keep_seals else ()
     return ArchiveVerdict(
@@ -549,40 +548,37 @@ class ArchiveVerdict:
 def check_archive(
     path: Path,
     start: Start | None,
-    seal_signers: SignerProblem,
-    archive_signers: SignerProblem,
+    brokers: SignerProblem,
     *,
     keep_seals: bool = False,
 ) -> ArchiveVerdict:
-    """Check one archive file: its signature (a broker's, by ``archive_signers``), every
-    record, link and seal (``seal_signers``), from ``start`` (where the previous file, or
-    the chain's beginning, left the chain; None: take the header's word)."""
+    """Check one archive file: its signature, every record, link and seal (each signed by a
+    certificate ``brokers`` accepts, at the time it signed), from ``start`` (where the
+    previous file, or the chain's beginning, left the chain; None: take the header's word)."""
     read = digest_file(path, keep_seals)
-    return _judged(path, start, read, seal_signers, archive_signers, keep_seals)
+    return _judged(path, start, read, brokers, keep_seals)
 
 
 def _judged(
     path: Path,
     start: Start | None,
     read: FileDigests | None,
-    seal_signers: SignerProblem,
-    archive_signers: SignerProblem,
+    brokers: SignerProblem,
     keep_seals: bool,
 ) -> ArchiveVerdict:
     """``check_archive`` given what ``digest_file`` read (None: it was in doubt)."""
     if read is not None:
-        verdict = _accepted(path, start, read, seal_signers, archive_signers, keep_seals)
+        verdict = _accepted(path, start, read, brokers, keep_seals)
         if verdict is not None:
             return verdict
     # A doubt: the one-by-one walk, which finds the first problem and words it as verify.
-    return _check_slowly(path, start, seal_signers, archive_signers, keep_seals=keep_seals)
+    return _check_slowly(path, start, brokers, keep_seals=keep_seals)
 
 
 def _check_slowly(
     path: Path,
     start: Start | None,
-    seal_signers: SignerProblem,
-    archive_signers: SignerProblem,
+    brokers: SignerProblem,
     *,
     keep_seals: bool = False,
 ) -> ArchiveVerdict:
@@ -637,7 +633,7 @@ def _check_slowly(
 
     try:
         records, seals = split(watched(contents.items))
-        verdict = verify(records, seals, contents.signers, seal_signers, (), begin)
+        verdict = verify(records, seals, contents.signers, brokers, (), begin)
         if verdict.ok:
             for _ in contents.items:  # read to the end: the digest covers every byte
                 pass
@@ -645,7 +641,7 @@ def _check_slowly(
         return broken(f"it cannot be read to the end (altered or cut short): {_why(e)}", header)
     if not verdict.ok:
         return ArchiveVerdict(path, header, verdict, Start(), None)
-    if why := _signature_problem(contents.signature, contents.content_sha256, archive_signers):
+    if why := _signature_problem(contents.signature, contents.content_sha256, brokers):
         return broken(f"its signature does not hold: {why}", header)
     if (verdict.seals, verdict.records) != (header.last_seal, header.last_record):
         return broken(
@@ -666,14 +662,14 @@ def _why(e: BaseException) -> str:
 
 
 def _signature_problem(
-    signature: dict[str, Any] | None, content_sha256: str, archive_signers: SignerProblem
+    signature: dict[str, Any] | None, content_sha256: str, brokers: SignerProblem
 ) -> str | None:
     if signature is None:
         return f"it has no well-formed {SIGNATURE}"
     if signature["content_sha256"] != content_sha256:
         return f"{CONTENT} was changed after it was signed (its SHA-256 differs)"
     pem = signature["certificate"].encode()
-    if why := archive_signers(pem, signature["signed_ns"]):
+    if why := brokers(pem, signature["signed_ns"]):
         return f"it is not signed by a broker of this exchange: {why}"
     payload = signature_payload(content_sha256, signature["signed_ns"])
     if not signed_by(payload, signature["signature"], pem):
@@ -713,8 +709,7 @@ class ChainOfArchives:
 
 def check_archives(
     directory: Path,
-    seal_signers: SignerProblem,
-    archive_signers: SignerProblem,
+    brokers: SignerProblem,
     *,
     keep_seals: bool = False,
     workers: int | None = None,
@@ -731,7 +726,7 @@ def check_archives(
     for path in archive_files(directory):
         header = header_of(path)
         if header is None:
-            verdict = check_archive(path, None, seal_signers, archive_signers)
+            verdict = check_archive(path, None, brokers)
             unreadable.append(f"{path.name}: {verdict.verdict}")
             continue
         by_chain.setdefault(header.chain, []).append(path)
@@ -745,7 +740,7 @@ def check_archives(
             problem, position = "", None
             for path in found:  # in name order, which is chain order
                 read = reads.result(path)
-                verdict = _judged(path, at, read, seal_signers, archive_signers, keep_seals)
+                verdict = _judged(path, at, read, brokers, keep_seals)
                 files.append(verdict)
                 if not verdict.verdict.ok:
                     problem, position = str(verdict), verdict.verdict.position
@@ -1023,7 +1018,7 @@ def _interrupted(
         if header is None or header.chain != chain or header.first_seal != start.seal_count + 1:
             continue
         _hold_durably(path)  # records are removed on its word: it must be a file on disk
-        verdict = check_archive(path, start, seal_signers, seal_signers)
+        verdict = check_archive(path, start, seal_signers)
         if not verdict.verdict.ok or verdict.last_seal is None:
             raise ArchiveRefused(
                 f"{path}: an archive of the live part of the chain that does not verify "

@@ -442,14 +442,9 @@ def read_anchor(path: Path) -> list[Seal]:
 SHOWN_DIFFERENCES = 5  # rollup rows reported as different, at most (then "and more")
 
 
-def rollup_findings(
-    store: LedgerStore, chain: str = "", expected: rollup.Rollup | None = None
-) -> list[str]:
+def rollup_findings(store: LedgerStore, chain: str, expected: rollup.Rollup) -> list[str]:
     """How a chain's live rollup rows differ from the rollup of its live records
-    (``expected``, as verify_chain summed them; else read here), first rows first; empty
-    when they match."""
-    if expected is None:
-        expected = rollup.rollup(stored.record for stored in store.records(chain))
+    (``expected``, as verify_chain summed them), first rows first; empty when they match."""
     return _first_differences(store.rollup_rows(chain), expected)
 
 
@@ -474,5 +469,8 @@ def _first_differences(rows: rollup.Rollup, expected: rollup.Rollup) -> list[str
     found = list(itertools.islice(rows.differences(expected), SHOWN_DIFFERENCES + 1))
     shown = [f"the rollup row of {d} (rows != records)" for d in found[:SHOWN_DIFFERENCES]]
     if len(found) > SHOWN_DIFFERENCES:
-        shown.append("and more rollup rows differ (`tabadol ledger rollup --rebuild` lists them)")
+        shown.append(
+            "and more rollup rows differ (`tabadol ledger rollup --rebuild` rebuilds them "
+            "from the records, and counts them)"
+        )
     return shown
