@@ -77,12 +77,14 @@ def ledger(tmp_path: Path, pki: CertificateAuthority) -> Iterator[Path]:
     yield path
 
 
-def tamper(path: Path, *statements: str) -> None:
+def tamper(path: Path, *statements: str | tuple[str, tuple[Any, ...]]) -> list[int]:
+    """Run SQL statements (each alone, or with its parameters) on a SQLite ledger as an
+    attacker with the file would, in one transaction; the rows each changed."""
     conn = sqlite3.connect(path)
     with conn:
-        for statement in statements:
-            conn.execute(statement)
+        changed = [conn.execute(*((s,) if isinstance(s, str) else s)).rowcount for s in statements]
     conn.close()
+    return changed
 
 
 def test_an_untouched_ledger_verifies(ledger: Path, pki: CertificateAuthority) -> None:

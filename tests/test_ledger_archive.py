@@ -9,12 +9,12 @@ import io
 import json
 import resource
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
 import zipfile
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from tabadol.ledger.verify import Start, verify_chain
 from tabadol.pki import CertificateAuthority
 from tabadol.reports import build_quarterly
 from tests.conftest import TRUST_DOMAIN, broker_toml
-from tests.test_ledger import record, write_ledger
+from tests.test_ledger import record, tamper, write_ledger
 from tests.test_ledger_timestamps import stamped_ledger, tsa, tsa_dir  # noqa: F401 (fixtures)
 from tests.test_reports import Q3, write_fixture
 
@@ -339,7 +339,7 @@ def test_a_run_stopped_between_two_files_is_finished_by_the_next(
 def several_files(tmp_path: Path, pki: CertificateAuthority) -> Path:
     """Four archive files of one chain, of two batches each, written in one run."""
     out = tmp_path / "several"
-    with _closing(SqliteLedgerStore(tmp_path / "several.db")) as store:
+    with closing(SqliteLedgerStore(tmp_path / "several.db")) as store:
         seals = fill(store, pki, [2, 3, 2, 2, 3, 1, 2, 2], Clock())
         done = archive_through(store, pki, out, seals[-1], records_per_file=4)
     assert len(done.paths) == 4
@@ -522,9 +522,7 @@ def test_verify_finds_tampering_in_the_live_store_after_archiving(
     out = tmp_path / "archives"
     archive_all(config, out, capsys)
     write_ledger(tmp_path / "l.db", pki, [3, 3])
-    with sqlite3.connect(tmp_path / "l.db") as conn:
-        conn.execute("UPDATE records SET consumer = 'tax' WHERE seq = 10")
-    conn.close()
+    tamper(tmp_path / "l.db", "UPDATE records SET consumer = 'tax' WHERE seq = 10")
     for extra in ([], ["--archives", out]):
         code, said = run("verify", "--config", config, *extra, capsys=capsys)
         assert code == 1
@@ -535,27 +533,13 @@ def test_a_moved_archived_prefix_breaks_the_live_chain(
     config: Path, pki: CertificateAuthority, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     write_ledger(tmp_path / "l.db", pki, [4, 4, 4])
-    with _closing(SqliteLedgerStore(tmp_path / "l.db")) as store:
+    with closing(SqliteLedgerStore(tmp_path / "l.db")) as store:
         first = next(store.seals())
         archive_through(store, pki, tmp_path / "out", first)
-    with sqlite3.connect(
-        tmp_path / "l.db"
-    ) as conn:  # hide the archive's end: say less was archived
-        conn.execute("UPDATE archived_prefix SET head_digest = '00', count = 3")
-    conn.close()
+    # Hide the archive's end: say less was archived.
+    tamper(tmp_path / "l.db", "UPDATE archived_prefix SET head_digest = '00', count = 3")
     code, said = run("verify", "--config", config, capsys=capsys)
     assert code == 1 and "BROKEN" in said
-
-
-class _closing:
-    def __init__(self, store: Any) -> None:
-        self.store = store
-
-    def __enter__(self) -> Any:
-        return self.store
-
-    def __exit__(self, *exc: object) -> None:
-        self.store.close()
 
 
 def test_verify_accepts_archives_that_overlap_the_live_store_where_they_agree(
@@ -563,7 +547,7 @@ def test_verify_accepts_archives_that_overlap_the_live_store_where_they_agree(
 ) -> None:
     write_ledger(tmp_path / "l.db", pki, [3, 3, 3])
     out = tmp_path / "archives"
-    with _closing(SqliteLedgerStore(tmp_path / "l.db")) as store, pytest.raises(KeyboardInterrupt):
+    with closing(SqliteLedgerStore(tmp_path / "l.db")) as store, pytest.raises(KeyboardInterrupt):
         archive_through(StoppedAtRemoval(store, 1), pki, out, list(store.seals())[1])
     code, said = run("verify", "--config", config, "--archives", out, capsys=capsys)
     assert code == 0, said
@@ -599,9 +583,7 @@ def test_archive_refuses_a_broken_prefix_and_removes_nothing(
     config: Path, pki: CertificateAuthority, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     write_ledger(tmp_path / "l.db", pki, [3, 3])
-    with sqlite3.connect(tmp_path / "l.db") as conn:
-        conn.execute("UPDATE records SET status_code = 5 WHERE seq = 2")
-    conn.close()
+    tamper(tmp_path / "l.db", "UPDATE records SET status_code = 5 WHERE seq = 2")
     out = tmp_path / "archives"
     code, said = run(
         "archive", "--config", config, "--before", TOMORROW, "--out", out, capsys=capsys
@@ -609,7 +591,7 @@ def test_archive_refuses_a_broken_prefix_and_removes_nothing(
     assert code == 2
     assert "does not verify: BROKEN at position 2" in said and "nothing removed" in said
     assert list(out.iterdir()) == []
-    with _closing(SqliteLedgerStore(tmp_path / "l.db", readonly=True)) as store:
+    with closing(SqliteLedgerStore(tmp_path / "l.db", readonly=True)) as store:
         assert store.archived() is None and store.head()[0] == 6
 
 
@@ -639,14 +621,14 @@ def test_an_unusable_out_directory_is_named_and_nothing_is_removed(
         capsys=capsys,
     )  # fmt: skip
     assert code == 2 and f"{tmp_path / 'a-file' / 'x'}: cannot make the archive directory" in said
-    with _closing(SqliteLedgerStore(tmp_path / "l.db", readonly=True)) as store:
+    with closing(SqliteLedgerStore(tmp_path / "l.db", readonly=True)) as store:
         assert store.archived() is None and store.head()[0] == 3
 
 
 def test_a_disk_that_fills_while_the_archive_is_written_removes_nothing(
     config: Path, pki: CertificateAuthority, tmp_path: Path
 ) -> None:
-    with _closing(SqliteLedgerStore(tmp_path / "l.db")) as store:  # an archive of ~200 KB
+    with closing(SqliteLedgerStore(tmp_path / "l.db")) as store:  # an archive of ~200 KB
         fill(store, pki, [5000, 5000], Clock(), broker_like_record)
     out = tmp_path / "archives"
     out.mkdir()
@@ -664,7 +646,7 @@ def test_a_disk_that_fills_while_the_archive_is_written_removes_nothing(
     assert "cannot write the archive ledger-main-000000000001-000000000002" in done.stderr
     assert "nothing removed" in done.stderr
     assert list(out.iterdir()) == []
-    with _closing(SqliteLedgerStore(tmp_path / "l.db", readonly=True)) as store:
+    with closing(SqliteLedgerStore(tmp_path / "l.db", readonly=True)) as store:
         assert store.archived() is None and store.head()[0] == 10_000
 
 
@@ -676,7 +658,7 @@ def archives(tmp_path: Path, pki: CertificateAuthority) -> Path:
     """Three archive files of one chain (seals 1-2, 3, 4-5), and nothing else: no ledger,
     no configuration is left where the auditor works."""
     out = tmp_path / "auditor"
-    with _closing(SqliteLedgerStore(tmp_path / "l.db")) as store:
+    with closing(SqliteLedgerStore(tmp_path / "l.db")) as store:
         seals = fill(store, pki, [3, 2, 4, 1, 2], Clock())
         for last in (seals[1], seals[2], seals[4]):
             archive_through(store, pki, out, last)
@@ -871,9 +853,9 @@ def test_checkpoints_and_the_seals_witness_from_before_the_archive_still_serve(
         code, said = run("verify", "--config", config, *extra, capsys=capsys)
         assert code == 0, said
         assert "OK: 12 records, 5 seals" in said
-    with sqlite3.connect(tmp_path / "l.db") as conn:  # the witness catches a re-signed seal
-        conn.execute("UPDATE seals SET sealed_ns = sealed_ns + 1 WHERE seq = 5")
-    conn.close()
+    tamper(
+        tmp_path / "l.db", "UPDATE seals SET sealed_ns = sealed_ns + 1 WHERE seq = 5"
+    )  # the witness catches a re-signed seal
     code, said = run("verify", "--config", config, "--full", capsys=capsys)
     assert code == 1 and "BROKEN" in said
 
@@ -886,7 +868,7 @@ def test_the_offline_verifier_checks_the_archived_timestamp_tokens(
 ) -> None:
     out = tmp_path / "archives"
     said = archive_all(stamped_ledger, out, capsys)
-    with _closing(SqliteLedgerStore(tmp_path / "l.db", readonly=True)) as store:
+    with closing(SqliteLedgerStore(tmp_path / "l.db", readonly=True)) as store:
         assert list(store.timestamps()) == []  # they went with their seals
     chain = tmp_path / "tsa-chain.pem"
     checks = ("verify-archive", out, "--ca", pki.dir / "ca.crt", "--tsa-certificate", chain)

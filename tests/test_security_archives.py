@@ -18,6 +18,7 @@ import sys
 import warnings
 import zipfile
 import zlib
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,11 @@ from tabadol.ledger.seal import Sealer
 from tabadol.ledger.store import LedgerWriteError, SqliteLedgerStore
 from tabadol.pki import CertificateAuthority
 from tests.conftest import TRUST_DOMAIN
-from tests.test_ledger import record, write_ledger
+from tests.test_ledger import record, tamper, write_ledger
 from tests.test_ledger_archive import (  # noqa: F401 (config, archives: fixtures)
     ROOT,
     Clock,
     StoppedAtRemoval,
-    _closing,
     archive_all,
     archive_through,
     archives,
@@ -304,7 +304,7 @@ def test_archives_of_a_broker_key_revoked_for_cause_are_refused_with_the_crl(
     ca = CertificateAuthority.init(tmp_path / "pki", TRUST_DOMAIN)
     ca.issue_broker()
     out = tmp_path / "out"
-    with _closing(SqliteLedgerStore(tmp_path / "l.db")) as store:
+    with closing(SqliteLedgerStore(tmp_path / "l.db")) as store:
         seals = fill(store, ca, [2, 2], Clock())
         archive_through(store, ca, out, seals[-1])
     ca.revoke_current("broker", reason="key-compromise")
@@ -328,7 +328,7 @@ def test_a_forged_archived_prefix_does_not_hide_deleted_records_from_verify(
     and an archive that never existed, and lets rollup --rebuild make the rows agree.
     No archive was written, no broker key was used: verify must not say OK."""
     write_ledger(tmp_path / "l.db", pki, [3, 3, 3])
-    with _closing(SqliteLedgerStore(tmp_path / "l.db")):
+    with closing(SqliteLedgerStore(tmp_path / "l.db")):
         pass  # a writable open makes the archive tables
     with sqlite3.connect(tmp_path / "l.db") as conn:
         seal = conn.execute("SELECT * FROM seals WHERE seq = 2").fetchone()
@@ -360,7 +360,7 @@ def unavailable_day(path: Path, pki: CertificateAuthority) -> tuple[int, int]:
         start = DAY + i + (i > 3) * 10 * 60 * 10**9
         return record(i, start_ns=start, end_ns=start + 1_000_000, status_code=14 if i > 3 else 0)
 
-    with _closing(SqliteLedgerStore(path)) as store:
+    with closing(SqliteLedgerStore(path)) as store:
         fill(store, pki, [3, 3], Clock(), calls)
         day = rollup.day_of(DAY)
         assert store.provider_windows(*day, rollup.WINDOW_NS) == {"nocr": (2, 1)}
@@ -376,13 +376,12 @@ def test_an_archived_rollup_row_a_database_writer_adds_is_found_by_verify(
     """Nothing was ever archived. A copy of the provider's day row marked archived, every
     window answered, ORs into the availability the report reads, and no verify reads it."""
     day = unavailable_day(tmp_path / "l.db", pki)
-    with sqlite3.connect(tmp_path / "l.db") as conn:
-        conn.execute(
-            "INSERT INTO rollup_provider_days SELECT day_ns, provider, chain, 1, windows, "
-            "calls_mask, calls_mask, histogram FROM rollup_provider_days WHERE archived = 0"
-        )
-    conn.close()
-    with _closing(SqliteLedgerStore(tmp_path / "l.db", readonly=True)) as store:
+    tamper(
+        tmp_path / "l.db",
+        "INSERT INTO rollup_provider_days SELECT day_ns, provider, chain, 1, windows, "
+        "calls_mask, calls_mask, histogram FROM rollup_provider_days WHERE archived = 0",
+    )
+    with closing(SqliteLedgerStore(tmp_path / "l.db", readonly=True)) as store:
         assert store.provider_windows(*day, rollup.WINDOW_NS) == {"nocr": (2, 2)}  # 100 %
     (tmp_path / "none").mkdir()
     for extra in ([], ["--full"], ["--archives", tmp_path / "none"]):
@@ -414,9 +413,8 @@ def test_an_edited_live_rollup_row_is_found_by_a_full_verify(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     unavailable_day(tmp_path / "l.db", pki)
-    with sqlite3.connect(tmp_path / "l.db") as conn:
-        assert conn.execute(ROW_EDITS[edit]).rowcount > 0
-    conn.close()
+    (changed,) = tamper(tmp_path / "l.db", ROW_EDITS[edit])
+    assert changed > 0
     for extra in ([], ["--full"]):
         code, said = run("verify", "--config", config, *extra, capsys=capsys)
         assert code == 1 and "BROKEN: the rollup row of" in said, (extra, said)
@@ -434,12 +432,10 @@ def test_a_rollup_row_of_a_day_before_the_checkpoint_is_found_by_full_only(
         pki.issue_person("auditor", "sara")
     unavailable_day(tmp_path / "l.db", pki)
     assert run("verify", "--config", config, "--as", auditor, capsys=capsys)[0] == 0
-    with _closing(SqliteLedgerStore(tmp_path / "l.db")) as store:  # new records, a later day
+    with closing(SqliteLedgerStore(tmp_path / "l.db")) as store:  # new records, a later day
         fill(store, pki, [2], Clock(), lambda i: record(i, start_ns=DAY + 2 * 86_400 * 10**9 + i))
-    with sqlite3.connect(tmp_path / "l.db") as conn:
-        conn.execute("UPDATE rollup_provider_days SET answered_mask = calls_mask, "
-                     "windows = replace(windows, ',3,0]', ',3,3]')")  # fmt: skip
-    conn.close()
+    tamper(tmp_path / "l.db", "UPDATE rollup_provider_days SET answered_mask = calls_mask, "
+           "windows = replace(windows, ',3,0]', ',3,3]')")  # fmt: skip
     code, said = run("verify", "--config", config, capsys=capsys)
     assert code == 0, said  # resumed: the edited day is before the checkpoint
     code, said = run("verify", "--config", config, "--full", capsys=capsys)
@@ -469,7 +465,7 @@ def test_a_link_planted_where_an_interrupted_run_left_its_file_does_not_let_reco
     on the word of a file that is not in the archive directory."""
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
     elsewhere.mkdir()
-    with _closing(SqliteLedgerStore(tmp_path / "l.db")) as store:
+    with closing(SqliteLedgerStore(tmp_path / "l.db")) as store:
         seals = fill(store, pki, [3, 3, 3], Clock())
         with pytest.raises(KeyboardInterrupt):
             archive_through(StoppedAtRemoval(store, 1), pki, out, seals[1])
@@ -497,13 +493,11 @@ def test_verify_with_archives_checks_the_live_records_an_interrupted_archive_ove
     says BROKEN, verify --archives must too (the next archive run moves the edited rows)."""
     write_ledger(tmp_path / "l.db", pki, [3, 3, 3])
     out = tmp_path / "archives"
-    with _closing(SqliteLedgerStore(tmp_path / "l.db")) as store:
+    with closing(SqliteLedgerStore(tmp_path / "l.db")) as store:
         seals = list(store.seals())
         with pytest.raises(KeyboardInterrupt):
             archive_through(StoppedAtRemoval(store, 1), pki, out, seals[1])
-    with sqlite3.connect(tmp_path / "l.db") as conn:
-        conn.execute("UPDATE records SET status_code = 14 WHERE seq = 2")
-    conn.close()
+    tamper(tmp_path / "l.db", "UPDATE records SET status_code = 14 WHERE seq = 2")
     assert run("rollup", "--rebuild", "--config", config, capsys=capsys)[0] == 0
     code, said = run("verify", "--config", config, capsys=capsys)
     assert code == 1 and "BROKEN at position 2" in said, said
@@ -530,7 +524,7 @@ def test_the_offline_verifier_and_verify_with_archives_agree_on_intact_archives(
 def archived_ledger(path: Path, pki: CertificateAuthority, out: Path) -> None:
     """Nine records in three batches, the first two archived by the archiver into ``out``."""
     write_ledger(path, pki, [3, 3, 3])
-    with _closing(SqliteLedgerStore(path)) as store:
+    with closing(SqliteLedgerStore(path)) as store:
         archive_through(store, pki, out, list(store.seals())[1])
 
 
@@ -544,14 +538,13 @@ def test_archived_rollup_rows_edited_after_archiving_are_found_and_stop_the_arch
     no later archiving signs them (the store refuses too, inside its transaction)."""
     archived_ledger(tmp_path / "l.db", pki, tmp_path / "out")
     assert run("verify", "--config", config, capsys=capsys)[0] == 0
-    with sqlite3.connect(tmp_path / "l.db") as conn:
-        assert conn.execute(
-            "UPDATE rollup_groups SET calls = calls + 5 WHERE archived = 1"
-        ).rowcount
-    conn.close()
+    (changed,) = tamper(
+        tmp_path / "l.db", "UPDATE rollup_groups SET calls = calls + 5 WHERE archived = 1"
+    )
+    assert changed > 0
     code, said = run("verify", "--config", config, capsys=capsys)
     assert code == 1 and "BROKEN: the archived rollup rows differ from those" in said, said
-    with _closing(SqliteLedgerStore(tmp_path / "l.db")) as store:
+    with closing(SqliteLedgerStore(tmp_path / "l.db")) as store:
         last = list(store.seals())[-1]
         with pytest.raises(archive.ArchiveRefused, match="archived rollup rows differ"):
             archive_through(store, pki, tmp_path / "out", last)
@@ -585,7 +578,7 @@ def test_an_altered_archived_prefix_is_found_by_verify(
     if edit == AGENCY_SIGNED:
         bundle = pki.dir / "agencies" / "post"
         agency = Sealer((bundle / "agency.key").read_bytes(), (bundle / "agency.crt").read_bytes())
-        with _closing(SqliteLedgerStore(tmp_path / "l.db", readonly=True)) as store:
+        with closing(SqliteLedgerStore(tmp_path / "l.db", readonly=True)) as store:
             genuine = store.archived()
         assert genuine is not None
         statement = dataclasses.replace(genuine, certificate=agency.cert_pem).statement()
@@ -593,9 +586,7 @@ def test_an_altered_archived_prefix_is_found_by_verify(
         params: tuple[Any, ...] = (agency.sign(statement), agency.cert_pem)
     else:
         params = ()
-    with sqlite3.connect(tmp_path / "l.db") as conn:
-        assert conn.execute(sql, params).rowcount == 1
-    conn.close()
+    assert tamper(tmp_path / "l.db", (sql, params)) == [1]
     code, said = run("verify", "--config", config, capsys=capsys)
     assert code == 1 and "BROKEN: the archived prefix (records 1 to 6, seals 1 to 2" in said
     assert problem in said, said
@@ -608,14 +599,12 @@ def test_finishing_an_interrupted_run_refuses_to_remove_live_records_that_were_e
     them on the file's word would erase the evidence of the edit: nothing is removed."""
     write_ledger(tmp_path / "l.db", pki, [3, 3, 3])
     out = tmp_path / "out"
-    with _closing(SqliteLedgerStore(tmp_path / "l.db")) as store:
+    with closing(SqliteLedgerStore(tmp_path / "l.db")) as store:
         seals = list(store.seals())
         with pytest.raises(KeyboardInterrupt):
             archive_through(StoppedAtRemoval(store, 1), pki, out, seals[1])
-    with sqlite3.connect(tmp_path / "l.db") as conn:
-        conn.execute("UPDATE records SET status_code = 14 WHERE seq = 2")
-    conn.close()
-    with _closing(SqliteLedgerStore(tmp_path / "l.db")) as store:
+    tamper(tmp_path / "l.db", "UPDATE records SET status_code = 14 WHERE seq = 2")
+    with closing(SqliteLedgerStore(tmp_path / "l.db")) as store:
         edited = r"do not verify in the live ledger: BROKEN at position 2.*nothing removed"
         with pytest.raises(archive.ArchiveRefused, match=edited):
             archive_through(store, pki, out, seals[2])
