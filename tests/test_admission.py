@@ -28,12 +28,13 @@ from tabadol.identity import ConsumerIdentity, IdentityRejected
 from tabadol.limits import LimitRule, Limits
 from tabadol.metadata import CONSUMER_KEY, REQUEST_ID_KEY
 from tabadol.pki import CertificateAuthority
-from tabadol.policy import Policy
+from tabadol.policy import GrantRule, Policy
 from tabadol.status import Code
 
 LOOKUP = MethodContract("demo.v1.People", "Lookup", RpcKind.UNARY)
 SECRET = MethodContract("demo.v1.People", "Secret", RpcKind.UNARY)
 NOW = Now(wall=time.time(), monotonic=1000.0)
+TAX_GRANT = GrantRule("tax", "demo.v1.People", ("Lookup",), "g-tax", "Tax%20Act", NOW.wall + 3600)
 TRACE = (("traceparent", "00-" + "a" * 32 + "-" + "b" * 16 + "-01"),)
 
 
@@ -85,7 +86,7 @@ def rules(
 ) -> Rules:
     return Rules(
         Identities(ca.trust_domain, frozenset(ca.revoked_serials()), stale_at),
-        Policy({"tax": frozenset({LOOKUP.path})}),  # grants name only declared agencies
+        Policy({"tax": {LOOKUP.path: (TAX_GRANT,)}}),  # grants name only declared agencies
         frozenset({"tax", "post", "revoked"}),
         limits,
         floods or FloodRecords(),
@@ -118,9 +119,38 @@ def test_an_agency_with_a_grant_is_admitted_to_the_next_endpoint(ca: Certificate
         *TRACE,
         (CONSUMER_KEY, "tax"),
         (REQUEST_ID_KEY, "r1"),
+        ("x-tabadol-grant", "g-tax"),
+        ("x-tabadol-purpose", "Tax%20Act"),
     )
+    assert decision.grant == "g-tax"
     second = admit(facts(pem(ca, "tax")), rules(ca), endpoints, NOW)
     assert isinstance(second, Admitted) and second.endpoint == "10.0.0.2:443"
+
+
+def test_a_grant_past_its_expiry_admits_nothing_with_no_one_acting(
+    ca: CertificateAuthority,
+) -> None:
+    later = Now(TAX_GRANT.expires_at or 0, NOW.monotonic + 3600)
+    decision = admit(facts(pem(ca, "tax")), rules(ca), Endpoints("10.0.0.1:443"), later)
+    assert isinstance(decision, Refused)
+    assert decision.code == Code.PERMISSION_DENIED and "has no grant" in decision.details
+
+
+def test_the_access_service_admits_operators_and_declared_agencies_only(
+    ca: CertificateAuthority,
+) -> None:
+    ca.issue_person("operator", "alice")
+    operator = (ca.dir / "operators" / "alice" / "operator.crt").read_bytes()
+    method = "tabadol.platform.v1.Access/ListGrants"
+    assert admission.admit_access(operator, method, rules(ca), NOW) == ("operator", "alice")
+    assert admission.admit_access(pem(ca, "tax"), method, rules(ca), NOW) == ("agency", "tax")
+    ca.revoke_person("operator", "alice")
+    revoked = rules(ca)
+    refused = admission.admit_access(operator, method, revoked, NOW)
+    assert isinstance(refused, Refused) and refused.code == Code.UNAUTHENTICATED
+    assert "revoked" in refused.details
+    stale = admission.admit_access(pem(ca, "tax"), method, rules(ca, stale_at=NOW.wall), NOW)
+    assert isinstance(stale, Refused) and "out of date" in stale.details
 
 
 @pytest.mark.parametrize(

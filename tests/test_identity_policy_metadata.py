@@ -28,7 +28,7 @@ from tabadol.metadata import (
     response_metadata,
 )
 from tabadol.pki import CertificateAuthority
-from tabadol.policy import GrantRule, Policy
+from tabadol.policy import GrantRule, Policy, purpose_header
 from tabadol.spiffe import (
     agency_dns_name,
     agency_spiffe_id,
@@ -299,44 +299,92 @@ def contracts() -> Contracts:
 
 
 ALL_ECHO_METHODS = frozenset({UNARY, SERVER_STREAM, CLIENT_STREAM, BIDI})
+NOW = 1_800_000_000.0  # POSIX seconds: the wall time the calls are judged at
+
+
+def test_a_grant_admits_until_its_expiry_and_not_from_then_on(contracts: Contracts) -> None:
+    expiring = GrantRule("post", SERVICE, ("Unary",), "g-1", "Postal Act", expires_at=NOW + 60)
+    policy = Policy.from_grants([expiring], contracts)
+
+    assert policy.grant_for("post", UNARY, NOW + 59.9) == expiring
+    assert policy.grant_for("post", UNARY, NOW + 60) is None
+    assert not policy.allows("post", UNARY, NOW + 61)
+    assert policy.allowed_paths("post", NOW + 60) == frozenset()
+    assert policy.next_expiry("post", NOW) == NOW + 60
+    assert policy.next_expiry("post", NOW + 60) == float("inf")
+
+
+def test_an_expired_grant_gives_way_to_another_that_still_holds(contracts: Contracts) -> None:
+    old = GrantRule("post", SERVICE, ("*",), "g-old", expires_at=NOW)
+    lasting = GrantRule("post", SERVICE, ("Unary",), "g-lasting")
+    policy = Policy.from_grants([old, lasting], contracts)
+
+    assert policy.grant_for("post", UNARY, NOW - 1) == old  # the first that holds
+    assert policy.grant_for("post", UNARY, NOW) == lasting
+    assert policy.grant_for("post", BIDI, NOW) is None
+    assert policy.allowed_paths("post", NOW) == {UNARY}
+
+
+def test_the_purpose_header_is_ascii_and_reads_back_as_written() -> None:
+    import urllib.parse
+
+    reference = "قانون مدیریت داده‌ها ماده ۷"
+    value = purpose_header(reference, "ignored when a reference is given")
+
+    assert value.isascii()
+    assert urllib.parse.unquote(value) == reference
+    assert purpose_header(None, "Verifying a sender") == "Verifying a sender"
+    assert purpose_header(None, None) == ""
+    assert "\n" not in urllib.parse.quote("a\nb") and purpose_header("a\nb", None) == "a%0Ab"
+
+
+def test_the_provider_is_told_the_grant_and_its_purpose_and_callers_cannot_forge_them() -> None:
+    forged = [("x-tabadol-grant", "g-forged"), ("x-tabadol-purpose", "forged")]
+    headers = request_metadata(forged, "post", "r-1", (), "g-real", "Postal%20Act")
+
+    assert ("x-tabadol-grant", "g-real") in headers
+    assert ("x-tabadol-purpose", "Postal%20Act") in headers
+    assert not any(v in ("g-forged", "forged") for _, v in headers)
+    bare = dict(request_metadata((), "post", "r-1"))
+    assert "x-tabadol-grant" not in bare and "x-tabadol-purpose" not in bare
 
 
 def test_nothing_is_allowed_without_grants(contracts: Contracts) -> None:
     policy = Policy.from_grants([], contracts)
 
     for path in ALL_ECHO_METHODS:
-        assert not policy.allows("nocr", path)
-    assert policy.allowed_paths("nocr") == frozenset()
+        assert not policy.allows("nocr", path, NOW)
+    assert policy.allowed_paths("nocr", NOW) == frozenset()
 
 
 def test_star_grants_every_method_of_the_service(contracts: Contracts) -> None:
     policy = Policy.from_grants([GrantRule("post", SERVICE, ("*",))], contracts)
 
-    assert policy.allowed_paths("post") == ALL_ECHO_METHODS
-    assert all(policy.allows("post", path) for path in ALL_ECHO_METHODS)
+    assert policy.allowed_paths("post", NOW) == ALL_ECHO_METHODS
+    assert all(policy.allows("post", path, NOW) for path in ALL_ECHO_METHODS)
 
 
 def test_grant_for_one_method_does_not_allow_another(contracts: Contracts) -> None:
     policy = Policy.from_grants([GrantRule("post", SERVICE, ("Unary",))], contracts)
 
-    assert policy.allows("post", UNARY)
-    assert not policy.allows("post", SERVER_STREAM)
-    assert not policy.allows("post", CLIENT_STREAM)
-    assert not policy.allows("post", BIDI)
+    assert policy.allows("post", UNARY, NOW)
+    assert not policy.allows("post", SERVER_STREAM, NOW)
+    assert not policy.allows("post", CLIENT_STREAM, NOW)
+    assert not policy.allows("post", BIDI, NOW)
 
 
 def test_grant_to_one_consumer_does_not_allow_another(contracts: Contracts) -> None:
     policy = Policy.from_grants([GrantRule("post", SERVICE, ("*",))], contracts)
 
-    assert not policy.allows("tax", UNARY)
-    assert policy.allowed_paths("tax") == frozenset()
+    assert not policy.allows("tax", UNARY, NOW)
+    assert policy.allowed_paths("tax", NOW) == frozenset()
 
 
 def test_unknown_consumer_is_denied(contracts: Contracts) -> None:
     policy = Policy.from_grants([GrantRule("post", SERVICE, ("Unary",))], contracts)
 
-    assert not policy.allows("ghost", UNARY)
-    assert not policy.allows("", UNARY)
+    assert not policy.allows("ghost", UNARY, NOW)
+    assert not policy.allows("", UNARY, NOW)
 
 
 def test_grants_for_the_same_consumer_add_up(contracts: Contracts) -> None:
@@ -345,16 +393,16 @@ def test_grants_for_the_same_consumer_add_up(contracts: Contracts) -> None:
         contracts,
     )
 
-    assert policy.allowed_paths("post") == {UNARY, BIDI}
+    assert policy.allowed_paths("post", NOW) == {UNARY, BIDI}
 
 
 def test_paths_outside_the_contracts_are_denied(contracts: Contracts) -> None:
     policy = Policy.from_grants([GrantRule("post", SERVICE, ("*",))], contracts)
 
-    assert not policy.allows("post", f"/{SERVICE}/Missing")
-    assert not policy.allows("post", "/tabadol.test.v1.Other/Unary")
-    assert not policy.allows("post", f"{SERVICE}/Unary")
-    assert not policy.allows("post", f"/{SERVICE}/unary")
+    assert not policy.allows("post", f"/{SERVICE}/Missing", NOW)
+    assert not policy.allows("post", "/tabadol.test.v1.Other/Unary", NOW)
+    assert not policy.allows("post", f"{SERVICE}/Unary", NOW)
+    assert not policy.allows("post", f"/{SERVICE}/unary", NOW)
 
 
 def test_grant_for_a_service_missing_from_the_contracts_allows_nothing(
@@ -368,8 +416,8 @@ def test_grant_for_a_service_missing_from_the_contracts_allows_nothing(
         contracts,
     )
 
-    assert policy.allowed_paths("post") == frozenset()
-    assert policy.allowed_paths("tax") == frozenset()
+    assert policy.allowed_paths("post", NOW) == frozenset()
+    assert policy.allowed_paths("tax", NOW) == frozenset()
 
 
 # --- metadata: what crosses the broker ------------------------------------------------------

@@ -400,12 +400,13 @@ def test_with_one_role_per_node_each_node_writes_its_own_chain_only(
     writer.close()
     with pytest.raises(LedgerWriteError, match="row-level security"):
         LedgerWriter(PostgresLedgerStore(as_node_1), sealer, instance=node_2)
+    fields = ", ".join(f'"{name}"' for name in FIELD_NAMES)  # "grant" is a reserved word
     with psycopg.connect(as_node_1, autocommit=True) as conn:
         # Records are added by COPY, which row-level security does not allow: a trigger.
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="its own chain"):
             conn.execute(
                 f"INSERT INTO ledger_records SELECT '{node_2}', seq + 100, "
-                f"{', '.join(FIELD_NAMES)}, prev_digest, digest FROM ledger_records"
+                f"{fields}, prev_digest, digest FROM ledger_records"
             )
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("INSERT INTO ledger_chains (chain) VALUES (%s)", (node_2,))
@@ -589,7 +590,9 @@ def test_a_batch_and_its_rollup_commit_together_or_not_at_all(
 
 
 FORGED_ROWS = {
-    "ledger_rollup_groups": "%s, false, 0, 'x', 'x', 'x', 'x', 0, true, true, 1, 1, 1, 1, '[]'",
+    "ledger_rollup_groups": (
+        "%s, false, 0, 'x', 'x', 'x', 'x', 0, true, true, '', 1, 1, 1, 1, '[]'"
+    ),
     "ledger_rollup_provider_days": (
         "%s, false, 0, 'x', '[[0,1,1]]', B'1'::bit(300), B'1'::bit(300), '[]'"
     ),

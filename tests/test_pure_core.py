@@ -35,6 +35,7 @@ PURE_CORE = (
     "tabadol.policy",
     "tabadol.protocol",
     "tabadol.refusals",
+    "tabadol.registry.audit",
     "tabadol.registry.entries",
     "tabadol.registry.freshness",
     "tabadol.reloading",

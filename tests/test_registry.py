@@ -377,12 +377,16 @@ def test_a_stored_crl_counts_only_if_the_ca_signed_it_under_that_number(
 # -- the store's contract, over every implementation ---------------------------------------
 
 
-@pytest.fixture(params=["memory", "postgres"])
-def store(request: pytest.FixtureRequest) -> Iterator[Registry]:
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Registry]:
     if request.param == "memory":
         yield MemoryRegistryStore()
         return
-    opened = open_registry(request.getfixturevalue("postgres_url"))
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'registry.db'}"  # an absolute path: sqlite:////...
+    else:
+        url = request.getfixturevalue("postgres_url")
+    opened = open_registry(url)
     try:
         yield opened
     finally:

@@ -737,11 +737,12 @@ def test_a_quarter_with_no_earlier_transactions_has_no_growth(tmp_path: Path) ->
 # --- The files -------------------------------------------------------------------------------
 
 
-def test_three_files_are_written_named_after_the_quarter(written: list[Path]) -> None:
+def test_four_files_are_written_named_after_the_quarter(written: list[Path]) -> None:
     assert [p.name for p in written] == [
         "quarterly-1405-Q3.html",
         "quarterly-1405-Q3.csv",
         "quarterly-1405-Q3.json",
+        "quarterly-1405-Q3-purposes.csv",
     ]
     assert all(p.stat().st_size > 0 for p in written)
 
@@ -850,6 +851,7 @@ def test_the_json_holds_the_quarter_every_figure_and_the_definitions(written: li
         "visits_avoided": 12,
         "in_person_visits_per_quarter": 100,
         "visit_reduction": 0.12,
+        "calls_by_purpose": [],  # no call of this ledger names a grant
     }
     assert agencies["post"]["name"] == POST_NAME
     assert agencies["post"]["e_service_share"] is None

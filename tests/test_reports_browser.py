@@ -33,7 +33,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> QuarterlyReport:
 
 @pytest.fixture(scope="module")
 def html_file(report: QuarterlyReport, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    html, _, _ = write_quarterly(report, tmp_path_factory.mktemp("out"))
+    html, *_ = write_quarterly(report, tmp_path_factory.mktemp("out"))
     return html
 
 

@@ -112,8 +112,10 @@ async def test_the_provider_gets_only_the_brokers_trace_context_and_the_ledger_t
     assert [k for k, _ in first if k.startswith("x-tabadol-")] == [
         "x-tabadol-consumer",
         "x-tabadol-request-id",
+        "x-tabadol-grant",  # a file grant without a purpose: its id, and no x-tabadol-purpose
     ]
     assert dict(first)["x-tabadol-consumer"] == "post"
+    assert dict(first)["x-tabadol-grant"].startswith("file-")
     assert [v for k, v in second if k == "tracestate"] == ["k=v"]
     trace_ids = [r.trace_id for r in ledger_records(tmp_path / "ledger.db")]
     assert trace_ids == [TRACE, TRACE]

@@ -5,6 +5,8 @@ from typing import Any
 PLATFORM_PREFIX = "x-tabadol-"
 CONSUMER_KEY = "x-tabadol-consumer"  # set by the broker from the consumer's certificate
 REQUEST_ID_KEY = "x-tabadol-request-id"  # one id per exchange, to the provider and back
+GRANT_KEY = "x-tabadol-grant"  # the id of the grant that admitted the call
+PURPOSE_KEY = "x-tabadol-purpose"  # its purpose reference (else text), percent-encoded UTF-8
 RETRY_AFTER_KEY = "x-tabadol-retry-after-ms"  # with RESOURCE_EXHAUSTED: when to try again
 
 # Dialers ping an idle connection every 30 s while calls are open, so a peer that vanished

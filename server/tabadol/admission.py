@@ -14,7 +14,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 from dataclasses import dataclass
-from typing import Generic, NamedTuple, Protocol, TypeVar
+from typing import Generic, Literal, NamedTuple, Protocol, TypeVar
 
 from tabadol.balancer import UntrustedProvider
 from tabadol.contracts import MethodContract
@@ -22,7 +22,9 @@ from tabadol.identity import (
     ConsumerIdentity,
     IdentityRejected,
     claimed_agency,
+    claimed_role,
     identify_consumer,
+    identify_peer,
 )
 from tabadol.limits import NOTHING_HELD, Admission, Limits, Refusal
 from tabadol.metadata import REQUEST_ID_KEY, RETRY_AFTER_KEY, Metadata, request_metadata
@@ -97,6 +99,22 @@ class Identities:
         self._remember(pem, identity)
         return identity
 
+    def operator(self, pem: bytes | None, now: float) -> str | None:
+        """The operator ``pem`` proves (its name); None when it is no operator's certificate.
+        IdentityRejected when it is an operator's but revoked or expired, or when the CRL is
+        stale. Not cached: operators act rarely."""
+        if not pem or claimed_role(pem, self._trust_domain)[0] != "operator":
+            return None
+        if self._stale_at is not None and now >= self._stale_at:
+            self.identify(pem, now)  # refuses, saying the CRL is stale
+        who = identify_peer(
+            pem,
+            trust_domain=self._trust_domain,
+            revoked=self._revoked,
+            now=lambda: dt.datetime.fromtimestamp(now, dt.UTC),
+        )
+        return who.name
+
     def _remember(self, pem: bytes, outcome: ConsumerIdentity | tuple[str, float]) -> None:
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache.clear()
@@ -163,6 +181,7 @@ class Admitted(Generic[T]):
     endpoint: T  # the provider endpoint to forward to
     headers: Metadata  # what the provider receives
     held: Admission  # counted against the consumer's concurrency limits until released
+    grant: str = ""  # the id of the grant that admitted the call
 
 
 Warning = tuple[tuple[str, ...], str, tuple[object, ...]]  # RefusalLog key, format, arguments
@@ -222,7 +241,8 @@ def admit(
             flood = consumer not in rules.agencies
             return over_limit(facts, rules, caller, verdict, consumer if flood else None, now)
         held = verdict
-    if not rules.policy.allows(consumer, method.path):
+    grant = rules.policy.grant_for(consumer, method.path, now.wall)
+    if grant is None:
         held.release()
         why = (
             "has no grant"
@@ -245,8 +265,10 @@ def admit(
     except UntrustedProvider as e:
         held.release()
         return untrusted(facts, caller, e)
-    headers = request_metadata(facts.incoming, consumer, facts.request_id, facts.trace_headers)
-    return Admitted(caller, endpoint, headers, held)
+    headers = request_metadata(
+        facts.incoming, consumer, facts.request_id, facts.trace_headers, grant.id, grant.purpose
+    )
+    return Admitted(caller, endpoint, headers, held, grant.id)
 
 
 def admit_platform(
@@ -283,6 +305,30 @@ def admit_platform(
             warning=warning,
         )
     return Refused(code, f"Tabadol broker: {why}", caller, counted=counted, warning=warning)
+
+
+def admit_access(
+    certificate: bytes | None, method: str, rules: Rules, now: Now
+) -> tuple[Literal["agency", "operator"], str] | Refused:
+    """A call to the Access service: an operator's certificate, or as for the other platform
+    services a declared agency's (``admit_platform``). Nobody else."""
+    try:
+        operator = rules.identities.operator(certificate, now.wall)
+    except IdentityRejected as e:
+        why = str(e)
+        warning: Warning = (
+            ("platform", "identity", why),
+            "refused a call to %s: %s",
+            (method, why),
+        )
+        return Refused(
+            Code.UNAUTHENTICATED, f"Tabadol broker: {why}", NOBODY,
+            counted="platform_unauthenticated", warning=warning,
+        )  # fmt: skip
+    if operator is not None:
+        return "operator", operator
+    decision = admit_platform(certificate, method, rules, now)
+    return decision if isinstance(decision, Refused) else ("agency", decision.agency)
 
 
 def untrusted(facts: CallFacts, caller: Caller, e: UntrustedProvider) -> Refused:

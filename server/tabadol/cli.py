@@ -865,6 +865,7 @@ def _cmd_call(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tabadol.access.cli import add_access_commands
     from tabadol.ops.defaults import DEFAULT_HTTP, DEFAULT_MAX_REQUEST_MB, DEFAULT_OTLP
     from tabadol.ops.store.base import DEFAULT_MAX_AGE_SECONDS, DEFAULT_MAX_BYTES
     from tabadol.pki import REASONS
@@ -1029,6 +1030,7 @@ def build_parser() -> argparse.ArgumentParser:
     clint.set_defaults(func=_cmd_contracts_lint)
 
     add_registry_commands(sub)  # tabadol registry import/export/diff/history/publish-crl
+    add_access_commands(sub)  # tabadol access request/list/approve/.../audit
     ledger = sub.add_parser("ledger", help="check and export the transaction ledger")
     ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True, metavar="ACTION")
     lverify = ledger_sub.add_parser(

@@ -6,6 +6,9 @@ means the same thing whatever directory the broker is started from.
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
+import json
 import re
 import tomllib
 import urllib.parse
@@ -25,7 +28,7 @@ from pydantic import (
 )
 
 from tabadol.contracts import Contracts
-from tabadol.database import is_database_url, transport_problem
+from tabadol.database import is_database_url, resolve_sqlite_url, sqlite_path, transport_problem
 from tabadol.errors import ConfigError, ContractError
 from tabadol.samplers import check_exporter, parse_sampler
 from tabadol.spiffe import AGENCY_ID_PATTERN, TRUST_DOMAIN_PATTERN
@@ -208,8 +211,16 @@ class TracingSection(_Strict):
 
 
 def _registry_url(value: str | None) -> str | None:
+    """A PostgreSQL URL every node can reach safely, or ``sqlite:///PATH``: one node's file
+    (relative to the configuration's directory; ``sqlite:////abs/path`` is absolute)."""
+    if value is not None and value.startswith("sqlite:"):
+        sqlite_path(value)  # ValueError: names no file
+        return value
     if value is not None and not is_database_url(value):
-        raise ValueError("expected a postgresql://USER@HOST:PORT/DB URL")
+        raise ValueError(
+            "expected a postgresql://USER@HOST:PORT/DB URL, or sqlite:///PATH for a registry "
+            "in one file on this node"
+        )
     return _safe_transport(value)
 
 
@@ -255,6 +266,8 @@ class ServiceEntry(_Strict):
     # Show the contract (GetContract, reflection) to every declared agency, granted or not,
     # so that it can read what it would ask a grant for. Off: only to agencies granted it.
     contract_public: bool = False
+    # Grants on it need an operator's approval too, after the provider's (docs/access.md).
+    sensitive: bool = False
 
 
 class LimitEntry(_Strict):
@@ -267,13 +280,67 @@ class LimitEntry(_Strict):
     concurrency: int | None = Field(default=None, ge=1)  # calls in flight
 
 
+_RECORD_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+def _aware(value: dt.datetime | None) -> dt.datetime | None:
+    if value is not None and value.utcoffset() is None:
+        raise ValueError("needs a time zone, e.g. 2027-03-20T00:00:00Z")
+    return value
+
+
+AwareTime = Annotated[dt.datetime, Field(strict=False), AfterValidator(_aware)]  # JSON: a string
+
+
 class GrantEntry(_Strict):
     consumer: AgencyId
     service: str = Field(min_length=1)
     methods: list[str] = Field(min_length=1)
+    # Set by the Access service; optional in a file (``grant_id`` derives one from the rest).
+    id: str | None = Field(default=None, pattern=_RECORD_ID)
+    purpose: str | None = Field(default=None, min_length=1, max_length=2000)  # legal basis
+    purpose_reference: str | None = Field(default=None, min_length=1, max_length=200)
+    expires_at: AwareTime | None = None  # no call is admitted by it from then on
+    granted_by: str | None = None  # who granted it (an agency or operator identity)
+    granted_at: AwareTime | None = None
+    request: str | None = Field(default=None, pattern=_RECORD_ID)  # the request it answers
 
 
-ENTRY_SECTIONS = ("agency", "service", "grant", "limit")
+def grant_id(grant: GrantEntry) -> str:
+    """The grant's id: its own, or for a grant written without one, a digest of the rest
+    (the same grant written again keeps it)."""
+    if grant.id is not None:
+        return grant.id
+    rest = grant.model_dump(mode="json", exclude={"id"}, exclude_none=True)
+    canonical = json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "file-" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+RequestState = Literal["pending", "awaiting_operator", "approved", "rejected", "withdrawn"]
+OPEN_STATES: tuple[RequestState, ...] = ("pending", "awaiting_operator")
+
+
+class RequestEntry(_Strict):
+    """A consumer's request for access, and what became of it (docs/access.md)."""
+
+    id: str = Field(pattern=_RECORD_ID)
+    consumer: AgencyId
+    service: str = Field(min_length=1)
+    methods: list[str] = Field(min_length=1)
+    purpose: str = Field(min_length=1, max_length=2000)
+    purpose_reference: str | None = Field(default=None, min_length=1, max_length=200)
+    expires_at: AwareTime | None = None  # asked for; the provider may set another
+    state: RequestState = "pending"
+    requested_by: str
+    requested_at: AwareTime
+    decided_by: str | None = None  # the last who approved, rejected or withdrew it
+    decided_at: AwareTime | None = None
+    provider_approved_by: str | None = None  # on a sensitive service, before the operator
+    reason: str | None = None  # why it was rejected or withdrawn
+    grant: str | None = Field(default=None, pattern=_RECORD_ID)  # the grant it became
+
+
+ENTRY_SECTIONS = ("agency", "service", "grant", "limit", "request")
 
 
 class RegistryFile(_Strict):
@@ -284,6 +351,7 @@ class RegistryFile(_Strict):
     service: list[ServiceEntry] = []
     grant: list[GrantEntry] = []
     limit: list[LimitEntry] = []
+    request: list[RequestEntry] = []
 
 
 class ConfigFile(RegistryFile):
@@ -317,15 +385,12 @@ class BrokerConfig:
     limits: tuple[LimitEntry, ...] = ()
     registry: RegistrySection = field(default_factory=RegistrySection)
     registry_version: int | None = None  # the database version applied; None: from the file
+    requests: tuple[RequestEntry, ...] = ()
 
 
 def _describe_location(loc: tuple[Any, ...], data: dict[str, Any]) -> str:
     """Turn a pydantic location like ('grant', 2, 'methods') into '[[grant]] #3 (...) methods'."""
-    if (
-        len(loc) >= 2
-        and loc[0] in ("agency", "service", "grant", "limit")
-        and isinstance(loc[1], int)
-    ):
+    if len(loc) >= 2 and loc[0] in ENTRY_SECTIONS and isinstance(loc[1], int):
         section, index = loc[0], loc[1]
         entry = data.get(section, [])[index] if index < len(data.get(section, [])) else {}
         return f"{_entry_label(section, index, entry)}{' ' + '.'.join(map(str, loc[2:])) if loc[2:] else ''}"
@@ -335,7 +400,9 @@ def _describe_location(loc: tuple[Any, ...], data: dict[str, Any]) -> str:
 
 
 def _entry_label(section: str, index: int, entry: Any) -> str:
-    key = {"agency": "id", "service": "name", "grant": "consumer", "limit": "consumer"}[section]
+    key = {"agency": "id", "service": "name", "grant": "consumer", "limit": "consumer"}.get(
+        section, "id"
+    )
     name = entry.get(key) if isinstance(entry, dict) else None
     suffix = f" ({key} {name!r})" if isinstance(name, str) else ""
     return f"[[{section}]] #{index + 1}{suffix}"
@@ -385,9 +452,7 @@ def read_registry_file(path: Path) -> RegistryFile:
     data = _toml(_read_text(path, "the registry file"), path)
     if "broker" in data:
         cfg = _validate(ConfigFile, data, path)  # a whole configuration: all of it must hold
-        return RegistryFile(
-            agency=cfg.agency, service=cfg.service, grant=cfg.grant, limit=cfg.limit
-        )
+        return RegistryFile(**{name: getattr(cfg, name) for name in ENTRY_SECTIONS})
     return parse_entries(data, path)
 
 
@@ -422,24 +487,36 @@ def check_entries(
             if n > 1:
                 problem("service", i, svc, f"endpoint {dup!r} is listed {n} times")
     services = {s.name for s in cfg.service}
-    for i, grant in enumerate(cfg.grant):
-        if grant.consumer not in agencies:
-            problem("grant", i, grant, f"consumer {grant.consumer!r} is not a declared [[agency]]")
-        if grant.service not in services:
-            problem("grant", i, grant, f"service {grant.service!r} is not a declared [[service]]")
+    asks: list[tuple[str, int, GrantEntry | RequestEntry]] = [
+        *(("grant", i, g) for i, g in enumerate(cfg.grant)),
+        *(("request", i, r) for i, r in enumerate(cfg.request)),
+    ]
+    for section, i, ask in asks:
+        if isinstance(ask, RequestEntry) and ask.state not in OPEN_STATES:
+            continue  # closed: what it named may have gone since, as the history shows
+        if ask.consumer not in agencies:
+            problem(section, i, ask, f"consumer {ask.consumer!r} is not a declared [[agency]]")
+        if ask.service not in services:
+            problem(section, i, ask, f"service {ask.service!r} is not a declared [[service]]")
             continue
-        contract = contracts.services.get(grant.service)
+        contract = contracts.services.get(ask.service)
         if contract is None:
             continue
-        for method in grant.methods:
+        for method in ask.methods:
             if method != "*" and method not in contract.methods:
                 problem(
-                    "grant",
+                    section,
                     i,
-                    grant,
-                    f"method {method!r} is not in service {grant.service!r} "
+                    ask,
+                    f"method {method!r} is not in service {ask.service!r} "
                     f"(it has: {', '.join(sorted(contract.methods))})",
                 )
+    for dup, n in Counter(g.id for g in cfg.grant if g.id is not None).items():
+        if n > 1:
+            problems.append(f"{path}: [[grant]] id {dup!r} is used {n} times")
+    for dup, n in Counter(r.id for r in cfg.request).items():
+        if n > 1:
+            problems.append(f"{path}: [[request]] id {dup!r} is used {n} times")
     for i, limit in enumerate(cfg.limit):
         if limit.consumer not in agencies:
             problem("limit", i, limit, f"consumer {limit.consumer!r} is not a declared [[agency]]")
@@ -515,7 +592,10 @@ def load(path: Path) -> BrokerConfig:
         grants=tuple(cfg.grant),
         contracts=contracts,
         limits=tuple(cfg.limit),
-        registry=cfg.registry,
+        registry=cfg.registry.model_copy(
+            update={"url": cfg.registry.url and resolve_sqlite_url(cfg.registry.url, base)}
+        ),
+        requests=tuple(cfg.request),
     )
 
 
@@ -533,5 +613,6 @@ def apply_entries(
         services={s.name: s for s in entries.service},
         grants=tuple(entries.grant),
         limits=tuple(entries.limit),
+        requests=tuple(entries.request),
         registry_version=version,
     )

@@ -1,4 +1,5 @@
-"""PostgreSQL URLs as the stores show them: who, where and which database, never a password."""
+"""Database URLs as the stores show them: for PostgreSQL who, where and which database, never
+a password; for SQLite the file."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import os
 import re
 import urllib.parse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 SCHEMES = ("postgresql://", "postgres://")
+SQLITE_SCHEME = "sqlite:///"  # then the path: sqlite:///relative.db, sqlite:////absolute.db
 
 
 def _conninfo(url: str) -> dict[str, Any]:
@@ -27,6 +30,30 @@ def _conninfo(url: str) -> dict[str, Any]:
 
 def is_database_url(where: object) -> bool:
     return isinstance(where, str) and where.startswith(SCHEMES)
+
+
+def is_sqlite_url(where: object) -> bool:
+    return isinstance(where, str) and where.startswith(SQLITE_SCHEME)
+
+
+def sqlite_path(url: str) -> Path:
+    """The file a ``sqlite:///PATH`` URL names, as written (relative to the working directory
+    if relative: ``resolve_sqlite_url`` puts it beside the configuration); ValueError if
+    it names none."""
+    if not is_sqlite_url(url):
+        raise ValueError("expected sqlite:///PATH (three slashes, then the file's path)")
+    path = url[len(SQLITE_SCHEME) :]
+    if not path or path.endswith("/") or "\0" in path:
+        raise ValueError(f"{url!r} names no file: expected sqlite:///PATH")
+    return Path(path)
+
+
+def resolve_sqlite_url(url: str, base: Path) -> str:
+    """``url`` with a relative SQLite path made absolute from ``base`` (the configuration
+    file's directory); any other URL as it is."""
+    if not is_sqlite_url(url):
+        return url
+    return f"{SQLITE_SCHEME}{(base / sqlite_path(url)).absolute()}"
 
 
 def describe(url: str) -> str:

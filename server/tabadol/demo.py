@@ -1,7 +1,9 @@
 """``tabadol demo``: a whole exchange on one machine, a broker and four agencies.
 
-Everything real: a PKI under ``DIR/pki``, a broker configuration at ``DIR/demo.toml``,
-each agency a provider over mTLS, and traffic of every RPC kind sent through the broker.
+Everything real: a PKI under ``DIR/pki``, a broker configuration at ``DIR/demo.toml``, the
+registry in ``DIR/registry.db`` (SQLite, so the Access service can change it), each agency a
+provider over mTLS, traffic of every RPC kind sent through the broker, and one request for
+access, made through the Access service, for the newcomer to approve.
 """
 
 from __future__ import annotations
@@ -44,6 +46,15 @@ from tabadol.broker import Broker
 from tabadol.broker.server import reload_from_file
 from tabadol.client import ProviderServer, connect
 from tabadol.client.tracing import tracer_provider
+from tabadol.config import (
+    AgencyEntry,
+    BrokerConfig,
+    GrantEntry,
+    RegistryFile,
+    ServiceEntry,
+    parse_entries,
+)
+from tabadol.database import sqlite_path
 from tabadol.demo_agencies import (
     AGENCIES,
     SERVICES,
@@ -55,6 +66,9 @@ from tabadol.errors import TabadolError
 from tabadol.ops.server import OpsServer, open_accounts
 from tabadol.ops.trust import OpsTrust
 from tabadol.pki import CertificateAuthority
+from tabadol.platform.v1 import access_pb2, access_pb2_grpc
+from tabadol.registry.entries import digest, entries_data
+from tabadol.registry.store import open_registry
 from tabadol.type.v1 import date_pb2
 
 log = logging.getLogger("tabadol.demo")
@@ -74,16 +88,32 @@ REGISTRY = {
     "cra": (22, 0.6, 600_000),
     "tax": (40, 0.7, 1_500_000),
 }
-# Who may call what: each grant is a real inter-agency need.
-GRANTS: list[tuple[str, str, list[str]]] = [
-    ("post", "nocr", ["InquirePerson"]),  # the post checks a recipient's identity
-    ("tax", "nocr", ["*"]),  # the tax office verifies sellers and buyers, in batches
-    ("tax", "cra", ["MatchMobile"]),  # and that a taxpayer owns the mobile they registered
-    ("tax", "post", ["LookupPostalCode"]),  # and their business address
-    ("nocr", "post", ["*"]),  # the registry lists addresses by region
-    ("post", "tax", ["SubmitInvoices"]),  # the post submits its own sales invoices
-    ("cra", "nocr", ["InquirePerson"]),  # operators identify a subscriber
-]
+# Who may call what, and why: each grant is a real inter-agency need (consumer, provider,
+# methods, purpose, its legal reference; the references are illustrative).
+GRANTS: list[tuple[str, str, list[str], str, str]] = [
+    ("post", "nocr", ["InquirePerson"],
+     "Verifying the addressee's identity for registered mail", "Postal Services Act art. 12"),
+    ("tax", "nocr", ["*"],
+     "Verifying sellers and buyers named on invoices", "Direct Taxation Act art. 169"),
+    ("tax", "cra", ["MatchMobile"],
+     "Checking that taxpayers own the mobile numbers they registered",
+     "Direct Taxation Act art. 169"),
+    ("tax", "post", ["LookupPostalCode"],
+     "Verifying taxpayers' business addresses", "Direct Taxation Act art. 169"),
+    ("nocr", "post", ["*"],
+     "Keeping residents' registered addresses current, by region", "Civil Registration Act art. 4"),
+    ("post", "tax", ["SubmitInvoices"],
+     "Submitting the post's own sales invoices", "Direct Taxation Act art. 169"),
+    ("cra", "nocr", ["InquirePerson"],
+     "Identifying mobile subscribers at registration", "Telecommunications Act art. 8"),
+]  # fmt: skip
+# The request the newcomer approves: the regulator asks the post for its address lists,
+# which the traffic shows it may not read yet.
+REQUEST = (
+    "cra", "post", "ListAddresses",
+    "Checking mobile subscribers' registered addresses", "SIM Registration Regulation art. 6",
+)  # fmt: skip
+DEMO_AUTHOR = "tabadol demo"  # who the registry versions the demo commits name
 
 
 DEMO_PERSON = "demo"  # the demo's operator and auditor: pki/operators/demo, pki/auditors/demo
@@ -124,18 +154,23 @@ def demo_config(
     listen: str,
     pki_dir: Path,
     contracts: Path,
-    endpoints: dict[str, str],
     otlp: str,
     metrics_listen: str,
 ) -> str:
+    """The broker's own settings; its registry entries are in ``registry.db`` beside it."""
     lines = [
-        "# Written by `tabadol demo`; rewritten on every run.",
+        "# Written by `tabadol demo`; rewritten on every run. The registry entries (agencies,",
+        "# services, grants, requests) are in registry.db: `tabadol registry export --config`",
+        "# this file shows them, `tabadol registry history` who changed what.",
         "[broker]",
         f'listen = "{listen}"',
         f'trust_domain = "{TRUST_DOMAIN}"',
         f'pki_dir = "{pki_dir}"',
         f'contracts = ["{contracts}"]',
         f'metrics_listen = "{metrics_listen}"',
+        "",
+        "[registry]",
+        'url = "sqlite:///registry.db"',
         "",
         "[ledger]",
         'path = "ledger.db"',
@@ -144,35 +179,85 @@ def demo_config(
         f'otlp_endpoint = "https://{otlp}"',  # mTLS, with broker.crt
         "",
     ]
+    return "\n".join(lines)
+
+
+def demo_entries(endpoints: Mapping[str, str]) -> RegistryFile:
+    """The demo's exchange as it first starts: four agencies, their services at
+    ``endpoints`` (by agency) and the grants between them."""
+    agencies = []
     for agency, name in AGENCY_NAMES.items():
         services, visits, baseline = REGISTRY[agency]
-        lines += [
-            "[[agency]]",
-            f'id = "{agency}"',
-            f'name = "{name}"',
-            f"government_services = {services}",
-            f"visits_per_exchange = {visits}",
-            f"in_person_visits_per_quarter = {baseline}",
-            "",
-        ]
-    for agency, service in SERVICES.items():
-        lines += [
-            "[[service]]",
-            f'name = "{service}"',
-            f'provider = "{agency}"',
-            f'endpoints = ["{endpoints[agency]}"]',
-            "",
-        ]
-    for consumer, provider, methods in GRANTS:
-        quoted = ", ".join(f'"{m}"' for m in methods)
-        lines += [
-            "[[grant]]",
-            f'consumer = "{consumer}"',
-            f'service = "{SERVICES[provider]}"',
-            f"methods = [{quoted}]",
-            "",
-        ]
-    return "\n".join(lines)
+        agencies.append(
+            AgencyEntry(
+                id=agency,
+                name=name,
+                government_services=services,
+                visits_per_exchange=visits,
+                in_person_visits_per_quarter=baseline,
+            )
+        )
+    return RegistryFile(
+        agency=agencies,
+        service=[
+            ServiceEntry(name=service, provider=agency, endpoints=[endpoints[agency]])
+            for agency, service in SERVICES.items()
+        ],
+        grant=[
+            GrantEntry(
+                consumer=consumer,
+                service=SERVICES[provider],
+                methods=methods,
+                purpose=purpose,
+                purpose_reference=reference,
+            )
+            for consumer, provider, methods, purpose, reference in GRANTS
+        ],
+    )
+
+
+def moved_providers(entries: RegistryFile, endpoints: Mapping[str, str]) -> RegistryFile | None:
+    """A registry the demo made on an earlier run, with its providers at this run's
+    ``endpoints``; None when it already has them there. Nothing else changes: a grant given
+    or revoked, a request made or answered, stays as it was."""
+    ours = {SERVICES[a]: [endpoint] for a, endpoint in endpoints.items()}
+    if all(ours.get(s.name, s.endpoints) == s.endpoints for s in entries.service):
+        return None
+    moved = [
+        s.model_copy(update={"endpoints": ours[s.name]}) if s.name in ours else s
+        for s in entries.service
+    ]
+    return entries.model_copy(update={"service": moved})
+
+
+def ensure_registry(cfg: BrokerConfig, endpoints: Mapping[str, str]) -> str:
+    """The demo's registry in the database ``cfg`` names, as a version committed by
+    ``tabadol demo``: the demo's exchange on the first run, and on later runs the registry
+    as it was left, with the providers moved to this run's ports. Returns its URL."""
+    if cfg.registry.url is None:
+        raise TabadolError(
+            f"{cfg.path}: [registry] url is not set: the demo's registry is a database"
+        )
+    store = open_registry(cfg.registry.url)
+    try:
+        current = store.current()
+        if current is None:
+            entries = demo_entries(endpoints)
+            reason = (
+                "the demo's exchange: four agencies, their services and the grants between them"
+            )
+        else:
+            label = f"registry version {current.number} of {store.where}"
+            found = moved_providers(parse_entries(current.entries, label), endpoints)
+            if found is None:
+                return cfg.registry.url
+            entries, reason = found, "the demo's providers started on new ports"
+        config_module.apply_entries(cfg, entries, "the demo's registry entries")  # as a file's
+        data = entries_data(entries)
+        store.commit(data, DEMO_AUTHOR, reason, digest(data))
+    finally:
+        store.close()
+    return cfg.registry.url
 
 
 async def send_traffic(
@@ -189,9 +274,12 @@ async def send_traffic(
             broker_address, pki_dir / "agencies" / agency, tracer_provider=tracers[agency]
         )
 
-    async def attempt(label: str, action: Callable[[], Awaitable[str]]) -> None:
+    async def attempt(
+        label: str, action: Callable[[], Awaitable[str]], granted: str | None = None
+    ) -> None:
+        """``granted``: the label when it succeeds, if that is news."""
         try:
-            report.append(f"  {'OK':<17} {label}: {await action()}")
+            report.append(f"  {'OK':<17} {granted or label}: {await action()}")
         except grpc.aio.AioRpcError as e:
             report.append(f"  {e.code().name:<17} {label}: {e.details()}")
 
@@ -269,9 +357,12 @@ async def send_traffic(
 
         async def not_granted() -> str:
             call = post_grpc.AddressDirectoryStub(cra).ListAddresses(
-                post_pb.ListAddressesRequest(region=post_pb.Region(province="Tehran")), timeout=5
+                post_pb.ListAddressesRequest(
+                    region=post_pb.Region(province="Tehran"), max_results=100
+                ),
+                timeout=5,
             )
-            return f"{sum([1 async for _ in call])} addresses (unexpected)"
+            return f"{sum([1 async for _ in call])} addresses streamed for Tehran"
 
         await attempt("post -> nocr InquirePerson (unary)", inquire)
         await attempt("tax  -> nocr VerifyPeople (bidi stream)", verify_batch)
@@ -280,8 +371,87 @@ async def send_traffic(
         await attempt("tax  -> cra  MatchMobile (unary)", match_mobile)
         await attempt("post -> tax  SubmitInvoices (client stream)", submit)
         await attempt("post -> nocr InquirePerson with a bad check digit", bad_national_id)
-        await attempt("cra  -> post ListAddresses without a grant", not_granted)
+        await attempt(
+            "cra  -> post ListAddresses without a grant",
+            not_granted,
+            granted="cra  -> post ListAddresses, granted on request",
+        )
     return report
+
+
+_OPEN = (access_pb2.REQUEST_STATE_PENDING, access_pb2.REQUEST_STATE_AWAITING_OPERATOR)
+
+
+async def ask_for_access(
+    broker_address: str, pki_dir: Path
+) -> access_pb2.AccessRequest | access_pb2.Grant:
+    """The consumer's open request of ``REQUEST``, made through the Access service with its
+    own certificate unless one is open already; or the grant it holds, once approved."""
+    consumer, provider, method, purpose, reference = REQUEST
+    service = SERVICES[provider]
+    async with connect(broker_address, pki_dir / "agencies" / consumer) as channel:
+        access = access_pb2_grpc.AccessStub(channel)
+        held = await access.ListGrants(
+            access_pb2.ListGrantsRequest(service=service, consumer=consumer), timeout=10
+        )
+        for grant in held.grants:
+            if not grant.expired and {method, "*"} & set(grant.methods):
+                return grant
+        listed = await access.ListRequests(
+            access_pb2.ListRequestsRequest(service=service), timeout=10
+        )
+        for request in listed.requests:
+            if request.consumer == consumer and request.state in _OPEN:
+                return request
+        made = await access.RequestAccess(
+            access_pb2.RequestAccessRequest(
+                service=service,
+                methods=[method],
+                purpose=access_pb2.Purpose(text=purpose, reference=reference),
+            ),
+            timeout=10,
+        )
+        return made.request
+
+
+def access_block(
+    asked: access_pb2.AccessRequest | access_pb2.Grant | str,
+    broker_address: str,
+    root: Path,
+    contracts: Path,
+) -> list[str]:
+    """What to do with the request: the commands that approve it, then the call it allows
+    (``asked``: the request, the grant it became, or why it could not be made)."""
+    consumer, provider, method, purpose, reference = REQUEST
+    if isinstance(asked, str):
+        return [f"{consumer} could not ask {provider} for access to {method}: {asked}"]
+    as_provider = ["--broker", broker_address, "--credentials", str(_credentials(root, provider))]
+    call = shlex.join(
+        [
+            ".venv/bin/tabadol", "call", "--broker", broker_address,
+            "--credentials", str(_credentials(root, consumer)), "--contracts", str(contracts),
+            f"{SERVICES[provider]}/{method}",
+            '{"region": {"province": "Tehran", "city": "Tehran"}, "max_results": 3}',
+        ]
+    )  # fmt: skip
+    if isinstance(asked, access_pb2.Grant):
+        return [
+            f"{consumer}'s request for {provider}'s {method} was approved on an earlier run "
+            f"(grant {asked.id}); its call:\n",
+            f"  {call}",
+        ]
+    return [
+        f"An access request awaits you, as the {AGENCY_NAMES[provider]}: {consumer} asks for "
+        f'{method},\nfor "{purpose}" ({reference}).\nSee it and approve it:\n',
+        "  " + shlex.join([".venv/bin/tabadol", "access", "list", "requests", *as_provider]),
+        "  " + shlex.join([".venv/bin/tabadol", "access", "approve", asked.id, *as_provider]),
+        f"\nThen the call refused above succeeds, as {consumer}:\n",
+        f"  {call}",
+    ]
+
+
+def _credentials(root: Path, agency: str) -> Path:
+    return root / "pki" / "agencies" / agency
 
 
 def example_call(
@@ -295,7 +465,7 @@ def example_call(
         "--broker",
         broker_address,
         "--credentials",
-        str(root / "pki" / "agencies" / "post"),
+        str(_credentials(root, "post")),
         "--contracts",
         str(contracts),
         "tabadol.agencies.nocr.v1.PersonRegistry/InquirePerson",
@@ -351,11 +521,12 @@ async def run_demo(
             providers[agency] = provider
 
         config_path = root / "demo.toml"
-        endpoints = {a: p.address for a, p in providers.items()}
         config_path.write_text(
-            demo_config(listen, pki_dir, contracts, endpoints, ops.otlp_address, metrics_listen)
+            demo_config(listen, pki_dir, contracts, ops.otlp_address, metrics_listen)
         )
-        broker = Broker(config_module.load(config_path))
+        cfg = config_module.load(config_path)
+        registry_url = ensure_registry(cfg, {a: p.address for a, p in providers.items()})
+        broker = Broker(cfg)
         await broker.start()
         # `kill -HUP`: a renewal or revocation reaches the demo as it reaches a real broker.
         asyncio.get_running_loop().add_signal_handler(
@@ -367,6 +538,11 @@ async def run_demo(
             provider.follow_broker(broker_address)  # revoked broker certificates, refused
         rng = random.Random()
         report = await send_traffic(broker_address, pki_dir, rng, tracers)
+        try:
+            asked: access_pb2.AccessRequest | access_pb2.Grant | str
+            asked = await ask_for_access(broker_address, pki_dir)
+        except grpc.aio.AioRpcError as e:
+            asked = f"{e.code().name}: {e.details()}"
         person = sample_person(rng)
         print("Tabadol demo is running.\n")
         print(f"  broker       {broker_address}  (config {config_path})")
@@ -392,6 +568,8 @@ async def run_demo(
             f"               (curl --cacert {pki_dir / 'ca.crt'} --cert {scraper / 'operator.crt'}"
             f" --key {scraper / 'operator.key'} {metrics_url})"
         )
+        history = f".venv/bin/tabadol registry history --config {config_path}"
+        print(f"  registry     {sqlite_path(registry_url)}  (audit trail: {history})")
         print(f"  ledger       {broker.config.ledger.path}")
         print("\nSample traffic through the broker:")
         print("\n".join(report))
@@ -400,7 +578,8 @@ async def run_demo(
             broker_address, root, contracts, person.national_id, str(person.birth_date)
         )
         print(f"  {example}")
-        print(f"\nThen find it in the ops console: {ops.http_url}/search?service=post")
+        print(f"\nThen find it in the ops console: {ops.http_url}/search?service=post\n")
+        print("\n".join(access_block(asked, broker_address, root, contracts)))
         print("\nPress Ctrl-C to stop.", flush=True)
         if not once:
             await _keep_running(broker_address, pki_dir, rng, tracers, traffic_every)

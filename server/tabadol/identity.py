@@ -144,6 +144,16 @@ def identify_consumer(
     return ConsumerIdentity(agency_id=who.name, serial=who.serial, expires_at=who.expires_at)
 
 
+def claimed_role(cert_pem: bytes, trust_domain: str) -> tuple[Role | None, str]:
+    """The role and name a certificate claims, checked against nothing; (None, "") when it
+    claims none of our trust domain's."""
+    try:
+        ids, _, _, _ = _read(cert_pem)
+        return role_of(ids[0], trust_domain) if len(ids) == 1 else (None, "")
+    except IdentityRejected:
+        return None, ""
+
+
 @functools.lru_cache(maxsize=1024)
 def claimed_agency(cert_pem: bytes) -> tuple[str, int] | None:
     """(agency id, serial) a certificate claims, checked against nothing: for the ledger

@@ -31,7 +31,7 @@ class LimitRule:
 
 
 @dataclass
-class _Bucket:
+class TokenBucket:
     """A token bucket: ``rate`` tokens a second, holding at most ``capacity``."""
 
     rate: float
@@ -84,11 +84,11 @@ class Limits:
     ) -> None:
         self._clock = clock
         self._rules: dict[tuple[str, str | None], LimitRule] = {}
-        self._buckets: dict[tuple[str, str | None], _Bucket] = {}
+        self._buckets: dict[tuple[str, str | None], TokenBucket] = {}
         self._in_flight: dict[tuple[str, str | None], list[int]] = {}
         self._others: set[str] = set()  # agencies whose limits come from the ANY_OTHER rule
         self._refused_rate, self._refused_burst = refused_rate, refused_burst
-        self._refused: dict[str, _Bucket] = {}
+        self._refused: dict[str, TokenBucket] = {}
 
     def configure(self, rules: Iterable[LimitRule]) -> None:
         self._rules = {(r.consumer, r.service): r for r in rules}
@@ -100,7 +100,7 @@ class Limits:
             capacity = rule.burst if rule.burst is not None else max(1.0, rule.rate)
             old = self._buckets.get(key)
             tokens = min(capacity, old.tokens) if old else capacity
-            buckets[key] = _Bucket(rule.rate, capacity, tokens, old.stamp if old else now)
+            buckets[key] = TokenBucket(rule.rate, capacity, tokens, old.stamp if old else now)
         self._buckets = buckets
         self._others = set()
 
@@ -123,7 +123,7 @@ class Limits:
             self._others.add(key[0])
             if rule.rate is not None:
                 capacity = rule.burst if rule.burst is not None else max(1.0, rule.rate)
-                self._buckets[key] = _Bucket(rule.rate, capacity, capacity, self._clock())
+                self._buckets[key] = TokenBucket(rule.rate, capacity, capacity, self._clock())
         return rule
 
     def admit_refused(self, certificate: str) -> Refusal | None:
@@ -134,7 +134,7 @@ class Limits:
         if bucket is None:
             if len(self._refused) >= _KEYS_LIMIT:
                 self._refused.clear()
-            bucket = self._refused[certificate] = _Bucket(
+            bucket = self._refused[certificate] = TokenBucket(
                 self._refused_rate, self._refused_burst, self._refused_burst, now
             )
         wait = bucket.take(now)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from tabadol.protocol import CONSUMER_KEY, PLATFORM_PREFIX, REQUEST_ID_KEY, RETRY_AFTER_KEY
+from tabadol.protocol import (
+    CONSUMER_KEY,
+    GRANT_KEY,
+    PLATFORM_PREFIX,
+    PURPOSE_KEY,
+    REQUEST_ID_KEY,
+    RETRY_AFTER_KEY,
+)
 
 __all__ = ["CONSUMER_KEY", "PLATFORM_PREFIX", "REQUEST_ID_KEY", "RETRY_AFTER_KEY", "Metadata"]
 
@@ -41,9 +48,12 @@ def request_metadata(
     consumer: str,
     request_id: str,
     trace_headers: Metadata = (),
+    grant: str = "",
+    purpose: str = "",
 ) -> Metadata:
     """What the provider receives: the caller's metadata without hop-by-hop, reserved and
-    caller-supplied ``x-tabadol-*`` keys, plus the broker's own identity headers.
+    caller-supplied ``x-tabadol-*`` keys, plus the broker's own: the consumer, the request
+    id, and the grant that admitted the call with its purpose (percent-encoded UTF-8).
 
     With ``trace_headers`` (the broker's own span context) the caller's trace context is
     replaced, so the provider's span is the child of the broker's.
@@ -56,7 +66,12 @@ def request_metadata(
         and not k.startswith(PLATFORM_PREFIX)
         and not (replace_trace and k in TRACE_HEADERS)
     )
-    return (*kept, *trace_headers, (CONSUMER_KEY, consumer), (REQUEST_ID_KEY, request_id))
+    own: Metadata = ((CONSUMER_KEY, consumer), (REQUEST_ID_KEY, request_id))
+    if grant:
+        own += ((GRANT_KEY, grant),)
+    if purpose:
+        own += ((PURPOSE_KEY, purpose),)
+    return (*kept, *trace_headers, *own)
 
 
 def response_metadata(incoming: Iterable[tuple[str, str | bytes]] | None) -> Metadata:

@@ -1,41 +1,84 @@
-"""Authorization: which agency may call which method. Deny by default. Pure."""
+"""Authorization: which agency may call which method, under which grant. Deny by default.
+Pure."""
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from tabadol.contracts import Contracts
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class GrantRule:
     consumer: str
     service: str
     methods: tuple[str, ...]  # method names, or ("*",) for every method of the service
+    id: str = ""  # what the ledger records for each call the grant admits
+    purpose: str = ""  # the grant's purpose reference (else its text), as the provider reads it
+    expires_at: float | None = None  # POSIX seconds: from then on it admits nothing
+
+    def live(self, wall: float) -> bool:
+        return self.expires_at is None or wall < self.expires_at
+
+
+def purpose_header(reference: str | None, text: str | None) -> str:
+    """``x-tabadol-purpose``'s value: the reference, else the text, percent-encoded UTF-8
+    (metadata values are ASCII; a purpose is often written in Persian)."""
+    return urllib.parse.quote(reference or text or "", safe=" !#$&'()*+,/:;=?@[]~")
 
 
 class Policy:
-    """The set of (consumer, method path) pairs that the grants allow; nothing else is allowed."""
+    """For each consumer and method path, the grants that allow it; nothing else is allowed.
+    A grant past its expiry allows nothing, with no one acting: each call asks at its time."""
 
-    def __init__(self, allowed: Mapping[str, frozenset[str]]) -> None:
+    def __init__(self, allowed: Mapping[str, Mapping[str, tuple[GrantRule, ...]]]) -> None:
         self._allowed = allowed
 
     @classmethod
     def from_grants(cls, grants: Iterable[GrantRule], contracts: Contracts) -> Policy:
-        allowed: dict[str, set[str]] = {}
+        allowed: dict[str, dict[str, list[GrantRule]]] = {}
         for grant in grants:
             service = contracts.services.get(grant.service)
             if service is None:
                 continue
             names = service.methods if "*" in grant.methods else grant.methods
-            paths = allowed.setdefault(grant.consumer, set())
-            paths.update(service.methods[n].path for n in names if n in service.methods)
-        return cls({consumer: frozenset(paths) for consumer, paths in allowed.items()})
+            paths = allowed.setdefault(grant.consumer, {})
+            for name in names:
+                if name in service.methods:
+                    paths.setdefault(service.methods[name].path, []).append(grant)
+        return cls(
+            {
+                consumer: {path: tuple(rules) for path, rules in paths.items()}
+                for consumer, paths in allowed.items()
+            }
+        )
 
-    def allows(self, consumer: str, method_path: str) -> bool:
+    def grant_for(self, consumer: str, method_path: str, wall: float) -> GrantRule | None:
+        """The grant that admits this call at ``wall`` (POSIX seconds); None: denied."""
         paths = self._allowed.get(consumer)
-        return paths is not None and method_path in paths
+        rules = paths.get(method_path) if paths is not None else None
+        if rules is None:
+            return None
+        for rule in rules:
+            if rule.expires_at is None or wall < rule.expires_at:
+                return rule
+        return None
 
-    def allowed_paths(self, consumer: str) -> frozenset[str]:
-        return self._allowed.get(consumer, frozenset())
+    def allows(self, consumer: str, method_path: str, wall: float) -> bool:
+        return self.grant_for(consumer, method_path, wall) is not None
+
+    def allowed_paths(self, consumer: str, wall: float) -> frozenset[str]:
+        paths = self._allowed.get(consumer, {})
+        return frozenset(p for p, rules in paths.items() if any(r.live(wall) for r in rules))
+
+    def next_expiry(self, consumer: str, wall: float) -> float:
+        """When the next of the consumer's grants expires after ``wall``; infinity: none."""
+        ends = [
+            r.expires_at
+            for rules in self._allowed.get(consumer, {}).values()
+            for r in rules
+            if r.expires_at is not None and r.expires_at > wall
+        ]
+        return min(ends, default=float("inf"))

@@ -50,11 +50,13 @@ async def run_consumer(
     *args: str,
     stdin: str = "",
     timeout: float = 30,
+    script: str = "consumer.js",
 ) -> ConsumerRun:
-    """Run ``consumer.js CASE ARGS...`` against a broker and parse the JSON it prints."""
+    """Run ``SCRIPT CASE ARGS...`` (consumer.js unless told) against a broker and parse the
+    JSON it prints."""
     argv = [
         node_executable(),
-        str(NODE_DIR / "consumer.js"),
+        str(NODE_DIR / script),
         "--broker", broker_address,
         "--credentials", str(credentials),
         "--protos", str(PROTOS),
@@ -74,13 +76,13 @@ async def run_consumer(
     except TimeoutError:
         proc.kill()
         await proc.wait()
-        pytest.fail(f"consumer.js {case} did not finish within {timeout} s", pytrace=False)
+        pytest.fail(f"{script} {case} did not finish within {timeout} s", pytrace=False)
     assert proc.returncode is not None
     try:
         document = json.loads(out)
     except json.JSONDecodeError:
         pytest.fail(
-            f"consumer.js {case} exited {proc.returncode} without a JSON document;\n"
+            f"{script} {case} exited {proc.returncode} without a JSON document;\n"
             f"stdout: {out.decode(errors='replace')}\nstderr: {err.decode(errors='replace')}",
             pytrace=False,
         )

@@ -12,13 +12,14 @@ Provider::
     person_registry_pb2_grpc.add_PersonRegistryServicer_to_server(Servicer(), provider.server)
     await provider.start()
     # in a handler: tabadol.client.consumer_agency(context) -> "post"
+    # and tabadol.client.purpose(context) -> the legal basis of the grant that admitted it
 """
 
 from tabadol.client.call_status import keep_call_status
 from tabadol.client.consumer import connect
 from tabadol.client.credentials import AgencyCredentials
 from tabadol.client.nodes import BrokerAddressError
-from tabadol.client.provider import ProviderServer, consumer_agency, request_id
+from tabadol.client.provider import ProviderServer, consumer_agency, grant, purpose, request_id
 
 __all__ = [
     "AgencyCredentials",
@@ -26,6 +27,8 @@ __all__ = [
     "ProviderServer",
     "connect",
     "consumer_agency",
+    "grant",
     "keep_call_status",
+    "purpose",
     "request_id",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,13 @@ from opentelemetry.trace import TracerProvider
 
 from tabadol.client.broker_revocations import DEFAULT_REFRESH_SECONDS, BrokerRevocations
 from tabadol.client.credentials import AgencyCredentials
-from tabadol.protocol import CONSUMER_KEY, KEEPALIVE_LISTEN, REQUEST_ID_KEY
+from tabadol.protocol import (
+    CONSUMER_KEY,
+    GRANT_KEY,
+    KEEPALIVE_LISTEN,
+    PURPOSE_KEY,
+    REQUEST_ID_KEY,
+)
 from tabadol.spiffe import broker_spiffe_id
 
 log = logging.getLogger("tabadol.client")
@@ -40,6 +47,20 @@ def consumer_agency(context: grpc.aio.ServicerContext[Any, Any]) -> str:
 def request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     """The broker's id for this exchange, for correlating logs with the exchange's ledger."""
     return _metadata_value(context, REQUEST_ID_KEY)
+
+
+def grant(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The id of the grant under which the broker admitted this call."""
+    return _metadata_value(context, GRANT_KEY)
+
+
+def purpose(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The legal basis of this call: its grant's purpose reference, else the purpose text;
+    "" when the grant records none."""
+    try:
+        return urllib.parse.unquote(_metadata_value(context, PURPOSE_KEY))
+    except LookupError:
+        return ""
 
 
 @dataclass(eq=False)

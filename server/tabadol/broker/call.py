@@ -111,6 +111,7 @@ class Call:
     started_ns: int = field(default_factory=time.time_ns)
     caller: Caller = NOBODY  # once identified, or as a refused certificate claims
     held: Admission = NOTHING_HELD  # against the consumer's concurrency limits
+    grant: str = ""  # the id of the grant that admitted it
     upstream: Upstream | None = None  # the provider endpoint, once routed
     hop_started_ns: int = 0  # when the call to the provider was made
     attempts: int = 0  # calls made to the provider (an idempotent call may retry elsewhere)
@@ -167,4 +168,5 @@ class Call:
             response_sha256=traffic.response_digest.hexdigest(),
             consumer_serial=self.caller.serial,
             consumer_verified=self.caller.verified,
+            grant=self.grant,
         )

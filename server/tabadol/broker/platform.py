@@ -139,6 +139,7 @@ class Discovery(discovery_pb2_grpc.DiscoveryServicer):
 
     def _methods(self, proxy: Proxy, agency: str, service: str) -> list[discovery_pb2.Method]:
         contract = proxy.contracts.services[service]
+        now = time.time()
         fd = proxy.contracts.files[contract.file]
         prefix = f"{fd.package}." if fd.package else ""
         declared = next(s for s in fd.service if prefix + s.name == service)
@@ -148,7 +149,7 @@ class Discovery(discovery_pb2_grpc.DiscoveryServicer):
                 kind=_KINDS[contract.methods[m.name].kind],
                 input_type=m.input_type.lstrip("."),
                 output_type=m.output_type.lstrip("."),
-                allowed=proxy.rules.policy.allows(agency, contract.methods[m.name].path),
+                allowed=proxy.rules.policy.allows(agency, contract.methods[m.name].path, now),
             )
             for m in declared.method
         ]
@@ -206,7 +207,7 @@ class Discovery(discovery_pb2_grpc.DiscoveryServicer):
         proxy = self._current()
         agency = await declared_caller(proxy, context, _DISCOVERY + "AllowedMethods")
         allowed = []
-        for path in sorted(proxy.rules.policy.allowed_paths(agency)):
+        for path in sorted(proxy.rules.policy.allowed_paths(agency, time.time())):
             method = proxy.contracts.method(path)
             if method is not None and method.service in proxy.config.services:
                 allowed.append(

@@ -76,6 +76,7 @@ class _HeldCall:
     task: asyncio.Task[Any] | None
     provider_call: Any = None  # the call to the provider, once made
     ending: str = ""  # why the broker is ending it ("" while it may go on)
+    code: Code = Code.UNAUTHENTICATED  # and the status the consumer is told
 
 
 class CallsBySerial:
@@ -134,16 +135,33 @@ class CallsBySerial:
                 ended += self._end(held, why)
         return ended
 
+    def end_ungranted(self, policy: Policy, wall: float) -> int:
+        """End every call whose grant no longer admits it at ``wall`` (revoked, or expired)
+        and that no other grant admits; how many were ended."""
+        ended = 0
+        for calls in list(self._calls.values()):
+            for held in list(calls.values()):
+                call = held.call
+                path = call.facts.method.path
+                if call.grant and policy.grant_for(call.caller.agency, path, wall) is None:
+                    why = (
+                        f"grant {call.grant} of agency {call.caller.agency!r} no longer admits "
+                        f"{path} (revoked or expired during the call)"
+                    )
+                    ended += self._end(held, why, Code.PERMISSION_DENIED)
+        return ended
+
     def end_all(self, why: str) -> int:
         """End every call in flight (the CRL went stale: no certificate can be trusted)."""
         return sum(
             self._end(h, why) for calls in self._calls.values() for h in list(calls.values())
         )
 
-    def _end(self, held: _HeldCall, why: str) -> int:
+    def _end(self, held: _HeldCall, why: str, code: Code = Code.UNAUTHENTICATED) -> int:
         if held.ending or held.call.outcome is not None:
             return 0  # already ending, one way or another
         held.ending = f"Tabadol broker: {why}; the call was ended"
+        held.code = code
         return 1 if self._stop(held) else 0
 
     @staticmethod
@@ -154,13 +172,13 @@ class CallsBySerial:
             # outlives its service's limit); a call the provider already answered goes on.
             if not held.provider_call.cancel():
                 return False
-            call.cut(Code.UNAUTHENTICATED, held.ending)
+            call.cut(held.code, held.ending)
             return True
         if held.task is None or held.task.done():
             return False
         # Not yet forwarded (a unary call still waiting for its request message): the
         # handler, interrupted, answers with this status itself (Proxy._request).
-        call.cut(Code.UNAUTHENTICATED, held.ending)
+        call.cut(held.code, held.ending)
         held.task.cancel()
         return True
 
@@ -241,22 +259,25 @@ class Proxy:
         for route in routes.values():
             upstreams = self.upstreams_by_service.setdefault(route.method.service, [])
             upstreams.extend(u for u, _ in route.targets if u not in upstreams)
-        self._catalogues: dict[str, Catalogue] = {}
+        self._catalogues: dict[str, tuple[Catalogue, float]] = {}  # and until when it holds
         self.request_ids = RequestIds()
 
     def catalogue_for(self, agency: str) -> Catalogue:
-        """The contracts as this agency may see them (built once per configuration)."""
-        catalogue = self._catalogues.get(agency)
-        if catalogue is None:
-            visible = {
-                method.service
-                for path in self.rules.policy.allowed_paths(agency)
-                if (method := self.contracts.method(path)) is not None
-            }
-            if agency in self.rules.agencies:  # contract_public: shown to every declared agency
-                visible |= {s.name for s in self.config.services.values() if s.contract_public}
-            catalogue = Catalogue(self.contracts.files, visible)
-            self._catalogues[agency] = catalogue
+        """The contracts as this agency may see them (built once per configuration, and again
+        when one of its grants expires)."""
+        now = time.time()
+        kept = self._catalogues.get(agency)
+        if kept is not None and now < kept[1]:
+            return kept[0]
+        visible = {
+            method.service
+            for path in self.rules.policy.allowed_paths(agency, now)
+            if (method := self.contracts.method(path)) is not None
+        }
+        if agency in self.rules.agencies:  # contract_public: shown to every declared agency
+            visible |= {s.name for s in self.config.services.values() if s.contract_public}
+        catalogue = Catalogue(self.contracts.files, visible)
+        self._catalogues[agency] = (catalogue, self.rules.policy.next_expiry(agency, now))
         return catalogue
 
     def identify(self, context: Context) -> ConsumerIdentity:
@@ -320,7 +341,7 @@ class Proxy:
         decision = admit(call.facts, self.rules, route.balancer, Now(time.time(), time.monotonic()))
         if isinstance(decision, Refused):
             self._refused(call, decision)
-        call.caller, call.held = decision.caller, decision.held
+        call.caller, call.held, call.grant = decision.caller, decision.held, decision.grant
         self.accounting.drain.calls.add(call)  # revocable from now on
         return decision.endpoint, {"metadata": decision.headers}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -18,6 +19,8 @@ import grpc.aio
 from cryptography import x509
 
 from tabadol import config as config_module
+from tabadol.access.desk import AccessDesk
+from tabadol.access.service import AccessService
 from tabadol.admission import Identities
 from tabadol.broker import platform
 from tabadol.broker.credentials import BrokerCredentials
@@ -30,7 +33,7 @@ from tabadol.broker.tracing import NO_TRACING, BrokerTracing, broker_tracing
 from tabadol.broker.upstream import Route, Target, Upstream
 from tabadol.client.call_status import keep_call_status
 from tabadol.client.tracing import ExporterCredentials
-from tabadol.config import BrokerConfig
+from tabadol.config import BrokerConfig, grant_id
 from tabadol.errors import ConfigError, TabadolError
 from tabadol.ledger import LedgerWriter
 from tabadol.ledger.digests import payload_digest_key
@@ -49,9 +52,11 @@ from tabadol.limits import (
     Limits,
     RetryBudget,
 )
-from tabadol.policy import GrantRule, Policy
+from tabadol.platform.v1 import access_pb2_grpc
+from tabadol.policy import GrantRule, Policy, purpose_header
 from tabadol.protocol import KEEPALIVE_DIAL, KEEPALIVE_LISTEN
 from tabadol.refusals import RefusalLog
+from tabadol.registry.store import open_registry
 from tabadol.reloading import reload_refusals
 from tabadol.revocation import CrlRefused, RevocationList
 from tabadol.samplers import TracingConfigError
@@ -132,11 +137,51 @@ class Broker:
             cfg.broker.health_check_seconds,
             revocations=lambda: self.credentials.crl,
         )
+        access_pb2_grpc.add_AccessServicer_to_server(
+            AccessService(lambda: self._dispatch.proxy, self._access_desk, self.applied),
+            self._server,
+        )
         self._server.add_generic_rpc_handlers((self._dispatch,))
+        self._desk: AccessDesk | None = None
+        self._reloaded: asyncio.Event | None = None
         self.port = 0
+
+    def _access_desk(self) -> AccessDesk:
+        """The Access service's desk: on the registry database, through a connection of its
+        own (a change waiting for the registry's lock holds up no follower read); on the
+        configuration file, reads only."""
+        if self._desk is None:
+            url = self.config.registry.url
+            store = open_registry(url) if url is not None else None
+            self._desk = AccessDesk(store, lambda: self.config)
+        return self._desk
+
+    async def applied(self, version: int, timeout: float) -> bool:
+        """Wait, at most ``timeout`` seconds, until this node runs registry ``version`` or a
+        later one; whether it does."""
+        deadline = time.monotonic() + timeout
+        while (self.config.registry_version or 0) < version:
+            if self._reloaded is None:
+                self._reloaded = asyncio.Event()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reloaded.wait(), remaining)
+        return True
+
+    def _end_ungranted(self) -> None:
+        """End the calls in flight that their grant no longer admits: revoked by a new
+        registry version, or expired (checked every second)."""
+        if not self.drain.calls:
+            return
+        ended = self.drain.calls.end_ungranted(self._dispatch.proxy.rules.policy, time.time())
+        if ended:
+            log.warning("ended %d call(s) in flight whose grant was revoked or expired", ended)
 
     def refresh_metrics(self) -> None:
         """The ledger's and the span pipeline's counts, into the metrics (every second)."""
+        self._end_ungranted()
         self._watch_crl()
         self.metrics.refresh(
             backlog=self.ledger.backlog,
@@ -328,7 +373,17 @@ class Broker:
                     stream_idle_seconds=svc.stream_idle_seconds or cfg.broker.stream_idle_seconds,
                 )
         policy = Policy.from_grants(
-            (GrantRule(g.consumer, g.service, tuple(g.methods)) for g in cfg.grants),
+            (
+                GrantRule(
+                    g.consumer,
+                    g.service,
+                    tuple(g.methods),
+                    grant_id(g),
+                    purpose_header(g.purpose_reference, g.purpose),
+                    g.expires_at.timestamp() if g.expires_at is not None else None,
+                )
+                for g in cfg.grants
+            ),
             cfg.contracts,
         )
         return Proxy(
@@ -397,11 +452,15 @@ class Broker:
             self._closing.add(task)  # awaited at stop, like channel closes
             task.add_done_callback(self._closing.discard)
         self._dispatch.proxy = proxy
+        if self._reloaded is not None:  # wake whoever waits for a registry version
+            self._reloaded.set()
+            self._reloaded = None
         # Identity was checked when each call started: the calls a newly revoked certificate
         # still holds open end now, not when they would have.
         ended = self.drain.calls.end_revoked(creds.revoked)
         if ended:
             log.warning("ended %d call(s) in flight whose certificate the new CRL revokes", ended)
+        self._end_ungranted()
         self.metrics.configure(cfg.agencies)
         self.limits.configure(_limit_rules(cfg))
         self.retries.ratio = cfg.broker.retry_budget_ratio
@@ -446,6 +505,8 @@ class Broker:
         # Calls the server cut off at the end of the grace period may not have released
         # their endpoint yet; the process is ending, so close what is left regardless.
         await asyncio.gather(*(u.channel.close() for u in self._upstreams.values() if u.in_flight))
+        if self._desk is not None:
+            await asyncio.to_thread(self._desk.close)
         # Every record of every call is written (or journaled) before the process goes;
         # RecordsLost, raised once the rest has stopped, says how many could not be.
         if self.timestamper is not None:

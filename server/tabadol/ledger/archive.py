@@ -139,10 +139,14 @@ def record_line(stored: StoredRecord) -> bytes:
 
 
 # A record line is its canonical bytes (what its digest covers) without the schema number,
-# schema 1's two missing fields put back: so the reader hashes the line's own bytes.
+# schema 1's two missing fields put back: so the reader hashes the line's own bytes. A
+# record with no grant keeps its schema's line, without grant, as archives before grants
+# hold it; its last value is then consumer_verified (a boolean), a schema 3 line's is grant
+# (a string): how the end of a line tells the schema.
 _SCHEMA_1 = b"[1,"
 _SCHEMA_1_TAIL = b',"",true]'  # consumer_serial "", consumer_verified true: schema 1's form
-_SCHEMA_2 = b"[%d," % SCHEMA_VERSION
+_SCHEMA_2 = b"[2,"
+_SCHEMA_3 = b"[%d," % SCHEMA_VERSION
 
 
 def line_of(canonical: bytes) -> bytes:
@@ -155,6 +159,8 @@ def line_of(canonical: bytes) -> bytes:
 def canonical_of(line: bytes) -> bytes:
     """What a record line's digest covers, if the line is as ``line_of`` writes it (compact
     ASCII JSON); any other line yields bytes no seal matches, and is read value by value."""
+    if line.endswith(b'"]'):
+        return _SCHEMA_3 + line[1:]
     if line.endswith(_SCHEMA_1_TAIL):
         return _SCHEMA_1 + line[1 : -len(_SCHEMA_1_TAIL)] + b"]"
     return _SCHEMA_2 + line[1:]
@@ -165,14 +171,17 @@ class Malformed(ValueError):
 
 
 _RECORD_TYPES = tuple(FIELD_TYPES[name] for name in FIELD_NAMES)
+_UNGRANTED_TYPES = _RECORD_TYPES[:-1]  # a line without grant: a record no grant admitted
 
 
 def _record(fields: Any) -> LedgerRecord:
-    if type(fields) is list and tuple(map(type, fields)) == _RECORD_TYPES:  # the usual case
-        return LedgerRecord(*fields)
-    if not isinstance(fields, list) or len(fields) != len(FIELD_NAMES):
+    if type(fields) is list:  # the usual case
+        types = tuple(map(type, fields))
+        if types in (_UNGRANTED_TYPES, _RECORD_TYPES):
+            return LedgerRecord(*fields)
+    if not isinstance(fields, list) or len(fields) not in (len(FIELD_NAMES) - 1, len(FIELD_NAMES)):
         raise Malformed("a record line with the wrong number of fields")
-    for name, value in zip(FIELD_NAMES, fields, strict=True):
+    for name, value in zip(FIELD_NAMES, fields, strict=False):
         if type(value) is not FIELD_TYPES[name]:
             raise Malformed(f"a record whose {name} is not of type {FIELD_TYPES[name].__name__}")
     return LedgerRecord(*fields)  # pragma: no cover (the types matched after all)

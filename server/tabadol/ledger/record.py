@@ -9,7 +9,7 @@ from operator import attrgetter
 from typing import Any, get_type_hints
 
 GENESIS = "0" * 64  # the "previous digest" of the first record
-SCHEMA_VERSION = 2  # 2 added consumer_serial and consumer_verified
+SCHEMA_VERSION = 3  # 2 added consumer_serial and consumer_verified, 3 added grant
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +36,7 @@ class LedgerRecord:
     response_sha256: str = ""
     consumer_serial: str = ""  # the serial (hex) of the certificate the caller presented
     consumer_verified: bool = True  # False: ``consumer`` is only what a refused certificate claims
+    grant: str = ""  # the id of the grant that admitted the call; "" when none did
 
     @property
     def duration_ns(self) -> int:
@@ -48,18 +49,22 @@ class LedgerRecord:
     def canonical(self) -> bytes:
         """The bytes the chain digest covers: the schema version and every field, in order.
 
-        A record with no serial that counts as verified is in schema 1's form (every record
-        written before serials were recorded): its digest covers schema 1's fields only, so
-        old ledgers still verify. Any other record is schema 2 and covers every field.
+        A record with no grant is in the form of the schema it was written under, so old
+        ledgers still verify: with no serial and counted as verified, schema 1's (its fields
+        only); else schema 2's (every field before grant). A record with a grant is schema 3
+        and covers every field.
         """
-        if self.consumer_serial == "" and self.consumer_verified:  # "" itself, no other empty
+        if self.grant != "":  # "" itself, no other empty
+            return _CANONICAL.encode((SCHEMA_VERSION, *_values(self))).encode()
+        if self.consumer_serial == "" and self.consumer_verified:
             return _CANONICAL.encode((1, *_values(self)[:_SCHEMA_1_FIELDS])).encode()
-        return _CANONICAL.encode((SCHEMA_VERSION, *_values(self))).encode()
+        return _CANONICAL.encode((2, *_values(self)[:_SCHEMA_2_FIELDS])).encode()
 
 
 FIELD_NAMES = tuple(f.name for f in fields(LedgerRecord))
 FIELD_TYPES: dict[str, type] = get_type_hints(LedgerRecord)
 _SCHEMA_1_FIELDS = FIELD_NAMES.index("consumer_serial")
+_SCHEMA_2_FIELDS = FIELD_NAMES.index("grant")
 _values = attrgetter(*FIELD_NAMES)
 _CANONICAL = json.JSONEncoder(separators=(",", ":"))
 

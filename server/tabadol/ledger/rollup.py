@@ -4,7 +4,8 @@ per day instead of every record. Pure: no store, no clock.
 Two kinds of row (docs/ledger.md, "Rollups"):
 
 - a **call group**: per Asia/Tehran day, consumer, provider, service, method, status,
-  forwarded and verified: calls, summed duration and bytes, and a duration histogram;
+  forwarded, verified and the grant that admitted the calls: calls, summed duration and
+  bytes, and a duration histogram;
 - a **provider day**: per provider and Asia/Tehran day, its five-minute windows' counts (the
   calls forwarded to it that started in the window, and how many of those it answered:
   status other than UNAVAILABLE), two bitmasks of them (windows with calls, windows
@@ -247,6 +248,7 @@ class GroupKey(NamedTuple):
     status_code: int
     forwarded: bool  # an endpoint was chosen: the call reached for the provider
     verified: bool  # the consumer was identified by its certificate
+    grant: str = ""  # the id of the grant that admitted the calls; "" when none did
 
 
 @dataclass(slots=True)
@@ -409,6 +411,8 @@ class Rollup:
                 key.status_code, key.forwarded, key.verified, t.calls, t.duration_ns,
                 t.request_bytes, t.response_bytes, sorted(t.histogram.items()),
             ]  # fmt: skip
+            if key.grant:  # a row of no grant is as before grants, so old statements hold
+                row.append(key.grant)
             sha.update(encode(row).encode() + b"\n")
         for dkey in sorted(self.provider_days):
             day = self.provider_days[dkey]
@@ -439,10 +443,10 @@ class Rollup:
 # What a rollup reads of a record, in this order (``rollup_of_fields``).
 ROLLUP_FIELDS = (
     "start_ns", "end_ns", "consumer", "provider", "service", "method", "status_code",
-    "endpoint", "consumer_verified", "request_bytes", "response_bytes",
+    "endpoint", "consumer_verified", "request_bytes", "response_bytes", "grant",
 )  # fmt: skip
 _rollup_fields = attrgetter(*ROLLUP_FIELDS)
-RollupFields = tuple[int, int, str, str, str, str, int, str, bool, int, int]
+RollupFields = tuple[int, int, str, str, str, str, int, str, bool, int, int, str]
 
 
 def rollup(records: Iterable[LedgerRecord]) -> Rollup:
@@ -454,7 +458,7 @@ def rollup_of_fields(rows: Iterable[RollupFields]) -> Rollup:
     """The rollup of records given as their ROLLUP_FIELDS, as a store can read them without
     building each record. (Keyed by tuples while it sums: it runs on the writer's path,
     once per record, and a frozen dataclass is slow to build and hash.)"""
-    groups: dict[tuple[int, str, str, str, str, int, bool, bool], GroupTotals] = {}
+    groups: dict[tuple[int, str, str, str, str, int, bool, bool, str], GroupTotals] = {}
     days: dict[tuple[int, str], ProviderDay] = {}
     hour, day = None, 0  # a batch's records mostly share an hour: day_of once per hour
     for (
@@ -469,13 +473,14 @@ def rollup_of_fields(rows: Iterable[RollupFields]) -> Rollup:
         verified,
         sent,
         got,
+        grant,
     ) in rows:
         duration = end - start
         forwarded = endpoint != ""
         if (start - _HALF_HOUR_NS) // _HOUR_NS != hour:
             hour = (start - _HALF_HOUR_NS) // _HOUR_NS
             day = _day_of_hour(hour)[0]
-        key = (day, consumer, provider, service, method, code, forwarded, verified)
+        key = (day, consumer, provider, service, method, code, forwarded, verified, grant)
         totals = groups.get(key)
         if totals is None:
             totals = groups[key] = GroupTotals()
@@ -502,8 +507,8 @@ def rollup_of_fields(rows: Iterable[RollupFields]) -> Rollup:
                 answered[index] = answered.get(index, 0) + 1
     return Rollup(
         {
-            GroupKey(day, c, p, s, m, code, forwarded, bool(verified)): totals
-            for (day, c, p, s, m, code, forwarded, verified), totals in groups.items()
+            GroupKey(day, c, p, s, m, code, forwarded, bool(verified), grant): totals
+            for (day, c, p, s, m, code, forwarded, verified, grant), totals in groups.items()
         },
         {ProviderDayKey(*dkey): provider_day for dkey, provider_day in days.items()},
     )
@@ -521,7 +526,7 @@ def describe_group(key: GroupKey) -> str:
     return (
         f"{_date(key.day_ns)} {key.consumer or '-'} -> {key.provider}/{key.service}/{key.method} "
         f"status {key.status_code}{' forwarded' if key.forwarded else ''}"
-        f"{'' if key.verified else ' unverified'}"
+        f"{'' if key.verified else ' unverified'}{f' grant {key.grant}' if key.grant else ''}"
     )
 
 

@@ -1,5 +1,5 @@
-"""``tabadol registry``: import, export, diff and history of the registry database, and
-publishing the exchange's CRL into it."""
+"""``tabadol registry``: import, export, diff, history and verify of the registry database,
+and publishing the exchange's CRL into it."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 from tabadol import config as config_module
 from tabadol.config import BrokerConfig
 from tabadol.errors import ConfigError
+from tabadol.registry.audit import TrailCheck
 from tabadol.registry.entries import Entries, diff, digest, entries_data, summary, to_toml
 from tabadol.registry.store import Registry, RegistryRefused, open_registry
 from tabadol.registry.store.base import number_refused
@@ -37,7 +38,8 @@ def _registry_config(path: Path) -> tuple[BrokerConfig, str]:
     if cfg.registry.url is None:
         raise ConfigError(
             f"{cfg.path}: [registry] url is not set: this broker's registry is the entries in "
-            'the file itself (set url = "postgresql://..." to keep it in a database)'
+            'the file itself (set url = "sqlite:///registry.db" for a database on this node, '
+            'or url = "postgresql://..." for one every node shares: docs/registry.md)'
         )
     return cfg, cfg.registry.url
 
@@ -158,6 +160,20 @@ def _cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    _, url = _registry_config(args.config)
+    check = TrailCheck()
+    with _opened(url) as store:
+        after = 0
+        while page := store.history(after=after, limit=_HISTORY_PAGE):
+            for version in page:
+                for problem in check.add(version):
+                    print(problem, flush=True)
+            after = page[-1].number
+    print(check.summary(store.where))
+    return 1 if check.problems else 0
+
+
 def _cmd_publish_crl(args: argparse.Namespace) -> int:
     from tabadol.registry.crl import publish_crl
 
@@ -184,7 +200,7 @@ def add_registry_commands(
 ) -> None:
     """``tabadol registry ...`` (docs/registry.md)."""
     registry = sub.add_parser(
-        "registry", help="the registry in its database: import, export, diff, history, CRL"
+        "registry", help="the registry in its database: import, export, diff, history, verify, CRL"
     )
     actions = registry.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
 
@@ -223,6 +239,16 @@ def add_registry_commands(
     dif.add_argument("file", type=Path, metavar="REGISTRY.toml")
 
     action("history", _cmd_history, help="every version: when, who, why and what changed")
+
+    action(
+        "verify",
+        _cmd_verify,
+        help="check the history: every version's entries, number and audit chain",
+        description="Read every version, oldest first, and check that its entries are "
+        "registry entries matching its digest, that numbers go up, and that its chain links "
+        "it to the version before. Prints one line per problem, naming the version, and "
+        "exits 1 if there is any; else the head's chain, to compare with one noted earlier.",
+    )
 
     crl = action(
         "publish-crl",

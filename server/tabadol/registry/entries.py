@@ -1,7 +1,7 @@
 """Registry entries as data: their digest, what changes between two versions, and TOML.
 
-Pure: no database, no files. Entries are kept as JSON-shaped dicts, the four lists of a
-registry file (``agency``, ``service``, ``grant``, ``limit``) as the operator wrote them.
+Pure: no database, no files. Entries are kept as JSON-shaped dicts, the five lists of a
+registry file (``agency``, ``service``, ``grant``, ``limit``, ``request``) as the operator wrote them.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from tabadol.config import ENTRY_SECTIONS, RegistryFile
 Entries = dict[str, list[dict[str, Any]]]
 _KEYS = {"agency": ("id",), "service": ("name",), "grant": ("consumer", "service")}
 _KEYS["limit"] = ("consumer", "service")
+_KEYS["request"] = ("id",)
 
 
 def entries_data(entries: RegistryFile) -> Entries:
@@ -81,7 +82,9 @@ def _keyed(section: str, entries: Sequence[Mapping[str, Any]]) -> dict[str, Mapp
     keyed: dict[str, Mapping[str, Any]] = {}
     seen: Counter[str] = Counter()
     for entry in entries:
-        parts = [entry.get(k) for k in _KEYS[section]]
+        # A grant made through the Access service is known by its id, as the ledger knows it.
+        keys = ("id",) if section == "grant" and entry.get("id") else _KEYS[section]
+        parts = [entry.get(k) for k in keys]
         key = " ".join(repr(p) if p is not None else "(all services)" for p in parts)
         seen[key] += 1
         keyed[key if seen[key] == 1 else f"{key} #{seen[key]}"] = entry

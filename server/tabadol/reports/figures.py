@@ -15,6 +15,7 @@ from tabadol.config import AgencyEntry, BrokerConfig
 from tabadol.ledger.rollup import WINDOW_NS as WINDOW_NS  # the availability windows
 from tabadol.ledger.rollup import Histogram, percentiles
 from tabadol.ledger.store.base import CallGroup
+from tabadol.reports.purposes import GrantPurpose, PurposeCalls, calls_by_purpose
 from tabadol.reports.quarter import Quarter
 
 OK = 0  # gRPC status code
@@ -114,6 +115,17 @@ DEFINITIONS: dict[str, str] = {
         "An agency is behind when its e-service share is below 100%, its visit reduction is "
         "below 12%, or either cannot be computed; the reasons say which."
     ),
+    "calls_by_purpose": (
+        "Per service an agency provides: the calls that a grant admitted (the ledger records "
+        "which grant admitted each call), counted under that grant's purpose, the legal basis "
+        "its provider gave, and its reference; and of those, the ones that ended with status 0 "
+        "(OK). Grants with the same purpose and reference on a service count together. A "
+        "grant's purpose is read from every registry version, so a grant revoked or changed "
+        "during the quarter still counts under its purpose (the latest it gave). Calls of a "
+        'grant that gave no purpose count under "(no purpose recorded)"; calls of a grant '
+        "the registry does not know count under the grant's id. Calls no grant admitted "
+        "(refused ones, and the platform's own services) are not counted here."
+    ),
     "percentages": (
         "Shown truncated to one decimal place, never rounded up: 99.96% shows as 99.9%, so a "
         "figure shown at its target has met it. Raw values are in the JSON and CSV."
@@ -173,6 +185,7 @@ class AgencyFigures:
     visits_avoided: Decimal
     in_person_visits_per_quarter: int | None
     visit_reduction: Decimal | None
+    purposes: tuple[PurposeCalls, ...] = ()  # calls by purpose, of the services it provides
 
     @property
     def services_offered(self) -> int:
@@ -283,9 +296,11 @@ def agency_figures(
     agency: AgencyEntry,
     current: Activity,
     involving: Sequence[CallGroup] | None = None,
+    purposes: Sequence[PurposeCalls] = (),
 ) -> AgencyFigures:
     """One agency's figures; ``involving``: the declared callers' groups that name it as
-    consumer or provider, when the caller has them sorted by agency already."""
+    consumer or provider, when the caller has them sorted by agency already; ``purposes``:
+    the calls by purpose of the services it provides."""
     if involving is None:
         involving = identified(current.groups, cfg.agencies)
     served = [g for g in involving if g.provider == agency.id and g.forwarded]
@@ -319,6 +334,7 @@ def agency_figures(
         visits_avoided=visits_avoided,
         in_person_visits_per_quarter=baseline,
         visit_reduction=ratio(visits_avoided, baseline) if baseline is not None else None,
+        purposes=tuple(purposes),
     )
 
 
@@ -377,15 +393,22 @@ def rank(agencies: Sequence[AgencyFigures]) -> list[Indicator]:
 
 
 def assess(
-    cfg: BrokerConfig, quarter: Quarter, current: Activity, previous: Activity
+    cfg: BrokerConfig,
+    quarter: Quarter,
+    current: Activity,
+    previous: Activity,
+    purposes: Mapping[str, GrantPurpose] | None = None,
 ) -> QuarterlyReport:
-    """Every figure of the quarterly report, from the registry and the two quarters' activity."""
+    """Every figure of the quarterly report, from the registry and the two quarters' activity;
+    ``purposes``: grant id -> purpose, of every grant the registry has held."""
     by_agency: dict[str, list[CallGroup]] = {a: [] for a in cfg.agencies}
     for group in identified(current.groups, cfg.agencies):
         for named in {group.consumer, group.provider} & by_agency.keys():
             by_agency[named].append(group)
+    by_purpose = calls_by_purpose(current.groups, purposes or {})
     figures = {
-        a.id: agency_figures(cfg, a, current, by_agency[a.id]) for a in cfg.agencies.values()
+        a.id: agency_figures(cfg, a, current, by_agency[a.id], by_purpose.get(a.id, ()))
+        for a in cfg.agencies.values()
     }
     indicators = rank(list(figures.values()))
     return QuarterlyReport(

@@ -1,4 +1,5 @@
-"""The quarterly report as files: one self-contained HTML page, a CSV of agencies, and JSON.
+"""The quarterly report as files: one self-contained HTML page, a CSV of agencies, a CSV of
+calls by purpose, and JSON.
 
 The HTML needs nothing else: inline CSS, charts as inline SVG, no script, no external resource.
 Every text that comes from the configuration passes through ``html.escape``.
@@ -25,7 +26,9 @@ from tabadol.reports.figures import (
     Indicator,
     QuarterlyReport,
     percent,
+    ratio,
 )
+from tabadol.reports.purposes import PurposeCalls
 from tabadol.reports.quarter import TEHRAN, both_dates
 
 CSV_COLUMNS = (
@@ -54,6 +57,17 @@ CSV_COLUMNS = (
     "visit_reduction",
     "behind_target",
     "reasons",
+)
+PURPOSE_CSV_COLUMNS = (
+    "agency_id",
+    "agency_name",
+    "service",
+    "purpose",
+    "purpose_reference",
+    "recorded",
+    "grants",
+    "calls_admitted",
+    "successful",
 )
 
 
@@ -139,6 +153,19 @@ def _agency_json(a: AgencyFigures) -> dict[str, Any]:
         "visits_avoided": _number(a.visits_avoided),
         "in_person_visits_per_quarter": a.in_person_visits_per_quarter,
         "visit_reduction": _number(a.visit_reduction),
+        "calls_by_purpose": [_purpose_json(p) for p in a.purposes],
+    }
+
+
+def _purpose_json(p: PurposeCalls) -> dict[str, Any]:
+    return {
+        "service": p.service,
+        "purpose": p.purpose,
+        "purpose_reference": p.reference,
+        "recorded": p.recorded,
+        "grants": list(p.grants),
+        "calls_admitted": p.calls,
+        "successful": p.successful,
     }
 
 
@@ -182,6 +209,29 @@ def render_csv(report: QuarterlyReport) -> str:
             "reasons": "; ".join(indicator.reasons),
         }
         writer.writerow(["" if cells[c] is None else cells[c] for c in CSV_COLUMNS])
+    return out.getvalue()
+
+
+def render_purposes_csv(report: QuarterlyReport) -> str:
+    """Calls by purpose: one row per provider agency (in rank order), service and purpose."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(PURPOSE_CSV_COLUMNS)
+    for agency in report.agencies:
+        for p in agency.purposes:
+            writer.writerow(
+                [
+                    agency.id,
+                    _spreadsheet_safe(agency.name),
+                    p.service,
+                    _spreadsheet_safe(p.purpose),
+                    _spreadsheet_safe(p.reference or ""),
+                    p.recorded,
+                    "; ".join(p.grants),
+                    p.calls,
+                    p.successful,
+                ]
+            )
     return out.getvalue()
 
 
@@ -327,6 +377,44 @@ def _activity(report: QuarterlyReport) -> str:
         ]
     )
     return f'<table class="activity"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _purposes(report: QuarterlyReport) -> str:
+    rows = []
+    for a in report.agencies:
+        for p in a.purposes:
+            purpose = escape(p.purpose)
+            if p.recorded == "unknown grant":
+                purpose = f'<code>{purpose}</code><span class="note">a grant the registry does not know</span>'
+            elif p.recorded == "no purpose":
+                purpose = f'<span class="muted">{purpose}</span>'
+            grants = ", ".join(f"<code>{escape(g)}</code>" for g in p.grants)
+            rows.append(
+                f'<tr data-agency="{escape(a.id)}">{_agency_cell(a)}'
+                f"<td><code>{escape(p.service)}</code></td>"
+                f"<td>{purpose}</td>"
+                f"<td>{escape(p.reference) if p.reference else '<span class=muted>none</span>'}</td>"
+                f'<td class="grants">{grants}</td>'
+                f'<td class="num">{_count(p.calls)}</td>'
+                f'<td class="num">{_count(p.successful)}'
+                f'<span class="note">{escape(percent(ratio(p.successful, p.calls)))}</span></td>'
+                "</tr>"
+            )
+    if not rows:
+        return '<p class="muted">No call in the quarter was admitted by a grant.</p>'
+    head = "".join(
+        f'<th class="{cls}">{escape(label)}</th>'
+        for cls, label in [
+            ("", "Provider"),
+            ("", "Service"),
+            ("", "Purpose"),
+            ("", "Reference"),
+            ("", "Grants"),
+            ("num", "Calls admitted"),
+            ("num", "Successful"),
+        ]
+    )
+    return f'<table class="purposes"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
 def _ratio_axis(values: Sequence[float | None], target: Decimal) -> Axis:
@@ -481,6 +569,7 @@ thead th { font-size: 12px; color: var(--muted); font-weight: 600; border-bottom
 th.num, td.num { text-align: right; }
 td.num { white-space: nowrap; }
 td.num .note { white-space: normal; }
+td.grants code { white-space: nowrap; }
 tbody th { font-weight: normal; }
 tbody th .name { font-weight: 600; }
 tbody th { min-width: 190px; }
@@ -551,6 +640,10 @@ agencies are behind.</p>
 <div class="table-wrap">{_indicators(report)}</div></section>
 <section id="charts"><h2>Charts</h2><div class="charts">{_charts(report)}</div></section>
 <section id="agencies"><h2>Per agency</h2><div class="table-wrap">{_activity(report)}</div></section>
+<section id="purposes"><h2>Calls by purpose</h2>
+<p class="muted">The calls each provider's services answered under a grant, by the grant's purpose
+(its legal basis) and reference.</p>
+<div class="table-wrap">{_purposes(report)}</div></section>
 <section id="method"><h2>How these figures are computed</h2>
 <p>From the Tabadol ledger's records of calls that started from {escape(both_dates(q.first_day))} to
 {escape(both_dates(q.last_day))} (and, for growth, in {escape(str(q.previous()))}), and from the broker
@@ -564,16 +657,18 @@ configuration: agencies, services and their contracts, and each agency's registr
 
 
 def write_quarterly(report: QuarterlyReport, out_dir: Path) -> list[Path]:
-    """Write the HTML, CSV and JSON files into ``out_dir`` (created if missing); their paths."""
+    """Write the HTML, CSV, JSON and calls-by-purpose CSV files into ``out_dir`` (created if
+    missing); their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = file_stem(report)
     written = []
-    for suffix, text in (
-        ("html", render_html(report)),
-        ("csv", render_csv(report)),
-        ("json", render_json(report)),
+    for name, text in (
+        (f"{stem}.html", render_html(report)),
+        (f"{stem}.csv", render_csv(report)),
+        (f"{stem}.json", render_json(report)),
+        (f"{stem}-purposes.csv", render_purposes_csv(report)),
     ):
-        path = out_dir / f"{stem}.{suffix}"
+        path = out_dir / name
         path.write_text(text, encoding="utf-8", newline="")
         written.append(path)
     return written

@@ -26,8 +26,8 @@ class LedgerMissing(LedgerWriteError):
 
 @dataclass(frozen=True)
 class CallGroup:
-    """Calls in a time range that share consumer, provider, service, method, status and
-    whether the consumer's certificate identified it."""
+    """Calls in a time range that share consumer, provider, service, method, status,
+    whether the consumer's certificate identified it and the grant that admitted them."""
 
     consumer: str
     provider: str
@@ -39,6 +39,7 @@ class CallGroup:
     duration_ns_total: int
     # False: refused before identification (revoked, stale CRL...); consumer is only claimed
     verified: bool = True
+    grant: str = ""  # the id of the grant that admitted these calls; "" when none did
 
 
 class LedgerLog(Protocol):

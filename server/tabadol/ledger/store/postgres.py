@@ -61,6 +61,8 @@ from tabadol.ledger.store.base import (
 
 _PAGE = 5000
 _SQL_TYPES = {int: "bigint", str: "text", bool: "boolean"}
+# The record fields as columns, quoted: "grant" is a reserved word in PostgreSQL.
+_FIELD_COLUMNS = ", ".join(f'"{name}"' for name in FIELD_NAMES)
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS ledger_chains (
     chain text PRIMARY KEY,
@@ -71,7 +73,7 @@ CREATE TABLE IF NOT EXISTS ledger_chains (
 CREATE TABLE IF NOT EXISTS ledger_records (
     chain text NOT NULL,
     seq bigint NOT NULL,
-    {", ".join(f"{name} {_SQL_TYPES[FIELD_TYPES[name]]} NOT NULL" for name in FIELD_NAMES)},
+    {", ".join(f'"{name}" {_SQL_TYPES[FIELD_TYPES[name]]} NOT NULL' for name in FIELD_NAMES)},
     prev_digest text NOT NULL,
     digest text NOT NULL,
     PRIMARY KEY (chain, seq)
@@ -124,13 +126,14 @@ CREATE TABLE IF NOT EXISTS ledger_rollup_groups (
     status_code bigint NOT NULL,
     forwarded boolean NOT NULL,
     verified boolean NOT NULL,
+    "grant" text NOT NULL DEFAULT '',
     calls bigint NOT NULL,
     duration_ns bigint NOT NULL,
     request_bytes bigint NOT NULL,
     response_bytes bigint NOT NULL,
     histogram text NOT NULL,  -- rollup.encode_histogram: [[bin, calls], ...]
     PRIMARY KEY (chain, archived, day_ns, consumer, provider, service, method, status_code,
-                 forwarded, verified)
+                 forwarded, verified, "grant")
 );
 CREATE INDEX IF NOT EXISTS ledger_rollup_groups_by_day ON ledger_rollup_groups (day_ns);
 CREATE TABLE IF NOT EXISTS ledger_rollup_provider_days (
@@ -225,7 +228,12 @@ CREATE OR REPLACE TRIGGER tabadol_owner_removes BEFORE DELETE OR TRUNCATE ON {ta
         for table in ("ledger_records", "ledger_seals", "ledger_seal_timestamps")
     )
 )
-_RECORD_COLUMNS = ", ".join(("chain", "seq", *FIELD_NAMES, "prev_digest", "digest"))
+_RECORD_COLUMNS = f"chain, seq, {_FIELD_COLUMNS}, prev_digest, digest"
+# Columns added after a table's first schema, with the value old rows take (docs/ledger.md):
+# _make_schema adds them to a ledger made before them. The group rows' grant is part of
+# their key: their old rows keep their sums under grant '', as their records have.
+_ADDED_COLUMNS = (("ledger_records", "grant", "text", "''"),
+                  ("ledger_rollup_groups", "grant", "text", "''"))  # fmt: skip
 _SEAL_COLUMNS = "seq, count, head_digest, sealed_ns, signer, signature, chain"
 _PREFIX_COLUMNS = (
     "seal_seq, seal_count, head_digest, sealed_ns, signer, signature, archived_ns, archive, "
@@ -255,11 +263,41 @@ _OBJECTS = (
 
 
 def _missing_objects(conn: psycopg.Connection[Any]) -> bool:
-    """Whether any table or index of the ledger is missing (the schema is then made)."""
+    """Whether any table, index or added column of the ledger is missing (the schema is
+    then made)."""
     found = conn.execute(
-        "SELECT count(to_regclass(name)) FROM unnest(%s::text[]) AS name", (list(_OBJECTS),)
+        "SELECT (SELECT count(to_regclass(name)) FROM unnest(%s::text[]) AS name), "
+        "(SELECT count(*) FROM unnest(%s::text[], %s::text[]) AS added(t, name) "
+        "JOIN pg_attribute ON attrelid = to_regclass(t) AND attname = name "
+        "AND NOT attisdropped)",
+        (list(_OBJECTS), [t for t, *_ in _ADDED_COLUMNS], [c for _, c, *_ in _ADDED_COLUMNS]),
     ).fetchone()
-    return found is None or found[0] < len(_OBJECTS)
+    return found is None or found[0] < len(_OBJECTS) or found[1] < len(_ADDED_COLUMNS)
+
+
+def _add_columns(conn: psycopg.Connection[Any]) -> None:
+    """Add the columns a ledger made before them lacks; a group row's key takes in its grant."""
+    for table, column, sql_type, default in _ADDED_COLUMNS:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass(%s) "
+            "AND attname = %s AND NOT attisdropped",
+            (table, column),
+        ).fetchone()
+        if row is not None and row[0]:
+            continue
+        conn.execute(  # a constant default: no table rewrite
+            f'ALTER TABLE {table} ADD COLUMN "{column}" {sql_type} NOT NULL DEFAULT {default}'
+        )
+        if table == "ledger_rollup_groups":
+            key = conn.execute(
+                "SELECT conname FROM pg_constraint WHERE conrelid = to_regclass(%s) "
+                "AND contype = 'p'",
+                (table,),
+            ).fetchone()
+            drop = f'DROP CONSTRAINT "{key[0]}", ' if key is not None else ""
+            conn.execute(
+                f"ALTER TABLE {table} {drop}ADD PRIMARY KEY (chain, archived, {_GROUP_KEY})"
+            )
 
 
 def _distinct_chains(table: str, alias: str) -> str:
@@ -284,8 +322,12 @@ def _stored(row: Sequence[Any]) -> StoredRecord:
     return StoredRecord(seq, LedgerRecord(*values), prev_digest, digest)
 
 
-_GROUP_KEY = "day_ns, consumer, provider, service, method, status_code, forwarded, verified"
-_GROUP_KEY_TYPES = ("bigint", "text", "text", "text", "text", "bigint", "boolean", "boolean")
+_GROUP_KEY = (
+    'day_ns, consumer, provider, service, method, status_code, forwarded, verified, "grant"'
+)
+_GROUP_KEY_TYPES = (
+    "bigint", "text", "text", "text", "text", "bigint", "boolean", "boolean", "text"
+)  # fmt: skip
 _GROUP_COLUMNS = f"{_GROUP_KEY}, calls, duration_ns, request_bytes, response_bytes, histogram"
 # The histogram is JSON text, not jsonb: parsing jsonb's numerics made each batch's write
 # several times slower (docs/performance.md), and reads parse only the rows they need.
@@ -487,7 +529,7 @@ def _rollup_of_records(
     """The rollup of a chain's records (up to ``through_seq``), read in the caller's
     transaction through a server-side cursor: a chain of any size streams."""
     result = Rollup()
-    sql = f"SELECT {', '.join(FIELD_NAMES)} FROM ledger_records WHERE chain = %s"
+    sql = f"SELECT {_FIELD_COLUMNS} FROM ledger_records WHERE chain = %s"
     params: list[Any] = [chain]
     if through_seq is not None:
         sql += " AND seq <= %s"
@@ -531,6 +573,7 @@ def _make_schema(conn: psycopg.Connection[Any]) -> None:
     assert row is not None
     records_were_there, groups_were_there, days_were_there, confined = row
     conn.execute(_SCHEMA)
+    _add_columns(conn)
     if records_were_there and not (groups_were_there and days_were_there):
         for chain in _record_chains(conn):
             built = _rollup_of_records(conn, chain)
@@ -574,12 +617,13 @@ class PostgresLedgerStore:
             with self._pool.connection() as conn:
                 missing = _missing_objects(conn)
                 if missing and readonly:
-                    written_before_rollups = _has_records_table(conn)
+                    written_before = _has_records_table(conn)
                     self._pool.close()
-                    if written_before_rollups:
+                    if written_before:
                         raise LedgerWriteError(
-                            f"{self.where}: the ledger was written before rollups: run "
-                            "`tabadol ledger init` as the tables' owner (it builds them)"
+                            f"{self.where}: the ledger was written before rollups (or before "
+                            "grants were recorded): run `tabadol ledger init` as the tables' "
+                            "owner (it adds them)"
                         )
                     raise LedgerMissing(f"{self.where}: no ledger here (no broker wrote it yet)")
                 if missing:  # only then: a role that does not own the tables may write them
@@ -591,8 +635,9 @@ class PostgresLedgerStore:
         except psycopg.errors.InsufficientPrivilege as e:
             self._pool.close()
             raise LedgerWriteError(
-                f"{self.where}: cannot open the ledger: some of its tables are missing (its "
-                "rollups, if it was written before them) and this role may not make them: "
+                f"{self.where}: cannot open the ledger: some of its tables or columns are "
+                "missing (its rollups or grant columns, if it was written before them) and "
+                "this role may not make them: "
                 "run `tabadol ledger init` (or `tabadol ledger rollup --rebuild`) as the "
                 f"tables' owner, which builds the rollups from the records: {self._database.why(e)}"
             ) from e
@@ -941,21 +986,21 @@ class PostgresLedgerStore:
         rows = self._query(
             f"""
             SELECT consumer, provider, service, method, status_code, forwarded, sum(calls),
-                   sum(duration_ns), verified FROM (
+                   sum(duration_ns), verified, "grant" FROM (
                 SELECT consumer, provider, service, method, status_code, forwarded, calls,
-                       duration_ns, verified
+                       duration_ns, verified, "grant"
                 FROM ledger_rollup_groups WHERE day_ns >= %s AND day_ns < %s
                 UNION ALL
                 SELECT consumer, provider, service, method, status_code, endpoint <> '',
-                       count(*), sum(end_ns - start_ns), consumer_verified
-                FROM ledger_records WHERE {edges} GROUP BY 1, 2, 3, 4, 5, 6, 9
-            ) rows GROUP BY 1, 2, 3, 4, 5, 6, 9 ORDER BY 1, 2, 3, 4, 5, 6, 9
+                       count(*), sum(end_ns - start_ns), consumer_verified, "grant"
+                FROM ledger_records WHERE {edges} GROUP BY 1, 2, 3, 4, 5, 6, 9, 10
+            ) rows GROUP BY 1, 2, 3, 4, 5, 6, 9, 10 ORDER BY 1, 2, 3, 4, 5, 6, 9, 10
             """,
             [a, b, *params],
         )
         return [
-            CallGroup(c, p, s, m, code, fwd, int(n), int(d), v)
-            for c, p, s, m, code, fwd, n, d, v in rows
+            CallGroup(c, p, s, m, code, fwd, int(n), int(d), v, g)
+            for c, p, s, m, code, fwd, n, d, v, g in rows
         ]
 
     def _histograms(

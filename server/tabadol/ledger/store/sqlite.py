@@ -110,13 +110,14 @@ _ROLLUP_SCHEMA = (
         status_code INTEGER NOT NULL,
         forwarded INTEGER NOT NULL,
         verified INTEGER NOT NULL,
+        grant TEXT NOT NULL DEFAULT '',
         calls INTEGER NOT NULL,
         duration_ns INTEGER NOT NULL,
         request_bytes INTEGER NOT NULL,
         response_bytes INTEGER NOT NULL,
         histogram TEXT NOT NULL,
         PRIMARY KEY (day_ns, chain, archived, consumer, provider, service, method, status_code,
-                     forwarded, verified)
+                     forwarded, verified, grant)
     ) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS rollup_provider_days (
         day_ns INTEGER NOT NULL,
@@ -132,14 +133,14 @@ _ROLLUP_SCHEMA = (
 )
 _ROLLUP_TABLES = ("rollup_groups", "rollup_provider_days")
 _GROUP_COLUMNS = (
-    "day_ns, consumer, provider, service, method, status_code, forwarded, verified, calls, "
-    "duration_ns, request_bytes, response_bytes, histogram"
+    "day_ns, consumer, provider, service, method, status_code, forwarded, verified, grant, "
+    "calls, duration_ns, request_bytes, response_bytes, histogram"
 )
 _GROUP_UPSERT = f"""
     INSERT INTO rollup_groups (day_ns, chain, archived, {_GROUP_COLUMNS.split(", ", 1)[1]})
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (day_ns, chain, archived, consumer, provider, service, method, status_code,
-                 forwarded, verified)
+                 forwarded, verified, grant)
     DO UPDATE SET calls = calls + excluded.calls,
                   duration_ns = duration_ns + excluded.duration_ns,
                   request_bytes = request_bytes + excluded.request_bytes,
@@ -160,10 +161,11 @@ _EDGES = "(start_ns >= ? AND start_ns < ?) OR (start_ns >= ? AND start_ns < ?)"
 # As _stored reads it: 1 and no other value is a verified consumer.
 _VERIFIED = "(consumer_verified = 1 AND typeof(consumer_verified) = 'integer')"
 # Columns added after the first schema, with the value old rows take (docs/ledger.md).
-_ADDED_COLUMNS = {"consumer_serial": "''", "consumer_verified": "1"}
+_ADDED_COLUMNS = {"consumer_serial": "''", "consumer_verified": "1", "grant": "''"}
 _ADDED_SESSION_COLUMNS = {"acknowledged": "''", "signer": "''"}
 _RECORD_COLUMNS = ", ".join(("seq", *FIELD_NAMES, "prev_digest", "digest"))
 _SESSION_COLUMNS = ", ".join(f.name for f in dataclasses.fields(Session))
+_VERIFIED_AT = FIELD_NAMES.index("consumer_verified")
 _PRIVATE = 0o600
 _CANONICAL_PAGE = 20_000
 
@@ -172,7 +174,8 @@ def _stored(row: Sequence[Any]) -> StoredRecord:
     seq, *values, prev_digest, digest = row
     # consumer_verified: SQLite keeps 0 or 1; anything else is no value a writer wrote, and
     # must not read as true (the reports count verified calls as = 1).
-    values[-1] = values[-1] == 1 and type(values[-1]) is int
+    verified = values[_VERIFIED_AT]
+    values[_VERIFIED_AT] = verified == 1 and type(verified) is int
     return StoredRecord(seq, LedgerRecord(*values), prev_digest, digest)
 
 
@@ -396,7 +399,9 @@ class SqliteLedgerStore:
         """The columns of rollup.ROLLUP_FIELDS, consumer_verified read as _stored reads it."""
         missing = {c.rsplit(" AS ", 1)[1] for c in self._columns.split(", ") if " AS " in c}
         return ", ".join(
-            (_VERIFIED if "consumer_verified" not in missing else "1")
+            _ADDED_COLUMNS[name]
+            if name in missing
+            else _VERIFIED
             if name == "consumer_verified"
             else name
             for name in rollup.ROLLUP_FIELDS
@@ -422,14 +427,18 @@ class SqliteLedgerStore:
         missing = {c.rsplit(" AS ", 1)[1] for c in self._columns.split(", ") if " AS " in c}
         value = {n: _ADDED_COLUMNS[n] if n in missing else n for n in FIELD_NAMES}
         v1 = ", ".join(value[n] for n in FIELD_NAMES[: FIELD_NAMES.index("consumer_serial")])
-        v2 = ", ".join(value[n] for n in FIELD_NAMES[:-1])
-        serial, verified = value["consumer_serial"], value["consumer_verified"]
+        v2 = ", ".join(value[n] for n in FIELD_NAMES[:_VERIFIED_AT])
+        serial, verified, grant = (
+            value["consumer_serial"], value["consumer_verified"], value["grant"]
+        )  # fmt: skip
+        boolean = f"json(CASE {verified} WHEN 1 THEN 'true' ELSE 'false' END)"
         sql = f"""
             SELECT seq, prev_digest, digest, CASE
                 WHEN typeof({serial}) != 'text' OR typeof({verified}) != 'integer'
-                    OR {verified} NOT IN (0, 1) THEN NULL
+                    OR {verified} NOT IN (0, 1) OR typeof({grant}) != 'text' THEN NULL
+                WHEN {grant} != '' THEN json_array(3, {v2}, {boolean}, {grant})
                 WHEN {serial} = '' AND {verified} = 1 THEN json_array(1, {v1})
-                ELSE json_array(2, {v2}, json(CASE {verified} WHEN 1 THEN 'true' ELSE 'false' END))
+                ELSE json_array(2, {v2}, {boolean})
             END{f", {extra}" if extra else ""}
             FROM records WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT {_CANONICAL_PAGE}
         """
@@ -676,7 +685,7 @@ class SqliteLedgerStore:
             _GROUP_UPSERT,
             [
                 (key.day_ns, "", int(archived), key.consumer, key.provider, key.service,
-                 key.method, key.status_code, int(key.forwarded), int(key.verified),
+                 key.method, key.status_code, int(key.forwarded), int(key.verified), key.grant,
                  sign * t.calls, sign * t.duration_ns, sign * t.request_bytes,
                  sign * t.response_bytes,
                  rollup.encode_histogram({i: sign * n for i, n in t.histogram.items()}))
@@ -705,11 +714,14 @@ class SqliteLedgerStore:
         """Create the rollup tables if they are not there, and fill them from the records a
         ledger written before rollups holds (once: docs/ledger.md, "Rollups"). Whether the
         ledger keeps rollups (one opened read-only may predate them: records answer)."""
-        if not self._missing_rollup_tables() or self._readonly:
-            return not self._missing_rollup_tables()
+        current = not self._missing_rollup_tables() and self._groups_keep_grants()
+        if current or self._readonly:  # read-only, rollups without grants: records answer
+            return current
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             missing = self._missing_rollup_tables()  # another process may have been first
+            if "rollup_groups" not in missing and not self._groups_keep_grants():
+                self._add_grants_to_groups()
             for table in _ROLLUP_SCHEMA:
                 self._conn.execute(table)
             if missing:
@@ -725,6 +737,24 @@ class SqliteLedgerStore:
                 self._conn.execute("ROLLBACK")
             raise
         return True
+
+    def _groups_keep_grants(self) -> bool:
+        """Whether rollup_groups has its grant column (or is not there at all)."""
+        have = {row[1] for row in self._conn.execute("PRAGMA table_info(rollup_groups)")}
+        return not have or "grant" in have
+
+    def _add_grants_to_groups(self) -> None:
+        """Key the group rows of a ledger from before grants by grant too, inside the
+        caller's transaction: each old row keeps its sums under grant '', as its records
+        have (none was written with a grant), so nothing is summed again."""
+        kept = _GROUP_COLUMNS.replace(" grant,", "")
+        self._conn.execute("ALTER TABLE rollup_groups RENAME TO rollup_groups_before_grants")
+        self._conn.execute(_ROLLUP_SCHEMA[0])
+        self._conn.execute(
+            f"INSERT INTO rollup_groups (chain, archived, {kept}) "
+            f"SELECT chain, archived, {kept} FROM rollup_groups_before_grants"
+        )
+        self._conn.execute("DROP TABLE rollup_groups_before_grants")
 
     def _missing_rollup_tables(self) -> set[str]:
         found = self._conn.execute(
@@ -754,9 +784,9 @@ class SqliteLedgerStore:
             "AND archived = ?",
             (first, end, int(archived)),
         ):
-            day, consumer, provider, service, method, code, fwd, verified, *sums, hist = row
+            day, consumer, provider, service, method, code, fwd, verified, grant, *sums, hist = row
             key = rollup.GroupKey(
-                day, consumer, provider, service, method, code, bool(fwd), bool(verified)
+                day, consumer, provider, service, method, code, bool(fwd), bool(verified), grant
             )
             calls, duration, request, response = sums
             result.groups[key] = rollup.GroupTotals(
@@ -808,27 +838,28 @@ class SqliteLedgerStore:
             """
             SELECT consumer AS c, provider AS p, service AS s, method AS m,
                    status_code AS code, forwarded AS fwd, calls AS n, duration_ns AS d,
-                   verified AS v
+                   verified AS v, grant AS g
             FROM rollup_groups WHERE day_ns >= ? AND day_ns < ?
             UNION ALL"""
             if days
             else ""
         )
+        grant = "grant" if "grant" in self._columns.split(", ") else _ADDED_COLUMNS["grant"]
         rows = self._query(
             f"""
-            SELECT c, p, s, m, code, fwd, sum(n), sum(d), v FROM ({rolled}
+            SELECT c, p, s, m, code, fwd, sum(n), sum(d), v, g FROM ({rolled}
                 SELECT consumer AS c, provider AS p, service AS s, method AS m,
                        status_code AS code, endpoint != '' AS fwd, count(*) AS n,
-                       sum(end_ns - start_ns) AS d, {_VERIFIED} AS v
-                FROM records WHERE {_EDGES} GROUP BY 1, 2, 3, 4, 5, 6, 9
+                       sum(end_ns - start_ns) AS d, {_VERIFIED} AS v, {grant} AS g
+                FROM records WHERE {_EDGES} GROUP BY 1, 2, 3, 4, 5, 6, 9, 10
             )
-            GROUP BY 1, 2, 3, 4, 5, 6, 9 ORDER BY 1, 2, 3, 4, 5, 6, 9
+            GROUP BY 1, 2, 3, 4, 5, 6, 9, 10 ORDER BY 1, 2, 3, 4, 5, 6, 9, 10
             """,
             (*days, *edges),
         )
         return [
-            CallGroup(c, p, s, m, code, bool(fwd), n, d, bool(v))
-            for c, p, s, m, code, fwd, n, d, v in rows
+            CallGroup(c, p, s, m, code, bool(fwd), n, d, bool(v), g)
+            for c, p, s, m, code, fwd, n, d, v, g in rows
         ]
 
     def answered_histograms(self, start_ns: int, end_ns: int) -> dict[str, rollup.Histogram]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from tabadol.database import is_sqlite_url, sqlite_path
 from tabadol.errors import ConfigError
 from tabadol.registry.store.base import (
+    GENESIS_CHAIN,
     Announcement,
     CrlStore,
     CrlTrusted,
@@ -15,16 +17,26 @@ from tabadol.registry.store.base import (
     RegistryUnavailable,
     RegistryVersion,
     StoredCrl,
+    version_chain,
 )
 
 
 def open_registry(url: str) -> Registry:
-    """The registry at ``url``: ``postgresql://...``, or ``memory://NAME`` for tests.
-    RegistryUnavailable when the database cannot be reached (naming it, not its password)."""
+    """The registry at ``url``: ``postgresql://...``, ``sqlite:///PATH`` (relative to the
+    working directory: the configuration's loader makes it absolute), or ``memory://NAME``
+    for tests. Opened on first use: RegistryUnavailable then when the database cannot be
+    reached or read (naming it, not its password)."""
     if url.startswith(("postgresql://", "postgres://")):
         from tabadol.registry.store.postgres import PostgresRegistryStore
 
         return PostgresRegistryStore(url)
+    if is_sqlite_url(url):
+        from tabadol.registry.store.sqlite import SqliteRegistryStore
+
+        try:
+            return SqliteRegistryStore(sqlite_path(url))
+        except ValueError as e:
+            raise ConfigError(f"[registry] url: {e}") from None
     if url.startswith("memory://"):
         from tabadol.registry.store.memory import memory_store
 
@@ -33,6 +45,7 @@ def open_registry(url: str) -> Registry:
 
 
 __all__ = [
+    "GENESIS_CHAIN",
     "Announcement",
     "CrlStore",
     "CrlTrusted",
@@ -45,4 +58,5 @@ __all__ = [
     "RegistryVersion",
     "StoredCrl",
     "open_registry",
+    "version_chain",
 ]

@@ -4,6 +4,9 @@ exchange's current CRL, each announced to the broker nodes when it changes."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
+import re
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -26,6 +29,63 @@ class RegistryBusy(RegistryUnavailable):
 
 MAX_SKIP = 1_000_000  # how far above the newest version one commit may number itself
 MAX_VERSION = 2**53  # far below bigint's 2**63, exact as a JSON number everywhere
+MAX_CRL_BYTES = 16 * 1024 * 1024  # a larger row is no CRL of this exchange's: never read
+LOCK_TIMEOUT_S = 10.0  # how long a change waits for another to finish
+GENESIS_CHAIN = "0" * 64  # what the first version of the audit chain follows
+_CHAIN = re.compile(r"[0-9a-f]{64}")
+
+
+def version_chain(
+    previous: str,
+    number: int,
+    created_at: dt.datetime,
+    created_by: str,
+    reason: str,
+    digest: str,
+) -> str:
+    """The audit chain's link for a version: SHA-256 of the previous link's 32 bytes and the
+    canonical JSON of [number, created_at (ISO 8601 UTC, microseconds), created_by, reason,
+    digest]. The digest covers the entries, so a version changed in any part, or one taken
+    out from between two others, no longer links. ValueError for a ``previous`` that is not
+    a link, or a time without its zone."""
+    if not is_chain(previous):
+        raise ValueError(f"the previous version's chain {previous!r} is not 64 hex digits")
+    if created_at.tzinfo is None or created_at.utcoffset() is None:
+        raise ValueError(f"created_at {created_at.isoformat()} has no time zone")
+    when = created_at.astimezone(dt.UTC).isoformat(timespec="microseconds")
+    canonical = json.dumps(
+        [number, when, created_by, reason, digest], separators=(",", ":"), ensure_ascii=False
+    )
+    return hashlib.sha256(bytes.fromhex(previous) + canonical.encode()).hexdigest()
+
+
+def next_chain(
+    where: str,
+    newest: int,
+    previous: str | None,
+    number: int,
+    created_at: dt.datetime,
+    created_by: str,
+    reason: str,
+    digest: str,
+) -> str:
+    """The link of version ``number``, committed over version ``newest`` whose link is
+    ``previous`` (None or "" for none: before the audit chain, the chain starts here).
+    RegistryRefused when the newest's link is not one: a row changed by hand."""
+    try:
+        return version_chain(
+            previous or GENESIS_CHAIN, number, created_at, created_by, reason, digest
+        )
+    except ValueError as e:
+        raise RegistryRefused(
+            f"{where}: cannot commit version {number}: version {newest}'s audit chain is "
+            f"broken ({e}); `tabadol registry verify` names what was changed"
+        ) from None
+
+
+def is_chain(text: object) -> bool:
+    """Whether ``text`` is a chain link as the stores write it: 64 lowercase hex digits."""
+    return isinstance(text, str) and _CHAIN.fullmatch(text) is not None
 
 
 def number_refused(where: str, number: int | None, newest: int) -> str | None:
@@ -76,6 +136,9 @@ class RegistryVersion:
     reason: str
     entries: Entries
     digest: str
+    # The audit chain's link (``version_chain``), computed by the store in the commit's
+    # transaction; "" for a version committed before the registry kept one.
+    chain: str = ""
 
 
 @dataclass(frozen=True)

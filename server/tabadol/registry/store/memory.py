@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Collection
 
 from tabadol.registry.entries import Entries
 from tabadol.registry.store.base import (
+    GENESIS_CHAIN,
     Announcement,
     CrlTrusted,
     RegistryHead,
@@ -17,6 +18,7 @@ from tabadol.registry.store.base import (
     StoredCrl,
     crl_refused,
     number_refused,
+    version_chain,
 )
 
 
@@ -54,14 +56,11 @@ class MemoryRegistryStore:
             refused = number_refused(self.where, number, newest)
             if refused is not None:
                 raise RegistryRefused(refused)
-            version = RegistryVersion(
-                number if number is not None else newest + 1,
-                dt.datetime.now(dt.UTC),
-                by,
-                reason,
-                entries,
-                digest,
-            )
+            chosen = number if number is not None else newest + 1
+            now = dt.datetime.now(dt.UTC)
+            previous = self._versions[-1].chain if self._versions else GENESIS_CHAIN
+            chain = version_chain(previous, chosen, now, by, reason, digest)
+            version = RegistryVersion(chosen, now, by, reason, entries, digest, chain)
             self._versions.append(version)
         self._announce(Announcement("registry", version.number))
         return version

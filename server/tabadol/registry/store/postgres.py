@@ -6,6 +6,11 @@ privilege there: a role that may only read cannot hold changes up, as it could a
 key), waiting at most ``lock_timeout_s``, so versions are numbered one after another
 whoever commits; and it sends NOTIFY in the same transaction: nodes hear of a version only
 once it is there to read.
+
+Each version carries its link of the audit chain (``version_chain``), computed in the commit's
+transaction from the newest row's. A database made before the chain gets the ``chain``
+column on first use by a role that owns the table; its older rows have none, and the chain
+starts at the first version committed after.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from psycopg.types.json import Jsonb
 from tabadol.database import Database
 from tabadol.registry.entries import Entries
 from tabadol.registry.store.base import (
+    LOCK_TIMEOUT_S,
+    MAX_CRL_BYTES,
     Announcement,
     CrlTrusted,
     RegistryBusy,
@@ -33,6 +40,7 @@ from tabadol.registry.store.base import (
     RegistryVersion,
     StoredCrl,
     crl_refused,
+    next_chain,
     number_refused,
 )
 
@@ -40,9 +48,7 @@ REGISTRY_CHANNEL = "tabadol_registry"
 CRL_CHANNEL = "tabadol_crl"
 _LOCK = 0x7461626164_01  # pg_advisory_xact_lock key: "tabad" + 1 (creating the tables only)
 _TIMEOUTS: dict[str, Any] = {"connect_timeout": 3, "tcp_user_timeout": 5000}
-LOCK_TIMEOUT_S = 10.0  # how long a change waits for another to finish
-STATEMENT_TIMEOUT_S = 30.0  # and for any one statement of its transaction
-MAX_CRL_BYTES = 16 * 1024 * 1024  # a larger row is no CRL of this exchange's: never read
+STATEMENT_TIMEOUT_S = 30.0  # and for any one statement a change runs
 
 _SCHEMA = f"""
 SELECT pg_advisory_xact_lock({_LOCK});
@@ -52,7 +58,8 @@ CREATE TABLE IF NOT EXISTS registry_versions (
     created_by  text NOT NULL,
     reason      text NOT NULL,
     entries     jsonb NOT NULL,
-    digest      text NOT NULL
+    digest      text NOT NULL,
+    chain       text
 );
 CREATE TABLE IF NOT EXISTS registry_crls (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -100,6 +107,7 @@ class PostgresRegistryStore:
         self._lock = threading.Lock()  # one statement at a time on the one connection
         self._ready = False  # the tables are there (made on first use: a node may start
         # while the database is down)
+        self._chained = True  # registry_versions has its chain column
 
     @contextmanager
     def _session(self) -> Iterator[psycopg.Connection[TupleRow]]:
@@ -112,6 +120,7 @@ class PostgresRegistryStore:
                     found = self._conn.execute("SELECT to_regclass('registry_lock')").fetchone()
                     if not (found and found[0]):
                         self._create_tables(self._conn)
+                    self._chained = self._chain_column(self._conn)
                     self._ready = True
                 yield self._conn
             except psycopg.OperationalError as e:
@@ -131,6 +140,29 @@ class PostgresRegistryStore:
                 f"registry database {self.where}: cannot create the registry tables: another "
                 f"session held their lock for more than {self.lock_timeout_s:g} s; try again"
             ) from None
+
+    def _chain_column(self, conn: psycopg.Connection[TupleRow]) -> bool:
+        """Whether registry_versions has its chain column, adding it to a table made before
+        the audit chain when this role owns it; a role that does not reads the old rows."""
+        found = conn.execute(
+            "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('registry_versions') "
+            "AND attname = 'chain' AND NOT attisdropped"
+        ).fetchone()
+        if found is not None:
+            return True
+        try:
+            with conn.transaction():
+                self._bound(conn)
+                conn.execute("ALTER TABLE registry_versions ADD COLUMN IF NOT EXISTS chain text")
+        except psycopg.errors.InsufficientPrivilege:
+            return False
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
+            raise RegistryBusy(
+                f"registry database {self.where}: cannot add the audit chain's column to "
+                f"registry_versions: another session held the table for more than "
+                f"{self.lock_timeout_s:g} s; try again"
+            ) from None
+        return True
 
     def _bound(self, conn: psycopg.Connection[TupleRow]) -> None:
         """Within a transaction: wait for no lock, nor any statement, for ever."""
@@ -187,29 +219,47 @@ class PostgresRegistryStore:
     def history(self, after: int = 0, limit: int | None = None) -> list[RegistryVersion]:
         with self._session() as conn:
             rows = conn.execute(
-                f"{_SELECT} WHERE version > %s ORDER BY version LIMIT %s", (after, limit)
+                f"{self._select()} WHERE version > %s ORDER BY version LIMIT %s", (after, limit)
             ).fetchall()
         return [_version(row) for row in rows]
 
     def _one(self, where: str, args: tuple[Any, ...]) -> RegistryVersion | None:
         with self._session() as conn:
-            row = conn.execute(f"{_SELECT} {where}", args).fetchone()
+            row = conn.execute(f"{self._select()} {where}", args).fetchone()
         return _version(row) if row else None
+
+    def _select(self) -> str:
+        return _SELECT.format(chain="chain" if self._chained else "NULL::text")
 
     def commit(
         self, entries: Entries, by: str, reason: str, digest: str, number: int | None = None
     ) -> RegistryVersion:
         with self._changing("commit a registry version") as conn:
-            found = conn.execute("SELECT coalesce(max(version), 0) FROM registry_versions")
-            newest = int(_one_value(found.fetchone()))
+            if not self._chained:
+                raise RegistryRefused(
+                    f"registry database {self.where}: registry_versions was made before the "
+                    "audit chain and lacks its column, which only the table's owner can add: "
+                    "run any `tabadol registry` command once as the owner (or, as the owner: "
+                    "ALTER TABLE registry_versions ADD COLUMN chain text)"
+                )
+            newest_row = conn.execute(
+                "SELECT version, chain FROM registry_versions ORDER BY version DESC LIMIT 1"
+            ).fetchone()
+            newest = int(newest_row[0]) if newest_row is not None else 0
             refused = number_refused(self.where, number, newest)
             if refused is not None:
                 raise RegistryRefused(refused)
+            chosen = number if number is not None else newest + 1
+            # The chain covers the stored time: set here (timestamptz keeps microseconds).
+            now = dt.datetime.now(dt.UTC)
+            previous = newest_row[1] if newest_row is not None else None
+            chain = next_chain(self.where, newest, previous, chosen, now, by, reason, digest)
             row = conn.execute(
-                "INSERT INTO registry_versions (version, created_by, reason, entries, digest) "
-                "VALUES (%s, %s, %s, %s, %s) "
-                "RETURNING version, created_at, created_by, reason, entries, digest",
-                (number if number is not None else newest + 1, by, reason, Jsonb(entries), digest),
+                "INSERT INTO registry_versions "
+                "(version, created_at, created_by, reason, entries, digest, chain) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                "RETURNING version, created_at, created_by, reason, entries, digest, chain",
+                (chosen, now, by, reason, Jsonb(entries), digest, chain),
             ).fetchone()
             assert row is not None
             conn.execute("SELECT pg_notify(%s, %s)", (REGISTRY_CHANNEL, str(row[0])))
@@ -274,7 +324,10 @@ class PostgresRegistryStore:
                 self._conn = None
 
 
-_SELECT = "SELECT version, created_at, created_by, reason, entries, digest FROM registry_versions"
+_SELECT = (
+    "SELECT version, created_at, created_by, reason, entries, digest, {chain} "
+    "FROM registry_versions"
+)
 _SELECT_CRLS = "SELECT number, der, published_at, published_by, id FROM registry_crls"
 # A row no CRL of the exchange can be is never read: too large, or a number that is not a
 # whole one below 2**160 (RFC 5280: at most 20 octets; NaN and infinities compare above all).
@@ -282,11 +335,6 @@ _CAN_BE_CRL = (
     f"octet_length(der) <= {MAX_CRL_BYTES} AND number < 1e49 AND number > -1e49 "
     "AND number = trunc(number)"
 )
-
-
-def _one_value(row: tuple[Any, ...] | None) -> Any:
-    assert row is not None
-    return row[0]
 
 
 def _crl(row: tuple[Any, ...]) -> StoredCrl | None:
@@ -298,6 +346,6 @@ def _crl(row: tuple[Any, ...]) -> StoredCrl | None:
 
 
 def _version(row: tuple[Any, ...]) -> RegistryVersion:
-    number, created_at, created_by, reason, entries, digest = row
+    number, created_at, created_by, reason, entries, digest, chain = row
     created = created_at if isinstance(created_at, dt.datetime) else dt.datetime.now(dt.UTC)
-    return RegistryVersion(number, created, created_by, reason, entries, digest)
+    return RegistryVersion(number, created, created_by, reason, entries, digest, chain or "")
