@@ -191,11 +191,18 @@ async def test_a_provider_cannot_grant_on_a_service_it_does_not_provide(
     assert e.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "'echo' provides it" in (e.details() or "")
     assert await exchange.unary("nocr") == grpc.StatusCode.PERMISSION_DENIED
-    # Nor revoke a grant on it.
+    # Nor revoke a grant on it, even one it holds; a third agency is told there is none.
     grants = await exchange.access("post").ListGrants(pb.ListGrantsRequest())
     e = await refused(
         lambda: exchange.access("post").RevokeAccess(
             pb.RevokeAccessRequest(grant_id=grants.grants[0].id, reason="mine now")
+        )
+    )
+    assert e.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "only 'echo', the provider" in (e.details() or "")
+    e = await refused(
+        lambda: exchange.access("tax").RevokeAccess(
+            pb.RevokeAccessRequest(grant_id=grants.grants[0].id, reason="not mine")
         )
     )
     assert e.code() == grpc.StatusCode.NOT_FOUND

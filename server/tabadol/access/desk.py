@@ -278,6 +278,11 @@ class AccessDesk:
     ) -> tuple[list[AuditEntry], bool]:
         """Operators: the registry versions above ``after``, each with what it changed."""
         self._operator(actor, "read the audit trail")
+        return self.trail(after, limit)
+
+    def trail(self, after: int = 0, limit: int = 100) -> tuple[list[AuditEntry], bool]:
+        """The audit trail for a reader its caller has judged: the ops console lets
+        auditors read it (they act on nothing, so they are no ``Actor``)."""
         store = self._changes_possible("no audit trail to read")
         limit = max(1, min(limit or 100, MAX_AUDIT_PAGE))
         versions = self._read(lambda: store.history(after, limit + 1))
@@ -353,9 +358,14 @@ class AccessDesk:
 
         def edit(e: _Edit, snap: Snapshot) -> None:
             found = next((g for g in snap.entries.grant if grant_id(g) == grant), None)
-            if found is None or not self._party(actor, "", snap.provider_of(found.service)):
+            provider = snap.provider_of(found.service) if found is not None else ""
+            if found is None or not self._party(actor, found.consumer, provider):
+                raise AccessError(Code.NOT_FOUND, f"no grant {grant!r} {_yours(actor)}")
+            if actor.role == "agency" and actor.name != provider:
                 raise AccessError(
-                    Code.NOT_FOUND, f"no grant {grant!r} on a service {_yours(actor)}"
+                    Code.PERMISSION_DENIED,
+                    f"only {provider!r}, the provider of {found.service}, or an operator may "
+                    f"revoke grant {grant}",
                 )
             e.grant = [g for g in e.grant if grant_id(g) != grant]
             e.made_grant = found

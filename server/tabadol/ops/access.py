@@ -6,6 +6,15 @@
   own quarterly assessment; the services and operations of those traces only; and never
   the addresses of the machines behind the exchange (``HIDDEN_FROM_AGENCIES``). An agency
   the exchange's configuration does not declare sees nothing.
+- The Access page: an agency sees and acts on the grants and requests of the services it
+  provides and those it holds or made; an operator, all of them, and the audit trail (the
+  registry's version history). The access desk (``tabadol.access.desk``) judges each
+  action again; this table only says who reaches it.
+- Auditors read the audit trail and nothing else of access: they check what was changed,
+  they change nothing, and grants in force are the parties' and the operators' business.
+- A change (any method but GET and HEAD) must come from the console's own pages: JSON,
+  sent by a script of the console's origin (``unsafe_request_problem``), never a form
+  another site posts with the viewer's certificate or session cookie.
 - The broker and the ops console's own certificates see nothing: they are machines.
 - Nobody else gets anything: no identity is 401, an identity without the right is 403.
 """
@@ -23,14 +32,16 @@ from tabadol.ops.ingest import parties
 from tabadol.ops.model import Edge, SpanEvent, SpanRecord
 
 # What a path shows: the web UI's pages and files, raw spans (the Jaeger API and Tabadol's
-# search and agency graph), the service graph, the ledger's views, and the login link itself.
-Family = Literal["page", "spans", "service-graph", "ledger", "login"]
+# search and agency graph), the service graph, the ledger's views, grants and access
+# requests, the registry's audit trail, and the login link itself.
+Family = Literal["page", "spans", "service-graph", "ledger", "access", "audit", "login"]
 Via = Literal["certificate", "login link"]
 
 RIGHTS: dict[Role, frozenset[Family]] = {
-    "operator": frozenset({"page", "spans", "service-graph", "ledger"}),
-    "auditor": frozenset({"page", "ledger"}),
-    "agency": frozenset({"page", "spans", "ledger"}),  # scoped to the agency's own rows
+    "operator": frozenset({"page", "spans", "service-graph", "ledger", "access", "audit"}),
+    "auditor": frozenset({"page", "ledger", "audit"}),
+    # Scoped to the agency's own rows, services, grants and requests.
+    "agency": frozenset({"page", "spans", "ledger", "access"}),
     "broker": frozenset(),
     "ops": frozenset(),
 }
@@ -39,9 +50,14 @@ WHAT = {
     "spans": "raw spans (traces, search and the agency graph)",
     "service-graph": "the service graph of every span",
     "ledger": "the ledger views (dashboard and reports)",
+    "access": "grants and access requests",
+    "audit": "the registry's audit trail",
     "login": "the login link",
 }
 LEDGER_PATHS = ("/api/tabadol/dashboard", "/api/tabadol/reports")
+ACCESS_API = "/api/tabadol/access"
+AUDIT_API = "/api/tabadol/access/audit"
+SAFE_METHODS = ("GET", "HEAD")
 # Where the broker reached a provider, and any peer's address: an agency's view of a trace
 # leaves them out (operators see them). Prefixes end with a dot.
 HIDDEN_FROM_AGENCIES = ("tabadol.endpoint", "server.address", "server.port")
@@ -89,6 +105,10 @@ def family_of(path: str) -> Family:
         return "ledger"
     if path in PAGE_APIS:
         return "page"
+    if path == AUDIT_API or path.startswith(AUDIT_API + "/"):
+        return "audit"
+    if path == ACCESS_API or path.startswith(ACCESS_API + "/"):
+        return "access"
     if path == "/api/dependencies":
         return "service-graph"
     if path == "/api" or path.startswith("/api/"):
@@ -120,6 +140,49 @@ def decide(
     if family not in RIGHTS[viewer.role]:
         return Refused(403, f"{viewer} may not see {WHAT[family]}")
     return Allowed(viewer)
+
+
+def unsafe_request_problem(
+    method: str,
+    content_type: str | None,
+    origin: str | None,
+    fetch_site: str | None,
+    host: str,
+) -> str | None:
+    """Why a request that changes something is refused, or None when it may go on. It must
+    be JSON (which no HTML form can send without the browser asking the server first) and
+    say it comes from this console's own origin: ``Origin`` and, when the browser sends it,
+    ``Sec-Fetch-Site``. Either missing or another site's is refused: a certificate or a
+    session cookie rides along with any site's request, so they prove nothing here."""
+    if method.upper() in SAFE_METHODS:
+        return None
+    kind = (content_type or "").partition(";")[0].strip().lower()
+    if kind != "application/json":
+        return (
+            f"a {method.upper()} must send JSON (Content-Type: application/json), not "
+            f"{kind or 'no content type'}: the console's changes come from its own pages"
+        )
+    if fetch_site is not None and fetch_site.strip().lower() != "same-origin":
+        return (
+            f"a {method.upper()} from another site is refused (Sec-Fetch-Site: "
+            f"{fetch_site.strip()}): make changes on the console's own pages"
+        )
+    if origin is None:
+        return (
+            f"a {method.upper()} must say where it comes from (an Origin header naming this "
+            "console): browsers send it; scripts must too"
+        )
+    if _origin(origin) != _origin(f"https://{host}"):
+        return (
+            f"a {method.upper()} from another origin ({origin.strip()}) is refused: make "
+            "changes on the console's own pages"
+        )
+    return None
+
+
+def _origin(origin: str) -> str:
+    """An origin as browsers compare them: lower-case, without the default port."""
+    return origin.strip().lower().removesuffix(":443")
 
 
 def trace_is_visible(spans: Sequence[SpanRecord], agency: str) -> bool:

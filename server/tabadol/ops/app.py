@@ -1,13 +1,16 @@
 """The viewer's HTTP side: a Jaeger-compatible JSON API and the web UI (static, offline).
 
-Every request first passes the gate (gate.py): Host, identity, rights. The routes then show
-each viewer its share: an agency only its own traces, ledger rows and assessment.
+Every request first passes the gate (gate.py): Host, identity, rights, and for a change
+its origin. The routes then show each viewer its share: an agency only its own traces,
+ledger rows and assessment, and the grants and access requests it is a party to
+(access_page.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -34,6 +37,7 @@ from tabadol.ops.access import (
     refuse_hidden_tags,
     trace_is_visible,
 )
+from tabadol.ops.access_page import access_routes
 from tabadol.ops.dashboard import Accounts, dashboard
 from tabadol.ops.gate import ConsoleAccess, Gate
 from tabadol.ops.model import KIND_NAMES, SpanRecord, TraceQuery, TraceSummary
@@ -124,7 +128,8 @@ def create_app(
     accounts: Accounts | None = None,
 ) -> Starlette:
     """The viewer's web application over a span store, and over the ledger when given
-    (``app.state.accounts``; it may also be set after start), behind the gate of ``access``."""
+    (``app.state.accounts``; it may also be set after start), behind the gate of ``access``.
+    The Access page acts through ``app.state.desk``, set once the console knows its registry."""
     reports = ReportCache()
 
     async def call(fn: Callable[..., Any], *args: Any) -> Any:
@@ -326,11 +331,16 @@ def create_app(
         (Route("/dependencies", index), "page"),
         (Route("/dashboard", index), "page"),
         (Route("/reports", index), "page"),
+        (Route("/access", index), "page"),
+        *access_routes(
+            access.trust.trust_domain,
+            viewer_of,
+            lambda: dt.datetime.fromtimestamp(now_ns() / 1e9, dt.UTC),
+        ),
     ]
     for route, family in routes:
         path = str(getattr(route, "path", ""))
-        example = path.replace("{service:path}", "x").replace("{trace_id}", "x")
-        example = example.replace("{quarter}", "x").replace("{fmt}", "x")
+        example = re.sub(r"\{[^}]*\}", "x", path)
         if family_of(example) != family:
             raise AssertionError(f"route {path} is filed as {family_of(example)}, not {family}")
     app = Starlette(
@@ -345,4 +355,5 @@ def create_app(
     )
     app.state.accounts = accounts
     app.state.reports = reports
+    app.state.desk = None
     return app

@@ -2,8 +2,9 @@
 
 In order: the Host header must name this console (DNS rebinding), the caller is identified
 by its verified client certificate (revocation checked on every request) or by a session a
-login link opened, and ``access.decide`` says whether that identity may see the path (an
-agency the exchange's configuration does not declare may see none).
+login link opened, ``access.decide`` says whether that identity may see the path (an
+agency the exchange's configuration does not declare may see none), and a request that
+changes something must be JSON from the console's own origin (cross-site request forgery).
 A refusal is answered and logged here, in one place; a route reads ``request.state.viewer``.
 """
 
@@ -24,7 +25,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tabadol.identity import IdentityRejected
 from tabadol.ops import jaeger
-from tabadol.ops.access import Allowed, Viewer, decide, family_of, host_name
+from tabadol.ops.access import (
+    Allowed,
+    Refused,
+    Viewer,
+    decide,
+    family_of,
+    host_name,
+    unsafe_request_problem,
+)
 from tabadol.ops.sessions import COOKIE, Sessions
 from tabadol.ops.trust import OpsTrust
 from tabadol.refusals import RefusalLog
@@ -180,6 +189,16 @@ class Gate:
             return
         viewer, why = identify(scope, self.access)
         decision = decide(viewer, family, why, self.access.trust.agencies)
+        if isinstance(decision, Allowed):
+            forged = unsafe_request_problem(
+                str(scope.get("method", "")),
+                _header(scope, b"content-type"),
+                _header(scope, b"origin"),
+                _header(scope, b"sec-fetch-site"),
+                header,
+            )
+            if forged is not None:
+                decision = Refused(403, forged)
         if not isinstance(decision, Allowed):
             who = str(viewer) if viewer else "anonymous"
             self.refusals.warn(

@@ -22,6 +22,7 @@ import uvicorn
 from cryptography import x509
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
+from tabadol.access.desk import AccessDesk
 from tabadol.config import BrokerConfig
 from tabadol.errors import TabadolError
 from tabadol.identity import Role
@@ -155,6 +156,16 @@ class OpsServer:
         token = self.sessions.issue_token(role, name)
         return f"{self.http_url}/login?{urllib.parse.urlencode({'token': token})}"
 
+    def show_exchange(self, cfg: BrokerConfig) -> None:
+        """Everything a broker configuration gives the console: its ledger's views and the
+        Access page on its registry."""
+        self.show_ledger(accounts_of(cfg))
+        self.manage_access(access_desk(cfg))
+
+    def manage_access(self, desk: AccessDesk) -> None:
+        """Serve the Access page through ``desk``; the console closes it when it stops."""
+        self.app.state.desk = desk
+
     def show_ledger(self, accounts: Accounts) -> None:
         """Serve the dashboard and quarterly reports from this configuration's ledger; from
         now on only the agencies it declares may send spans or open the console."""
@@ -185,6 +196,9 @@ class OpsServer:
         accounts: Accounts | None = self.app.state.accounts
         if accounts is not None:
             accounts.close()
+        desk: AccessDesk | None = self.app.state.desk
+        if desk is not None:
+            desk.close()
         self.store.close()
 
 
@@ -207,6 +221,15 @@ def accounts_of(cfg: BrokerConfig) -> Accounts:
     except LedgerWriteError as e:
         where = "url" if cfg.ledger.url is not None else "path"
         raise TabadolError(f"{cfg.path}: [ledger] {where}: {e}") from e
+
+
+def access_desk(cfg: BrokerConfig) -> AccessDesk:
+    """The Access page's desk on the configuration's registry: its database, which the
+    brokers follow, or the configuration file itself, read but never changed."""
+    from tabadol.registry.store import open_registry
+
+    url = cfg.registry.url
+    return AccessDesk(open_registry(url) if url is not None else None, lambda: cfg)
 
 
 async def run(
@@ -233,7 +256,7 @@ async def run(
         allowed_hosts=allowed_hosts,
         otlp_max_request_bytes=otlp_max_request_bytes,
     )
-    server.show_ledger(accounts_of(cfg))
+    server.show_exchange(cfg)
     link = ""
     await server.start()
     try:

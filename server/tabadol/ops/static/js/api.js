@@ -14,9 +14,24 @@ async function getJSON(path, params, signal) {
   for (const [key, value] of new URLSearchParams(params ?? {})) {
     if (value !== '') url.searchParams.append(key, value);
   }
+  return send(url, { signal, headers: { Accept: 'application/json' } });
+}
+
+/** A change: JSON, from this page's origin (the console refuses any other kind of POST). */
+function postJSON(path, body, signal) {
+  const url = new URL(path, location.origin);
+  return send(url, {
+    method: 'POST',
+    signal,
+    headers: { Accept: 'application/json', 'Content-Type': 'application/json' },
+    body: JSON.stringify(body ?? {}),
+  });
+}
+
+async function send(url, init) {
   let response;
   try {
-    response = await fetch(url, { signal, headers: { Accept: 'application/json' } });
+    response = await fetch(url, init);
   } catch (error) {
     if (error.name === 'AbortError') throw error;
     throw new ApiError(`Cannot reach the trace viewer at ${url.origin}: ${error.message}`, 0);
@@ -75,3 +90,26 @@ export async function fetchReports(signal) {
 
 /** A quarterly report as a page (html) or a download (csv, json). */
 export const reportUrl = (quarter, format) => `/reports/quarterly-${encodeURIComponent(quarter)}.${format}`;
+
+/** The viewer's grants and access requests, and the services and agencies to ask for or grant. */
+export function fetchAccess(signal) {
+  return getJSON('/api/tabadol/access', null, signal);
+}
+
+/** A page of the registry's audit trail, newest first; `before` a version number for older ones. */
+export function fetchAudit(before, signal) {
+  return getJSON('/api/tabadol/access/audit', { before: before ?? '' }, signal);
+}
+
+const ACCESS = '/api/tabadol/access';
+const id = encodeURIComponent;
+
+/** The changes the Access page makes; each answers {registryVersion, grant, request, revoked}. */
+export const accessActions = {
+  request: (body) => postJSON(`${ACCESS}/requests`, body),
+  grant: (body) => postJSON(`${ACCESS}/grants`, body),
+  approve: (request, body) => postJSON(`${ACCESS}/requests/${id(request)}/approve`, body),
+  reject: (request, body) => postJSON(`${ACCESS}/requests/${id(request)}/reject`, body),
+  withdraw: (request, body) => postJSON(`${ACCESS}/requests/${id(request)}/withdraw`, body),
+  revoke: (grant, body) => postJSON(`${ACCESS}/grants/${id(grant)}/revoke`, body),
+};

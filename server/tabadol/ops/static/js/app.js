@@ -1,6 +1,7 @@
 // The viewer's entry point: client-side routing. The server answers every page path with
 // index.html, and this module decides from the path which page to draw.
 
+import { renderAccess } from './access.js';
 import { fetchWhoami } from './api.js';
 import { renderDashboard } from './dashboard.js';
 import { renderDependencies } from './dependencies.js';
@@ -10,8 +11,14 @@ import { renderSearch } from './search.js';
 import { clearError, navigate, reportError, setRenderer } from './shell.js';
 import { renderTrace } from './trace.js';
 
-// What each tab shows, in the server's terms (access.py): raw spans or the ledger views.
-const NAV_NEEDS = { search: 'spans', dependencies: 'spans', dashboard: 'ledger', reports: 'ledger' };
+// What each tab shows, in the server's terms (access.py): any one of these rights opens it.
+const NAV_NEEDS = {
+  search: ['spans'],
+  dependencies: ['spans'],
+  dashboard: ['ledger'],
+  reports: ['ledger'],
+  access: ['access', 'audit'],
+};
 
 const ROUTES = [
   { path: /^\/(?:search\/?)?$/, nav: 'search', title: 'Search', render: (view, _, ctx) => renderSearch(view, ctx) },
@@ -20,6 +27,7 @@ const ROUTES = [
   { path: /^\/dashboard\/?$/, nav: 'dashboard', title: 'Dashboard', render: (view, _, ctx) => renderDashboard(view, ctx) },
   // Only the list: /reports/quarterly-….html is a page the server renders, loaded by the browser.
   { path: /^\/reports\/?$/, nav: 'reports', title: 'Reports', render: (view, _, ctx) => renderReports(view, ctx) },
+  { path: /^\/access\/?$/, nav: 'access', title: 'Access', render: (view, _, ctx) => renderAccess(view, ctx) },
 ];
 
 let current = null;
@@ -85,7 +93,7 @@ async function showViewer() {
   el.textContent = `Logged in as ${viewer.label}`;
   el.title = `by ${viewer.via}, until ${viewer.expires}`;
   for (const link of document.querySelectorAll('[data-nav]')) {
-    link.hidden = !viewer.may.includes(NAV_NEEDS[link.dataset.nav]);
+    link.hidden = !NAV_NEEDS[link.dataset.nav].some((right) => viewer.may.includes(right));
   }
   if (!viewer.may.includes('spans') && location.pathname === '/') {
     history.replaceState(null, '', '/dashboard');
