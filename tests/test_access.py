@@ -16,6 +16,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tabadol import config
+from tabadol.access.cli import open_channel
 from tabadol.broker import Broker
 from tabadol.client import connect
 from tabadol.ledger.store import open_ledger
@@ -24,7 +25,6 @@ from tabadol.platform.v1 import access_pb2 as pb
 from tabadol.platform.v1 import access_pb2_grpc
 from tabadol.registry import open_registry
 from tabadol.registry.entries import diff
-from tabadol.spiffe import broker_dns_name
 from tests.conftest import TRUST_DOMAIN, RunningProvider, start_broker
 from tests.support.echo import BIDI, SERVICE, UNARY
 from tests.support.exchange import eventually
@@ -63,20 +63,8 @@ class Exchange:
     def channel(self, who: str, broker: int = 0) -> grpc.aio.Channel:
         """As agency ``who``, or as operator ``who`` when it starts with "operator/"."""
         role, _, name = who.rpartition("/")
-        address = f"127.0.0.1:{self.brokers[broker].port}"
-        if role:
-            held = self.pki.dir / f"{role}s" / name
-            channel = grpc.aio.secure_channel(
-                address,
-                grpc.ssl_channel_credentials(
-                    (self.pki.dir / "ca.crt").read_bytes(),
-                    (held / f"{role}.key").read_bytes(),
-                    (held / f"{role}.crt").read_bytes(),
-                ),
-                options=[("grpc.ssl_target_name_override", broker_dns_name(TRUST_DOMAIN))],
-            )
-        else:
-            channel = connect(address, self.pki.dir / "agencies" / name)
+        held = self.pki.dir / (f"{role}s" if role else "agencies") / name
+        channel = open_channel(f"127.0.0.1:{self.brokers[broker].port}", held)
         self._channels.append(channel)
         return channel
 

@@ -261,11 +261,13 @@ async def test_an_unreachable_broker_is_named(pki: CertificateAuthority) -> None
     assert one_line(err).startswith("tabadol: UNAVAILABLE: cannot reach the broker at 127.0.0.1:1")
 
 
-def test_credentials_of_neither_kind_and_a_bad_expiry_are_named(
+async def test_credentials_of_neither_kind_and_a_bad_expiry_are_named(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, _, err = tabadol(
-        "access", "list", "--broker", "127.0.0.1:1", "--credentials", str(tmp_path)
+    # In a thread, as every command that runs its own event loop here: asyncio.run on the
+    # main thread would leave the session's loop unset for the tests after it.
+    code, _, err = await asyncio.to_thread(
+        tabadol, "access", "list", "--broker", "127.0.0.1:1", "--credentials", str(tmp_path)
     )
     assert code == 2
     assert f"{tmp_path}: holds neither agency.crt" in err

@@ -27,7 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 from tabadol.broker import Broker
 from tabadol.client import ProviderServer
 from tabadol.pki import CertificateAuthority
-from tabadol.protocol import CONSUMER_KEY, PLATFORM_PREFIX, REQUEST_ID_KEY
+from tabadol.protocol import CONSUMER_KEY, GRANT_KEY, PLATFORM_PREFIX, REQUEST_ID_KEY
 from tabadol.spiffe import agency_dns_name, agency_spiffe_id, broker_dns_name
 from tests.conftest import TRUST_DOMAIN, RunningProvider, start_broker
 from tests.support.echo import UNARY, EchoProvider, Seen
@@ -549,4 +549,4 @@ async def test_no_credential_name_or_metadata_trick_acts_as_another_agency(
     assert outcome.consumer == expected.consumer, outcome
     assert expected.says in outcome.details, outcome
     if outcome.consumer is not None:  # served: only the broker's own platform keys arrived
-        assert outcome.platform_keys == {CONSUMER_KEY, REQUEST_ID_KEY}, outcome
+        assert outcome.platform_keys == {CONSUMER_KEY, REQUEST_ID_KEY, GRANT_KEY}, outcome

@@ -8,6 +8,8 @@ service; post holds a grant on it; nocr asks for one; tax is no party to anythin
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +19,14 @@ import httpx
 import pytest
 
 from tabadol import config
+from tabadol.access.desk import Actor
 from tabadol.ops.access import family_of, unsafe_request_problem
-from tabadol.ops.server import OpsServer
+from tabadol.ops.server import OpsServer, follow_registry
 from tabadol.pki import CertificateAuthority
 from tabadol.registry.current import load_current
 from tests.conftest import TRUST_DOMAIN, broker_toml
 from tests.support.echo import SERVICE
+from tests.support.exchange import eventually
 from tests.support.ops import AUDITOR, console_client, operator_bundle, person_bundle, running_ops
 from tests.support.registry import import_registry, registry_config, registry_toml
 
@@ -381,3 +385,22 @@ async def test_the_audit_trail_pages_back_from_a_version(console: Console) -> No
     bad = await console.get("operator", f"{AUDIT}?before=latest")
     assert bad.status_code == 400
     assert "before: 'latest' is not a registry version number" in message(bad)
+
+
+async def test_an_agency_onboarded_in_the_registry_may_open_the_console_without_a_restart(
+    tmp_path: Path, console: Console
+) -> None:
+    path = tmp_path / "broker.toml"
+    console.pki.issue_agency("newcomer", force=True)
+    follow = asyncio.create_task(follow_registry(console.server, path, load_current(path)))
+    try:
+        assert (await console.get("newcomer")).status_code == 403  # not declared yet
+        # Onboarded as the broker's Access service does it (the console does not onboard).
+        desk = console.server.app.state.desk
+        desk.onboard(Actor.operator(TRUST_DOMAIN, "olivia"), "newcomer", "New Agency", "joins")
+        assert await eventually(lambda: "newcomer" in console.server.trust.agencies)
+        assert (await console.get("newcomer")).status_code == 200
+    finally:
+        follow.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follow

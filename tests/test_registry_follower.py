@@ -115,7 +115,11 @@ async def test_a_committed_grant_revocation_applies_without_sighup(
         assert await eventually(lambda: broker.config.registry_version == 2)
         applied_in = time.monotonic() - committed
         assert await call(broker, pki, "nocr") == grpc.StatusCode.PERMISSION_DENIED
-        assert await in_flight == b"started before"  # finished on the version it started with
+        # The call admitted on version 1 is ended too: its grant no longer admits it.
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await in_flight
+        assert ended.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "revoked or expired during the call" in (ended.value.details() or "")
     assert applied_in <= 2.0
     assert await call(broker, pki, "post") == grpc.StatusCode.OK
     assert gauge(broker, "tabadol_registry_version") == 2

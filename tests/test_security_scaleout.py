@@ -474,7 +474,7 @@ async def test_records_in_a_chain_no_seal_covers_fail_verify(
                 "WHERE table_name = 'ledger_records' ORDER BY ordinal_position"
             )
         ]
-        rest = ", ".join(c for c in columns if c != "chain")
+        rest = ", ".join(f'"{c}"' for c in columns if c != "chain")  # "grant" is reserved
         db.execute(
             f"INSERT INTO ledger_records (chain, {rest}) "
             f"SELECT 'node-9', {rest} FROM ledger_records WHERE chain = 'node-1'"

@@ -14,6 +14,19 @@ class CredentialsError(Exception):
     """The credentials directory is missing a file or holds something unusable."""
 
 
+def read_bundle(directory: Path, role: str) -> tuple[bytes, bytes, bytes]:
+    """ca.crt, <role>.crt and <role>.key of a directory `tabadol pki issue` wrote;
+    CredentialsError naming the file that cannot be read."""
+
+    def read(name: str) -> bytes:
+        try:
+            return (directory / name).read_bytes()
+        except OSError as e:
+            raise CredentialsError(f"{directory / name}: cannot read: {e.strerror}") from e
+
+    return read("ca.crt"), read(f"{role}.crt"), read(f"{role}.key")
+
+
 @dataclass(frozen=True)
 class AgencyCredentials:
     ca_pem: bytes
@@ -30,14 +43,7 @@ class AgencyCredentials:
     @classmethod
     def load(cls, directory: str | Path) -> AgencyCredentials:
         directory = Path(directory)
-
-        def read(name: str) -> bytes:
-            try:
-                return (directory / name).read_bytes()
-            except OSError as e:
-                raise CredentialsError(f"{directory / name}: cannot read: {e.strerror}") from e
-
-        ca_pem, cert_pem, key_pem = read("ca.crt"), read("agency.crt"), read("agency.key")
+        ca_pem, cert_pem, key_pem = read_bundle(directory, "agency")
         try:
             cert = x509.load_pem_x509_certificate(cert_pem)
             san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

@@ -42,15 +42,10 @@ def _operator_credentials(directory: Path) -> tuple[bytes, bytes, bytes, str]:
     its certificate names (the broker's TLS name is ``broker.<trust-domain>``)."""
     from cryptography import x509
 
+    from tabadol.client.credentials import read_bundle
     from tabadol.identity import spiffe_ids
 
-    def read(name: str) -> bytes:
-        try:
-            return (directory / name).read_bytes()
-        except OSError as e:
-            raise TabadolError(f"{directory / name}: cannot read: {e.strerror}") from e
-
-    ca_pem, cert_pem, key_pem = read("ca.crt"), read("operator.crt"), read("operator.key")
+    ca_pem, cert_pem, key_pem = read_bundle(directory, "operator")
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
     except ValueError as e:

@@ -20,6 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from tabadol.access.desk import AccessDesk, AccessError, Actor, Outcome, Snapshot
 from tabadol.admission import Now, Refused, admit_access
 from tabadol.broker.forward import GRPC_CODES
+from tabadol.broker.platform import refuse
 from tabadol.broker.proxy import Proxy, peer_certificate
 from tabadol.config import GrantEntry, RequestEntry, RequestState, grant_id
 from tabadol.platform.v1 import access_pb2, access_pb2_grpc
@@ -109,11 +110,7 @@ class AccessService(access_pb2_grpc.AccessServicer):
             Now(time.time(), time.monotonic()),
         )  # fmt: skip
         if isinstance(decision, Refused):
-            if decision.warning is not None:
-                key, message, args = decision.warning
-                proxy.refusals.warn(key, message, *args)
-            proxy.metrics.refused.labels(decision.counted).inc()
-            await context.abort(GRPC_CODES[decision.code], decision.details, decision.trailers)
+            await refuse(proxy, context, decision)
         role, name = decision
         trust_domain = proxy.config.broker.trust_domain
         return (
@@ -129,8 +126,13 @@ class AccessService(access_pb2_grpc.AccessServicer):
             await context.abort(GRPC_CODES[e.code], f"Tabadol broker: {e}")
             raise  # abort raises; this line is for the type checker
 
-    async def _changed(self, context: Context, action: Callable[[], Outcome]) -> Outcome:
-        outcome = await self._run(context, action)
+    async def _changed(
+        self, context: Context, method: str, action: Callable[[AccessDesk, Actor], Outcome]
+    ) -> Outcome:
+        """The change ``action`` makes as the caller, once this node has applied it."""
+        actor = await self._actor(context, method)
+        desk = self._desk()
+        outcome = await self._run(context, lambda: action(desk, actor))
         await self._applied(outcome.version, APPLIED_WAIT_S)
         return outcome
 
@@ -179,11 +181,10 @@ class AccessService(access_pb2_grpc.AccessServicer):
     async def GrantAccess(
         self, request: access_pb2.GrantAccessRequest, context: Context
     ) -> access_pb2.GrantAccessResponse:
-        actor = await self._actor(context, "GrantAccess")
-        desk = self._desk()
         outcome = await self._changed(
             context,
-            lambda: desk.grant(
+            "GrantAccess",
+            lambda desk, actor: desk.grant(
                 actor, request.consumer, request.service, list(request.methods),
                 request.purpose.text, request.purpose.reference, _time(request, "expires_at"),
             ),
@@ -196,10 +197,10 @@ class AccessService(access_pb2_grpc.AccessServicer):
     async def RevokeAccess(
         self, request: access_pb2.RevokeAccessRequest, context: Context
     ) -> access_pb2.RevokeAccessResponse:
-        actor = await self._actor(context, "RevokeAccess")
-        desk = self._desk()
         outcome = await self._changed(
-            context, lambda: desk.revoke(actor, request.grant_id, request.reason)
+            context,
+            "RevokeAccess",
+            lambda desk, actor: desk.revoke(actor, request.grant_id, request.reason),
         )
         grant, _ = await asyncio.to_thread(self._views, outcome)
         return access_pb2.RevokeAccessResponse(grant=grant, registry_version=outcome.version)
@@ -207,11 +208,10 @@ class AccessService(access_pb2_grpc.AccessServicer):
     async def RequestAccess(
         self, request: access_pb2.RequestAccessRequest, context: Context
     ) -> access_pb2.RequestAccessResponse:
-        actor = await self._actor(context, "RequestAccess")
-        desk = self._desk()
         outcome = await self._changed(
             context,
-            lambda: desk.request(
+            "RequestAccess",
+            lambda desk, actor: desk.request(
                 actor, request.service, list(request.methods), request.purpose.text,
                 request.purpose.reference, _time(request, "expires_at"),
             ),
@@ -222,11 +222,12 @@ class AccessService(access_pb2_grpc.AccessServicer):
     async def ApproveRequest(
         self, request: access_pb2.ApproveRequestRequest, context: Context
     ) -> access_pb2.ApproveRequestResponse:
-        actor = await self._actor(context, "ApproveRequest")
-        desk = self._desk()
         outcome = await self._changed(
             context,
-            lambda: desk.approve(actor, request.request_id, _time(request, "expires_at")),
+            "ApproveRequest",
+            lambda desk, actor: desk.approve(
+                actor, request.request_id, _time(request, "expires_at")
+            ),
         )
         grant, updated = await asyncio.to_thread(self._views, outcome)
         return access_pb2.ApproveRequestResponse(
@@ -236,10 +237,10 @@ class AccessService(access_pb2_grpc.AccessServicer):
     async def RejectRequest(
         self, request: access_pb2.RejectRequestRequest, context: Context
     ) -> access_pb2.RejectRequestResponse:
-        actor = await self._actor(context, "RejectRequest")
-        desk = self._desk()
         outcome = await self._changed(
-            context, lambda: desk.reject(actor, request.request_id, request.reason)
+            context,
+            "RejectRequest",
+            lambda desk, actor: desk.reject(actor, request.request_id, request.reason),
         )
         _, updated = await asyncio.to_thread(self._views, outcome)
         return access_pb2.RejectRequestResponse(request=updated, registry_version=outcome.version)
@@ -247,10 +248,10 @@ class AccessService(access_pb2_grpc.AccessServicer):
     async def WithdrawRequest(
         self, request: access_pb2.WithdrawRequestRequest, context: Context
     ) -> access_pb2.WithdrawRequestResponse:
-        actor = await self._actor(context, "WithdrawRequest")
-        desk = self._desk()
         outcome = await self._changed(
-            context, lambda: desk.withdraw(actor, request.request_id, request.reason)
+            context,
+            "WithdrawRequest",
+            lambda desk, actor: desk.withdraw(actor, request.request_id, request.reason),
         )
         _, updated = await asyncio.to_thread(self._views, outcome)
         return access_pb2.WithdrawRequestResponse(request=updated, registry_version=outcome.version)
@@ -258,10 +259,10 @@ class AccessService(access_pb2_grpc.AccessServicer):
     async def OnboardAgency(
         self, request: access_pb2.OnboardAgencyRequest, context: Context
     ) -> access_pb2.OnboardAgencyResponse:
-        actor = await self._actor(context, "OnboardAgency")
-        desk = self._desk()
         outcome = await self._changed(
-            context, lambda: desk.onboard(actor, request.id, request.name, request.reason)
+            context,
+            "OnboardAgency",
+            lambda desk, actor: desk.onboard(actor, request.id, request.name, request.reason),
         )
         trust_domain = self._current().config.broker.trust_domain
         return access_pb2.OnboardAgencyResponse(
@@ -273,11 +274,10 @@ class AccessService(access_pb2_grpc.AccessServicer):
     async def PublishService(
         self, request: access_pb2.PublishServiceRequest, context: Context
     ) -> access_pb2.PublishServiceResponse:
-        actor = await self._actor(context, "PublishService")
-        desk = self._desk()
         outcome = await self._changed(
             context,
-            lambda: desk.publish(
+            "PublishService",
+            lambda desk, actor: desk.publish(
                 actor, request.name, request.provider, list(request.endpoints),
                 sensitive=request.sensitive, contract_public=request.contract_public,
                 contract=request.contract, reason=request.reason,
@@ -290,10 +290,10 @@ class AccessService(access_pb2_grpc.AccessServicer):
     async def RetireService(
         self, request: access_pb2.RetireServiceRequest, context: Context
     ) -> access_pb2.RetireServiceResponse:
-        actor = await self._actor(context, "RetireService")
-        desk = self._desk()
         outcome = await self._changed(
-            context, lambda: desk.retire(actor, request.name, request.reason)
+            context,
+            "RetireService",
+            lambda desk, actor: desk.retire(actor, request.name, request.reason),
         )
         return access_pb2.RetireServiceResponse(
             revoked_grants=outcome.revoked, registry_version=outcome.version
@@ -302,11 +302,10 @@ class AccessService(access_pb2_grpc.AccessServicer):
     async def SetLimit(
         self, request: access_pb2.SetLimitRequest, context: Context
     ) -> access_pb2.SetLimitResponse:
-        actor = await self._actor(context, "SetLimit")
-        desk = self._desk()
         outcome = await self._changed(
             context,
-            lambda: desk.set_limit(
+            "SetLimit",
+            lambda desk, actor: desk.set_limit(
                 actor, request.consumer, request.service, rate=request.rate,
                 burst=request.burst, concurrency=request.concurrency, clear=request.clear,
                 reason=request.reason,

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
@@ -49,12 +49,18 @@ async def declared_caller(proxy: Proxy, context: Context, method: str) -> str:
         peer_certificate(context), method, proxy.rules, Now(time.time(), time.monotonic())
     )
     if isinstance(decision, Refused):
-        if decision.warning is not None:
-            key, message, args = decision.warning
-            proxy.refusals.warn(key, message, *args)
-        proxy.metrics.refused.labels(decision.counted).inc()
-        await context.abort(GRPC_CODES[decision.code], decision.details, decision.trailers)
+        await refuse(proxy, context, decision)
     return decision.agency
+
+
+async def refuse(proxy: Proxy, context: Context, refused: Refused) -> NoReturn:
+    """Answer a call to the broker's own services with its refusal: logged (throttled),
+    counted, and the status the consumer reads."""
+    if refused.warning is not None:
+        key, message, args = refused.warning
+        proxy.refusals.warn(key, message, *args)
+    proxy.metrics.refused.labels(refused.counted).inc()
+    await context.abort(GRPC_CODES[refused.code], refused.details, refused.trailers)
 
 
 class AgencyReflection(reflection_pb2_grpc.ServerReflectionServicer):

@@ -282,5 +282,38 @@ async def run(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    following = asyncio.create_task(follow_registry(server, config_path, cfg))
     await stop.wait()
+    following.cancel()
     await server.stop()
+
+
+async def follow_registry(server: OpsServer, config_path: Path, cfg: BrokerConfig) -> None:
+    """With a registry database, the console follows its versions as the brokers do (every
+    ``poll_seconds``, at least every 5 s): an agency onboarded or removed there is admitted
+    or refused here too, and the dashboard names agencies as the registry does."""
+    from tabadol.registry.current import load_current
+    from tabadol.registry.store import open_registry
+
+    if cfg.registry.url is None:
+        return
+    store = open_registry(cfg.registry.url)
+    seen = cfg.registry_version
+    try:
+        while True:
+            await asyncio.sleep(min(cfg.registry.poll_seconds, 5.0))
+            try:
+                head = await asyncio.to_thread(store.head)
+                if head is None or head.number == seen:
+                    continue
+                current = await asyncio.to_thread(load_current, config_path)
+            except TabadolError as e:
+                log.warning("the console keeps registry version %s: %s", seen, e)
+                continue
+            server.trust.agencies = frozenset(current.agencies)
+            accounts: Accounts | None = server.app.state.accounts
+            if accounts is not None:
+                accounts.config = current
+            seen = current.registry_version
+    finally:
+        await asyncio.to_thread(store.close)
