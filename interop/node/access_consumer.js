@@ -26,17 +26,15 @@ const fs = require('node:fs');
 const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
-const { UsageError, brokerDnsName, loadCredentials } = require('./agency');
+const {
+  PROTO_OPTIONS,
+  UsageError,
+  brokerDnsName,
+  loadCredentials,
+  metadataJson,
+} = require('./agency');
 
 const ACCESS_CONTRACT = path.join('tabadol', 'platform', 'v1', 'access.proto');
-// As the agency contracts are loaded (agency.js): the object form the interop tests read.
-const PROTO_OPTIONS = {
-  keepCase: true,
-  longs: String,
-  enums: String,
-  defaults: true,
-  oneofs: true,
-};
 
 function parseCommandLine(argv) {
   const { values, positionals } = parseArgs({
@@ -85,14 +83,6 @@ function accessClientClass(protosDir) {
   return grpc.loadPackageDefinition(definition).tabadol.platform.v1.Access;
 }
 
-function metadataJson(metadata) {
-  const result = {};
-  if (!metadata) return result;
-  for (const [key, values] of Object.entries(metadata.toJSON())) {
-    result[key] = values.map((v) => (Buffer.isBuffer(v) ? v.toString('base64') : v));
-  }
-  return result;
-}
 
 /** One unary call, started by ``start(callback)``; resolves whatever status it ends with. */
 function unary(start) {

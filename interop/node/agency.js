@@ -101,12 +101,24 @@ function serviceDefinition(contracts, service) {
   return definition;
 }
 
+/** Call metadata as JSON: each key's values, binary ones in base64. */
+function metadataJson(metadata) {
+  const result = {};
+  if (!metadata) return result;
+  for (const [key, values] of Object.entries(metadata.toJSON())) {
+    result[key] = values.map((v) => (Buffer.isBuffer(v) ? v.toString('base64') : v));
+  }
+  return result;
+}
+
 module.exports = {
+  PROTO_OPTIONS,
   UsageError,
   brokerDnsName,
   brokerSpiffeId,
   loadContracts,
   loadCredentials,
+  metadataJson,
   serviceDefinition,
   uriSans,
 };

@@ -25,7 +25,7 @@ const { parseArgs } = require('node:util');
 const fs = require('node:fs');
 const grpc = require('@grpc/grpc-js');
 const {
-  UsageError, brokerDnsName, loadContracts, loadCredentials, serviceDefinition,
+  UsageError, brokerDnsName, loadContracts, loadCredentials, metadataJson, serviceDefinition,
 } = require('./agency');
 
 const CASES = {
@@ -96,14 +96,6 @@ function parseMessages(text) {
     .map((line, index) => parseJson(line, `request line ${index + 1}`));
 }
 
-function metadataJson(metadata) {
-  const result = {};
-  if (!metadata) return result;
-  for (const [key, values] of Object.entries(metadata.toJSON())) {
-    result[key] = values.map((v) => (Buffer.isBuffer(v) ? v.toString('base64') : v));
-  }
-  return result;
-}
 
 /** Make the call; resolves with what the document reports, whatever status it ends with. */
 function call(client, path, definition, requests, deadline) {
