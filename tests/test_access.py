@@ -28,7 +28,11 @@ from tabadol.registry.entries import diff
 from tests.conftest import TRUST_DOMAIN, RunningProvider, start_broker
 from tests.support.echo import BIDI, SERVICE, UNARY
 from tests.support.exchange import eventually
-from tests.support.registry import import_registry, registry_config, registry_toml
+from tests.support.registry import (
+    imported_registry,
+    registry_config,
+    registry_toml,
+)
 
 # post may call every echo method; nocr has no grant. echo provides the service.
 GRANTS = f"""
@@ -94,11 +98,8 @@ async def exchange(
     postgres_url: str,
 ) -> AsyncIterator[Exchange]:
     pki.issue_person("operator", "maryam", force=True)
-    file = tmp_path / "registry.toml"
-    file.write_text(registry_toml([echo_provider.address], GRANTS))
-    first = tmp_path / "import.toml"
-    registry_config(tmp_path, pki.dir, echo_contracts, postgres_url).rename(first)
-    import_registry(first, file, reason="the first registry")
+    entries = registry_toml([echo_provider.address], GRANTS)
+    imported_registry(tmp_path, pki.dir, echo_contracts, postgres_url, entries)
     ex = Exchange(tmp_path, pki, postgres_url)
     await ex.node(echo_contracts)
     try:

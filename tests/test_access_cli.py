@@ -17,7 +17,11 @@ from tabadol.broker import Broker
 from tabadol.pki import CertificateAuthority
 from tests.conftest import TRUST_DOMAIN, RunningProvider
 from tests.support.echo import SERVICE
-from tests.support.registry import import_registry, registry_config, registry_toml, tabadol
+from tests.support.registry import (
+    imported_registry,
+    registry_toml,
+    tabadol,
+)
 
 OPERATOR = "leila"
 PURPOSE = "Verifying a sender's identity for registered mail"
@@ -63,10 +67,9 @@ async def exchange(
     echo_provider: RunningProvider,
 ) -> AsyncIterator[Exchange]:
     pki.issue_person("operator", OPERATOR, force=True)
-    file = tmp_path / "registry.toml"
-    file.write_text(registry_toml([echo_provider.address], grants=""))  # nobody may call echo
-    path = registry_config(tmp_path, pki.dir, echo_contracts, f"sqlite:///{tmp_path}/registry.db")
-    import_registry(path, file, reason="the first registry", by="setup")
+    url = f"sqlite:///{tmp_path}/registry.db"
+    entries = registry_toml([echo_provider.address], grants="")  # nobody may call echo
+    path = imported_registry(tmp_path, pki.dir, echo_contracts, url, entries, by="setup")
     broker = Broker(config.load(path))
     await broker.start()
     try:

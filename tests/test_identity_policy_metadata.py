@@ -328,7 +328,7 @@ def test_an_expired_grant_gives_way_to_another_that_still_holds(contracts: Contr
 def test_the_purpose_header_is_ascii_and_reads_back_as_written() -> None:
     import urllib.parse
 
-    reference = "قانون مدیریت داده‌ها ماده ۷"
+    reference = "قانون مدیریت داده‌ها ماده ۷"  # noqa: RUF001
     value = purpose_header(reference, "ignored when a reference is given")
 
     assert value.isascii()

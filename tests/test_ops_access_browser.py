@@ -28,7 +28,10 @@ from tests.support.browser import chromium, console_page
 from tests.support.echo import SERVICE, UNARY
 from tests.support.exchange import eventually
 from tests.support.ops import AUDITOR, operator_bundle, person_bundle, running_ops
-from tests.support.registry import import_registry, registry_config, registry_toml
+from tests.support.registry import (
+    imported_registry,
+    registry_toml,
+)
 
 PURPOSE = "Verifying a citizen's identity"
 REASON = "The data-sharing agreement ended"
@@ -62,10 +65,9 @@ async def exchange(
     echo_contracts: Path,
     echo_provider: RunningProvider,
 ) -> AsyncIterator[Exchange]:
-    path = registry_config(tmp_path, pki.dir, echo_contracts, f"sqlite:///{tmp_path}/registry.db")
-    file = tmp_path / "registry.toml"
-    file.write_text(registry_toml([echo_provider.address], grants=""))
-    import_registry(path, file, reason="the first registry")
+    url = f"sqlite:///{tmp_path}/registry.db"
+    entries = registry_toml([echo_provider.address], grants="")
+    path = imported_registry(tmp_path, pki.dir, echo_contracts, url, entries)
     broker = Broker(config.load(path))
     await broker.start()
     try:

@@ -68,4 +68,29 @@ def import_registry(config: Path, file: Path, reason: str = "test", by: str = "t
     return out
 
 
-__all__ = ["TabadolError", "import_registry", "registry_config", "registry_toml", "tabadol"]
+def imported_registry(
+    directory: Path,
+    pki_dir: Path,
+    contracts: Path,
+    url: str,
+    entries: str,
+    reason: str = "the first registry",
+    by: str = "tester",
+) -> Path:
+    """A broker configuration on the registry at ``url``, holding ``entries`` as its first
+    version; the configuration's path."""
+    path = registry_config(directory, pki_dir, contracts, url)
+    file = directory / "registry.toml"
+    file.write_text(entries)
+    import_registry(path, file, reason=reason, by=by)
+    return path
+
+
+__all__ = [
+    "TabadolError",
+    "import_registry",
+    "imported_registry",
+    "registry_config",
+    "registry_toml",
+    "tabadol",
+]
