@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import pytest
+from google.protobuf import descriptor_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tabadol import config
@@ -26,7 +27,7 @@ from tabadol.platform.v1 import access_pb2_grpc
 from tabadol.registry import open_registry
 from tabadol.registry.entries import diff
 from tests.conftest import TRUST_DOMAIN, RunningProvider, start_broker
-from tests.support.echo import BIDI, SERVICE, UNARY
+from tests.support.echo import BIDI, SERVICE, UNARY, echo_file_descriptor
 from tests.support.exchange import eventually
 from tests.support.registry import (
     imported_registry,
@@ -502,3 +503,42 @@ async def test_a_stream_open_when_its_grant_expires_is_ended(exchange: Exchange)
             await asyncio.sleep(0.02)
     assert await stream.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "revoked or expired during the call" in await stream.details()
+
+
+async def test_a_service_is_published_only_if_the_providers_contract_breaks_no_consumer(
+    exchange: Exchange,
+) -> None:
+    operator = exchange.access("operator/maryam")
+    endpoints = exchange.brokers[0].config.services[SERVICE].endpoints
+    same = descriptor_pb2.FileDescriptorSet(file=[echo_file_descriptor()])
+    published = await operator.PublishService(
+        pb.PublishServiceRequest(
+            name=SERVICE, provider="echo", endpoints=endpoints,
+            contract=same.SerializeToString(), reason="new endpoints",
+        )
+    )  # fmt: skip
+    assert published.registry_version == 2
+    fd = echo_file_descriptor()
+    kept = [m for m in fd.service[0].method if m.name != "Bidi"]
+    del fd.service[0].method[:]
+    fd.service[0].method.extend(kept)
+    breaking = descriptor_pb2.FileDescriptorSet(file=[fd])
+    e = await refused(
+        lambda: operator.PublishService(
+            pb.PublishServiceRequest(
+                name=SERVICE, provider="echo", endpoints=endpoints,
+                contract=breaking.SerializeToString(),
+            )
+        )
+    )  # fmt: skip
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "breaks the published" in (e.details() or "") and "Bidi" in (e.details() or "")
+    garbage = await refused(
+        lambda: operator.PublishService(
+            pb.PublishServiceRequest(
+                name=SERVICE, provider="echo", endpoints=endpoints, contract=b"\xff\xff"
+            )
+        )
+    )
+    assert garbage.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert exchange.brokers[0].config.registry_version == 2
