@@ -70,7 +70,7 @@ def test_texts_are_bounded_and_fields_are_named(desk: AccessDesk) -> None:
     assert e.value.code == Code.INVALID_ARGUMENT and "at most 2000" in str(e.value)
     with pytest.raises(AccessError) as e:
         desk.request(NOCR, SERVICE, ["Unary"], "fine", reference="r" * 201)
-    assert e.value.code == Code.INVALID_ARGUMENT and "purpose_reference" in str(e.value)
+    assert e.value.code == Code.INVALID_ARGUMENT and "purpose reference" in str(e.value)
     with pytest.raises(AccessError) as e:
         desk.request(NOCR, SERVICE, ["NoSuchMethod"], "fine")
     assert e.value.code == Code.INVALID_ARGUMENT and "'NoSuchMethod' is not in service" in str(

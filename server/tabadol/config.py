@@ -281,6 +281,19 @@ class LimitEntry(_Strict):
 
 
 _RECORD_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+MAX_METHODS = 256  # method names in one grant or request: a service has far fewer
+
+
+def _distinct(methods: list[str]) -> list[str]:
+    repeated = sorted(m for m, n in Counter(methods).items() if n > 1)
+    if repeated:
+        raise ValueError(f"lists {', '.join(map(repr, repeated[:5]))} more than once")
+    return methods
+
+
+Methods = Annotated[
+    list[str], Field(min_length=1, max_length=MAX_METHODS), AfterValidator(_distinct)
+]
 
 
 def _aware(value: dt.datetime | None) -> dt.datetime | None:
@@ -295,7 +308,7 @@ AwareTime = Annotated[dt.datetime, Field(strict=False), AfterValidator(_aware)] 
 class GrantEntry(_Strict):
     consumer: AgencyId
     service: str = Field(min_length=1)
-    methods: list[str] = Field(min_length=1)
+    methods: Methods
     # Set by the Access service; optional in a file (``grant_id`` derives one from the rest).
     id: str | None = Field(default=None, pattern=_RECORD_ID)
     purpose: str | None = Field(default=None, min_length=1, max_length=2000)  # legal basis
@@ -326,7 +339,7 @@ class RequestEntry(_Strict):
     id: str = Field(pattern=_RECORD_ID)
     consumer: AgencyId
     service: str = Field(min_length=1)
-    methods: list[str] = Field(min_length=1)
+    methods: Methods
     purpose: str = Field(min_length=1, max_length=2000)
     purpose_reference: str | None = Field(default=None, min_length=1, max_length=200)
     expires_at: AwareTime | None = None  # asked for; the provider may set another
@@ -502,15 +515,18 @@ def check_entries(
         contract = contracts.services.get(ask.service)
         if contract is None:
             continue
-        for method in ask.methods:
-            if method != "*" and method not in contract.methods:
-                problem(
-                    section,
-                    i,
-                    ask,
-                    f"method {method!r} is not in service {ask.service!r} "
-                    f"(it has: {', '.join(sorted(contract.methods))})",
-                )
+        unknown = [m for m in ask.methods if m != "*" and m not in contract.methods]
+        if unknown:
+            named = ", ".join(map(repr, unknown[:5])) + (
+                f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            )
+            problem(
+                section,
+                i,
+                ask,
+                f"method {named} {'is' if len(unknown) == 1 else 'are'} not in service "
+                f"{ask.service!r} (it has: {', '.join(sorted(contract.methods))})",
+            )
     for dup, n in Counter(g.id for g in cfg.grant if g.id is not None).items():
         if n > 1:
             problems.append(f"{path}: [[grant]] id {dup!r} is used {n} times")

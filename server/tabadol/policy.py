@@ -23,10 +23,27 @@ class GrantRule:
         return self.expires_at is None or wall < self.expires_at
 
 
+MAX_PURPOSE_HEADER = 1024  # bytes: a provider's gRPC server reads 8 KiB of metadata in all
+_SAFE = " !#$&'()*+,/:;=?@[]~"
+
+
 def purpose_header(reference: str | None, text: str | None) -> str:
     """``x-tabadol-purpose``'s value: the reference, else the text, percent-encoded UTF-8
-    (metadata values are ASCII; a purpose is often written in Persian)."""
-    return urllib.parse.quote(reference or text or "", safe=" !#$&'()*+,/:;=?@[]~")
+    (metadata values are ASCII; a purpose is often written in Persian). A longer one is cut
+    at a whole character and ends in "...": the grant ``x-tabadol-grant`` names has it all."""
+    source = reference or text or ""
+    value = urllib.parse.quote(source, safe=_SAFE)
+    if len(value) <= MAX_PURPOSE_HEADER:
+        return value
+    kept: list[str] = []
+    size = len("...")
+    for char in source:
+        part = urllib.parse.quote(char, safe=_SAFE)
+        if size + len(part) > MAX_PURPOSE_HEADER:
+            break
+        kept.append(part)
+        size += len(part)
+    return "".join(kept) + "..."
 
 
 class Policy:

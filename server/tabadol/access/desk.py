@@ -11,6 +11,8 @@ the newer version. The version history is the audit trail.
 from __future__ import annotations
 
 import datetime as dt
+import random
+import re
 import secrets
 import threading
 import time
@@ -49,7 +51,7 @@ from tabadol.registry.store import (
 from tabadol.spiffe import agency_spiffe_id, operator_spiffe_id
 from tabadol.status import Code
 
-ATTEMPTS = 5  # commits tried before a change gives up to others racing it (ABORTED)
+ATTEMPTS = 8  # commits tried before a change gives up to others racing it (ABORTED)
 # Each change is a registry version every node applies: an actor makes at most a burst of
 # CHANGE_BURST of them, then one every 60 / CHANGES_PER_MINUTE seconds.
 CHANGES_PER_MINUTE = 30
@@ -173,11 +175,22 @@ def _required(value: str, what: str) -> str:
     return value
 
 
-def _bounded(value: str, what: str) -> str:
+# Line breaks, terminal escapes, NUL and bidirectional overrides would let a text entered
+# here rewrite how the audit trail reads; the joiners Persian needs (U+200C, U+200D) stay.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _bounded(value: str, what: str, most: int = MAX_TEXT) -> str:
     value = value.strip()
-    if len(value) > MAX_TEXT:
+    if len(value) > most:
         raise AccessError(
-            Code.INVALID_ARGUMENT, f"{what} is {len(value)} characters long; at most {MAX_TEXT}"
+            Code.INVALID_ARGUMENT, f"{what} is {len(value)} characters long; at most {most}"
+        )
+    if found := _CONTROL.search(value):
+        raise AccessError(
+            Code.INVALID_ARGUMENT,
+            f"{what} holds the control character U+{ord(found.group()):04X} at position "
+            f"{found.start() + 1}: write it on one line, as plain text",
         )
     return value
 
@@ -205,6 +218,7 @@ class AccessDesk:
         self._clock = clock
         self._budgets: dict[str, TokenBucket] = {}
         self._budgets_lock = threading.Lock()
+        self._changing = threading.Lock()
 
     @property
     def changeable(self) -> bool:
@@ -320,6 +334,7 @@ class AccessDesk:
         """Grant ``consumer`` access. On a sensitive service an agency's grant becomes a
         request awaiting an operator."""
         purpose = _required(purpose, "a purpose (the legal basis of the access)")
+        reference = _bounded(reference, "the purpose reference", 200)
         self._future(expires_at)
 
         def edit(e: _Edit, snap: Snapshot) -> None:
@@ -390,6 +405,7 @@ class AccessDesk:
                 "only an agency requests access, for itself; an operator grants it directly",
             )
         purpose = _required(purpose, "a purpose (the legal basis of the access)")
+        reference = _bounded(reference, "the purpose reference", 200)
         self._future(expires_at)
 
         def edit(e: _Edit, snap: Snapshot) -> None:
@@ -454,18 +470,22 @@ class AccessDesk:
                         f"request {request} awaits its provider {svc.provider!r} first: on the "
                         "sensitive service both the provider and an operator approve",
                     )
+                # The operator approves what the provider did: no longer than it allowed.
                 updated = found.model_copy(
                     update={
                         "state": "awaiting_operator",
                         "provider_approved_by": actor.identity,
                         "decided_by": actor.identity,
                         "decided_at": now,
+                        "expires_at": expires_at if expires_at is not None else found.expires_at,
                     }
                 )
                 self._replace_request(e, updated)
                 e.action = f"approve request {request} as provider; it awaits an operator"
                 return
             expiry = expires_at if expires_at is not None else found.expires_at
+            if found.state == "awaiting_operator" and found.expires_at is not None:
+                expiry = min(expiry or found.expires_at, found.expires_at)
             grant = self._new_grant(
                 actor,
                 found.consumer,
@@ -625,33 +645,37 @@ class AccessDesk:
         store = self._changes_possible("changes are refused")
         self._spend(actor)
         cfg = self._config()
-        for _ in range(ATTEMPTS):
-            snap = self._known(actor, self.snapshot())
-            edit = _Edit.of(snap.entries)
-            action(edit, snap)
-            entries = edit.entries()
-            problems = check_entries(
-                entries, "the change", cfg.contracts, cfg.broker.max_message_bytes
-            )
-            if problems:
-                raise AccessError(Code.INVALID_ARGUMENT, "\n".join(problems))
-            data = entries_data(entries)
-            reason = f"{edit.action}: {why}" if why else edit.action
-            try:
-                committed = store.commit(
-                    data, actor.identity, reason, digest(data), number=snap.version + 1
+        with self._changing:  # this process's changes one at a time: they race only others'
+            for attempt in range(ATTEMPTS):
+                if attempt:  # another node's change took the number: wait a little, jittered
+                    time.sleep(random.uniform(0.01, 0.05) * attempt)
+                snap = self._known(actor, self.snapshot())
+                edit = _Edit.of(snap.entries)
+                action(edit, snap)
+                edit.request = _pruned(edit.request)
+                entries = edit.entries()
+                problems = check_entries(
+                    entries, "the change", cfg.contracts, cfg.broker.max_message_bytes
                 )
-            except RegistryRefused:
-                continue  # another change took the number: apply this one to it
-            except RegistryUnavailable as e:
-                raise AccessError(Code.UNAVAILABLE, str(e)) from None
-            return Outcome(
-                committed.number,
-                edit.made_grant,
-                edit.made_request,
-                tuple(edit.revoked),
-                tuple(edit.findings),
-            )
+                if problems:
+                    raise AccessError(Code.INVALID_ARGUMENT, "\n".join(problems))
+                data = entries_data(entries)
+                reason = f"{edit.action}: {why}" if why else edit.action
+                try:
+                    committed = store.commit(
+                        data, actor.identity, reason, digest(data), number=snap.version + 1
+                    )
+                except RegistryRefused:
+                    continue  # apply this change to the newer version
+                except RegistryUnavailable as e:
+                    raise AccessError(Code.UNAVAILABLE, str(e)) from None
+                return Outcome(
+                    committed.number,
+                    edit.made_grant,
+                    edit.made_request,
+                    tuple(edit.revoked),
+                    tuple(edit.findings),
+                )
         raise AccessError(
             Code.ABORTED,
             f"other changes to the registry kept committing first ({ATTEMPTS} tries); "
@@ -848,6 +872,24 @@ class AccessDesk:
                     f"(`tabadol contracts check`): " + "; ".join(map(str, breaking)),
                 )
         return [str(f) for f in lint(published, targets=[service.file])]
+
+
+KEPT_CLOSED = 20  # answered requests per consumer kept in the entries (all stay in history)
+
+
+def _pruned(requests: list[RequestEntry]) -> list[RequestEntry]:
+    """The requests with, per consumer, only its newest KEPT_CLOSED answered ones: asking and
+    withdrawing must not grow every later version for ever; the history keeps them all."""
+    closed: dict[str, list[RequestEntry]] = {}
+    for r in requests:
+        if r.state not in OPEN_STATES:
+            closed.setdefault(r.consumer, []).append(r)
+    dropped = {
+        r.id
+        for rs in closed.values()
+        for r in sorted(rs, key=lambda r: r.decided_at or r.requested_at)[:-KEPT_CLOSED]
+    }
+    return [r for r in requests if r.id not in dropped] if dropped else requests
 
 
 def _methods(methods: Sequence[str]) -> str:

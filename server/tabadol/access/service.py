@@ -24,6 +24,7 @@ from tabadol.broker.platform import refuse
 from tabadol.broker.proxy import Proxy, peer_certificate
 from tabadol.config import GrantEntry, RequestEntry, RequestState, grant_id
 from tabadol.platform.v1 import access_pb2, access_pb2_grpc
+from tabadol.status import Code
 
 Context = grpc.aio.ServicerContext[Any, Any]
 _T = TypeVar("_T")
@@ -49,7 +50,12 @@ def _timestamp(value: dt.datetime | None) -> Timestamp | None:
 
 
 def _time(message: Any, name: str) -> dt.datetime | None:
-    return getattr(message, name).ToDatetime(dt.UTC) if message.HasField(name) else None
+    if not message.HasField(name):
+        return None
+    try:
+        return getattr(message, name).ToDatetime(dt.UTC)  # type: ignore[no-any-return]
+    except (ValueError, OverflowError) as e:
+        raise AccessError(Code.INVALID_ARGUMENT, f"{name}: {e}") from None
 
 
 def grant_message(grant: GrantEntry, provider: str, now: dt.datetime) -> access_pb2.Grant:
