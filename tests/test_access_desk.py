@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import tomllib
 from pathlib import Path
@@ -9,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from tabadol import config
-from tabadol.access.desk import CHANGE_BURST, MAX_TEXT, AccessDesk, AccessError, Actor
+from tabadol.access.desk import (
+    CHANGE_BURST,
+    MAX_OPEN_REQUESTS,
+    MAX_TEXT,
+    AccessDesk,
+    AccessError,
+    Actor,
+)
 from tabadol.config import parse_entries
 from tabadol.registry import open_registry
 from tabadol.registry.entries import digest, entries_data
@@ -103,3 +111,33 @@ def test_the_audit_trail_pages_from_where_the_reader_left_off(desk: AccessDesk) 
     # The page after version 2 diffs against version 2 itself: one grant added.
     assert [c.kind for c in rest[0].changes] == ["added"]
     assert all(e.chain for e in first + rest)
+
+
+def test_a_request_whose_asked_expiry_passed_is_approved_only_with_a_new_one(
+    desk: AccessDesk,
+) -> None:
+    now = [dt.datetime.now(dt.UTC)]
+    late = AccessDesk(desk._store, desk._config, clock=lambda: now[0])
+    asked = now[0] + dt.timedelta(days=1)
+    made = late.request(NOCR, SERVICE, ["Unary"], "for a day", expires_at=asked)
+    assert made.request is not None
+    now[0] += dt.timedelta(days=2)  # the provider answers late
+    with pytest.raises(AccessError) as e:
+        late.approve(ECHO, made.request.id)
+    assert e.value.code == Code.INVALID_ARGUMENT
+    assert "the expiry asked for" in str(e.value) and "--expires" in str(e.value)
+    approved = late.approve(ECHO, made.request.id, now[0] + dt.timedelta(days=30))
+    assert approved.grant is not None and approved.grant.expires_at is not None
+
+
+def test_a_providers_grants_awaiting_an_operator_do_not_use_up_the_consumers_requests(
+    desk: AccessDesk,
+) -> None:
+    operator = Actor.operator(TRUST_DOMAIN, "maryam")
+    desk.publish(operator, SERVICE, "echo", ["127.0.0.1:1"], sensitive=True)
+    for n in range(MAX_OPEN_REQUESTS // 2):
+        desk.grant(ECHO, "nocr", SERVICE, ["Unary"], f"pending an operator {n}")
+    _, waiting = desk.requests(NOCR, "awaiting_operator")
+    assert len(waiting) == MAX_OPEN_REQUESTS // 2
+    asked = desk.request(NOCR, SERVICE, ["Unary"], "its own")
+    assert asked.request is not None and asked.request.state == "pending"

@@ -51,6 +51,7 @@ from tabadol.registry.store import (
 from tabadol.spiffe import agency_spiffe_id, operator_spiffe_id
 from tabadol.status import Code
 
+CHANGE_WAIT_S = 10.0  # how long a change waits for this node's others
 ATTEMPTS = 8  # commits tried before a change gives up to others racing it (ABORTED)
 # Each change is a registry version every node applies: an actor makes at most a burst of
 # CHANGE_BURST of them, then one every 60 / CHANGES_PER_MINUTE seconds.
@@ -416,10 +417,10 @@ class AccessDesk:
                     f"agency {actor.name!r} provides {service} itself: it grants access, it "
                     "does not request it",
                 )
-            open_ = [
-                r
+            open_ = [  # those it asked for itself: a provider's grants awaiting an operator
+                r  # are not counted against it
                 for r in snap.entries.request
-                if r.consumer == actor.name and r.state in OPEN_STATES
+                if r.requested_by == actor.identity and r.state in OPEN_STATES
             ]
             if len(open_) >= MAX_OPEN_REQUESTS:
                 raise AccessError(
@@ -480,12 +481,14 @@ class AccessDesk:
                         "expires_at": expires_at if expires_at is not None else found.expires_at,
                     }
                 )
+                self._future(updated.expires_at, "the expiry asked for")
                 self._replace_request(e, updated)
                 e.action = f"approve request {request} as provider; it awaits an operator"
                 return
             expiry = expires_at if expires_at is not None else found.expires_at
             if found.state == "awaiting_operator" and found.expires_at is not None:
                 expiry = min(expiry or found.expires_at, found.expires_at)
+            self._future(expiry, "the expiry asked for")
             grant = self._new_grant(
                 actor,
                 found.consumer,
@@ -644,38 +647,56 @@ class AccessDesk:
     def _change(self, actor: Actor, action: Callable[[_Edit, Snapshot], None], why: str) -> Outcome:
         store = self._changes_possible("changes are refused")
         self._spend(actor)
+        # This process's changes one at a time (they race only other nodes'); a change that
+        # cannot get its turn soon gives up rather than hold a worker thread.
+        if not self._changing.acquire(timeout=CHANGE_WAIT_S):
+            raise AccessError(
+                Code.UNAVAILABLE,
+                "other changes on this node are still committing; nothing was changed: try again",
+            )
+        try:
+            return self._commit(store, actor, action, why)
+        finally:
+            self._changing.release()
+
+    def _commit(
+        self,
+        store: RegistryStore,
+        actor: Actor,
+        action: Callable[[_Edit, Snapshot], None],
+        why: str,
+    ) -> Outcome:
         cfg = self._config()
-        with self._changing:  # this process's changes one at a time: they race only others'
-            for attempt in range(ATTEMPTS):
-                if attempt:  # another node's change took the number: wait a little, jittered
-                    time.sleep(random.uniform(0.01, 0.05) * attempt)
-                snap = self._known(actor, self.snapshot())
-                edit = _Edit.of(snap.entries)
-                action(edit, snap)
-                edit.request = _pruned(edit.request)
-                entries = edit.entries()
-                problems = check_entries(
-                    entries, "the change", cfg.contracts, cfg.broker.max_message_bytes
+        for attempt in range(ATTEMPTS):
+            if attempt:  # another node's change took the number: wait a little, jittered
+                time.sleep(random.uniform(0.01, 0.05) * attempt)
+            snap = self._known(actor, self.snapshot())
+            edit = _Edit.of(snap.entries)
+            action(edit, snap)
+            edit.request = _pruned(edit.request)
+            entries = edit.entries()
+            problems = check_entries(
+                entries, "the change", cfg.contracts, cfg.broker.max_message_bytes
+            )
+            if problems:
+                raise AccessError(Code.INVALID_ARGUMENT, "\n".join(problems))
+            data = entries_data(entries)
+            reason = f"{edit.action}: {why}" if why else edit.action
+            try:
+                committed = store.commit(
+                    data, actor.identity, reason, digest(data), number=snap.version + 1
                 )
-                if problems:
-                    raise AccessError(Code.INVALID_ARGUMENT, "\n".join(problems))
-                data = entries_data(entries)
-                reason = f"{edit.action}: {why}" if why else edit.action
-                try:
-                    committed = store.commit(
-                        data, actor.identity, reason, digest(data), number=snap.version + 1
-                    )
-                except RegistryRefused:
-                    continue  # apply this change to the newer version
-                except RegistryUnavailable as e:
-                    raise AccessError(Code.UNAVAILABLE, str(e)) from None
-                return Outcome(
-                    committed.number,
-                    edit.made_grant,
-                    edit.made_request,
-                    tuple(edit.revoked),
-                    tuple(edit.findings),
-                )
+            except RegistryRefused:
+                continue  # apply this change to the newer version
+            except RegistryUnavailable as e:
+                raise AccessError(Code.UNAVAILABLE, str(e)) from None
+            return Outcome(
+                committed.number,
+                edit.made_grant,
+                edit.made_request,
+                tuple(edit.revoked),
+                tuple(edit.findings),
+            )
         raise AccessError(
             Code.ABORTED,
             f"other changes to the registry kept committing first ({ATTEMPTS} tries); "
@@ -763,10 +784,12 @@ class AccessDesk:
                 "it, and only a service's provider (or an operator) grants access to it",
             )
 
-    def _future(self, expires_at: dt.datetime | None) -> None:
+    def _future(self, expires_at: dt.datetime | None, what: str = "expires_at") -> None:
         if expires_at is not None and expires_at <= self._clock():
             raise AccessError(
-                Code.INVALID_ARGUMENT, f"expires_at {expires_at.isoformat()} is not in the future"
+                Code.INVALID_ARGUMENT,
+                f"{what} {expires_at.isoformat()} is not in the future"
+                + ("; approve with a new expiry (--expires)" if what != "expires_at" else ""),
             )
 
     def _open_request(

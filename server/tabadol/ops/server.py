@@ -285,6 +285,8 @@ async def run(
     following = asyncio.create_task(follow_registry(server, config_path, cfg))
     await stop.wait()
     following.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await following  # its registry connection closed
     await server.stop()
 
 

@@ -209,11 +209,11 @@ class SqliteRegistryStore:
             raise
         try:
             yield
+            conn.execute("COMMIT")
         except BaseException:
-            if conn.in_transaction:
+            if conn.in_transaction:  # a COMMIT that failed (disk full) too: the next may go
                 conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
 
     @contextmanager
     def _changing(self, what: str) -> Iterator[sqlite3.Connection]:
