@@ -39,6 +39,8 @@ from tabadol.state_files import read_regular, replace_file
 if TYPE_CHECKING:
     from tabadol.broker.server import Broker
 
+_STOP_S = 10.0  # how long stop waits for the follower's tasks to end
+
 log = logging.getLogger("tabadol.broker.registry")
 
 _KEEP_TOUCH_S = 60.0  # how often the kept version's "confirmed_at" is rewritten
@@ -185,9 +187,14 @@ class RegistryFollower:
         tasks = [*self._tasks, *([self._check] if self._check is not None else [])]
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=_STOP_S)
+            if pending:  # never expected: said, and the broker stops regardless
+                log.error(
+                    "the registry follower did not stop within %g s: %s",
+                    _STOP_S,
+                    ", ".join(t.get_name() for t in pending),
+                )
         self._tasks, self._check = [], None
         await asyncio.to_thread(self.store.close)
 
@@ -220,8 +227,12 @@ class RegistryFollower:
                 waiting = asyncio.shield(self._check)  # a wake-up now: the next check follows
             else:
                 waiting = self._wake.wait()
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the result when a
+            # cancellation arrives as the awaited future completes, and the follower, its
+            # cancellation swallowed, would then never stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiting, min(self.settings.poll_seconds, 1.0))
+                async with asyncio.timeout(min(self.settings.poll_seconds, 1.0)):
+                    await waiting
             try:
                 self._publish()
                 await self._health()
