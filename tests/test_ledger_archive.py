@@ -149,12 +149,17 @@ def test_a_record_line_is_its_canonical_bytes_without_the_schema_number() -> Non
         record(4, consumer="سازمان", method='M"\\\x7f', consumer_serial="ff"),
         record(5, grant="g-1"),  # schema 3: a grant admitted it
         record(6, consumer_serial="0b", consumer_verified=False, grant='g"\\2'),
+        record(7, protocol="rest"),  # schema 4: it came in by another protocol than gRPC
+        record(8, grant='g",', protocol="connect"),
+        record(9, consumer_verified=False, grant='g\\",', protocol="rest"),
     ]
     for r in records:
         line = archive.record_line(StoredRecord(1, r, "", ""))
         assert line.isascii() and line.endswith(b"\n")
-        # A record no grant admitted keeps its line from before grants: every other field.
-        assert json.loads(line) == list(r.values() if r.grant else r.values()[:-1])
+        # A gRPC call's record keeps its line from before protocols, and one no grant
+        # admitted its line from before grants: every other field.
+        kept = len(r.values()) - (r.protocol == "grpc") - (r.protocol == "grpc" and not r.grant)
+        assert json.loads(line) == list(r.values()[:kept])
         assert archive.canonical_of(line[:-1]) == r.canonical()
 
 

@@ -45,7 +45,7 @@ def granted(i: int) -> LedgerRecord:
 
 def canonical_by_rule(r: LedgerRecord, schema: int) -> bytes:
     """The canonical bytes as the schema's rule defines them, independently of the code."""
-    last = {1: "consumer_serial", 2: "grant", 3: None}[schema]
+    last = {1: "consumer_serial", 2: "grant", 3: "protocol", 4: None}[schema]
     names = FIELD_NAMES if last is None else FIELD_NAMES[: FIELD_NAMES.index(last)]
     return json.dumps([schema, *(getattr(r, n) for n in names)], separators=(",", ":")).encode()
 
@@ -296,4 +296,4 @@ def test_a_postgres_ledger_from_before_grants_is_migrated_and_verifies(
             "SELECT pg_get_constraintdef(oid) FROM pg_constraint "
             "WHERE conrelid = 'ledger_rollup_groups'::regclass AND contype = 'p'"
         ).fetchone()
-    assert key is not None and key[0].endswith('verified, "grant")')
+    assert key is not None and key[0].endswith('verified, "grant", protocol)')

@@ -591,7 +591,7 @@ def test_a_batch_and_its_rollup_commit_together_or_not_at_all(
 
 FORGED_ROWS = {
     "ledger_rollup_groups": (
-        "%s, false, 0, 'x', 'x', 'x', 'x', 0, true, true, '', 1, 1, 1, 1, '[]'"
+        "%s, false, 0, 'x', 'x', 'x', 'x', 0, true, true, '', 'grpc', 1, 1, 1, 1, '[]'"
     ),
     "ledger_rollup_provider_days": (
         "%s, false, 0, 'x', '[[0,1,1]]', B'1'::bit(300), B'1'::bit(300), '[]'"

@@ -59,7 +59,7 @@ TAMPERING = {
         "INSERT INTO records SELECT seq + 36, start_ns, end_ns, trace_id, request_id, consumer, "
         "provider, service, method, kind, status_code, request_bytes, request_messages, "
         "response_bytes, response_messages, endpoint, broker_instance, request_sha256, "
-        "response_sha256, consumer_serial, consumer_verified, grant, prev_digest, digest "
+        "response_sha256, consumer_serial, consumer_verified, grant, protocol, prev_digest, digest "
         "FROM records WHERE seq = 1"
     ],
     "seal signature": ["UPDATE seals SET signature = '00' WHERE seq = 8"],

@@ -737,12 +737,13 @@ def test_a_quarter_with_no_earlier_transactions_has_no_growth(tmp_path: Path) ->
 # --- The files -------------------------------------------------------------------------------
 
 
-def test_four_files_are_written_named_after_the_quarter(written: list[Path]) -> None:
+def test_five_files_are_written_named_after_the_quarter(written: list[Path]) -> None:
     assert [p.name for p in written] == [
         "quarterly-1405-Q3.html",
         "quarterly-1405-Q3.csv",
         "quarterly-1405-Q3.json",
         "quarterly-1405-Q3-purposes.csv",
+        "quarterly-1405-Q3-protocols.csv",
     ]
     assert all(p.stat().st_size > 0 for p in written)
 

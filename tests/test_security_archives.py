@@ -399,8 +399,8 @@ ROW_EDITS = {
     "histogram": "UPDATE rollup_provider_days SET histogram = '[]'",
     "a provider day deleted": "DELETE FROM rollup_provider_days",
     "a day without records": "INSERT INTO rollup_groups SELECT day_ns + 86400000000000, chain, "
-    "archived, consumer, provider, service, method, status_code, forwarded, verified, grant, calls, "
-    "duration_ns, request_bytes, response_bytes, histogram FROM rollup_groups",
+    "archived, consumer, provider, service, method, status_code, forwarded, verified, grant, "
+    "protocol, calls, duration_ns, request_bytes, response_bytes, histogram FROM rollup_groups",
 }
 
 

@@ -32,6 +32,7 @@ from tabadol.errors import TabadolError
 from tabadol.ledger.record import (
     FIELD_NAMES,
     FIELD_TYPES,
+    PROTOCOLS,
     SCHEMA_VERSION,
     LedgerRecord,
     Seal,
@@ -139,14 +140,18 @@ def record_line(stored: StoredRecord) -> bytes:
 
 
 # A record line is its canonical bytes (what its digest covers) without the schema number,
-# schema 1's two missing fields put back: so the reader hashes the line's own bytes. A
-# record with no grant keeps its schema's line, without grant, as archives before grants
-# hold it; its last value is then consumer_verified (a boolean), a schema 3 line's is grant
-# (a string): how the end of a line tells the schema.
+# schema 1's two missing fields put back: so the reader hashes the line's own bytes. A gRPC
+# call's record keeps its schema's line, as archives before protocols hold it: with no grant
+# its last value is consumer_verified (a boolean), a schema 3 line's is grant (a string).
+# A schema 4 line ends in grant and protocol: '","rest"]' is no end of a schema 3 line (its
+# quote before rest would be one inside grant, escaped). How the end of a line tells the
+# schema; a call by a protocol not in PROTOCOLS is read value by value.
 _SCHEMA_1 = b"[1,"
 _SCHEMA_1_TAIL = b',"",true]'  # consumer_serial "", consumer_verified true: schema 1's form
 _SCHEMA_2 = b"[2,"
-_SCHEMA_3 = b"[%d," % SCHEMA_VERSION
+_SCHEMA_3 = b"[3,"
+_SCHEMA_4 = b"[%d," % SCHEMA_VERSION
+_SCHEMA_4_TAILS = tuple(b'","%s"]' % p.encode() for p in PROTOCOLS if p != "grpc")
 
 
 def line_of(canonical: bytes) -> bytes:
@@ -160,7 +165,7 @@ def canonical_of(line: bytes) -> bytes:
     """What a record line's digest covers, if the line is as ``line_of`` writes it (compact
     ASCII JSON); any other line yields bytes no seal matches, and is read value by value."""
     if line.endswith(b'"]'):
-        return _SCHEMA_3 + line[1:]
+        return (_SCHEMA_4 if line.endswith(_SCHEMA_4_TAILS) else _SCHEMA_3) + line[1:]
     if line.endswith(_SCHEMA_1_TAIL):
         return _SCHEMA_1 + line[1 : -len(_SCHEMA_1_TAIL)] + b"]"
     return _SCHEMA_2 + line[1:]
@@ -171,15 +176,15 @@ class Malformed(ValueError):
 
 
 _RECORD_TYPES = tuple(FIELD_TYPES[name] for name in FIELD_NAMES)
-_UNGRANTED_TYPES = _RECORD_TYPES[:-1]  # a line without grant: a record no grant admitted
+# A line of a gRPC call ends before protocol; one no grant admitted, before grant too.
+_LINE_TYPES = (_RECORD_TYPES[:-2], _RECORD_TYPES[:-1], _RECORD_TYPES)
+_LINE_LENGTHS = tuple(map(len, _LINE_TYPES))
 
 
 def _record(fields: Any) -> LedgerRecord:
-    if type(fields) is list:  # the usual case
-        types = tuple(map(type, fields))
-        if types in (_UNGRANTED_TYPES, _RECORD_TYPES):
-            return LedgerRecord(*fields)
-    if not isinstance(fields, list) or len(fields) not in (len(FIELD_NAMES) - 1, len(FIELD_NAMES)):
+    if type(fields) is list and tuple(map(type, fields)) in _LINE_TYPES:  # the usual case
+        return LedgerRecord(*fields)
+    if not isinstance(fields, list) or len(fields) not in _LINE_LENGTHS:
         raise Malformed("a record line with the wrong number of fields")
     for name, value in zip(FIELD_NAMES, fields, strict=False):
         if type(value) is not FIELD_TYPES[name]:

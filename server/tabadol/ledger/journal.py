@@ -84,8 +84,8 @@ def parse_line(raw: bytes) -> JournalEntry | None:
         return None
     record = fields.get("record")
     if isinstance(record, dict):
-        if "grant" not in record:  # written by a broker from before grants were recorded
-            record = {**record, "grant": ""}
+        # Written by a broker from before grants, or protocols, were recorded.
+        record = {"grant": "", "protocol": "grpc", **record}
         if record.keys() != set(FIELD_NAMES) or not all(
             type(record[name]) is FIELD_TYPES[name] for name in FIELD_NAMES
         ):

@@ -9,7 +9,8 @@ from operator import attrgetter
 from typing import Any, get_type_hints
 
 GENESIS = "0" * 64  # the "previous digest" of the first record
-SCHEMA_VERSION = 3  # 2 added consumer_serial and consumer_verified, 3 added grant
+SCHEMA_VERSION = 4  # 2 added consumer_serial and consumer_verified, 3 grant, 4 protocol
+PROTOCOLS = ("grpc", "connect", "rest")  # what a call can come in by, in the reports' order
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,7 @@ class LedgerRecord:
     consumer_serial: str = ""  # the serial (hex) of the certificate the caller presented
     consumer_verified: bool = True  # False: ``consumer`` is only what a refused certificate claims
     grant: str = ""  # the id of the grant that admitted the call; "" when none did
+    protocol: str = "grpc"  # what the call came in by: grpc, connect (Connect) or rest (JSON)
 
     @property
     def duration_ns(self) -> int:
@@ -49,13 +51,16 @@ class LedgerRecord:
     def canonical(self) -> bytes:
         """The bytes the chain digest covers: the schema version and every field, in order.
 
-        A record with no grant is in the form of the schema it was written under, so old
-        ledgers still verify: with no serial and counted as verified, schema 1's (its fields
-        only); else schema 2's (every field before grant). A record with a grant is schema 3
-        and covers every field.
+        A gRPC call's record is in the form of the schema it was written under, so old
+        ledgers still verify: with no grant, no serial and counted as verified, schema 1's
+        (its fields only); with no grant, schema 2's (every field before grant); else schema
+        3's (every field before protocol). A call by another protocol is schema 4 and covers
+        every field.
         """
-        if self.grant != "":  # "" itself, no other empty
+        if self.protocol != "grpc":  # "grpc" itself, no other spelling
             return _CANONICAL.encode((SCHEMA_VERSION, *_values(self))).encode()
+        if self.grant != "":  # "" itself, no other empty
+            return _CANONICAL.encode((3, *_values(self)[:_SCHEMA_3_FIELDS])).encode()
         if self.consumer_serial == "" and self.consumer_verified:
             return _CANONICAL.encode((1, *_values(self)[:_SCHEMA_1_FIELDS])).encode()
         return _CANONICAL.encode((2, *_values(self)[:_SCHEMA_2_FIELDS])).encode()
@@ -65,6 +70,7 @@ FIELD_NAMES = tuple(f.name for f in fields(LedgerRecord))
 FIELD_TYPES: dict[str, type] = get_type_hints(LedgerRecord)
 _SCHEMA_1_FIELDS = FIELD_NAMES.index("consumer_serial")
 _SCHEMA_2_FIELDS = FIELD_NAMES.index("grant")
+_SCHEMA_3_FIELDS = FIELD_NAMES.index("protocol")
 _values = attrgetter(*FIELD_NAMES)
 _CANONICAL = json.JSONEncoder(separators=(",", ":"))
 

@@ -4,8 +4,8 @@ per day instead of every record. Pure: no store, no clock.
 Two kinds of row (docs/ledger.md, "Rollups"):
 
 - a **call group**: per Asia/Tehran day, consumer, provider, service, method, status,
-  forwarded, verified and the grant that admitted the calls: calls, summed duration and
-  bytes, and a duration histogram;
+  forwarded, verified, the grant that admitted the calls and the protocol they came in by:
+  calls, summed duration and bytes, and a duration histogram;
 - a **provider day**: per provider and Asia/Tehran day, its five-minute windows' counts (the
   calls forwarded to it that started in the window, and how many of those it answered:
   status other than UNAVAILABLE), two bitmasks of them (windows with calls, windows
@@ -249,6 +249,7 @@ class GroupKey(NamedTuple):
     forwarded: bool  # an endpoint was chosen: the call reached for the provider
     verified: bool  # the consumer was identified by its certificate
     grant: str = ""  # the id of the grant that admitted the calls; "" when none did
+    protocol: str = "grpc"  # what the calls came in by: grpc, connect or rest
 
 
 @dataclass(slots=True)
@@ -411,7 +412,11 @@ class Rollup:
                 key.status_code, key.forwarded, key.verified, t.calls, t.duration_ns,
                 t.request_bytes, t.response_bytes, sorted(t.histogram.items()),
             ]  # fmt: skip
-            if key.grant:  # a row of no grant is as before grants, so old statements hold
+            # A gRPC row is as before protocols, and one of no grant as before grants, so
+            # old statements hold.
+            if key.protocol != "grpc":
+                row += [key.grant, key.protocol]
+            elif key.grant:
                 row.append(key.grant)
             sha.update(encode(row).encode() + b"\n")
         for dkey in sorted(self.provider_days):
@@ -443,10 +448,10 @@ class Rollup:
 # What a rollup reads of a record, in this order (``rollup_of_fields``).
 ROLLUP_FIELDS = (
     "start_ns", "end_ns", "consumer", "provider", "service", "method", "status_code",
-    "endpoint", "consumer_verified", "request_bytes", "response_bytes", "grant",
+    "endpoint", "consumer_verified", "request_bytes", "response_bytes", "grant", "protocol",
 )  # fmt: skip
 _rollup_fields = attrgetter(*ROLLUP_FIELDS)
-RollupFields = tuple[int, int, str, str, str, str, int, str, bool, int, int, str]
+RollupFields = tuple[int, int, str, str, str, str, int, str, bool, int, int, str, str]
 
 
 def rollup(records: Iterable[LedgerRecord]) -> Rollup:
@@ -458,7 +463,7 @@ def rollup_of_fields(rows: Iterable[RollupFields]) -> Rollup:
     """The rollup of records given as their ROLLUP_FIELDS, as a store can read them without
     building each record. (Keyed by tuples while it sums: it runs on the writer's path,
     once per record, and a frozen dataclass is slow to build and hash.)"""
-    groups: dict[tuple[int, str, str, str, str, int, bool, bool, str], GroupTotals] = {}
+    groups: dict[tuple[int, str, str, str, str, int, bool, bool, str, str], GroupTotals] = {}
     days: dict[tuple[int, str], ProviderDay] = {}
     hour, day = None, 0  # a batch's records mostly share an hour: day_of once per hour
     for (
@@ -474,13 +479,14 @@ def rollup_of_fields(rows: Iterable[RollupFields]) -> Rollup:
         sent,
         got,
         grant,
+        protocol,
     ) in rows:
         duration = end - start
         forwarded = endpoint != ""
         if (start - _HALF_HOUR_NS) // _HOUR_NS != hour:
             hour = (start - _HALF_HOUR_NS) // _HOUR_NS
             day = _day_of_hour(hour)[0]
-        key = (day, consumer, provider, service, method, code, forwarded, verified, grant)
+        key = (day, consumer, provider, service, method, code, forwarded, verified, grant, protocol)
         totals = groups.get(key)
         if totals is None:
             totals = groups[key] = GroupTotals()
@@ -507,8 +513,8 @@ def rollup_of_fields(rows: Iterable[RollupFields]) -> Rollup:
                 answered[index] = answered.get(index, 0) + 1
     return Rollup(
         {
-            GroupKey(day, c, p, s, m, code, forwarded, bool(verified), grant): totals
-            for (day, c, p, s, m, code, forwarded, verified, grant), totals in groups.items()
+            GroupKey(day, c, p, s, m, code, fwd, bool(verified), grant, protocol): totals
+            for (day, c, p, s, m, code, fwd, verified, grant, protocol), totals in groups.items()
         },
         {ProviderDayKey(*dkey): provider_day for dkey, provider_day in days.items()},
     )
@@ -527,6 +533,7 @@ def describe_group(key: GroupKey) -> str:
         f"{_date(key.day_ns)} {key.consumer or '-'} -> {key.provider}/{key.service}/{key.method} "
         f"status {key.status_code}{' forwarded' if key.forwarded else ''}"
         f"{'' if key.verified else ' unverified'}{f' grant {key.grant}' if key.grant else ''}"
+        f"{f' by {key.protocol}' if key.protocol != 'grpc' else ''}"
     )
 
 

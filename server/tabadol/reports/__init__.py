@@ -1,7 +1,7 @@
 """The quarterly e-service assessment: ledger and registry figures against national targets.
 
 ``build_quarterly`` is the only part that touches the store and the registry; the figures are
-pure functions (``figures``, ``purposes``) and the files are renderings of them (``render``).
+pure functions (``figures``, ``purposes``, ``protocols``) and the files are renderings of them (``render``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from tabadol.reports.figures import (
     QuarterlyReport,
     assess,
 )
+from tabadol.reports.protocols import ProtocolCalls, calls_by_protocol
 from tabadol.reports.purposes import (
     NO_PURPOSE,
     GrantPurpose,
@@ -37,6 +38,7 @@ from tabadol.reports.render import (
     render_csv,
     render_html,
     render_json,
+    render_protocols_csv,
     render_purposes_csv,
     report_json,
     write_quarterly,
@@ -54,10 +56,12 @@ __all__ = [
     "Indicator",
     "National",
     "OfferedService",
+    "ProtocolCalls",
     "PurposeCalls",
     "Quarter",
     "QuarterlyReport",
     "build_quarterly",
+    "calls_by_protocol",
     "calls_by_purpose",
     "grant_purposes",
     "purposes_of",
@@ -66,6 +70,7 @@ __all__ = [
     "render_csv",
     "render_html",
     "render_json",
+    "render_protocols_csv",
     "render_purposes_csv",
     "report_json",
     "write_quarterly",

@@ -15,6 +15,7 @@ from tabadol.config import AgencyEntry, BrokerConfig
 from tabadol.ledger.rollup import WINDOW_NS as WINDOW_NS  # the availability windows
 from tabadol.ledger.rollup import Histogram, percentiles
 from tabadol.ledger.store.base import CallGroup
+from tabadol.reports.protocols import ProtocolCalls, calls_by_protocol
 from tabadol.reports.purposes import GrantPurpose, PurposeCalls, calls_by_purpose
 from tabadol.reports.quarter import Quarter
 
@@ -126,6 +127,13 @@ DEFINITIONS: dict[str, str] = {
         "the registry does not know count under the grant's id. Calls no grant admitted "
         "(refused ones, and the platform's own services) are not counted here."
     ),
+    "calls_by_protocol": (
+        "The transactions (as counted above) by the protocol each came in by: grpc (gRPC), "
+        "connect (the Connect protocol, over the broker's HTTP gateway) or rest (JSON on the "
+        "routes the contracts declare, over the same gateway); of each, the errors (calls "
+        "that did not end with status 0, OK), and its share of all transactions. Calls a "
+        "ledger recorded before it recorded protocols were gRPC calls."
+    ),
     "percentages": (
         "Shown truncated to one decimal place, never rounded up: 99.96% shows as 99.9%, so a "
         "figure shown at its target has met it. Raw values are in the JSON and CSV."
@@ -214,6 +222,7 @@ class QuarterlyReport:
     national: National
     agencies: tuple[AgencyFigures, ...]  # in rank order
     indicators: tuple[Indicator, ...]  # in rank order, one per agency
+    protocols: tuple[ProtocolCalls, ...] = ()  # the transactions by protocol
 
     def indicator(self, agency: str) -> Indicator:
         return next(i for i in self.indicators if i.agency == agency)
@@ -402,7 +411,8 @@ def assess(
     """Every figure of the quarterly report, from the registry and the two quarters' activity;
     ``purposes``: grant id -> purpose, of every grant the registry has held."""
     by_agency: dict[str, list[CallGroup]] = {a: [] for a in cfg.agencies}
-    for group in identified(current.groups, cfg.agencies):
+    declared = identified(current.groups, cfg.agencies)
+    for group in declared:
         for named in {group.consumer, group.provider} & by_agency.keys():
             by_agency[named].append(group)
     by_purpose = calls_by_purpose(current.groups, purposes or {})
@@ -416,4 +426,5 @@ def assess(
         national=national_figures(cfg, current, previous),
         agencies=tuple(figures[i.agency] for i in indicators),
         indicators=tuple(indicators),
+        protocols=calls_by_protocol(declared),
     )

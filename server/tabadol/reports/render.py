@@ -1,5 +1,5 @@
-"""The quarterly report as files: one self-contained HTML page, a CSV of agencies, a CSV of
-calls by purpose, and JSON.
+"""The quarterly report as files: one self-contained HTML page, a CSV of agencies, CSVs of
+calls by purpose and by protocol, and JSON.
 
 The HTML needs nothing else: inline CSS, charts as inline SVG, no script, no external resource.
 Every text that comes from the configuration passes through ``html.escape``.
@@ -28,6 +28,7 @@ from tabadol.reports.figures import (
     percent,
     ratio,
 )
+from tabadol.reports.protocols import ProtocolCalls
 from tabadol.reports.purposes import PurposeCalls
 from tabadol.reports.quarter import TEHRAN, both_dates
 
@@ -69,6 +70,7 @@ PURPOSE_CSV_COLUMNS = (
     "calls_admitted",
     "successful",
 )
+PROTOCOL_CSV_COLUMNS = ("protocol", "calls", "errors", "share")
 
 
 def file_stem(report: QuarterlyReport) -> str:
@@ -125,6 +127,7 @@ def report_json(report: QuarterlyReport) -> dict[str, Any]:
         },
         "agencies": [_agency_json(a) for a in report.agencies],
         "indicators": [_indicator_json(i) for i in report.indicators],
+        "calls_by_protocol": [_protocol_json(p) for p in report.protocols],
         "definitions": DEFINITIONS,
     }
 
@@ -167,6 +170,10 @@ def _purpose_json(p: PurposeCalls) -> dict[str, Any]:
         "calls_admitted": p.calls,
         "successful": p.successful,
     }
+
+
+def _protocol_json(p: ProtocolCalls) -> dict[str, Any]:
+    return {"protocol": p.protocol, "calls": p.calls, "errors": p.errors, "share": _number(p.share)}
 
 
 def _indicator_json(i: Indicator) -> dict[str, Any]:
@@ -232,6 +239,19 @@ def render_purposes_csv(report: QuarterlyReport) -> str:
                     p.successful,
                 ]
             )
+    return out.getvalue()
+
+
+def render_protocols_csv(report: QuarterlyReport) -> str:
+    """Calls by protocol: one row per protocol; an empty share when there were no calls."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(PROTOCOL_CSV_COLUMNS)
+    for p in report.protocols:
+        share = _number(p.share)
+        writer.writerow(
+            [_spreadsheet_safe(p.protocol), p.calls, p.errors, "" if share is None else share]
+        )
     return out.getvalue()
 
 
@@ -415,6 +435,22 @@ def _purposes(report: QuarterlyReport) -> str:
         ]
     )
     return f'<table class="purposes"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _protocols(report: QuarterlyReport) -> str:
+    rows = [
+        f"<tr><td><code>{escape(p.protocol)}</code></td>"
+        f'<td class="num">{_count(p.calls)}</td>'
+        f'<td class="num">{_count(p.errors)}'
+        f'<span class="note">{escape(percent(ratio(p.errors, p.calls)))}</span></td>'
+        f'<td class="num">{escape(percent(p.share))}</td></tr>'
+        for p in report.protocols
+    ]
+    head = "".join(
+        f'<th class="{cls}">{escape(label)}</th>'
+        for cls, label in [("", "Protocol"), ("num", "Calls"), ("num", "Errors"), ("num", "Share")]
+    )
+    return f'<table class="protocols"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
 def _ratio_axis(values: Sequence[float | None], target: Decimal) -> Axis:
@@ -644,6 +680,10 @@ agencies are behind.</p>
 <p class="muted">The calls each provider's services answered under a grant, by the grant's purpose
 (its legal basis) and reference.</p>
 <div class="table-wrap">{_purposes(report)}</div></section>
+<section id="protocols"><h2>Calls by protocol</h2>
+<p class="muted">The transactions by what they came in by: gRPC, or the broker's HTTP gateway
+(Connect, or REST/JSON on the routes the contracts declare).</p>
+<div class="table-wrap">{_protocols(report)}</div></section>
 <section id="method"><h2>How these figures are computed</h2>
 <p>From the Tabadol ledger's records of calls that started from {escape(both_dates(q.first_day))} to
 {escape(both_dates(q.last_day))} (and, for growth, in {escape(str(q.previous()))}), and from the broker
@@ -657,8 +697,8 @@ configuration: agencies, services and their contracts, and each agency's registr
 
 
 def write_quarterly(report: QuarterlyReport, out_dir: Path) -> list[Path]:
-    """Write the HTML, CSV, JSON and calls-by-purpose CSV files into ``out_dir`` (created if
-    missing); their paths."""
+    """Write the HTML, CSV, JSON, calls-by-purpose and calls-by-protocol CSV files into
+    ``out_dir`` (created if missing); their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = file_stem(report)
     written = []
@@ -667,6 +707,7 @@ def write_quarterly(report: QuarterlyReport, out_dir: Path) -> list[Path]:
         (f"{stem}.csv", render_csv(report)),
         (f"{stem}.json", render_json(report)),
         (f"{stem}-purposes.csv", render_purposes_csv(report)),
+        (f"{stem}-protocols.csv", render_protocols_csv(report)),
     ):
         path = out_dir / name
         path.write_text(text, encoding="utf-8", newline="")

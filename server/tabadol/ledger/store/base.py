@@ -27,7 +27,8 @@ class LedgerMissing(LedgerWriteError):
 @dataclass(frozen=True)
 class CallGroup:
     """Calls in a time range that share consumer, provider, service, method, status,
-    whether the consumer's certificate identified it and the grant that admitted them."""
+    whether the consumer's certificate identified it, the grant that admitted them and the
+    protocol they came in by."""
 
     consumer: str
     provider: str
@@ -40,6 +41,7 @@ class CallGroup:
     # False: refused before identification (revoked, stale CRL...); consumer is only claimed
     verified: bool = True
     grant: str = ""  # the id of the grant that admitted these calls; "" when none did
+    protocol: str = "grpc"  # what these calls came in by: grpc, connect or rest
 
 
 class LedgerLog(Protocol):

@@ -249,18 +249,20 @@ class MemoryLedgerStore:
         return result
 
     def call_groups(self, start_ns: int, end_ns: int) -> list[CallGroup]:
-        groups: dict[tuple[str, str, str, str, int, bool, bool, str], list[int]] = {}
+        groups: dict[tuple[str, str, str, str, int, bool, bool, str, str], list[int]] = {}
         for key, totals in self._range(start_ns, end_ns).groups.items():
             calls_and_total = groups.setdefault(
                 (key.consumer, key.provider, key.service, key.method, key.status_code,
-                 key.forwarded, key.verified, key.grant),
+                 key.forwarded, key.verified, key.grant, key.protocol),
                 [0, 0],
             )  # fmt: skip
             calls_and_total[0] += totals.calls
             calls_and_total[1] += totals.duration_ns
         return [
-            CallGroup(c, p, s, m, code, fwd, n, total, verified, grant)
-            for (c, p, s, m, code, fwd, verified, grant), (n, total) in sorted(groups.items())
+            CallGroup(c, p, s, m, code, fwd, n, total, verified, grant, protocol)
+            for (c, p, s, m, code, fwd, verified, grant, protocol), (n, total) in sorted(
+                groups.items()
+            )
         ]
 
     def answered_histograms(self, start_ns: int, end_ns: int) -> dict[str, Histogram]:

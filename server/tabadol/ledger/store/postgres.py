@@ -127,13 +127,14 @@ CREATE TABLE IF NOT EXISTS ledger_rollup_groups (
     forwarded boolean NOT NULL,
     verified boolean NOT NULL,
     "grant" text NOT NULL DEFAULT '',
+    protocol text NOT NULL DEFAULT 'grpc',
     calls bigint NOT NULL,
     duration_ns bigint NOT NULL,
     request_bytes bigint NOT NULL,
     response_bytes bigint NOT NULL,
     histogram text NOT NULL,  -- rollup.encode_histogram: [[bin, calls], ...]
     PRIMARY KEY (chain, archived, day_ns, consumer, provider, service, method, status_code,
-                 forwarded, verified, "grant")
+                 forwarded, verified, "grant", protocol)
 );
 CREATE INDEX IF NOT EXISTS ledger_rollup_groups_by_day ON ledger_rollup_groups (day_ns);
 CREATE TABLE IF NOT EXISTS ledger_rollup_provider_days (
@@ -230,10 +231,13 @@ CREATE OR REPLACE TRIGGER tabadol_owner_removes BEFORE DELETE OR TRUNCATE ON {ta
 )
 _RECORD_COLUMNS = f"chain, seq, {_FIELD_COLUMNS}, prev_digest, digest"
 # Columns added after a table's first schema, with the value old rows take (docs/ledger.md):
-# _make_schema adds them to a ledger made before them. The group rows' grant is part of
-# their key: their old rows keep their sums under grant '', as their records have.
+# _make_schema adds them to a ledger made before them. The group rows' grant and protocol
+# are part of their key: their old rows keep their sums under grant '' and protocol 'grpc',
+# as their records have.
 _ADDED_COLUMNS = (("ledger_records", "grant", "text", "''"),
-                  ("ledger_rollup_groups", "grant", "text", "''"))  # fmt: skip
+                  ("ledger_rollup_groups", "grant", "text", "''"),
+                  ("ledger_records", "protocol", "text", "'grpc'"),
+                  ("ledger_rollup_groups", "protocol", "text", "'grpc'"))  # fmt: skip
 _SEAL_COLUMNS = "seq, count, head_digest, sealed_ns, signer, signature, chain"
 _PREFIX_COLUMNS = (
     "seal_seq, seal_count, head_digest, sealed_ns, signer, signature, archived_ns, archive, "
@@ -276,7 +280,9 @@ def _missing_objects(conn: psycopg.Connection[Any]) -> bool:
 
 
 def _add_columns(conn: psycopg.Connection[Any]) -> None:
-    """Add the columns a ledger made before them lacks; a group row's key takes in its grant."""
+    """Add the columns a ledger made before them lacks; a group row's key then takes in its
+    grant and protocol."""
+    rekey = False
     for table, column, sql_type, default in _ADDED_COLUMNS:
         row = conn.execute(
             "SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass(%s) "
@@ -288,16 +294,17 @@ def _add_columns(conn: psycopg.Connection[Any]) -> None:
         conn.execute(  # a constant default: no table rewrite
             f'ALTER TABLE {table} ADD COLUMN "{column}" {sql_type} NOT NULL DEFAULT {default}'
         )
-        if table == "ledger_rollup_groups":
-            key = conn.execute(
-                "SELECT conname FROM pg_constraint WHERE conrelid = to_regclass(%s) "
-                "AND contype = 'p'",
-                (table,),
-            ).fetchone()
-            drop = f'DROP CONSTRAINT "{key[0]}", ' if key is not None else ""
-            conn.execute(
-                f"ALTER TABLE {table} {drop}ADD PRIMARY KEY (chain, archived, {_GROUP_KEY})"
-            )
+        rekey = rekey or table == "ledger_rollup_groups"
+    if rekey:
+        key = conn.execute(
+            "SELECT conname FROM pg_constraint "
+            "WHERE conrelid = 'ledger_rollup_groups'::regclass AND contype = 'p'"
+        ).fetchone()
+        drop = f'DROP CONSTRAINT "{key[0]}", ' if key is not None else ""
+        conn.execute(
+            f"ALTER TABLE ledger_rollup_groups {drop}"
+            f"ADD PRIMARY KEY (chain, archived, {_GROUP_KEY})"
+        )
 
 
 def _distinct_chains(table: str, alias: str) -> str:
@@ -323,10 +330,11 @@ def _stored(row: Sequence[Any]) -> StoredRecord:
 
 
 _GROUP_KEY = (
-    'day_ns, consumer, provider, service, method, status_code, forwarded, verified, "grant"'
+    "day_ns, consumer, provider, service, method, status_code, forwarded, verified, "
+    '"grant", protocol'
 )
 _GROUP_KEY_TYPES = (
-    "bigint", "text", "text", "text", "text", "bigint", "boolean", "boolean", "text"
+    "bigint", "text", "text", "text", "text", "bigint", "boolean", "boolean", "text", "text"
 )  # fmt: skip
 _GROUP_COLUMNS = f"{_GROUP_KEY}, calls, duration_ns, request_bytes, response_bytes, histogram"
 # The histogram is JSON text, not jsonb: parsing jsonb's numerics made each batch's write
@@ -622,8 +630,8 @@ class PostgresLedgerStore:
                     if written_before:
                         raise LedgerWriteError(
                             f"{self.where}: the ledger was written before rollups (or before "
-                            "grants were recorded): run `tabadol ledger init` as the tables' "
-                            "owner (it adds them)"
+                            "grants or protocols were recorded): run `tabadol ledger init` as "
+                            "the tables' owner (it adds them)"
                         )
                     raise LedgerMissing(f"{self.where}: no ledger here (no broker wrote it yet)")
                 if missing:  # only then: a role that does not own the tables may write them
@@ -636,7 +644,8 @@ class PostgresLedgerStore:
             self._pool.close()
             raise LedgerWriteError(
                 f"{self.where}: cannot open the ledger: some of its tables or columns are "
-                "missing (its rollups or grant columns, if it was written before them) and "
+                "missing (its rollups, grant or protocol columns, if it was written before "
+                "them) and "
                 "this role may not make them: "
                 "run `tabadol ledger init` (or `tabadol ledger rollup --rebuild`) as the "
                 f"tables' owner, which builds the rollups from the records: {self._database.why(e)}"
@@ -986,21 +995,21 @@ class PostgresLedgerStore:
         rows = self._query(
             f"""
             SELECT consumer, provider, service, method, status_code, forwarded, sum(calls),
-                   sum(duration_ns), verified, "grant" FROM (
+                   sum(duration_ns), verified, "grant", protocol FROM (
                 SELECT consumer, provider, service, method, status_code, forwarded, calls,
-                       duration_ns, verified, "grant"
+                       duration_ns, verified, "grant", protocol
                 FROM ledger_rollup_groups WHERE day_ns >= %s AND day_ns < %s
                 UNION ALL
                 SELECT consumer, provider, service, method, status_code, endpoint <> '',
-                       count(*), sum(end_ns - start_ns), consumer_verified, "grant"
-                FROM ledger_records WHERE {edges} GROUP BY 1, 2, 3, 4, 5, 6, 9, 10
-            ) rows GROUP BY 1, 2, 3, 4, 5, 6, 9, 10 ORDER BY 1, 2, 3, 4, 5, 6, 9, 10
+                       count(*), sum(end_ns - start_ns), consumer_verified, "grant", protocol
+                FROM ledger_records WHERE {edges} GROUP BY 1, 2, 3, 4, 5, 6, 9, 10, 11
+            ) rows GROUP BY 1, 2, 3, 4, 5, 6, 9, 10, 11 ORDER BY 1, 2, 3, 4, 5, 6, 9, 10, 11
             """,
             [a, b, *params],
         )
         return [
-            CallGroup(c, p, s, m, code, fwd, int(n), int(d), v, g)
-            for c, p, s, m, code, fwd, n, d, v, g in rows
+            CallGroup(c, p, s, m, code, fwd, int(n), int(d), v, g, pr)
+            for c, p, s, m, code, fwd, n, d, v, g, pr in rows
         ]
 
     def _histograms(

@@ -111,13 +111,14 @@ _ROLLUP_SCHEMA = (
         forwarded INTEGER NOT NULL,
         verified INTEGER NOT NULL,
         grant TEXT NOT NULL DEFAULT '',
+        protocol TEXT NOT NULL DEFAULT 'grpc',
         calls INTEGER NOT NULL,
         duration_ns INTEGER NOT NULL,
         request_bytes INTEGER NOT NULL,
         response_bytes INTEGER NOT NULL,
         histogram TEXT NOT NULL,
         PRIMARY KEY (day_ns, chain, archived, consumer, provider, service, method, status_code,
-                     forwarded, verified, grant)
+                     forwarded, verified, grant, protocol)
     ) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS rollup_provider_days (
         day_ns INTEGER NOT NULL,
@@ -134,13 +135,16 @@ _ROLLUP_SCHEMA = (
 _ROLLUP_TABLES = ("rollup_groups", "rollup_provider_days")
 _GROUP_COLUMNS = (
     "day_ns, consumer, provider, service, method, status_code, forwarded, verified, grant, "
-    "calls, duration_ns, request_bytes, response_bytes, histogram"
+    "protocol, calls, duration_ns, request_bytes, response_bytes, histogram"
 )
+# The group columns added after rollup_groups was first made: a table without them is keyed
+# anew (_rekey_groups), its rows keeping the value its records had then.
+_ADDED_GROUP_COLUMNS = ("grant", "protocol")
 _GROUP_UPSERT = f"""
     INSERT INTO rollup_groups (day_ns, chain, archived, {_GROUP_COLUMNS.split(", ", 1)[1]})
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (day_ns, chain, archived, consumer, provider, service, method, status_code,
-                 forwarded, verified, grant)
+                 forwarded, verified, grant, protocol)
     DO UPDATE SET calls = calls + excluded.calls,
                   duration_ns = duration_ns + excluded.duration_ns,
                   request_bytes = request_bytes + excluded.request_bytes,
@@ -161,7 +165,9 @@ _EDGES = "(start_ns >= ? AND start_ns < ?) OR (start_ns >= ? AND start_ns < ?)"
 # As _stored reads it: 1 and no other value is a verified consumer.
 _VERIFIED = "(consumer_verified = 1 AND typeof(consumer_verified) = 'integer')"
 # Columns added after the first schema, with the value old rows take (docs/ledger.md).
-_ADDED_COLUMNS = {"consumer_serial": "''", "consumer_verified": "1", "grant": "''"}
+_ADDED_COLUMNS = {
+    "consumer_serial": "''", "consumer_verified": "1", "grant": "''", "protocol": "'grpc'"
+}  # fmt: skip
 _ADDED_SESSION_COLUMNS = {"acknowledged": "''", "signer": "''"}
 _RECORD_COLUMNS = ", ".join(("seq", *FIELD_NAMES, "prev_digest", "digest"))
 _SESSION_COLUMNS = ", ".join(f.name for f in dataclasses.fields(Session))
@@ -428,14 +434,18 @@ class SqliteLedgerStore:
         value = {n: _ADDED_COLUMNS[n] if n in missing else n for n in FIELD_NAMES}
         v1 = ", ".join(value[n] for n in FIELD_NAMES[: FIELD_NAMES.index("consumer_serial")])
         v2 = ", ".join(value[n] for n in FIELD_NAMES[:_VERIFIED_AT])
-        serial, verified, grant = (
-            value["consumer_serial"], value["consumer_verified"], value["grant"]
+        serial, verified, grant, protocol = (
+            value["consumer_serial"], value["consumer_verified"], value["grant"],
+            value["protocol"],
         )  # fmt: skip
         boolean = f"json(CASE {verified} WHEN 1 THEN 'true' ELSE 'false' END)"
         sql = f"""
             SELECT seq, prev_digest, digest, CASE
                 WHEN typeof({serial}) != 'text' OR typeof({verified}) != 'integer'
-                    OR {verified} NOT IN (0, 1) OR typeof({grant}) != 'text' THEN NULL
+                    OR {verified} NOT IN (0, 1) OR typeof({grant}) != 'text'
+                    OR typeof({protocol}) != 'text' THEN NULL
+                WHEN {protocol} != 'grpc'
+                    THEN json_array(4, {v2}, {boolean}, {grant}, {protocol})
                 WHEN {grant} != '' THEN json_array(3, {v2}, {boolean}, {grant})
                 WHEN {serial} = '' AND {verified} = 1 THEN json_array(1, {v1})
                 ELSE json_array(2, {v2}, {boolean})
@@ -686,7 +696,7 @@ class SqliteLedgerStore:
             [
                 (key.day_ns, "", int(archived), key.consumer, key.provider, key.service,
                  key.method, key.status_code, int(key.forwarded), int(key.verified), key.grant,
-                 sign * t.calls, sign * t.duration_ns, sign * t.request_bytes,
+                 key.protocol, sign * t.calls, sign * t.duration_ns, sign * t.request_bytes,
                  sign * t.response_bytes,
                  rollup.encode_histogram({i: sign * n for i, n in t.histogram.items()}))
                 for key, t in rows.groups.items()
@@ -714,14 +724,14 @@ class SqliteLedgerStore:
         """Create the rollup tables if they are not there, and fill them from the records a
         ledger written before rollups holds (once: docs/ledger.md, "Rollups"). Whether the
         ledger keeps rollups (one opened read-only may predate them: records answer)."""
-        current = not self._missing_rollup_tables() and self._groups_keep_grants()
-        if current or self._readonly:  # read-only, rollups without grants: records answer
+        current = not self._missing_rollup_tables() and not self._groups_lack()
+        if current or self._readonly:  # read-only, older group rows: records answer
             return current
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             missing = self._missing_rollup_tables()  # another process may have been first
-            if "rollup_groups" not in missing and not self._groups_keep_grants():
-                self._add_grants_to_groups()
+            if "rollup_groups" not in missing and self._groups_lack():
+                self._rekey_groups()
             for table in _ROLLUP_SCHEMA:
                 self._conn.execute(table)
             if missing:
@@ -738,23 +748,25 @@ class SqliteLedgerStore:
             raise
         return True
 
-    def _groups_keep_grants(self) -> bool:
-        """Whether rollup_groups has its grant column (or is not there at all)."""
+    def _groups_lack(self) -> list[str]:
+        """The added group columns rollup_groups lacks (none if it is not there at all)."""
         have = {row[1] for row in self._conn.execute("PRAGMA table_info(rollup_groups)")}
-        return not have or "grant" in have
+        return [name for name in _ADDED_GROUP_COLUMNS if have and name not in have]
 
-    def _add_grants_to_groups(self) -> None:
-        """Key the group rows of a ledger from before grants by grant too, inside the
-        caller's transaction: each old row keeps its sums under grant '', as its records
-        have (none was written with a grant), so nothing is summed again."""
-        kept = _GROUP_COLUMNS.replace(" grant,", "")
-        self._conn.execute("ALTER TABLE rollup_groups RENAME TO rollup_groups_before_grants")
+    def _rekey_groups(self) -> None:
+        """Key the group rows of a ledger from before grants or protocols by them too,
+        inside the caller's transaction: each old row keeps its sums under grant '' or
+        protocol 'grpc', as its records have (none was written with another), so nothing is
+        summed again."""
+        lacking = self._groups_lack()
+        kept = ", ".join(c for c in _GROUP_COLUMNS.split(", ") if c not in lacking)
+        self._conn.execute("ALTER TABLE rollup_groups RENAME TO rollup_groups_before")
         self._conn.execute(_ROLLUP_SCHEMA[0])
         self._conn.execute(
             f"INSERT INTO rollup_groups (chain, archived, {kept}) "
-            f"SELECT chain, archived, {kept} FROM rollup_groups_before_grants"
+            f"SELECT chain, archived, {kept} FROM rollup_groups_before"
         )
-        self._conn.execute("DROP TABLE rollup_groups_before_grants")
+        self._conn.execute("DROP TABLE rollup_groups_before")
 
     def _missing_rollup_tables(self) -> set[str]:
         found = self._conn.execute(
@@ -784,10 +796,12 @@ class SqliteLedgerStore:
             "AND archived = ?",
             (first, end, int(archived)),
         ):
-            day, consumer, provider, service, method, code, fwd, verified, grant, *sums, hist = row
+            day, consumer, provider, service, method, code, fwd, verified, *more, hist = row
+            grant, protocol, *sums = more
             key = rollup.GroupKey(
-                day, consumer, provider, service, method, code, bool(fwd), bool(verified), grant
-            )
+                day, consumer, provider, service, method, code, bool(fwd), bool(verified), grant,
+                protocol,
+            )  # fmt: skip
             calls, duration, request, response = sums
             result.groups[key] = rollup.GroupTotals(
                 calls, duration, request, response, rollup.decode_histogram(hist)
@@ -838,28 +852,30 @@ class SqliteLedgerStore:
             """
             SELECT consumer AS c, provider AS p, service AS s, method AS m,
                    status_code AS code, forwarded AS fwd, calls AS n, duration_ns AS d,
-                   verified AS v, grant AS g
+                   verified AS v, grant AS g, protocol AS pr
             FROM rollup_groups WHERE day_ns >= ? AND day_ns < ?
             UNION ALL"""
             if days
             else ""
         )
-        grant = "grant" if "grant" in self._columns.split(", ") else _ADDED_COLUMNS["grant"]
+        have = self._columns.split(", ")
+        grant, protocol = (n if n in have else _ADDED_COLUMNS[n] for n in ("grant", "protocol"))
         rows = self._query(
             f"""
-            SELECT c, p, s, m, code, fwd, sum(n), sum(d), v, g FROM ({rolled}
+            SELECT c, p, s, m, code, fwd, sum(n), sum(d), v, g, pr FROM ({rolled}
                 SELECT consumer AS c, provider AS p, service AS s, method AS m,
                        status_code AS code, endpoint != '' AS fwd, count(*) AS n,
-                       sum(end_ns - start_ns) AS d, {_VERIFIED} AS v, {grant} AS g
-                FROM records WHERE {_EDGES} GROUP BY 1, 2, 3, 4, 5, 6, 9, 10
+                       sum(end_ns - start_ns) AS d, {_VERIFIED} AS v, {grant} AS g,
+                       {protocol} AS pr
+                FROM records WHERE {_EDGES} GROUP BY 1, 2, 3, 4, 5, 6, 9, 10, 11
             )
-            GROUP BY 1, 2, 3, 4, 5, 6, 9, 10 ORDER BY 1, 2, 3, 4, 5, 6, 9, 10
+            GROUP BY 1, 2, 3, 4, 5, 6, 9, 10, 11 ORDER BY 1, 2, 3, 4, 5, 6, 9, 10, 11
             """,
             (*days, *edges),
         )
         return [
-            CallGroup(c, p, s, m, code, bool(fwd), n, d, bool(v), g)
-            for c, p, s, m, code, fwd, n, d, v, g in rows
+            CallGroup(c, p, s, m, code, bool(fwd), n, d, bool(v), g, pr)
+            for c, p, s, m, code, fwd, n, d, v, g, pr in rows
         ]
 
     def answered_histograms(self, start_ns: int, end_ns: int) -> dict[str, rollup.Histogram]:
