@@ -8,10 +8,11 @@ CONTRACTS   := build/contracts.pb
 GEN_STAMP   := build/.protos
 
 CHROMIUM    := /usr/bin/chromium
+CURL        := /usr/bin/curl
 NODE_DIR    := interop/node
 NODE_STAMP  := $(NODE_DIR)/node_modules/.installed
 
-.PHONY: setup protos run test soak lint lint-protos fmt typecheck clean browser node bench bench-alternate bench-scale bench-ledger postgres
+.PHONY: setup protos run test soak lint lint-protos fmt typecheck clean browser curl node bench bench-alternate bench-scale bench-ledger postgres
 
 setup: $(STAMP) $(GEN_STAMP)
 
@@ -37,11 +38,14 @@ protos: $(GEN_STAMP)
 
 # Messages, gRPC stubs and their .pyi type stubs (protoc's for messages, mypy-protobuf's for
 # services) into clients/ (import path = proto package), and one FileDescriptorSet with
-# imports and comments for the broker.
+# imports and comments for the broker. google/api/*.proto (the HTTP rules) come with
+# googleapis-common-protos, in the venv's site-packages.
+GOOGLEAPIS  = $$($(PY) -c 'import pathlib, google.api.annotations_pb2 as m; print(pathlib.Path(m.__file__).parents[2])')
+
 $(GEN_STAMP): $(STAMP) $(PROTOS)
 	mkdir -p build
 	find clients/tabadol -name '*_pb2*.py*' -delete
-	$(PY) -m grpc_tools.protoc -Iprotos \
+	$(PY) -m grpc_tools.protoc -Iprotos -I"$(GOOGLEAPIS)" \
 	  --python_out=clients --pyi_out=clients --grpc_python_out=clients \
 	  --plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc --mypy_grpc_out=quiet:clients \
 	  --include_imports --include_source_info --descriptor_set_out=$(CONTRACTS) \
@@ -57,6 +61,16 @@ $(CHROMIUM):
 	@[ "$$(id -u)" = 0 ] || { echo "error: installing chromium needs root: run 'sudo apt-get install chromium'"; exit 1; }
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+	test -x $@
+
+# The HTTP/JSON gateway's tests call it with Debian's curl too (tests/test_gateway_clients.py).
+curl: $(CURL)
+
+$(CURL):
+	@command -v apt-get >/dev/null || { echo "error: the gateway tests need Debian's curl at $(CURL); install it"; exit 1; }
+	@[ "$$(id -u)" = 0 ] || { echo "error: installing curl needs root: run 'sudo apt-get install curl'"; exit 1; }
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null
 	test -x $@
 
 # The PostgreSQL tests (registry, ledger and span store on a server database) start a private
@@ -87,7 +101,7 @@ fmt: setup
 typecheck: setup
 	$(VENV)/bin/mypy server/tabadol clients/tabadol
 
-test: setup browser node postgres lint lint-protos typecheck
+test: setup browser curl node postgres lint lint-protos typecheck
 	$(VENV)/bin/pytest -q
 
 # The load and fault suite with ten times the calls (not part of `make test`).

@@ -26,7 +26,7 @@ from tests.support.processes import ROOT, TABADOL, Process
 
 def _demo(var: Path) -> list[str]:
     """`tabadol demo` on ``var``, every port the system's choice."""
-    ports = ("--listen", "--ops-http", "--ops-otlp", "--metrics-listen")
+    ports = ("--listen", "--ops-http", "--ops-otlp", "--metrics-listen", "--gateway-listen")
     return [
         str(TABADOL),
         "demo",
@@ -58,6 +58,7 @@ async def test_demo_sends_traffic_its_printed_calls_and_access_request_work_and_
         person = json.loads(stdout)
         assert person["nationalId"] in example
         assert person["lifeStatus"] == "LIFE_STATUS_ALIVE"
+        await _the_printed_curl_line_gets_the_person_over_rest(demo.lines, person)
 
         await _login_link_opens_an_operator_session(output, tmp_path / "var" / "pki")
         await _the_pending_request_once_approved_lets_cra_call(output, tmp_path / "var")
@@ -73,7 +74,7 @@ async def test_demo_sends_traffic_its_printed_calls_and_access_request_work_and_
     )  # fmt: skip
     out, _ = await check.communicate()
     assert check.returncode == 0, out
-    assert "OK: 10 records" in out.decode()  # the traffic, the example call and cra's
+    assert "OK: 11 records" in out.decode()  # the traffic, the example calls and cra's
     # The PKI it made keeps private keys private, and the span store is private too.
     for key in (tmp_path / "var" / "pki").rglob("*.key"):
         assert key.stat().st_mode & 0o077 == 0, key
@@ -83,6 +84,25 @@ async def test_demo_sends_traffic_its_printed_calls_and_access_request_work_and_
     for bundle in ("operators/demo/operator.crt", "auditors/demo/auditor.crt", "ops.crt"):
         assert (tmp_path / "var" / "pki" / bundle).exists(), bundle
     await _a_second_run_keeps_the_registry_as_left(tmp_path / "var")
+
+
+async def _the_printed_curl_line_gets_the_person_over_rest(
+    lines: list[str], person: dict[str, Any]
+) -> None:
+    """The curl line works as printed: the post's certificate, the broker verified by the
+    name dialed, and the same person over REST/JSON as over gRPC."""
+    line = next(line.strip() for line in lines if line.strip().startswith("curl "))
+    assert "https://localhost:" in line and "/v1/people/" in line
+    assert "--insecure" not in line and " -k " not in line
+    curl = await asyncio.create_subprocess_exec(
+        *shlex.split(line), "--silent", "--show-error", "--write-out", "\n%{http_code}",
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await curl.communicate()
+    assert curl.returncode == 0, stderr
+    body, _, status = stdout.decode().rpartition("\n")
+    assert status == "200", body
+    assert json.loads(body) == person
 
 
 async def _login_link_opens_an_operator_session(output: str, pki: Path) -> None:

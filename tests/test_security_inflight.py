@@ -350,8 +350,8 @@ async def test_the_demo_takes_a_revocation_on_sighup_and_keeps_running(tmp_path:
     demo = await Process.start(
         str(TABADOL), "demo", "--dir", str(var), "--listen", "127.0.0.1:0",
         "--metrics-listen", "127.0.0.1:0", "--ops-http", "127.0.0.1:0",
-        "--ops-otlp", "127.0.0.1:0", "--traffic-every", "0",
-        read="stdout",
+        "--ops-otlp", "127.0.0.1:0", "--gateway-listen", "127.0.0.1:0",
+        "--traffic-every", "0", read="stdout",
     )  # fmt: skip
     try:
         await demo.wait_for("Press Ctrl-C to stop")

@@ -4,11 +4,12 @@
 // with nothing but the published .proto: the self-service access contract as another
 // language's gRPC stack sees it. Prints one JSON document on stdout.
 //
-//   node access_consumer.js --broker ADDR --credentials DIR --protos DIR [--trust-domain TD]
-//                           [--timeout SECONDS] CASE [ARGS...]
+//   node access_consumer.js --broker ADDR --credentials DIR --protos DIR [--include DIR]...
+//                           [--trust-domain TD] [--timeout SECONDS] CASE [ARGS...]
 //
 // --credentials is an agency bundle (ca.crt, agency.crt, agency.key); --protos is the
-// repository's protos/ (tabadol/platform/v1/access.proto is loaded from it).
+// repository's protos/ (tabadol/platform/v1/access.proto is loaded from it); --include names a
+// directory for the imports that are not under protos/, such as google/api/annotations.proto.
 //
 // Cases (a JSON argument may be "-" or left out to read it from stdin):
 //   access RPC JSON     Access/RPC (e.g. RequestAccess, ListRequests) with this request, in
@@ -25,12 +26,12 @@ const { parseArgs } = require('node:util');
 const fs = require('node:fs');
 const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
-const protoLoader = require('@grpc/proto-loader');
 const {
-  PROTO_OPTIONS,
+  INCLUDE_OPTION,
   UsageError,
   brokerDnsName,
   loadCredentials,
+  loadProtos,
   metadataJson,
 } = require('./agency');
 
@@ -43,6 +44,7 @@ function parseCommandLine(argv) {
       broker: { type: 'string' },
       credentials: { type: 'string' },
       protos: { type: 'string' },
+      include: INCLUDE_OPTION,
       'trust-domain': { type: 'string' },
       timeout: { type: 'string', default: '10' },
     },
@@ -73,13 +75,10 @@ function readInput(input) {
 }
 
 /** The Access service's client class, from the .proto under ``protosDir``. */
-function accessClientClass(protosDir) {
+function accessClientClass(protosDir, includeDirs) {
   const file = path.join(protosDir, ACCESS_CONTRACT);
   if (!fs.existsSync(file)) throw new UsageError(`${file}: no such file`);
-  const definition = protoLoader.loadSync(ACCESS_CONTRACT, {
-    ...PROTO_OPTIONS,
-    includeDirs: [protosDir],
-  });
+  const definition = loadProtos(ACCESS_CONTRACT, protosDir, includeDirs);
   return grpc.loadPackageDefinition(definition).tabadol.platform.v1.Access;
 }
 
@@ -108,7 +107,7 @@ function unary(start) {
 
 /** Access/RPC with the JSON request; the answer in proto-loader's object form. */
 function callAccess(options, credentials, clientOptions, rpc, input, deadline) {
-  const Access = accessClientClass(options.protos);
+  const Access = accessClientClass(options.protos, options.include);
   if (!Access.service[rpc]) {
     throw new UsageError(
       `no RPC ${rpc} in ${ACCESS_CONTRACT}; expected one of ${Object.keys(Access.service).join(', ')}`,

@@ -62,8 +62,12 @@ function loadCredentials(directory) {
   );
 }
 
-// The agencies' contracts; their imports (tabadol/type/...) resolve from the same root.
+// The agencies' contracts; their imports (tabadol/type/...) resolve from the same root, or
+// from the extra include directories (google/api/annotations.proto, for the HTTP rules).
 const AGENCY_CONTRACTS = path.join('tabadol', 'agencies');
+
+// The option every program takes for the extra include directories; it may be repeated.
+const INCLUDE_OPTION = { type: 'string', multiple: true, default: [] };
 
 function protoFiles(root, under) {
   const found = [];
@@ -78,8 +82,9 @@ function protoFiles(root, under) {
   return found.sort();
 }
 
-/** The agency contracts under ``protosDir``: proto-loader's definitions, keyed by full name. */
-function loadContracts(protosDir) {
+/** The agency contracts under ``protosDir``: proto-loader's definitions, keyed by full name.
+ * Imports not under ``protosDir`` are looked up in ``includeDirs``. */
+function loadContracts(protosDir, includeDirs = []) {
   let files;
   try {
     files = protoFiles(protosDir, AGENCY_CONTRACTS);
@@ -89,7 +94,29 @@ function loadContracts(protosDir) {
   if (files.length === 0) {
     throw new UsageError(`${path.join(protosDir, AGENCY_CONTRACTS)}: no .proto files`);
   }
-  return protoLoader.loadSync(files, { ...PROTO_OPTIONS, includeDirs: [protosDir] });
+  return loadProtos(files, protosDir, includeDirs);
+}
+
+/** proto-loader's definitions of ``files`` (relative to ``protosDir``), with their imports. */
+function loadProtos(files, protosDir, includeDirs = []) {
+  for (const directory of includeDirs) {
+    if (!fs.existsSync(directory)) {
+      throw new UsageError(`--include ${directory}: no such directory`);
+    }
+  }
+  try {
+    return protoLoader.loadSync(files, {
+      ...PROTO_OPTIONS,
+      includeDirs: [protosDir, ...includeDirs],
+    });
+  } catch (error) {
+    // protobufjs names the path it tried, not the import it could not find.
+    const hint = error.code === 'ENOENT'
+      ? `; an import that is not under ${protosDir} (such as google/api/annotations.proto, from `
+        + 'googleapis-common-protos) needs --include with the directory that holds it'
+      : '';
+    throw new UsageError(`${protosDir}: cannot load the contracts: ${error.message}${hint}`);
+  }
 }
 
 /** The service definition named ``service`` (e.g. tabadol.agencies.nocr.v1.PersonRegistry). */
@@ -112,12 +139,14 @@ function metadataJson(metadata) {
 }
 
 module.exports = {
+  INCLUDE_OPTION,
   PROTO_OPTIONS,
   UsageError,
   brokerDnsName,
   brokerSpiffeId,
   loadContracts,
   loadCredentials,
+  loadProtos,
   metadataJson,
   serviceDefinition,
   uriSans,

@@ -3,11 +3,13 @@
 // A Node.js agency calling the demo services through the Tabadol broker over mTLS, as
 // another language's gRPC stack sees the platform. Prints one JSON document on stdout.
 //
-//   node consumer.js --broker ADDR --credentials DIR --protos DIR [--trust-domain TD]
-//                    [--timeout SECONDS] CASE [ARGS...]
+//   node consumer.js --broker ADDR --credentials DIR --protos DIR [--include DIR]...
+//                    [--trust-domain TD] [--timeout SECONDS] CASE [ARGS...]
 //
 // --credentials is an agency bundle (ca.crt, agency.crt, agency.key); --protos is the
-// repository's protos/ (the agency contracts under tabadol/agencies/ are loaded).
+// repository's protos/ (the agency contracts under tabadol/agencies/ are loaded); --include
+// names a directory for the imports that are not under protos/, such as
+// google/api/annotations.proto.
 //
 // Cases (a JSON argument may be "-" or left out to read it from stdin):
 //   unary JSON             nocr PersonRegistry/InquirePerson with this InquirePersonRequest
@@ -25,7 +27,13 @@ const { parseArgs } = require('node:util');
 const fs = require('node:fs');
 const grpc = require('@grpc/grpc-js');
 const {
-  UsageError, brokerDnsName, loadContracts, loadCredentials, metadataJson, serviceDefinition,
+  INCLUDE_OPTION,
+  UsageError,
+  brokerDnsName,
+  loadContracts,
+  loadCredentials,
+  metadataJson,
+  serviceDefinition,
 } = require('./agency');
 
 const CASES = {
@@ -42,6 +50,7 @@ function parseCommandLine(argv) {
       broker: { type: 'string' },
       credentials: { type: 'string' },
       protos: { type: 'string' },
+      include: INCLUDE_OPTION,
       'trust-domain': { type: 'string' },
       timeout: { type: 'string', default: '10' },
     },
@@ -171,7 +180,7 @@ async function main() {
   const { options, name, method, input, timeout } = parseCommandLine(process.argv.slice(2));
   const credentials = loadCredentials(options.credentials);
   const trustDomain = options['trust-domain'] || credentials.trustDomain;
-  const contracts = loadContracts(options.protos);
+  const contracts = loadContracts(options.protos, options.include);
   const slash = method.lastIndexOf('/');
   if (slash < 0) throw new UsageError(`${method}: expected package.Service/Method`);
   const service = method.slice(0, slash).replace(/^\//, '');

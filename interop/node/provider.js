@@ -3,10 +3,13 @@
 // A Node.js provider agency behind the Tabadol broker: the four demo contracts (every RPC
 // kind) served with simple deterministic data, over mTLS, to the broker and nobody else.
 //
-//   node provider.js --credentials DIR --protos DIR [--listen 127.0.0.1:0] [--trust-domain TD]
+//   node provider.js --credentials DIR --protos DIR [--include DIR]... [--listen 127.0.0.1:0]
+//                    [--trust-domain TD]
 //
 // --credentials is an agency bundle: the broker dials this endpoint expecting that agency's
-// DNS name, so the broker's [[service]] entries name that agency as the provider.
+// DNS name, so the broker's [[service]] entries name that agency as the provider. --include
+// names a directory for the imports that are not under protos/, such as
+// google/api/annotations.proto.
 //
 // Prints "listening on PORT" once it accepts calls. Every response carries the consumer agency
 // the broker named in x-tabadol-consumer back in its initial metadata, x-node-saw-consumer
@@ -15,7 +18,13 @@
 const { parseArgs } = require('node:util');
 const grpc = require('@grpc/grpc-js');
 const {
-  UsageError, brokerSpiffeId, loadContracts, loadCredentials, serviceDefinition, uriSans,
+  INCLUDE_OPTION,
+  UsageError,
+  brokerSpiffeId,
+  loadContracts,
+  loadCredentials,
+  serviceDefinition,
+  uriSans,
 } = require('./agency');
 
 const CONSUMER_KEY = 'x-tabadol-consumer';
@@ -292,6 +301,7 @@ function parseCommandLine(argv) {
     options: {
       credentials: { type: 'string' },
       protos: { type: 'string' },
+      include: INCLUDE_OPTION,
       listen: { type: 'string', default: '127.0.0.1:0' },
       'trust-domain': { type: 'string' },
     },
@@ -306,7 +316,7 @@ function main() {
   const options = parseCommandLine(process.argv.slice(2));
   const credentials = loadCredentials(options.credentials);
   const trustDomain = options['trust-domain'] || credentials.trustDomain;
-  const contracts = loadContracts(options.protos);
+  const contracts = loadContracts(options.protos, options.include);
 
   const server = new grpc.Server({ interceptors: [brokerOnly(brokerSpiffeId(trustDomain))] });
   const services = {

@@ -162,6 +162,7 @@ class CallFacts:
     draining: bool = False  # the broker is shutting down
     registry_stale: str | None = None  # why the registry can no longer be trusted
     ledger_problem: str | None = None  # why the ledger cannot account for a call now
+    protocol: str = "grpc"  # how it came in: "grpc", or through the gateway "connect"/"rest"
 
 
 @dataclass(frozen=True)

@@ -144,6 +144,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             ops_http=args.ops_http,
             ops_otlp=args.ops_otlp,
             metrics_listen=args.metrics_listen,
+            gateway_listen=args.gateway_listen,
             traffic_every=args.traffic_every,
             once=args.once,
         )
@@ -753,8 +754,26 @@ def _cmd_services(args: argparse.Namespace) -> int:
 
 
 def _cmd_describe(args: argparse.Namespace) -> int:
-    from tabadol.describe import describe
+    from tabadol.describe import describe, openapi_text
     from tabadol.platform.v1 import discovery_pb2
+
+    if args.openapi:
+        answer = _discovery(
+            args,
+            lambda stub: stub.GetOpenAPI(
+                discovery_pb2.GetOpenAPIRequest(service=args.service or ""), timeout=30
+            ),
+        )
+        try:
+            print(openapi_text(answer.json), end="")
+        except ValueError as e:
+            raise TabadolError(f"{args.broker}: {e}") from e
+        return 0
+    if args.service is None:
+        raise TabadolError(
+            "describe: name a service, e.g. tabadol.agencies.nocr.v1.PersonRegistry, "
+            "or ask for the OpenAPI document with --openapi"
+        )
 
     async def ask(stub: Any) -> tuple[Any, Any, Any]:
         contract = await stub.GetContract(
@@ -991,6 +1010,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-listen",
         default="127.0.0.1:9464",
         help="the broker's Prometheus /metrics (default 127.0.0.1:9464)",
+    )
+    demo.add_argument(
+        "--gateway-listen",
+        default="127.0.0.1:8443",
+        help="the broker's HTTP entry, Connect and REST/JSON (default 127.0.0.1:8443)",
     )
     demo.add_argument(
         "--ops-http", default=DEFAULT_HTTP, help=f"trace viewer (default {DEFAULT_HTTP})"
@@ -1282,7 +1306,17 @@ def build_parser() -> argparse.ArgumentParser:
         view.add_argument("--broker", required=True, help="broker address, e.g. 127.0.0.1:7443")
         view.add_argument("--credentials", type=Path, required=True, help="agency credentials dir")
         if name == "describe":
-            view.add_argument("service", help="e.g. tabadol.agencies.nocr.v1.PersonRegistry")
+            view.add_argument(
+                "service",
+                nargs="?",
+                help="e.g. tabadol.agencies.nocr.v1.PersonRegistry (optional with --openapi)",
+            )
+            view.add_argument(
+                "--openapi",
+                action="store_true",
+                help="print the OpenAPI 3.1 document (JSON) of what you may call over HTTP: "
+                "every method, or the service's",
+            )
         view.set_defaults(func=func)
 
     call = sub.add_parser(

@@ -230,6 +230,12 @@ def _safe_transport(url: str | None) -> str | None:
     return url
 
 
+def _https_url(value: str) -> str:
+    if not re.fullmatch(r"https://[^\s/?#]+(/[^\s?#]*)?", value):
+        raise ValueError(f"{value!r} is not an https:// URL")
+    return value.rstrip("/")
+
+
 class RegistrySection(_Strict):
     """Where the registry entries live: this file (no url) or a PostgreSQL database
     that every broker node follows (docs/registry.md)."""
@@ -367,11 +373,25 @@ class RegistryFile(_Strict):
     request: list[RequestEntry] = []
 
 
+class GatewaySection(_Strict):
+    """The broker's HTTP entry for agencies without gRPC: Connect and REST/JSON on its own
+    port, over the same mTLS and admission (docs/gateway.md). Absent: no HTTP entry."""
+
+    listen: ListenAddress
+    # How agencies reach it, for the OpenAPI documents' servers (default https://<listen>).
+    public_url: Annotated[str | None, AfterValidator(_https_url)] = None
+    max_body_bytes: int | None = Field(
+        default=None, ge=1024, le=2**31 - 1
+    )  # default: max_message_bytes
+    max_json_depth: int = Field(default=32, ge=2, le=100)
+
+
 class ConfigFile(RegistryFile):
     broker: BrokerSection
     tracing: TracingSection = TracingSection()
     ledger: LedgerSection = LedgerSection()
     registry: RegistrySection = RegistrySection()
+    gateway: GatewaySection | None = None
 
     @model_validator(mode="after")
     def _node_named_for_a_shared_ledger(self) -> ConfigFile:
@@ -380,6 +400,21 @@ class ConfigFile(RegistryFile):
                 "[ledger] url needs [broker] instance: a name for this node, the same at "
                 "every start (its chain in the shared ledger is named after it)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _gateway_on_its_own_port(self) -> ConfigFile:
+        if self.gateway is None or self.gateway.listen.endswith(":0"):
+            return self
+        taken = {"[broker] listen": self.broker.listen}
+        if self.broker.metrics_listen is not None:
+            taken["[broker] metrics_listen"] = self.broker.metrics_listen
+        for setting, address in taken.items():
+            if address == self.gateway.listen:
+                raise ValueError(
+                    f"[gateway] listen {address} is also {setting}: the HTTP entry needs a "
+                    "port of its own"
+                )
         return self
 
 
@@ -399,6 +434,7 @@ class BrokerConfig:
     registry: RegistrySection = field(default_factory=RegistrySection)
     registry_version: int | None = None  # the database version applied; None: from the file
     requests: tuple[RequestEntry, ...] = ()
+    gateway: GatewaySection | None = None
 
 
 def _describe_location(loc: tuple[Any, ...], data: dict[str, Any]) -> str:
@@ -407,7 +443,7 @@ def _describe_location(loc: tuple[Any, ...], data: dict[str, Any]) -> str:
         section, index = loc[0], loc[1]
         entry = data.get(section, [])[index] if index < len(data.get(section, [])) else {}
         return f"{_entry_label(section, index, entry)}{' ' + '.'.join(map(str, loc[2:])) if loc[2:] else ''}"
-    if loc and loc[0] in ("broker", "tracing", "ledger", "registry"):
+    if loc and loc[0] in ("broker", "tracing", "ledger", "registry", "gateway"):
         return f"[{loc[0]}]" + (f" {'.'.join(map(str, loc[1:]))}" if loc[1:] else "")
     return ".".join(map(str, loc)) or "(top level)"
 
@@ -612,6 +648,7 @@ def load(path: Path) -> BrokerConfig:
             update={"url": cfg.registry.url and resolve_sqlite_url(cfg.registry.url, base)}
         ),
         requests=tuple(cfg.request),
+        gateway=cfg.gateway,
     )
 
 

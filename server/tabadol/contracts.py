@@ -12,6 +12,15 @@ from google.protobuf.message import DecodeError
 
 from tabadol.errors import ContractError
 
+# Files no agency owns: google/protobuf/ ships with protoc; google/api/ (the HTTP rules),
+# google/rpc/ and google/type/ with googleapis-common-protos.
+WELL_KNOWN_PREFIXES = ("google/protobuf/", "google/api/", "google/rpc/", "google/type/")
+
+
+def well_known(file_name: str) -> bool:
+    """A file that ships with protoc or googleapis-common-protos, which no agency owns."""
+    return file_name.startswith(WELL_KNOWN_PREFIXES)
+
 
 class RpcKind(enum.Enum):
     UNARY = "unary"
@@ -66,7 +75,9 @@ class Contracts:
         for fd in files:
             known = by_name.get(fd.name)
             if known is not None:
-                if known != fd:
+                # Sets built by different protoc releases carry different copies of
+                # descriptor.proto and the like; any copy serves, so the first one stays.
+                if known != fd and not well_known(fd.name):
                     raise ContractError(f"{fd.name} is defined twice with different contents")
                 continue
             by_name[fd.name] = fd

@@ -2,8 +2,9 @@
 
 Everything real: a PKI under ``DIR/pki``, a broker configuration at ``DIR/demo.toml``, the
 registry in ``DIR/registry.db`` (SQLite, so the Access service can change it), each agency a
-provider over mTLS, traffic of every RPC kind sent through the broker, and one request for
-access, made through the Access service, for the newcomer to approve.
+provider over mTLS, the broker's HTTP entry (Connect and REST/JSON), traffic of every RPC kind
+sent through the broker, and one request for access, made through the Access service, for the
+newcomer to approve.
 """
 
 from __future__ import annotations
@@ -156,6 +157,7 @@ def demo_config(
     contracts: Path,
     otlp: str,
     metrics_listen: str,
+    gateway_listen: str,
 ) -> str:
     """The broker's own settings; its registry entries are in ``registry.db`` beside it."""
     lines = [
@@ -168,6 +170,9 @@ def demo_config(
         f'pki_dir = "{pki_dir}"',
         f'contracts = ["{contracts}"]',
         f'metrics_listen = "{metrics_listen}"',
+        "",
+        "[gateway]  # Connect and REST/JSON for agencies without gRPC (docs/gateway.md)",
+        f'listen = "{gateway_listen}"',
         "",
         "[registry]",
         'url = "sqlite:///registry.db"',
@@ -474,6 +479,35 @@ def example_call(
     return shlex.join(argv)
 
 
+def example_curl(gateway_url: str, root: Path, person_id: str, birth: str) -> str:
+    """The same inquiry over REST/JSON, as an agency's web application makes it: curl with
+    the post's certificate, verifying the broker's certificate by the name it dials."""
+    y, m, d = birth.split("/")
+    query = f"birth_date.year={int(y)}&birth_date.month={int(m)}&birth_date.day={int(d)}"
+    url = f"{gateway_url}/v1/people/{person_id}?{query}"
+    held = _credentials(root, "post")
+    argv = [
+        "curl",
+        "--cacert",
+        str(root / "pki" / "ca.crt"),
+        "--cert",
+        str(held / "agency.crt"),
+        "--key",
+        str(held / "agency.key"),
+        url,
+    ]
+    return shlex.join(argv)
+
+
+def _gateway_url(listen: str, port: int) -> str:
+    """How to reach the HTTP entry: by ``localhost`` (a name the demo's broker certificate
+    has) when it listens on a loopback or wildcard address, else by its host."""
+    host = listen.rpartition(":")[0]
+    if host.strip("[]") in ("", "0.0.0.0", "::", "127.0.0.1", "::1", "localhost"):
+        host = "localhost"
+    return f"https://{host}:{port}"
+
+
 def _agency_tracers(otlp: str, pki_dir: Path) -> dict[str, TracerProvider | None]:
     """One tracer provider per agency, so each shows as its own service in the viewer; each
     exports over mTLS with the agency's own certificate, as the collector requires."""
@@ -497,6 +531,7 @@ async def run_demo(
     ops_http: str,
     ops_otlp: str,
     metrics_listen: str = "127.0.0.1:9464",
+    gateway_listen: str = "127.0.0.1:8443",
     traffic_every: float = 30.0,
     once: bool = False,
 ) -> None:
@@ -522,7 +557,9 @@ async def run_demo(
 
         config_path = root / "demo.toml"
         config_path.write_text(
-            demo_config(listen, pki_dir, contracts, ops.otlp_address, metrics_listen)
+            demo_config(
+                listen, pki_dir, contracts, ops.otlp_address, metrics_listen, gateway_listen
+            )
         )
         cfg = config_module.load(config_path)
         registry_url = ensure_registry(cfg, {a: p.address for a, p in providers.items()})
@@ -534,6 +571,7 @@ async def run_demo(
         )
         ops.show_ledger(open_accounts(config_path))
         broker_address = f"{listen.rsplit(':', 1)[0]}:{broker.port}"
+        gateway_url = _gateway_url(gateway_listen, broker.gateway_port)
         for provider in providers.values():
             provider.follow_broker(broker_address)  # revoked broker certificates, refused
         rng = random.Random()
@@ -546,6 +584,10 @@ async def run_demo(
         person = sample_person(rng)
         print("Tabadol demo is running.\n")
         print(f"  broker       {broker_address}  (config {config_path})")
+        print(
+            f"  gateway      {gateway_url}  (Connect and REST/JSON; GET /openapi.json: what "
+            "you may call)"
+        )
         for agency, provider in providers.items():
             print(f"  {agency:<12} {provider.address}  provides {SERVICES[agency]}")
         print(f"  PKI          {pki_dir}  (agency credentials in {pki_dir / 'agencies'}/<id>/)")
@@ -578,6 +620,9 @@ async def run_demo(
             broker_address, root, contracts, person.national_id, str(person.birth_date)
         )
         print(f"  {example}")
+        print("\nor over REST/JSON, as a web application would (docs/gateway.md):\n")
+        curl = example_curl(gateway_url, root, person.national_id, str(person.birth_date))
+        print(f"  {curl}")
         print(f"\nThen find it in the ops console: {ops.http_url}/search?service=post\n")
         print("\n".join(access_block(asked, broker_address, root, contracts)))
         print("\nPress Ctrl-C to stop.", flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 
@@ -45,6 +46,19 @@ def printable(text: str, *, multiline: bool = False) -> str:
         text = text.replace("\r\n", "\n")
     unsafe = _UNSAFE_IN_COMMENTS if multiline else _UNSAFE
     return unsafe.sub(lambda m: m[0].encode("unicode_escape").decode("ascii"), text)
+
+
+def openapi_text(document: str) -> str:
+    """An OpenAPI document from the broker, indented, with each control character escaped as
+    JSON allows (``\\u202e``): still the same JSON, but nothing in it commands the terminal.
+    ValueError when it is not JSON."""
+    try:
+        parsed = json.loads(document)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"the broker's OpenAPI document is not JSON: {e}") from e
+    text = json.dumps(parsed, indent=2, ensure_ascii=False)
+    # json.dumps escapes C0 controls itself; whatever else is unsafe is inside a string.
+    return _UNSAFE_IN_COMMENTS.sub(lambda m: f"\\u{ord(m[0]):04x}", text) + "\n"
 
 
 def services_table(services: Iterable[discovery_pb2.Service], agency: str) -> str:

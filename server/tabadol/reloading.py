@@ -9,7 +9,7 @@ from tabadol.governance import breaking_changes
 # Settings a running broker holds for its whole life: its listening socket, the names it
 # trusts, the message size its server was built with, its span pipeline and ledger.
 FIXED_SETTINGS = ("listen", "trust_domain", "max_message_bytes")
-FIXED_SECTIONS = ("tracing", "ledger")
+FIXED_SECTIONS = ("tracing", "ledger", "gateway")
 
 
 def reload_refusals(old: BrokerConfig, new: BrokerConfig) -> list[str]:

@@ -11,10 +11,14 @@ from typing import Any
 
 import pytest
 
+from tabadol.governance.load import googleapis_root
 from tests.support.processes import ROOT, Process
 
 NODE_DIR = ROOT / "interop" / "node"
 PROTOS = ROOT / "protos"
+# The contracts import google/api/annotations.proto (their HTTP rules), which is not under
+# protos/: the Node programs find it where googleapis-common-protos put it.
+GOOGLEAPIS = googleapis_root()
 SETUP_HINT = "run `make setup` (it runs `npm ci --prefix interop/node`)"
 
 
@@ -60,6 +64,7 @@ async def run_consumer(
         "--broker", broker_address,
         "--credentials", str(credentials),
         "--protos", str(PROTOS),
+        "--include", str(GOOGLEAPIS),
         "--timeout", "10",
         case,
         *args,
@@ -96,6 +101,7 @@ async def start_provider(credentials: Path, timeout: float = 30) -> tuple[Proces
         str(NODE_DIR / "provider.js"),
         "--credentials", str(credentials),
         "--protos", str(PROTOS),
+        "--include", str(GOOGLEAPIS),
         "--listen", "127.0.0.1:0",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,  # so that a start-up failure shows in the assertion

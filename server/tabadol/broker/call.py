@@ -169,4 +169,5 @@ class Call:
             consumer_serial=self.caller.serial,
             consumer_verified=self.caller.verified,
             grant=self.grant,
+            protocol=self.facts.protocol,
         )

@@ -43,12 +43,18 @@ async def requests_of(
     complete; a provider might then commit a batch the consumer abandoned.
     """
     limit = route.max_message_bytes
-    async for message in requests:
-        if limit is not None and len(message) > limit:
-            # Ends the provider call; forwarding then reports this status to the consumer.
-            call.cut(Code.RESOURCE_EXHAUSTED, _too_big(len(message), route))
-            raise asyncio.CancelledError("a request message is over the service's size limit")
-        yield call.traffic.request(message)
+    try:
+        async for message in requests:
+            if limit is not None and len(message) > limit:
+                # Ends the provider call; forwarding then reports this status to the consumer.
+                call.cut(Code.RESOURCE_EXHAUSTED, _too_big(len(message), route))
+                raise asyncio.CancelledError("a request message is over the service's size limit")
+            yield call.traffic.request(message)
+    except Ending as refused:
+        # The consumer's stream itself could not give the next message (the gateway could not
+        # decode it): the provider call is cancelled, not half-closed, and the consumer told.
+        call.cut(refused.code, refused.details)
+        raise asyncio.CancelledError(refused.details) from None
     # The consumer's cancel reaches the handler's task a loop turn or two after the iterator
     # ends (more on a busy loop); raising here makes gRPC cancel the provider call instead
     # of half-closing it. Ten turns cost microseconds on a genuine half-close.

@@ -62,10 +62,13 @@ def authorize(
     return who
 
 
-def server_context(creds: BrokerCredentials) -> ssl.SSLContext:
-    """TLS 1.2+ with the broker's certificate; the client must present one of the CA's."""
+def server_context(
+    creds: BrokerCredentials, setting: str = "[broker] metrics_listen"
+) -> ssl.SSLContext:
+    """TLS 1.2+ with the broker's certificate; the client must present one of the CA's.
+    ``setting`` names the listener in errors."""
     if creds.cert_path is None or creds.key_path is None:
-        raise ConfigError("[broker] metrics_listen: the broker's credentials have no files")
+        raise ConfigError(f"{setting}: the broker's credentials have no files")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -73,7 +76,7 @@ def server_context(creds: BrokerCredentials) -> ssl.SSLContext:
         context.load_verify_locations(cadata=creds.ca_pem.decode("ascii"))
     except (OSError, ValueError) as e:
         raise ConfigError(
-            f"[broker] metrics_listen: cannot serve HTTPS with {creds.cert_path}, "
+            f"{setting}: cannot serve HTTPS with {creds.cert_path}, "
             f"{creds.key_path} and the CA: {e}"
         ) from e
     context.verify_mode = ssl.CERT_REQUIRED

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, NoReturn
 
 import grpc
@@ -27,6 +28,9 @@ from tabadol.broker.proxy import Proxy, peer_certificate
 from tabadol.broker.upstream import Upstream
 from tabadol.catalogue import Catalogue
 from tabadol.contracts import RpcKind
+from tabadol.errors import ContractError
+from tabadol.gateway.http_rules import Binding, RestRoutes
+from tabadol.gateway.openapi import openapi_document
 from tabadol.platform.v1 import discovery_pb2, discovery_pb2_grpc
 from tabadol.revocation import RevocationList
 
@@ -121,17 +125,78 @@ def reflect(
     return not_found()  # extensions: Tabadol contracts declare none
 
 
+def callable_paths(proxy: Proxy, agency: str) -> list[str]:
+    """The method paths the agency may call now, of the services the exchange routes, sorted."""
+    paths = []
+    for path in sorted(proxy.rules.policy.allowed_paths(agency, time.time())):
+        method = proxy.contracts.method(path)
+        if method is not None and method.service in proxy.config.services:
+            paths.append(path)
+    return paths
+
+
+class OpenAPIDocuments:
+    """Each caller's OpenAPI document as JSON (``tabadol.gateway.openapi``), built once per
+    configuration and set of methods allowed: callers with the same grants share one."""
+
+    _KEPT = 256  # documents kept per configuration, at most
+
+    def __init__(self, url: Callable[[], str | None] = lambda: None) -> None:
+        self._url = url  # the HTTP entry's, for the documents' servers; None without one
+        self._proxy: Proxy | None = None
+        self._routes: tuple[tuple[str, Binding], ...] = ()
+        self._built: dict[tuple[tuple[str, ...], str | None], bytes] = {}
+
+    def routes(self, proxy: Proxy) -> tuple[tuple[str, Binding], ...]:
+        """The REST routes of the proxy's contracts, derived once per configuration."""
+        self._follow(proxy)
+        return self._routes
+
+    def __call__(
+        self,
+        proxy: Proxy,
+        routes: RestRoutes | None,
+        agency: str,
+        paths: Iterable[str] | None = None,
+    ) -> bytes:
+        """The document of the methods ``agency`` may call (of ``paths`` only, if given)."""
+        self._follow(proxy, routes)
+        allowed = tuple(paths if paths is not None else callable_paths(proxy, agency))
+        url = self._url()
+        built = self._built.get((allowed, url))
+        if built is None:
+            document = openapi_document(proxy.contracts, self._routes, allowed, server_url=url)
+            built = json.dumps(document, indent=2, ensure_ascii=False).encode()
+            if len(self._built) >= self._KEPT:
+                self._built.clear()
+            self._built[(allowed, url)] = built
+        return built
+
+    def _follow(self, proxy: Proxy, routes: RestRoutes | None = None) -> None:
+        if proxy is self._proxy:
+            return
+        if routes is None:
+            try:
+                routes = RestRoutes.from_contracts(proxy.contracts)
+            except ContractError as e:  # the HTTP entry refuses to start on them anyway
+                log.error("OpenAPI documents without REST routes: %s", e)
+        self._proxy, self._built = proxy, {}
+        self._routes = tuple(routes.routes()) if routes is not None else ()
+
+
 class Discovery(discovery_pb2_grpc.DiscoveryServicer):
-    """ListAgencies, ListServices, ListMethods, AllowedMethods, GetContract,
+    """ListAgencies, ListServices, ListMethods, AllowedMethods, GetContract, GetOpenAPI,
     GetRevocationList."""
 
     def __init__(
         self,
         current: Callable[[], Proxy],
         revocations: Callable[[], RevocationList | None] = lambda: None,
+        openapi: OpenAPIDocuments | None = None,
     ) -> None:
         self._current = current
         self._revocations = revocations
+        self._openapi = openapi if openapi is not None else OpenAPIDocuments()
 
     async def GetRevocationList(
         self, request: discovery_pb2.GetRevocationListRequest, context: Context
@@ -213,15 +278,34 @@ class Discovery(discovery_pb2_grpc.DiscoveryServicer):
         proxy = self._current()
         agency = await declared_caller(proxy, context, _DISCOVERY + "AllowedMethods")
         allowed = []
-        for path in sorted(proxy.rules.policy.allowed_paths(agency, time.time())):
+        for path in callable_paths(proxy, agency):
             method = proxy.contracts.method(path)
-            if method is not None and method.service in proxy.config.services:
-                allowed.append(
-                    discovery_pb2.AllowedMethod(
-                        service=method.service, method=method.name, kind=_KINDS[method.kind]
-                    )
+            assert method is not None  # callable_paths keeps the contracts' methods only
+            allowed.append(
+                discovery_pb2.AllowedMethod(
+                    service=method.service, method=method.name, kind=_KINDS[method.kind]
                 )
+            )
         return discovery_pb2.AllowedMethodsResponse(agency=agency, methods=allowed)
+
+    async def GetOpenAPI(
+        self, request: discovery_pb2.GetOpenAPIRequest, context: Context
+    ) -> discovery_pb2.GetOpenAPIResponse:
+        proxy = self._current()
+        agency = await declared_caller(proxy, context, _DISCOVERY + "GetOpenAPI")
+        paths = callable_paths(proxy, agency)
+        if request.service:
+            await self._routed(proxy, request.service, context)
+            paths = [p for p in paths if p.startswith(f"/{request.service}/")]
+            if not paths:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"Tabadol broker: agency {agency!r} has no grant for any method of service "
+                    f"{request.service!r}; ask its provider "
+                    f"{proxy.config.services[request.service].provider!r} for a grant",
+                )
+        document = self._openapi(proxy, None, agency, paths)
+        return discovery_pb2.GetOpenAPIResponse(json=document.decode())
 
     async def GetContract(
         self, request: discovery_pb2.GetContractRequest, context: Context
@@ -339,9 +423,12 @@ def register(
     current: Callable[[], Proxy],
     interval: float = 2.0,
     revocations: Callable[[], RevocationList | None] = lambda: None,
+    openapi: OpenAPIDocuments | None = None,
 ) -> ProviderHealth:
     """Add the platform services to the broker's server (before the proxy's catch-all)."""
-    discovery_pb2_grpc.add_DiscoveryServicer_to_server(Discovery(current, revocations), server)
+    discovery_pb2_grpc.add_DiscoveryServicer_to_server(
+        Discovery(current, revocations, openapi), server
+    )
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
         AgencyReflection(current), server
     )

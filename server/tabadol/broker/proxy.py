@@ -47,6 +47,7 @@ from tabadol.broker.upstream import Route, Target, Upstream
 from tabadol.catalogue import Catalogue
 from tabadol.config import BrokerConfig
 from tabadol.contracts import Contracts, RpcKind
+from tabadol.gateway.context import HttpCallContext
 from tabadol.identity import ConsumerIdentity, IdentityRejected
 from tabadol.ledger import LedgerWriter
 from tabadol.limits import Limits, RetryBudget
@@ -326,6 +327,12 @@ class Proxy:
                 None
                 if ledger is None or ledger.accepting
                 else ledger.problem or f"its writer is {ledger.backlog} records behind"
+            ),
+            # The gateway's calls say which HTTP protocol they came by.
+            protocol=(
+                context.protocol
+                if type(context) is HttpCallContext  # type: ignore[comparison-overlap]
+                else "grpc"
             ),
         )
         traffic = (

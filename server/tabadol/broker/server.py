@@ -12,7 +12,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 import grpc.aio
@@ -33,7 +33,7 @@ from tabadol.broker.tracing import NO_TRACING, BrokerTracing, broker_tracing
 from tabadol.broker.upstream import Route, Target, Upstream
 from tabadol.client.call_status import keep_call_status
 from tabadol.client.tracing import ExporterCredentials
-from tabadol.config import BrokerConfig, grant_id
+from tabadol.config import BrokerConfig, GatewaySection, grant_id
 from tabadol.errors import ConfigError, TabadolError
 from tabadol.ledger import LedgerWriter
 from tabadol.ledger.digests import payload_digest_key
@@ -62,6 +62,9 @@ from tabadol.revocation import CrlRefused, RevocationList
 from tabadol.samplers import TracingConfigError
 from tabadol.spiffe import agency_dns_name, ops_dns_name
 from tabadol.state_files import read_regular, replace_file
+
+if TYPE_CHECKING:
+    from tabadol.gateway.server import GatewayServer
 
 log = logging.getLogger("tabadol.broker")
 
@@ -130,12 +133,15 @@ class Broker:
                 ("grpc.max_concurrent_streams", cfg.broker.max_concurrent_streams),
             ]
         )
+        # Each agency's OpenAPI document, for Discovery and the HTTP entry alike.
+        self.openapi = platform.OpenAPIDocuments(lambda: self.gateway_url)
         # The broker's own services first: the proxy answers every other path.
         self.health = platform.register(
             self._server,
             lambda: self._dispatch.proxy,
             cfg.broker.health_check_seconds,
             revocations=lambda: self.credentials.crl,
+            openapi=self.openapi,
         )
         access_pb2_grpc.add_AccessServicer_to_server(
             AccessService(lambda: self._dispatch.proxy, self._access_desk, self.applied),
@@ -145,6 +151,8 @@ class Broker:
         self._desk: AccessDesk | None = None
         self._reloaded: asyncio.Event | None = None
         self.port = 0
+        self.gateway: GatewayServer | None = None  # the HTTP entry, with [gateway]
+        self.gateway_port = 0
 
     def _access_desk(self) -> AccessDesk:
         """The Access service's desk: on the registry database, through a connection of its
@@ -155,6 +163,18 @@ class Broker:
             store = open_registry(url) if url is not None else None
             self._desk = AccessDesk(store, lambda: self.config)
         return self._desk
+
+    @property
+    def gateway_url(self) -> str | None:
+        """How agencies reach the HTTP entry: ``[gateway] public_url``, else the address it
+        listens on; None without one."""
+        settings = self.config.gateway
+        if settings is None or self.gateway is None:
+            return None
+        if settings.public_url:
+            return settings.public_url
+        host = settings.listen.rpartition(":")[0]
+        return f"https://{host}:{self.gateway_port}"
 
     async def applied(self, version: int, timeout: float) -> bool:
         """Wait, at most ``timeout`` seconds, until this node runs registry ``version`` or a
@@ -167,7 +187,8 @@ class Broker:
             if remaining <= 0:
                 return False
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._reloaded.wait(), remaining)
+                async with asyncio.timeout(remaining):  # not wait_for: see registry_follower
+                    await self._reloaded.wait()
         return True
 
     def _end_ungranted(self) -> None:
@@ -287,6 +308,8 @@ class Broker:
         # Revocation on the provider leg: no call goes to an endpoint not yet judged.
         await self.provider_trust.check(self._upstreams.values(), self.credentials)
         await self._server.start()
+        if self.config.gateway is not None:
+            await self._start_gateway(self.config.gateway)
         await self.health.start()
         self._metrics_task = asyncio.create_task(self._refresh_metrics_forever())
         if self.timestamper is not None:
@@ -311,8 +334,29 @@ class Broker:
         if self.registry is not None:
             await self.registry.start(self)
 
+    async def _start_gateway(self, settings: GatewaySection) -> None:
+        """The HTTP entry: Connect and REST/JSON into the same request path."""
+        from tabadol.gateway.app import GatewayApp  # only with [gateway]
+        from tabadol.gateway.server import GatewayServer, tls_context
+
+        app = GatewayApp(
+            lambda: self._dispatch.proxy,
+            max_body_bytes=lambda: settings.max_body_bytes or self.config.broker.max_message_bytes,
+            max_json_depth=lambda: settings.max_json_depth,
+            openapi=self.openapi,
+        )
+        try:
+            self.gateway = GatewayServer(app, settings.listen, tls_context(self.credentials))
+            await self.gateway.start(reuse_port=worker_slot() is not None)
+        except ConfigError as e:
+            await self._abandon()
+            raise ConfigError(f"{self.config.path}: {e}") from e
+        self.gateway_port = self.gateway.port
+
     async def _abandon(self) -> None:
         """Undo a start that failed half-way, so the process can report it and exit."""
+        if self.gateway is not None:
+            await self.gateway.stop(0)
         await self._server.stop(None)
         await asyncio.to_thread(self.ledger.close)
 
@@ -466,6 +510,8 @@ class Broker:
         self.retries.ratio = cfg.broker.retry_budget_ratio
         if identity_changed:
             self._server_cert_update = _certificate_configuration(creds)
+            if self.gateway is not None:
+                self.gateway.reload(creds)
             if exporter_creds is not None:
                 # The old certificate is revoked as superseded: the collector would refuse it.
                 self.tracing.renew_credentials(exporter_creds)
@@ -498,7 +544,10 @@ class Broker:
         # window lets those answers go out (stop returns as soon as every call has ended).
         # Not the whole rest of the grace period: health Watch and reflection streams never
         # end by themselves.
-        await self._server.stop(min(_LAST_ANSWERS_S, max(0.0, ends - time.monotonic())))
+        last_answers = min(_LAST_ANSWERS_S, max(0.0, ends - time.monotonic()))
+        if self.gateway is not None:
+            await self.gateway.stop(last_answers)
+        await self._server.stop(last_answers)
         for upstream in self._upstreams.values():
             upstream.retire()
         await asyncio.gather(*list(self._closing))
@@ -745,6 +794,8 @@ async def run(config_path: Path) -> None:
     if broker.metrics.port:
         host = (cfg.broker.metrics_listen or "").rsplit(":", 1)[0]
         log.info("metrics at https://%s:%d/metrics", host, broker.metrics.port)
+    if broker.gateway_url is not None:
+        log.info("HTTP/JSON entry (Connect and REST) at %s", broker.gateway_url)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     loop.add_signal_handler(signal.SIGHUP, reload_from_file, broker, config_path)

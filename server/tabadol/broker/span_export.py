@@ -134,6 +134,8 @@ _request_id = _StrAttribute("tabadol.request_id")
 # Consumers are few: encoded once each (bounded: a refused certificate's claim is anyone's).
 _consumer = functools.lru_cache(maxsize=4096)(_StrAttribute("tabadol.consumer"))
 _status_code = _IntAttribute("rpc.grpc.status_code")
+# Calls through the HTTP entry say how they came in; a gRPC call's span is as it always was.
+_PROTOCOL = {p: _StrAttribute("tabadol.protocol")(p) for p in ("connect", "rest")}
 
 
 def _code_name(code: int) -> str:
@@ -246,6 +248,7 @@ class SpanEncoder:
                     _request_messages(record.request_messages),
                     _response_bytes(record.response_bytes),
                     _response_messages(record.response_messages),
+                    _PROTOCOL.get(record.protocol, b""),
                 )
             )
             parts += (_SPANS, _varint(len(server)), server)
@@ -411,6 +414,7 @@ class ConsoleSink:
                     "tabadol.request.messages": record.request_messages,
                     "tabadol.response.bytes": record.response_bytes,
                     "tabadol.response.messages": record.response_messages,
+                    **({"tabadol.protocol": record.protocol} if record.protocol != "grpc" else {}),
                 },
                 kind=SpanKind.SERVER,
                 status=status,

@@ -14,19 +14,16 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
+from google.api import annotations_pb2  # type: ignore[import-untyped]
 from google.protobuf import descriptor_pb2
 
-from tabadol.contracts import RpcKind
+from tabadol.contracts import RpcKind, well_known
 
 FileDescriptorProto = descriptor_pb2.FileDescriptorProto
 DescriptorProto = descriptor_pb2.DescriptorProto
 EnumDescriptorProto = descriptor_pb2.EnumDescriptorProto
 FieldDescriptorProto = descriptor_pb2.FieldDescriptorProto
 ServiceDescriptorProto = descriptor_pb2.ServiceDescriptorProto
-
-# Files that ship with protoc; no agency owns them, and a contract that stops importing one
-# has not removed anything from its consumers.
-BUNDLED_PREFIX = "google/protobuf/"
 
 _VERSION = re.compile(r"^v\d+")
 
@@ -38,6 +35,8 @@ class BreakingKind(enum.StrEnum):
     METHOD_STREAMING_CHANGED = "METHOD_STREAMING_CHANGED"
     METHOD_INPUT_TYPE_CHANGED = "METHOD_INPUT_TYPE_CHANGED"
     METHOD_OUTPUT_TYPE_CHANGED = "METHOD_OUTPUT_TYPE_CHANGED"
+    HTTP_ROUTE_REMOVED = "HTTP_ROUTE_REMOVED"
+    HTTP_ROUTE_CHANGED = "HTTP_ROUTE_CHANGED"
     MESSAGE_REMOVED = "MESSAGE_REMOVED"
     FIELD_REMOVED = "FIELD_REMOVED"
     FIELD_RENUMBERED = "FIELD_RENUMBERED"
@@ -73,7 +72,8 @@ def breaking_changes(
 ) -> list[Breaking]:
     """Every breaking change from `old` to `new`, sorted by location.
 
-    Files that ship with protoc (google/protobuf/...) are not compared: no agency owns them.
+    Well-known files (google/protobuf/..., google/api/...) are not compared: no agency owns
+    them, and a contract that stops importing one has not removed anything from its consumers.
     """
     before, after = _Schema.of(old), _Schema.of(new)
     found: list[Breaking] = []
@@ -120,7 +120,7 @@ class _Schema:
     def of(cls, files: Iterable[FileDescriptorProto]) -> _Schema:
         by_name: dict[str, FileDescriptorProto] = {}
         for fd in files:
-            if not fd.name.startswith(BUNDLED_PREFIX):
+            if not well_known(fd.name):
                 by_name.setdefault(fd.name, fd)
         services: dict[str, ServiceDescriptorProto] = {}
         messages: dict[str, DescriptorProto] = {}
@@ -208,6 +208,7 @@ class _FileComparison:
                         f"{_bare(after)}; consumers send or decode the old message and the "
                         "bytes are misread",
                     )
+            yield from _http_route_changes(where, om, nm)
 
     def _message(self, name: str, old: DescriptorProto) -> Iterator[Breaking]:
         new = self.after.messages.get(name)
@@ -460,6 +461,59 @@ def _oneof(field: FieldDescriptorProto, msg: DescriptorProto) -> str | None:
     if not field.HasField("oneof_index") or field.proto3_optional:
         return None
     return msg.oneof_decl[field.oneof_index].name
+
+
+def _http_route_changes(
+    where: str, old: descriptor_pb2.MethodDescriptorProto, new: descriptor_pb2.MethodDescriptorProto
+) -> Iterator[Breaking]:
+    """The HTTP routes (google.api.http) of a method that are gone or carry another shape."""
+    now = _http_routes(new)
+    for (verb, path), (body, response_body) in _http_routes(old).items():
+        route = f"{verb} {path}"
+        if (verb, path) not in now:
+            yield Breaking(
+                BreakingKind.HTTP_ROUTE_REMOVED,
+                where,
+                f"method {where} lost its HTTP route {route}; agencies calling it over "
+                "HTTP/JSON now get 404",
+            )
+            continue
+        new_body, new_response_body = now[verb, path]
+        for part, before, after in [
+            ("body", body, new_body),
+            ("response_body", response_body, new_response_body),
+        ]:
+            if before != after:
+                yield Breaking(
+                    BreakingKind.HTTP_ROUTE_CHANGED,
+                    where,
+                    f"the HTTP route {route} of method {where} changed its {part} from "
+                    f"{before or '(none)'!r} to {after or '(none)'!r}; agencies calling it "
+                    "over HTTP/JSON send or read the old shape",
+                )
+
+
+def _http_routes(
+    method: descriptor_pb2.MethodDescriptorProto,
+) -> dict[tuple[str, str], tuple[str, str]]:
+    """(verb, path template) -> (body, response_body) of a method's rule and its additional
+    bindings."""
+    # Re-parsed: a descriptor read before google.api was imported holds the rule as unknown bytes.
+    options = descriptor_pb2.MethodOptions.FromString(method.options.SerializeToString())
+    if not options.HasExtension(annotations_pb2.http):
+        return {}
+    rule = options.Extensions[annotations_pb2.http]
+    routes: dict[tuple[str, str], tuple[str, str]] = {}
+    for binding in (rule, *rule.additional_bindings):
+        pattern = binding.WhichOneof("pattern")
+        if pattern == "custom":
+            verb, path = binding.custom.kind, binding.custom.path
+        elif pattern is not None:
+            verb, path = pattern.upper(), getattr(binding, pattern)
+        else:
+            continue
+        routes[verb, path] = (binding.body, binding.response_body)
+    return routes
 
 
 def _rpc_kind(kind: RpcKind) -> str:

@@ -7,15 +7,14 @@ import os
 import sys
 import tempfile
 import threading
-from importlib import resources
+from importlib import resources, util
 from pathlib import Path
 from types import ModuleType
 
 from google.protobuf import descriptor_pb2
 
-from tabadol.contracts import Contracts
+from tabadol.contracts import Contracts, well_known
 from tabadol.errors import ContractError
-from tabadol.governance.compat import BUNDLED_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +34,23 @@ def load_contracts(path: Path) -> list[descriptor_pb2.FileDescriptorProto]:
 def own_files(path: Path) -> set[str]:
     """Names of the files that belong to `path`, as opposed to the imports compiled with them.
 
-    For a directory, its .proto files. For a FileDescriptorSet, every file except the ones that
-    ship with protoc (google/protobuf/...), which no agency owns.
+    For a directory, its .proto files; for a FileDescriptorSet, every file. Either way without
+    the well-known files (google/protobuf/..., google/api/...), which no agency owns, even
+    when a directory carries a copy of them.
     """
-    if path.is_dir():
-        return proto_files(path)
-    return {fd.name for fd in load_contracts(path) if not fd.name.startswith(BUNDLED_PREFIX)}
+    names = proto_files(path) if path.is_dir() else {fd.name for fd in load_contracts(path)}
+    return {name for name in names if not well_known(name)}
+
+
+def googleapis_root() -> Path:
+    """The directory holding google/api/*.proto (googleapis-common-protos), for ``-I``."""
+    spec = util.find_spec("google.api.annotations_pb2")
+    if spec is None or spec.origin is None:
+        raise ContractError(
+            "compiling contracts with HTTP rules needs google/api/annotations.proto: "
+            "pip install googleapis-common-protos"
+        )
+    return Path(spec.origin).parents[2]
 
 
 def proto_files(root: Path) -> set[str]:
@@ -61,6 +71,8 @@ def _compile(root: Path, names: list[str]) -> list[descriptor_pb2.FileDescriptor
                 f"-I{root}",
                 # google/protobuf/*.proto, which every protoc ships with
                 f"-I{resources.files('grpc_tools') / '_proto'}",
+                # google/api/*.proto: the HTTP rules (google.api.http) of a contract
+                f"-I{googleapis_root()}",
                 "--include_imports",
                 "--include_source_info",
                 f"--descriptor_set_out={out}",

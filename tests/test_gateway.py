@@ -1,0 +1,372 @@
+"""The broker's HTTP entry: every demo method called over Connect and REST/JSON with a real
+HTTP client and an agency's certificate, answered as the gRPC path answers it, through the
+same admission, ledger and limits."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+from random import Random
+
+import grpc
+import grpc.aio
+import pytest
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from tabadol import config
+from tabadol.agencies.cra.v1 import mobile_ownership_pb2 as cra_pb
+from tabadol.agencies.cra.v1 import mobile_ownership_pb2_grpc as cra_grpc
+from tabadol.agencies.nocr.v1 import person_registry_pb2 as nocr_pb
+from tabadol.agencies.nocr.v1 import person_registry_pb2_grpc as nocr_grpc
+from tabadol.agencies.post.v1 import address_directory_pb2 as post_pb
+from tabadol.agencies.post.v1 import address_directory_pb2_grpc as post_grpc
+from tabadol.agencies.tax.v1 import invoice_registry_pb2 as tax_pb
+from tabadol.agencies.tax.v1 import invoice_registry_pb2_grpc as tax_grpc
+from tabadol.client import connect
+from tabadol.demo_agencies import sample_invoice, sample_person, sample_postal_code
+from tabadol.errors import ConfigError
+from tabadol.ledger.store import SqliteLedgerStore
+from tabadol.pki import CertificateAuthority
+from tabadol.type.v1.date_pb2 import Date
+from tests.support.exchange import eventually
+from tests.support.gateway import GatewayExchange, gateway_exchange
+
+PERSON = sample_person(Random(7))
+BIRTH = Date(year=PERSON.birth_date.year, month=PERSON.birth_date.month, day=PERSON.birth_date.day)
+BIRTH_QUERY = {
+    "birth_date.year": PERSON.birth_date.year,
+    "birth_date.month": PERSON.birth_date.month,
+    "birth_date.day": PERSON.birth_date.day,
+}
+POSTAL_CODE = sample_postal_code(Random(7))
+INQUIRE = "/tabadol.agencies.nocr.v1.PersonRegistry/InquirePerson"
+
+
+@pytest.fixture(scope="module")
+async def exchange(
+    tmp_path_factory: pytest.TempPathFactory, pki: CertificateAuthority
+) -> AsyncIterator[GatewayExchange]:
+    async with gateway_exchange(tmp_path_factory.mktemp("gateway"), pki) as running:
+        yield running
+
+
+def grpc_channel(exchange: GatewayExchange, agency: str) -> grpc.aio.Channel:
+    return connect(exchange.grpc_address, exchange.credentials(agency))
+
+
+def as_json(message: Message) -> dict[str, object]:
+    return json_format.MessageToDict(message)
+
+
+def envelopes(*messages: bytes, flags: int = 0) -> bytes:
+    return b"".join(struct.pack(">BI", flags, len(m)) + m for m in messages)
+
+
+def unframe(body: bytes) -> list[tuple[int, bytes]]:
+    frames = []
+    while body:
+        flags, length = struct.unpack(">BI", body[:5])
+        frames.append((flags, body[5 : 5 + length]))
+        body = body[5 + length :]
+    return frames
+
+
+# -- every demo method, both ways, answered as over gRPC ------------------------------------
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["http1.1", "http2"])
+async def test_rest_get_person_is_the_grpc_answer(exchange: GatewayExchange, http2: bool) -> None:
+    async with grpc_channel(exchange, "post") as channel:
+        expected = await nocr_grpc.PersonRegistryStub(channel).InquirePerson(
+            nocr_pb.InquirePersonRequest(national_id=PERSON.national_id, birth_date=BIRTH)
+        )
+    async with exchange.client("post", http2=http2) as http:
+        answer = await http.get(f"/v1/people/{PERSON.national_id}", params=BIRTH_QUERY)
+    assert answer.status_code == 200, answer.text
+    assert answer.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.json() == as_json(expected)
+    assert answer.json()["nationalId"] == PERSON.national_id
+
+
+async def test_rest_additional_binding_posts_the_whole_request(exchange: GatewayExchange) -> None:
+    body = {"nationalId": PERSON.national_id, "birthDate": as_json(BIRTH)}
+    async with exchange.client("post") as http:
+        by_post = await http.post("/v1/people:inquire", json=body)
+        by_get = await http.get(f"/v1/people/{PERSON.national_id}", params=BIRTH_QUERY)
+    assert by_post.status_code == 200, by_post.text
+    assert by_post.json() == by_get.json()
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["http1.1", "http2"])
+async def test_connect_unary_json_and_binary_are_the_grpc_answer(
+    exchange: GatewayExchange, http2: bool
+) -> None:
+    request = nocr_pb.InquirePersonRequest(national_id=PERSON.national_id, birth_date=BIRTH)
+    async with grpc_channel(exchange, "post") as channel:
+        expected = await nocr_grpc.PersonRegistryStub(channel).InquirePerson(request)
+    async with exchange.client("post", http2=http2) as http:
+        as_text = await http.post(
+            INQUIRE,
+            content=json_format.MessageToJson(request),
+            headers={"content-type": "application/json", "connect-protocol-version": "1"},
+        )
+        as_bytes = await http.post(
+            INQUIRE,
+            content=request.SerializeToString(),
+            headers={"content-type": "application/proto", "connect-protocol-version": "1"},
+        )
+    assert as_text.status_code == 200, as_text.text
+    assert as_text.json() == as_json(expected)
+    assert as_bytes.status_code == 200, as_bytes.text
+    assert as_bytes.headers["content-type"] == "application/proto"
+    assert nocr_pb.Person.FromString(as_bytes.content) == expected
+
+
+async def test_postal_code_lookup_and_mobile_match_both_ways(exchange: GatewayExchange) -> None:
+    match = cra_pb.MatchMobileRequest(national_id=PERSON.national_id, mobile=PERSON.mobile)
+    async with grpc_channel(exchange, "tax") as channel:
+        address = await post_grpc.AddressDirectoryStub(channel).LookupPostalCode(
+            post_pb.LookupPostalCodeRequest(postal_code=POSTAL_CODE)
+        )
+        matched = await cra_grpc.MobileOwnershipStub(channel).MatchMobile(match)
+    async with exchange.client("tax") as http:
+        rest_address = await http.get(f"/v1/postal-codes/{POSTAL_CODE}")
+        rest_match = await http.post("/v1/mobile-ownership:match", json=as_json(match))
+        connect_match = await http.post(
+            "/tabadol.agencies.cra.v1.MobileOwnership/MatchMobile", json=as_json(match)
+        )
+    assert rest_address.json() == as_json(address)
+    assert rest_match.json() == as_json(matched) == connect_match.json()
+    assert matched.result == cra_pb.MATCH_RESULT_MATCH
+
+
+async def test_a_server_stream_as_ndjson_and_as_connect_envelopes(
+    exchange: GatewayExchange,
+) -> None:
+    async with grpc_channel(exchange, "nocr") as channel:
+        first = await post_grpc.AddressDirectoryStub(channel).LookupPostalCode(
+            post_pb.LookupPostalCodeRequest(postal_code=POSTAL_CODE)
+        )
+        request = post_pb.ListAddressesRequest(
+            region=post_pb.Region(province=first.province, city=first.city), max_results=5
+        )
+        expected = [
+            as_json(a) async for a in post_grpc.AddressDirectoryStub(channel).ListAddresses(request)
+        ]
+    assert len(expected) == 5
+    async with exchange.client("nocr") as http:
+        lines = await http.get(
+            f"/v1/provinces/{first.province}/addresses",
+            params={"region.city": first.city, "max_results": 5},
+        )
+        enveloped = await http.post(
+            "/tabadol.agencies.post.v1.AddressDirectory/ListAddresses",
+            content=envelopes(json_format.MessageToJson(request).encode()),
+            headers={"content-type": "application/connect+json"},
+        )
+    assert lines.headers["content-type"] == "application/x-ndjson"
+    assert [json.loads(line) for line in lines.text.splitlines()] == expected
+    frames = unframe(enveloped.content)
+    assert [json.loads(data) for flags, data in frames[:-1]] == expected
+    assert frames[-1][0] == 2  # end of stream, no error
+    assert "error" not in json.loads(frames[-1][1])
+
+
+async def test_a_client_stream_over_connect_http2(exchange: GatewayExchange) -> None:
+    invoices = [sample_invoice(Random(n)) for n in range(3)]
+    async with grpc_channel(exchange, "post") as channel:
+        expected = await tax_grpc.InvoiceRegistryStub(channel).SubmitInvoices(iter(invoices))
+    async with exchange.client("post", http2=True) as http:
+        answer = await http.post(
+            "/tabadol.agencies.tax.v1.InvoiceRegistry/SubmitInvoices",
+            content=envelopes(*(json_format.MessageToJson(i).encode() for i in invoices)),
+            headers={"content-type": "application/connect+json"},
+        )
+    assert answer.status_code == 200
+    frames = unframe(answer.content)
+    receipt = json_format.Parse(frames[0][1], tax_pb.SubmissionReceipt())
+    assert receipt.accepted_count == expected.accepted_count == 3
+    assert receipt.receipt_id != expected.receipt_id  # each submission its own receipt
+    assert frames[-1][0] == 2
+
+
+async def test_a_bidi_stream_over_connect_http2(exchange: GatewayExchange) -> None:
+    queries = [
+        nocr_pb.VerifyPersonRequest(
+            reference=str(n), national_id=PERSON.national_id, birth_date=BIRTH
+        )
+        for n in range(3)
+    ]
+    async with exchange.client("tax", http2=True) as http:
+        answer = await http.post(
+            "/tabadol.agencies.nocr.v1.PersonRegistry/VerifyPeople",
+            content=envelopes(*(q.SerializeToString() for q in queries)),
+            headers={"content-type": "application/connect+proto"},
+        )
+    async with exchange.client("tax") as http1:
+        over_h1 = await http1.post(
+            "/tabadol.agencies.nocr.v1.PersonRegistry/VerifyPeople",
+            content=envelopes(queries[0].SerializeToString()),
+            headers={"content-type": "application/connect+proto"},
+        )
+    frames = unframe(answer.content)
+    results = [nocr_pb.VerifyPersonResult.FromString(data) for _, data in frames[:-1]]
+    assert [r.reference for r in results] == ["0", "1", "2"]
+    assert all(r.verdict == nocr_pb.VERDICT_MATCH for r in results)
+    assert over_h1.status_code == 505
+    assert "HTTP/2" in over_h1.json()["message"]
+
+
+# -- the same admission --------------------------------------------------------------------
+
+
+async def test_no_grant_is_403_before_the_body_is_read(exchange: GatewayExchange) -> None:
+    async with exchange.client("cra") as http:  # cra may not list the post's addresses
+        rest = await http.get("/v1/provinces/Tehran/addresses", params={"nonsense": "1"})
+        connect_ = await http.post(
+            "/tabadol.agencies.post.v1.AddressDirectory/LookupPostalCode",
+            content=b"{not json",
+            headers={"content-type": "application/json"},
+        )
+    assert rest.status_code == 403
+    assert rest.json()["code"] == 7  # PERMISSION_DENIED, google.rpc.Status
+    assert "has no grant" in rest.json()["message"]
+    assert connect_.status_code == 403
+    assert connect_.json()["code"] == "permission_denied"
+
+
+async def test_unknown_routes_and_methods_are_named(exchange: GatewayExchange) -> None:
+    async with exchange.client("post") as http:
+        nowhere = await http.get("/v1/nowhere")
+        wrong_verb = await http.delete(f"/v1/postal-codes/{POSTAL_CODE}")
+        no_method = await http.post(
+            "/tabadol.agencies.nocr.v1.PersonRegistry/Nope",
+            json={},
+        )
+    assert nowhere.status_code == 404
+    assert wrong_verb.status_code == 405
+    assert no_method.status_code == 501
+    assert no_method.json()["code"] == "unimplemented"
+    assert "no method 'Nope'" in no_method.json()["message"]
+
+
+async def test_the_ledger_records_the_protocol_each_call_came_by(
+    exchange: GatewayExchange,
+) -> None:
+    async with exchange.client("post") as http:
+        rest = await http.get(f"/v1/people/{PERSON.national_id}", params=BIRTH_QUERY)
+        connect_ = await http.post(
+            INQUIRE, json={"nationalId": PERSON.national_id, "birthDate": as_json(BIRTH)}
+        )
+    async with grpc_channel(exchange, "post") as channel:
+        await nocr_grpc.PersonRegistryStub(channel).InquirePerson(
+            nocr_pb.InquirePersonRequest(national_id=PERSON.national_id, birth_date=BIRTH)
+        )
+    ids = {rest.headers["x-tabadol-request-id"]: "rest"}
+    ids[connect_.headers["trailer-x-tabadol-request-id"]] = "connect"
+
+    def recorded() -> dict[str, str]:
+        store = SqliteLedgerStore(exchange.broker.config.ledger.path, readonly=True)
+        try:
+            return {s.record.request_id: s.record.protocol for s in store.records()}
+        finally:
+            store.close()
+
+    assert await eventually(lambda: set(ids) <= recorded().keys())
+    by_id = recorded()
+    assert {k: by_id[k] for k in ids} == ids
+    assert "grpc" in by_id.values()
+
+
+async def test_a_deadline_header_becomes_the_providers_deadline(
+    exchange: GatewayExchange,
+) -> None:
+    async with exchange.client("nocr") as http:
+        request = post_pb.ListAddressesRequest(region=post_pb.Region(province="Tehran"))
+        answer = await http.post(
+            "/tabadol.agencies.post.v1.AddressDirectory/ListAddresses",
+            content=envelopes(request.SerializeToString()),
+            headers={"content-type": "application/connect+proto", "connect-timeout-ms": "0"},
+        )
+    end = json.loads(unframe(answer.content)[-1][1])
+    assert end["error"]["code"] == "deadline_exceeded"
+
+
+async def test_bad_json_is_400_naming_the_field_and_never_reaches_the_provider(
+    exchange: GatewayExchange,
+) -> None:
+    async with exchange.client("post") as http:
+        wrong_type = await http.post(
+            "/v1/people:inquire", json={"nationalId": PERSON.national_id, "birthDate": 5}
+        )
+        unknown = await http.post("/v1/people:inquire", json={"nationalIdd": "1"})
+        after = await http.get(f"/v1/people/{PERSON.national_id}", params=BIRTH_QUERY)
+    assert wrong_type.status_code == 400
+    assert (
+        "birthDate" in wrong_type.json()["message"] or "birth_date" in wrong_type.json()["message"]
+    )
+    assert unknown.status_code == 400
+    assert "nationalIdd" in unknown.json()["message"]
+    assert after.status_code == 200
+
+
+async def test_the_openapi_document_is_the_callers(exchange: GatewayExchange) -> None:
+    async with exchange.client("post") as http:
+        post_doc = (await http.get("/openapi.json")).json()
+    async with exchange.client("cra") as http:
+        cra_doc = (await http.get("/openapi.json")).json()
+    assert post_doc["openapi"].startswith("3.1")
+    assert post_doc["servers"] == [{"url": exchange.url}]
+    assert "/v1/people/{national_id}" in post_doc["paths"]
+    assert "/v1/people/{national_id}" in cra_doc["paths"]  # cra may inquire too
+    assert "/v1/postal-codes/{postal_code}" not in post_doc["paths"]  # post has no grant on itself
+    assert "/v1/postal-codes/{postal_code}" not in cra_doc["paths"]
+
+
+def test_the_gateway_section_is_checked_like_the_rest(tmp_path: Path) -> None:
+    base = (
+        '[broker]\nlisten = "127.0.0.1:7443"\ntrust_domain = "tabadol.example"\n'
+        'pki_dir = "pki"\ncontracts = ["c.pb"]\n'
+    )
+    for section, problem in [
+        ('[gateway]\nlisten = "127.0.0.1:7443"\n', "[gateway] listen 127.0.0.1:7443 is also"),
+        ('[gateway]\nlisten = "127.0.0.1:8443"\npublic_url = "http://x"\n', "not an https://"),
+        ('[gateway]\nlisten = "127.0.0.1:8443"\nmax_json_depth = 1000\n', "max_json_depth"),
+        ('[gateway]\nlisten = "127.0.0.1:8443"\nport = 1\n', "[gateway] port: unknown key"),
+    ]:
+        with pytest.raises(ConfigError) as refused:
+            config.parse(base + section, tmp_path / "broker.toml")
+        assert problem in str(refused.value)
+    parsed = config.parse(
+        base + '[gateway]\nlisten = "0.0.0.0:8443"\npublic_url = "https://api.example/x/"\n',
+        tmp_path / "broker.toml",
+    )
+    assert parsed.gateway is not None and parsed.gateway.public_url == "https://api.example/x"
+
+
+async def test_traceparent_carries_the_trace_into_the_ledger(exchange: GatewayExchange) -> None:
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    async with exchange.client("post") as http:
+        answer = await http.get(
+            f"/v1/people/{PERSON.national_id}",
+            params=BIRTH_QUERY,
+            headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
+        )
+    request_id = answer.headers["x-tabadol-request-id"]
+
+    def traced() -> str | None:
+        store = SqliteLedgerStore(exchange.broker.config.ledger.path, readonly=True)
+        try:
+            return next(
+                (s.record.trace_id for s in store.records() if s.record.request_id == request_id),
+                None,
+            )
+        finally:
+            store.close()
+
+    assert await eventually(lambda: traced() is not None)
+    assert traced() == trace_id
