@@ -4,7 +4,9 @@ same admission, ledger and limits."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import ssl
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,6 +14,7 @@ from random import Random
 
 import grpc
 import grpc.aio
+import httpx
 import pytest
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -25,12 +28,15 @@ from tabadol.agencies.post.v1 import address_directory_pb2 as post_pb
 from tabadol.agencies.post.v1 import address_directory_pb2_grpc as post_grpc
 from tabadol.agencies.tax.v1 import invoice_registry_pb2 as tax_pb
 from tabadol.agencies.tax.v1 import invoice_registry_pb2_grpc as tax_grpc
+from tabadol.broker import Broker
 from tabadol.client import connect
 from tabadol.demo_agencies import sample_invoice, sample_person, sample_postal_code
 from tabadol.errors import ConfigError
 from tabadol.ledger.store import SqliteLedgerStore
 from tabadol.pki import CertificateAuthority
 from tabadol.type.v1.date_pb2 import Date
+from tests.conftest import DEFAULT_GRANTS, RunningProvider, broker_toml
+from tests.support.echo import UNARY
 from tests.support.exchange import eventually
 from tests.support.gateway import GatewayExchange, gateway_exchange
 
@@ -282,15 +288,16 @@ async def test_the_ledger_records_the_protocol_each_call_came_by(
     assert "grpc" in by_id.values()
 
 
+@pytest.mark.parametrize("header", [("connect-timeout-ms", "0"), ("grpc-timeout", "1n")])
 async def test_a_deadline_header_becomes_the_providers_deadline(
-    exchange: GatewayExchange,
+    exchange: GatewayExchange, header: tuple[str, str]
 ) -> None:
     async with exchange.client("nocr") as http:
         request = post_pb.ListAddressesRequest(region=post_pb.Region(province="Tehran"))
         answer = await http.post(
             "/tabadol.agencies.post.v1.AddressDirectory/ListAddresses",
             content=envelopes(request.SerializeToString()),
-            headers={"content-type": "application/connect+proto", "connect-timeout-ms": "0"},
+            headers={"content-type": "application/connect+proto", header[0]: header[1]},
         )
     end = json.loads(unframe(answer.content)[-1][1])
     assert end["error"]["code"] == "deadline_exceeded"
@@ -370,3 +377,81 @@ async def test_traceparent_carries_the_trace_into_the_ledger(exchange: GatewayEx
 
     assert await eventually(lambda: traced() is not None)
     assert traced() == trace_id
+
+
+# -- what the provider sees ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+async def echo_gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+    pki: CertificateAuthority,
+    echo_contracts: Path,
+    echo_provider: RunningProvider,
+) -> AsyncIterator[Broker]:
+    directory = tmp_path_factory.mktemp("echo-gateway")
+    path = directory / "broker.toml"
+    path.write_text(
+        broker_toml(
+            pki_dir=pki.dir, contracts=echo_contracts, endpoints=[echo_provider.address],
+            grants=DEFAULT_GRANTS,
+        )
+        + '\n[gateway]\nlisten = "127.0.0.1:0"\n'
+    )  # fmt: skip
+    broker = Broker(config.load(path))
+    await broker.start()
+    yield broker
+    await broker.stop(0)
+
+
+@pytest.mark.parametrize(
+    ("header", "bound"), [(("connect-timeout-ms", "5000"), 5.0), (("grpc-timeout", "3S"), 3.0)]
+)
+async def test_the_provider_gets_the_callers_deadline_and_metadata_but_not_its_platform_keys(
+    echo_gateway: Broker,
+    echo_provider: RunningProvider,
+    pki: CertificateAuthority,
+    header: tuple[str, str],
+    bound: float,
+) -> None:
+    held = pki.dir / "agencies" / "post"
+    context = ssl.create_default_context(cafile=str(pki.dir / "ca.crt"))
+    context.load_cert_chain(held / "agency.crt", held / "agency.key")
+    url = f"https://localhost:{echo_gateway.gateway_port}"
+    async with httpx.AsyncClient(base_url=url, verify=context) as http:
+        answer = await http.post(
+            UNARY,
+            json={"data": "aGVsbG8="},
+            headers={
+                header[0]: header[1],
+                "x-agency-ref": "case-17",
+                "x-tabadol-consumer": "nocr",  # a lie: the broker's own value replaces it
+                "x-tabadol-grant": "forged",
+            },
+        )
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"data": "aGVsbG8="}
+    seen = echo_provider.echo.calls[-1]
+    assert seen.time_remaining is not None and 0 < seen.time_remaining <= bound
+    assert seen.metadata["x-agency-ref"] == "case-17"
+    assert seen.metadata["x-tabadol-consumer"] == "post"
+    assert seen.metadata["x-tabadol-grant"] != "forged"
+    assert seen.consumer == "post"
+
+
+async def test_one_http2_connection_carries_calls_past_a_thousand(
+    echo_gateway: Broker, pki: CertificateAuthority
+) -> None:
+    """An agency's connection lasts: no cap on the requests one connection may carry."""
+    held = pki.dir / "agencies" / "post"
+    context = ssl.create_default_context(cafile=str(pki.dir / "ca.crt"))
+    context.load_cert_chain(held / "agency.crt", held / "agency.key")
+    url = f"https://localhost:{echo_gateway.gateway_port}"
+    statuses: list[int] = []
+    async with httpx.AsyncClient(base_url=url, verify=context, http2=True) as http:
+        for _ in range(22):
+            answers = await asyncio.gather(
+                *(http.post(UNARY, json={"data": "AA=="}) for _ in range(50))
+            )
+            statuses += [a.status_code for a in answers]
+    assert statuses == [200] * 1100  # none failed as a connection closed under them

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -197,17 +198,20 @@ class GatewayApp:
             return
         if scope["type"] != "http":
             return
-        rest = not _connect_shaped(scope, _headers(scope))
+        headers = _headers(scope)
+        rest = not _connect_shaped(scope, headers)
         try:
-            await self._answer(scope, receive, send, rest)
+            await self._answer(scope, receive, send, headers, rest)
         except Exception:
             log.exception("the gateway failed on %s %s", scope["method"], _path(scope)[:200])
             await _error(send, rest, 500, Code.INTERNAL, "Tabadol gateway: internal error")
 
-    async def _answer(self, scope: Scope, receive: Receive, send: Send, rest: bool) -> None:
+    async def _answer(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], rest: bool
+    ) -> None:
         tables = self.tables()
         try:
-            call = await self._route(scope, receive, send, tables)
+            call = await self._route(scope, receive, send, headers, tables)
             if call is None:
                 await self._openapi_document(scope, send, tables)
                 return
@@ -222,7 +226,12 @@ class GatewayApp:
     # -- routing ------------------------------------------------------------------------------
 
     async def _route(
-        self, scope: Scope, receive: Receive, send: Send, tables: _Tables
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        headers: dict[str, str],
+        tables: _Tables,
     ) -> _Call | None:
         """The method a request is for, in the protocol it speaks; None for the OpenAPI
         document. Refusal (or HttpAbort from identity) when there is none."""
@@ -230,7 +239,6 @@ class GatewayApp:
         path = _path(scope)
         if verb == "GET" and path == "/openapi.json":
             return None
-        headers = _headers(scope)
         if _connect_shaped(scope, headers):
             matched = tables.routes.match(verb, path)
             if not isinstance(matched, RouteMatch):  # a REST route of that shape wins
@@ -304,7 +312,7 @@ class GatewayApp:
                     "Tabadol gateway: bidirectional streams need HTTP/2 (Connect carries them "
                     "only over HTTP/2)",
                 )
-        binding = Binding("POST", PathTemplate.parse(_template_of(method)), "*", "")
+        binding = _whole_body(_template_of(method))
         return _Call(scope, receive, send, headers, method, "connect", codec, binding, {})
 
     async def _unknown_method(self, scope: Scope, path: str, tables: _Tables) -> NoReturn:
@@ -640,6 +648,12 @@ def _connect_shaped(scope: Scope, headers: dict[str, str]) -> bool:
     return (
         scope["method"] == "POST" and "." in service and _ctype(headers).startswith("application/")
     )
+
+
+@functools.lru_cache(maxsize=4096)
+def _whole_body(template: str) -> Binding:
+    """Connect's binding: the whole body is the request (each method's template parsed once)."""
+    return Binding("POST", PathTemplate.parse(template), "*", "")
 
 
 def _template_of(method: MethodContract) -> str:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import sys
 from typing import Any
 
 import h2.events
@@ -51,6 +52,9 @@ class GatewayServer:
         self._context = context
         self._config = HypercornConfig()
         self._config.keep_alive_timeout = _KEEP_ALIVE_S
+        # Hypercorn ends a connection after 1,000 requests by default; over HTTP/2 the calls
+        # in flight on it then fail at the client. An agency's connection lasts.
+        self._config.keep_alive_max_requests = sys.maxsize
         self._config.ssl_handshake_timeout = _HANDSHAKE_S
         self._config.accesslog = None
         self._config.errorlog = log
