@@ -1,5 +1,6 @@
 """The load generator: separate processes (multiprocessing, spawn), so that it is not the
-proxy's bottleneck; grpc.aio clients sending raw bytes over mTLS.
+proxy's bottleneck; grpc.aio clients sending raw bytes over mTLS, and for the broker's HTTP
+entry httpx clients (HTTP/2) sending JSON with the same agency certificate.
 
 Each process keeps one channel (one HTTP/2 connection) per target for the whole run. For a
 measurement the parent gives every process its share of the concurrency; each warms up,
@@ -11,18 +12,23 @@ so every call counted ran inside the CPU window.
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
+import ssl
 import time
 from array import array
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection as PipeEnd
 from typing import Any
 
 import grpc
 import grpc.aio
+import httpx
 
+from bench.person_contract import METHOD as PERSON_ECHO
+from bench.person_contract import PERSON_JSON, REST_PATH, person_body, person_bytes
 from bench.targets import Endpoint, Target
 from tests.support.echo import BIDI, SERVER_STREAM, UNARY
 
@@ -33,7 +39,7 @@ CALL_TIMEOUT_S = 30.0
 class Workload:
     key: str
     title: str
-    kind: str  # unary | server_stream | bidi_pingpong | bidi_pipelined
+    kind: str  # unary | unary_record | server_stream | bidi_pingpong | bidi_pipelined
     payload_bytes: int
     messages: int = 1  # per call (server streaming) or in flight (pipelined bidi)
 
@@ -50,6 +56,13 @@ class Workload:
 WORKLOADS = (
     Workload("unary_100B", "unary, 100 B each way", "unary", 100),
     Workload("unary_64KiB", "unary, 64 KiB each way", "unary", 64 * 1024),
+    Workload(
+        "unary_json",
+        f"unary, a person record each way: {len(person_bytes())} B of protobuf over gRPC, "
+        f"{len(person_body())} B of JSON over HTTP",
+        "unary_record",
+        len(person_bytes()),
+    ),
     Workload(
         "server_stream",
         "server streaming, 100 messages of 1 KiB per call",
@@ -96,6 +109,66 @@ class Outcome:
 
 # --- In a generator process -------------------------------------------------------------------
 
+Call = Callable[[], Awaitable[int]]  # one call; returns the messages received
+# Hypercorn, the gateway's HTTP server, ends a connection after 1,000 requests by default
+# (keep_alive_max_requests), and httpx fails the requests in flight on it: each generator
+# moves to a new connection before then. One TLS handshake per 900 calls is in the figures.
+HTTP_REQUESTS_PER_CONNECTION = 900
+
+
+class HttpConnection:
+    """One HTTP/2 connection at a time, as a gRPC channel has, with the agency's
+    certificate; the broker's name is verified as the gRPC clients verify it."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.context = ssl.create_default_context(cafile=str(endpoint.ca))
+        self.context.load_cert_chain(endpoint.cert, endpoint.key)
+        self.extensions = {"sni_hostname": endpoint.server_name}
+        self._client = self._new_client()
+        self._sent = 0
+        self._in_flight: dict[httpx.AsyncClient, int] = {self._client: 0}
+        self._retired: set[httpx.AsyncClient] = set()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def _new_client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=f"https://{self.endpoint.address}",
+            verify=self.context,
+            http2=True,
+            limits=httpx.Limits(max_connections=1),
+            timeout=CALL_TIMEOUT_S,
+        )
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        if self._sent >= HTTP_REQUESTS_PER_CONNECTION:
+            self._retired.add(self._client)
+            self._client, self._sent = self._new_client(), 0
+            self._in_flight[self._client] = 0
+        client = self._client
+        self._sent += 1
+        self._in_flight[client] += 1
+        try:
+            return await client.post(url, content=body, headers=headers, extensions=self.extensions)
+        finally:
+            self._in_flight[client] -= 1
+            if client in self._retired and not self._in_flight[client]:
+                self._retired.discard(client)
+                del self._in_flight[client]
+                task = asyncio.create_task(client.aclose())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.aclose() for c in self._in_flight), *self._closing)
+
+
+Connection = grpc.aio.Channel | HttpConnection  # a target's, for the whole run
+
+
+def _connection(endpoint: Endpoint) -> Connection:
+    return _channel(endpoint) if endpoint.protocol == "grpc" else HttpConnection(endpoint)
+
 
 def _channel(endpoint: Endpoint) -> grpc.aio.Channel:
     creds = grpc.ssl_channel_credentials(
@@ -111,8 +184,21 @@ def _channel(endpoint: Endpoint) -> grpc.aio.Channel:
     )
 
 
-def _one_call(channel: grpc.aio.Channel, workload: Workload) -> Callable[[], Awaitable[int]]:
+def _one_call(connection: Connection, endpoint: Endpoint, workload: Workload) -> Call:
     """A coroutine function making one call of ``workload``; returns the messages received."""
+    if isinstance(connection, HttpConnection):
+        return _one_http_call(connection, endpoint, workload)
+    channel = connection
+    if workload.kind == "unary_record":
+        record: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(PERSON_ECHO)
+        encoded = person_bytes()
+
+        async def call_record() -> int:
+            if await record(encoded, timeout=CALL_TIMEOUT_S) != encoded:
+                raise ValueError("the echo differs from the request")
+            return 1
+
+        return call_record
     payload = b"x" * workload.payload_bytes
     if workload.kind == "unary":
         unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(UNARY)
@@ -139,10 +225,37 @@ def _one_call(channel: grpc.aio.Channel, workload: Workload) -> Callable[[], Awa
     return call_stream
 
 
-async def _calls(channel: grpc.aio.Channel, order: Order, seconds: float) -> Outcome:
+def _one_http_call(client: HttpConnection, endpoint: Endpoint, workload: Workload) -> Call:
+    """The person record as JSON, over Connect (``POST /pkg.Service/Method``, with a
+    timeout as the gRPC calls have) or its REST route; the answer must be the same record."""
+    if workload.kind != "unary_record":
+        raise ValueError(f"the HTTP entry is measured on unary_json only, not {workload.key}")
+    body = person_body()
+    if endpoint.protocol == "connect":
+        url = PERSON_ECHO
+        headers = {
+            "content-type": "application/json",
+            "connect-protocol-version": "1",
+            "connect-timeout-ms": str(int(CALL_TIMEOUT_S * 1000)),
+        }
+    else:
+        url, headers = REST_PATH, {"content-type": "application/json"}
+
+    async def call_json() -> int:
+        answer = await client.post(url, body, headers)
+        if answer.status_code != 200:
+            raise ValueError(f"HTTP {answer.status_code}: {answer.text[:200]}")
+        if json.loads(answer.content) != PERSON_JSON:
+            raise ValueError("the echo differs from the request")
+        return 1
+
+    return call_json
+
+
+async def _calls(connection: Connection, order: Order, seconds: float) -> Outcome:
     """``order.concurrency`` loops of calls, each timed, until ``seconds`` have passed."""
     outcome = Outcome()
-    one = _one_call(channel, order.workload)
+    one = _one_call(connection, order.endpoint, order.workload)
     clock = time.perf_counter
     deadline = clock() + seconds
 
@@ -152,7 +265,7 @@ async def _calls(channel: grpc.aio.Channel, order: Order, seconds: float) -> Out
                 # Not `outcome.messages += await one()`: that reads the count before the
                 # await, and the other loops' messages received meanwhile would be lost.
                 received = await one()
-            except (grpc.aio.AioRpcError, ValueError) as e:
+            except (grpc.aio.AioRpcError, httpx.HTTPError, ValueError) as e:
                 outcome.errors += 1
                 outcome.error = outcome.error or _describe(e)
                 await asyncio.sleep(0.01)  # a failing target must not turn into a spin
@@ -222,31 +335,33 @@ async def _one_stream(channel: grpc.aio.Channel, order: Order, seconds: float) -
 def _describe(error: Exception) -> str:
     if isinstance(error, grpc.aio.AioRpcError):
         return f"{error.code().name}: {error.details()}"
-    return str(error)
+    return f"{type(error).__name__}: {error}" if isinstance(error, httpx.HTTPError) else str(error)
 
 
-async def _run(channel: grpc.aio.Channel, order: Order, seconds: float) -> Outcome:
+async def _run(connection: Connection, order: Order, seconds: float) -> Outcome:
     if order.workload.one_stream:
-        return await _one_stream(channel, order, seconds)
-    return await _calls(channel, order, seconds)
+        if not isinstance(connection, grpc.aio.Channel):
+            raise ValueError(f"{order.workload.key} is a gRPC stream; the HTTP entry has none")
+        return await _one_stream(connection, order, seconds)
+    return await _calls(connection, order, seconds)
 
 
-async def _serve(conn: Connection) -> None:
-    channels: dict[Endpoint, grpc.aio.Channel] = {}
+async def _serve(conn: PipeEnd) -> None:
+    connections: dict[Endpoint, Connection] = {}
     try:
         while (order := await asyncio.to_thread(conn.recv)) is not None:
-            channel = channels.get(order.endpoint)
-            if channel is None:
-                channel = channels[order.endpoint] = _channel(order.endpoint)
-            await _run(channel, order, order.warmup_s)
+            connection = connections.get(order.endpoint)
+            if connection is None:
+                connection = connections[order.endpoint] = _connection(order.endpoint)
+            await _run(connection, order, order.warmup_s)
             conn.send("ready")
             await asyncio.to_thread(conn.recv)  # go
-            conn.send(await _run(channel, order, order.seconds))
+            conn.send(await _run(connection, order, order.seconds))
     finally:
-        await asyncio.gather(*(c.close() for c in channels.values()))
+        await asyncio.gather(*(c.close() for c in connections.values()))
 
 
-def generator_main(conn: Connection) -> None:
+def generator_main(conn: PipeEnd) -> None:
     """A generator process: runs orders from ``conn`` until it receives None."""
     asyncio.run(_serve(conn))
 
@@ -293,7 +408,7 @@ class Generators:
     def __init__(self, count: int) -> None:
         context = multiprocessing.get_context("spawn")
         self.count = count
-        self._pipes: list[Connection] = []
+        self._pipes: list[PipeEnd] = []
         self._processes = []
         for _ in range(count):
             parent, child = context.Pipe()
@@ -344,10 +459,10 @@ class Generators:
         )
 
     @staticmethod
-    async def _receive(pipe: Connection) -> Any:
+    async def _receive(pipe: PipeEnd) -> Any:
         return await asyncio.to_thread(pipe.recv)
 
-    async def _expect(self, pipe: Connection, what: str) -> None:
+    async def _expect(self, pipe: PipeEnd, what: str) -> None:
         got = await self._receive(pipe)
         if got != what:
             raise RuntimeError(f"load generator said {got!r}, expected {what!r}")

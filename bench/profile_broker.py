@@ -2,9 +2,12 @@
 
     .venv/bin/pip install py-spy      # not a project dependency
     BENCH_SECONDS=10 .venv/bin/python bench/profile_broker.py [--target bare]
+    BENCH_SECONDS=10 .venv/bin/python bench/profile_broker.py --target broker-connect
 
 Printed and written to bench/results/broker-profile.md (or bare-profile.md: the bare
-pass-through, profiled the same way for comparison): the CPU per call by area.
+pass-through, profiled the same way for comparison; broker-connect-profile.md and
+broker-rest-profile.md: the broker's HTTP entry under the person record's JSON load of
+``unary_json``): the CPU per call by area.
 Each thread's CPU comes from /proc/<pid>/task/*/stat (gRPC's C-core threads included, which
 py-spy cannot see); the span exporter, ledger writer and gRPC poller threads do one thing
 each, and the event loop thread's CPU is divided as py-spy's samples of it are (tracing,
@@ -31,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import targets  # noqa: E402
 from bench.loadgen import WORKLOADS, Generators  # noqa: E402
+from bench.report import JSON_WORKLOAD  # noqa: E402
 from bench.run import RESULTS, default_seconds  # noqa: E402
 
 RATE = 200  # samples per second
@@ -44,7 +48,15 @@ AREAS = [
     ("ledger: building and handing over the record", r"\(ledger/|ledger_record"),
     ("metrics: counters and histograms", r"prometheus_client|broker/metrics\.py"),
     ("gRPC: grpc.aio Python and the Cython it calls", r"grpc/|aio/_|cygrpc"),
+    ("gateway: JSON to and from messages (json_format, http_rules)", r"json_format|http_rules\.py|\(json/"),
     ("request path: identity, policy, route, forward, accounting", r"\(broker/|\(tabadol/|^(?!<module> |main \().*\(bare_proxy\.py"),
+]  # fmt: skip
+# The layers around them: the innermost frame in one of them decides (the gateway's
+# application runs inside Hypercorn's task, and calls Hypercorn to send its answer).
+LAYERS = [
+    ("gateway: the ASGI application (routing, headers, body)", r"\(gateway/"),
+    ("gateway: HTTP server (Hypercorn, h2, hpack, hyperframe, h11)", r"hypercorn/|\(h2/|\(hpack/|\(hyperframe/|\(h11/"),
+    ("gateway: TLS (asyncio's SSL protocol)", r"sslproto\.py|\(ssl\.py"),
     ("event loop: asyncio, and gRPC's Cython coroutines it runs", r"asyncio/|selectors\.py"),
 ]  # fmt: skip
 # The other threads do one thing each.
@@ -88,6 +100,10 @@ def area_of(stack: tuple[str, ...]) -> str:
     for name, pattern in AREAS:
         if any(re.search(pattern, frame) for frame in stack):
             return name
+    for frame in reversed(stack):
+        for name, pattern in LAYERS:
+            if re.search(pattern, frame):
+                return name
     return "other"
 
 
@@ -164,7 +180,11 @@ async def main(args: argparse.Namespace) -> str:
     py_spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     if py_spy is None:
         raise SystemExit("py-spy is not installed: .venv/bin/pip install py-spy")
-    workload = WORKLOADS[0]  # unary, 100 B
+    http = args.target in ("broker-connect", "broker-rest")
+    key = args.workload or (JSON_WORKLOAD if http else WORKLOADS[0].key)
+    if http and key != JSON_WORKLOAD:
+        raise SystemExit(f"--target {args.target} is measured on {JSON_WORKLOAD} only, not {key}")
+    workload = next(w for w in WORKLOADS if w.key == key)
     with tempfile.TemporaryDirectory(prefix="tabadol-profile-") as tmp_name:
         tmp = Path(tmp_name)
         platform = targets.Platform.create(tmp)
@@ -177,8 +197,13 @@ async def main(args: argparse.Namespace) -> str:
                 bare, target = await targets.start_bare(platform, provider_address)
                 stack.push_async_callback(bare.stop)
             else:
-                broker, target = await targets.start_broker(platform, provider_address, otlp)
+                broker, target = await targets.start_broker(
+                    platform, provider_address, otlp, gateway=http
+                )
                 stack.push_async_callback(broker.stop)
+                if http:  # the same process, called over its HTTP entry
+                    entries = targets.http_targets(platform, broker, target)
+                    target = next(t for t in entries if t.name == args.target)
             pid = target.pids[0]
             generators = Generators(2)
             stack.push_async_callback(generators.close)
@@ -222,7 +247,14 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=None, help="default: $BENCH_SECONDS")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--top", type=int, default=20, help="functions listed")
-    parser.add_argument("--target", choices=["broker", "bare"], default="broker")
+    parser.add_argument(
+        "--target", choices=["broker", "bare", "broker-connect", "broker-rest"], default="broker"
+    )
+    parser.add_argument(
+        "--workload",
+        choices=[w.key for w in WORKLOADS if not w.one_stream],
+        help=f"default: unary_100B, or {JSON_WORKLOAD} for the HTTP entry",
+    )
     parser.add_argument("--out", type=Path, help="default: bench/results/TARGET-profile.md")
     arguments = parser.parse_args()
     if arguments.seconds is None:

@@ -1,6 +1,7 @@
 """The benchmark's figures as tables (stdout and Markdown) and JSON, with the ratios that
 make them comparable across machines: to the direct call and to nginx from the same run,
-and the proxy's CPU per call to the bare pass-through's."""
+the proxy's CPU per call to the bare pass-through's, and the broker's HTTP entry's to its
+own gRPC path's."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ P99_C1_VS_BARE_MAX = 2.0
 CPU_PER_MESSAGE_VS_BARE_MAX = 1.05
 # The workloads each target is checked on, and how they are named in the checks.
 CPU_PER_CALL_WORKLOADS = {"unary_100B": "100 B", "unary_64KiB": "64 KiB"}
+# The broker's HTTP entry: the rows of its protocols on the JSON workload (information).
+JSON_WORKLOAD = "unary_json"
+JSON_PROTOCOLS = {"broker-connect": "Connect JSON", "broker-rest": "REST JSON"}
 CPU_PER_MESSAGE_WORKLOADS = {
     "server_stream": "server streaming",
     "bidi_pingpong": "bidi ping-pong",
@@ -200,6 +204,16 @@ class Run:
                 )
             )  # fmt: skip
         out.append(self._added_latency())
+        c = self.concurrency
+        for target, name in JSON_PROTOCOLS.items():
+            for base, over in (("broker", "gRPC through the same broker"), ("bare", "bare")):
+                out.append(
+                    _cpu_ratio(
+                        self, f"cpu_per_call_{target}_vs_{base}",
+                        f"CPU per unary call, person record at concurrency {c}, {name} / {over}",
+                        target, base, c,
+                    )
+                )  # fmt: skip
         return out
 
     def _concurrency(self, workload: str) -> int:
@@ -447,6 +461,28 @@ def _vs_bare(
         limit,
         stretch,
         failed=broker.errors + bare.errors,
+    )
+
+
+def _cpu_ratio(run: Run, key: str, what: str, top: str, base: str, concurrency: int) -> Check:
+    """``top``'s CPU per call on the JSON workload over ``base``'s, from ``run``: information."""
+    a, b = run.get(top, JSON_WORKLOAD, concurrency), run.get(base, JSON_WORKLOAD, concurrency)
+    x, y = _of(a, "proxy_cpu_us"), _of(b, "proxy_cpu_us")
+    if a is None or b is None or x is None or not y:
+        missing = (
+            f"no CPU per call for {top} and {base} on {JSON_WORKLOAD} at concurrency "
+            f"{concurrency} in this run"
+        )
+        return Check(key, what, None, {}, missing, limit=None)
+    ratio = x / y
+    return Check(
+        key,
+        what,
+        ratio,
+        {f"{top}_cpu_us_per_call": x, f"{base}_cpu_us_per_call": y},
+        f"{ratio:.2f}x ({top} {_show_us(x)}, {base} {_show_us(y)})",
+        limit=None,
+        failed=a.errors + b.errors,
     )
 
 

@@ -1,8 +1,10 @@
 """Tabadol's benchmark: the broker with every feature on, against calling the provider
-directly, nginx, and a bare Python pass-through, all on loopback over mTLS.
+directly, nginx, and a bare Python pass-through, all on loopback over mTLS; and the
+broker's HTTP entry (Connect JSON, REST) against its own gRPC path and the pass-through.
 
     BENCH_SECONDS=5 .venv/bin/python bench/run.py      # or: make bench
     BENCH_SECONDS=2 .venv/bin/python bench/run.py --targets bare,broker --workloads unary_100B
+    BENCH_SECONDS=2 .venv/bin/python bench/run.py --targets bare,broker --workloads unary_json
 
 Every measurement lasts BENCH_SECONDS (default 5). Prints a table per workload and the
 request path's targets, and writes latest.json and latest.md: to bench/results after a full
@@ -36,6 +38,7 @@ RESULTS = ROOT / "bench" / "results"
 PYTHON = os.path.relpath(sys.executable, ROOT)  # as the command to repeat a run shows it
 LEDGER_RECORDS_PER_SECOND = 50_000  # about one BENCH_SECOND of the ledger writer's work
 TARGETS = ("direct", "nginx", "bare", "broker", "broker-unsampled")  # in table order
+# "broker" brings its HTTP entry's rows too (broker-connect, broker-rest): the same process.
 
 
 def default_seconds() -> float:
@@ -131,9 +134,9 @@ async def start_targets(
         started.append(bare)
     broker_process: BrokerProcess | None = None
     if "broker" in names:
-        broker_process, broker = await targets.start_broker(platform, provider, otlp)
+        broker_process, broker = await targets.start_broker(platform, provider, otlp, gateway=True)
         stack.push_async_callback(broker_process.stop)
-        started.append(broker)
+        started += [broker, *targets.http_targets(platform, broker_process, broker)]
     if "broker-unsampled" in names:
         unsampled_process, unsampled = await targets.start_broker(
             platform, provider, otlp, name="broker-unsampled", sampler="always_off"
@@ -151,7 +154,9 @@ async def measure_all(run: Run, all_targets: list[Target], provider_pid: int) ->
     try:
         for workload in run.workloads:
             for target in all_targets:
-                if target.name == "broker-unsampled":  # only for the tracing comparison
+                if target.endpoint.protocol != "grpc":  # the HTTP entry: JSON unary only
+                    levels = [1, run.concurrency] if workload.kind == "unary_record" else []
+                elif target.name == "broker-unsampled":  # only for the tracing comparison
                     levels = [1, run.concurrency] if workload.key == "unary_100B" else []
                 else:
                     levels = [1] if workload.one_stream else [1, run.concurrency]

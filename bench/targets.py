@@ -1,5 +1,6 @@
 """What the load generator calls, each in its own process on loopback: the echo provider
-directly, the Tabadol broker with every feature on, nginx, and the bare Python pass-through.
+directly, the Tabadol broker with every feature on (over gRPC, and over its HTTP entry as
+Connect JSON and as a REST route), nginx, and the bare Python pass-through.
 
 Each target knows how a consumer reaches it (an ``Endpoint``) and whose CPU time is the
 proxy's (process ids, read from /proc, children included).
@@ -24,10 +25,11 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.person_contract import REST_PATH, write_contracts  # noqa: E402
+from bench.person_contract import SERVICE as PERSON_SERVICE  # noqa: E402
 from tabadol.pki import CertificateAuthority  # noqa: E402
 from tabadol.spiffe import agency_dns_name, broker_dns_name  # noqa: E402
 from tests.conftest import DEFAULT_GRANTS, TRUST_DOMAIN, broker_toml  # noqa: E402
-from tests.support.echo import write_echo_contracts  # noqa: E402
 from tests.support.load import BrokerProcess, unused_port  # noqa: E402
 from tests.support.processes import TABADOL, Process  # noqa: E402
 
@@ -59,13 +61,15 @@ def tree_cpu_seconds(pid: int) -> float:
 
 @dataclass(frozen=True)
 class Endpoint:
-    """How a consumer reaches a target: address, its own credentials and the name to verify."""
+    """How a consumer reaches a target: address, its own credentials, the name to verify,
+    and the protocol: gRPC, or the broker's HTTP entry as Connect JSON or a REST route."""
 
     address: str
     ca: Path
     cert: Path
     key: Path
     server_name: str
+    protocol: str = "grpc"  # grpc | connect | rest
 
 
 @dataclass
@@ -81,7 +85,8 @@ class Target:
 
 @dataclass(frozen=True)
 class Platform:
-    """One PKI, the echo contracts and the consumer's and broker's credentials."""
+    """One PKI, the bench's contracts (the echo and the person echo) and the consumer's and
+    broker's credentials."""
 
     dir: Path
     pki: Path
@@ -95,19 +100,20 @@ class Platform:
             ca.issue_agency(agency)
         ca.issue_person("operator", "prometheus")  # reads /metrics (BrokerProcess.metric)
         ca.issue_ops()  # the span collector's: the broker exports to it over mTLS
-        contracts = write_echo_contracts(directory / "echo.pb")
+        contracts = write_contracts(directory / "bench.pb")
         return cls(directory, ca.dir, contracts)
 
     @property
     def provider_credentials(self) -> Path:
         return self.pki / "agencies" / "echo"
 
-    def as_consumer(self, address: str) -> Endpoint:
+    def as_consumer(self, address: str, protocol: str = "grpc") -> Endpoint:
         """The agency ``post`` calling a proxy that presents the broker's certificate."""
         bundle = self.pki / "agencies" / "post"
         return Endpoint(
-            address, bundle / "ca.crt", bundle / "agency.crt", bundle / "agency.key", BROKER_NAME
-        )
+            address, bundle / "ca.crt", bundle / "agency.crt", bundle / "agency.key",
+            BROKER_NAME, protocol,
+        )  # fmt: skip
 
     def as_broker(self, address: str) -> Endpoint:
         """The broker's own certificate calling the provider: the only one it admits."""
@@ -166,6 +172,23 @@ def direct(platform: Platform, provider: str) -> Target:
 
 # --- The Tabadol broker -------------------------------------------------------------------
 
+# The person echo, served by the same provider and callable by the same consumer.
+PERSON_ENTRIES = f"""
+[[service]]
+name = "{PERSON_SERVICE}"
+provider = "echo"
+endpoints = ["{{provider}}"]
+
+[[grant]]
+consumer = "post"
+service = "{PERSON_SERVICE}"
+methods = ["*"]
+"""
+HTTP_PROTOCOLS = {
+    "connect": "Connect protocol, application/json, HTTP/2",
+    "rest": "REST route (POST {path}, JSON), HTTP/2",
+}
+
 
 async def start_broker(
     platform: Platform,
@@ -175,10 +198,12 @@ async def start_broker(
     name: str = "broker",
     sampler: str = "",
     ledger_url: str | None = None,
+    gateway: bool = False,
 ) -> tuple[BrokerProcess, Target]:
     """``tabadol broker --config`` with every feature: mTLS both legs, authorization,
     tracing exported over OTLP with mTLS (its own certificate), the ledger in batched mode and
-    /metrics. With ``ledger_url``, the ledger is on PostgreSQL (the node named ``name``)."""
+    /metrics. With ``ledger_url``, the ledger is on PostgreSQL (the node named ``name``); with
+    ``gateway``, its HTTP entry listens too (``http_targets``)."""
     directory = platform.dir / name
     directory.mkdir()
     tracing = f'otlp_endpoint = "https://{otlp}"' + (f'\nsampler = "{sampler}"' if sampler else "")
@@ -188,14 +213,35 @@ async def start_broker(
         extra_broker=f'instance = "{name}"' if ledger_url else "",
     )  # fmt: skip
     url = f'url = "{ledger_url}"\n' if ledger_url else ""
+    entry = f'\n[gateway]\nlisten = "127.0.0.1:{unused_port()}"\n' if gateway else ""
     config = directory / "broker.toml"
-    config.write_text(f'{text}\n[ledger]\npath = "ledger.db"\n{url}mode = "batched"\n')
+    config.write_text(
+        f"{text}{PERSON_ENTRIES.format(provider=provider)}{entry}\n"
+        f'[ledger]\npath = "ledger.db"\n{url}mode = "batched"\n'
+    )
     broker = await BrokerProcess.start(config, metrics_port=0)
     broker.metrics_port = await logged_metrics_port(broker)
     description = "tabadol broker: mTLS, identity, policy, tracing, ledger, metrics"
     if sampler:
         description += f" (sampler {sampler})"
     return broker, Target(name, platform.as_consumer(broker.address), description, [broker.pid])
+
+
+def http_targets(platform: Platform, broker: BrokerProcess, target: Target) -> list[Target]:
+    """The broker's HTTP entry, Connect JSON and REST: the same process as ``target``, so
+    the same CPU clocks; a row each beside its gRPC row."""
+    found = re.search(r'\[gateway\]\nlisten = "([\d.]+:\d+)"', broker.config.read_text())
+    if found is None:
+        raise RuntimeError(f"{broker.config} has no [gateway] listen: start it with gateway=True")
+    return [
+        Target(
+            f"{target.name}-{protocol}",
+            platform.as_consumer(found[1], protocol),
+            f"{target.name}'s HTTP entry: {how.format(path=REST_PATH)}",
+            target.pids,
+        )
+        for protocol, how in HTTP_PROTOCOLS.items()
+    ]
 
 
 async def logged_metrics_port(broker: BrokerProcess) -> int:
