@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tabadol.admission import NOBODY, Caller, CallFacts
 from tabadol.ledger.record import LedgerRecord
@@ -113,6 +113,7 @@ class Call:
     held: Admission = NOTHING_HELD  # against the consumer's concurrency limits
     grant: str = ""  # the id of the grant that admitted it
     upstream: Upstream | None = None  # the provider endpoint, once routed
+    provider_call: Any = None  # the call to the provider, once made (to cancel it)
     hop_started_ns: int = 0  # when the call to the provider was made
     attempts: int = 0  # calls made to the provider (an idempotent call may retry elsewhere)
     unreachable: bool = False  # the last attempt never reached a provider

@@ -53,7 +53,11 @@ async def requests_of(
     except Ending as refused:
         # The consumer's stream itself could not give the next message (the gateway could not
         # decode it): the provider call is cancelled, not half-closed, and the consumer told.
+        # Cancelled here and now: raised into gRPC's request-writing task alone, a
+        # CancelledError before the first message may still leave the call half-closed.
         call.cut(refused.code, refused.details)
+        if call.provider_call is not None:
+            call.provider_call.cancel()
         raise asyncio.CancelledError(refused.details) from None
     # The consumer's cancel reaches the handler's task a loop turn or two after the iterator
     # ends (more on a busy loop); raising here makes gRPC cancel the provider call instead

@@ -107,6 +107,7 @@ class CallsBySerial:
 
     def forwarding(self, call: Call, provider_call: Any) -> None:
         """The call to the provider is made: ending the call now means cancelling it."""
+        call.provider_call = provider_call
         held = self._held(call)
         if held is None:
             return

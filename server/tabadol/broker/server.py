@@ -346,7 +346,12 @@ class Broker:
             openapi=self.openapi,
         )
         try:
-            self.gateway = GatewayServer(app, settings.listen, tls_context(self.credentials))
+            self.gateway = GatewayServer(
+                app,
+                settings.listen,
+                tls_context(self.credentials),
+                self.config.broker.max_concurrent_streams,
+            )
             await self.gateway.start(reuse_port=worker_slot() is not None)
         except ConfigError as e:
             await self._abandon()

@@ -75,6 +75,15 @@ _NOT_METADATA_PREFIXES = ("connect-", "grpc-", "sec-", "x-forwarded-", "proxy-",
 _METADATA_KEY = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
 
 
+# gRPC's default limit on a call's metadata (grpc.max_metadata_size): more would fail at the
+# provider's door, with gRPC's own message, after admission.
+MAX_METADATA_BYTES = 8192
+
+
+class MetadataTooLarge(ValueError):
+    """The headers that would become metadata are over what a call may carry."""
+
+
 class Refusal(Exception):
     """An HTTP request refused before it reached the request path."""
 
@@ -239,6 +248,9 @@ class GatewayApp:
         path = _path(scope)
         if verb == "GET" and path == "/openapi.json":
             return None
+        # Who asks comes before anything about the request: an unproven, revoked or undeclared
+        # caller learns nothing of which routes, methods or message shapes exist.
+        await _declared(tables.proxy, scope, f"{verb} {path[:200]}")
         if _connect_shaped(scope, headers):
             matched = tables.routes.match(verb, path)
             if not isinstance(matched, RouteMatch):  # a REST route of that shape wins
@@ -248,8 +260,6 @@ class GatewayApp:
                 return self._connect(scope, receive, send, headers, method, _ctype(headers))
         matched = tables.routes.match(verb, path)
         if isinstance(matched, RouteMiss):
-            # Said only to a declared agency: the routes are nobody else's business.
-            await _declared(tables.proxy, scope, f"{verb} {path[:200]}")
             raise Refusal(matched.status, _code_of_status(matched.status), matched.message)
         method = tables.proxy.contracts.method(matched.method_path)
         if method is None:  # the routes are built from the same contracts
@@ -359,6 +369,8 @@ class _Exchange:
                 call.headers.get("connect-timeout-ms"), call.headers.get("grpc-timeout")
             )
             metadata = _metadata(call.scope)
+        except MetadataTooLarge as e:
+            raise Refusal(431, Code.RESOURCE_EXHAUSTED, f"Tabadol gateway: {e}") from None
         except ValueError as e:
             raise Refusal(400, Code.INVALID_ARGUMENT, f"Tabadol gateway: {e}") from None
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -407,6 +419,7 @@ class _Exchange:
             size += len(chunk)
             if size > limit:
                 self.too_large = True
+                await self._drain(message, 4 * limit)
                 raise Ending(
                     Code.RESOURCE_EXHAUSTED,
                     f"Tabadol gateway: the request body is over the limit of {limit} bytes",
@@ -417,6 +430,16 @@ class _Exchange:
         body = b"".join(chunks)
         encoding = self.call.headers.get("content-encoding", "identity").lower()
         return self._decompressed(body, encoding, "Content-Encoding")
+
+    async def _drain(self, message: dict[str, Any], most: int) -> None:
+        """Read and drop the rest of a body refused for its size, up to ``most`` bytes: over
+        HTTP/1.1 a client still sending would otherwise get a reset, not the answer."""
+        dropped = 0
+        while message.get("more_body", False) and dropped <= most:
+            message = await self.call.receive()
+            if message["type"] == "http.disconnect":
+                return
+            dropped += len(message.get("body", b""))
 
     def _decompressed(self, data: bytes, encoding: str, header: str) -> bytes:
         if encoding in ("identity", ""):
@@ -452,7 +475,12 @@ class _Exchange:
             frames.finish()
         except wire.EnvelopeError as e:
             raise Ending(Code.INVALID_ARGUMENT, f"Tabadol gateway: {e}") from None
-        if len(messages) != 1 or messages[0][0] & wire.ENVELOPE_END_STREAM:
+        if any(flags & wire.ENVELOPE_END_STREAM for flags, _ in messages):
+            raise Ending(
+                Code.INVALID_ARGUMENT,
+                "Tabadol gateway: a request stream may not send end-of-stream",
+            )
+        if len(messages) != 1:
             raise Ending(
                 Code.INVALID_ARGUMENT,
                 f"Tabadol gateway: {self.call.method.path} takes one request message; "
@@ -696,10 +724,17 @@ def _metadata(scope: Scope) -> Metadata:
     (``x-tabadol-*`` is dropped later, as on the gRPC side). ValueError names a header
     that metadata cannot carry."""
     kept: list[tuple[str, str | bytes]] = []
+    size = 0
     for raw_key, raw_value in scope["headers"]:
         key = raw_key.decode("latin-1").lower()
         if key in _NOT_METADATA or key.startswith(_NOT_METADATA_PREFIXES):
             continue
+        size += len(raw_key) + len(raw_value) + 32  # as HPACK counts an entry
+        if size > MAX_METADATA_BYTES:
+            raise MetadataTooLarge(
+                f"the request's headers carry more than the {MAX_METADATA_BYTES} bytes of "
+                "metadata a call may take to its provider"
+            )
         if not key or not set(key) <= _METADATA_KEY:
             raise ValueError(f"header {key[:60]!r} is not a valid metadata key")
         value = raw_value.decode("latin-1")

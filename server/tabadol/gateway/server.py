@@ -10,7 +10,6 @@ CA: as on the gRPC port, nobody unauthenticated gets as far as HTTP.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 import sys
@@ -33,6 +32,7 @@ log = logging.getLogger("tabadol.gateway")
 
 _HANDSHAKE_S = 10.0
 _KEEP_ALIVE_S = 60.0
+_CUT_S = 1.0  # how long a connection cut at stop may take to end
 
 
 def tls_context(credentials: BrokerCredentials) -> ssl.SSLContext:
@@ -46,7 +46,9 @@ def tls_context(credentials: BrokerCredentials) -> ssl.SSLContext:
 class GatewayServer:
     """Serves an ASGI application on ``listen`` until stopped."""
 
-    def __init__(self, app: Any, listen: str, context: ssl.SSLContext) -> None:
+    def __init__(
+        self, app: Any, listen: str, context: ssl.SSLContext, max_concurrent_streams: int
+    ) -> None:
         self._app = ASGIWrapper(app)
         self._listen = listen
         self._context = context
@@ -58,9 +60,11 @@ class GatewayServer:
         self._config.ssl_handshake_timeout = _HANDSHAKE_S
         self._config.accesslog = None
         self._config.errorlog = log
+        # As on the gRPC port ([broker] max_concurrent_streams): calls at once per connection.
+        self._config.h2_max_concurrent_streams = max_concurrent_streams
         self._worker = WorkerContext(None)
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self.port = 0
 
     async def start(self, reuse_port: bool = False) -> None:
@@ -89,18 +93,21 @@ class GatewayServer:
     async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._connections.add(task)
+        self._connections[task] = writer
         try:
             tls = tls_extension(writer.transport)
             app: Any = self._app if tls is None else _WithTls(self._app, tls)
             server = TCPServer(
                 app, asyncio.get_running_loop(), self._config, self._worker, {}, reader, writer
             )
-            await server.run()
+            try:
+                await server.run()
+            except* OSError as broken:  # a client that broke off (TLS or TCP): not an error
+                log.debug("a gateway connection broke off: %s", broken.exceptions[0])
         except asyncio.CancelledError:
             pass  # cut at the end of the grace period: the connection is closed
         finally:
-            self._connections.discard(task)
+            self._connections.pop(task, None)
 
     async def stop(self, grace: float) -> None:
         """Stop listening; let requests under way finish within ``grace``, then cut them."""
@@ -110,13 +117,14 @@ class GatewayServer:
         await self._worker.terminated.set()
         if self._connections:
             _, pending = await asyncio.wait(list(self._connections), timeout=grace)
+            for task in pending:  # Hypercorn sees the connection gone and ends its requests
+                self._connections[task].transport.abort()
+            if pending:
+                _, pending = await asyncio.wait(pending, timeout=_CUT_S)
             for task in pending:
                 task.cancel()
-            for task in pending:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._server.wait_closed(), 1.0)
+            if pending:  # bounded, and the caller's own cancellation is not swallowed
+                await asyncio.wait(pending, timeout=_CUT_S)
         self._server = None
 
 

@@ -130,6 +130,9 @@ def gunzip(data: bytes, limit: int) -> bytes:
     return out
 
 
+# Connect's largest timeout (10 digits of milliseconds, about 115 days); a longer one, which
+# grpc-timeout can say, is held to it (gRPC's own deadline arithmetic overflows past it).
+MAX_TIMEOUT_S = 9_999_999_999 / 1000
 _TIMEOUT_MS = re.compile(r"[0-9]{1,10}")
 _GRPC_TIMEOUT = re.compile(r"([0-9]{1,8})([HMSmun])")
 _GRPC_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
@@ -152,7 +155,7 @@ def timeout_seconds(connect_timeout_ms: str | None, grpc_timeout: str | None) ->
                 f"grpc-timeout {grpc_timeout[:40]!r} is not a gRPC timeout (up to 8 digits "
                 "and a unit: H, M, S, m, u or n)"
             )
-        return int(matched[1]) * _GRPC_UNITS[matched[2]]
+        return min(int(matched[1]) * _GRPC_UNITS[matched[2]], MAX_TIMEOUT_S)
     return None
 
 
