@@ -21,6 +21,10 @@ CHECK_KEYS = [
     "cpu_per_message_bidi_pingpong",
     "cpu_per_message_bidi_pipelined",
     "added_p50_c1_unary_100B",
+    "cpu_per_call_broker-connect_vs_broker",
+    "cpu_per_call_broker-connect_vs_bare",
+    "cpu_per_call_broker-rest_vs_broker",
+    "cpu_per_call_broker-rest_vs_bare",
 ]
 MESSAGES_PER_STREAM_CALL = next(w.messages for w in WORKLOADS if w.key == "server_stream")
 
@@ -307,3 +311,23 @@ def test_a_misspelt_choice_is_refused_before_anything_starts(argv: list[str], sa
     with pytest.raises(SystemExit) as refused:
         bench_run.arguments(["--seconds", "1", *argv])
     assert str(refused.value).startswith(says)
+
+
+def test_the_json_path_is_compared_with_grpc_through_the_same_broker_and_with_bare() -> None:
+    run = make_run(
+        *(
+            measurement(target, "unary_json", CONCURRENCY, cpu_us=cpu)
+            for target, cpu in (
+                ("bare", 100.0), ("broker", 120.0), ("broker-connect", 300.0),
+                ("broker-rest", 280.0),
+            )
+        )
+    )  # fmt: skip
+    connect_vs_grpc = check(run, "cpu_per_call_broker-connect_vs_broker")
+    assert connect_vs_grpc.value == pytest.approx(2.5)
+    assert connect_vs_grpc.figures == {
+        "broker-connect_cpu_us_per_call": 300.0,
+        "broker_cpu_us_per_call": 120.0,
+    }
+    assert check(run, "cpu_per_call_broker-rest_vs_bare").value == pytest.approx(2.8)
+    assert check(full_run(), "cpu_per_call_broker-rest_vs_bare").value is None  # not measured

@@ -7,77 +7,48 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
-from random import Random
 
-import grpc
-import grpc.aio
 import httpx
 import pytest
 from google.protobuf import json_format
-from google.protobuf.message import Message
 
 from tabadol import config
 from tabadol.agencies.cra.v1 import mobile_ownership_pb2 as cra_pb
-from tabadol.agencies.cra.v1 import mobile_ownership_pb2_grpc as cra_grpc
 from tabadol.agencies.nocr.v1 import person_registry_pb2 as nocr_pb
-from tabadol.agencies.nocr.v1 import person_registry_pb2_grpc as nocr_grpc
 from tabadol.agencies.post.v1 import address_directory_pb2 as post_pb
 from tabadol.agencies.post.v1 import address_directory_pb2_grpc as post_grpc
 from tabadol.agencies.tax.v1 import invoice_registry_pb2 as tax_pb
-from tabadol.agencies.tax.v1 import invoice_registry_pb2_grpc as tax_grpc
 from tabadol.broker import Broker
-from tabadol.client import connect
-from tabadol.demo_agencies import sample_invoice, sample_person, sample_postal_code
 from tabadol.errors import ConfigError
 from tabadol.ledger.store import SqliteLedgerStore
 from tabadol.pki import CertificateAuthority
-from tabadol.type.v1.date_pb2 import Date
-from tests.conftest import DEFAULT_GRANTS, RunningProvider, broker_toml
+from tests.conftest import RunningProvider
 from tests.support.echo import UNARY
 from tests.support.exchange import eventually
-from tests.support.gateway import GatewayExchange, gateway_exchange
+from tests.support.gateway import (
+    BIRTH,
+    BIRTH_QUERY,
+    INQUIRY,
+    INVOICES,
+    MOBILE_MATCH,
+    PERSON,
+    POSTAL_CODE,
+    GatewayExchange,
+    as_json,
+    envelopes,
+    grpc_channel,
+    inquire_person_over_grpc,
+    list_addresses_over_grpc,
+    match_mobile_over_grpc,
+    running_echo_gateway,
+    submit_invoices_over_grpc,
+    unframe,
+)
+from tests.support.gateway import exchange as exchange  # a fixture: the alias keeps it
 
-PERSON = sample_person(Random(7))
-BIRTH = Date(year=PERSON.birth_date.year, month=PERSON.birth_date.month, day=PERSON.birth_date.day)
-BIRTH_QUERY = {
-    "birth_date.year": PERSON.birth_date.year,
-    "birth_date.month": PERSON.birth_date.month,
-    "birth_date.day": PERSON.birth_date.day,
-}
-POSTAL_CODE = sample_postal_code(Random(7))
 INQUIRE = "/tabadol.agencies.nocr.v1.PersonRegistry/InquirePerson"
-
-
-@pytest.fixture(scope="module")
-async def exchange(
-    tmp_path_factory: pytest.TempPathFactory, pki: CertificateAuthority
-) -> AsyncIterator[GatewayExchange]:
-    async with gateway_exchange(tmp_path_factory.mktemp("gateway"), pki) as running:
-        yield running
-
-
-def grpc_channel(exchange: GatewayExchange, agency: str) -> grpc.aio.Channel:
-    return connect(exchange.grpc_address, exchange.credentials(agency))
-
-
-def as_json(message: Message) -> dict[str, object]:
-    return json_format.MessageToDict(message)
-
-
-def envelopes(*messages: bytes, flags: int = 0) -> bytes:
-    return b"".join(struct.pack(">BI", flags, len(m)) + m for m in messages)
-
-
-def unframe(body: bytes) -> list[tuple[int, bytes]]:
-    frames = []
-    while body:
-        flags, length = struct.unpack(">BI", body[:5])
-        frames.append((flags, body[5 : 5 + length]))
-        body = body[5 + length :]
-    return frames
 
 
 # -- every demo method, both ways, answered as over gRPC ------------------------------------
@@ -85,10 +56,7 @@ def unframe(body: bytes) -> list[tuple[int, bytes]]:
 
 @pytest.mark.parametrize("http2", [False, True], ids=["http1.1", "http2"])
 async def test_rest_get_person_is_the_grpc_answer(exchange: GatewayExchange, http2: bool) -> None:
-    async with grpc_channel(exchange, "post") as channel:
-        expected = await nocr_grpc.PersonRegistryStub(channel).InquirePerson(
-            nocr_pb.InquirePersonRequest(national_id=PERSON.national_id, birth_date=BIRTH)
-        )
+    expected = await inquire_person_over_grpc(exchange, "post")
     async with exchange.client("post", http2=http2) as http:
         answer = await http.get(f"/v1/people/{PERSON.national_id}", params=BIRTH_QUERY)
     assert answer.status_code == 200, answer.text
@@ -111,18 +79,16 @@ async def test_rest_additional_binding_posts_the_whole_request(exchange: Gateway
 async def test_connect_unary_json_and_binary_are_the_grpc_answer(
     exchange: GatewayExchange, http2: bool
 ) -> None:
-    request = nocr_pb.InquirePersonRequest(national_id=PERSON.national_id, birth_date=BIRTH)
-    async with grpc_channel(exchange, "post") as channel:
-        expected = await nocr_grpc.PersonRegistryStub(channel).InquirePerson(request)
+    expected = await inquire_person_over_grpc(exchange, "post")
     async with exchange.client("post", http2=http2) as http:
         as_text = await http.post(
             INQUIRE,
-            content=json_format.MessageToJson(request),
+            content=json_format.MessageToJson(INQUIRY),
             headers={"content-type": "application/json", "connect-protocol-version": "1"},
         )
         as_bytes = await http.post(
             INQUIRE,
-            content=request.SerializeToString(),
+            content=INQUIRY.SerializeToString(),
             headers={"content-type": "application/proto", "connect-protocol-version": "1"},
         )
     assert as_text.status_code == 200, as_text.text
@@ -133,17 +99,16 @@ async def test_connect_unary_json_and_binary_are_the_grpc_answer(
 
 
 async def test_postal_code_lookup_and_mobile_match_both_ways(exchange: GatewayExchange) -> None:
-    match = cra_pb.MatchMobileRequest(national_id=PERSON.national_id, mobile=PERSON.mobile)
     async with grpc_channel(exchange, "tax") as channel:
         address = await post_grpc.AddressDirectoryStub(channel).LookupPostalCode(
             post_pb.LookupPostalCodeRequest(postal_code=POSTAL_CODE)
         )
-        matched = await cra_grpc.MobileOwnershipStub(channel).MatchMobile(match)
+    matched = await match_mobile_over_grpc(exchange, "tax")
     async with exchange.client("tax") as http:
         rest_address = await http.get(f"/v1/postal-codes/{POSTAL_CODE}")
-        rest_match = await http.post("/v1/mobile-ownership:match", json=as_json(match))
+        rest_match = await http.post("/v1/mobile-ownership:match", json=as_json(MOBILE_MATCH))
         connect_match = await http.post(
-            "/tabadol.agencies.cra.v1.MobileOwnership/MatchMobile", json=as_json(match)
+            "/tabadol.agencies.cra.v1.MobileOwnership/MatchMobile", json=as_json(MOBILE_MATCH)
         )
     assert rest_address.json() == as_json(address)
     assert rest_match.json() == as_json(matched) == connect_match.json()
@@ -153,21 +118,12 @@ async def test_postal_code_lookup_and_mobile_match_both_ways(exchange: GatewayEx
 async def test_a_server_stream_as_ndjson_and_as_connect_envelopes(
     exchange: GatewayExchange,
 ) -> None:
-    async with grpc_channel(exchange, "nocr") as channel:
-        first = await post_grpc.AddressDirectoryStub(channel).LookupPostalCode(
-            post_pb.LookupPostalCodeRequest(postal_code=POSTAL_CODE)
-        )
-        request = post_pb.ListAddressesRequest(
-            region=post_pb.Region(province=first.province, city=first.city), max_results=5
-        )
-        expected = [
-            as_json(a) async for a in post_grpc.AddressDirectoryStub(channel).ListAddresses(request)
-        ]
+    request, expected = await list_addresses_over_grpc(exchange, "nocr")
     assert len(expected) == 5
     async with exchange.client("nocr") as http:
         lines = await http.get(
-            f"/v1/provinces/{first.province}/addresses",
-            params={"region.city": first.city, "max_results": 5},
+            f"/v1/provinces/{request.region.province}/addresses",
+            params={"region.city": request.region.city, "max_results": 5},
         )
         enveloped = await http.post(
             "/tabadol.agencies.post.v1.AddressDirectory/ListAddresses",
@@ -183,13 +139,11 @@ async def test_a_server_stream_as_ndjson_and_as_connect_envelopes(
 
 
 async def test_a_client_stream_over_connect_http2(exchange: GatewayExchange) -> None:
-    invoices = [sample_invoice(Random(n)) for n in range(3)]
-    async with grpc_channel(exchange, "post") as channel:
-        expected = await tax_grpc.InvoiceRegistryStub(channel).SubmitInvoices(iter(invoices))
+    expected = await submit_invoices_over_grpc(exchange, "post")
     async with exchange.client("post", http2=True) as http:
         answer = await http.post(
             "/tabadol.agencies.tax.v1.InvoiceRegistry/SubmitInvoices",
-            content=envelopes(*(json_format.MessageToJson(i).encode() for i in invoices)),
+            content=envelopes(*(json_format.MessageToJson(i).encode() for i in INVOICES)),
             headers={"content-type": "application/connect+json"},
         )
     assert answer.status_code == 200
@@ -268,10 +222,7 @@ async def test_the_ledger_records_the_protocol_each_call_came_by(
         connect_ = await http.post(
             INQUIRE, json={"nationalId": PERSON.national_id, "birthDate": as_json(BIRTH)}
         )
-    async with grpc_channel(exchange, "post") as channel:
-        await nocr_grpc.PersonRegistryStub(channel).InquirePerson(
-            nocr_pb.InquirePersonRequest(national_id=PERSON.national_id, birth_date=BIRTH)
-        )
+    await inquire_person_over_grpc(exchange, "post")
     ids = {rest.headers["x-tabadol-request-id"]: "rest"}
     ids[connect_.headers["trailer-x-tabadol-request-id"]] = "connect"
 
@@ -390,18 +341,10 @@ async def echo_gateway(
     echo_provider: RunningProvider,
 ) -> AsyncIterator[Broker]:
     directory = tmp_path_factory.mktemp("echo-gateway")
-    path = directory / "broker.toml"
-    path.write_text(
-        broker_toml(
-            pki_dir=pki.dir, contracts=echo_contracts, endpoints=[echo_provider.address],
-            grants=DEFAULT_GRANTS,
-        )
-        + '\n[gateway]\nlisten = "127.0.0.1:0"\n'
-    )  # fmt: skip
-    broker = Broker(config.load(path))
-    await broker.start()
-    yield broker
-    await broker.stop(0)
+    async with running_echo_gateway(
+        directory, pki.dir, echo_contracts, echo_provider.address
+    ) as broker:
+        yield broker
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,6 @@ import json
 import shutil
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from random import Random
 from typing import Any
 from urllib.parse import quote
 
@@ -28,51 +27,33 @@ from google.protobuf.message_factory import GetMessageClass
 from pyqwest import Client, HTTPTransport, HTTPVersion
 
 from tabadol.agencies.cra.v1 import mobile_ownership_pb2 as cra_pb
-from tabadol.agencies.cra.v1 import mobile_ownership_pb2_grpc as cra_grpc
 from tabadol.agencies.nocr.v1 import person_registry_pb2 as nocr_pb
-from tabadol.agencies.nocr.v1 import person_registry_pb2_grpc as nocr_grpc
 from tabadol.agencies.post.v1 import address_directory_pb2 as post_pb
 from tabadol.agencies.post.v1 import address_directory_pb2_grpc as post_grpc
 from tabadol.agencies.tax.v1 import invoice_registry_pb2 as tax_pb
-from tabadol.agencies.tax.v1 import invoice_registry_pb2_grpc as tax_grpc
-from tabadol.client import connect
-from tabadol.demo_agencies import sample_invoice, sample_person, sample_postal_code
-from tabadol.pki import CertificateAuthority
-from tabadol.type.v1.date_pb2 import Date
-from tests.support.gateway import GatewayExchange, gateway_exchange
-
-PERSON = sample_person(Random(7))
-BIRTH = Date(year=PERSON.birth_date.year, month=PERSON.birth_date.month, day=PERSON.birth_date.day)
-INQUIRY = nocr_pb.InquirePersonRequest(national_id=PERSON.national_id, birth_date=BIRTH)
-# A real national id with the wrong birth date: the registry's NOT_FOUND.
-UNKNOWN = nocr_pb.InquirePersonRequest(
-    national_id=PERSON.national_id, birth_date=Date(year=BIRTH.year - 1, month=1, day=1)
+from tests.support.gateway import (
+    INQUIRY,
+    INVOICES,
+    MOBILE_MATCH,
+    PERSON,
+    POSTAL_CODE,
+    UNKNOWN,
+    VERIFY_QUERIES,
+    GatewayExchange,
+    as_json,
+    grpc_channel,
+    inquire_person_over_grpc,
+    list_addresses_over_grpc,
+    match_mobile_over_grpc,
+    submit_invoices_over_grpc,
+    unknown_person_over_grpc,
+    verify_people_over_grpc,
 )
-POSTAL_CODE = sample_postal_code(Random(7))
+from tests.support.gateway import exchange as exchange  # a fixture: the alias keeps it
+
 PERSON_REGISTRY = nocr_pb.DESCRIPTOR.services_by_name["PersonRegistry"]
 ADDRESS_DIRECTORY = post_pb.DESCRIPTOR.services_by_name["AddressDirectory"]
 INVOICE_REGISTRY = tax_pb.DESCRIPTOR.services_by_name["InvoiceRegistry"]
-
-
-@pytest.fixture(scope="module")
-async def exchange(
-    tmp_path_factory: pytest.TempPathFactory, pki: CertificateAuthority
-) -> AsyncIterator[GatewayExchange]:
-    async with gateway_exchange(tmp_path_factory.mktemp("gateway-clients"), pki) as running:
-        yield running
-
-
-def grpc_channel(exchange: GatewayExchange, agency: str) -> grpc.aio.Channel:
-    return connect(exchange.grpc_address, exchange.credentials(agency))
-
-
-def as_json(message: Message) -> dict[str, object]:
-    return json_format.MessageToDict(message)
-
-
-def https_url(exchange: GatewayExchange) -> str:
-    """The gateway by the name in the broker's certificate, so that clients verify it."""
-    return f"https://localhost:{exchange.broker.gateway_port}"
 
 
 # -- the connectrpc package's client --------------------------------------------------------
@@ -139,7 +120,7 @@ async def connect_client(
             timeout=30,
         ) as transport,
         ConnectClient(
-            https_url(exchange), codec=GoogleProtobufCodec(codec), http_client=Client(transport)
+            exchange.named_url, codec=GoogleProtobufCodec(codec), http_client=Client(transport)
         ) as client,
     ):
         yield client
@@ -155,8 +136,7 @@ async def each(messages: Iterable[Message]) -> AsyncIterator[Message]:
 async def test_connectrpc_unary_is_the_grpc_answer(
     exchange: GatewayExchange, codec: str, http2: bool
 ) -> None:
-    async with grpc_channel(exchange, "post") as channel:
-        expected = await nocr_grpc.PersonRegistryStub(channel).InquirePerson(INQUIRY)
+    expected = await inquire_person_over_grpc(exchange, "post")
     async with connect_client(exchange, "post", codec, http2=http2) as client:
         answer = await client.execute_unary(
             request=INQUIRY, method=method_info(PERSON_REGISTRY, "InquirePerson")
@@ -169,13 +149,11 @@ async def test_connectrpc_unary_is_the_grpc_answer(
 async def test_connectrpc_unary_of_another_agency_is_the_grpc_answer(
     exchange: GatewayExchange,
 ) -> None:
-    match = cra_pb.MatchMobileRequest(national_id=PERSON.national_id, mobile=PERSON.mobile)
     mobile_ownership = cra_pb.DESCRIPTOR.services_by_name["MobileOwnership"]
-    async with grpc_channel(exchange, "tax") as channel:
-        expected = await cra_grpc.MobileOwnershipStub(channel).MatchMobile(match)
+    expected = await match_mobile_over_grpc(exchange, "tax")
     async with connect_client(exchange, "tax", "json") as client:
         answer = await client.execute_unary(
-            request=match, method=method_info(mobile_ownership, "MatchMobile")
+            request=MOBILE_MATCH, method=method_info(mobile_ownership, "MatchMobile")
         )
     assert as_json(answer) == as_json(expected)
     assert answer.result == cra_pb.MATCH_RESULT_MATCH
@@ -185,15 +163,7 @@ async def test_connectrpc_unary_of_another_agency_is_the_grpc_answer(
 async def test_connectrpc_server_stream_is_the_grpc_answer(
     exchange: GatewayExchange, codec: str
 ) -> None:
-    async with grpc_channel(exchange, "nocr") as channel:
-        directory = post_grpc.AddressDirectoryStub(channel)
-        first = await directory.LookupPostalCode(
-            post_pb.LookupPostalCodeRequest(postal_code=POSTAL_CODE)
-        )
-        request = post_pb.ListAddressesRequest(
-            region=post_pb.Region(province=first.province, city=first.city), max_results=5
-        )
-        expected = [as_json(a) async for a in directory.ListAddresses(request)]
+    request, expected = await list_addresses_over_grpc(exchange, "nocr")
     assert len(expected) == 5
     async with connect_client(exchange, "nocr", codec) as client:
         answers = [
@@ -206,12 +176,10 @@ async def test_connectrpc_server_stream_is_the_grpc_answer(
 
 
 async def test_connectrpc_client_stream_is_the_grpc_answer(exchange: GatewayExchange) -> None:
-    invoices = [sample_invoice(Random(n)) for n in range(3)]
-    async with grpc_channel(exchange, "post") as channel:
-        expected = await tax_grpc.InvoiceRegistryStub(channel).SubmitInvoices(iter(invoices))
+    expected = await submit_invoices_over_grpc(exchange, "post")
     async with connect_client(exchange, "post") as client:
         receipt = await client.execute_client_stream(
-            request=each(invoices), method=method_info(INVOICE_REGISTRY, "SubmitInvoices")
+            request=each(INVOICES), method=method_info(INVOICE_REGISTRY, "SubmitInvoices")
         )
     assert isinstance(receipt, tax_pb.SubmissionReceipt)
     assert receipt.receipt_id and receipt.receipt_id != expected.receipt_id  # one per submission
@@ -225,22 +193,7 @@ async def test_connectrpc_bidi_stream_answers_each_query_as_it_comes(
 ) -> None:
     """The next query is sent only once the previous one is answered: the gateway relays
     each message as it arrives, in both directions, over one HTTP/2 stream."""
-    queries = [
-        nocr_pb.VerifyPersonRequest(
-            reference="0", national_id=PERSON.national_id, birth_date=BIRTH
-        ),
-        nocr_pb.VerifyPersonRequest(
-            reference="1", national_id=UNKNOWN.national_id, birth_date=UNKNOWN.birth_date
-        ),
-        nocr_pb.VerifyPersonRequest(
-            reference="2", national_id=PERSON.national_id, birth_date=BIRTH, first_name="Nobody"
-        ),
-    ]
-    async with grpc_channel(exchange, "tax") as channel:
-        expected = [
-            as_json(r)
-            async for r in nocr_grpc.PersonRegistryStub(channel).VerifyPeople(iter(queries))
-        ]
+    expected = await verify_people_over_grpc(exchange, "tax")
     outbox: asyncio.Queue[nocr_pb.VerifyPersonRequest | None] = asyncio.Queue()
 
     async def requests() -> AsyncIterator[nocr_pb.VerifyPersonRequest]:
@@ -248,14 +201,15 @@ async def test_connectrpc_bidi_stream_answers_each_query_as_it_comes(
             yield query
 
     answers = []
-    outbox.put_nowait(queries[0])
+    outbox.put_nowait(VERIFY_QUERIES[0])
     async with connect_client(exchange, "tax") as client:
         async with asyncio.timeout(30):  # a bound: a buffered stream would wait forever
             async for result in client.execute_bidi_stream(
                 request=requests(), method=method_info(PERSON_REGISTRY, "VerifyPeople")
             ):
                 answers.append(as_json(result))
-                outbox.put_nowait(queries[len(answers)] if len(answers) < len(queries) else None)
+                more = len(answers) < len(VERIFY_QUERIES)
+                outbox.put_nowait(VERIFY_QUERIES[len(answers)] if more else None)
     assert answers == expected
     assert [a["verdict"] for a in answers] == [
         "VERDICT_MATCH",
@@ -268,17 +222,15 @@ async def test_connectrpc_bidi_stream_answers_each_query_as_it_comes(
 async def test_connectrpc_raises_the_providers_not_found_with_the_brokers_message(
     exchange: GatewayExchange, codec: str
 ) -> None:
-    async with grpc_channel(exchange, "post") as channel:
-        with pytest.raises(grpc.aio.AioRpcError) as over_grpc:
-            await nocr_grpc.PersonRegistryStub(channel).InquirePerson(UNKNOWN)
-    assert over_grpc.value.code() == grpc.StatusCode.NOT_FOUND
+    over_grpc = await unknown_person_over_grpc(exchange, "post")
+    assert over_grpc.code() == grpc.StatusCode.NOT_FOUND
     async with connect_client(exchange, "post", codec) as client:
         with pytest.raises(ConnectError) as over_connect:
             await client.execute_unary(
                 request=UNKNOWN, method=method_info(PERSON_REGISTRY, "InquirePerson")
             )
     assert over_connect.value.code is ConnectCode.NOT_FOUND
-    assert over_connect.value.message == over_grpc.value.details()
+    assert over_connect.value.message == over_grpc.details()
     assert PERSON.national_id in over_connect.value.message
 
 
@@ -371,15 +323,14 @@ async def curl(exchange: GatewayExchange, agency: str, *args: str, url: str = ""
 def people_url(exchange: GatewayExchange, request: nocr_pb.InquirePersonRequest) -> str:
     date = request.birth_date
     return (
-        f"{https_url(exchange)}/v1/people/{request.national_id}"
+        f"{exchange.named_url}/v1/people/{request.national_id}"
         f"?birth_date.year={date.year}&birth_date.month={date.month}&birth_date.day={date.day}"
     )
 
 
 @pytest.mark.parametrize("version", ["--http2", "--http1.1"])
 async def test_curl_get_is_the_grpc_answer(exchange: GatewayExchange, version: str) -> None:
-    async with grpc_channel(exchange, "post") as channel:
-        expected = await nocr_grpc.PersonRegistryStub(channel).InquirePerson(INQUIRY)
+    expected = await inquire_person_over_grpc(exchange, "post")
     run = await curl(exchange, "post", version, url=people_url(exchange, INQUIRY))
     assert run.exit_code == 0, run.stderr
     assert run.status == 200, run.body
@@ -389,38 +340,28 @@ async def test_curl_get_is_the_grpc_answer(exchange: GatewayExchange, version: s
 
 
 async def test_curl_posts_a_json_body(exchange: GatewayExchange) -> None:
-    match = cra_pb.MatchMobileRequest(national_id=PERSON.national_id, mobile=PERSON.mobile)
-    async with grpc_channel(exchange, "tax") as channel:
-        expected = await cra_grpc.MobileOwnershipStub(channel).MatchMobile(match)
+    expected = await match_mobile_over_grpc(exchange, "tax")
     run = await curl(
         exchange,
         "tax",
         "--header", "content-type: application/json",
         "--data-raw", json.dumps({"national_id": PERSON.national_id, "mobile": PERSON.mobile}),
-        url=f"{https_url(exchange)}/v1/mobile-ownership:match",
+        url=f"{exchange.named_url}/v1/mobile-ownership:match",
     )  # fmt: skip
     assert run.status == 200, run.body
     assert json.loads(run.body) == as_json(expected)
 
 
 async def test_curl_reads_a_server_stream_as_ndjson(exchange: GatewayExchange) -> None:
-    async with grpc_channel(exchange, "nocr") as channel:
-        directory = post_grpc.AddressDirectoryStub(channel)
-        first = await directory.LookupPostalCode(
-            post_pb.LookupPostalCodeRequest(postal_code=POSTAL_CODE)
-        )
-        request = post_pb.ListAddressesRequest(
-            region=post_pb.Region(province=first.province, city=first.city), max_results=5
-        )
-        expected = [as_json(a) async for a in directory.ListAddresses(request)]
+    request, expected = await list_addresses_over_grpc(exchange, "nocr")
     run = await curl(
         exchange,
         "nocr",
         "--http2",
         "--get",
-        "--data-urlencode", f"region.city={first.city}",
+        "--data-urlencode", f"region.city={request.region.city}",
         "--data-urlencode", "max_results=5",
-        url=f"{https_url(exchange)}/v1/provinces/{quote(first.province)}/addresses",
+        url=f"{exchange.named_url}/v1/provinces/{quote(request.region.province)}/addresses",
     )  # fmt: skip
     assert run.status == 200, run.body
     assert run.content_type == "application/x-ndjson"
@@ -431,14 +372,12 @@ async def test_curl_reads_a_server_stream_as_ndjson(exchange: GatewayExchange) -
 async def test_curl_gets_the_providers_not_found_as_google_rpc_status(
     exchange: GatewayExchange,
 ) -> None:
-    async with grpc_channel(exchange, "post") as channel:
-        with pytest.raises(grpc.aio.AioRpcError) as over_grpc:
-            await nocr_grpc.PersonRegistryStub(channel).InquirePerson(UNKNOWN)
+    over_grpc = await unknown_person_over_grpc(exchange, "post")
     run = await curl(exchange, "post", url=people_url(exchange, UNKNOWN))
     assert run.status == 404
     assert json.loads(run.body) == {
         "code": grpc.StatusCode.NOT_FOUND.value[0],
-        "message": over_grpc.value.details(),
+        "message": over_grpc.details(),
         "details": [],
     }
 

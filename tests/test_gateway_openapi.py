@@ -17,7 +17,6 @@ import pytest
 from grpc_tools import protoc
 from openapi_spec_validator import validate
 
-from tabadol import config
 from tabadol.broker import Broker
 from tabadol.contracts import Contracts
 from tabadol.describe import openapi_text
@@ -25,8 +24,8 @@ from tabadol.gateway.http_rules import RestRoutes
 from tabadol.gateway.openapi import openapi_document
 from tabadol.pki import CertificateAuthority
 from tabadol.platform.v1 import discovery_pb2, discovery_pb2_grpc
-from tests.conftest import DEFAULT_GRANTS, broker_toml
 from tests.support.echo import SERVICE, UNARY
+from tests.support.gateway import running_echo_gateway
 from tests.test_platform import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -650,21 +649,14 @@ async def test_discovery_names_the_http_entry_agencies_reach(
 ) -> None:
     from tabadol.client import connect
 
-    path = tmp_path / "broker.toml"
-    path.write_text(
-        broker_toml(
-            pki_dir=pki.dir, contracts=echo_contracts, endpoints=[echo_provider.address],
-            grants=DEFAULT_GRANTS,
-        )
-        + '\n[gateway]\nlisten = "127.0.0.1:0"\npublic_url = "https://gateway.example:8443"\n'
-    )  # fmt: skip
-    broker = Broker(config.load(path))
-    await broker.start()
-    try:
-        async with connect(f"127.0.0.1:{broker.port}", pki.dir / "agencies" / "nocr") as channel:
-            document = await get_openapi(channel)
-    finally:
-        await broker.stop(0)
+    public_url = 'public_url = "https://gateway.example:8443"\n'
+    async with (
+        running_echo_gateway(
+            tmp_path, pki.dir, echo_contracts, echo_provider.address, public_url
+        ) as broker,
+        connect(f"127.0.0.1:{broker.port}", pki.dir / "agencies" / "nocr") as channel,
+    ):
+        document = await get_openapi(channel)
     assert document["servers"] == [{"url": "https://gateway.example:8443"}]
     assert "no HTTP entry" not in document["info"]["description"]
     assert list(document["paths"]) == [UNARY]

@@ -20,8 +20,8 @@ import ssl
 import struct
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from random import Random
 from typing import Any
 
 import httpx
@@ -30,30 +30,33 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from tabadol import config
 from tabadol.agencies.nocr.v1 import person_registry_pb2_grpc as nocr_grpc
 from tabadol.agencies.tax.v1 import invoice_registry_pb2_grpc as tax_grpc
 from tabadol.broker import Broker
 from tabadol.client import ProviderServer
-from tabadol.demo_agencies import AGENCIES, nocr, sample_person, sample_postal_code, tax
+from tabadol.demo_agencies import AGENCIES, nocr, tax
 from tabadol.pki import CertificateAuthority
 from tabadol.protocol import CONSUMER_KEY, GRANT_KEY, PURPOSE_KEY
 from tests.conftest import TRUST_DOMAIN
 from tests.support.echo import own_pki
 from tests.support.exchange import eventually
-from tests.support.gateway import GatewayExchange, gateway_config
+from tests.support.gateway import (
+    BIRTH,
+    BIRTH_QUERY,
+    PERSON,
+    POSTAL_CODE,
+    GatewayExchange,
+    as_json,
+    envelopes,
+    gateway_config,
+    gateway_exchange,
+    unframe,
+)
 from tests.support.h2raw import RawH2
 from tests.support.processes import TABADOL, Process
 
-PERSON = sample_person(Random(11))
 PERSON_PATH = f"/v1/people/{PERSON.national_id}"
-BIRTH = {
-    "year": PERSON.birth_date.year,
-    "month": PERSON.birth_date.month,
-    "day": PERSON.birth_date.day,
-}
-BIRTH_QUERY = {f"birth_date.{k}": v for k, v in BIRTH.items()}
-POSTAL_CODE = sample_postal_code(Random(11))
+BIRTH_JSON = as_json(BIRTH)
 
 INQUIRE = "/tabadol.agencies.nocr.v1.PersonRegistry/InquirePerson"
 VERIFY_PEOPLE = "/tabadol.agencies.nocr.v1.PersonRegistry/VerifyPeople"
@@ -137,42 +140,26 @@ async def observed_exchange(directory: Path, pki: CertificateAuthority) -> Async
     tracer.add_span_processor(SimpleSpanProcessor(exporter))
     recording = RecordingPersonRegistry()
     invoices = RecordingInvoiceRegistry()
-    providers: dict[str, ProviderServer] = {}
-    broker: Broker | None = None
+    agencies = {
+        **AGENCIES,
+        "nocr": partial(nocr_grpc.add_PersonRegistryServicer_to_server, recording),
+        "tax": partial(tax_grpc.add_InvoiceRegistryServicer_to_server, invoices),
+    }
+    extra = (
+        f"max_body_bytes = {BODY_LIMIT}\n\n"
+        f'[[limit]]\nconsumer = "nocr"\nconcurrency = {NOCR_CONCURRENCY}\n'
+    )
     try:
-        for agency, add_to_server in AGENCIES.items():
-            provider = ProviderServer(pki.dir / "agencies" / agency, tracer_provider=tracer)
-            if agency == "nocr":
-                nocr_grpc.add_PersonRegistryServicer_to_server(recording, provider.server)  # type: ignore[no-untyped-call]
-            elif agency == "tax":
-                tax_grpc.add_InvoiceRegistryServicer_to_server(invoices, provider.server)  # type: ignore[no-untyped-call]
-            else:
-                add_to_server(provider.server)
-            await provider.start()
-            providers[agency] = provider
-        endpoints = {agency: p.address for agency, p in providers.items()}
-        extra = (
-            f"max_body_bytes = {BODY_LIMIT}\n\n"
-            f'[[limit]]\nconsumer = "nocr"\nconcurrency = {NOCR_CONCURRENCY}\n'
-        )
-        path = gateway_config(directory, pki.dir, endpoints, extra)
-        path.write_text(
-            path.read_text().replace(
-                "[tracing]", f"max_concurrent_streams = {STREAM_LIMIT}\n\n[tracing]", 1
-            )
-        )
-        broker = Broker(config.load(path))
-        await broker.start()
-        for provider in providers.values():
-            provider.follow_broker(f"127.0.0.1:{broker.port}")
-        yield Observed(
-            GatewayExchange(broker, pki, providers), exporter, recording, invoices, pki.dir
-        )
+        async with gateway_exchange(
+            directory,
+            pki,
+            extra,
+            broker_extra=f"max_concurrent_streams = {STREAM_LIMIT}\n",
+            agencies=agencies,
+            tracer_provider=tracer,
+        ) as exchange:
+            yield Observed(exchange, exporter, recording, invoices, pki.dir)
     finally:
-        if broker is not None:
-            await broker.stop(0)
-        for provider in providers.values():
-            await provider.stop(0)
         tracer.shutdown()
 
 
@@ -249,19 +236,10 @@ def connect_problem(answer: httpx.Response, status: int, code: str) -> str:
     return str(body["message"])
 
 
-def envelopes(*messages: bytes, flags: int = 0) -> bytes:
-    return b"".join(struct.pack(">BI", flags, len(m)) + m for m in messages)
-
-
 def stream_end(answer: httpx.Response) -> dict[str, Any]:
     """The end-of-stream message that closes a Connect streaming answer (always HTTP 200)."""
     assert answer.status_code == 200, (answer.status_code, answer.text)
-    body = answer.content
-    frames = []
-    while body:
-        flags, length = struct.unpack(">BI", body[:5])
-        frames.append((flags, body[5 : 5 + length]))
-        body = body[5 + length :]
+    frames = unframe(answer.content)
     flags, data = frames[-1]
     assert flags & 0x02, frames
     assert not any(m.encode() in answer.content for m in KEY_MATERIAL)
@@ -546,7 +524,7 @@ async def test_spoofed_tabadol_headers_are_replaced_by_the_brokers_own(hx: Obser
             await http.get(PERSON_PATH, params=BIRTH_QUERY, headers=spoofed),
             await http2.post(
                 INQUIRE,
-                json={"nationalId": PERSON.national_id, "birthDate": BIRTH},
+                json={"nationalId": PERSON.national_id, "birthDate": BIRTH_JSON},
                 headers={**CONNECT_JSON, **spoofed},
             ),
         ]
@@ -594,11 +572,11 @@ async def test_malformed_json_is_400_naming_the_problem(hx: Observed) -> None:
 async def test_wrong_types_are_400_naming_the_field(hx: Observed) -> None:
     async with nothing_reaches_a_provider(hx), hx.client("post") as http:
         as_number = await http.post(
-            "/v1/people:inquire", json={"nationalId": 1234567890, "birthDate": BIRTH}
+            "/v1/people:inquire", json={"nationalId": 1234567890, "birthDate": BIRTH_JSON}
         )
         as_string = await http.post(
             INQUIRE,
-            json={"nationalId": PERSON.national_id, "birthDate": {**BIRTH, "year": "soon"}},
+            json={"nationalId": PERSON.national_id, "birthDate": {**BIRTH_JSON, "year": "soon"}},
             headers=CONNECT_JSON,
         )
         as_list = await http.post(
@@ -618,9 +596,9 @@ async def test_wrong_types_are_400_naming_the_field(hx: Observed) -> None:
     [
         ("int32 over", {"birth_date.year": "2147483648"}, None),
         ("int32 under", {"birth_date.year": "-2147483649"}, None),
-        ("int32 in JSON", None, {"birthDate": {**BIRTH, "year": 2147483648}}),
-        ("int32 as exponent", None, {"birthDate": {**BIRTH, "year": 1e10}}),
-        ("int32 huge text", None, {"birthDate": {**BIRTH, "year": "9" * 5000}}),
+        ("int32 in JSON", None, {"birthDate": {**BIRTH_JSON, "year": 2147483648}}),
+        ("int32 as exponent", None, {"birthDate": {**BIRTH_JSON, "year": 1e10}}),
+        ("int32 huge text", None, {"birthDate": {**BIRTH_JSON, "year": "9" * 5000}}),
     ],
 )
 async def test_int32_values_out_of_range_are_400_naming_the_field(
@@ -698,11 +676,11 @@ async def test_unknown_fields_are_refused_naming_them(hx: Observed) -> None:
     async with nothing_reaches_a_provider(hx), hx.client("post") as http:
         top = await http.post(
             "/v1/people:inquire",
-            json={"nationalId": PERSON.national_id, "birthDate": BIRTH, "isAdmin": True},
+            json={"nationalId": PERSON.national_id, "birthDate": BIRTH_JSON, "isAdmin": True},
         )
         nested = await http.post(
             INQUIRE,
-            json={"nationalId": PERSON.national_id, "birthDate": {**BIRTH, "era": "AP"}},
+            json={"nationalId": PERSON.national_id, "birthDate": {**BIRTH_JSON, "era": "AP"}},
             headers=CONNECT_JSON,
         )
         any_type = await http.post(
@@ -880,7 +858,7 @@ async def test_unknown_and_duplicate_query_parameters_are_400_naming_them(hx: Ob
         )
         on_a_body_route = await http.post(
             "/v1/people:inquire?national_id=0000000000",
-            json={"nationalId": PERSON.national_id, "birthDate": BIRTH},
+            json={"nationalId": PERSON.national_id, "birthDate": BIRTH_JSON},
         )
     assert "debug" in rest_problem(unknown, 400)
     assert "birth_date.year" in rest_problem(duplicate, 400)
@@ -1030,7 +1008,7 @@ async def test_a_bad_timeout_header_is_400_naming_it(hx: Observed, header: str, 
     async with nothing_reaches_a_provider(hx), hx.client("post") as http:
         connect_ = await http.post(
             INQUIRE,
-            json={"nationalId": PERSON.national_id, "birthDate": BIRTH},
+            json={"nationalId": PERSON.national_id, "birthDate": BIRTH_JSON},
             headers={**CONNECT_JSON, header: value},
         )
         rest = await http.get(PERSON_PATH, params=BIRTH_QUERY, headers={header: value})
@@ -1044,7 +1022,7 @@ async def test_the_largest_timeouts_are_served(hx: Observed) -> None:
         for header, value in (("connect-timeout-ms", "9999999999"), ("grpc-timeout", "99999999H")):
             answer = await http.post(
                 INQUIRE,
-                json={"nationalId": PERSON.national_id, "birthDate": BIRTH},
+                json={"nationalId": PERSON.national_id, "birthDate": BIRTH_JSON},
                 headers={**CONNECT_JSON, header: value},
             )
             assert answer.status_code == 200, (header, answer.text)
@@ -1055,14 +1033,14 @@ async def test_connect_protocol_version_2_is_refused(hx: Observed) -> None:
     async with nothing_reaches_a_provider(hx), hx.client("post") as http:
         answer = await http.post(
             INQUIRE,
-            json={"nationalId": PERSON.national_id, "birthDate": BIRTH},
+            json={"nationalId": PERSON.national_id, "birthDate": BIRTH_JSON},
             headers={**CONNECT_JSON, "connect-protocol-version": "2"},
         )
     assert "Connect-Protocol-Version" in connect_problem(answer, 400, "invalid_argument")
 
 
 async def test_a_bidi_stream_over_http1_is_refused(hx: Observed) -> None:
-    query = {"reference": "1", "nationalId": PERSON.national_id, "birthDate": BIRTH}
+    query = {"reference": "1", "nationalId": PERSON.national_id, "birthDate": BIRTH_JSON}
     async with nothing_reaches_a_provider(hx), hx.client("tax") as http:
         answer = await http.post(
             VERIFY_PEOPLE,
@@ -1126,9 +1104,12 @@ async def test_a_request_held_open_does_not_hold_up_the_brokers_stop(
             providers[agency] = ProviderServer(pki.dir / "agencies" / agency)
             add_to_server(providers[agency].server)
             await providers[agency].start()
-        path = gateway_config(tmp_path, pki.dir, {a: p.address for a, p in providers.items()})
-        grace = "shutdown_grace_seconds = 1\n\n[tracing]"
-        path.write_text(path.read_text().replace("[tracing]", grace, 1))
+        path = gateway_config(
+            tmp_path,
+            pki.dir,
+            {a: p.address for a, p in providers.items()},
+            broker_extra="shutdown_grace_seconds = 1\n",
+        )
         broker = await Process.start(str(TABADOL), "broker", "--config", str(path))
         port = int((await broker.wait_for(r"HTTP/JSON entry .* at https://127\.0\.0\.1:(\d+)"))[1])
         raw = await RawH2.open(port, pki.dir / "agencies" / "post", f"broker.{TRUST_DOMAIN}")

@@ -255,15 +255,17 @@ class GatewayApp:
             matched = tables.routes.match(verb, path)
             if not isinstance(matched, RouteMatch):  # a REST route of that shape wins
                 method = tables.proxy.contracts.method(path)
-                if method is None:
+                if method is None or method.path not in tables.proxy.handlers:
+                    # Not in the contracts, or in them but not offered on this exchange.
                     await self._unknown_method(scope, path, tables)
                 return self._connect(scope, receive, send, headers, method, _ctype(headers))
         matched = tables.routes.match(verb, path)
         if isinstance(matched, RouteMiss):
             raise Refusal(matched.status, _code_of_status(matched.status), matched.message)
         method = tables.proxy.contracts.method(matched.method_path)
-        if method is None:  # the routes are built from the same contracts
-            raise Refusal(404, Code.NOT_FOUND, f"Tabadol gateway: no method {matched.method_path}")
+        if method is None or method.path not in tables.proxy.handlers:
+            # A route of a service in the contracts but not offered on this exchange.
+            await self._unknown_method(scope, matched.method_path, tables)
         if method.kind in (RpcKind.CLIENT_STREAMING, RpcKind.BIDI_STREAMING):
             raise Refusal(
                 501,
@@ -540,6 +542,7 @@ class _Exchange:
                     yield self._envelope_message(flags, data)
                 if not message.get("more_body", False):
                     frames.finish()
+                    self._watch_for_disconnect()  # it may still leave while answers come
                     return
             except wire.EnvelopeError as e:
                 raise Ending(Code.INVALID_ARGUMENT, f"Tabadol gateway: {e}") from None

@@ -35,9 +35,14 @@ class BadRequest(Exception):
     """The request cannot become the method's request message; the message names the field."""
 
     def __init__(self, field: str, message: str) -> None:
+        if len(message) > _MESSAGE_MOST:  # it may quote the caller's text: never all of it
+            message = message[:_MESSAGE_MOST] + "…"
         super().__init__(message)
         self.field = field
         self.message = message
+
+
+_MESSAGE_MOST = 1000
 
 
 # -- path templates ------------------------------------------------------------------------
@@ -552,13 +557,13 @@ _INT_RANGES = {
     FieldDescriptor.TYPE_FIXED64: ("fixed64", 0, 2**64 - 1),
 }
 _FLOAT_MAX = 3.4028234663852886e38
-_DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+# One way to split any number (linear to match: the text is the caller's).
+_DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _SPECIAL_FLOATS = {"nan": "NaN", "inf": "Infinity", "+inf": "Infinity", "infinity": "Infinity"}
 _SPECIAL_FLOATS |= {"+infinity": "Infinity", "-inf": "-Infinity", "-infinity": "-Infinity"}
 # strconv.ParseBool's spellings, as grpc-gateway accepts (PHP's http_build_query sends 1 and 0).
 _BOOLS = {"1": True, "t": True, "T": True, "TRUE": True, "true": True, "True": True}
 _BOOLS |= {"0": False, "f": False, "F": False, "FALSE": False, "false": False, "False": False}
-_MAP_KEY = re.compile(r"^(.*)\[(.*)\]$", re.S)
 
 
 def fill_request(
@@ -580,7 +585,7 @@ def fill_request(
         for key, _ in _query_pairs(query):
             raise BadRequest(
                 key,
-                f"query parameter {key} is not accepted: this route takes every field from "
+                f"query parameter {_cut(key)} is not accepted: this route takes every field from "
                 "the request body",
             )
         if body:
@@ -625,20 +630,20 @@ def _fill_query(message: Message, binding: Binding, query: bytes, max_depth: int
     grouped: dict[tuple[str, ...], tuple[str, list[_Field], list[tuple[str, str]]]] = {}
     for key, value in _query_pairs(query):
         name, map_key = key, None
-        keyed = _MAP_KEY.match(key)
-        if keyed is not None:
-            name, map_key = keyed.group(1), keyed.group(2)
+        opening = key.rfind("[") if key.endswith("]") else -1
+        if opening >= 0:  # counts[key]: a scan, not a regex, over the caller's text
+            name, map_key = key[:opening], key[opening + 1 : -1]
         try:
             fields = _field_path(descriptor, name.split("."), json_names=True)
         except LookupError:
-            raise BadRequest(key, f"unknown query parameter {key}") from None
+            raise BadRequest(key, f"unknown query parameter {_cut(key)}") from None
         leaf = fields[-1]
         canonical = tuple(f.name for f in fields)
         dotted = ".".join(canonical)
         if (map_key is not None) != _is_map(leaf):
             if map_key is None:
                 raise BadRequest(key, f"query parameter {key} is a map; give it as {key}[key]")
-            raise BadRequest(key, f"unknown query parameter {key}")
+            raise BadRequest(key, f"unknown query parameter {_cut(key)}")
         if leaf.message_type is not None and not _is_map(leaf):
             full = leaf.message_type.full_name
             if full not in _TEXT_WKT and full not in _JSON_WKT:
@@ -815,26 +820,26 @@ def _from_text(f: _Field, text: str, max_depth: int) -> Any:
     if kind in _INT_RANGES:
         name, low, high = _INT_RANGES[kind]
         if not re.fullmatch(r"[+-]?\d+" if low < 0 else r"\+?\d+", text):
-            raise _Invalid(f"{text!r} is not a{'n' if low < 0 else ' non-negative'} integer")
-        number = int(text)
-        if not low <= number <= high:
-            raise _Invalid(f"{text} is out of range for {name} ({low} to {high})")
+            raise _Invalid(f"{_cut(text)!r} is not a{'n' if low < 0 else ' non-negative'} integer")
+        number = _int(text)
+        if number is None or not low <= number <= high:
+            raise _Invalid(f"{_cut(text)} is out of range for {name} ({low} to {high})")
         return number
     if kind in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
         special = _SPECIAL_FLOATS.get(text.lower())
         if special is not None:
             return special
         if not _DECIMAL.fullmatch(text):
-            raise _Invalid(f"{text!r} is not a number")
+            raise _Invalid(f"{_cut(text)!r} is not a number")
         number_f = float(text)
         limit = _FLOAT_MAX if kind == FieldDescriptor.TYPE_FLOAT else float("inf")
         if abs(number_f) > limit or abs(number_f) == float("inf"):
             name = "float" if kind == FieldDescriptor.TYPE_FLOAT else "double"
-            raise _Invalid(f"{text} is out of range for {name}")
+            raise _Invalid(f"{_cut(text)} is out of range for {name}")
         return number_f
     if kind == FieldDescriptor.TYPE_BOOL:
         if text not in _BOOLS:
-            raise _Invalid(f"{text!r} is not a boolean (true or false)")
+            raise _Invalid(f"{_cut(text)!r} is not a boolean (true or false)")
         return _BOOLS[text]
     if kind == FieldDescriptor.TYPE_BYTES:
         return _base64(text)
@@ -842,21 +847,35 @@ def _from_text(f: _Field, text: str, max_depth: int) -> Any:
         enum = f.enum_type
         if text in enum.values_by_name:
             return text
-        if re.fullmatch(r"[+-]?\d+", text) and int(text) in enum.values_by_number:
+        if re.fullmatch(r"[+-]?\d+", text) and _int(text) in enum.values_by_number:
             return int(text)
-        raise _Invalid(f"{text!r} is not a value of {enum.full_name}")
+        raise _Invalid(f"{_cut(text)!r} is not a value of {enum.full_name}")
     return text
+
+
+def _int(text: str) -> int | None:
+    """The integer of a string of digits; None past Python's limit on digits (4,300), which
+    is far outside every protobuf range."""
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _cut(text: str, most: int = 60) -> str:
+    """The caller's text as a message shows it: at most ``most`` characters."""
+    return text if len(text) <= most else text[:most] + "…"
 
 
 def _base64(text: str) -> str:
     """Standard or URL-safe base64, padded or not, as the standard form json_format reads."""
     if not re.fullmatch(r"[A-Za-z0-9+/\-_]*={0,2}", text):
-        raise _Invalid(f"{text!r} is not base64")
+        raise _Invalid(f"{_cut(text)!r} is not base64")
     bare = text.rstrip("=").replace("-", "+").replace("_", "/")
     try:
         data = base64.b64decode(bare + "=" * (-len(bare) % 4), validate=True)
     except (binascii.Error, ValueError):
-        raise _Invalid(f"{text!r} is not base64") from None
+        raise _Invalid(f"{_cut(text)!r} is not base64") from None
     return base64.b64encode(data).decode("ascii")
 
 
@@ -869,7 +888,7 @@ def _query_pairs(query: bytes) -> Iterator[tuple[str, str]]:
         key = _form_decode(raw_key, "", "a query parameter name")
         if not key:
             raise BadRequest("", "a query parameter has no name")
-        yield key, _form_decode(raw_value, key, f"query parameter {key}")
+        yield key, _form_decode(raw_value, key, f"query parameter {_cut(key)}")
 
 
 def _form_decode(raw: bytes, name: str, what: str) -> str:

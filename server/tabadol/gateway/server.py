@@ -52,6 +52,10 @@ class GatewayServer:
         self._app = ASGIWrapper(app)
         self._listen = listen
         self._context = context
+        # The listener keeps its first context; each handshake is handed the one in force, so
+        # a reload replaces the CA (one taken out of ca.crt is trusted no more), not adds to it.
+        self._current = context
+        context.sni_callback = self._in_force
         self._config = HypercornConfig()
         self._config.keep_alive_timeout = _KEEP_ALIVE_S
         # Hypercorn ends a connection after 1,000 requests by default; over HTTP/2 the calls
@@ -83,12 +87,14 @@ class GatewayServer:
         self.port = self._server.sockets[0].getsockname()[1]
 
     def reload(self, credentials: BrokerCredentials) -> None:
-        """New handshakes use the broker's certificate as reloaded (and the CA's)."""
-        fresh = tls_context(credentials)  # checks the files first: ConfigError names them
-        del fresh
-        assert credentials.cert_path is not None and credentials.key_path is not None
-        self._context.load_cert_chain(credentials.cert_path, credentials.key_path)
-        self._context.load_verify_locations(cadata=credentials.ca_pem.decode("ascii"))
+        """New handshakes use the broker's certificate and the CA as reloaded."""
+        self._current = tls_context(credentials)  # ConfigError names the files
+
+    def _in_force(
+        self, ssl_object: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext
+    ) -> None:
+        if self._current is not context:
+            ssl_object.context = self._current
 
     async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
