@@ -52,26 +52,27 @@ $(GEN_STAMP): $(STAMP) $(PROTOS)
 	  $(PROTOS)
 	touch $@
 
+# A Debian package the tests use, installed once: $(call debian_package,PACKAGE,WHO USES IT).
+define debian_package
+	@command -v apt-get >/dev/null || { echo "error: $(2) need Debian's $(1) at $@; install it"; exit 1; }
+	@[ "$$(id -u)" = 0 ] || { echo "error: installing $(1) needs root: run 'sudo apt-get install $(1)'"; exit 1; }
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1) >/dev/null
+	test -x $@
+endef
+
 # The browser tests drive Debian's Chromium with Playwright; Playwright's own browser
 # download is never used (and would fail without internet).
 browser: $(CHROMIUM)
 
 $(CHROMIUM):
-	@command -v apt-get >/dev/null || { echo "error: the browser tests need Debian's chromium at $(CHROMIUM); install it"; exit 1; }
-	@[ "$$(id -u)" = 0 ] || { echo "error: installing chromium needs root: run 'sudo apt-get install chromium'"; exit 1; }
-	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
-	test -x $@
+	$(call debian_package,chromium,the browser tests)
 
 # The HTTP/JSON gateway's tests call it with Debian's curl too (tests/test_gateway_clients.py).
 curl: $(CURL)
 
 $(CURL):
-	@command -v apt-get >/dev/null || { echo "error: the gateway tests need Debian's curl at $(CURL); install it"; exit 1; }
-	@[ "$$(id -u)" = 0 ] || { echo "error: installing curl needs root: run 'sudo apt-get install curl'"; exit 1; }
-	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null
-	test -x $@
+	$(call debian_package,curl,the gateway tests)
 
 # The PostgreSQL tests (registry, ledger and span store on a server database) start a private
 # cluster of their own from Debian's postgresql package (tests/support/postgres.py), unless
