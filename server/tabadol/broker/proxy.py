@@ -75,7 +75,6 @@ class _HeldCall:
 
     call: Call
     task: asyncio.Task[Any] | None
-    provider_call: Any = None  # the call to the provider, once made
     ending: str = ""  # why the broker is ending it ("" while it may go on)
     code: Code = Code.UNAUTHENTICATED  # and the status the consumer is told
 
@@ -109,10 +108,7 @@ class CallsBySerial:
         """The call to the provider is made: ending the call now means cancelling it."""
         call.provider_call = provider_call
         held = self._held(call)
-        if held is None:
-            return
-        held.provider_call = provider_call
-        if held.ending:  # ended between two attempts
+        if held is not None and held.ending:  # ended between two attempts
             self._stop(held)
 
     def discard(self, call: Call) -> None:
@@ -169,10 +165,10 @@ class CallsBySerial:
     @staticmethod
     def _stop(held: _HeldCall) -> bool:
         call = held.call
-        if held.provider_call is not None:
+        if call.provider_call is not None:
             # Forwarding then tells the consumer the status recorded here (as when a stream
             # outlives its service's limit); a call the provider already answered goes on.
-            if not held.provider_call.cancel():
+            if not call.provider_call.cancel():
                 return False
             call.cut(held.code, held.ending)
             return True

@@ -152,7 +152,6 @@ class Broker:
         self._reloaded: asyncio.Event | None = None
         self.port = 0
         self.gateway: GatewayServer | None = None  # the HTTP entry, with [gateway]
-        self.gateway_port = 0
 
     def _access_desk(self) -> AccessDesk:
         """The Access service's desk: on the registry database, through a connection of its
@@ -163,6 +162,11 @@ class Broker:
             store = open_registry(url) if url is not None else None
             self._desk = AccessDesk(store, lambda: self.config)
         return self._desk
+
+    @property
+    def gateway_port(self) -> int:
+        """The HTTP entry's bound port; 0 without one."""
+        return self.gateway.port if self.gateway is not None else 0
 
     @property
     def gateway_url(self) -> str | None:
@@ -356,7 +360,6 @@ class Broker:
         except ConfigError as e:
             await self._abandon()
             raise ConfigError(f"{self.config.path}: {e}") from e
-        self.gateway_port = self.gateway.port
 
     async def _abandon(self) -> None:
         """Undo a start that failed half-way, so the process can report it and exit."""

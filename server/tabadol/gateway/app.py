@@ -49,6 +49,7 @@ from tabadol.gateway.http_rules import (
     fill_request,
     response_json,
 )
+from tabadol.gateway.server import CERTIFICATE_KEY
 from tabadol.metadata import Metadata
 from tabadol.status import Code
 
@@ -251,15 +252,14 @@ class GatewayApp:
         # Who asks comes before anything about the request: an unproven, revoked or undeclared
         # caller learns nothing of which routes, methods or message shapes exist.
         await _declared(tables.proxy, scope, f"{verb} {path[:200]}")
-        if _connect_shaped(scope, headers):
-            matched = tables.routes.match(verb, path)
-            if not isinstance(matched, RouteMatch):  # a REST route of that shape wins
-                method = tables.proxy.contracts.method(path)
-                if method is None or method.path not in tables.proxy.handlers:
-                    # Not in the contracts, or in them but not offered on this exchange.
-                    await self._unknown_method(scope, path, tables)
-                return self._connect(scope, receive, send, headers, method, _ctype(headers))
         matched = tables.routes.match(verb, path)
+        if _connect_shaped(scope, headers) and not isinstance(matched, RouteMatch):
+            # A Connect call (a REST route of that shape would win).
+            method = tables.proxy.contracts.method(path)
+            if method is None or method.path not in tables.proxy.handlers:
+                # Not in the contracts, or in them but not offered on this exchange.
+                await self._unknown_method(scope, path, tables)
+            return self._connect(scope, receive, send, headers, method, _ctype(headers))
         if isinstance(matched, RouteMiss):
             raise Refusal(matched.status, _code_of_status(matched.status), matched.message)
         method = tables.proxy.contracts.method(matched.method_path)
@@ -348,7 +348,7 @@ class _Exchange:
         self.app, self.call, self.tables = app, call, tables
         self.request_class, self.response_class = tables.types.of(call.method)
         self.started = False  # the response's status and headers are sent
-        self.initial: Metadata = ()
+        self.context: HttpCallContext | None = None  # once the call is under way
         self.disconnected = False
         self.too_large = False
         self._read_once = False
@@ -382,8 +382,8 @@ class _Exchange:
             metadata,
             deadline,
             self._read_one,
-            self._on_initial,
         )
+        self.context = context
         handler = cast(Any, self.tables.proxy.handler_for(call.method.path))
         requests = self._requests() if self.streams_in else _no_requests()
         try:
@@ -567,8 +567,9 @@ class _Exchange:
 
     # -- the answer -----------------------------------------------------------------------
 
-    async def _on_initial(self, metadata: Metadata) -> None:
-        self.initial = metadata
+    def _initial(self) -> Metadata:
+        """The provider's initial metadata, once it has sent it."""
+        return self.context.initial_metadata if self.context is not None else ()
 
     def _encoded(self, data: bytes) -> bytes:
         if self.call.codec == "proto":
@@ -604,7 +605,7 @@ class _Exchange:
         self.started = True
         headers = [
             (b"content-type", self._content_type()),
-            *_http_headers(self.initial),
+            *_http_headers(self._initial()),
             *(extra or ()),
         ]
         await self.call.send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -662,7 +663,7 @@ class _Exchange:
         status = (wire.REST_STATUS if rest else wire.CONNECT_STATUS).get(code, 500)
         if code is Code.RESOURCE_EXHAUSTED and self.too_large:
             status = 413
-        await _error(call.send, rest, status, code, message, trailers, self.initial)
+        await _error(call.send, rest, status, code, message, trailers, self._initial())
 
 
 def _path(scope: Scope) -> str:
@@ -712,6 +713,10 @@ async def _no_requests() -> AsyncIterator[bytes]:
 
 
 def _certificate(scope: Scope) -> bytes | None:
+    """The client certificate TLS verified (``tabadol.gateway.server`` puts it in every
+    scope, once per connection), else the ASGI TLS extension's."""
+    if CERTIFICATE_KEY in scope:
+        return cast(bytes | None, scope[CERTIFICATE_KEY])
     tls = scope.get("extensions", {}).get("tls") or {}
     chain = tls.get("client_cert_chain") or []
     return chain[0].encode("ascii") if chain else None

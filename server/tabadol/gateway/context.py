@@ -40,14 +40,12 @@ class HttpCallContext:
         metadata: Metadata,
         deadline: float | None,  # monotonic seconds
         read: Callable[[], Awaitable[bytes | object]],
-        on_initial_metadata: Callable[[Metadata], Awaitable[None]] | None = None,
     ) -> None:
         self.protocol = protocol
         self._auth = {"x509_pem_cert": [certificate]} if certificate else {}
         self._metadata = metadata
         self._deadline = deadline
         self._read = read
-        self._on_initial = on_initial_metadata
         self.initial_metadata: Metadata = ()
         self.trailing_metadata: Metadata = ()
 
@@ -67,9 +65,7 @@ class HttpCallContext:
         return await self._read()
 
     async def send_initial_metadata(self, metadata: Iterable[tuple[str, str | bytes]]) -> None:
-        self.initial_metadata = tuple(metadata)
-        if self._on_initial is not None:
-            await self._on_initial(self.initial_metadata)
+        self.initial_metadata = tuple(metadata)  # sent with the answer's first bytes
 
     def set_trailing_metadata(self, metadata: Iterable[tuple[str, str | bytes]]) -> None:
         self.trailing_metadata = tuple(metadata)

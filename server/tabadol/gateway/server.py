@@ -30,6 +30,7 @@ from tabadol.ops.tls import tls_extension
 
 log = logging.getLogger("tabadol.gateway")
 
+CERTIFICATE_KEY = "tabadol.client_certificate"  # in each scope: the verified PEM, as bytes
 _HANDSHAKE_S = 10.0
 _KEEP_ALIVE_S = 60.0
 _CUT_S = 1.0  # how long a connection cut at stop may take to end
@@ -161,7 +162,12 @@ class _WithTls:
 
     def __init__(self, app: ASGIWrapper, tls: dict[str, Any]) -> None:
         self._app, self._tls = app, tls
+        chain = tls["client_cert_chain"]
+        # The certificate as the request path takes it, made once per connection: one object,
+        # whose hash the identity cache computes once.
+        self._certificate = chain[0].encode("ascii") if chain else None
 
     async def __call__(self, scope: Any, receive: Any, send: Any, *spawn: Any) -> None:
         scope.setdefault("extensions", {})["tls"] = self._tls
+        scope[CERTIFICATE_KEY] = self._certificate
         await self._app(scope, receive, send, *spawn)
