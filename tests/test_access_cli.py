@@ -108,6 +108,12 @@ async def test_request_approve_call_revoke_refuse_from_the_command_line(
     assert code == 0, err
     assert f"{request_id}  pending  'nocr' asks 'echo' for Unary of {SERVICE}" in out
     assert f"purpose: {PURPOSE} ({REFERENCE})" in out
+    for consumer, ids in (("nocr", [request_id]), ("post", [])):  # as text or JSON alike
+        code, out, err = await exchange.access(
+            "echo", "list", "requests", "--consumer", consumer, "--json"
+        )
+        assert code == 0, err
+        assert [r["id"] for r in json.loads(out).get("requests", [])] == ids
     code, out, err = await exchange.access("echo", "approve", request_id)
     assert code == 0, err
     assert (

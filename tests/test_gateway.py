@@ -399,3 +399,29 @@ async def test_one_http2_connection_carries_calls_past_a_thousand(
             )
             statuses += [a.status_code for a in answers]
     assert statuses == [200] * 1100  # none failed as a connection closed under them
+
+
+def test_a_rule_that_cannot_be_served_is_refused_when_the_config_loads(tmp_path: Path) -> None:
+    """One bad google.api.http rule is a bad contract: named at load, not found out later as
+    a gateway with no routes."""
+    from google.api import annotations_pb2
+    from google.protobuf import descriptor_pb2
+
+    from tests.support.gateway import CONTRACTS
+
+    contracts = descriptor_pb2.FileDescriptorSet.FromString(CONTRACTS.read_bytes())
+    post = next(f for f in contracts.file if f.package == "tabadol.agencies.post.v1")
+    lookup = next(m for m in post.service[0].method if m.name == "LookupPostalCode")
+    rule = lookup.options.Extensions[annotations_pb2.http]
+    rule.get = "/v1/people/{postal_code}"  # the path InquirePerson's rule claims
+    bad = tmp_path / "contracts.pb"
+    bad.write_bytes(contracts.SerializeToString())
+    path = tmp_path / "broker.toml"
+    path.write_text(
+        f'[broker]\ntrust_domain = "tabadol.example"\npki_dir = "pki"\ncontracts = ["{bad}"]\n'
+    )
+    with pytest.raises(ConfigError) as refused:
+        config.load(path)
+    assert "[broker] contracts" in str(refused.value)
+    assert "InquirePerson" in str(refused.value) and "LookupPostalCode" in str(refused.value)
+    assert "GET /v1/people/{" in str(refused.value)

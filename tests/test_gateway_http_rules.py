@@ -347,12 +347,6 @@ def test_openapi_path_names_each_variable_once(template: str, openapi: str) -> N
     assert PathTemplate.parse(template).openapi_path() == openapi
 
 
-def test_variable_template_gives_what_a_variable_matches() -> None:
-    template = PathTemplate.parse("/v1/{name=shelves/*/books/*}/{id}")
-    assert template.variable_template("name") == "shelves/*/books/*"
-    assert template.variable_template("id") == "*"
-
-
 @pytest.mark.parametrize(
     ("text", "problem"),
     [

@@ -166,12 +166,18 @@ def test_a_grant_revoked_mid_quarter_still_names_its_purpose(tmp_path: Path) -> 
         registry.commit(entries, "spiffe://tabadol.test/operator/alice", f"v{n}", digest(entries))
     for _ in range(150):  # more versions than one page of history
         registry.commit(entries, "spiffe://tabadol.test/operator/alice", "again", digest(entries))
+    amended = {
+        **entries,
+        "grant": [*entries["grant"][:2], grant("g-tax-law", "tax", ECHO, purpose="Amended")],
+    }
+    registry.commit(amended, "spiffe://tabadol.test/operator/alice", "amended", digest(amended))
     cfg = dataclasses.replace(cfg, registry=cfg.registry.model_copy(update={"url": url}))
     purposes = grant_purposes(cfg)
     assert purposes["g-civil"].purpose == CIVIL  # only version 1 held it
     assert purposes["g-civil"].reference == "CRA-5"
     assert purposes[file_grant_id()].purpose is None
     assert "g-gone" not in purposes
+    assert purposes["g-tax-law"].purpose == "Amended"  # read past the first page: the latest
 
 
 def test_every_format_shows_the_calls_by_purpose(

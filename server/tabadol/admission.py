@@ -294,6 +294,14 @@ def admit_platform(
         code = Code.PERMISSION_DENIED
         warning = (("platform", agency), "refused %s calling %s: not a registered agency",
                    (agency, method))  # fmt: skip
+    return _platform_refusal(certificate, rules, code, why, counted, warning)
+
+
+def _platform_refusal(
+    certificate: bytes | None, rules: Rules, code: Code, why: str, counted: str, warning: Warning
+) -> Refused:
+    """A refused call to the broker's own services, throttled per claimed certificate as on
+    the request path: past the rate, RESOURCE_EXHAUSTED with the pushback."""
     name, caller = claimed(certificate)
     too_fast = rules.limits.admit_refused(name) if rules.limits is not None else None
     if too_fast is not None:
@@ -315,17 +323,13 @@ def admit_access(
     services a declared agency's (``admit_platform``). Nobody else."""
     try:
         operator = rules.identities.operator(certificate, now.wall)
-    except IdentityRejected as e:
+    except IdentityRejected as e:  # an operator's certificate, revoked or expired
         why = str(e)
-        warning: Warning = (
-            ("platform", "identity", why),
-            "refused a call to %s: %s",
-            (method, why),
+        warning: Warning = (("platform", "identity", why), "refused a call to %s: %s",
+                            (method, why))  # fmt: skip
+        return _platform_refusal(
+            certificate, rules, Code.UNAUTHENTICATED, why, "platform_unauthenticated", warning
         )
-        return Refused(
-            Code.UNAUTHENTICATED, f"Tabadol broker: {why}", NOBODY,
-            counted="platform_unauthenticated", warning=warning,
-        )  # fmt: skip
     if operator is not None:
         return "operator", operator
     decision = admit_platform(certificate, method, rules, now)

@@ -30,6 +30,7 @@ from pydantic import (
 from tabadol.contracts import Contracts
 from tabadol.database import is_database_url, resolve_sqlite_url, sqlite_path, transport_problem
 from tabadol.errors import ConfigError, ContractError
+from tabadol.gateway.http_rules import RestRoutes
 from tabadol.samplers import check_exporter, parse_sampler
 from tabadol.spiffe import AGENCY_ID_PATTERN, TRUST_DOMAIN_PATTERN
 
@@ -624,6 +625,7 @@ def load(path: Path) -> BrokerConfig:
     )
     try:
         contracts = Contracts.load(broker.contracts)
+        RestRoutes.from_contracts(contracts)  # a google.api.http rule that cannot be served
     except ContractError as e:
         raise ConfigError(f"{path}: [broker] contracts: {e}") from e
     problems = check(cfg, path, contracts)

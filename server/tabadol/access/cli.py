@@ -103,8 +103,15 @@ def refusal(broker: str, code: str, details: str) -> str:
     return f"{code}: {printable(message)}"
 
 
-def _run(args: argparse.Namespace, method: str, request: Any, render: Render) -> int:
-    """Call ``method`` of the Access service and print its answer, or the refusal (exit 1)."""
+def _run(
+    args: argparse.Namespace,
+    method: str,
+    request: Any,
+    render: Render,
+    kept: Callable[[Any], Any] | None = None,
+) -> int:
+    """Call ``method`` of the Access service and print its answer (``kept`` of it, as text
+    or JSON alike), or the refusal (exit 1)."""
     import grpc.aio
     from google.protobuf import json_format
 
@@ -120,6 +127,8 @@ def _run(args: argparse.Namespace, method: str, request: Any, render: Render) ->
     except grpc.aio.AioRpcError as e:
         print(f"tabadol: {refusal(args.broker, e.code().name, e.details() or '')}", file=sys.stderr)
         return 1
+    if kept is not None:
+        answer = kept(answer)
     if args.json:
         print(json.dumps(json_format.MessageToDict(answer), indent=2, ensure_ascii=False))
     else:
@@ -266,8 +275,8 @@ def request_text(r: access_pb2.AccessRequest) -> str:
     return "".join(printable(line) + "\n" for line in lines)
 
 
-def requests_text(answer: access_pb2.ListRequestsResponse, consumer: str = "") -> str:
-    shown = [r for r in answer.requests if not consumer or r.consumer == consumer]
+def requests_text(answer: access_pb2.ListRequestsResponse) -> str:
+    shown = list(answer.requests)
     if not shown:
         return f"no requests to show (registry version {answer.registry_version})\n"
     blocks = "\n".join(request_text(r) for r in shown)
@@ -336,7 +345,15 @@ def _cmd_list(args: argparse.Namespace) -> int:
         return _run(args, "ListGrants", request, grants_text)
     state = f"REQUEST_STATE_{(args.state or 'unspecified').upper()}"
     asked = pb.ListRequestsRequest(service=args.service, state=state)
-    return _run(args, "ListRequests", asked, lambda a: requests_text(a, args.consumer))
+
+    def of_the_consumer(answer: pb.ListRequestsResponse) -> pb.ListRequestsResponse:
+        if args.consumer:
+            shown = [r for r in answer.requests if r.consumer == args.consumer]
+            del answer.requests[:]
+            answer.requests.extend(shown)
+        return answer
+
+    return _run(args, "ListRequests", asked, requests_text, of_the_consumer)
 
 
 def _cmd_approve(args: argparse.Namespace) -> int:
@@ -653,8 +670,8 @@ def add_access_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         "reject",
         _cmd_reject,
         help="reject a pending request for a service you provide, with a reason",
-        description="Reject REQUEST_ID, a request for a service your agency provides. The "
-        "consumer sees the reason.",
+        description="Reject REQUEST_ID, a request for a service your agency provides (or, "
+        "as an operator, any request). The consumer sees the reason.",
     )
     reject.add_argument("request_id", metavar="REQUEST_ID")
     reject.add_argument("--reason", required=True, help="why (the consumer sees it)")

@@ -107,6 +107,7 @@ class Outcome:
     """What a change did, and the registry version that holds it."""
 
     version: int
+    snapshot: Snapshot  # the entries committed as that version: what an answer is read from
     grant: GrantEntry | None = None
     request: RequestEntry | None = None
     revoked: tuple[str, ...] = ()
@@ -250,14 +251,6 @@ class AccessDesk:
             return Snapshot(0, RegistryFile())
         return Snapshot(version.number, self._parsed(version))
 
-    def snapshot_at(self, version: int) -> Snapshot | None:
-        """The entries of one registry version; None for the file or a version not found."""
-        if self._store is None or version <= 0:
-            return None
-        store = self._store
-        found = self._read(lambda: store.version(version))
-        return Snapshot(found.number, self._parsed(found)) if found is not None else None
-
     def grants(
         self, actor: Actor, service: str = "", consumer: str = ""
     ) -> tuple[Snapshot, list[GrantEntry]]:
@@ -314,7 +307,7 @@ class AccessDesk:
                     v.reason,
                     changes,
                     v.digest,
-                    getattr(v, "chain", "") or "",
+                    v.chain,
                 )
             )
             previous = v.entries
@@ -692,6 +685,7 @@ class AccessDesk:
                 raise AccessError(Code.UNAVAILABLE, str(e)) from None
             return Outcome(
                 committed.number,
+                Snapshot(committed.number, entries),
                 edit.made_grant,
                 edit.made_request,
                 tuple(edit.revoked),

@@ -19,7 +19,7 @@ import grpc
 import grpc.aio
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from tabadol.access.desk import AccessDesk, AccessError, Actor, Outcome, Snapshot
+from tabadol.access.desk import AccessDesk, AccessError, Actor, Outcome
 from tabadol.admission import Now, Refused, admit_access
 from tabadol.broker.forward import GRPC_CODES
 from tabadol.broker.platform import refuse
@@ -182,14 +182,14 @@ class AccessService(access_pb2_grpc.AccessServicer):
     def _views(
         self, outcome: Outcome
     ) -> tuple[access_pb2.Grant | None, access_pb2.AccessRequest | None]:
-        snap = self._desk().snapshot_at(outcome.version)
+        snap = outcome.snapshot  # as committed: nothing to read back, nothing to fail after
         grant = request = None
         if outcome.grant is not None:
             grant = grant_message(
-                outcome.grant, _provider(snap, outcome.grant.service), self._now()
+                outcome.grant, snap.provider_of(outcome.grant.service), self._now()
             )
         if outcome.request is not None:
-            request = request_message(outcome.request, _provider(snap, outcome.request.service))
+            request = request_message(outcome.request, snap.provider_of(outcome.request.service))
         return grant, request
 
     async def GrantAccess(
@@ -203,7 +203,7 @@ class AccessService(access_pb2_grpc.AccessServicer):
                 request.purpose.text, request.purpose.reference, _time(request, "expires_at"),
             ),
         )  # fmt: skip
-        grant, pending = await self._run(context, lambda: self._views(outcome))
+        grant, pending = self._views(outcome)
         return access_pb2.GrantAccessResponse(
             grant=grant, request=pending, registry_version=outcome.version
         )
@@ -216,7 +216,7 @@ class AccessService(access_pb2_grpc.AccessServicer):
             "RevokeAccess",
             lambda desk, actor: desk.revoke(actor, request.grant_id, request.reason),
         )
-        grant, _ = await self._run(context, lambda: self._views(outcome))
+        grant, _ = self._views(outcome)
         return access_pb2.RevokeAccessResponse(grant=grant, registry_version=outcome.version)
 
     async def RequestAccess(
@@ -230,7 +230,7 @@ class AccessService(access_pb2_grpc.AccessServicer):
                 request.purpose.reference, _time(request, "expires_at"),
             ),
         )  # fmt: skip
-        _, made = await self._run(context, lambda: self._views(outcome))
+        _, made = self._views(outcome)
         return access_pb2.RequestAccessResponse(request=made, registry_version=outcome.version)
 
     async def ApproveRequest(
@@ -243,7 +243,7 @@ class AccessService(access_pb2_grpc.AccessServicer):
                 actor, request.request_id, _time(request, "expires_at")
             ),
         )
-        grant, updated = await self._run(context, lambda: self._views(outcome))
+        grant, updated = self._views(outcome)
         return access_pb2.ApproveRequestResponse(
             request=updated, grant=grant, registry_version=outcome.version
         )
@@ -256,7 +256,7 @@ class AccessService(access_pb2_grpc.AccessServicer):
             "RejectRequest",
             lambda desk, actor: desk.reject(actor, request.request_id, request.reason),
         )
-        _, updated = await self._run(context, lambda: self._views(outcome))
+        _, updated = self._views(outcome)
         return access_pb2.RejectRequestResponse(request=updated, registry_version=outcome.version)
 
     async def WithdrawRequest(
@@ -267,7 +267,7 @@ class AccessService(access_pb2_grpc.AccessServicer):
             "WithdrawRequest",
             lambda desk, actor: desk.withdraw(actor, request.request_id, request.reason),
         )
-        _, updated = await self._run(context, lambda: self._views(outcome))
+        _, updated = self._views(outcome)
         return access_pb2.WithdrawRequestResponse(request=updated, registry_version=outcome.version)
 
     async def OnboardAgency(
@@ -350,7 +350,3 @@ class AccessService(access_pb2_grpc.AccessServicer):
             ],
             more=more,
         )
-
-
-def _provider(snap: Snapshot | None, service: str) -> str:
-    return snap.provider_of(service) if snap is not None else ""

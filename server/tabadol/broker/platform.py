@@ -28,7 +28,6 @@ from tabadol.broker.proxy import Proxy, peer_certificate
 from tabadol.broker.upstream import Upstream
 from tabadol.catalogue import Catalogue
 from tabadol.contracts import RpcKind
-from tabadol.errors import ContractError
 from tabadol.gateway.http_rules import Binding, RestRoutes
 from tabadol.gateway.openapi import openapi_document
 from tabadol.platform.v1 import discovery_pb2, discovery_pb2_grpc
@@ -147,11 +146,6 @@ class OpenAPIDocuments:
         self._routes: tuple[tuple[str, Binding], ...] = ()
         self._built: dict[tuple[tuple[str, ...], str | None], bytes] = {}
 
-    def routes(self, proxy: Proxy) -> tuple[tuple[str, Binding], ...]:
-        """The REST routes of the proxy's contracts, derived once per configuration."""
-        self._follow(proxy)
-        return self._routes
-
     def __call__(
         self,
         proxy: Proxy,
@@ -175,13 +169,10 @@ class OpenAPIDocuments:
     def _follow(self, proxy: Proxy, routes: RestRoutes | None = None) -> None:
         if proxy is self._proxy:
             return
-        if routes is None:
-            try:
-                routes = RestRoutes.from_contracts(proxy.contracts)
-            except ContractError as e:  # the HTTP entry refuses to start on them anyway
-                log.error("OpenAPI documents without REST routes: %s", e)
+        if routes is None:  # the contracts' rules were checked when the configuration loaded
+            routes = RestRoutes.from_contracts(proxy.contracts)
         self._proxy, self._built = proxy, {}
-        self._routes = tuple(routes.routes()) if routes is not None else ()
+        self._routes = tuple(routes.routes())
 
 
 class Discovery(discovery_pb2_grpc.DiscoveryServicer):

@@ -188,7 +188,11 @@ class RegistryFollower:
         for task in tasks:
             task.cancel()
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=_STOP_S)
+            done, pending = await asyncio.wait(tasks, timeout=_STOP_S)
+            for task in done:  # one that had failed already says so (asyncio.wait does not)
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("registry follower task %s had failed: %r", task.get_name(),
+                              task.exception())  # fmt: skip
             if pending:  # never expected: said, and the broker stops regardless
                 log.error(
                     "the registry follower did not stop within %g s: %s",

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, cast
 
 import grpc.aio
-from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
@@ -36,7 +35,6 @@ from tabadol.broker.call import Ending
 from tabadol.broker.platform import declared_caller
 from tabadol.broker.proxy import Proxy
 from tabadol.contracts import Contracts, MethodContract, RpcKind
-from tabadol.errors import ContractError
 from tabadol.gateway import wire
 from tabadol.gateway.context import HttpAbort, HttpCallContext, Protocol
 from tabadol.gateway.http_rules import (
@@ -46,6 +44,7 @@ from tabadol.gateway.http_rules import (
     RestRoutes,
     RouteMatch,
     RouteMiss,
+    contract_pool,
     fill_request,
     response_json,
 )
@@ -97,9 +96,8 @@ class MessageTypes:
     """The request and response classes of each method, from the loaded contracts."""
 
     def __init__(self, contracts: Contracts) -> None:
-        self.pool = descriptor_pool.DescriptorPool()
+        self.pool = contract_pool(contracts.files)
         self._classes: dict[str, tuple[type[Message], type[Message]]] = {}
-        _add_in_order(self.pool, contracts.files)
 
     def of(self, method: MethodContract) -> tuple[type[Message], type[Message]]:
         known = self._classes.get(method.path)
@@ -117,35 +115,6 @@ class MessageTypes:
         classes = GetMessageClass(found.input_type), GetMessageClass(found.output_type)
         self._classes[method.path] = classes
         return classes
-
-
-def _add_in_order(pool: descriptor_pool.DescriptorPool, files: Any) -> None:
-    """Each file after the files it imports; a file whose imports are absent is left out
-    (its methods then answer INTERNAL, naming the method)."""
-    added: set[str] = set()
-    failed: set[str] = set()
-
-    def add(name: str, path: frozenset[str]) -> bool:
-        if name in added:
-            return True
-        fd: descriptor_pb2.FileDescriptorProto | None = files.get(name)
-        if fd is None or name in path or name in failed:
-            failed.add(name)
-            return False
-        if not all([add(dep, path | {name}) for dep in fd.dependency]):
-            failed.add(name)
-            return False
-        try:
-            pool.Add(fd)
-        except (TypeError, ValueError) as e:
-            log.error("the gateway cannot use contract file %s: %s", name, e)
-            failed.add(name)
-            return False
-        added.add(name)
-        return True
-
-    for name in files:
-        add(name, frozenset())
 
 
 @dataclass(frozen=True)
@@ -194,12 +163,9 @@ class GatewayApp:
         proxy = self._proxy()
         tables = self._tables
         if tables is None or tables.proxy is not proxy:
-            try:
-                routes = RestRoutes.from_contracts(proxy.contracts)
-            except ContractError as e:
-                log.error("the gateway serves no REST routes: %s", e)
-                routes = RestRoutes.from_contracts(Contracts({}, {}))
-            tables = self._tables = _Tables(proxy, routes, MessageTypes(proxy.contracts))
+            types = MessageTypes(proxy.contracts)
+            routes = RestRoutes.from_contracts(proxy.contracts, types.pool)  # checked at load
+            tables = self._tables = _Tables(proxy, routes, types)
         return tables
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

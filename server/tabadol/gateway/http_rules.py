@@ -132,16 +132,6 @@ class PathTemplate:
             i += 1
         return "/" + "/".join(parts) + (f":{self._verb}" if self._verb else "")
 
-    def variable_template(self, field_path: str) -> str:
-        """What a variable matches, as written in the template: ``shelves/*/books/*``."""
-        for span in self._spans:
-            if span.field_path == field_path:
-                return "/".join(
-                    s.text if s.kind == _LIT else s.kind
-                    for s in self._segments[span.start : span.end]
-                )
-        raise KeyError(field_path)
-
     def _match(self, path: str) -> _Matched | None:
         if not path.startswith("/"):
             return None
@@ -406,10 +396,10 @@ class RestRoutes:
         self._routes = tuple(routes)
 
     @classmethod
-    def from_contracts(cls, contracts: Contracts) -> RestRoutes:
-        """The routes of the contracts' rules; ContractError naming the method of a bad one."""
+    def from_contracts(cls, contracts: Contracts, pool: Any = None) -> RestRoutes:
+        """The routes of the contracts' rules; ContractError naming the method of a bad one.
+        ``pool``: the contracts' descriptor pool (``contract_pool``), if already built."""
         found: list[tuple[str, Binding]] = []
-        pool: descriptor_pool.DescriptorPool | None = None
         claimed: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
         for name in sorted(contracts.files):
             fd = contracts.files[name]
@@ -424,8 +414,14 @@ class RestRoutes:
                     if not rules:
                         continue
                     if pool is None:
-                        pool = _pool(contracts.files)
-                    described = pool.FindMethodByName(f"{full}.{method.name}")
+                        pool = contract_pool(contracts.files)
+                    try:
+                        described = pool.FindMethodByName(f"{full}.{method.name}")
+                    except KeyError:
+                        raise ContractError(
+                            f"{where}: google.api.http: its file or a file it imports is not "
+                            "in the contracts (build them with --include_imports)"
+                        ) from None
                     for binding in rules:
                         _check_rule(where, binding, described.input_type, described.output_type)
                         key = (binding.verb, binding.template.shape)
@@ -471,24 +467,34 @@ class RestRoutes:
         return RouteMiss(404, f"no route for {verb} {path[:200]}")
 
 
-def _pool(files: Mapping[str, descriptor_pb2.FileDescriptorProto]) -> Any:
-    """A descriptor pool of the contracts, each file added after its imports."""
+def contract_pool(files: Mapping[str, descriptor_pb2.FileDescriptorProto]) -> Any:
+    """A descriptor pool of the contracts, each file added after the files it imports; a file
+    whose imports are absent (a set built without --include_imports) is left out, and so are
+    the files importing it."""
     pool = descriptor_pool.DescriptorPool()
     added: set[str] = set()
+    failed: set[str] = set()
 
-    def add(name: str, importer: str) -> None:
+    def add(name: str, path: frozenset[str]) -> bool:
         if name in added:
-            return
+            return True
         fd = files.get(name)
-        if fd is None:
-            raise ContractError(f"{importer} imports {name}, which the contracts do not include")
+        if fd is None or name in path or name in failed:
+            failed.add(name)
+            return False
+        if not all([add(dependency, path | {name}) for dependency in fd.dependency]):
+            failed.add(name)
+            return False
+        try:
+            pool.Add(fd)
+        except (TypeError, ValueError):
+            failed.add(name)
+            return False
         added.add(name)
-        for dependency in fd.dependency:
-            add(dependency, name)
-        pool.Add(fd)
+        return True
 
     for name in sorted(files):
-        add(name, name)
+        add(name, frozenset())
     return pool
 
 

@@ -19,23 +19,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from tabadol.access.desk import AccessDesk, AccessError, Actor, AuditEntry, Outcome, Snapshot
-from tabadol.config import OPEN_STATES, GrantEntry, RegistryFile, RequestEntry, grant_id
+from tabadol.config import OPEN_STATES, GrantEntry, RequestEntry, grant_id
+from tabadol.gateway.wire import REST_STATUS
 from tabadol.ops import jaeger
 from tabadol.ops.access import ACCESS_API, AUDIT_API, Family, Viewer
 from tabadol.status import Code
 
-# The desk's refusals as HTTP statuses; any other code is the console's fault (500).
-HTTP_STATUS: dict[Code, int] = {
-    Code.INVALID_ARGUMENT: 400,
-    Code.UNAUTHENTICATED: 401,
-    Code.PERMISSION_DENIED: 403,
-    Code.NOT_FOUND: 404,
-    Code.ALREADY_EXISTS: 409,
-    Code.FAILED_PRECONDITION: 409,
-    Code.ABORTED: 409,
-    Code.RESOURCE_EXHAUSTED: 429,
-    Code.UNAVAILABLE: 503,
-}
+# The desk's refusals as HTTP statuses, as the HTTP entry maps them; a change that conflicts
+# with the registry's state is 409 here (the page offers the action again once it may go).
+HTTP_STATUS = REST_STATUS | {Code.FAILED_PRECONDITION: 409}
 MAX_BODY_BYTES = 64 * 1024  # a request's purpose is at most 2000 characters
 AUDIT_PAGE = 50
 
@@ -296,9 +288,7 @@ def access_routes(
 
             def work() -> dict[str, Any]:
                 outcome = act(desk, actor_of(viewer, trust_domain), body, params)
-                snap = desk.snapshot_at(outcome.version)
-                held = snap or Snapshot(outcome.version, RegistryFile())
-                return outcome_json(outcome, held, viewer, now())
+                return outcome_json(outcome, outcome.snapshot, viewer, now())
 
             return await answer(work)
 

@@ -103,7 +103,6 @@ def grant_purposes(cfg: BrokerConfig) -> dict[str, GrantPurpose]:
             store.close()
     except RegistryUnavailable as e:
         raise ConfigError(f"{cfg.path}: [registry] url: {e}") from None
-    found.update(purposes_of(cfg.grants))  # the version in force, as the broker reads it
     return found
 
 

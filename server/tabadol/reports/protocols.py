@@ -12,8 +12,7 @@ from decimal import Decimal
 
 from tabadol.ledger.record import PROTOCOLS
 from tabadol.ledger.store.base import CallGroup
-
-OK = 0  # gRPC status code
+from tabadol.status import Code
 
 
 @dataclass(frozen=True)
@@ -33,7 +32,7 @@ def calls_by_protocol(groups: Iterable[CallGroup]) -> tuple[ProtocolCalls, ...]:
     for g in groups:
         calls_and_errors = counts.setdefault(g.protocol, [0, 0])
         calls_and_errors[0] += g.calls
-        calls_and_errors[1] += g.calls if g.status_code != OK else 0
+        calls_and_errors[1] += g.calls if g.status_code != Code.OK else 0
     total = sum(calls for calls, _ in counts.values())
     order = [*PROTOCOLS, *sorted(counts.keys() - set(PROTOCOLS))]
     return tuple(

@@ -14,8 +14,8 @@ import pydantic
 
 from tabadol.config import GrantEntry, grant_id
 from tabadol.ledger.store.base import CallGroup
+from tabadol.status import Code
 
-OK = 0  # gRPC status code
 NO_PURPOSE = "(no purpose recorded)"
 
 Recorded = Literal["purpose", "no purpose", "unknown grant"]
@@ -97,7 +97,7 @@ def calls_by_purpose(
         )
         grants.add(g.grant)
         counts[0] += g.calls
-        counts[1] += g.calls if g.status_code == OK else 0
+        counts[1] += g.calls if g.status_code == Code.OK else 0
     by_provider: dict[str, list[PurposeCalls]] = {}
     for (provider, service, label, reference, recorded), (grants, counts) in rows.items():
         by_provider.setdefault(provider, []).append(

@@ -234,7 +234,7 @@ def render_purposes_csv(report: QuarterlyReport) -> str:
                     _spreadsheet_safe(p.purpose),
                     _spreadsheet_safe(p.reference or ""),
                     p.recorded,
-                    "; ".join(p.grants),
+                    _spreadsheet_safe("; ".join(p.grants)),
                     p.calls,
                     p.successful,
                 ]
